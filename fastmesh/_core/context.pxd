@@ -1,0 +1,27 @@
+# What a listener's connections share: its counters, limits and the current routing view.
+# The control world swaps route_table / tcp_cluster when a new snapshot is applied; a
+# session reads them at the start of each request and keeps what it picked until the end.
+
+from fastmesh._core.stats cimport Counters
+from fastmesh._core.router cimport RouteTable
+from fastmesh._core.upstream cimport Cluster
+
+cdef class ListenerCtx:
+    cdef:
+        readonly str name
+        readonly Counters counters
+        public RouteTable route_table     # http1 / bolt
+        public Cluster tcp_cluster        # tcp
+        public object loop
+        public set conns                  # live downstream sessions (for sweeps and drain)
+        public bint draining              # finish current requests, then close
+        # limits (from the config's listener section)
+        public int max_head_bytes
+        public int max_headers
+        public long long max_request_body_bytes   # 0 = unlimited
+        public int max_frame_bytes
+        public int idle_timeout_ms
+        public int request_head_timeout_ms
+        public int high_water_bytes
+        public int low_water_bytes
+        public int max_in_flight

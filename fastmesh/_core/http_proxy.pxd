@@ -1,0 +1,133 @@
+# HTTP/1.1 proxying: the downstream session (a client connection on an http1 listener),
+# the upstream connection (to one endpoint, pooled keep-alive), and the pool operations.
+#
+# One request at a time per client connection: its head is parsed, routed, the head is
+# rewritten and sent upstream with the body streamed behind it; the response streams back;
+# then the next (possibly pipelined) request is parsed. Responses are therefore in order.
+# Bytes move as Slices of the receive buffers, never copied in Python.
+
+from libc.stdint cimport int64_t
+
+from fastmesh._core.buffer cimport RecvBuffer
+from fastmesh._core.http1 cimport Head, HeadParser, ChunkedFramer
+from fastmesh._core.router cimport Route
+from fastmesh._core.upstream cimport Cluster, Endpoint
+from fastmesh._core.context cimport ListenerCtx
+
+cdef enum DsState:
+    DS_HEAD = 0             # waiting for (the rest of) a request head
+    DS_CONNECTING           # routed; waiting for a new upstream connection
+    DS_FORWARDING           # bound to an upstream: body streaming, then the response
+    DS_DISCARD              # answered locally; dropping the request body, then next request
+    DS_LINGER               # error sent and write side shut: dropping input until the peer closes
+    DS_CLOSED
+
+cdef enum PauseReason:
+    PAUSE_RBUF_FULL = 1     # receive buffer at its cap (pipelined bytes, body waiting)
+    PAUSE_UPSTREAM = 2      # upstream write buffer above its high-water mark
+
+cdef enum DeadlineKind:
+    DL_NONE = 0
+    DL_IDLE                 # no request in progress: close quietly
+    DL_HEAD                 # request head started but not complete: 408
+    DL_CONNECT              # upstream connect: 503
+    DL_RESPONSE             # upstream response head: 504
+    DL_LINGER               # lingering close: abort
+
+cdef enum UsState:
+    US_CONNECTING = 0
+    US_IDLE                 # in the pool (or just connected, not yet bound)
+    US_ACTIVE               # carrying a request
+    US_CLOSED
+
+
+cdef class HttpDownstream:
+    cdef:
+        ListenerCtx ctx
+        object transport
+        RecvBuffer rbuf
+        HeadParser parser
+        ChunkedFramer chunker       # request body framing (chunked requests)
+        bytes client_ip             # for x-forwarded-for
+        int state                   # DsState
+        int pause_mask              # PauseReason bits; reading paused while non-zero
+        bint reading_paused         # what we last told the transport
+        bint write_paused           # client's write buffer above high water
+        bint in_process             # inside the head loop (no re-entry)
+        # the request in progress
+        Head req
+        Route route
+        Cluster cluster
+        Endpoint ep
+        HttpUpstream up
+        object connect_task
+        int64_t body_left           # BODY_LENGTH: request body bytes not yet forwarded
+        bint req_done               # request fully forwarded (or dropped)
+        bint resp_started           # response head written to the client
+        bint close_after            # close once this response is complete
+        bint retried                # already retried once on a fresh connection
+        bint sent_continue          # we answered Expect: 100-continue
+        # timers
+        int64_t deadline_ms         # 0 = none
+        int deadline_kind           # DeadlineKind
+
+    # -- loop callbacks (def): connection_made, get_buffer, buffer_updated, eof_received,
+    #    connection_lost, pause_writing, resume_writing
+    # -- request lifecycle
+    cdef void _process(self)
+    cdef void _start_request(self)
+    cdef void _acquire_upstream(self)
+    cdef void _bind(self, HttpUpstream up)
+    cdef void _forward_body(self)
+    cdef _forward_body_with(self, bytes head)
+    cdef _request_body_error(self, int status, bytes reason, int slot)
+    cdef void _discard_body(self)
+    cdef void _request_forwarded(self)
+    cdef void _finish_request(self)
+    # -- called by the upstream connection
+    cdef void _on_response_head(self, bytes head)
+    cdef void _on_response_body(self, list pieces)
+    cdef void _on_response_complete(self)
+    cdef void _on_upstream_lost(self, bint before_head, bint retriable, int reason_slot)
+    # -- local answers and closing
+    cdef void _local_response(self, int status, bytes reason, bytes body, int err_slot)
+    cdef void _fail_and_linger(self, int status, bytes reason, int err_slot)
+    cdef _linger(self)
+    cdef void _close(self)
+    cdef void _abort(self)
+    cdef void _set_deadline(self, int kind, int64_t timeout_ms)
+    cdef void _update_reading(self)
+    cdef void _count_response(self, int status)
+    cpdef void on_deadline(self, int64_t now)
+
+
+cdef class HttpUpstream:
+    cdef:
+        Cluster cluster
+        Endpoint ep
+        object transport
+        RecvBuffer rbuf
+        HeadParser parser
+        ChunkedFramer chunker
+        HttpDownstream ds           # bound session, None when idle
+        int state                   # UsState
+        int body_kind               # BodyKind of the response in progress
+        int64_t body_left
+        int te_mode                 # how its body goes out (TeMode)
+        bint head_done              # final response head received
+        bint got_bytes              # any response byte for the current request
+        bint reusable               # keep-alive allowed after this response
+        bint reused                 # taken from the pool for this request
+        bint reading_paused
+        int64_t idle_since_ms
+
+    cdef void _begin(self, HttpDownstream ds, bint reused)
+    cdef void _process(self)
+    cdef bint _response_head(self)
+    cdef void _response_body(self)
+    cdef void _complete(self)
+    cdef void _release(self)
+    cdef void _close(self)
+    cdef _close_quiet(self)
+    cdef void pause_reading(self)
+    cdef void resume_reading(self)

@@ -1,0 +1,886 @@
+"""HTTP/1.1 proxy sessions. See http_proxy.pxd for the states and fields."""
+import asyncio
+import logging
+
+from libc.stdint cimport int64_t
+
+from fastmesh._core cimport debug
+from fastmesh._core.buffer cimport RecvBuffer, Slice
+from fastmesh._core.clock cimport now_ms
+from fastmesh._core.context cimport ListenerCtx
+from fastmesh._core.http1 cimport (
+    Head, HeadParser, ChunkedFramer, build_request_head, build_response_head,
+    error_response, make_request_id,
+    BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE,
+    PARSE_INCOMPLETE, PARSE_ERROR, PARSE_TOO_LARGE, CH_DONE, CH_ERROR,
+    TE_AS_RECEIVED, TE_ADD_CHUNKED, TE_NONE,
+)
+from fastmesh._core.router cimport Route, RouteTable, A_DIRECT
+from fastmesh._core.stats cimport (
+    Counters, status_class_slot,
+    LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL, LS_RQ_ACTIVE, LS_RSP_1XX, LS_ERR_BAD_REQUEST,
+    LS_ERR_HEAD_TOO_LARGE, LS_ERR_BODY_TOO_LARGE, LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM,
+    LS_ERR_CONNECT_FAILED, LS_ERR_UPSTREAM_TIMEOUT, LS_ERR_UPSTREAM_RESET,
+    LS_ERR_UPSTREAM_PROTOCOL, LS_ERR_RESET_MID_RESPONSE, LS_ERR_DOWNSTREAM_RESET,
+    LS_ERR_HEAD_TIMEOUT, LS_RX_BYTES,
+    CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RQ_RETRY, CS_RSP_1XX, CS_CX_TOTAL,
+    CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_CX_IDLE_CLOSED,
+)
+from fastmesh._core.upstream cimport Cluster, Endpoint
+
+log = logging.getLogger("fastmesh.http")
+
+cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef bytes LAST_CHUNK = b"0\r\n\r\n"
+cdef bytes CRLF = b"\r\n"
+cdef int64_t LINGER_MS = 2000
+cdef Py_ssize_t UPSTREAM_MAX_HEAD_BYTES = 65536
+
+
+cdef inline int64_t min64(int64_t a, int64_t b) noexcept:
+    return a if a < b else b
+
+
+cdef inline void write_pieces(object transport, list pieces):
+    if len(pieces) == 1:
+        transport.write(pieces[0])
+    elif pieces:
+        transport.writelines(pieces)
+
+
+# ===================================================================== downstream
+
+cdef class HttpDownstream:
+    def __init__(self, ListenerCtx ctx):
+        self.ctx = ctx
+        self.rbuf = RecvBuffer(16384, ctx.max_head_bytes + 65536)
+        self.parser = HeadParser(True, ctx.max_head_bytes, ctx.max_headers)
+        self.chunker = ChunkedFramer()
+        self.state = DS_HEAD
+        debug.count_alloc(debug.LEAK_DOWNSTREAM)
+
+    def __dealloc__(self):
+        debug.count_free(debug.LEAK_DOWNSTREAM)
+
+    # ------------------------------------------------------------ loop callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = (peer[0] if peer else "unknown").encode()
+        transport.set_write_buffer_limits(self.ctx.high_water_bytes, self.ctx.low_water_bytes)
+        self.ctx.conns.add(self)
+        self.ctx.counters.v[LS_CX_TOTAL] += 1
+        self.ctx.counters.v[LS_CX_ACTIVE] += 1
+        self._set_deadline(DL_IDLE, self.ctx.idle_timeout_ms)
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rbuf.advance(nbytes)
+        self.ctx.counters.v[LS_RX_BYTES] += nbytes
+        try:
+            self._process()
+            self._update_reading()
+        except BaseException as exc:
+            log.exception("listener %s: internal error on a client connection", self.ctx.name)
+            self._abort()
+
+    def eof_received(self):
+        # The client shut its write side. Between requests that is the end; after a whole
+        # request it may still read the response (half-close); mid-request it is a reset.
+        if self.state == DS_HEAD:
+            if self.rbuf.size():
+                self.ctx.counters.v[LS_ERR_BAD_REQUEST] += 1
+            return False
+        if self.state == DS_FORWARDING and self.req_done:
+            self.close_after = True
+            return True
+        if self.state == DS_LINGER:
+            return False
+        self.ctx.counters.v[LS_ERR_DOWNSTREAM_RESET] += 1
+        return False
+
+    def connection_lost(self, exc):
+        cdef HttpUpstream up = self.up
+        if self.state != DS_CLOSED:
+            self.state = DS_CLOSED
+        self.ctx.conns.discard(self)
+        self.ctx.counters.v[LS_CX_ACTIVE] -= 1
+        if self.req is not None:
+            self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+            self.req = None
+            if not self.resp_started:
+                self.ctx.counters.v[LS_ERR_DOWNSTREAM_RESET] += 1
+        if up is not None:
+            # the exchange cannot finish: this upstream connection is out of sync
+            self.up = None
+            up.ds = None
+            up._close()
+        if self.connect_task is not None:
+            self.connect_task = None         # the connection, when made, goes to the pool
+        self.deadline_ms = 0
+
+    def pause_writing(self):
+        self.write_paused = True
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.up is not None:
+            self.up.resume_reading()
+
+    # --------------------------------------------------------- request lifecycle
+
+    cdef void _process(self):
+        cdef Py_ssize_t r
+        if self.in_process:
+            return
+        self.in_process = True
+        try:
+            while True:
+                if self.state == DS_HEAD:
+                    if self.rbuf.size() == 0:
+                        if self.deadline_kind != DL_IDLE:
+                            self._set_deadline(DL_IDLE, self.ctx.idle_timeout_ms)
+                        return
+                    r = self.parser.feed(self.rbuf.head(), self.rbuf.size())
+                    if r == PARSE_INCOMPLETE:
+                        if self.deadline_kind != DL_HEAD:
+                            self._set_deadline(DL_HEAD, self.ctx.request_head_timeout_ms)
+                        return
+                    if r < 0:
+                        if r == PARSE_TOO_LARGE:
+                            self._fail_and_linger(431, b"head_too_large", LS_ERR_HEAD_TOO_LARGE)
+                        else:
+                            self._fail_and_linger(400, b"bad_request", LS_ERR_BAD_REQUEST)
+                        return
+                    self.rbuf.consume(r)
+                    self.req = self.parser.head
+                    self.parser.reset()
+                    self._start_request()
+                elif self.state == DS_FORWARDING:
+                    if not self.req_done:
+                        self._forward_body()
+                    return
+                elif self.state == DS_DISCARD:
+                    self._discard_body()
+                    if self.state == DS_DISCARD:
+                        return
+                elif self.state == DS_LINGER:
+                    if self.rbuf.size():
+                        self.rbuf.consume(self.rbuf.size())
+                    return
+                else:
+                    return
+        finally:
+            self.in_process = False
+
+    cdef void _start_request(self):
+        cdef Head h = self.req
+        cdef RouteTable table = self.ctx.route_table
+        cdef Route route
+        cdef Cluster cluster
+        cdef Endpoint ep
+        self.ctx.counters.v[LS_RQ_TOTAL] += 1
+        self.ctx.counters.v[LS_RQ_ACTIVE] += 1
+        self.deadline_ms = 0
+        self.deadline_kind = DL_NONE
+        self.close_after = h.conn_close or self.ctx.draining
+        self.req_done = h.body_kind == BODY_NONE
+        self.resp_started = False
+        self.retried = False
+        self.sent_continue = False
+        self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0
+        if h.body_kind == BODY_CHUNKED:
+            self.chunker.reset()
+        if (self.ctx.max_request_body_bytes and h.body_kind == BODY_LENGTH
+                and h.content_length > self.ctx.max_request_body_bytes):
+            self._fail_and_linger(413, b"body_too_large", LS_ERR_BODY_TOO_LARGE)
+            return
+        route = table.route_http(h) if table is not None else None
+        if route is None:
+            self._local_response(404, b"no_route", b"no route\n", LS_ERR_NO_ROUTE)
+            return
+        self.route = route
+        if route.action == A_DIRECT:
+            self._local_response(route.direct_status, None, route.direct_body, -1)
+            return
+        cluster = route.pick_cluster()
+        ep = cluster.pick()
+        if ep is None:
+            self._local_response(503, b"no_healthy_upstream", b"no healthy upstream\n",
+                                 LS_ERR_NO_HEALTHY_UPSTREAM)
+            return
+        self.cluster = cluster
+        self.ep = ep
+        if h.expect_continue and not self.req_done:
+            self.transport.write(CONTINUE_100)
+            self.sent_continue = True
+        self._acquire_upstream()
+
+    cdef void _acquire_upstream(self):
+        cdef Endpoint ep = self.ep
+        cdef HttpUpstream up
+        cdef list idle = ep.http_idle
+        while idle:
+            up = idle.pop()
+            if up.state == US_IDLE and not up.transport.is_closing():
+                up._begin(self, True)
+                self._bind(up)
+                return
+            up._close()
+        self.state = DS_CONNECTING
+        self._set_deadline(DL_CONNECT, self.cluster.connect_timeout_ms)
+        task = asyncio.ensure_future(
+            _connect(self.ctx.loop, self.cluster, ep), loop=self.ctx.loop)
+        self.connect_task = task
+        task.add_done_callback(self._on_connected)
+
+    def _on_connected(self, task):
+        cdef HttpUpstream up
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            if self.cluster is not None:
+                self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            if self.connect_task is task and self.state == DS_CONNECTING:
+                self.connect_task = None
+                log.warning("cluster %s: connect to %s:%s failed: %s", self.cluster.name,
+                            self.ep.host, self.ep.port, exc)
+                self._local_response(503, b"connect_failed", b"upstream connect failed\n",
+                                     LS_ERR_CONNECT_FAILED)
+                self._update_reading()
+            return
+        up = task.result()
+        if self.connect_task is task and self.state == DS_CONNECTING:
+            self.connect_task = None
+            try:
+                up._begin(self, False)
+                self._bind(up)
+                self._process()
+                self._update_reading()
+            except BaseException:
+                log.exception("internal error binding an upstream connection")
+                self._abort()
+        else:
+            up._release()                    # nobody waits for it any more: pool it
+
+    cdef void _bind(self, HttpUpstream up):
+        cdef list pieces
+        self.up = up
+        self.state = DS_FORWARDING
+        self.deadline_ms = 0
+        self.deadline_kind = DL_NONE
+        self.cluster.counters.v[CS_RQ_TOTAL] += 1
+        self.cluster.counters.v[CS_RQ_ACTIVE] += 1
+        self.ep.active_requests += 1
+        if self.write_paused:
+            up.pause_reading()
+        head = build_request_head(self.req, self.client_ip, make_request_id(),
+                                  self.route.headers_to_add, self.route.headers_to_remove,
+                                  True)
+        if self.req_done:
+            up.transport.write(head)
+            self._request_forwarded()
+        else:
+            self._forward_body_with(head)
+
+    cdef void _forward_body(self):
+        self._forward_body_with(None)
+
+    cdef _forward_body_with(self, bytes head):
+        # Move the request body bytes that are here to the upstream, one write.
+        cdef list pieces = [head] if head is not None else []
+        cdef Py_ssize_t n, used, off, ln, pos
+        cdef int64_t limit = self.ctx.max_request_body_bytes
+        cdef Head h = self.req
+        if h.body_kind == BODY_LENGTH:
+            n = <Py_ssize_t>min64(self.rbuf.size(), self.body_left)
+            if n:
+                pieces.append(self.rbuf.take_slice(n))
+                self.body_left -= n
+            if self.body_left == 0:
+                self.req_done = True
+        else:
+            pos = 0
+            while pos < self.rbuf.size() and self.chunker.state != CH_DONE:
+                used = self.chunker.feed(self.rbuf.head() + pos, self.rbuf.size() - pos,
+                                         &off, &ln)
+                if self.chunker.state == CH_ERROR:
+                    self._request_body_error(400, b"bad_request", LS_ERR_BAD_REQUEST)
+                    return
+                pos += used
+            if limit and self.chunker.body_bytes > limit:
+                self._request_body_error(413, b"body_too_large", LS_ERR_BODY_TOO_LARGE)
+                return
+            if pos:
+                pieces.append(self.rbuf.take_slice(pos))
+            if self.chunker.state == CH_DONE:
+                self.req_done = True
+        write_pieces(self.up.transport, pieces)
+        if self.req_done:
+            self._request_forwarded()
+
+    cdef _request_body_error(self, int status, bytes reason, int slot):
+        # The request body turned out malformed or too large after forwarding began: the
+        # upstream exchange is abandoned; the client gets an error if no response started.
+        cdef HttpUpstream up = self.up
+        self.up = None
+        if up is not None:
+            up.ds = None
+            up._close()
+            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+        if self.resp_started:
+            self.ctx.counters.v[slot] += 1
+            self._abort()
+        else:
+            self._fail_and_linger(status, reason, slot)
+
+    cdef void _request_forwarded(self):
+        # The whole request is upstream: the response timeout runs until its head arrives.
+        if self.route is not None and self.route.timeout_ms > 0 and not self.resp_started:
+            self._set_deadline(DL_RESPONSE, self.route.timeout_ms)
+
+    cdef void _discard_body(self):
+        # Drop the body of a request answered locally, then go on to the next request.
+        cdef Py_ssize_t n, used, off, ln, pos
+        cdef Head h = self.req
+        if h.body_kind == BODY_LENGTH:
+            n = <Py_ssize_t>min64(self.rbuf.size(), self.body_left)
+            self.rbuf.consume(n)
+            self.body_left -= n
+            if self.body_left == 0:
+                self.req_done = True
+        elif h.body_kind == BODY_CHUNKED:
+            pos = 0
+            while pos < self.rbuf.size() and self.chunker.state != CH_DONE:
+                used = self.chunker.feed(self.rbuf.head() + pos, self.rbuf.size() - pos,
+                                         &off, &ln)
+                if self.chunker.state == CH_ERROR:
+                    self.rbuf.consume(self.rbuf.size())
+                    self._close()
+                    return
+                pos += used
+            self.rbuf.consume(pos)
+            if self.chunker.state == CH_DONE:
+                self.req_done = True
+        else:
+            self.req_done = True
+        if self.req_done:
+            self._finish_request()
+
+    cdef void _finish_request(self):
+        # The response is complete (and the request consumed): next request, or close.
+        if self.req is not None:
+            self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+        self.req = None
+        self.route = None
+        self.cluster = None
+        self.ep = None
+        self.up = None
+        if self.close_after or self.ctx.draining:
+            self._close()
+            return
+        self.state = DS_HEAD
+        self._set_deadline(DL_IDLE, self.ctx.idle_timeout_ms)
+        self._process()                     # pipelined requests already buffered
+
+    # ---------------------------------------------------- called by the upstream
+
+    cdef void _on_response_head(self, bytes head):
+        self.resp_started = True
+        if self.deadline_kind == DL_RESPONSE:
+            self.deadline_ms = 0
+            self.deadline_kind = DL_NONE
+        self.transport.write(head)
+
+    cdef void _on_response_body(self, list pieces):
+        write_pieces(self.transport, pieces)
+
+    cdef void _on_response_complete(self):
+        self.up = None
+        self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+        self.ep.active_requests -= 1
+        if not self.req_done:
+            # answered before the request body was all here: cannot resynchronise
+            self.close_after = True
+        self._finish_request()
+        self._update_reading()
+
+    cdef void _on_upstream_lost(self, bint before_head, bint retriable, int reason_slot):
+        # The upstream connection died while carrying our request.
+        self.up = None
+        self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+        self.ep.active_requests -= 1
+        if before_head:
+            if retriable and not self.retried and self.req.body_kind == BODY_NONE:
+                # a pooled connection the upstream had closed: once more on a fresh one
+                self.retried = True
+                self.cluster.counters.v[CS_RQ_RETRY] += 1
+                self._acquire_upstream()
+                return
+            if not self.req_done:
+                self.close_after = True
+            self._local_response(502, b"upstream_reset", b"upstream connection reset\n",
+                                 reason_slot)
+        else:
+            # never pass off a truncated response as complete: the client sees a reset
+            self.ctx.counters.v[reason_slot] += 1
+            self._abort()
+
+    # ------------------------------------------------------ local answers, close
+
+    cdef void _local_response(self, int status, bytes reason, bytes body, int err_slot):
+        # Answer the current request from the proxy; the connection stays usable when the
+        # request body can still be skipped, else it closes after this response.
+        cdef Head h = self.req
+        if err_slot >= 0:
+            self.ctx.counters.v[err_slot] += 1
+        if not self.req_done and h.expect_continue and not self.sent_continue:
+            self.close_after = True          # the client holds its body back: don't wait
+        self._count_response(status)
+        self.resp_started = True
+        self.deadline_ms = 0
+        self.deadline_kind = DL_NONE
+        self.transport.write(error_response(status, reason, body, self.close_after))
+        if self.close_after and not self.req_done:
+            self._linger()
+            return
+        self.state = DS_DISCARD
+        if not self.in_process:
+            self._process()
+
+    cdef void _fail_and_linger(self, int status, bytes reason, int err_slot):
+        # A malformed or oversized request: answer, shut our write side, drop the rest.
+        self.ctx.counters.v[err_slot] += 1
+        self._count_response(status)
+        self.resp_started = True
+        self.transport.write(error_response(status, reason, b"", True))
+        self._linger()
+
+    cdef _linger(self):
+        if self.req is not None:
+            self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+            self.req = None
+        self.state = DS_LINGER
+        if self.rbuf.size():
+            self.rbuf.consume(self.rbuf.size())
+        self._set_deadline(DL_LINGER, LINGER_MS)
+        try:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
+        except (OSError, RuntimeError):
+            self.transport.close()
+
+    cdef void _close(self):
+        if self.state != DS_CLOSED:
+            self.state = DS_CLOSED
+            self.deadline_ms = 0
+            self.transport.close()
+
+    cdef void _abort(self):
+        cdef HttpUpstream up = self.up
+        if up is not None:
+            self.up = None
+            up.ds = None
+            up._close()
+        self.state = DS_CLOSED
+        self.deadline_ms = 0
+        if self.transport is not None:
+            self.transport.abort()
+
+    cdef void _set_deadline(self, int kind, int64_t timeout_ms):
+        self.deadline_kind = kind
+        self.deadline_ms = now_ms() + timeout_ms if timeout_ms > 0 else 0
+
+    cdef void _update_reading(self):
+        cdef bint want_pause
+        if self.state == DS_CLOSED:
+            return
+        if self.rbuf.is_full():
+            self.pause_mask |= PAUSE_RBUF_FULL
+        else:
+            self.pause_mask &= ~PAUSE_RBUF_FULL
+        want_pause = self.pause_mask != 0
+        if want_pause != self.reading_paused:
+            self.reading_paused = want_pause
+            if want_pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    cdef void _count_response(self, int status):
+        self.ctx.counters.v[status_class_slot(status, LS_RSP_1XX)] += 1
+
+    cpdef void on_deadline(self, int64_t now):
+        # Called by the sweeper when deadline_ms has passed.
+        cdef int kind = self.deadline_kind
+        cdef HttpUpstream up
+        self.deadline_ms = 0
+        self.deadline_kind = DL_NONE
+        if self.state == DS_CLOSED:
+            return
+        if kind == DL_IDLE:
+            self._close()
+        elif kind == DL_HEAD:
+            self._fail_and_linger(408, b"head_timeout", LS_ERR_HEAD_TIMEOUT)
+        elif kind == DL_CONNECT:
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+                self.connect_task = None
+            self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            self._local_response(503, b"connect_timeout", b"upstream connect timeout\n",
+                                 LS_ERR_CONNECT_FAILED)
+        elif kind == DL_RESPONSE:
+            up = self.up
+            self.up = None
+            if up is not None:
+                up.ds = None
+                up._close()
+            self.cluster.counters.v[CS_RQ_TIMEOUT] += 1
+            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            if not self.req_done:
+                self.close_after = True
+            self._local_response(504, b"upstream_timeout", b"upstream timeout\n",
+                                 LS_ERR_UPSTREAM_TIMEOUT)
+        elif kind == DL_LINGER:
+            self._abort()
+        self._update_reading()
+
+    # -- control world --
+    def close_if_idle(self):
+        """Drain: close now if between requests; otherwise the response closes it."""
+        if self.state == DS_HEAD and self.rbuf.size() == 0:
+            self._close()
+
+    def abort(self):
+        self._abort()
+
+    # -- introspection for the admin API and tests --
+    @property
+    def state_name(self):
+        return ("head", "connecting", "forwarding", "discard", "linger", "closed")[self.state]
+
+    @property
+    def deadline(self):
+        return self.deadline_ms
+
+
+# ======================================================================= upstream
+
+async def _connect(loop, Cluster cluster, Endpoint ep):
+    cluster.counters.v[CS_CX_TOTAL] += 1
+    _, proto = await loop.create_connection(
+        lambda: HttpUpstreamProtocol(cluster, ep), ep.host, ep.port)
+    return proto
+
+
+cdef class HttpUpstream:
+    def __init__(self, Cluster cluster, Endpoint ep):
+        self.cluster = cluster
+        self.ep = ep
+        self.rbuf = RecvBuffer(16384, UPSTREAM_MAX_HEAD_BYTES + 65536)
+        self.parser = HeadParser(False, UPSTREAM_MAX_HEAD_BYTES, 200)
+        self.chunker = ChunkedFramer()
+        self.state = US_CONNECTING
+        debug.count_alloc(debug.LEAK_UPSTREAM)
+
+    def __dealloc__(self):
+        debug.count_free(debug.LEAK_UPSTREAM)
+
+    # ------------------------------------------------------------ loop callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(262144, 65536)
+        self.state = US_IDLE
+        self.cluster.counters.v[CS_CX_ACTIVE] += 1
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rbuf.advance(nbytes)
+        try:
+            if self.state != US_ACTIVE or self.ds is None:
+                # bytes nobody asked for: this connection is out of sync
+                self._close()
+                return
+            self.got_bytes = True
+            self._process()
+        except BaseException:
+            log.exception("cluster %s: internal error on an upstream connection",
+                          self.cluster.name)
+            if self.ds is not None:
+                self.ds._abort()
+            self._close()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        cdef HttpDownstream ds = self.ds
+        cdef int prev = self.state
+        self.state = US_CLOSED
+        self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        if prev == US_IDLE:
+            try:
+                self.ep.http_idle.remove(self)
+                self.cluster.counters.v[CS_CX_IDLE_CLOSED] += 1
+            except ValueError:
+                pass
+        if ds is None:
+            return
+        self.ds = None
+        try:
+            if self.head_done and self.body_kind == BODY_CLOSE and exc is None:
+                # close-delimited body: the close is its end
+                if self.te_mode == TE_ADD_CHUNKED:
+                    ds._on_response_body([LAST_CHUNK])
+                self.reusable = False
+                ds._on_response_complete()
+            elif self.head_done:
+                ds._on_upstream_lost(False, False, LS_ERR_RESET_MID_RESPONSE)
+            else:
+                ds._on_upstream_lost(True, self.reused and not self.got_bytes,
+                                     LS_ERR_UPSTREAM_RESET)
+        except BaseException:
+            log.exception("internal error after an upstream connection closed")
+            ds._abort()
+
+    def pause_writing(self):
+        if self.ds is not None:
+            self.ds.pause_mask |= PAUSE_UPSTREAM
+            self.ds._update_reading()
+
+    def resume_writing(self):
+        if self.ds is not None:
+            self.ds.pause_mask &= ~PAUSE_UPSTREAM
+            self.ds._update_reading()
+
+    # ----------------------------------------------------------------- exchange
+
+    cdef void _begin(self, HttpDownstream ds, bint reused):
+        self.ds = ds
+        self.state = US_ACTIVE
+        self.reused = reused
+        self.head_done = False
+        self.got_bytes = False
+        self.reusable = False
+        self.parser.reset()
+        self.parser.request_was_head = ds.req.is_head_method
+
+    cdef void _process(self):
+        if not self.head_done:
+            if not self._response_head():
+                return
+        self._response_body()
+
+    cdef bint _response_head(self):
+        # Parse response heads until the final one; relay 1xx (except 100, which the proxy
+        # answered itself). Returns True once the final head went to the client.
+        cdef Py_ssize_t r
+        cdef Head h
+        cdef HttpDownstream ds = self.ds
+        cdef bint client_10, close_client
+        while True:
+            r = self.parser.feed(self.rbuf.head(), self.rbuf.size())
+            if r == PARSE_INCOMPLETE:
+                return False
+            if r < 0:
+                log.warning("cluster %s: bad response from %s:%s: %s", self.cluster.name,
+                            self.ep.host, self.ep.port, self.parser.error_reason.decode())
+                self.ds = None
+                self._close_quiet()
+                ds._on_upstream_lost(True, False, LS_ERR_UPSTREAM_PROTOCOL)
+                return False
+            self.rbuf.consume(r)
+            h = self.parser.head
+            self.parser.reset()
+            if h.status < 200:
+                if h.status == 101:
+                    self.ds = None
+                    self._close_quiet()
+                    ds._on_upstream_lost(True, False, LS_ERR_UPSTREAM_PROTOCOL)
+                    return False
+                if h.status != 100:
+                    ds._on_response_head(build_response_head(h, TE_AS_RECEIVED, False, False))
+                    ds.resp_started = False
+                continue
+            break
+        self.cluster.counters.v[status_class_slot(h.status, CS_RSP_1XX)] += 1
+        ds._count_response(h.status)
+        client_10 = ds.req.minor == 0
+        self.body_kind = h.body_kind
+        self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0
+        self.te_mode = TE_AS_RECEIVED
+        if h.body_kind == BODY_CLOSE:
+            if client_10:
+                ds.close_after = True
+            else:
+                self.te_mode = TE_ADD_CHUNKED
+        elif h.body_kind == BODY_CHUNKED:
+            self.chunker.reset()
+            if client_10:
+                self.te_mode = TE_NONE
+                ds.close_after = True
+        self.reusable = not h.conn_close and h.body_kind != BODY_CLOSE
+        close_client = ds.close_after or ds.ctx.draining
+        ds._on_response_head(build_response_head(h, self.te_mode, close_client,
+                                                  client_10 and not close_client))
+        self.head_done = True
+        return True
+
+    cdef void _response_body(self):
+        cdef list pieces = []
+        cdef Py_ssize_t n, used, off, ln, pos, size
+        cdef bint done = False
+        cdef HttpDownstream ds = self.ds
+        size = self.rbuf.size()
+        if self.body_kind == BODY_NONE:
+            done = True
+        elif self.body_kind == BODY_LENGTH:
+            n = <Py_ssize_t>min64(size, self.body_left)
+            if n:
+                pieces.append(self.rbuf.take_slice(n))
+                self.body_left -= n
+            done = self.body_left == 0
+        elif self.body_kind == BODY_CHUNKED:
+            pos = 0
+            while pos < size and self.chunker.state != CH_DONE:
+                used = self.chunker.feed(self.rbuf.head() + pos, size - pos, &off, &ln)
+                if self.chunker.state == CH_ERROR:
+                    log.warning("cluster %s: bad chunked body from %s:%s: %s",
+                                self.cluster.name, self.ep.host, self.ep.port,
+                                self.chunker.error_reason.decode())
+                    if pos:
+                        ds._on_response_body([self.rbuf.take_slice(pos)])
+                    self.ds = None
+                    self._close_quiet()
+                    ds._on_upstream_lost(False, False, LS_ERR_UPSTREAM_PROTOCOL)
+                    return
+                if self.te_mode == TE_NONE:
+                    # de-chunk for an HTTP/1.0 client: only the data spans go out
+                    if ln:
+                        self.rbuf.consume(pos + off)
+                        pieces.append(self.rbuf.take_slice(ln))
+                        self.rbuf.consume(used - off - ln)
+                        size = self.rbuf.size()
+                        pos = 0
+                        continue
+                pos += used
+            if self.te_mode == TE_NONE:
+                self.rbuf.consume(pos)
+            elif pos:
+                pieces.append(self.rbuf.take_slice(pos))
+            done = self.chunker.state == CH_DONE
+        else:
+            if size:
+                if self.te_mode == TE_ADD_CHUNKED:
+                    pieces.append(b"%x\r\n" % size)
+                    pieces.append(self.rbuf.take_slice(size))
+                    pieces.append(CRLF)
+                else:
+                    pieces.append(self.rbuf.take_slice(size))
+        if pieces:
+            ds._on_response_body(pieces)
+        if done:
+            if self.rbuf.size():
+                self.reusable = False        # bytes past the response: out of sync
+            self._complete()
+
+    cdef void _complete(self):
+        cdef HttpDownstream ds = self.ds
+        self._release()
+        ds._on_response_complete()
+
+    cdef void _release(self):
+        # Back to the endpoint's idle list if it can carry another request, else closed.
+        cdef Endpoint ep = self.ep
+        self.ds = None
+        if self.reading_paused:
+            self.resume_reading()
+        if (self.state == US_CLOSED or self.transport is None or self.transport.is_closing()
+                or ep.removed or len(ep.http_idle) >= self.cluster.max_idle_per_endpoint
+                or (self.state == US_ACTIVE and not self.reusable)):
+            self._close()
+            return
+        self.state = US_IDLE
+        self.idle_since_ms = now_ms()
+        ep.http_idle.append(self)
+
+    cdef void _close(self):
+        if self.state != US_CLOSED and self.transport is not None:
+            self.state = US_CLOSED
+            self.transport.close()
+            self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+
+    cdef _close_quiet(self):
+        self._close()
+
+    cdef void pause_reading(self):
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    cdef void resume_reading(self):
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+
+# ------------------------------------------------------------- Python shells
+
+class HttpDownstreamProtocol(HttpDownstream, asyncio.BufferedProtocol):
+    """A client connection on an http1 listener."""
+
+
+class HttpUpstreamProtocol(HttpUpstream, asyncio.BufferedProtocol):
+    """A connection to one upstream endpoint."""
+
+
+def sweep_downstreams(ListenerCtx ctx, int64_t now):
+    """Fire passed deadlines of a listener's connections (called every ~100 ms)."""
+    cdef HttpDownstream ds
+    due = [ds for ds in ctx.conns if ds.deadline_ms and ds.deadline_ms <= now]
+    for ds in due:
+        try:
+            ds.on_deadline(now)
+        except BaseException:
+            log.exception("listener %s: error in a deadline handler", ctx.name)
+            ds._abort()
+
+
+def sweep_idle_upstreams(Cluster cluster, int64_t now):
+    """Close pooled HTTP/1 connections idle longer than the cluster's idle timeout."""
+    cdef Endpoint ep
+    cdef HttpUpstream up
+    cdef int64_t limit = cluster.idle_timeout_ms
+    for ep in cluster.get_endpoints():
+        if ep.http_idle:
+            stale = [up for up in ep.http_idle if now - up.idle_since_ms >= limit]
+            for up in stale:
+                ep.http_idle.remove(up)
+                cluster.counters.v[CS_CX_IDLE_CLOSED] += 1
+                up._close()
+
+
+def drain_endpoint(Endpoint ep):
+    """Close the idle connections of an endpoint removed from its cluster."""
+    cdef HttpUpstream up
+    idle = list(ep.http_idle)
+    ep.http_idle.clear()
+    for up in idle:
+        up._close()
+
+
+def py_now_ms():
+    return now_ms()

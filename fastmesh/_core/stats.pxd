@@ -1,0 +1,71 @@
+# Counters in C arrays. Each listener and each cluster owns one Counters object; the data
+# world bumps slots by index (`c.v[LS_RQ_TOTAL] += 1`), the control world reads them as a
+# dict for /stats. Slot names live in stats.pyx beside the enums' order.
+
+from libc.stdint cimport int64_t
+
+cdef enum:  # ListenerSlot
+    LS_CX_TOTAL             # downstream connections accepted
+    LS_CX_ACTIVE            # downstream connections open now (gauge)
+    LS_RQ_TOTAL             # requests received (HTTP requests, Bolt frames except heartbeats)
+    LS_RQ_ACTIVE            # requests in progress (gauge)
+    LS_RSP_1XX              # responses sent by class (HTTP) / Bolt statuses folded below
+    LS_RSP_2XX
+    LS_RSP_3XX
+    LS_RSP_4XX
+    LS_RSP_5XX
+    LS_ERR_BAD_REQUEST      # errors by reason: malformed request (400)
+    LS_ERR_HEAD_TOO_LARGE   # 431
+    LS_ERR_BODY_TOO_LARGE   # 413
+    LS_ERR_NO_ROUTE         # 404 / Bolt status 6
+    LS_ERR_NO_HEALTHY_UPSTREAM  # 503 / Bolt status 6
+    LS_ERR_CONNECT_FAILED   # 503
+    LS_ERR_UPSTREAM_TIMEOUT # 504 / Bolt status 7
+    LS_ERR_UPSTREAM_RESET   # 502 before a response / Bolt status 0x10
+    LS_ERR_UPSTREAM_PROTOCOL  # 502: upstream sent a malformed response
+    LS_ERR_RESET_MID_RESPONSE # upstream died mid-response: client connection closed
+    LS_ERR_DOWNSTREAM_RESET   # client went away mid-request
+    LS_ERR_HEAD_TIMEOUT     # 408: request head not complete in time
+    LS_ERR_BUSY             # Bolt status 4: in-flight limit
+    LS_ERR_BAD_FRAME        # Bolt: bad proto, lengths, size: connection closed
+    LS_HEARTBEATS           # Bolt heartbeats answered by the proxy
+    LS_RX_BYTES             # bytes read from clients
+    LS_TX_BYTES             # bytes written to clients (queued)
+    LS_SLOTS                # number of slots (keep last)
+
+cdef enum:  # ClusterSlot
+    CS_RQ_TOTAL             # requests forwarded upstream
+    CS_RQ_ACTIVE            # requests in flight upstream (gauge)
+    CS_RQ_TIMEOUT           # requests that timed out upstream
+    CS_RQ_RETRY             # requests retried on a fresh connection (stale pooled one)
+    CS_RSP_1XX              # upstream responses by class
+    CS_RSP_2XX
+    CS_RSP_3XX
+    CS_RSP_4XX
+    CS_RSP_5XX
+    CS_CX_TOTAL             # upstream connections opened
+    CS_CX_ACTIVE            # upstream connections open now (gauge)
+    CS_CX_CONNECT_FAIL      # connection attempts that failed or timed out
+    CS_CX_IDLE_CLOSED       # pooled connections closed for idleness or by the upstream
+    CS_NO_HEALTHY           # picks that found no endpoint
+    CS_BOLT_STATUS_OTHER    # Bolt responses with a status not counted below
+    CS_HEARTBEAT_SENT       # Bolt heartbeats the proxy sent upstream
+    CS_HEARTBEAT_MISSED     # Bolt heartbeats unanswered
+    CS_SLOTS
+
+cdef class Counters:
+    cdef:
+        int64_t v[32]            # slot values; index by ListenerSlot or ClusterSlot
+        tuple names              # slot names for export, in slot order
+        int nslots
+
+    cdef inline void inc(self, int slot):
+        self.v[slot] += 1
+
+cdef inline int status_class_slot(int status, int base_1xx):
+    # slot of the 1xx..5xx counter for an HTTP status, given the slot of the 1xx counter
+    if status < 200:
+        return base_1xx
+    if status >= 500:
+        return base_1xx + 4
+    return base_1xx + (status // 100) - 1

@@ -1,0 +1,39 @@
+from libc.string cimport memset
+
+LISTENER_SLOTS = (
+    "downstream_cx_total", "downstream_cx_active", "downstream_rq_total",
+    "downstream_rq_active", "downstream_rsp_1xx", "downstream_rsp_2xx",
+    "downstream_rsp_3xx", "downstream_rsp_4xx", "downstream_rsp_5xx",
+    "error_bad_request", "error_head_too_large", "error_body_too_large", "error_no_route",
+    "error_no_healthy_upstream", "error_connect_failed", "error_upstream_timeout",
+    "error_upstream_reset", "error_upstream_protocol", "error_reset_mid_response",
+    "error_downstream_reset", "error_head_timeout", "error_busy", "error_bad_frame",
+    "heartbeats", "downstream_rx_bytes", "downstream_tx_bytes",
+)
+CLUSTER_SLOTS = (
+    "upstream_rq_total", "upstream_rq_active", "upstream_rq_timeout", "upstream_rq_retry",
+    "upstream_rsp_1xx", "upstream_rsp_2xx", "upstream_rsp_3xx", "upstream_rsp_4xx",
+    "upstream_rsp_5xx", "upstream_cx_total", "upstream_cx_active",
+    "upstream_cx_connect_fail", "upstream_cx_idle_closed", "no_healthy_endpoint",
+    "bolt_status_other", "heartbeat_sent", "heartbeat_missed",
+)
+assert len(LISTENER_SLOTS) == LS_SLOTS
+assert len(CLUSTER_SLOTS) == CS_SLOTS
+
+
+cdef class Counters:
+    def __cinit__(self, str kind):
+        memset(self.v, 0, sizeof(self.v))
+        if kind == "listener":
+            self.names = LISTENER_SLOTS
+        elif kind == "cluster":
+            self.names = CLUSTER_SLOTS
+        else:
+            raise ValueError(kind)
+        self.nslots = len(self.names)
+
+    def to_dict(self):
+        return {self.names[i]: self.v[i] for i in range(self.nslots)}
+
+    def get(self, str name):
+        return self.v[self.names.index(name)]

@@ -1,0 +1,200 @@
+"""Raw TCP proxying: each client connection gets its own upstream connection to an endpoint
+of the listener's cluster; bytes are relayed both ways as Slices of the receive buffers, with
+backpressure (a side whose peer's write buffer is over high water stops reading).
+Half-close is passed through: EOF from one side shuts the write side of the other."""
+import asyncio
+import logging
+
+from libc.stdint cimport int64_t
+
+from fastmesh._core cimport debug
+from fastmesh._core.buffer cimport RecvBuffer
+from fastmesh._core.clock cimport now_ms
+from fastmesh._core.context cimport ListenerCtx
+from fastmesh._core.stats cimport (
+    LS_CX_TOTAL, LS_CX_ACTIVE, LS_RX_BYTES, LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_CONNECT_FAILED,
+    CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_RQ_TOTAL, CS_RQ_ACTIVE,
+)
+from fastmesh._core.upstream cimport Cluster, Endpoint
+
+log = logging.getLogger("fastmesh.tcp")
+
+cdef Py_ssize_t BUF_INITIAL = 65536
+cdef Py_ssize_t BUF_CAP = 262144
+
+
+cdef class TcpPipe:
+    # One side of a relay: reads into its buffer and writes to the peer's transport.
+    cdef:
+        object transport
+        RecvBuffer rbuf
+        TcpPipe peer
+        bint is_downstream
+        bint eof
+        bint closed
+        bint reading_paused
+        ListenerCtx ctx
+        Cluster cluster
+        Endpoint ep
+        object connect_task
+        public int64_t deadline_ms
+
+    def __init__(self, ListenerCtx ctx, bint is_downstream):
+        self.ctx = ctx
+        self.is_downstream = is_downstream
+        self.rbuf = RecvBuffer(BUF_INITIAL, BUF_CAP)
+        debug.count_alloc(debug.LEAK_DOWNSTREAM if is_downstream else debug.LEAK_UPSTREAM)
+
+    def __dealloc__(self):
+        debug.count_free(debug.LEAK_DOWNSTREAM if self.is_downstream else debug.LEAK_UPSTREAM)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(self.ctx.high_water_bytes, self.ctx.low_water_bytes)
+        if not self.is_downstream:
+            return
+        self.ctx.conns.add(self)
+        self.ctx.counters.v[LS_CX_TOTAL] += 1
+        self.ctx.counters.v[LS_CX_ACTIVE] += 1
+        cluster = self.ctx.tcp_cluster
+        ep = cluster.pick() if cluster is not None else None
+        if ep is None:
+            self.ctx.counters.v[LS_ERR_NO_HEALTHY_UPSTREAM] += 1
+            transport.abort()
+            return
+        self.cluster = cluster
+        self.ep = ep
+        self.cluster.counters.v[CS_RQ_TOTAL] += 1
+        self.cluster.counters.v[CS_RQ_ACTIVE] += 1
+        self.ep.active_requests += 1
+        self._set_reading(False)            # hold client bytes until the upstream is there
+        self.deadline_ms = now_ms() + cluster.connect_timeout_ms
+        task = asyncio.ensure_future(self._connect(), loop=self.ctx.loop)
+        self.connect_task = task
+        task.add_done_callback(self._on_connected)
+
+    async def _connect(self):
+        self.cluster.counters.v[CS_CX_TOTAL] += 1
+        ctx = self.ctx
+        _, up = await ctx.loop.create_connection(
+            lambda: TcpUpstreamProtocol(ctx, False), self.ep.host, self.ep.port)
+        return up
+
+    def _on_connected(self, task):
+        cdef TcpPipe up
+        self.connect_task = None
+        self.deadline_ms = 0
+        if task.cancelled() or task.exception() is not None:
+            self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            self.ctx.counters.v[LS_ERR_CONNECT_FAILED] += 1
+            if not task.cancelled():
+                log.warning("listener %s: connect to %s:%s failed: %s", self.ctx.name,
+                            self.ep.host, self.ep.port, task.exception())
+            if not self.closed:
+                self.transport.abort()
+            return
+        up = task.result()
+        if self.closed:
+            up.transport.close()
+            return
+        self.cluster.counters.v[CS_CX_ACTIVE] += 1
+        up.cluster = self.cluster
+        up.peer = self
+        self.peer = up
+        self._flush()
+        self._set_reading(True)
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rbuf.advance(nbytes)
+        if self.is_downstream:
+            self.ctx.counters.v[LS_RX_BYTES] += nbytes
+        if self.peer is not None:
+            self._flush()
+        elif self.rbuf.is_full():
+            self._set_reading(False)
+
+    cdef void _flush(self):
+        cdef Py_ssize_t n = self.rbuf.size()
+        if n and self.peer is not None and not self.peer.closed:
+            self.peer.transport.write(self.rbuf.take_slice(n))
+        if self.eof and self.peer is not None and not self.peer.closed:
+            if self.peer.transport.can_write_eof():
+                self.peer.transport.write_eof()
+
+    cdef void _set_reading(self, bint on):
+        if self.closed or self.transport is None:
+            return
+        if on and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        elif not on and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        self.eof = True
+        if self.peer is not None:
+            self._flush()
+            if self.peer.eof:
+                return False
+        return True                         # keep our write side for the peer's bytes
+
+    def connection_lost(self, exc):
+        cdef TcpPipe peer = self.peer
+        self.closed = True
+        if self.is_downstream:
+            self.ctx.conns.discard(self)
+            self.ctx.counters.v[LS_CX_ACTIVE] -= 1
+            if self.cluster is not None:
+                self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+                self.ep.active_requests -= 1
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+        elif self.cluster is not None:
+            self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        self.peer = None
+        if peer is not None and not peer.closed:
+            peer.peer = None
+            if exc is None:
+                peer.transport.close()      # flushes what is queued, then closes
+            else:
+                peer.transport.abort()
+
+    def pause_writing(self):
+        if self.peer is not None:
+            self.peer._set_reading(False)
+
+    def resume_writing(self):
+        if self.peer is not None:
+            self.peer._set_reading(True)
+
+    def abort(self):
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    cpdef void on_deadline(self, int64_t now):
+        self.deadline_ms = 0
+        if self.connect_task is not None:
+            self.connect_task.cancel()      # connect timeout: _on_connected aborts
+
+
+class TcpDownstreamProtocol(TcpPipe, asyncio.BufferedProtocol):
+    """A client connection on a tcp listener."""
+
+    def __init__(self, ctx):
+        TcpPipe.__init__(self, ctx, True)
+
+
+class TcpUpstreamProtocol(TcpPipe, asyncio.BufferedProtocol):
+    """Its upstream connection."""
+
+
+def sweep_downstreams(ListenerCtx ctx, int64_t now):
+    """Fire passed connect deadlines of a tcp listener's connections."""
+    cdef TcpPipe p
+    due = [p for p in ctx.conns if p.deadline_ms and p.deadline_ms <= now]
+    for p in due:
+        p.on_deadline(now)

@@ -1,0 +1,128 @@
+"""The `fastmesh` command: run, validate, demo, --version."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from fastmesh import __version__
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(path: str):
+    from fastmesh.config.load import ConfigError, load_file
+    try:
+        return load_file(path), None
+    except ConfigError as exc:
+        return None, exc
+
+
+def cmd_validate(args) -> int:
+    cfg, err = _load(args.config)
+    if err is not None:
+        for line in err.errors:
+            print(f"{args.config}: {line}" if not line.startswith(args.config) else line,
+                  file=sys.stderr)
+        print(f"{args.config}: {len(err.errors)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.config}: ok ({len(cfg.listeners)} listeners, {len(cfg.route_tables)} route "
+          f"tables, {len(cfg.clusters)} clusters)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    _setup_logging(args.log_level)
+    cfg, err = _load(args.config)
+    if err is not None:
+        for line in err.errors:
+            logging.getLogger("fastmesh").error("config: %s", line)
+        return 1
+    from fastmesh.server.worker import serve
+    return serve(cfg, loop_kind=args.loop)
+
+
+def cmd_demo(args) -> int:
+    _setup_logging(args.log_level)
+    import importlib.resources
+    import yaml
+    from fastmesh.config.load import load_dict
+    from fastmesh.demo.upstream import start_upstream
+    from fastmesh.server.worker import Server, install_loop
+
+    text = importlib.resources.files("fastmesh.demo").joinpath("demo.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["listeners"][0]["address"] = f"127.0.0.1:{args.port}"
+    data["admin"]["address"] = f"127.0.0.1:{args.admin_port}"
+    cfg = load_dict(data, source="fastmesh/demo/demo.yaml")
+    install_loop(args.loop)
+
+    async def main() -> int:
+        import signal
+        loop = asyncio.get_running_loop()
+        upstreams = []
+        for name, c in cfg.clusters.items():
+            for i, ep in enumerate(c.endpoints):
+                upstreams.append(await start_upstream(ep.host, ep.port, f"{name}-{i + 1}"))
+        server = Server(cfg, loop)
+        await server.start()
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(server.drain_and_stop()))
+        loop.add_signal_handler(signal.SIGINT, server.stop_now)
+        p, a = args.port, args.admin_port
+        print(f"""
+fastmesh {__version__} demo: proxy on 127.0.0.1:{p}, admin on 127.0.0.1:{a}
+demo upstreams: web (2 endpoints), web_canary, api_v1 on 127.0.0.1:18001-18004
+
+try:
+  curl -s http://127.0.0.1:{p}/                       # round-robin over web-1 / web-2
+  curl -s http://127.0.0.1:{p}/health                 # answered by fastmesh itself
+  curl -s -H 'x-canary: 1' http://127.0.0.1:{p}/      # 10% to web_canary
+  curl -s -H 'Host: api.local' http://127.0.0.1:{p}/v1/echo   # api_v1, request as seen upstream
+  curl -s http://127.0.0.1:{a}/stats                  # counters
+Ctrl-C stops.
+""", flush=True)
+        await server.wait_stopped()
+        for u in upstreams:
+            u.close()
+        return 0
+
+    return asyncio.run(main())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="fastmesh", description="A sidecar data plane.")
+    ap.add_argument("--version", action="version", version=f"fastmesh {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p):
+        p.add_argument("--log-level", default=os.environ.get("FASTMESH_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"])
+        p.add_argument("--loop", default=os.environ.get("FASTMESH_LOOP", "uvloop"),
+                       choices=["uvloop", "asyncio"], help="event loop (default uvloop)")
+
+    p = sub.add_parser("run", help="run with a config file, in the foreground")
+    p.add_argument("-c", "--config", required=True)
+    common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a config file; print every problem")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("demo", help="run fastmesh in front of bundled demo upstreams")
+    p.add_argument("--port", type=int, default=10000)
+    p.add_argument("--admin-port", type=int, default=9901)
+    common(p)
+    p.set_defaults(func=cmd_demo)
+
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,796 @@
+"""Load a config file into the typed model (``fastmesh.config.model``), validating everything.
+
+Public API::
+
+    load_file(path) -> Config           # YAML file
+    load_text(text, source) -> Config   # YAML text
+    load_dict(data, source) -> Config   # already-parsed data (dicts, lists, scalars)
+    to_dict(cfg) -> dict                # back to plain JSON-serialisable data (admin config dump)
+    ConfigError                         # .errors: list of "<path>: <message>", all problems found
+
+Validation never stops at the first problem: every section is checked and all errors are
+reported together, each prefixed with the path of the offending value, for example
+``route_tables.web.virtual_hosts[0].routes[1].cluster: no cluster named 'x'``.
+Defaults are not repeated here; anything not given is left to the dataclass defaults in model.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from typing import Any, Optional
+
+import yaml
+
+from .model import (
+    DEFAULT_ADMIN_ADDRESS,
+    LB_POLICIES,
+    PROTOCOLS,
+    Address,
+    Admin,
+    Cluster,
+    Config,
+    DirectResponse,
+    HeaderMatch,
+    Listener,
+    Route,
+    RouteMatch,
+    RouteTable,
+    VirtualHost,
+    WeightedCluster,
+)
+
+__all__ = ["ConfigError", "load_file", "load_text", "load_dict", "to_dict"]
+
+
+class ConfigError(Exception):
+    """The config is invalid. ``errors`` lists every problem as ``"<path>: <message>"``."""
+
+    def __init__(self, errors: list[str], source: str = "<string>") -> None:
+        self.errors: list[str] = list(errors)
+        self.source = source
+        super().__init__(self.errors, source)
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def load_file(path: str) -> Config:
+    """Read and validate the YAML config file at ``path``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config file: {e.strerror or e}"], path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: config file is not valid UTF-8: {e}"], path) from None
+    return load_text(text, source=path)
+
+
+def load_text(text: str, source: str = "<string>") -> Config:
+    """Parse YAML ``text`` (safe loader) and validate it. ``source`` names it in messages."""
+    loader = _Loader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError([_yaml_error(e, source)], source) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{source}: invalid YAML: {e}"], source) from None
+    finally:
+        loader.dispose()
+    dup_errors = [f"{source}:{line}:{col}: duplicate key {key!r}"
+                  for line, col, key in sorted(loader.duplicate_keys, key=lambda d: d[:2])]
+    try:
+        cfg = load_dict(data, source=source)
+    except ConfigError as e:
+        raise ConfigError(dup_errors + e.errors, source) from None
+    if dup_errors:
+        raise ConfigError(dup_errors, source)
+    return cfg
+
+
+def load_dict(data: Any, source: str = "<string>") -> Config:
+    """Validate already-parsed config data and build the typed ``Config``."""
+    if data is None:
+        raise ConfigError([f"{source}: empty config (expected a mapping with a 'listeners' key)"],
+                          source)
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: expected a mapping at the top level, got {_show(data)}"],
+                          source)
+    c = _Checker()
+    for k in data:
+        if k not in _TOP_KEYS:
+            c.err(str(k), "unknown key")
+
+    clusters_raw = data.get("clusters", [])
+    tables_raw = data.get("route_tables", {})
+    # Names are collected up front, so references can be checked in document order and a
+    # cluster or table with an error of its own does not also cause "no cluster named" noise.
+    # None means "section unusable": reference checks are skipped rather than all failing.
+    known_clusters: Optional[set] = None
+    if isinstance(clusters_raw, list):
+        known_clusters = {e["name"] for e in clusters_raw
+                          if isinstance(e, dict) and isinstance(e.get("name"), str)}
+    known_tables: Optional[set] = None
+    if isinstance(tables_raw, dict):
+        known_tables = {k for k in tables_raw if isinstance(k, str)}
+
+    admin = _admin(c, data.get("admin", _MISSING))
+    if "listeners" not in data:
+        c.err("listeners", "missing required key")
+    listeners = _listeners(c, data.get("listeners", []), known_tables, known_clusters, admin)
+    route_tables = _route_tables(c, tables_raw, known_clusters)
+    clusters = _clusters(c, clusters_raw)
+
+    kw: dict[str, Any] = {}
+    if "workers" in data:
+        w = data["workers"]
+        if w == "auto":
+            kw["workers"] = os.cpu_count() or 1
+        elif isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            c.err("workers", f'expected a positive integer or "auto", got {_show(w)}')
+        else:
+            kw["workers"] = w
+    if "drain_timeout_ms" in data:
+        kw["drain_timeout_ms"] = c.integer(data["drain_timeout_ms"], "drain_timeout_ms", lo=0)
+
+    if c.errors:
+        raise ConfigError(c.errors, source)
+    return Config(admin=admin, listeners=tuple(listeners), route_tables=route_tables,
+                  clusters=clusters, source=source, **kw)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain JSON-serialisable data, in the same shape ``load_dict`` accepts.
+
+    Every field is written out (defaults included), except unset optional ones (None) and empty
+    tuples; addresses become "host:port" strings; route tables always use ``virtual_hosts``.
+    ``load_dict(to_dict(cfg), cfg.source) == cfg``.
+    """
+    return {
+        "admin": None if cfg.admin is None else {"address": str(cfg.admin.address)},
+        "listeners": [_plain(lst) for lst in cfg.listeners],
+        "route_tables": {name: {"virtual_hosts": [_plain(vh) for vh in rt.virtual_hosts]}
+                         for name, rt in cfg.route_tables.items()},
+        "clusters": [_plain(cl) for cl in cfg.clusters.values()],
+        "workers": cfg.workers,
+        "drain_timeout_ms": cfg.drain_timeout_ms,
+    }
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Address):
+        return str(obj)
+    if isinstance(obj, Route):
+        d = _plain_fields(obj)
+        if obj.request_headers_to_add:
+            d["request_headers_to_add"] = [{"name": n, "value": v}
+                                           for n, v in obj.request_headers_to_add]
+        return d
+    if dataclasses.is_dataclass(obj):
+        return _plain_fields(obj)
+    if isinstance(obj, (tuple, list)):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+def _plain_fields(obj: Any) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if v is None or v == ():
+            continue
+        out[f.name] = _plain(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+# ---------------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, additionally recording duplicate mapping keys (PyYAML keeps the last)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.duplicate_keys: list[tuple[int, int, Any]] = []
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if (not isinstance(key_node, yaml.ScalarNode)
+                        or key_node.tag == "tag:yaml.org,2002:merge"):
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    if key in seen:
+                        mark = key_node.start_mark
+                        self.duplicate_keys.append((mark.line + 1, mark.column + 1, key))
+                    seen.add(key)
+                except TypeError:       # unhashable: the base constructor reports it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(e: yaml.MarkedYAMLError, source: str) -> str:
+    mark = e.problem_mark or e.context_mark
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+    parts = [p for p in (e.context, e.problem) if p]
+    return f"{where}: invalid YAML: {'; '.join(parts) or e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking helpers
+# ---------------------------------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+_TOP_KEYS = ("admin", "listeners", "route_tables", "clusters", "workers", "drain_timeout_ms")
+
+
+def _show(v: Any) -> str:
+    """A value as it appears in messages: YAML-ish for null/booleans/collections, else repr."""
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _key(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _name_path(path: str, name: Any) -> str:
+    """``route_tables.web``, or ``route_tables['my table']`` when the name is not plain."""
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        return f"{path}.{name}"
+    return f"{path}[{name!r}]"
+
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII | re.IGNORECASE)
+_PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
+
+
+def _valid_hostname(host: str) -> bool:
+    """A DNS name or an IPv4 literal (IPv6 literals are handled by the callers)."""
+    if len(host) > 254 or not _HOSTNAME_RE.fullmatch(host):
+        return False
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+    return True
+
+
+def _valid_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _addr_key(a: Address) -> tuple[str, int]:
+    """For "same address" checks: hostnames case-folded, IP literals in canonical form."""
+    host = a.host.lower()
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    return host, a.port
+
+
+class _Checker:
+    """Collects errors; every check reports and returns a best-effort value (None if invalid).
+
+    Objects may therefore be built from invalid values; they are thrown away because
+    ``load_dict`` raises whenever ``errors`` is non-empty.
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def err(self, path: str, msg: str) -> None:
+        self.errors.append(f"{path}: {msg}")
+
+    def mapping(self, v: Any, path: str, allowed: Any) -> Optional[dict]:
+        if not isinstance(v, dict):
+            self.err(path, f"expected a mapping, got {_show(v)}")
+            return None
+        for k in v:
+            if k not in allowed:
+                self.err(_key(path, k), "unknown key")
+        return v
+
+    def required(self, m: dict, path: str, key: str) -> Any:
+        if key not in m:
+            self.err(_key(path, key), "missing required key")
+            return _MISSING
+        return m[key]
+
+    def seq(self, v: Any, path: str, nonempty: bool = False) -> list:
+        if not isinstance(v, list):
+            self.err(path, f"expected a list, got {_show(v)}")
+            return []
+        if nonempty and not v:
+            self.err(path, "expected a non-empty list")
+        return v
+
+    def text(self, v: Any, path: str, nonempty: bool = True) -> Optional[str]:
+        if v is _MISSING:
+            return None
+        if not isinstance(v, str):
+            hint = " (quote it)" if isinstance(v, (int, float)) else ""
+            self.err(path, f"expected a string, got {_show(v)}{hint}")
+            return None
+        if nonempty and not v:
+            self.err(path, "expected a non-empty string")
+            return None
+        return v
+
+    def integer(self, v: Any, path: str, lo: int = 1, hi: Optional[int] = None) -> Optional[int]:
+        if v is _MISSING:
+            return None
+        if hi is not None:
+            what = f"an integer in {lo}..{hi}"
+        elif lo == 1:
+            what = "a positive integer"
+        elif lo == 0:
+            what = "a non-negative integer"
+        else:
+            what = f"an integer >= {lo}"
+        if (isinstance(v, bool) or not isinstance(v, int) or v < lo
+                or (hi is not None and v > hi)):
+            self.err(path, f"expected {what}, got {_show(v)}")
+            return None
+        return v
+
+    def boolean(self, v: Any, path: str) -> Optional[bool]:
+        if not isinstance(v, bool):
+            self.err(path, f"expected true or false, got {_show(v)}")
+            return None
+        return v
+
+    def choice(self, v: Any, path: str, what: str, choices: tuple) -> Optional[str]:
+        if not isinstance(v, str) or v not in choices:
+            self.err(path, f"unknown {what} {_show(v)} (expected one of: {', '.join(choices)})")
+            return None
+        return v
+
+    def regex(self, v: Any, path: str) -> Optional[str]:
+        s = self.text(v, path)
+        if s is None:
+            return None
+        try:
+            re.compile(s)
+        except re.error as e:
+            self.err(path, f"invalid regular expression: {e}")
+            return None
+        return s
+
+    def address(self, v: Any, path: str, min_port: int) -> Optional[Address]:
+        bad = f'expected "host:port", got {_show(v)}'
+        if not isinstance(v, str):
+            self.err(path, bad)
+            return None
+        if v.startswith("["):
+            m = re.fullmatch(r"\[([^\]]*)\]:([^:]*)", v)
+            if not m:
+                self.err(path, bad)
+                return None
+            host, port_s = m.group(1), m.group(2)
+            if not _valid_ipv6(host):
+                self.err(path, f"invalid IPv6 address {host!r}")
+                return None
+        else:
+            host, sep, port_s = v.rpartition(":")
+            if not sep or not host or not port_s:
+                self.err(path, bad)
+                return None
+            if ":" in host and (_valid_ipv6(host) or _valid_ipv6(v)):
+                self.err(path, f'IPv6 addresses go in brackets, like "[::1]:80", got {_show(v)}')
+                return None
+            if not _valid_hostname(host):
+                self.err(path, f"invalid host {host!r}")
+                return None
+        if not _PORT_RE.fullmatch(port_s):
+            self.err(path, f"invalid port {port_s!r}")
+            return None
+        port = int(port_s)
+        if not min_port <= port <= 65535:
+            self.err(path, f"port {port} out of range ({min_port}..65535)")
+            return None
+        return Address(host, port)
+
+    def unique_name(self, v: Any, path: str, what: str, seen: dict) -> Optional[str]:
+        """A required non-empty string name, unique among ``seen`` (name -> path of first)."""
+        name = self.text(v, path)
+        if name is None:
+            return None
+        if name in seen:
+            self.err(path, f"duplicate {what} name {name!r} (also {seen[name]})")
+        else:
+            seen[name] = path.rsplit(".", 2)[-2]      # "listeners[0]", "virtual_hosts[1]"
+        return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+def _admin(c: _Checker, raw: Any) -> Optional[Admin]:
+    if raw is _MISSING:
+        return Admin(_default_admin_address())
+    if raw is None:
+        return None
+    m = c.mapping(raw, "admin", ("address",))
+    if m is None:
+        return None
+    if "address" not in m:
+        return Admin(_default_admin_address())
+    return Admin(c.address(m["address"], "admin.address", min_port=0))
+
+
+def _default_admin_address() -> Address:
+    host, _, port = DEFAULT_ADMIN_ADDRESS.rpartition(":")
+    return Address(host.strip("[]"), int(port))
+
+
+_LISTENER_FIELDS = {f.name: f for f in dataclasses.fields(Listener)}
+_LISTENER_INT_MIN = {"max_request_body_bytes": 0}   # every other int field: >= 1
+
+
+def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
+               known_clusters: Optional[set], admin: Optional[Admin]) -> list[Listener]:
+    out = []
+    names: dict = {}
+    addrs: dict = {}
+    if admin is not None and admin.address is not None and admin.address.port != 0:
+        addrs[_addr_key(admin.address)] = "admin.address"
+    for i, item in enumerate(c.seq(raw, "listeners")):
+        p = f"listeners[{i}]"
+        m = c.mapping(item, p, _LISTENER_FIELDS)
+        if m is None:
+            continue
+        kw: dict[str, Any] = {}
+        kw["name"] = c.unique_name(c.required(m, p, "name"), f"{p}.name", "listener", names)
+        addr_raw = c.required(m, p, "address")
+        addr = None if addr_raw is _MISSING else c.address(addr_raw, f"{p}.address", min_port=0)
+        kw["address"] = addr
+        if addr is not None and addr.port != 0:
+            key = _addr_key(addr)
+            if key in addrs:
+                c.err(f"{p}.address", f"{str(addr)!r} is already used by {addrs[key]}")
+            else:
+                addrs[key] = f"{p}.address"
+
+        protocol = _LISTENER_FIELDS["protocol"].default
+        if "protocol" in m:
+            protocol = c.choice(m["protocol"], f"{p}.protocol", "protocol", PROTOCOLS)
+            kw["protocol"] = protocol
+        if protocol == "tcp":
+            if "route_table" in m:
+                c.err(f"{p}.route_table", "not allowed for tcp listeners")
+            cl = c.text(c.required(m, p, "cluster"), f"{p}.cluster")
+            if cl is not None and known_clusters is not None and cl not in known_clusters:
+                c.err(f"{p}.cluster", f"no cluster named {cl!r}")
+            kw["cluster"] = cl
+        elif protocol is not None:
+            if "cluster" in m:
+                c.err(f"{p}.cluster", f"not allowed for {protocol} listeners (only tcp)")
+            if "route_table" not in m:
+                c.err(f"{p}.route_table", f"missing required key (for {protocol} listeners)")
+            else:
+                rt = c.text(m["route_table"], f"{p}.route_table")
+                if rt is not None and known_tables is not None and rt not in known_tables:
+                    c.err(f"{p}.route_table", f"no route table named {rt!r}")
+                kw["route_table"] = rt
+
+        for f in _LISTENER_FIELDS.values():
+            if f.type == "int" and f.name in m:
+                lo = _LISTENER_INT_MIN.get(f.name, 1)
+                kw[f.name] = c.integer(m[f.name], f"{p}.{f.name}", lo=lo)
+        low = kw.get("low_water_bytes", _LISTENER_FIELDS["low_water_bytes"].default)
+        high = kw.get("high_water_bytes", _LISTENER_FIELDS["high_water_bytes"].default)
+        if isinstance(low, int) and isinstance(high, int) and low >= high:
+            c.err(f"{p}.low_water_bytes",
+                  f"must be less than high_water_bytes ({low} >= {high})")
+        out.append(Listener(**kw))
+    return out
+
+
+def _route_tables(c: _Checker, raw: Any, known_clusters: Optional[set]) -> dict:
+    out: dict = {}
+    if not isinstance(raw, dict):
+        c.err("route_tables", f"expected a mapping of table name to table, got {_show(raw)}")
+        return out
+    for name, table in raw.items():
+        if not isinstance(name, str) or not name:
+            c.err("route_tables", f"table names must be non-empty strings, got {_show(name)}")
+            continue
+        p = _name_path("route_tables", name)
+        m = c.mapping(table, p, ("virtual_hosts", "routes"))
+        if m is None:
+            continue
+        if ("virtual_hosts" in m) == ("routes" in m):
+            c.err(p, "expected exactly one of virtual_hosts, routes"
+                  + (" (got both)" if "routes" in m else ""))
+            continue
+        if "routes" in m:
+            routes = _routes(c, m["routes"], f"{p}.routes", known_clusters)
+            vhosts = (VirtualHost(name="default", domains=("*",), routes=routes),)
+        else:
+            vhosts = _virtual_hosts(c, m["virtual_hosts"], f"{p}.virtual_hosts", known_clusters)
+        out[name] = RouteTable(name=name, virtual_hosts=vhosts)
+    return out
+
+
+def _virtual_hosts(c: _Checker, raw: Any, path: str,
+                   known_clusters: Optional[set]) -> tuple[VirtualHost, ...]:
+    out = []
+    names: dict = {}
+    domains_seen: dict = {}       # domain -> "virtual_hosts[i].domains[j]"
+    list_name = path.rsplit(".", 1)[-1]
+    for i, item in enumerate(c.seq(raw, path, nonempty=True)):
+        p = f"{path}[{i}]"
+        m = c.mapping(item, p, ("name", "domains", "routes"))
+        if m is None:
+            continue
+        name = c.unique_name(c.required(m, p, "name"), f"{p}.name", "virtual host", names)
+        domains = []
+        dp = f"{p}.domains"
+        d_raw = c.required(m, p, "domains")
+        for j, d in enumerate(c.seq(d_raw, dp, nonempty=True) if d_raw is not _MISSING else []):
+            dom = _domain(c, d, f"{dp}[{j}]")
+            if dom is None:
+                continue
+            where = f"{list_name}[{i}].domains[{j}]"
+            if dom in domains_seen:
+                if dom == "*":
+                    c.err(f"{dp}[{j}]", f'only one "*" domain is allowed per route table '
+                                        f"(also at {domains_seen[dom]})")
+                else:
+                    c.err(f"{dp}[{j}]", f"duplicate domain {dom!r} (also at {domains_seen[dom]})")
+            else:
+                domains_seen[dom] = where
+            domains.append(dom)
+        r_raw = c.required(m, p, "routes")
+        routes = () if r_raw is _MISSING else _routes(c, r_raw, f"{p}.routes", known_clusters)
+        out.append(VirtualHost(name=name, domains=tuple(domains), routes=routes))
+    return tuple(out)
+
+
+def _domain(c: _Checker, v: Any, path: str) -> Optional[str]:
+    s = c.text(v, path)
+    if s is None:
+        return None
+    d = s.lower()
+    if d == "*":
+        return d
+    if d.startswith("*."):
+        ok = _valid_hostname(d[2:])
+    else:
+        host, port = d, None
+        m = re.fullmatch(r"\[([^\]]*)\](?::([^:]*))?", d)
+        if m:
+            host, port = m.group(1), m.group(2)
+            ok = _valid_ipv6(host)
+        else:
+            if ":" in d:
+                host, _, port = d.rpartition(":")
+            ok = _valid_hostname(host)
+        if ok and port is not None:
+            ok = bool(_PORT_RE.fullmatch(port)) and 1 <= int(port) <= 65535
+    if not ok:
+        c.err(path, f'invalid domain {s!r} (expected "*", "*.suffix", or a host with an '
+                    f'optional ":port")')
+        return None
+    return d
+
+
+_ROUTE_KEYS = ("match", "cluster", "weighted_clusters", "direct_response", "timeout_ms",
+               "request_headers_to_add", "request_headers_to_remove")
+_ACTIONS = ("cluster", "weighted_clusters", "direct_response")
+
+
+def _routes(c: _Checker, raw: Any, path: str,
+            known_clusters: Optional[set]) -> tuple[Route, ...]:
+    return tuple(_route(c, item, f"{path}[{i}]", known_clusters)
+                 for i, item in enumerate(c.seq(raw, path, nonempty=True)))
+
+
+def _cluster_ref(c: _Checker, v: Any, path: str,
+                 known_clusters: Optional[set]) -> Optional[str]:
+    name = c.text(v, path)
+    if name is not None and known_clusters is not None and name not in known_clusters:
+        c.err(path, f"no cluster named {name!r}")
+    return name
+
+
+def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Optional[Route]:
+    m = c.mapping(item, p, _ROUTE_KEYS)
+    if m is None:
+        return None
+    kw: dict[str, Any] = {"match": _match(c, m.get("match"), f"{p}.match")}
+
+    actions = [a for a in _ACTIONS if a in m]
+    if len(actions) != 1:
+        got = f" (got {', '.join(actions)})" if actions else ""
+        c.err(p, f"expected exactly one of {', '.join(_ACTIONS)}{got}")
+    if "cluster" in m:
+        kw["cluster"] = _cluster_ref(c, m["cluster"], f"{p}.cluster", known_clusters)
+    if "weighted_clusters" in m:
+        wp = f"{p}.weighted_clusters"
+        wcs = []
+        seen: dict = {}
+        for i, w in enumerate(c.seq(m["weighted_clusters"], wp, nonempty=True)):
+            ip = f"{wp}[{i}]"
+            wm = c.mapping(w, ip, ("cluster", "weight"))
+            if wm is None:
+                continue
+            cl_raw = c.required(wm, ip, "cluster")
+            cl = None if cl_raw is _MISSING else _cluster_ref(c, cl_raw, f"{ip}.cluster",
+                                                              known_clusters)
+            if cl is not None:
+                if cl in seen:
+                    c.err(f"{ip}.cluster",
+                          f"duplicate cluster {cl!r} (also weighted_clusters[{seen[cl]}])")
+                else:
+                    seen[cl] = i
+            weight = c.integer(c.required(wm, ip, "weight"), f"{ip}.weight", lo=1)
+            wcs.append(WeightedCluster(cluster=cl, weight=weight))
+        kw["weighted_clusters"] = tuple(wcs)
+    if "direct_response" in m:
+        dp = f"{p}.direct_response"
+        dm = c.mapping(m["direct_response"], dp, ("status", "body"))
+        if dm is not None:
+            status = c.integer(c.required(dm, dp, "status"), f"{dp}.status", lo=200, hi=599)
+            dkw = {}
+            if "body" in dm:
+                dkw["body"] = c.text(dm["body"], f"{dp}.body", nonempty=False)
+            kw["direct_response"] = DirectResponse(status=status, **dkw)
+    if "timeout_ms" in m:
+        kw["timeout_ms"] = c.integer(m["timeout_ms"], f"{p}.timeout_ms", lo=0)
+    if "request_headers_to_add" in m:
+        kw["request_headers_to_add"] = _headers_to_add(c, m["request_headers_to_add"],
+                                                       f"{p}.request_headers_to_add")
+    if "request_headers_to_remove" in m:
+        rp = f"{p}.request_headers_to_remove"
+        items = c.seq(m["request_headers_to_remove"], rp)
+        names = (c.text(n, f"{rp}[{i}]") for i, n in enumerate(items))
+        kw["request_headers_to_remove"] = tuple(n.lower() for n in names if n is not None)
+    return Route(**kw)
+
+
+def _headers_to_add(c: _Checker, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    if isinstance(raw, dict):
+        for name, value in raw.items():
+            if not isinstance(name, str) or not name:
+                c.err(path, f"header names must be non-empty strings, got {_show(name)}")
+                continue
+            v = c.text(value, _key(path, name), nonempty=False)
+            if v is not None:
+                out.append((name.lower(), v))
+    elif isinstance(raw, list):
+        for i, item in enumerate(raw):
+            ip = f"{path}[{i}]"
+            m = c.mapping(item, ip, ("name", "value"))
+            if m is None:
+                continue
+            n = c.text(c.required(m, ip, "name"), f"{ip}.name")
+            v = c.text(c.required(m, ip, "value"), f"{ip}.value", nonempty=False)
+            if n is not None and v is not None:
+                out.append((n.lower(), v))
+    else:
+        c.err(path, f"expected a list of {{name, value}} or a mapping of name to value, "
+                    f"got {_show(raw)}")
+    return tuple(out)
+
+
+_PATH_MATCHES = ("path", "prefix", "regex")
+_HEADER_MATCHES = ("exact", "prefix", "regex", "present")
+
+
+def _match(c: _Checker, raw: Any, path: str) -> RouteMatch:
+    if raw is None:                               # omitted, `match:` or `match: null`
+        return RouteMatch()
+    m = c.mapping(raw, path, _PATH_MATCHES + ("headers",))
+    if m is None:
+        return RouteMatch()
+    kinds = [k for k in _PATH_MATCHES if k in m]
+    if len(kinds) > 1:
+        c.err(path, f"at most one of path, prefix, regex (got {', '.join(kinds)})")
+    kw: dict[str, Any] = {}
+    for k in ("path", "prefix"):
+        if k in m:
+            s = c.text(m[k], f"{path}.{k}")
+            if s is not None and not s.startswith("/"):
+                c.err(f"{path}.{k}", f'must start with "/", got {s!r}')
+            kw[k] = s
+    if "regex" in m:
+        kw["regex"] = c.regex(m["regex"], f"{path}.regex")
+    if "headers" in m:
+        hp = f"{path}.headers"
+        kw["headers"] = tuple(_header_match(c, h, f"{hp}[{i}]")
+                              for i, h in enumerate(c.seq(m["headers"], hp)))
+    return RouteMatch(**kw)
+
+
+def _header_match(c: _Checker, raw: Any, p: str) -> Optional[HeaderMatch]:
+    m = c.mapping(raw, p, ("name",) + _HEADER_MATCHES)
+    if m is None:
+        return None
+    name = c.text(c.required(m, p, "name"), f"{p}.name")
+    kinds = [k for k in _HEADER_MATCHES if k in m]
+    if len(kinds) != 1:
+        got = f" (got {', '.join(kinds)})" if kinds else ""
+        c.err(p, f"expected exactly one of {', '.join(_HEADER_MATCHES)}{got}")
+    kw: dict[str, Any] = {}
+    for k in ("exact", "prefix"):
+        if k in m:
+            kw[k] = c.text(m[k], f"{p}.{k}", nonempty=False)
+    if "regex" in m:
+        kw["regex"] = c.regex(m["regex"], f"{p}.regex")
+    if "present" in m:
+        kw["present"] = c.boolean(m["present"], f"{p}.present")
+    return HeaderMatch(name=name.lower() if name is not None else None, **kw)
+
+
+_CLUSTER_FIELDS = {f.name: f for f in dataclasses.fields(Cluster)}
+
+
+def _clusters(c: _Checker, raw: Any) -> dict:
+    out: dict = {}
+    names: dict = {}
+    if not isinstance(raw, list):
+        c.err("clusters", f"expected a list, got {_show(raw)}")
+        return out
+    for i, item in enumerate(raw):
+        p = f"clusters[{i}]"
+        m = c.mapping(item, p, _CLUSTER_FIELDS)
+        if m is None:
+            continue
+        kw: dict[str, Any] = {}
+        name = c.unique_name(c.required(m, p, "name"), f"{p}.name", "cluster", names)
+        kw["name"] = name
+        ep = f"{p}.endpoints"
+        e_raw = c.required(m, p, "endpoints")
+        endpoints = []
+        seen: dict = {}
+        for j, e in enumerate(c.seq(e_raw, ep, nonempty=True) if e_raw is not _MISSING else []):
+            a = c.address(e, f"{ep}[{j}]", min_port=1)
+            if a is None:
+                continue
+            if _addr_key(a) in seen:
+                c.err(f"{ep}[{j}]",
+                      f"duplicate endpoint {str(a)!r} (also endpoints[{seen[_addr_key(a)]}])")
+            else:
+                seen[_addr_key(a)] = j
+            endpoints.append(a)
+        kw["endpoints"] = tuple(endpoints)
+        if "lb_policy" in m:
+            kw["lb_policy"] = c.choice(m["lb_policy"], f"{p}.lb_policy", "policy", LB_POLICIES)
+        for f in _CLUSTER_FIELDS.values():
+            if f.type == "int" and f.name in m:
+                kw[f.name] = c.integer(m[f.name], f"{p}.{f.name}", lo=1)
+        cl = Cluster(**kw)
+        if name is not None and name not in out:
+            out[name] = cl
+    return out

@@ -1,0 +1,130 @@
+"""The typed configuration model: what a config file means, after validation.
+
+Every class here is a frozen dataclass built only by ``fastmesh.config.load``; the data
+world never sees these objects, only the snapshot compiled from them (``fastmesh.snapshot``).
+Defaults live here and nowhere else; the README's config reference is written from this file.
+Units are in the names: ``*_ms`` milliseconds, ``*_bytes`` bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+PROTOCOLS = ("http1", "bolt", "tcp")
+LB_POLICIES = ("round_robin", "random", "least_request")
+
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1:9901"
+DEFAULT_ROUTE_TIMEOUT_MS = 15000
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str          # IP literal or hostname ("" never: validated)
+    port: int          # 0..65535 (0 = let the kernel choose; listeners only)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    name: str                          # lower-cased header name (Bolt: header key, as given)
+    exact: Optional[str] = None        # exactly one of exact / prefix / regex / present is set
+    prefix: Optional[str] = None
+    regex: Optional[str] = None        # Python `re` syntax, full match
+    present: Optional[bool] = None     # True: header must exist; False: must be absent
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    path: Optional[str] = None         # exact path (query string excluded)
+    prefix: Optional[str] = None       # path prefix (query string excluded)
+    regex: Optional[str] = None        # full match on the path (query string excluded)
+    headers: tuple[HeaderMatch, ...] = ()
+    # none of path/prefix/regex set: matches every path (Bolt routes use headers only)
+
+
+@dataclass(frozen=True)
+class WeightedCluster:
+    cluster: str
+    weight: int                        # > 0; share = weight / sum(weights)
+
+
+@dataclass(frozen=True)
+class DirectResponse:
+    status: int                        # 200..599
+    body: str = ""
+
+
+@dataclass(frozen=True)
+class Route:
+    match: RouteMatch
+    # exactly one action: cluster, weighted_clusters or direct_response
+    cluster: Optional[str] = None
+    weighted_clusters: tuple[WeightedCluster, ...] = ()
+    direct_response: Optional[DirectResponse] = None
+    timeout_ms: int = DEFAULT_ROUTE_TIMEOUT_MS     # upstream response timeout; 0 = none
+    request_headers_to_add: tuple[tuple[str, str], ...] = ()   # (name, value), appended
+    request_headers_to_remove: tuple[str, ...] = ()            # lower-cased names
+
+
+@dataclass(frozen=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]           # "host", "*.suffix" or "*"; lower-cased
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+    # a table given with `routes:` becomes one virtual host named "default", domains ("*",)
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: Address
+    protocol: str = "http1"                       # http1 | bolt | tcp
+    route_table: Optional[str] = None             # http1 and bolt: required
+    cluster: Optional[str] = None                 # tcp: required (where bytes go)
+    max_head_bytes: int = 65536                   # HTTP/1 request head limit (431 above)
+    max_headers: int = 100                        # HTTP/1 header count limit (431 above)
+    max_request_body_bytes: int = 0               # 413 above; 0 = unlimited (streamed)
+    max_frame_bytes: int = 16 * 1024 * 1024       # Bolt frame limit (connection closed above)
+    idle_timeout_ms: int = 60000                  # close a downstream connection idle this long
+    request_head_timeout_ms: int = 10000          # a started request head must complete in this
+    high_water_bytes: int = 262144                # pause the other side above this many queued
+    low_water_bytes: int = 65536                  # ... and resume below this
+    max_in_flight: int = 10000                    # Bolt requests in flight per connection (busy)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    endpoints: tuple[Address, ...]
+    lb_policy: str = "round_robin"                # round_robin | random | least_request
+    connect_timeout_ms: int = 5000
+    dns_refresh_ms: int = 30000                   # re-resolve hostnames this often
+    max_idle_per_endpoint: int = 64               # HTTP/1 idle pooled connections kept
+    idle_timeout_ms: int = 60000                  # close a pooled upstream connection idle this long
+    connections_per_endpoint: int = 1             # Bolt: multiplexed connections per endpoint
+    heartbeat_interval_ms: int = 15000            # Bolt: heartbeat an idle upstream this often
+    heartbeat_max_missed: int = 3                 # Bolt: close the upstream after this many misses
+
+
+@dataclass(frozen=True)
+class Admin:
+    address: Address
+
+
+@dataclass(frozen=True)
+class Config:
+    admin: Optional[Admin]                        # None: no admin API (`admin: null`)
+    listeners: tuple[Listener, ...]
+    route_tables: dict = field(default_factory=dict)   # name -> RouteTable
+    clusters: dict = field(default_factory=dict)       # name -> Cluster
+    workers: int = 1                              # worker processes; "auto" = CPU count
+    drain_timeout_ms: int = 30000                 # graceful drain limit (SIGTERM, upgrade)
+    source: str = "<string>"                      # the file it came from, for messages

@@ -1,0 +1,108 @@
+"""Compile the typed config model into the data world's objects: route tables and clusters.
+
+A snapshot is immutable once built. Applying a new config builds a new snapshot; clusters
+whose settings are unchanged are carried over (their connection pools and counters live on),
+everything else is new. Listeners pick up the new route tables for their next request.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fastmesh._core import router as _router
+from fastmesh._core.router import HeaderMatcher, Route, RouteTable, VirtualHost
+from fastmesh._core.upstream import Cluster
+from fastmesh.config import model
+
+# MatchKind / ActionKind values of router.pxd
+M_ANY, M_EXACT, M_PREFIX, M_REGEX, M_ABSENT = 0, 1, 2, 3, 4
+A_CLUSTER, A_WEIGHTED, A_DIRECT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: model.Config
+    route_tables: dict        # name -> RouteTable
+    clusters: dict            # name -> Cluster (Cython)
+    version: int
+
+
+def _header_matcher(m: model.HeaderMatch) -> HeaderMatcher:
+    name = m.name.encode()
+    if m.exact is not None:
+        return HeaderMatcher(name, M_EXACT, m.exact.encode())
+    if m.prefix is not None:
+        return HeaderMatcher(name, M_PREFIX, m.prefix.encode())
+    if m.regex is not None:
+        return HeaderMatcher(name, M_REGEX, None, re.compile(m.regex.encode()))
+    return HeaderMatcher(name, M_ANY if m.present else M_ABSENT)
+
+
+def _route(r: model.Route, name: str, clusters: dict) -> Route:
+    mt = r.match
+    if mt.path is not None:
+        path_kind, path, rx = M_EXACT, mt.path.encode(), None
+    elif mt.prefix is not None:
+        path_kind, path, rx = M_PREFIX, mt.prefix.encode(), None
+    elif mt.regex is not None:
+        path_kind, path, rx = M_REGEX, None, re.compile(mt.regex.encode())
+    else:
+        path_kind, path, rx = M_ANY, None, None
+    headers = tuple(_header_matcher(h) for h in mt.headers)
+    weighted, weights, cluster = (), (), None
+    status, body = 0, b""
+    if r.direct_response is not None:
+        action = A_DIRECT
+        status, body = r.direct_response.status, r.direct_response.body.encode()
+    elif r.weighted_clusters:
+        action = A_WEIGHTED
+        weighted = tuple(clusters[w.cluster] for w in r.weighted_clusters)
+        weights = tuple(w.weight for w in r.weighted_clusters)
+    else:
+        action = A_CLUSTER
+        cluster = clusters[r.cluster]
+    add = tuple((n.encode(), v.encode()) for n, v in r.request_headers_to_add)
+    remove = tuple(n.encode() for n in r.request_headers_to_remove)
+    return Route(name, path_kind, path, rx, headers, action, cluster, weighted, weights,
+                 status, body, r.timeout_ms, add, remove)
+
+
+def compile_route_table(t: model.RouteTable, clusters: dict) -> RouteTable:
+    vhosts, domains = [], []
+    for vh in t.virtual_hosts:
+        routes = tuple(_route(r, f"{vh.name}/{i}", clusters) for i, r in enumerate(vh.routes))
+        v = VirtualHost(vh.name, routes)
+        vhosts.append(v)
+        domains.extend((d.encode(), v) for d in vh.domains)
+    return RouteTable(t.name, tuple(vhosts), domains)
+
+
+def _cluster_settings(c: model.Cluster) -> tuple:
+    return (c.lb_policy, c.connect_timeout_ms, c.max_idle_per_endpoint, c.idle_timeout_ms,
+            c.connections_per_endpoint, c.heartbeat_interval_ms, c.heartbeat_max_missed)
+
+
+def new_cluster(c: model.Cluster) -> Cluster:
+    return Cluster(c.name, lb_policy=c.lb_policy, connect_timeout_ms=c.connect_timeout_ms,
+                   max_idle_per_endpoint=c.max_idle_per_endpoint,
+                   idle_timeout_ms=c.idle_timeout_ms,
+                   connections_per_endpoint=c.connections_per_endpoint,
+                   heartbeat_interval_ms=c.heartbeat_interval_ms,
+                   heartbeat_max_missed=c.heartbeat_max_missed)
+
+
+def build(cfg: model.Config, previous: Snapshot | None = None) -> Snapshot:
+    """Build a snapshot; reuse the previous snapshot's Cluster objects whose settings and
+    endpoint list are unchanged."""
+    clusters = {}
+    for name, c in cfg.clusters.items():
+        old = previous.clusters.get(name) if previous else None
+        old_cfg = previous.config.clusters.get(name) if previous else None
+        if (old is not None and old_cfg is not None
+                and _cluster_settings(old_cfg) == _cluster_settings(c)):
+            clusters[name] = old
+        else:
+            clusters[name] = new_cluster(c)
+    tables = {name: compile_route_table(t, clusters) for name, t in cfg.route_tables.items()}
+    version = previous.version + 1 if previous else 1
+    return Snapshot(cfg, tables, clusters, version)
