@@ -52,7 +52,8 @@ cdef class RecvBuffer:
         if self.start == self.end:
             self._reset_if_free()
 
-    cdef Slice take_slice(self, Py_ssize_t n)   # view of the next n unread bytes, consumed
+    cdef object take_slice(self, Py_ssize_t n)  # memoryview of the next n unread bytes, consumed
+                                                # (over a Slice: keeps the Block alive)
     cdef bytes take_bytes(self, Py_ssize_t n)   # copy of the next n unread bytes, consumed
 
     # -- receiving (the loop writes into the free tail) --

@@ -1,6 +1,7 @@
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport Py_REFCNT
+from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memmove
 
@@ -70,10 +71,11 @@ cdef class RecvBuffer:
 
     # ------------------------------------------------------------------ framing
 
-    cdef Slice take_slice(self, Py_ssize_t n):
-        cdef Slice s = Slice.new(self.block, self.start, n)
+    cdef object take_slice(self, Py_ssize_t n):
+        # A memoryview (asyncio's transports accept only bytes-like builtins) of a Slice.
+        cdef object view = PyMemoryView_FromObject(Slice.new(self.block, self.start, n))
         self.consume(n)
-        return s
+        return view
 
     cdef bytes take_bytes(self, Py_ssize_t n):
         cdef bytes b = PyBytes_FromStringAndSize(self.block.data + self.start, n)
@@ -87,10 +89,16 @@ cdef class RecvBuffer:
 
     cdef void _reset_if_free(self):
         # Everything read was consumed: start over at offset 0, on a Block nobody else holds.
+        if self.exports:
+            # The loop still holds its read buffer (uvloop releases it only after
+            # buffer_updated returns), so the Block can't be swapped. Rewind only if no Slice
+            # references it: else the next read would overwrite a pending write's bytes.
+            if Py_REFCNT(self.block) == 1:
+                self.start = 0
+                self.end = 0
+            return
         self.start = 0
         self.end = 0
-        if self.exports:
-            return                  # the loop is inside its read; it ends right after
         if Py_REFCNT(self.block) > 1 or self.block.capacity > self.initial_bytes:
             # A pending write still references this memory, or it grew for a big message:
             # leave it to its holders and start a fresh, small one when next needed.
@@ -174,7 +182,7 @@ cdef class RecvBuffer:
         return n
 
     def py_take(self, Py_ssize_t n, bint as_slice=False):
-        if n > self.end - self.start:
+        if n < 0 or n > self.end - self.start:
             raise ValueError("take past the unread bytes")
         if as_slice:
             return self.take_slice(n)

@@ -116,7 +116,8 @@ cdef enum ChunkState:
     CH_DATA_CR                   # expecting CR after data
     CH_DATA_LF                   # expecting LF after data
     CH_TRAILER_START             # at the start of a trailer line (or the final CRLF)
-    CH_TRAILER                   # inside a trailer field line
+    CH_TRAILER_NAME              # inside a trailer field name, up to its ':'
+    CH_TRAILER                   # inside a trailer field value
     CH_TRAILER_LF                # expecting LF after a trailer line's CR
     CH_FINAL_LF                  # expecting LF of the final empty line
     CH_DONE                      # body complete

@@ -276,9 +276,9 @@ cdef class HeadParser:
         if le - i > 7 and ieq(p + i, b"http://", 7):
             # absolute-form: route and forward the origin-form path; Host must agree
             i += 7
-            while i < le and p[i] != 47 and p[i] != 32:     # to the first '/'
+            while i < le and p[i] != 47 and TARGET[p[i]]:   # to the first '/'
                 i += 1
-            if i >= le or p[i] != 47:
+            if i >= le or p[i] != 47 or i == h.method_len + 8:
                 return <int>self._fail(PARSE_ERROR, b"bad request target")
         h.target_off = <int>i
         h.path_len = -1
@@ -419,6 +419,14 @@ cdef class HeadParser:
                 return <int>self._fail(PARSE_ERROR, b"missing host" if nhost == 0 else b"duplicate host")
             if nhost > 1:
                 return <int>self._fail(PARSE_ERROR, b"duplicate host")
+            if h.target_off != h.method_len + 1:
+                # absolute-form: routing uses Host, so it must name the target's authority
+                a = h.method_len + 8                        # after "METHOD http://"
+                f = &h.fields[h.host_idx] if nhost else NULL
+                if (f is NULL or f.value_len != h.target_off - a
+                        or strncasecmp(<const char *>p + a, <const char *>p + f.value_off,
+                                       f.value_len) != 0):
+                    return <int>self._fail(PARSE_ERROR, b"host does not match request target")
         else:
             if nte and ncl:
                 return <int>self._fail(PARSE_ERROR, b"both content-length and transfer-encoding")
@@ -560,7 +568,7 @@ cdef class ChunkedFramer:
                     return self._error(i, b"bad chunk size")
                 elif c == 13:
                     self.state = CH_SIZE_LF
-                elif c == 59 or c == 32 or c == 9:   # ';' or BWS before it
+                elif c == 59:                        # ';': no BWS (llhttp rejects it too)
                     self.state = CH_EXT
                     self.line_bytes = self.size_digits + 1
                 else:
@@ -595,17 +603,25 @@ cdef class ChunkedFramer:
                 if c == 13:
                     self.state = CH_FINAL_LF
                 elif TCHAR[c]:
-                    self.state = CH_TRAILER
+                    self.state = CH_TRAILER_NAME
                     self.trailer_bytes += 1
                 else:
                     return self._error(i, b"bad trailer")
+            elif st == CH_TRAILER_NAME:
+                self.trailer_bytes += 1
+                if self.trailer_bytes > self.max_trailer_bytes:
+                    return self._error(i, b"trailers too large")
+                if c == 58:                         # ':'
+                    self.state = CH_TRAILER
+                elif not TCHAR[c]:
+                    return self._error(i, b"bad trailer name")
             elif st == CH_TRAILER:
                 self.trailer_bytes += 1
                 if self.trailer_bytes > self.max_trailer_bytes:
                     return self._error(i, b"trailers too large")
                 if c == 13:
                     self.state = CH_TRAILER_LF
-                elif not VCHAR[c] and c != 58:
+                elif not VCHAR[c]:
                     return self._error(i, b"bad trailer")
             elif st == CH_TRAILER_LF:
                 if c != 10:

@@ -14,6 +14,8 @@ Keep-alive and pipelining are honoured. What it answers, by path:
     /early/NNN         answers NNN at once, before reading the request body
     anything else      "hello from NAME\n"
 
+A path may carry a routing prefix before "/_/": "/api/_/echo" is answered as "/echo".
+
 Run one: ``python -m fastmesh.demo.upstream --listen 127.0.0.1:8001 --name web-1``.
 """
 from __future__ import annotations
@@ -73,7 +75,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self):
-        path = self.url.split(b"?", 1)[0].decode("latin-1")
+        path = _command(self.url.split(b"?", 1)[0].decode("latin-1"))
         if path.startswith("/early/") and not self.early_sent:
             self.early_sent = True
             status = int(path.rsplit("/", 1)[1])
@@ -111,7 +113,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     async def _answer(self, req):
         t = self.transport
-        path = req["url"].split("?", 1)[0]
+        path = _command(req["url"].split("?", 1)[0])
         keep = req["keep_alive"]
         conn = b"" if keep else b"connection: close\r\n"
         head_only = req["method"] == "HEAD"
@@ -169,6 +171,10 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.transport.abort()
         else:
             send(200, b"hello from %s\n" % self.name.encode())
+
+
+def _command(path: str) -> str:
+    return "/" + path.split("/_/", 1)[1] if "/_/" in path else path
 
 
 async def start_upstream(host: str, port: int, name: str):

@@ -1,5 +1,6 @@
 """benchmarks.boltload: its echo server and client, as real subprocesses, for one second."""
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -14,7 +15,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks import boltload  # noqa: E402
 
 NODE_DIR = REPO / "tests" / "interop" / "node"
-FRAMES_DIR = Path(__file__).resolve().parents[3] / "shared" / "bolt-frames"
+FRAMES_DIR = Path(os.environ.get("FASTMESH_BOLT_FRAMES")
+                  or Path(__file__).resolve().parents[3] / "shared" / "bolt-frames")
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -1,0 +1,278 @@
+"""Test helpers: real processes on loopback (used by conftest.py fixtures and tests).
+
+- ``free_port()``: a TCP port free on 127.0.0.1 right now.
+- ``start_upstream(name)``: the bundled HTTP upstream (httptools-based) in its own process.
+- ``start_fastmesh(config_dict, loop)``: ``python -m fastmesh run`` on a generated config;
+  waits for the admin API to answer ``/ready``; gives back ports and helpers.
+Every process started here is stopped at teardown (SIGTERM, then SIGKILL after 5 s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+START_TIMEOUT_S = 15
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process; stdout is a pipe (for READY lines), stderr goes to a file so a
+    chatty process can never block on a full pipe."""
+
+    def __init__(self, args, env=None, name="proc"):
+        import tempfile
+        self.name = name
+        self.args = args
+        self.errfile = tempfile.NamedTemporaryFile(prefix="fm-", suffix=".log", delete=False)
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.errfile,
+                                      env=env, start_new_session=True)
+
+    def stop(self, sig=signal.SIGTERM, timeout=5.0) -> int:
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(sig)
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        if self.popen.stdout:
+            self.popen.stdout.close()
+        return self.popen.returncode
+
+    def stderr_text(self) -> str:
+        with open(self.errfile.name, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def output(self) -> str:
+        return self.stderr_text()
+
+
+class Upstream:
+    def __init__(self, proc: Proc, port: int, name: str):
+        self.proc, self.port, self.name = proc, port, name
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class Fastmesh:
+    def __init__(self, proc: Proc, cfg: dict, path: Path):
+        self.proc, self.cfg, self.path = proc, cfg, path
+        self.admin_port = int(cfg["admin"]["address"].rsplit(":", 1)[1])
+        self.ports = {l["name"]: int(l["address"].rsplit(":", 1)[1]) for l in cfg["listeners"]}
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.ports.values()))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.popen.pid
+
+    def url(self, path="/", listener=None) -> str:
+        port = self.ports[listener] if listener else self.port
+        return f"http://127.0.0.1:{port}{path}"
+
+    def admin(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}",
+                                        timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def stats(self) -> dict:
+        status, body = self.admin("/stats")
+        assert status == 200
+        return json.loads(body)
+
+    def listener_stats(self, name=None) -> dict:
+        s = self.stats()["listeners"]
+        return s[name] if name else next(iter(s.values()))
+
+    def cluster_stats(self, name) -> dict:
+        return self.stats()["clusters"][name]
+
+
+def _wait_line(proc: Proc, prefix: bytes, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.popen.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        if not line and proc.popen.poll() is not None:
+            break
+    raise RuntimeError(f"{proc.name} did not start: {proc.output()}")
+
+
+def wait_ready(admin_port: int, proc: Proc, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"fastmesh exited {proc.popen.returncode}: {proc.output()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("fastmesh did not become ready")
+
+
+
+def simple_config(clusters: dict, routes=None, listener_extra=None, route_extra=None) -> dict:
+    """One http1 listener; `clusters` maps name -> [addresses]; default route to the first."""
+    first = next(iter(clusters))
+    if routes is None:
+        routes = [dict({"match": {"prefix": "/"}, "cluster": first}, **(route_extra or {}))]
+    return {
+        "listeners": [dict({"name": "ingress", "protocol": "http1", "route_table": "rt"},
+                           **(listener_extra or {}))],
+        "route_tables": {"rt": {"routes": routes}},
+        "clusters": [{"name": n, "endpoints": eps} for n, eps in clusters.items()],
+    }
+
+
+# --------------------------------------------------------------------- raw HTTP client
+
+class Response:
+    def __init__(self):
+        self.status = None
+        self.headers: list[tuple[str, str]] = []
+        self.body = bytearray()
+        self.complete = False
+        self.informational: list[int] = []
+
+    def header(self, name: str):
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def header_all(self, name: str) -> list:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self):
+        return json.loads(bytes(self.body))
+
+
+class RawClient:
+    """A client on a plain socket; responses parsed by httptools (llhttp), independently of
+    fastmesh's own parser. ``read_response()`` returns the next whole response or raises
+    ConnectionError if the connection ends first (a truncated response is never returned)."""
+
+    def __init__(self, port: int, host="127.0.0.1", timeout=5.0):
+        import httptools
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.eof = False
+        self.done: list[Response] = []
+        self.cur = Response()
+        self.parser = httptools.HttpResponseParser(self)
+
+    # httptools callbacks
+    def on_header(self, name, value):
+        self.cur.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self):
+        self.cur.status = self.parser.get_status_code()
+
+    def on_body(self, body):
+        self.cur.body.extend(body)
+
+    def on_message_complete(self):
+        if self.cur.status is not None and self.cur.status < 200:
+            info = self.cur.informational + [self.cur.status]
+            self.cur = Response()
+            self.cur.informational = info
+            return
+        self.cur.complete = True
+        self.done.append(self.cur)
+        self.cur = Response()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method="GET", path="/", headers=None, body=b"", host="example.local"):
+        hdrs = {"Host": host}
+        if body:
+            hdrs["Content-Length"] = str(len(body))
+        hdrs.update(headers or {})
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+        self.send(head.encode() + b"\r\n" + body)
+
+    def _recv(self) -> bool:
+        if self.eof:
+            return False
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            try:
+                self.parser.feed_data(b"")      # ends a close-delimited body
+            except Exception:
+                pass
+            return False
+        self.parser.feed_data(chunk)
+        return True
+
+    def read_response(self) -> Response:
+        while not self.done:
+            if not self._recv():
+                if self.done:
+                    break
+                raise ConnectionError(f"connection closed mid-response (status "
+                                      f"{self.cur.status}, {len(self.cur.body)} body bytes)")
+        return self.done.pop(0)
+
+    def read_raw_until_close(self, timeout=5.0) -> bytes:
+        """Read raw bytes (no parsing) until the peer closes."""
+        self.sock.settimeout(timeout)
+        out = bytearray()
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        self.eof = True
+        return bytes(out)
+
+    def is_closed(self, timeout=2.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
