@@ -182,6 +182,7 @@ cdef class HeadParser:
         # Find the blank line ending the head, line by line from where the last call
         # stopped; every line must end in CRLF (a bare LF is an error at once).
         cdef Py_ssize_t i = self.scanned, line_start, lf, lines = 0, start = 0
+        cdef Py_ssize_t limit = n if n < self.max_head_bytes else self.max_head_bytes
         cdef const unsigned char *hit
         # skip empty lines before a request line (RFC 9112 2.2), but only a few
         while self.is_request and start + 1 < n and p[start] == 13 and p[start + 1] == 10:
@@ -191,8 +192,9 @@ cdef class HeadParser:
         if i < start:
             i = start
         line_start = i
-        while i < n:
-            hit = <const unsigned char *>memchr(p + i, 10, n - i)
+        # never look past max_head_bytes, so the outcome can't depend on how reads split
+        while i < limit:
+            hit = <const unsigned char *>memchr(p + i, 10, limit - i)
             if hit is NULL:
                 break
             lf = hit - p
@@ -280,6 +282,10 @@ cdef class HeadParser:
                 i += 1
             if i >= le or p[i] != 47 or i == h.method_len + 8:
                 return <int>self._fail(PARSE_ERROR, b"bad request target")
+        elif p[i] != 47 and not (p[i] == 42 and p[i + 1] == 32):
+            # neither origin-form ('/'), absolute-form nor a lone '*': "GET admin" or
+            # "GET https://x/admin" would slip past path routes, the upstream may not agree
+            return <int>self._fail(PARSE_ERROR, b"bad request target")
         h.target_off = <int>i
         h.path_len = -1
         while i < le and TARGET[p[i]]:
@@ -745,7 +751,9 @@ cdef bytes build_request_head(Head h, bytes client_ip, bytes request_id,
                     w_put(&w, b", ", 2)
         w_bytes(&w, client_ip)
         w_put(&w, b"\r\nx-forwarded-proto: http\r\n", 27)
-        if h.request_id_idx < 0 and request_id is not None:
+        # absent, or dropped because Connection named it: the upstream still gets an id
+        if ((h.request_id_idx < 0 or h.fields[h.request_id_idx].drop)
+                and request_id is not None):
             w_put(&w, b"x-request-id: ", 14)
             w_bytes(&w, request_id)
             w_put(&w, b"\r\n", 2)

@@ -1,0 +1,82 @@
+"""The benchmark scenarios: one definition each, from which every proxy's config and the
+load are derived.
+
+kind        load generator                     upstream            figure of merit
+http        wrk (or httpload closed), N conns  HTTP (nginx/bundled) requests/s
+http-open   httpload open-loop at a fixed rate HTTP                p99 / p99.9 latency
+idle        httpload idle: N idle keep-alives  HTTP                RSS of the proxy
+tcp         tcpbulk source, one stream         tcpbulk sink        MB/s
+bolt        boltload client                    boltload echo       calls/s
+
+`mode` is what the proxy is configured as: "http" (an HTTP/1 proxy with one route to the
+upstream), "tcp" (a byte pipe), or "bolt" (fastmesh's Bolt listener; the peers have no Bolt
+support and run as a TCP pipe, which is less work than routing each frame).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str                       # http | http-open | idle | tcp | bolt
+    mode: str                       # http | tcp | bolt  (how the proxies are configured)
+    description: str
+    unit: str                       # of the throughput figure
+    cost_unit: str                  # CPU microseconds per ... (request, call, MB)
+    better: str                     # the headline figure: throughput | p99 | rss
+    resource: str = "small"         # http: what to fetch (small | post | 64k)
+    connections: int = 50
+    close: bool = False             # http: a new connection per request
+    rate: int = 0                   # http-open: requests per second
+    inflight: int = 16              # bolt: requests outstanding per connection
+    payload_bytes: int = 1024       # bolt payload / http POST body
+    extra: dict = field(default_factory=dict)
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario("http1-small", "http", "http",
+             "keep-alive GET, ~20-byte response body, 50 connections",
+             "req/s", "request", "throughput", resource="small", connections=50),
+    Scenario("http1-1k-post", "http", "http",
+             "keep-alive POST of a 1 KiB body, short response, 50 connections",
+             "req/s", "request", "throughput", resource="post", connections=50,
+             payload_bytes=1024),
+    Scenario("http1-64k", "http", "http",
+             "keep-alive GET of a 64 KiB response, 50 connections",
+             "req/s", "request", "throughput", resource="64k", connections=50),
+    Scenario("http1-conn-churn", "http", "http",
+             "GET with `Connection: close`: a new downstream connection per request, "
+             "50 concurrent", "req/s", "request", "throughput", resource="small",
+             connections=50, close=True),
+    Scenario("tcp-bulk", "tcp", "tcp",
+             "one TCP stream pushed through the proxy to a sink as fast as it goes",
+             "MB/s", "MB", "throughput", connections=1),
+    Scenario("bolt-echo", "bolt", "bolt",
+             "Bolt requests with a 1 KiB payload to an echo server, 4 connections x 16 "
+             "in flight (peers: TCP pass-through)", "calls/s", "call", "throughput",
+             connections=4, inflight=16, payload_bytes=1024),
+    Scenario("latency-fixed-rate", "http-open", "http",
+             "open-loop keep-alive GETs at a fixed 2000 req/s, latency from the intended "
+             "send time", "req/s", "request", "p99", resource="small", connections=32,
+             rate=2000),
+    Scenario("idle-conns", "idle", "http",
+             "10,000 idle keep-alive connections, each after one request: proxy RSS",
+             "conns", "conn", "rss", resource="small", connections=10000),
+]}
+
+DEFAULT_ORDER = list(SCENARIOS)
+
+
+def select(names: str | None) -> list[Scenario]:
+    if not names:
+        return [SCENARIOS[n] for n in DEFAULT_ORDER]
+    out = []
+    for n in (x.strip() for x in names.split(",")):
+        if not n:
+            continue
+        if n not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {n!r}; known: {', '.join(SCENARIOS)}")
+        out.append(SCENARIOS[n])
+    return out

@@ -1,0 +1,521 @@
+"""SOFARPC Bolt proxying with multiplexed upstreams.
+
+    client conn (BoltDownstream)                     upstream conn (BoltUpstream), shared
+    ───────────────────────────                      ─────────────────────────────────────
+    frames peeked in the receive buffer  ──route──►  fresh upstream id patched in place,
+    heartbeats answered here                         frame queued; one write per batch
+    responses get the client's id back  ◄──────────  responses matched by id in `inflight`
+
+Every downstream connection routes each request on its own (load balancing per request);
+all of them share a few upstream connections per endpoint (`connections_per_endpoint`).
+Errors the proxy makes are Bolt responses with the client's id: no route 6, busy 4,
+timeout 7, upstream connection lost 0x10. Oneway requests are forwarded, never answered.
+"""
+import asyncio
+import logging
+
+from libc.stdint cimport int64_t, uint32_t
+
+from fastmesh._core cimport debug
+from fastmesh._core.bolt cimport (
+    FrameInfo, frame_peek, frame_set_id, bolt_error_reason, header_lookup,
+    encode_error_response, encode_heartbeat, encode_heartbeat_ack,
+    BOLT_TYPE_RESPONSE, BOLT_TYPE_REQUEST, BOLT_TYPE_ONEWAY, BOLT_CMD_HEARTBEAT,
+    BOLT_CMD_REQUEST, BOLT_CMD_RESPONSE, BOLT_STATUS_SUCCESS,
+    BOLT_STATUS_SERVER_THREADPOOL_BUSY, BOLT_STATUS_NO_PROCESSOR, BOLT_STATUS_TIMEOUT,
+    BOLT_STATUS_CONNECTION_CLOSED,
+)
+from fastmesh._core.buffer cimport RecvBuffer
+from fastmesh._core.clock cimport now_ms
+from fastmesh._core.context cimport ListenerCtx
+from fastmesh._core.router cimport RouteTable, VirtualHost, Route, HeaderMatcher, A_DIRECT
+from fastmesh._core.stats cimport (
+    Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL, LS_RQ_ACTIVE, LS_RSP_2XX, LS_RSP_5XX,
+    LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_UPSTREAM_TIMEOUT,
+    LS_ERR_UPSTREAM_RESET, LS_ERR_BUSY, LS_ERR_BAD_FRAME, LS_HEARTBEATS, LS_RX_BYTES,
+    CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RSP_2XX, CS_RSP_5XX, CS_CX_TOTAL,
+    CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_BOLT_STATUS_OTHER, CS_HEARTBEAT_SENT,
+    CS_HEARTBEAT_MISSED,
+)
+from fastmesh._core.upstream cimport Cluster, Endpoint
+
+from fastmesh._core.stats import Counters as PyCounters
+
+log = logging.getLogger("fastmesh.bolt")
+
+cdef enum UpState:
+    UP_CONNECTING = 0
+    UP_READY = 1
+    UP_CLOSED = 2
+
+cdef int64_t _last_upstream_sweep_ms = 0
+cdef set _live_upstreams = set()        # every BoltUpstream not yet closed (for sweeps)
+
+
+cdef class InFlight:
+    """One forwarded request waiting for its response."""
+    cdef:
+        BoltDownstream ds
+        uint32_t client_id          # the id the client chose; restored on the response
+        int64_t deadline_ms         # 0 = none
+        unsigned char proto, ver1, codec
+
+
+cdef inline void flush(object transport, list out):
+    if len(out) == 1:
+        transport.write(out[0])
+    else:
+        transport.writelines(out)
+    out.clear()
+
+
+# ===================================================================== downstream
+
+cdef class BoltDownstream:
+    cdef:
+        ListenerCtx ctx
+        object transport
+        RecvBuffer rbuf
+        list out                    # frames for the client, written once per batch
+        readonly int inflight       # requests forwarded, not yet answered
+        bint closed
+        bint reading_paused
+        int64_t last_rx_ms
+        unsigned int affinity       # picks the same mux connection index per client
+
+    def __init__(self, ListenerCtx ctx):
+        self.ctx = ctx
+        self.rbuf = RecvBuffer(16384, ctx.max_frame_bytes + 65536)
+        self.out = []
+        debug.count_alloc(debug.LEAK_DOWNSTREAM)
+
+    def __dealloc__(self):
+        debug.count_free(debug.LEAK_DOWNSTREAM)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(self.ctx.high_water_bytes, self.ctx.low_water_bytes)
+        self.ctx.conns.add(self)
+        self.ctx.counters.v[LS_CX_TOTAL] += 1
+        self.ctx.counters.v[LS_CX_ACTIVE] += 1
+        self.affinity = <unsigned int>((id(self) >> 4) & 0xFFFFFFFF)
+        self.last_rx_ms = now_ms()
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        cdef list dirty = []
+        cdef BoltUpstream up
+        self.rbuf.advance(nbytes)
+        self.ctx.counters.v[LS_RX_BYTES] += nbytes
+        self.last_rx_ms = now_ms()
+        try:
+            self._process(dirty)
+        except BaseException:
+            log.exception("listener %s: internal error on a Bolt connection", self.ctx.name)
+            self.transport.abort()
+        for up in dirty:
+            up.flush()
+        if self.out and not self.closed:
+            flush(self.transport, self.out)
+        if self.rbuf.is_full() and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    cdef _process(self, list dirty):
+        cdef FrameInfo fi
+        cdef Py_ssize_t r
+        cdef unsigned char *p
+        while not self.closed and self.rbuf.size():
+            p = <unsigned char *>self.rbuf.head()
+            r = frame_peek(p, self.rbuf.size(), self.ctx.max_frame_bytes, &fi)
+            if r == 0:
+                return
+            if r < 0:
+                self.ctx.counters.v[LS_ERR_BAD_FRAME] += 1
+                log.warning("listener %s: bad Bolt frame from %s: %s; closing the connection",
+                            self.ctx.name, self.transport.get_extra_info("peername"),
+                            bolt_error_reason(<int>r).decode())
+                self.closed = True
+                self.transport.abort()
+                return
+            if fi.cmdcode == BOLT_CMD_HEARTBEAT:
+                if fi.type == BOLT_TYPE_REQUEST:
+                    self.ctx.counters.v[LS_HEARTBEATS] += 1
+                    self.out.append(encode_heartbeat_ack(fi.proto, fi.request_id, fi.codec,
+                                                         fi.ver1 or 1, 0))
+                self.rbuf.consume(r)
+            elif fi.type == BOLT_TYPE_RESPONSE:
+                self.rbuf.consume(r)            # responses from a client: nothing to match
+            else:
+                self._request(p, &fi, r, dirty)
+
+    cdef _request(self, unsigned char *p, FrameInfo *fi, Py_ssize_t flen, list dirty):
+        cdef RouteTable table = self.ctx.route_table
+        cdef Route route = None, r
+        cdef VirtualHost vh
+        cdef HeaderMatcher m
+        cdef bint ok, oneway = fi.type == BOLT_TYPE_ONEWAY
+        cdef Cluster cluster
+        cdef Endpoint ep
+        cdef BoltUpstream up
+        cdef InFlight e
+        cdef uint32_t new_id
+        cdef int timeout_ms
+        self.ctx.counters.v[LS_RQ_TOTAL] += 1
+        if not oneway and self.inflight >= self.ctx.max_in_flight:
+            self.ctx.counters.v[LS_ERR_BUSY] += 1
+            self._reply_error(fi, BOLT_STATUS_SERVER_THREADPOOL_BUSY)
+            self.rbuf.consume(flen)
+            return
+        vh = table.default if table is not None else None
+        if vh is not None:
+            for r in vh.routes:
+                ok = True
+                for m in r.headers:
+                    if not m.matches(header_lookup(p, fi, m.name, len(m.name))):
+                        ok = False
+                        break
+                if ok:
+                    route = r
+                    break
+        if route is None or route.action == A_DIRECT:
+            self.ctx.counters.v[LS_ERR_NO_ROUTE] += 1
+            self._reply_error(fi, BOLT_STATUS_NO_PROCESSOR)
+            self.rbuf.consume(flen)
+            return
+        cluster = route.pick_cluster()
+        ep = cluster.pick()
+        if ep is None:
+            self.ctx.counters.v[LS_ERR_NO_HEALTHY_UPSTREAM] += 1
+            self._reply_error(fi, BOLT_STATUS_NO_PROCESSOR)
+            self.rbuf.consume(flen)
+            return
+        up = _mux_for(self.ctx, cluster, ep, self.affinity)
+        cluster.counters.v[CS_RQ_TOTAL] += 1
+        new_id = up.next_id()
+        frame_set_id(p, fi, new_id)
+        if not oneway:
+            e = InFlight.__new__(InFlight)
+            e.ds = self
+            e.client_id = fi.request_id
+            timeout_ms = fi.timeout_ms if fi.timeout_ms > 0 else route.timeout_ms
+            e.deadline_ms = now_ms() + timeout_ms if timeout_ms > 0 else 0
+            e.proto = fi.proto
+            e.ver1 = fi.ver1
+            e.codec = fi.codec
+            up.inflight[new_id] = e
+            self.inflight += 1
+            self.ctx.counters.v[LS_RQ_ACTIVE] += 1
+            cluster.counters.v[CS_RQ_ACTIVE] += 1
+            ep.active_requests += 1
+        up.out.append(self.rbuf.take_slice(flen))
+        if not up.dirty:
+            up.dirty = True
+            dirty.append(up)
+
+    cdef _reply_error(self, FrameInfo *fi, int status):
+        if fi.type == BOLT_TYPE_ONEWAY:
+            return
+        self.ctx.counters.v[LS_RSP_5XX] += 1
+        self.out.append(encode_error_response(fi.proto, fi.request_id, fi.codec, status,
+                                              fi.ver1 or 1, 0))
+
+    cdef void answered(self, InFlight e, object frame, int status):
+        # A response (or a proxy-made error) for one of our requests.
+        self.inflight -= 1
+        self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+        if status == BOLT_STATUS_SUCCESS:
+            self.ctx.counters.v[LS_RSP_2XX] += 1
+        else:
+            self.ctx.counters.v[LS_RSP_5XX] += 1
+        if not self.closed:
+            self.out.append(frame)
+
+    cdef void fail(self, InFlight e, int status, int err_slot):
+        self.ctx.counters.v[err_slot] += 1
+        self.answered(e, encode_error_response(e.proto, e.client_id, e.codec, status,
+                                               e.ver1 or 1, 0), status)
+
+    cdef void flush_out(self):
+        if self.out and not self.closed:
+            flush(self.transport, self.out)
+        self.out.clear()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.ctx.conns.discard(self)
+        self.ctx.counters.v[LS_CX_ACTIVE] -= 1
+        self.out.clear()
+
+    def pause_writing(self):
+        pass                            # responses are bounded by the in-flight limit
+
+    def resume_writing(self):
+        pass
+
+    def abort(self):
+        if not self.closed:
+            self.transport.abort()
+
+    def close_if_idle(self):
+        if self.inflight == 0 and not self.closed:
+            self.transport.close()
+
+    cpdef void on_idle_check(self, int64_t now):
+        if (self.inflight == 0 and not self.closed and self.ctx.idle_timeout_ms > 0
+                and now - self.last_rx_ms >= self.ctx.idle_timeout_ms):
+            self.transport.close()
+
+
+# ======================================================================= upstream
+
+cdef BoltUpstream _mux_for(ListenerCtx ctx, Cluster cluster, Endpoint ep, unsigned int affinity):
+    # The endpoint's multiplexed connections: open one more while under the configured
+    # number, else share the one this client is pinned to.
+    cdef list mux = ep.mux
+    cdef BoltUpstream up
+    if len(mux) < cluster.connections_per_endpoint:
+        up = BoltUpstreamProtocol(ctx.loop, cluster, ep)
+        mux.append(up)
+        up.start_connect()
+        return up
+    return mux[affinity % len(mux)]
+
+
+cdef class BoltUpstream:
+    cdef:
+        object loop
+        Cluster cluster
+        Endpoint ep
+        object transport
+        RecvBuffer rbuf
+        int state                   # UpState
+        uint32_t last_id            # last id given out; wraps at 2^32
+        dict inflight               # upstream id -> InFlight
+        list out                    # frames to send, one write per batch
+        bint dirty                  # queued in a batch's flush list
+        int64_t last_rx_ms
+        uint32_t heartbeat_id       # outstanding heartbeat, 0 = none
+        int64_t heartbeat_sent_ms
+        int missed_heartbeats
+
+    def __init__(self, loop, Cluster cluster, Endpoint ep):
+        self.loop = loop
+        self.cluster = cluster
+        self.ep = ep
+        self.rbuf = RecvBuffer(65536, (16 << 20) + 65536)
+        self.state = UP_CONNECTING
+        self.inflight = {}
+        self.out = []
+        debug.count_alloc(debug.LEAK_UPSTREAM)
+
+    def __dealloc__(self):
+        debug.count_free(debug.LEAK_UPSTREAM)
+
+    cdef uint32_t next_id(self):
+        self.last_id += 1                       # uint32_t: wraps to 0
+        while self.last_id == 0 or self.last_id in self.inflight:
+            self.last_id += 1
+        return self.last_id
+
+    cdef start_connect(self):
+        _live_upstreams.add(self)
+        self.cluster.counters.v[CS_CX_TOTAL] += 1
+        task = asyncio.ensure_future(
+            self.loop.create_connection(lambda: self, self.ep.host, self.ep.port),
+            loop=self.loop)
+        task.add_done_callback(self._on_connected)
+
+    def _on_connected(self, task):
+        if task.cancelled() or task.exception() is not None:
+            self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            if not task.cancelled():
+                log.warning("cluster %s: connect to %s:%s failed: %s", self.cluster.name,
+                            self.ep.host, self.ep.port, task.exception())
+            self._closed(LS_ERR_UPSTREAM_RESET)
+
+    cdef void flush(self):
+        self.dirty = False
+        if self.state == UP_READY and self.out:
+            flush(self.transport, self.out)
+
+    # -- loop callbacks --
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(1 << 20, 256 << 10)
+        self.state = UP_READY
+        self.last_rx_ms = now_ms()
+        self.cluster.counters.v[CS_CX_ACTIVE] += 1
+        if self.out:
+            flush(transport, self.out)
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        cdef list dirty = []
+        cdef BoltDownstream ds
+        self.rbuf.advance(nbytes)
+        self.last_rx_ms = now_ms()
+        try:
+            self._process(dirty)
+        except BaseException:
+            log.exception("cluster %s: internal error on a Bolt upstream", self.cluster.name)
+            self.transport.abort()
+        for ds in dirty:
+            ds.flush_out()
+
+    cdef _process(self, list dirty):
+        cdef FrameInfo fi
+        cdef Py_ssize_t r
+        cdef unsigned char *p
+        cdef InFlight e
+        cdef BoltDownstream ds
+        while self.rbuf.size():
+            p = <unsigned char *>self.rbuf.head()
+            r = frame_peek(p, self.rbuf.size(), 16 << 20, &fi)
+            if r == 0:
+                return
+            if r < 0:
+                log.warning("cluster %s: bad Bolt frame from %s:%s: %s; closing", self.cluster.name,
+                            self.ep.host, self.ep.port, bolt_error_reason(<int>r).decode())
+                self.transport.abort()
+                return
+            if fi.type != BOLT_TYPE_RESPONSE:
+                if fi.cmdcode == BOLT_CMD_HEARTBEAT:
+                    # the server checks on us: answer
+                    self.out.append(encode_heartbeat_ack(fi.proto, fi.request_id, fi.codec,
+                                                         fi.ver1 or 1, 0))
+                    self.rbuf.consume(r)
+                    self.flush()
+                    continue
+                self.rbuf.consume(r)         # requests from a server: not supported, dropped
+                continue
+            if fi.cmdcode == BOLT_CMD_HEARTBEAT and fi.request_id == self.heartbeat_id:
+                self.heartbeat_id = 0
+                self.missed_heartbeats = 0
+                self.rbuf.consume(r)
+                continue
+            e = self.inflight.pop(fi.request_id, None)
+            if e is None:
+                self.rbuf.consume(r)         # late (timed out) or unknown: dropped
+                continue
+            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            if fi.status == BOLT_STATUS_SUCCESS:
+                self.cluster.counters.v[CS_RSP_2XX] += 1
+            else:
+                self.cluster.counters.v[CS_BOLT_STATUS_OTHER] += 1
+            frame_set_id(p, &fi, e.client_id)
+            ds = e.ds
+            ds.answered(e, self.rbuf.take_slice(r), fi.status)
+            if not ds.closed and len(ds.out) == 1:
+                dirty.append(ds)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self._closed(LS_ERR_UPSTREAM_RESET)
+
+    cdef void _closed(self, int err_slot):
+        # Fail everything in flight on this connection with 0x10, with the clients' ids.
+        cdef InFlight e
+        cdef list dirty = []
+        cdef BoltDownstream ds
+        if self.state == UP_READY:
+            self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        self.state = UP_CLOSED
+        _live_upstreams.discard(self)
+        try:
+            self.ep.mux.remove(self)
+        except ValueError:
+            pass
+        entries = list(self.inflight.values())
+        self.inflight.clear()
+        self.out.clear()
+        for e in entries:
+            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            e.ds.fail(e, BOLT_STATUS_CONNECTION_CLOSED, err_slot)
+            if e.ds not in dirty:
+                dirty.append(e.ds)
+        for ds in dirty:
+            ds.flush_out()
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+    cpdef void sweep(self, int64_t now):
+        # Timeouts of in-flight requests, and heartbeats on an idle connection.
+        cdef InFlight e
+        cdef list dirty = []
+        cdef BoltDownstream ds
+        cdef uint32_t k
+        expired = [k for k, e in self.inflight.items() if e.deadline_ms and e.deadline_ms <= now]
+        for k in expired:
+            e = self.inflight.pop(k)
+            self.cluster.counters.v[CS_RQ_TIMEOUT] += 1
+            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            e.ds.fail(e, BOLT_STATUS_TIMEOUT, LS_ERR_UPSTREAM_TIMEOUT)
+            if e.ds not in dirty:
+                dirty.append(e.ds)
+        for ds in dirty:
+            ds.flush_out()
+        if self.state != UP_READY:
+            return
+        if self.heartbeat_id:
+            if now - self.heartbeat_sent_ms >= self.cluster.heartbeat_interval_ms:
+                self.cluster.counters.v[CS_HEARTBEAT_MISSED] += 1
+                self.missed_heartbeats += 1
+                self.heartbeat_id = 0
+                if self.missed_heartbeats >= self.cluster.heartbeat_max_missed:
+                    log.warning("cluster %s: %s:%s missed %d heartbeats; closing",
+                                self.cluster.name, self.ep.host, self.ep.port,
+                                self.missed_heartbeats)
+                    self.transport.abort()
+                    return
+        if (not self.heartbeat_id
+                and now - self.last_rx_ms >= self.cluster.heartbeat_interval_ms):
+            self.heartbeat_id = self.next_id()
+            self.heartbeat_sent_ms = now
+            self.last_rx_ms = now                # next one after another interval
+            self.cluster.counters.v[CS_HEARTBEAT_SENT] += 1
+            self.out.append(encode_heartbeat(1, self.heartbeat_id))
+            self.flush()
+
+    @property
+    def in_flight(self):
+        return len(self.inflight)
+
+
+class BoltDownstreamProtocol(BoltDownstream, asyncio.BufferedProtocol):
+    """A client connection on a bolt listener."""
+
+
+class BoltUpstreamProtocol(BoltUpstream, asyncio.BufferedProtocol):
+    """A multiplexed connection to one Bolt endpoint."""
+
+
+def sweep_downstreams(ListenerCtx ctx, int64_t now):
+    """Per-tick work for a bolt listener: idle clients, and (once per tick for all
+    listeners) request timeouts and heartbeats of the upstream connections."""
+    global _last_upstream_sweep_ms
+    cdef BoltDownstream ds
+    cdef BoltUpstream up
+    for ds in list(ctx.conns):
+        ds.on_idle_check(now)
+    if now != _last_upstream_sweep_ms:
+        _last_upstream_sweep_ms = now
+        for up in list(_live_upstreams):
+            up.sweep(now)
