@@ -205,3 +205,27 @@ def http_probe(port: int, path: str = "/", timeout_s: float = 10.0,
         time.sleep(0.1)
     hint = proc._stderr_hint() if proc is not None else ""
     raise ProcError(f"GET {path} on port {port}: {last}{hint}")
+
+
+def run_once(name: str, argv: list[str], cpu: int | None, timeout_s: float, log_dir: Path,
+             env: dict | None = None, cwd: str | None = None) -> tuple[int, str, str]:
+    """Run a program to its end (pinned, own process group); (exit code, stdout, stderr tail).
+    On timeout the whole group is killed and ProcError raised."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    log_path = Path(log_dir) / f"{safe}.log"
+    with open(log_path, "wb") as log:
+        p = subprocess.Popen(pinned(argv, cpu), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=log, env=env, cwd=cwd, start_new_session=True,
+                             preexec_fn=_pin_self(cpu))
+        try:
+            out, _ = p.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise ProcError(f"{name}: still running after {timeout_s:g} s: killed") from None
+        finally:
+            if p.poll() is None:
+                _signal_group(p.pid, signal.SIGKILL)
+                p.wait()
+    err = log_path.read_bytes()[-1500:].decode(errors="replace").strip()
+    return p.returncode, out.decode(errors="replace"), err

@@ -54,6 +54,8 @@ cdef class HttpDownstream:
         bint reading_paused         # what we last told the transport
         bint write_paused           # client's write buffer above high water
         bint in_process             # inside the head loop (no re-entry)
+        list out                    # bytes for the client, written once per event (_flush)
+        bint closing_flush          # _close() flushes before closing
         # the request in progress
         Head req
         Route route
@@ -93,6 +95,7 @@ cdef class HttpDownstream:
     cdef void _local_response(self, int status, bytes reason, bytes body, int err_slot)
     cdef void _fail_and_linger(self, int status, bytes reason, int err_slot)
     cdef _linger(self)
+    cdef void _flush(self)
     cdef void _close(self)
     cdef void _abort(self)
     cdef void _set_deadline(self, int kind, int64_t timeout_ms)

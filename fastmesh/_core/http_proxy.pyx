@@ -57,6 +57,7 @@ cdef class HttpDownstream:
         self.parser = HeadParser(True, ctx.max_head_bytes, ctx.max_headers)
         self.chunker = ChunkedFramer()
         self.state = DS_HEAD
+        self.out = []
         debug.count_alloc(debug.LEAK_DOWNSTREAM)
 
     def __dealloc__(self):
@@ -82,6 +83,7 @@ cdef class HttpDownstream:
         self.ctx.counters.v[LS_RX_BYTES] += nbytes
         try:
             self._process()
+            self._flush()
             self._update_reading()
         except BaseException as exc:
             log.exception("listener %s: internal error on a client connection", self.ctx.name)
@@ -217,7 +219,8 @@ cdef class HttpDownstream:
         self.cluster = cluster
         self.ep = ep
         if h.expect_continue and not self.req_done:
-            self.transport.write(CONTINUE_100)
+            self.out.append(CONTINUE_100)
+            self._flush()
             self.sent_continue = True
         self._acquire_upstream()
 
@@ -253,6 +256,7 @@ cdef class HttpDownstream:
                             self.ep.host, self.ep.port, exc)
                 self._local_response(503, b"connect_failed", b"upstream connect failed\n",
                                      LS_ERR_CONNECT_FAILED)
+                self._flush()
                 self._update_reading()
             return
         up = task.result()
@@ -262,6 +266,7 @@ cdef class HttpDownstream:
                 up._begin(self, False)
                 self._bind(up)
                 self._process()
+                self._flush()
                 self._update_reading()
             except BaseException:
                 log.exception("internal error binding an upstream connection")
@@ -397,10 +402,10 @@ cdef class HttpDownstream:
         if self.deadline_kind == DL_RESPONSE:
             self.deadline_ms = 0
             self.deadline_kind = DL_NONE
-        self.transport.write(head)
+        self.out.append(head)
 
     cdef void _on_response_body(self, list pieces):
-        write_pieces(self.transport, pieces)
+        self.out.extend(pieces)
 
     cdef void _on_response_complete(self):
         self.up = None
@@ -447,7 +452,7 @@ cdef class HttpDownstream:
         self.resp_started = True
         self.deadline_ms = 0
         self.deadline_kind = DL_NONE
-        self.transport.write(error_response(status, reason, body, self.close_after))
+        self.out.append(error_response(status, reason, body, self.close_after))
         if self.close_after and not self.req_done:
             self._linger()
             return
@@ -460,7 +465,7 @@ cdef class HttpDownstream:
         self.ctx.counters.v[err_slot] += 1
         self._count_response(status)
         self.resp_started = True
-        self.transport.write(error_response(status, reason, b"", True))
+        self.out.append(error_response(status, reason, b"", True))
         self._linger()
 
     cdef _linger(self):
@@ -471,6 +476,7 @@ cdef class HttpDownstream:
         if self.rbuf.size():
             self.rbuf.consume(self.rbuf.size())
         self._set_deadline(DL_LINGER, LINGER_MS)
+        self._flush()
         try:
             if self.transport.can_write_eof():
                 self.transport.write_eof()
@@ -479,8 +485,21 @@ cdef class HttpDownstream:
         except (OSError, RuntimeError):
             self.transport.close()
 
+    cdef void _flush(self):
+        # Everything for the client goes through self.out: one write per event, in order.
+        cdef list out = self.out
+        if out:
+            if self.state != DS_CLOSED or self.closing_flush:
+                if len(out) == 1:
+                    self.transport.write(out[0])
+                else:
+                    self.transport.writelines(out)
+            out.clear()
+
     cdef void _close(self):
         if self.state != DS_CLOSED:
+            self.closing_flush = True
+            self._flush()
             self.state = DS_CLOSED
             self.deadline_ms = 0
             self.transport.close()
@@ -493,6 +512,7 @@ cdef class HttpDownstream:
             up._close()
         self.state = DS_CLOSED
         self.deadline_ms = 0
+        self.out.clear()
         if self.transport is not None:
             self.transport.abort()
 
@@ -553,6 +573,7 @@ cdef class HttpDownstream:
                                  LS_ERR_UPSTREAM_TIMEOUT)
         elif kind == DL_LINGER:
             self._abort()
+        self._flush()
         self._update_reading()
 
     # -- control world --
@@ -608,6 +629,7 @@ cdef class HttpUpstream:
         return self.rbuf.get_buffer(sizehint)
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        cdef HttpDownstream ds
         self.rbuf.advance(nbytes)
         try:
             if self.state != US_ACTIVE or self.ds is None:
@@ -615,7 +637,9 @@ cdef class HttpUpstream:
                 self._close()
                 return
             self.got_bytes = True
+            ds = self.ds
             self._process()
+            ds._flush()
         except BaseException:
             log.exception("cluster %s: internal error on an upstream connection",
                           self.cluster.name)
@@ -652,6 +676,7 @@ cdef class HttpUpstream:
             else:
                 ds._on_upstream_lost(True, self.reused and not self.got_bytes,
                                      LS_ERR_UPSTREAM_RESET)
+            ds._flush()
         except BaseException:
             log.exception("internal error after an upstream connection closed")
             ds._abort()

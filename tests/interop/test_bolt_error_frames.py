@@ -20,7 +20,7 @@ from bolt_peers import NODE_DIR, NodeServer, client_command, requires_node  # no
 
 pytestmark = [requires_node, pytest.mark.timeout(120)]
 
-FRAMES_DIR = Path(__file__).resolve().parents[3] / "shared" / "bolt-frames"
+FRAMES_DIR = Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
 SERVICE = b"com.example.EchoService:1.0"
 NODE_EMPTY_ERROR = "Server exception when invoke with callback"   # sofa-bolt-node, no body
 CLIENT_TIMEOUT_MS = 3000

@@ -14,7 +14,7 @@ def _frames_dir() -> Path:
     env = os.environ.get("FASTMESH_BOLT_FRAMES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "bolt-frames"
+    return Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
 
 
 FRAMES_DIR = _frames_dir()

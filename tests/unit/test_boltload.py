@@ -16,7 +16,7 @@ from benchmarks import boltload  # noqa: E402
 
 NODE_DIR = REPO / "tests" / "interop" / "node"
 FRAMES_DIR = Path(os.environ.get("FASTMESH_BOLT_FRAMES")
-                  or Path(__file__).resolve().parents[3] / "shared" / "bolt-frames")
+                  or Path(__file__).resolve().parents[1] / "data" / "bolt-frames")
 
 pytestmark = pytest.mark.timeout(90)
 

