@@ -7,6 +7,7 @@ Endpoints are registered in a table, ``(method, path) -> handler``, so new ones 
     GET  /listeners     JSON listener states and bound addresses
     GET  /clusters      JSON endpoints per cluster (address, active requests, idle pooled)
     GET  /config_dump   JSON of the running config
+    POST /reload        re-read the config file and apply it (400 with every error if invalid)
     GET  /              this list
 
 Each request gets one response and the connection closes (admin traffic is rare).
@@ -126,16 +127,22 @@ class AdminServer:
         return 503, "text/plain", b"not ready\n"
 
     async def _stats(self, body: bytes):
-        return json_body(self.state.stats())
+        return json_body(await _maybe_await(self.state.stats()))
 
     async def _listeners(self, body: bytes):
-        return json_body(self.state.listeners_info())
+        return json_body(await _maybe_await(self.state.listeners_info()))
 
     async def _clusters(self, body: bytes):
-        return json_body(self.state.clusters_info())
+        return json_body(await _maybe_await(self.state.clusters_info()))
 
     async def _config_dump(self, body: bytes):
-        return json_body(self.state.config_dump())
+        return json_body(await _maybe_await(self.state.config_dump()))
+
+
+async def _maybe_await(value):
+    if asyncio.iscoroutine(value):
+        return await value
+    return value
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",

@@ -43,8 +43,11 @@ def cmd_run(args) -> int:
         for line in err.errors:
             logging.getLogger("fastmesh").error("config: %s", line)
         return 1
-    from fastmesh.server.worker import serve
-    return serve(cfg, loop_kind=args.loop)
+    from fastmesh.server.supervisor import default_upgrade_path, serve
+    upgrade_path = args.upgrade_socket or default_upgrade_path(args.config)
+    argv = [sys.executable, "-m", "fastmesh"] + (sys.argv[1:] if args.argv is None else args.argv)
+    return serve(cfg, config_path=args.config, loop_kind=args.loop, workers=args.workers,
+                 upgrade_path=upgrade_path, log_level=args.log_level, argv=argv)
 
 
 def cmd_demo(args) -> int:
@@ -53,26 +56,19 @@ def cmd_demo(args) -> int:
     import yaml
     from fastmesh.config.load import load_dict
     from fastmesh.demo.upstream import start_upstream
-    from fastmesh.server.worker import Server, install_loop
+    from fastmesh.server.supervisor import serve
 
     text = importlib.resources.files("fastmesh.demo").joinpath("demo.yaml").read_text()
     data = yaml.safe_load(text)
     data["listeners"][0]["address"] = f"127.0.0.1:{args.port}"
     data["admin"]["address"] = f"127.0.0.1:{args.admin_port}"
     cfg = load_dict(data, source="fastmesh/demo/demo.yaml")
-    install_loop(args.loop)
+    upstreams = []
 
-    async def main() -> int:
-        import signal
-        loop = asyncio.get_running_loop()
-        upstreams = []
+    async def start_upstreams():
         for name, c in cfg.clusters.items():
             for i, ep in enumerate(c.endpoints):
                 upstreams.append(await start_upstream(ep.host, ep.port, f"{name}-{i + 1}"))
-        server = Server(cfg, loop)
-        await server.start()
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(server.drain_and_stop()))
-        loop.add_signal_handler(signal.SIGINT, server.stop_now)
         p, a = args.port, args.admin_port
         print(f"""
 fastmesh {__version__} demo: proxy on 127.0.0.1:{p}, admin on 127.0.0.1:{a}
@@ -86,12 +82,9 @@ try:
   curl -s http://127.0.0.1:{a}/stats                  # counters
 Ctrl-C stops.
 """, flush=True)
-        await server.wait_stopped()
-        for u in upstreams:
-            u.close()
-        return 0
 
-    return asyncio.run(main())
+    return serve(cfg, loop_kind=args.loop, log_level=args.log_level, upgrade_path=None,
+                 before_start=start_upstreams)
 
 
 def main(argv=None) -> int:
@@ -107,6 +100,12 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("run", help="run with a config file, in the foreground")
     p.add_argument("-c", "--config", required=True)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: the config's `workers`, else 1)")
+    p.add_argument("--upgrade-socket", default=None,
+                   help="unix socket path for hot restart (default derived from the config "
+                        "path); a second `fastmesh run` with the same path takes over")
+    p.set_defaults(argv=None)
     common(p)
     p.set_defaults(func=cmd_run)
 

@@ -80,7 +80,7 @@ class Listener:
         else:
             self.ctx.tcp_cluster = snap.clusters[self.cfg.cluster]
 
-    def _protocol_factory(self):
+    def protocol_factory(self):
         ctx = self.ctx
         if self.cfg.protocol == "http1":
             return lambda: http_proxy.HttpDownstreamProtocol(ctx)
@@ -115,7 +115,7 @@ class Listener:
         dup = self.sock.dup()
         try:
             self.server = await self.loop.create_server(
-                self._protocol_factory(), sock=dup, backlog=BACKLOG)
+                self.protocol_factory(), sock=dup, backlog=BACKLOG)
         except BaseException:
             dup.close()
             raise
@@ -132,12 +132,25 @@ class Listener:
             log.info("listener %s: stopped accepting", self.name)
 
     def begin_drain(self) -> None:
-        """Ask connections to finish: HTTP/1 closes after the current response, idle ones now."""
+        """Ask connections to finish: each HTTP/1 response from now on carries
+        `Connection: close`; connections idle past the drain grace are closed by the sweep."""
         self.ctx.draining = True
+
+    def close_idle_for(self, now_ms: int, idle_ms: int) -> None:
         for conn in list(self.ctx.conns):
-            close_idle = getattr(conn, "close_if_idle", None)
-            if close_idle is not None:
-                close_idle()
+            conn.close_if_idle_for(now_ms, idle_ms)
+
+    def update(self, cfg: model.Listener) -> None:
+        """Same name and address, other settings changed: new limits apply to new requests
+        (buffer caps to new connections)."""
+        self.cfg = cfg
+        c = self.ctx
+        c.max_head_bytes, c.max_headers = cfg.max_head_bytes, cfg.max_headers
+        c.max_request_body_bytes = cfg.max_request_body_bytes
+        c.max_frame_bytes, c.idle_timeout_ms = cfg.max_frame_bytes, cfg.idle_timeout_ms
+        c.request_head_timeout_ms = cfg.request_head_timeout_ms
+        c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
+        c.max_in_flight = cfg.max_in_flight
 
     @property
     def active_connections(self) -> int:

@@ -97,6 +97,9 @@ class Fastmesh:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def worker_pids(self) -> list:
+        return self.stats()["server"]["worker_pids"]
+
     def stats(self) -> dict:
         status, body = self.admin("/stats")
         assert status == 200

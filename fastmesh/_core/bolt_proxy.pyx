@@ -13,6 +13,7 @@ timeout 7, upstream connection lost 0x10. Oneway requests are forwarded, never a
 """
 import asyncio
 import logging
+import os
 
 from libc.stdint cimport int64_t, uint32_t
 
@@ -265,6 +266,41 @@ cdef class BoltDownstream:
     def close_if_idle(self):
         if self.inflight == 0 and not self.closed:
             self.transport.close()
+
+    def close_if_idle_for(self, int64_t now, int64_t idle_ms):
+        # Drain: a client with nothing in flight and quiet for idle_ms is closed.
+        if self.inflight == 0 and not self.closed and now - self.last_rx_ms >= idle_ms:
+            self.closed = True
+            self.transport.close()
+
+    # -- hot restart: connection migration --
+
+    def detach_for_migration(self):
+        """If nothing is in flight or queued, give up this connection without closing the
+        TCP connection: returns (dup'd fd, unread bytes) for the new generation, else None."""
+        if (self.closed or self.inflight or self.out
+                or self.transport.get_write_buffer_size()):
+            return None
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        fd = os.dup(sock.fileno())
+        data = self.rbuf.py_peek()
+        self.closed = True
+        self.transport.pause_reading()
+        self.transport.abort()              # closes our descriptor only: no FIN, no RST
+        return fd, data
+
+    def adopt_bytes(self, data):
+        """Continue a migrated connection: bytes the old generation had read but not used."""
+        cdef list dirty = []
+        cdef BoltUpstream up
+        self.rbuf.py_feed(data)
+        self._process(dirty)
+        for up in dirty:
+            up.flush()
+        if self.out and not self.closed:
+            flush(self.transport, self.out)
 
     cpdef void on_idle_check(self, int64_t now):
         if (self.inflight == 0 and not self.closed and self.ctx.idle_timeout_ms > 0

@@ -577,9 +577,11 @@ cdef class HttpDownstream:
         self._update_reading()
 
     # -- control world --
-    def close_if_idle(self):
-        """Drain: close now if between requests; otherwise the response closes it."""
-        if self.state == DS_HEAD and self.rbuf.size() == 0:
+    def close_if_idle_for(self, int64_t now, int64_t idle_ms):
+        """Drain: close if between requests and idle at least idle_ms (a busy connection
+        is closed by the `Connection: close` on its next response instead)."""
+        if (self.state == DS_HEAD and self.rbuf.size() == 0 and self.deadline_kind == DL_IDLE
+                and self.deadline_ms - self.ctx.idle_timeout_ms <= now - idle_ms):
             self._close()
 
     def abort(self):

@@ -171,6 +171,9 @@ cdef class TcpPipe:
         if self.peer is not None:
             self.peer._set_reading(True)
 
+    def close_if_idle_for(self, int64_t now, int64_t idle_ms):
+        pass                    # raw streams have no request boundary: migrated or drained
+
     def abort(self):
         if self.transport is not None and not self.closed:
             self.transport.abort()

@@ -1,192 +1,174 @@
-"""One fastmesh server process: listeners, clusters, admin, timers, signals.
+"""A worker process: one event loop running a DataPlane, driven by its supervisor over a
+SEQPACKET socket pair (fastmesh.server.ipc).
 
-With ``workers: 1`` (the default) this process is both the control world and the only data
-worker. The event loop is uvloop unless ``loop="asyncio"`` is asked for (tests run both).
+Started by the supervisor as ``python -m fastmesh.server.worker --ctrl-fd N --loop uvloop``.
+Messages it takes (each answered with ``{"t": "reply", "ok": ...}``):
+
+    config    {"config": <config map>, "listeners": [names]} + one listening fd per name
+    stats     -> {"stats": {...}}
+    clusters  -> {"clusters": {...}}
+    drain     {"timeout_ms"}: stop accepting, finish connections, exit
+    handover  {"migrate_path", "timeout_ms"}: stop accepting; hand idle Bolt connections to
+              the new generation through migrate_path; drain the rest; exit
+    adopt     {"listener", "data"} + fd: continue a connection migrated from the old generation
+    stop      exit now
+
+If the supervisor goes away (the link closes), the worker drains and exits.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import signal
-import time
+import socket
+import sys
 
-from fastmesh import __version__, snapshot as snapshot_mod
-from fastmesh._core import http_proxy
-from fastmesh.admin import AdminServer
-from fastmesh.cluster import ClusterResolver
-from fastmesh.config import model
-from fastmesh.config.load import to_dict
-from fastmesh.listener import Listener, ListenerState
+from fastmesh.config.load import load_dict
+from fastmesh.server import ipc
+from fastmesh.server.dataplane import DataPlane
 
-log = logging.getLogger("fastmesh.server")
-
-SWEEP_INTERVAL_S = 0.1          # deadline granularity for timeouts
-POOL_SWEEP_EVERY = 10           # idle upstream sweep every 10 sweeps (1 s)
+log = logging.getLogger("fastmesh.worker")
 
 
-class Server:
-    def __init__(self, cfg: model.Config, loop):
-        self.cfg = cfg
+class Worker:
+    def __init__(self, loop, ctrl_sock: socket.socket, index: int):
         self.loop = loop
-        self.snapshot = None
-        self.listeners: dict[str, Listener] = {}
-        self.resolvers: dict[str, ClusterResolver] = {}
-        self.admin: AdminServer | None = None
-        self.started_at = time.time()
-        self._sweeper: asyncio.Task | None = None
-        self._stopped = asyncio.Event()
-        self._stopping = False
+        self.index = index
+        self.plane = DataPlane(loop)
+        self.ctrl = ipc.Channel(ctrl_sock, loop, self._on_message)
+        self.done = asyncio.Event()
+        self.drain_timeout_ms = 30000
+        self._exiting = False
 
-    # -- start -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.ctrl.start_reading()
 
-    async def start(self) -> None:
-        self.snapshot = snapshot_mod.build(self.cfg)
-        for name, c in self.cfg.clusters.items():
-            r = ClusterResolver(self.loop, c, self.snapshot.clusters[name])
-            r.start()
-            self.resolvers[name] = r
-        try:
-            for lc in self.cfg.listeners:
-                lst = Listener(lc, self.loop)
-                lst.apply_snapshot(self.snapshot)
-                lst.bind()
-                self.listeners[lc.name] = lst
-            for lst in self.listeners.values():
-                await lst.start()
-            if self.cfg.admin is not None:
-                self.admin = AdminServer(self)
-                await self.admin.start(self.cfg.admin.address.host, self.cfg.admin.address.port)
-        except BaseException:
-            self._close_all()
-            raise
-        self._sweeper = self.loop.create_task(self._sweep_forever())
-        log.info("fastmesh %s: serving (%d listeners, %d clusters, pid %d)", __version__,
-                 len(self.listeners), len(self.cfg.clusters), os.getpid())
-
-    async def _sweep_forever(self) -> None:
-        n = 0
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            now = http_proxy.py_now_ms()
-            for lst in self.listeners.values():
-                try:
-                    lst.sweep(now)
-                except Exception:
-                    log.exception("listener %s: sweep failed", lst.name)
-            n += 1
-            if n % POOL_SWEEP_EVERY == 0:
-                for c in self.snapshot.clusters.values():
-                    http_proxy.sweep_idle_upstreams(c, now)
-
-    # -- stop ------------------------------------------------------------------------
-
-    async def drain_and_stop(self, timeout_ms: int | None = None) -> None:
-        """SIGTERM: stop accepting, let requests finish (up to the drain timeout), exit."""
-        if self._stopping:
+    def _on_message(self, msg: dict, fds: list) -> None:
+        t = msg.get("t")
+        if t == "closed":
+            log.warning("worker %d: supervisor link closed; draining", self.index)
+            self._exit_after(self.plane.drain(self.drain_timeout_ms))
             return
-        self._stopping = True
-        timeout_ms = self.cfg.drain_timeout_ms if timeout_ms is None else timeout_ms
-        log.info("draining (up to %d ms)", timeout_ms)
-        for lst in self.listeners.values():
-            lst.stop_accepting()
-            lst.begin_drain()
-        deadline = time.monotonic() + timeout_ms / 1000.0
-        while time.monotonic() < deadline:
-            if all(lst.active_connections == 0 for lst in self.listeners.values()):
-                break
-            await asyncio.sleep(0.05)
-        left = sum(lst.active_connections for lst in self.listeners.values())
-        if left:
-            log.warning("drain timeout: closing %d connections", left)
-        self.stop_now()
+        handler = getattr(self, "_on_" + str(t), None)
+        if handler is None:
+            for fd in fds:
+                os.close(fd)
+            self.ctrl.reply(msg, ipc.reply_msg(ok=False, error=f"unknown message {t!r}"))
+            return
+        self.loop.create_task(self._run(handler, msg, fds))
 
-    def stop_now(self) -> None:
-        self._stopping = True
-        for lst in self.listeners.values():
-            lst.abort_connections()
-        self._close_all()
-        self._stopped.set()
+    async def _run(self, handler, msg, fds):
+        try:
+            out = await handler(msg, fds)
+            if out is not None and not self.ctrl.closed:
+                self.ctrl.reply(msg, ipc.reply_msg(ok=True, **out))
+        except Exception as exc:
+            log.exception("worker %d: %s failed", self.index, msg.get("t"))
+            if not self.ctrl.closed:
+                self.ctrl.reply(msg, ipc.reply_msg(ok=False, error=f"{type(exc).__name__}: {exc}"))
 
-    def _close_all(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for r in self.resolvers.values():
-            r.stop()
-        for lst in self.listeners.values():
-            lst.close()
-        if self.admin is not None:
-            self.admin.close()
+    # -- handlers --
 
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
+    async def _on_config(self, msg, fds):
+        cfg = load_dict(msg["config"], source=msg.get("source", "<supervisor>"))
+        names = msg.get("listeners", [])
+        if len(names) != len(fds):
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"{len(names)} listener names but {len(fds)} sockets")
+        sockets = {n: socket.socket(fileno=fd) for n, fd in zip(names, fds)}
+        for s in sockets.values():
+            s.setblocking(False)
+        self.drain_timeout_ms = cfg.drain_timeout_ms
+        try:
+            await self.plane.apply(cfg, sockets)
+        except BaseException:
+            for s in sockets.values():
+                s.close()
+            raise
+        return {"version": self.plane.snapshot.version}
 
-    # -- answers for the admin API ---------------------------------------------------
+    async def _on_stats(self, msg, fds):
+        return {"stats": self.plane.stats()}
 
-    def is_ready(self) -> bool:
-        return (not self._stopping and bool(self.listeners)
-                and all(lst.state is ListenerState.RUNNING for lst in self.listeners.values()))
+    async def _on_clusters(self, msg, fds):
+        return {"clusters": self.plane.clusters_info()}
 
-    def stats(self) -> dict:
-        listeners = {n: lst.ctx.counters.to_dict() for n, lst in self.listeners.items()}
-        clusters = {n: c.counters.to_dict() for n, c in self.snapshot.clusters.items()}
-        return {
-            "server": {"version": __version__, "pid": os.getpid(),
-                       "uptime_s": round(time.time() - self.started_at, 3),
-                       "config_version": self.snapshot.version, "workers": 1},
-            "listeners": listeners,
-            "clusters": clusters,
-        }
+    async def _on_drain(self, msg, fds):
+        self._exit_after(self.plane.drain(msg.get("timeout_ms", self.drain_timeout_ms)))
+        return {}
 
-    def listeners_info(self) -> dict:
-        out = {}
-        for n, lst in self.listeners.items():
-            addr = lst.bound_address
-            out[n] = {"state": lst.state.value, "protocol": lst.cfg.protocol,
-                      "address": f"{addr[0]}:{addr[1]}" if addr else None,
-                      "connections": lst.active_connections}
-        return out
+    async def _on_stop(self, msg, fds):
+        self.ctrl.reply(msg, ipc.reply_msg(ok=True))
+        self._finish()
+        return None
 
-    def clusters_info(self) -> dict:
-        out = {}
-        for n, c in self.snapshot.clusters.items():
-            out[n] = [{"address": f"{e.host}:{e.port}", "origin": e.origin,
-                       "active_requests": e.active_requests, "idle_connections": len(e.http_idle)}
-                      for e in c.get_endpoints()]
-        return out
+    async def _on_handover(self, msg, fds):
+        from fastmesh.server import upgrade
+        self.plane.begin_drain()
+        self._exit_after(upgrade.migrate_out(self.plane, msg["migrate_path"],
+                                             msg.get("timeout_ms", self.drain_timeout_ms)))
+        return {}
 
-    def config_dump(self) -> dict:
-        return {"version": self.snapshot.version, "source": self.cfg.source,
-                "config": to_dict(self.cfg)}
+    async def _on_adopt(self, msg, fds):
+        from fastmesh.server import upgrade
+        await upgrade.adopt(self.plane, msg["listener"], fds[0], msg.get("data", b""))
+        return {}
+
+    # -- exit --
+
+    def _exit_after(self, coro) -> None:
+        if self._exiting:
+            coro.close()
+            return
+        self._exiting = True
+
+        async def run():
+            try:
+                left = await coro
+                if left:
+                    log.warning("worker %d: drain timeout with %d connections left",
+                                self.index, left)
+            finally:
+                self._finish()
+        self.loop.create_task(run())
+
+    def _finish(self) -> None:
+        self.plane.close()
+        self.done.set()
 
 
-def install_loop(kind: str) -> None:
-    if kind == "uvloop":
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ctrl-fd", type=int, required=True)
+    ap.add_argument("--index", type=int, default=0)
+    ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
+                        format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s")
+    if args.loop == "uvloop":
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    elif kind != "asyncio":
-        raise ValueError(f"unknown loop {kind!r}")
+    from fastmesh._core import http1
+    http1.reseed_request_ids()
 
-
-def serve(cfg: model.Config, loop_kind: str = "uvloop", on_started=None) -> int:
-    """Run until SIGTERM (graceful drain) or SIGINT (immediate stop). Returns an exit code."""
-    install_loop(loop_kind)
-
-    async def main() -> int:
+    async def run() -> None:
         loop = asyncio.get_running_loop()
-        server = Server(cfg, loop)
-        try:
-            await server.start()
-        except OSError as exc:
-            log.error("cannot start: %s", exc)
-            return 1
-        loop.add_signal_handler(signal.SIGTERM,
-                                lambda: loop.create_task(server.drain_and_stop()))
-        loop.add_signal_handler(signal.SIGINT, server.stop_now)
-        if on_started is not None:
-            on_started(server)
-        await server.wait_stopped()
-        log.info("stopped")
-        return 0
+        ctrl = socket.socket(fileno=args.ctrl_fd)
+        w = Worker(loop, ctrl, args.index)
+        # signals: the supervisor decides; a terminal's Ctrl-C reaches the whole group
+        loop.add_signal_handler(signal.SIGTERM, lambda: w._exit_after(
+            w.plane.drain(w.drain_timeout_ms)))
+        loop.add_signal_handler(signal.SIGINT, w._finish)
+        w.start()
+        await w.done.wait()
 
-    return asyncio.run(main())
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

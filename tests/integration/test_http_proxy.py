@@ -278,7 +278,8 @@ def test_large_download_and_upload(mesh, tmp_path):
 def test_slow_reader_bounded_memory(mesh):
     """A client that reads slowly: the proxy stops reading the upstream (backpressure)
     instead of buffering the whole response."""
-    rss_before = _rss_kb(mesh.pid)
+    worker = mesh.worker_pids()[0]
+    rss_before = _rss_kb(worker)
     n = 200 * 1024 * 1024
     s = socket.create_connection(("127.0.0.1", mesh.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -289,9 +290,9 @@ def test_slow_reader_bounded_memory(mesh):
     while time.monotonic() < deadline and got < 8 * 1024 * 1024:
         got += len(s.recv(65536))
         time.sleep(0.002)
-        peak = max(peak, _rss_kb(mesh.pid))
+        peak = max(peak, _rss_kb(worker))
     time.sleep(0.5)
-    peak = max(peak, _rss_kb(mesh.pid))
+    peak = max(peak, _rss_kb(worker))
     s.close()
     assert got > 0
     # the upstream could send 200 MB; the proxy must hold only a few buffers' worth

@@ -1,0 +1,179 @@
+"""The data plane of one worker process: listeners on sockets handed down by the supervisor,
+clusters with their resolvers, the timer sweep, and config application.
+
+``apply(cfg, sockets)`` is the only way config gets in: it builds a new snapshot (clusters
+with unchanged settings are kept, with their pools), starts added listeners on the given
+sockets, updates changed ones in place (new requests see the new route table at once; a
+request in progress keeps what it picked), and drains removed ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from fastmesh import snapshot as snapshot_mod
+from fastmesh._core import http_proxy
+from fastmesh.cluster import ClusterResolver
+from fastmesh.config import model
+from fastmesh.listener import Listener, ListenerState
+
+log = logging.getLogger("fastmesh.worker")
+
+SWEEP_INTERVAL_S = 0.1          # deadline granularity for timeouts
+POOL_SWEEP_EVERY = 10           # idle upstream sweep every 10 sweeps (1 s)
+DRAIN_IDLE_CLOSE_MS = 1000      # while draining, close connections idle this long
+
+
+class DataPlane:
+    def __init__(self, loop):
+        self.loop = loop
+        self.cfg: model.Config | None = None
+        self.snapshot = None
+        self.listeners: dict[str, Listener] = {}
+        self.draining_listeners: list[Listener] = []
+        self.resolvers: dict[str, ClusterResolver] = {}
+        self._sweeper: asyncio.Task | None = None
+        self.draining = False
+
+    # -- config ----------------------------------------------------------------------
+
+    async def apply(self, cfg: model.Config, sockets: dict) -> None:
+        """sockets: listener name -> listening socket, for every listener that is new or
+        whose address changed. Raises on failure before changing anything it can't undo."""
+        snap = snapshot_mod.build(cfg, self.snapshot)
+        # clusters: resolvers follow the snapshot's Cluster objects
+        for name in list(self.resolvers):
+            r = self.resolvers[name]
+            if name not in snap.clusters or snap.clusters[name] is not r.cluster \
+                    or cfg.clusters[name] != r.cfg:
+                r.stop()
+                del self.resolvers[name]
+        for name, c in cfg.clusters.items():
+            if name not in self.resolvers:
+                r = ClusterResolver(self.loop, c, snap.clusters[name])
+                r.start()
+                self.resolvers[name] = r
+        # listeners
+        new_names = {l.name for l in cfg.listeners}
+        for name in list(self.listeners):
+            if name not in new_names or name in sockets:
+                self._retire(self.listeners.pop(name))
+        started = []
+        try:
+            for lc in cfg.listeners:
+                lst = self.listeners.get(lc.name)
+                if lst is None:
+                    lst = Listener(lc, self.loop)
+                    lst.bind(sockets[lc.name])
+                    lst.apply_snapshot(snap)
+                    await lst.start()
+                    started.append(lst)
+                    self.listeners[lc.name] = lst
+                else:
+                    lst.update(lc)
+                    lst.apply_snapshot(snap)
+        except BaseException:
+            for lst in started:
+                lst.close()
+                self.listeners.pop(lst.name, None)
+            raise
+        self.cfg = cfg
+        self.snapshot = snap
+        if self._sweeper is None:
+            self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    def _retire(self, lst: Listener) -> None:
+        lst.stop_accepting()
+        lst.begin_drain()
+        self.draining_listeners.append(lst)
+
+    # -- timers ----------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = http_proxy.py_now_ms()
+            for lst in list(self.listeners.values()) + self.draining_listeners:
+                try:
+                    lst.sweep(now)
+                    if lst.ctx.draining:
+                        lst.close_idle_for(now, DRAIN_IDLE_CLOSE_MS)
+                except Exception:
+                    log.exception("listener %s: sweep failed", lst.name)
+            for lst in list(self.draining_listeners):
+                if lst.active_connections == 0:
+                    lst.close()
+                    self.draining_listeners.remove(lst)
+            n += 1
+            if n % POOL_SWEEP_EVERY == 0 and self.snapshot is not None:
+                for c in self.snapshot.clusters.values():
+                    http_proxy.sweep_idle_upstreams(c, now)
+
+    # -- drain and stop --------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        for lst in self.listeners.values():
+            lst.stop_accepting()
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        for lst in self.listeners.values():
+            lst.stop_accepting()
+            lst.begin_drain()
+
+    def active_connections(self) -> int:
+        return sum(l.active_connections for l in
+                   list(self.listeners.values()) + self.draining_listeners)
+
+    async def drain(self, timeout_ms: int) -> int:
+        """Stop accepting; let connections finish; returns how many were left at timeout."""
+        self.begin_drain()
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while time.monotonic() < deadline and self.active_connections():
+            await asyncio.sleep(0.05)
+        return self.active_connections()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for r in self.resolvers.values():
+            r.stop()
+        for lst in list(self.listeners.values()) + self.draining_listeners:
+            lst.abort_connections()
+            lst.close()
+
+    # -- reports -------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return bool(self.listeners) and all(
+            l.state is ListenerState.RUNNING for l in self.listeners.values())
+
+    def stats(self) -> dict:
+        listeners = {n: lst.ctx.counters.to_dict() for n, lst in self.listeners.items()}
+        for lst in self.draining_listeners:
+            listeners.setdefault(lst.name, lst.ctx.counters.to_dict())
+        clusters = {n: c.counters.to_dict() for n, c in self.snapshot.clusters.items()} \
+            if self.snapshot else {}
+        return {"pid": os.getpid(), "listeners": listeners, "clusters": clusters,
+                "config_version": self.snapshot.version if self.snapshot else 0}
+
+    def clusters_info(self) -> dict:
+        out = {}
+        for n, c in (self.snapshot.clusters.items() if self.snapshot else ()):
+            out[n] = [{"address": f"{e.host}:{e.port}", "origin": e.origin,
+                       "active_requests": e.active_requests,
+                       "idle_connections": len(e.http_idle),
+                       "multiplexed_connections": len(e.mux)}
+                      for e in c.get_endpoints()]
+        return out
+
+    def listeners_info(self) -> dict:
+        out = {}
+        for n, lst in self.listeners.items():
+            out[n] = {"state": lst.state.value, "protocol": lst.cfg.protocol,
+                      "connections": lst.active_connections}
+        return out
