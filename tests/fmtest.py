@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 START_TIMEOUT_S = 15
 
 
@@ -34,13 +35,13 @@ class Proc:
     """A child process; stdout is a pipe (for READY lines), stderr goes to a file so a
     chatty process can never block on a full pipe."""
 
-    def __init__(self, args, env=None, name="proc"):
+    def __init__(self, args, env=None, name="proc", cwd=None):
         import tempfile
         self.name = name
         self.args = args
         self.errfile = tempfile.NamedTemporaryFile(prefix="fm-", suffix=".log", delete=False)
         self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.errfile,
-                                      env=env, start_new_session=True)
+                                      env=env, start_new_session=True, cwd=cwd)
 
     def stop(self, sig=signal.SIGTERM, timeout=5.0) -> int:
         if self.popen.poll() is None:

@@ -1,0 +1,424 @@
+"""Live operations on real processes: workers, reload, hot restart (SIGHUP and a second
+`fastmesh run` on the same upgrade socket), drain, and a worker killed with SIGKILL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fmtest import REPO, Proc, RawClient, free_port, wait_ready
+
+FRAMES = Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
+
+
+def _post(port: int, path: str) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get_json(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _supervisor_pid(admin_port: int) -> int:
+    return _get_json(admin_port, "/stats")["server"]["pid"]
+
+
+def _wait_new_generation(admin_port: int, old_pid: int, timeout=15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid = _supervisor_pid(admin_port)
+            if pid != old_pid:
+                return pid
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("no new generation took over")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid: int, timeout=15.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if not _pid_alive(pid):
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} still running")
+
+
+class Deployment:
+    """A config file, an upgrade socket, and every fastmesh generation started on them."""
+
+    def __init__(self, tmp_path: Path, cfg: dict, loop="uvloop", workers=1):
+        self.tmp = tmp_path
+        self.cfg = cfg
+        self.loop = loop
+        self.workers = workers
+        self.path = tmp_path / "fastmesh.yaml"
+        self.upgrade = str(tmp_path / "upgrade.sock")
+        self.procs: list[Proc] = []
+        self.write(cfg)
+        self.admin_port = int(cfg["admin"]["address"].rsplit(":", 1)[1])
+
+    def write(self, cfg: dict) -> None:
+        self.path.write_text(yaml.safe_dump(cfg))
+
+    def start(self, wait=True) -> Proc:
+        p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(self.path), "--loop",
+                  self.loop, "--log-level", "info", "--workers", str(self.workers),
+                  "--upgrade-socket", self.upgrade], name="fastmesh")
+        self.procs.append(p)
+        if wait and len(self.procs) == 1:
+            wait_ready(self.admin_port, p)
+        return p
+
+    def stop_all(self) -> None:
+        # every generation ever started, including those started by SIGHUP (not our children)
+        pids = set()
+        try:
+            st = _get_json(self.admin_port, "/stats")["server"]
+            pids.add(st["pid"])
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            p.stop(signal.SIGINT)
+        for pid in pids:
+            try:
+                _wait_gone(pid, 5)
+            except AssertionError:
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def upstream(procs):
+    proc = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+                 "--name", "up"], name="upstream")
+    procs.append(proc)
+    line = proc.popen.stdout.readline()
+    assert line.startswith(b"READY"), proc.output()
+    return f"127.0.0.1:{int(line.split()[1])}"
+
+
+def http_cfg(upstream: str, **listener) -> dict:
+    return {
+        "admin": {"address": f"127.0.0.1:{free_port()}"},
+        "drain_timeout_ms": 5000,
+        "listeners": [dict({"name": "web", "address": f"127.0.0.1:{free_port()}",
+                            "protocol": "http1", "route_table": "rt"}, **listener)],
+        "route_tables": {"rt": {"routes": [{"match": {"prefix": "/"}, "cluster": "up"}]}},
+        "clusters": [{"name": "up", "endpoints": [upstream]}],
+    }
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    made = []
+
+    def make(cfg, **kw):
+        d = Deployment(tmp_path, cfg, **kw)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        d.stop_all()
+
+
+def _port(cfg, i=0):
+    return int(cfg["listeners"][i]["address"].rsplit(":", 1)[1])
+
+
+def _wrk(port: int, seconds: int, conns=20) -> subprocess.Popen:
+    return subprocess.Popen(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s",
+                             f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def _wrk_result(p: subprocess.Popen) -> tuple[int, str]:
+    out = p.communicate(timeout=120)[0].decode()
+    reqs = int(out.split(" requests in ")[0].split()[-1])
+    return reqs, out
+
+
+# ------------------------------------------------------------------------ workers
+
+def test_workers_share_listeners_and_stats_sum(deployment, upstream):
+    d = deployment(http_cfg(upstream), workers=2)
+    d.start()
+    port = _port(d.cfg)
+    for _ in range(40):
+        with RawClient(port) as c:
+            c.request(path="/")
+            assert c.read_response().status == 200
+    st = _get_json(d.admin_port, "/stats")
+    assert st["server"]["workers"] == 2 and len(st["server"]["worker_pids"]) == 2
+    assert st["listeners"]["web"]["downstream_rq_total"] == 40
+
+
+def test_killed_worker_is_restarted(deployment, upstream):
+    d = deployment(http_cfg(upstream), workers=2)
+    d.start()
+    st = _get_json(d.admin_port, "/stats")["server"]
+    victim = st["worker_pids"][0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        st = _get_json(d.admin_port, "/stats")["server"]
+        if st["worker_restarts"] == 1 and victim not in st["worker_pids"] \
+                and len(st["worker_pids"]) == 2:
+            break
+        time.sleep(0.1)
+    assert st["worker_restarts"] == 1 and victim not in st["worker_pids"]
+    port = _port(d.cfg)
+    for _ in range(20):
+        with RawClient(port) as c:
+            c.request(path="/")
+            assert c.read_response().status == 200
+    assert "restarting" in d.procs[0].stderr_text()
+
+
+# ------------------------------------------------------------------------ reload
+
+def test_reload_applies_routes_listeners_and_rejects_bad_config(deployment, upstream):
+    cfg = http_cfg(upstream)
+    d = deployment(cfg)
+    d.start()
+    port = _port(cfg)
+    keep = RawClient(port)            # a keep-alive connection that lives across reloads
+    keep.request(path="/")
+    assert keep.read_response().body == b"hello from up\n"
+
+    # a new route answered directly, and a second listener
+    cfg2 = json.loads(json.dumps(cfg))
+    cfg2["route_tables"]["rt"]["routes"].insert(
+        0, {"match": {"path": "/v2"}, "direct_response": {"status": 200, "body": "v2"}})
+    cfg2["listeners"].append({"name": "extra", "address": f"127.0.0.1:{free_port()}",
+                              "protocol": "http1", "route_table": "rt"})
+    d.write(cfg2)
+    status, out = _post(d.admin_port, "/reload")
+    assert status == 200 and out["ok"], out
+    keep.request(path="/v2")
+    assert keep.read_response().body == b"v2"           # same connection, new routes
+    with RawClient(_port(cfg2, 1)) as c:
+        c.request(path="/v2")
+        assert c.read_response().body == b"v2"
+
+    # an invalid config changes nothing and lists every error
+    bad = json.loads(json.dumps(cfg2))
+    bad["route_tables"]["rt"]["routes"][1]["cluster"] = "nope"
+    bad["clusters"][0]["lb_policy"] = "fastest"
+    d.write(bad)
+    status, out = _post(d.admin_port, "/reload")
+    assert status == 400 and not out["ok"]
+    assert any("no cluster named 'nope'" in e for e in out["errors"])
+    assert any("lb_policy" in e for e in out["errors"])
+    keep.request(path="/v2")
+    assert keep.read_response().body == b"v2"
+
+    # removing the extra listener stops it accepting; the first is undisturbed
+    d.write(cfg)
+    status, out = _post(d.admin_port, "/reload")
+    assert status == 200, out
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", _port(cfg2, 1)), timeout=2).recv(1)
+        raise OSError("accepted")
+    keep.request(path="/")
+    assert keep.read_response().body == b"hello from up\n"
+    keep.close()
+
+
+# ------------------------------------------------------------------------ hot restart
+
+def test_hot_restart_under_load_loses_nothing(deployment, upstream):
+    d = deployment(http_cfg(upstream))
+    d.start()
+    port = _port(d.cfg)
+    load = _wrk(port, 12)
+    times = []
+    for _ in range(5):
+        time.sleep(1.5)
+        old = _supervisor_pid(d.admin_port)
+        t0 = time.monotonic()
+        os.kill(old, signal.SIGHUP)
+        new = _wait_new_generation(d.admin_port, old)
+        took_exit = _wait_gone(old)
+        times.append((time.monotonic() - t0, took_exit))
+    reqs, out = _wrk_result(load)
+    assert reqs > 1000, out
+    assert "Socket errors" not in out and "Non-2xx" not in out, out
+    # a broken config: the new generation refuses to start; the old one keeps serving
+    bad = json.loads(json.dumps(d.cfg))
+    bad["clusters"][0]["endpoints"] = ["not an address"]
+    d.write(bad)
+    old = _supervisor_pid(d.admin_port)
+    os.kill(old, signal.SIGHUP)
+    time.sleep(2.0)
+    assert _supervisor_pid(d.admin_port) == old
+    with RawClient(port) as c:
+        c.request(path="/")
+        assert c.read_response().status == 200
+
+
+def test_second_run_on_same_upgrade_socket_takes_over(deployment, upstream):
+    d = deployment(http_cfg(upstream))
+    first = d.start()
+    port = _port(d.cfg)
+    c = RawClient(port)
+    c.request(path="/")
+    assert c.read_response().status == 200
+    old = _supervisor_pid(d.admin_port)
+    second = d.start(wait=False)                        # the container-style upgrade
+    new = _wait_new_generation(d.admin_port, old)
+    assert new == second.popen.pid
+    # the old generation's connection gets its last response with Connection: close
+    c.request(path="/")
+    r = c.read_response()
+    assert r.status == 200 and r.header("connection") == "close"
+    c.close()
+    assert first.popen.wait(15) == 0
+    with RawClient(port) as c2:
+        c2.request(path="/")
+        assert c2.read_response().status == 200
+
+
+def test_failed_new_generation_leaves_old_serving(deployment, upstream):
+    cfg = http_cfg(upstream)
+    d = deployment(cfg)
+    d.start()
+    old = _supervisor_pid(d.admin_port)
+    # valid config, but a new listener on a port somebody else holds: the new generation
+    # gets the old sockets, fails to bind the new one, and gives up
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    cfg2 = json.loads(json.dumps(cfg))
+    cfg2["listeners"].append({"name": "taken", "protocol": "http1", "route_table": "rt",
+                              "address": f"127.0.0.1:{blocker.getsockname()[1]}"})
+    d.write(cfg2)
+    p = d.start(wait=False)
+    assert p.popen.wait(20) != 0
+    assert "cannot start" in p.stderr_text()
+    blocker.close()
+    assert _supervisor_pid(d.admin_port) == old
+    with RawClient(_port(cfg)) as c:
+        c.request(path="/")
+        assert c.read_response().status == 200
+
+
+def test_sigterm_drains_in_flight_request(deployment, upstream):
+    d = deployment(http_cfg(upstream))
+    p = d.start()
+    port = _port(d.cfg)
+    with RawClient(port) as c:
+        c.request(path="/slow/700")
+        time.sleep(0.2)
+        p.popen.send_signal(signal.SIGTERM)
+        r = c.read_response()
+        assert r.status == 200 and r.body == b"slow done\n"
+        assert r.header("connection") == "close"
+    assert p.popen.wait(10) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+# ------------------------------------------------------------------------ Bolt migration
+
+def _frame(name: str) -> bytes:
+    return bytes.fromhex((FRAMES / name).read_text().strip())
+
+
+def test_bolt_connection_migrates_across_restarts(deployment, procs):
+    from fastmesh._core import bolt
+    echo_port = free_port()
+    echo = Proc([sys.executable, "-m", "benchmarks.boltload", "echo-server", "--listen",
+                 f"127.0.0.1:{echo_port}"], name="bolt echo", cwd=str(REPO))
+    procs.append(echo)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", echo_port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    cfg = {
+        "admin": {"address": f"127.0.0.1:{free_port()}"},
+        "drain_timeout_ms": 5000,
+        "listeners": [{"name": "rpc", "address": f"127.0.0.1:{free_port()}",
+                       "protocol": "bolt", "route_table": "rpc"}],
+        "route_tables": {"rpc": {"routes": [
+            {"match": {"headers": [{"name": "service", "present": True}]}, "cluster": "echo"}]}},
+        "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{echo_port}"]}],
+    }
+    d = deployment(cfg)
+    d.start()
+    req = bytearray(_frame("bolt_request.hex"))
+    s = socket.create_connection(("127.0.0.1", _port(cfg)), timeout=5)
+    buf = b""
+
+    def call(i: int) -> None:
+        nonlocal buf
+        frame = bytearray(req)
+        bolt.py_frame_set_id(frame, i)
+        s.sendall(frame)
+        while True:
+            n = bolt.py_frame_peek(buf) if buf else 0
+            if n > 0:
+                resp, buf = buf[:n], buf[n:]
+                f = bolt.parse_frame(resp)
+                assert f["request_id"] == i and f["status"] == 0
+                return
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed before the answer to call {i}"
+            buf += chunk
+
+    n = 1
+    for restart in range(3):
+        for _ in range(20):
+            call(n)
+            n += 1
+        old = _supervisor_pid(d.admin_port)
+        os.kill(old, signal.SIGHUP)
+        _wait_new_generation(d.admin_port, old)
+        # calls keep working on the same TCP connection during and after the hand-over
+        for _ in range(20):
+            call(n)
+            n += 1
+        _wait_gone(old)
+    for _ in range(20):
+        call(n)
+        n += 1
+    s.close()
+    st = _get_json(d.admin_port, "/stats")
+    assert st["listeners"]["rpc"]["downstream_cx_total"] == 1     # adopted, not reconnected
