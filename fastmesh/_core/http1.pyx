@@ -732,11 +732,12 @@ cdef bytes build_request_head(Head h, bytes client_ip, bytes request_id,
         w_put(&w, raw + h.method_off, h.method_len)
         w_put(&w, b" ", 1)
         w_put(&w, raw + h.target_off, h.target_len)
-        w_put(&w, b" HTTP/1.1\r\n", 11)
         if h.host_idx < 0:
-            # an HTTP/1.0 request without Host goes out as HTTP/1.1, which needs one: empty
-            # is what RFC 9112 3.2 prescribes for a target without an authority
-            w_put(&w, b"host: \r\n", 8)
+            # HTTP/1.0 without Host: as HTTP/1.1 it would be invalid (RFC 9112 3.2), and an
+            # empty Host is refused by common servers (nginx): stay HTTP/1.0 (no reuse)
+            w_put(&w, b" HTTP/1.0\r\n", 11)
+        else:
+            w_put(&w, b" HTTP/1.1\r\n", 11)
         for i in range(h.nfields):
             f = &h.fields[i]
             if f.drop or f.kind == HK_XFF or f.kind == HK_XFP:

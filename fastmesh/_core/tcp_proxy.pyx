@@ -4,6 +4,7 @@ backpressure (a side whose peer's write buffer is over high water stops reading)
 Half-close is passed through: EOF from one side shuts the write side of the other."""
 import asyncio
 import logging
+import os
 
 from libc.stdint cimport int64_t
 
@@ -38,6 +39,7 @@ cdef class TcpPipe:
         Endpoint ep
         object connect_task
         public int64_t deadline_ms
+        int64_t last_io_ms          # last byte read on this side
 
     def __init__(self, ListenerCtx ctx, bint is_downstream):
         self.ctx = ctx
@@ -50,6 +52,7 @@ cdef class TcpPipe:
 
     def connection_made(self, transport):
         self.transport = transport
+        self.last_io_ms = now_ms()
         transport.set_write_buffer_limits(self.ctx.high_water_bytes, self.ctx.low_water_bytes)
         if not self.is_downstream:
             return
@@ -109,6 +112,7 @@ cdef class TcpPipe:
 
     def buffer_updated(self, Py_ssize_t nbytes):
         self.rbuf.advance(nbytes)
+        self.last_io_ms = now_ms()
         if self.is_downstream:
             self.ctx.counters.v[LS_RX_BYTES] += nbytes
         if self.peer is not None:
@@ -173,6 +177,31 @@ cdef class TcpPipe:
 
     def close_if_idle_for(self, int64_t now, int64_t idle_ms):
         pass                    # raw streams have no request boundary: migrated or drained
+
+    def detach_for_migration(self, int64_t quiet_ms=500):
+        """Hot restart: when neither direction has moved a byte for quiet_ms and nothing is
+        queued, close the upstream side and give up the client connection without closing
+        it: returns (dup'd fd, b"") for the new generation (which connects a new upstream)."""
+        cdef TcpPipe up = self.peer
+        cdef int64_t now = now_ms()
+        if (self.closed or up is None or up.closed or self.rbuf.size() or up.rbuf.size()
+                or self.transport.get_write_buffer_size() or up.transport.get_write_buffer_size()
+                or now - self.last_io_ms < quiet_ms or now - up.last_io_ms < quiet_ms):
+            return None
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        fd = os.dup(sock.fileno())
+        self.peer = None
+        up.peer = None
+        up.transport.close()
+        self.transport.pause_reading()
+        self.transport.abort()              # our descriptor only: the connection lives on
+        return fd, b""
+
+    def adopt_bytes(self, data):
+        if data:
+            self.rbuf.py_feed(data)
 
     def abort(self):
         if self.transport is not None and not self.closed:

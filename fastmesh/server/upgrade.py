@@ -12,8 +12,8 @@ Two unix SEQPACKET sockets, both msgpack messages (fastmesh.server.ipc):
       old          stops accepting, tells its workers to hand over, exits when drained
   Any failure or timeout before "accepting" leaves the old generation serving as before.
 
-- the migrate socket (P, served by the new supervisor): each old worker sends, per idle Bolt
-  connection, ``{"t": "migrate", "listener": name, "data": unread bytes}`` + the connection's
+- the migrate socket (P, served by the new supervisor): each old worker sends, per Bolt
+  connection with nothing in flight (or TCP connection quiet both ways), ``{"t": "migrate", "listener": name, "data": unread bytes}`` + the connection's
   fd; the new supervisor passes it to one of its workers, which continues the same TCP
   connection (the client never sees a reconnect).
 """
@@ -225,15 +225,16 @@ class MigrateServer:
 # ------------------------------------------------------------------------ worker side
 
 async def migrate_out(plane, path: str, timeout_ms: int) -> int:
-    """Old worker: hand each idle Bolt connection to the new generation (fd + unread bytes);
-    HTTP and TCP connections drain. Returns connections left at the timeout."""
+    """Old worker: hand each Bolt connection with nothing in flight, and each TCP connection
+    quiet in both directions, to the new generation (fd + unread bytes); HTTP connections
+    drain. Returns connections left at the timeout."""
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout_ms / 1000.0
     chan = None
     sent = 0
     while time.monotonic() < deadline:
         for lst in list(plane.listeners.values()):
-            if lst.cfg.protocol != "bolt":
+            if lst.cfg.protocol not in ("bolt", "tcp"):
                 continue
             for conn in list(lst.ctx.conns):
                 if chan is None:
@@ -275,10 +276,8 @@ async def adopt(plane, listener: str, fd: int, data: bytes) -> None:
     """New worker: continue a connection handed over by the old generation."""
     lst = plane.listeners.get(listener)
     if lst is None:
-        lst = next((l for l in plane.listeners.values() if l.cfg.protocol == "bolt"), None)
-    if lst is None:
         os.close(fd)
-        raise RuntimeError(f"no bolt listener {listener!r} to adopt a connection")
+        raise RuntimeError(f"no listener {listener!r} to adopt a connection")
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()

@@ -422,3 +422,27 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs):
     s.close()
     st = _get_json(d.admin_port, "/stats")
     assert st["listeners"]["rpc"]["downstream_cx_total"] == 1     # adopted, not reconnected
+
+
+def test_tcp_connection_migrates_when_quiet(deployment, upstream):
+    cfg = {
+        "admin": {"address": f"127.0.0.1:{free_port()}"},
+        "drain_timeout_ms": 5000,
+        "listeners": [{"name": "raw", "address": f"127.0.0.1:{free_port()}",
+                       "protocol": "tcp", "cluster": "up"}],
+        "clusters": [{"name": "up", "endpoints": [upstream]}],
+    }
+    d = deployment(cfg)
+    d.start()
+    with RawClient(_port(cfg)) as c:               # HTTP keep-alive over the raw TCP listener
+        c.request(path="/")
+        assert c.read_response().body == b"hello from up\n"
+        time.sleep(0.7)                            # quiet both ways: migratable
+        old = _supervisor_pid(d.admin_port)
+        os.kill(old, signal.SIGHUP)
+        _wait_new_generation(d.admin_port, old)
+        _wait_gone(old)
+        c.request(path="/")                        # same client connection, new process
+        assert c.read_response().body == b"hello from up\n"
+    st = _get_json(d.admin_port, "/stats")
+    assert st["listeners"]["raw"]["downstream_cx_total"] == 1

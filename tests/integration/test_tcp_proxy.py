@@ -1,0 +1,86 @@
+"""Raw TCP listeners: bytes relayed both ways, half-close passed through, bulk transfer
+intact, connect failures counted. On uvloop and plain asyncio."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+
+import pytest
+
+from fmtest import free_port
+
+
+@pytest.fixture
+def echo_server():
+    """A thread echoing bytes back until EOF, then closing (a real socket server)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    def handle(conn):
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join(2)
+    srv.close()
+
+
+def _cfg(port):
+    return {"listeners": [{"name": "raw", "protocol": "tcp", "cluster": "echo"}],
+            "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{port}"]}]}
+
+
+def test_relay_bulk_and_half_close(start_fastmesh, echo_server, loop_kind):
+    fm = start_fastmesh(_cfg(echo_server), loop=loop_kind)
+    data = os.urandom(8 * 1024 * 1024)
+    s = socket.create_connection(("127.0.0.1", fm.port), timeout=10)
+    got = bytearray()
+
+    def reader():
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            got.extend(chunk)
+    t = threading.Thread(target=reader)
+    t.start()
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)              # half-close: the echo still comes back, then EOF
+    t.join(20)
+    s.close()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    st = fm.listener_stats("raw")
+    assert st["downstream_cx_total"] == 1 and st["downstream_rx_bytes"] == len(data)
+
+
+def test_connect_failure_closes_client(start_fastmesh, loop_kind):
+    fm = start_fastmesh(_cfg(free_port()), loop=loop_kind)
+    s = socket.create_connection(("127.0.0.1", fm.port), timeout=10)
+    s.settimeout(10)
+    try:
+        assert s.recv(10) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+    assert fm.listener_stats("raw")["error_connect_failed"] == 1
