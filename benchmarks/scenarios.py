@@ -27,9 +27,9 @@ class Scenario:
     cost_unit: str                  # CPU microseconds per ... (request, call, MB)
     better: str                     # the headline figure: throughput | p99 | rss
     resource: str = "small"         # http: what to fetch (small | post | 64k)
-    connections: int = 50
+    connections: int = 50           # idle: how many (--idle-conns overrides)
     close: bool = False             # http: a new connection per request
-    rate: int = 0                   # http-open: requests per second
+    rate: int = 0                   # http-open: requests per second (--rate overrides)
     inflight: int = 16              # bolt: requests outstanding per connection
     payload_bytes: int = 1024       # bolt payload / http POST body
     extra: dict = field(default_factory=dict)
@@ -58,11 +58,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "in flight (peers: TCP pass-through)", "calls/s", "call", "throughput",
              connections=4, inflight=16, payload_bytes=1024),
     Scenario("latency-fixed-rate", "http-open", "http",
-             "open-loop keep-alive GETs at a fixed 2000 req/s, latency from the intended "
-             "send time", "req/s", "request", "p99", resource="small", connections=32,
-             rate=2000),
+             "open-loop keep-alive GETs at a fixed rate (2000 req/s unless --rate), "
+             "latency from the intended send time", "req/s", "request", "p99",
+             resource="small", connections=32, rate=2000),
     Scenario("idle-conns", "idle", "http",
-             "10,000 idle keep-alive connections, each after one request: proxy RSS",
+             "idle keep-alive connections (10,000 unless --idle-conns), each after one "
+             "request: proxy RSS",
              "conns", "conn", "rss", resource="small", connections=10000),
 ]}
 

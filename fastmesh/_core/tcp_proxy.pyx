@@ -115,10 +115,12 @@ cdef class TcpPipe:
         self.last_io_ms = now_ms()
         if self.is_downstream:
             self.ctx.counters.v[LS_RX_BYTES] += nbytes
-        if self.peer is not None:
+        if self.peer is not None and not self.peer.closed:
             self._flush()
+        elif self.peer is not None or self.closed:
+            self.rbuf.consume(self.rbuf.size())     # the other side is gone: nowhere to go
         elif self.rbuf.is_full():
-            self._set_reading(False)
+            self._set_reading(False)                # upstream not connected yet: hold
 
     cdef void _flush(self):
         cdef Py_ssize_t n = self.rbuf.size()
