@@ -70,7 +70,8 @@ cdef class TcpPipe:
         self.cluster.counters.v[CS_RQ_TOTAL] += 1
         self.cluster.counters.v[CS_RQ_ACTIVE] += 1
         self.ep.active_requests += 1
-        self._set_reading(False)            # hold client bytes until the upstream is there
+        # client bytes wait in the buffer (reading pauses when it is full) until the upstream
+        # is connected; pausing here would be lost: uvloop starts reading after this returns
         self.deadline_ms = now_ms() + cluster.connect_timeout_ms
         task = asyncio.ensure_future(self._connect(), loop=self.ctx.loop)
         self.connect_task = task

@@ -84,3 +84,35 @@ def test_connect_failure_closes_client(start_fastmesh, loop_kind):
         pass
     s.close()
     assert fm.listener_stats("raw")["error_connect_failed"] == 1
+
+
+def test_client_bytes_wait_for_a_slow_upstream_connect(start_fastmesh, loop_kind):
+    """The client sends megabytes before the upstream has accepted: fastmesh buffers up to
+    its cap, stops reading, and delivers every byte once connected (a regression test for
+    a pause issued inside connection_made, which uvloop ignores)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    got = bytearray()
+
+    def slow_sink():
+        import time
+        time.sleep(0.8)                         # the kernel queues the SYN meanwhile
+        conn, _ = srv.accept()
+        with conn:
+            while True:
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    break
+                got.extend(chunk)
+    t = threading.Thread(target=slow_sink)
+    t.start()
+    fm = start_fastmesh(_cfg(srv.getsockname()[1]), loop=loop_kind)
+    data = os.urandom(4 * 1024 * 1024)
+    s = socket.create_connection(("127.0.0.1", fm.port), timeout=10)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    t.join(20)
+    s.close()
+    srv.close()
+    assert len(got) == len(data) and hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
