@@ -339,6 +339,8 @@ cdef class BoltUpstream:
         uint32_t heartbeat_id       # outstanding heartbeat, 0 = none
         int64_t heartbeat_sent_ms
         int missed_heartbeats
+        object connect_task         # while UP_CONNECTING
+        int64_t connect_started_ms  # for the cluster's connect_timeout_ms
 
     def __init__(self, loop, Cluster cluster, Endpoint ep):
         self.loop = loop
@@ -365,9 +367,12 @@ cdef class BoltUpstream:
         task = asyncio.ensure_future(
             self.loop.create_connection(lambda: self, self.ep.host, self.ep.port),
             loop=self.loop)
+        self.connect_task = task
+        self.connect_started_ms = now_ms()
         task.add_done_callback(self._on_connected)
 
     def _on_connected(self, task):
+        self.connect_task = None
         if task.cancelled() or task.exception() is not None:
             self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
             if not task.cancelled():
@@ -508,6 +513,13 @@ cdef class BoltUpstream:
                 dirty.append(e.ds)
         for ds in dirty:
             ds.flush_out()
+        if (self.state == UP_CONNECTING and self.connect_task is not None
+                and now - self.connect_started_ms >= self.cluster.connect_timeout_ms):
+            log.warning("cluster %s: connect to %s:%s timed out after %d ms", self.cluster.name,
+                        self.ep.host, self.ep.port, self.cluster.connect_timeout_ms)
+            self.connect_task.cancel()      # _on_connected: connect_fail, in-flight get 0x10
+            self.connect_task = None
+            return
         if self.state != UP_READY:
             return
         if self.heartbeat_id:

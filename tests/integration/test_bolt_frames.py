@@ -23,7 +23,7 @@ SERVICE = "com.example.EchoService:1.0"
 REQ_CLASS = b"com.alipay.sofa.rpc.core.request.SofaRequest"
 RESP_CLASS = b"com.alipay.sofa.rpc.core.response.SofaResponse"
 FRAMES_DIR = Path(os.environ.get("FASTMESH_BOLT_FRAMES",
-                                 Path(__file__).resolve().parents[3] / "shared" / "bolt-frames"))
+                                 Path(__file__).resolve().parents[1] / "data" / "bolt-frames"))
 WAIT_S = 5.0
 
 
@@ -813,6 +813,47 @@ def test_upstream_down_fails_fast_with_0x10(start_fastmesh, clients, loop_kind):
     assert sorted((f["request_id"], f["status"]) for f in got) == \
         [(3, bolt.STATUS_CONNECTION_CLOSED), (4, bolt.STATUS_CONNECTION_CLOSED)]
     assert cstat(fm, "upstream_cx_connect_fail") >= 1
+
+
+@pytest.fixture
+def unconnectable():
+    """A port whose accept queue is full: SYNs are dropped, connect() hangs."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    time.sleep(0.1)
+    yield port
+    for s in fillers:
+        s.close()
+    lsock.close()
+
+
+def test_upstream_connect_timeout(start_fastmesh, clients, unconnectable, loop_kind):
+    """cluster connect_timeout_ms applies to Bolt upstreams: requests queued on a connect
+    that hangs fail with 0x10 at the connect timeout, not at their own (longer) deadline."""
+    fm = start_fastmesh(bolt_config([f"127.0.0.1:{unconnectable}"],
+                                    cluster={"connect_timeout_ms": 400}), loop=loop_kind)
+    c = clients(fm.port)
+    t0 = time.monotonic()
+    c.send(request(3, b"x", timeout_ms=10000) + request(4, b"y", timeout_ms=10000))
+    got = c.read_frames(2, timeout=8)
+    took = time.monotonic() - t0
+    assert sorted((f["request_id"], f["status"]) for f in got) == \
+        [(3, bolt.STATUS_CONNECTION_CLOSED), (4, bolt.STATUS_CONNECTION_CLOSED)]
+    assert 0.3 < took < 2.0
+    assert cstat(fm, "upstream_cx_connect_fail") == 1
+    assert cstat(fm, "upstream_rq_active") == 0
+    assert lstat(fm, "downstream_rq_active") == 0
 
 
 def test_client_gone_with_requests_in_flight(proxy, clients):
