@@ -2,7 +2,9 @@
 import asyncio
 import logging
 
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t
+from libc.string cimport memcpy
 
 from fastmesh._core cimport debug
 from fastmesh._core.buffer cimport RecvBuffer, Slice
@@ -37,8 +39,21 @@ cdef int64_t LINGER_MS = 2000
 cdef Py_ssize_t UPSTREAM_MAX_HEAD_BYTES = 65536
 
 
+cdef Py_ssize_t SMALL_BODY_BYTES = 8192    # bodies up to this go out in one piece with the head
+
+
 cdef inline int64_t min64(int64_t a, int64_t b) noexcept:
     return a if a < b else b
+
+
+cdef bytes join_head_body(bytes head, const unsigned char *body, Py_ssize_t n):
+    # One bytes object (one write() syscall, no buffer objects) for a head and a small body.
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, hn + n)
+    cdef char *p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(head), hn)
+    memcpy(p + hn, body, n)
+    return out
 
 
 cdef inline void write_pieces(object transport, list pieces):
@@ -305,7 +320,11 @@ cdef class HttpDownstream:
         cdef Head h = self.req
         if h.body_kind == BODY_LENGTH:
             n = <Py_ssize_t>min64(self.rbuf.size(), self.body_left)
-            if n:
+            if n and head is not None and n == self.body_left and n <= SMALL_BODY_BYTES:
+                pieces[0] = join_head_body(head, self.rbuf.head(), n)   # whole small request
+                self.rbuf.consume(n)
+                self.body_left = 0
+            elif n:
                 pieces.append(self.rbuf.take_slice(n))
                 self.body_left -= n
             if self.body_left == 0:
@@ -768,7 +787,7 @@ cdef class HttpUpstream:
 
     cdef void _response_body(self):
         cdef list pieces = []
-        cdef Py_ssize_t n, used, off, ln, pos, size
+        cdef Py_ssize_t n, used, off, ln, pos, size, last
         cdef bint done = False
         cdef HttpDownstream ds = self.ds
         size = self.rbuf.size()
@@ -776,7 +795,14 @@ cdef class HttpUpstream:
             done = True
         elif self.body_kind == BODY_LENGTH:
             n = <Py_ssize_t>min64(size, self.body_left)
-            if n:
+            last = len(ds.out) - 1                  # (no negative indexing: wraparound off)
+            if (n and n == self.body_left and n <= SMALL_BODY_BYTES and last >= 0
+                    and type(ds.out[last]) is bytes):
+                # the whole small body is here and the head is still queued: one piece
+                ds.out[last] = join_head_body(ds.out[last], self.rbuf.head(), n)
+                self.rbuf.consume(n)
+                self.body_left = 0
+            elif n:
                 pieces.append(self.rbuf.take_slice(n))
                 self.body_left -= n
             done = self.body_left == 0
