@@ -42,6 +42,6 @@ setup(
     ext_modules=cythonize(
         extensions,
         compiler_directives=directives,
-        build_dir="build/cython",
+        build_dir="build/cython-debug" if DEBUG else "build/cython",
     ),
 )

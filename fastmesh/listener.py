@@ -19,6 +19,7 @@ import socket
 
 from fastmesh._core.context import ListenerCtx
 from fastmesh._core import http_proxy, tcp_proxy
+from fastmesh._core.http_proxy import py_now_ms as now_ms
 from fastmesh.config import model
 
 log = logging.getLogger("fastmesh.listener")
@@ -52,6 +53,7 @@ class Listener:
         self.cfg = cfg
         self.loop = loop
         self.state = ListenerState.INITIALISED
+        self.drain_started_ms = 0
         self.sock: socket.socket | None = None
         self.server = None
         self.ctx = ListenerCtx(
@@ -134,11 +136,17 @@ class Listener:
     def begin_drain(self) -> None:
         """Ask connections to finish: each HTTP/1 response from now on carries
         `Connection: close`; connections idle past the drain grace are closed by the sweep."""
-        self.ctx.draining = True
+        if not self.ctx.draining:
+            self.ctx.draining = True
+            self.drain_started_ms = now_ms()
 
-    def close_idle_for(self, now_ms: int, idle_ms: int) -> None:
+    def close_idle_for(self, now: int, idle_ms: int) -> None:
+        """Close connections idle for idle_ms, counting from no earlier than the drain's
+        start: a client gets idle_ms after the drain began to send its next request."""
+        if now - self.drain_started_ms < idle_ms:
+            return
         for conn in list(self.ctx.conns):
-            conn.close_if_idle_for(now_ms, idle_ms)
+            conn.close_if_idle_for(now, idle_ms)
 
     def update(self, cfg: model.Listener) -> None:
         """Same name and address, other settings changed: new limits apply to new requests

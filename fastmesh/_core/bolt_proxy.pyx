@@ -567,3 +567,10 @@ def sweep_downstreams(ListenerCtx ctx, int64_t now):
         _last_upstream_sweep_ms = now
         for up in list(_live_upstreams):
             up.sweep(now)
+
+
+def debug_leak_counts():
+    """Live objects (allocations minus frees) counted by this module, by kind. Counted only
+    in a debug build (FASTMESH_DEBUG=1); a release build returns zeros."""
+    return {"debug_build": bool(debug.FASTMESH_DEBUG), "blocks": debug.leaks[0],
+            "downstream": debug.leaks[1], "upstream": debug.leaks[2], "inflight": debug.leaks[3]}

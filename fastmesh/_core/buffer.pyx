@@ -204,3 +204,10 @@ cdef class RecvBuffer:
     @property
     def full(self):
         return self.is_full()
+
+
+def debug_leak_counts():
+    """Live objects (allocations minus frees) counted by this module, by kind. Counted only
+    in a debug build (FASTMESH_DEBUG=1); a release build returns zeros."""
+    return {"debug_build": bool(debug.FASTMESH_DEBUG), "blocks": debug.leaks[0],
+            "downstream": debug.leaks[1], "upstream": debug.leaks[2], "inflight": debug.leaks[3]}

@@ -233,3 +233,10 @@ def sweep_downstreams(ListenerCtx ctx, int64_t now):
     due = [p for p in ctx.conns if p.deadline_ms and p.deadline_ms <= now]
     for p in due:
         p.on_deadline(now)
+
+
+def debug_leak_counts():
+    """Live objects (allocations minus frees) counted by this module, by kind. Counted only
+    in a debug build (FASTMESH_DEBUG=1); a release build returns zeros."""
+    return {"debug_build": bool(debug.FASTMESH_DEBUG), "blocks": debug.leaks[0],
+            "downstream": debug.leaks[1], "upstream": debug.leaks[2], "inflight": debug.leaks[3]}
