@@ -873,8 +873,7 @@ cdef class HttpUpstream:
     cdef void _close(self):
         if self.state != US_CLOSED and self.transport is not None:
             self.state = US_CLOSED
-            self.transport.close()
-            self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+            self.transport.close()              # connection_lost counts it
 
     cdef _close_quiet(self):
         self._close()

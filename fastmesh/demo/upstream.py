@@ -14,7 +14,8 @@ Keep-alive and pipelining are honoured. What it answers, by path:
     /early/NNN         answers NNN at once, before reading the request body
     anything else      "hello from NAME\n"
 
-A path may carry a routing prefix before "/_/": "/api/_/echo" is answered as "/echo".
+A path may carry a routing prefix before "/_/": "/api/_/slow/100" is answered as "/slow/100";
+any path ending in "/echo" is answered as "/echo".
 
 Run one: ``python -m fastmesh.demo.upstream --listen 127.0.0.1:8001 --name web-1``.
 """
@@ -174,6 +175,8 @@ class UpstreamProtocol(asyncio.Protocol):
 
 
 def _command(path: str) -> str:
+    if path.endswith("/echo"):
+        return "/echo"
     return "/" + path.split("/_/", 1)[1] if "/_/" in path else path
 
 
