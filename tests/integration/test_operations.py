@@ -359,8 +359,7 @@ def _frame(name: str) -> bytes:
     return bytes.fromhex((FRAMES / name).read_text().strip())
 
 
-def test_bolt_connection_migrates_across_restarts(deployment, procs):
-    from fastmesh._core import bolt
+def _start_bolt_echo(procs) -> int:
     echo_port = free_port()
     echo = Proc([sys.executable, "-m", "benchmarks.boltload", "echo-server", "--listen",
                  f"127.0.0.1:{echo_port}"], name="bolt echo", cwd=str(REPO))
@@ -372,6 +371,27 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs):
             break
         except OSError:
             time.sleep(0.05)
+    return echo_port
+
+
+@pytest.mark.parametrize("peer", ["sofa-rpc-node", "boltload-echo"])
+def test_bolt_connection_migrates_across_restarts(deployment, procs, peer):
+    """A raw Bolt client on one TCP connection sends real SOFARPC requests (the captured
+    hessian2 echo("hello") frame, id patched) across three hot restarts: every call is
+    answered and the connection is never closed."""
+    from fastmesh._core import bolt
+    if peer == "sofa-rpc-node":
+        sys.path.insert(0, str(REPO / "tests" / "interop"))
+        from bolt_peers import NodeServer, node_skip_reason
+        reason = node_skip_reason()
+        if reason:
+            pytest.skip(reason)
+        server = NodeServer("s1")
+        server.start()
+        procs.append(server)                    # stop() at teardown
+        echo_port = server.port
+    else:
+        echo_port = _start_bolt_echo(procs)
     cfg = {
         "admin": {"address": f"127.0.0.1:{free_port()}"},
         "drain_timeout_ms": 5000,
