@@ -119,7 +119,7 @@ class Fastmesh(Peer):
         return yaml.safe_dump(cfg, sort_keys=False)
 
     def argv(self, config_path, workdir):
-        return [sys.executable, "-m", "fastmesh", "run", "-c", str(config_path),
+        return [sys.executable, "-P", "-m", "fastmesh", "run", "-c", str(config_path),
                 "--log-level", "warning"]
 
 
