@@ -72,7 +72,7 @@ def start_http(procs: ProcSet, cpu, workdir: Path, log_dir: Path, prefer: str) -
         http_probe(port, "/", 15, proc)
         return Upstream("nginx", port, proc, argv,
                         {"small": "/", "post": "/post", "64k": "/64k"}, version)
-    argv = [sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+    argv = [sys.executable, "-P", "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
             "--name", "upstream"]
     proc = procs.start("upstream-builtin", argv, cpu, log_dir, cwd=str(REPO))
     port = int(proc.wait_line("READY", 20).split()[1])
