@@ -45,7 +45,8 @@ def cmd_run(args) -> int:
         return 1
     from fastmesh.server.supervisor import default_upgrade_path, serve
     upgrade_path = args.upgrade_socket or default_upgrade_path(args.config)
-    argv = [sys.executable, "-m", "fastmesh"] + (sys.argv[1:] if args.argv is None else args.argv)
+    # the command SIGHUP starts again (-P: the installed package, whatever the directory)
+    argv = [sys.executable, "-P", "-m", "fastmesh"] + sys.argv[1:]
     return serve(cfg, config_path=args.config, loop_kind=args.loop, workers=args.workers,
                  upgrade_path=upgrade_path, log_level=args.log_level, argv=argv)
 
@@ -105,7 +106,6 @@ def main(argv=None) -> int:
     p.add_argument("--upgrade-socket", default=None,
                    help="unix socket path for hot restart (default derived from the config "
                         "path); a second `fastmesh run` with the same path takes over")
-    p.set_defaults(argv=None)
     common(p)
     p.set_defaults(func=cmd_run)
 

@@ -135,8 +135,11 @@ class Supervisor:
 
     async def _start_worker(self, i: int) -> None:
         parent, child = ipc.socketpair()
-        cmd = [sys.executable, "-m", "fastmesh.server.worker", "--ctrl-fd", str(child.fileno()),
-               "--index", str(i), "--loop", self.loop_kind, "--log-level", self.log_level]
+        # -P: never import fastmesh from the working directory (a source checkout there
+        # would shadow the installed, compiled package)
+        cmd = [sys.executable, "-P", "-m", "fastmesh.server.worker",
+               "--ctrl-fd", str(child.fileno()), "--index", str(i), "--loop", self.loop_kind,
+               "--log-level", self.log_level]
         proc = subprocess.Popen(cmd, pass_fds=[child.fileno()])
         child.close()
         chan = ipc.Channel(parent, self.loop)
