@@ -12,12 +12,56 @@ from fastmesh._core cimport debug
 cdef Py_ssize_t MIN_READ_BYTES = 4096   # never offer the kernel less free tail than this
 
 
+# Recycled Block memory. A Block still referenced by a pending write is replaced by a fresh
+# one, so a busy stream frees and allocates a Block per read; reusing the memory avoids the
+# allocator handing back (and the kernel faulting in) fresh pages every time. Only the
+# common sizes are kept, at most POOL_MAX of each: a bounded cache, not a leak.
+cdef enum:
+    POOL_MAX = 64
+    POOL_MAX_256K = 16
+cdef char *_pool_16k[POOL_MAX]
+cdef char *_pool_64k[POOL_MAX]
+cdef char *_pool_256k[POOL_MAX_256K]
+cdef int _n_16k = 0
+cdef int _n_64k = 0
+cdef int _n_256k = 0
+
+
+cdef char *block_memory(Py_ssize_t capacity) noexcept:
+    global _n_16k, _n_64k, _n_256k
+    if capacity == 16384 and _n_16k:
+        _n_16k -= 1
+        return _pool_16k[_n_16k]
+    if capacity == 65536 and _n_64k:
+        _n_64k -= 1
+        return _pool_64k[_n_64k]
+    if capacity == 262144 and _n_256k:
+        _n_256k -= 1
+        return _pool_256k[_n_256k]
+    return <char *>malloc(capacity)
+
+
+cdef void block_release(char *data, Py_ssize_t capacity) noexcept:
+    global _n_16k, _n_64k, _n_256k
+    if capacity == 16384 and _n_16k < POOL_MAX:
+        _pool_16k[_n_16k] = data
+        _n_16k += 1
+    elif capacity == 65536 and _n_64k < POOL_MAX:
+        _pool_64k[_n_64k] = data
+        _n_64k += 1
+    elif capacity == 262144 and _n_256k < POOL_MAX_256K:
+        _pool_256k[_n_256k] = data
+        _n_256k += 1
+    else:
+        free(data)
+
+
 @cython.freelist(64)
 cdef class Block:
     @staticmethod
     cdef Block new(Py_ssize_t capacity):
         cdef Block b = Block.__new__(Block)
-        b.data = <char *>malloc(capacity)
+        b.data = block_memory(capacity)
         if b.data is NULL:
             raise MemoryError()
         b.capacity = capacity
@@ -26,7 +70,7 @@ cdef class Block:
 
     def __dealloc__(self):
         if self.data is not NULL:
-            free(self.data)
+            block_release(self.data, self.capacity)
             self.data = NULL
             debug.count_free(debug.LEAK_BLOCK)
 

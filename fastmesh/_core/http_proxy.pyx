@@ -629,7 +629,7 @@ cdef class HttpUpstream:
     def __init__(self, Cluster cluster, Endpoint ep):
         self.cluster = cluster
         self.ep = ep
-        self.rbuf = RecvBuffer(16384, UPSTREAM_MAX_HEAD_BYTES + 65536)
+        self.rbuf = RecvBuffer(65536, UPSTREAM_MAX_HEAD_BYTES + 65536)   # big bodies: few reads
         self.parser = HeadParser(False, UPSTREAM_MAX_HEAD_BYTES, 200)
         self.chunker = ChunkedFramer()
         self.state = US_CONNECTING
