@@ -15,11 +15,14 @@ import asyncio
 import logging
 import os
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint32_t
+
+cimport cython
 
 from fastmesh._core cimport debug
 from fastmesh._core.bolt cimport (
-    FrameInfo, frame_peek, frame_set_id, bolt_error_reason, header_lookup,
+    FrameInfo, frame_peek, frame_set_id, bolt_error_reason, header_find, frame_headers_offset,
     encode_error_response, encode_heartbeat, encode_heartbeat_ack,
     BOLT_TYPE_RESPONSE, BOLT_TYPE_REQUEST, BOLT_TYPE_ONEWAY, BOLT_CMD_HEARTBEAT,
     BOLT_CMD_REQUEST, BOLT_CMD_RESPONSE, BOLT_STATUS_SUCCESS,
@@ -53,6 +56,7 @@ cdef int64_t _last_upstream_sweep_ms = 0
 cdef set _live_upstreams = set()        # every BoltUpstream not yet closed (for sweeps)
 
 
+@cython.freelist(4096)
 cdef class InFlight:
     """One forwarded request waiting for its response."""
     cdef:
@@ -125,15 +129,25 @@ cdef class BoltDownstream:
             self.transport.pause_reading()
 
     cdef _process(self, list dirty):
+        # Frames are handled where they lie. Consecutive requests bound for the same upstream
+        # connection form a run that leaves as one slice (one iovec, one buffer object): the
+        # common case of one client and one upstream sends a whole read in one piece.
         cdef FrameInfo fi
-        cdef Py_ssize_t r
+        cdef Py_ssize_t r, pos = 0, run = 0, size
         cdef unsigned char *p
-        while not self.closed and self.rbuf.size():
-            p = <unsigned char *>self.rbuf.head()
-            r = frame_peek(p, self.rbuf.size(), self.ctx.max_frame_bytes, &fi)
+        cdef BoltUpstream up, run_up = None
+        while not self.closed:
+            size = self.rbuf.size()
+            if pos >= size:
+                break
+            p = <unsigned char *>self.rbuf.head() + pos
+            r = frame_peek(p, size - pos, self.ctx.max_frame_bytes, &fi)
             if r == 0:
-                return
+                break
             if r < 0:
+                if run:
+                    self._emit(run_up, run, dirty)
+                    run = 0
                 self.ctx.counters.v[LS_ERR_BAD_FRAME] += 1
                 log.warning("listener %s: bad Bolt frame from %s: %s; closing the connection",
                             self.ctx.name, self.transport.get_extra_info("peername"),
@@ -141,18 +155,41 @@ cdef class BoltDownstream:
                 self.closed = True
                 self.transport.abort()
                 return
+            up = None
             if fi.cmdcode == BOLT_CMD_HEARTBEAT:
                 if fi.type == BOLT_TYPE_REQUEST:
                     self.ctx.counters.v[LS_HEARTBEATS] += 1
                     self.out.append(encode_heartbeat_ack(fi.proto, fi.request_id, fi.codec,
                                                          fi.ver1 or 1, 0))
-                self.rbuf.consume(r)
-            elif fi.type == BOLT_TYPE_RESPONSE:
-                self.rbuf.consume(r)            # responses from a client: nothing to match
+            elif fi.type != BOLT_TYPE_RESPONSE:     # (responses from a client: dropped)
+                up = self._request(p, &fi)
+            if up is not None and up is run_up:
+                run += r                            # contiguous with the run: extend it
+                pos += r
+                continue
+            if run:
+                self._emit(run_up, run, dirty)      # everything before this frame leaves
+                pos -= run
+                run = 0
+            if up is None:
+                self.rbuf.consume(r)                # answered here: drop the frame
+                run_up = None
             else:
-                self._request(p, &fi, r, dirty)
+                run_up = up
+                run = r
+                pos += r
+        if run:
+            self._emit(run_up, run, dirty)
 
-    cdef _request(self, unsigned char *p, FrameInfo *fi, Py_ssize_t flen, list dirty):
+    cdef _emit(self, BoltUpstream up, Py_ssize_t n, list dirty):
+        up.out.append(self.rbuf.take_slice(n))
+        if not up.dirty:
+            up.dirty = True
+            dirty.append(up)
+
+    cdef BoltUpstream _request(self, unsigned char *p, FrameInfo *fi):
+        # Route one request; on success its id is patched and it is in flight upstream (the
+        # caller moves the bytes); None when it was answered here.
         cdef RouteTable table = self.ctx.route_table
         cdef Route route = None, r
         cdef VirtualHost vh
@@ -164,18 +201,21 @@ cdef class BoltDownstream:
         cdef InFlight e
         cdef uint32_t new_id
         cdef int timeout_ms
+        cdef const unsigned char *block = p + frame_headers_offset(fi)
+        cdef Py_ssize_t voff, vlen = 0
         self.ctx.counters.v[LS_RQ_TOTAL] += 1
         if not oneway and self.inflight >= self.ctx.max_in_flight:
             self.ctx.counters.v[LS_ERR_BUSY] += 1
             self._reply_error(fi, BOLT_STATUS_SERVER_THREADPOOL_BUSY)
-            self.rbuf.consume(flen)
-            return
+            return None
         vh = table.default if table is not None else None
         if vh is not None:
             for r in vh.routes:
                 ok = True
                 for m in r.headers:
-                    if not m.matches(header_lookup(p, fi, m.name, len(m.name))):
+                    voff = header_find(block, fi.header_len, PyBytes_AS_STRING(m.name),
+                                       PyBytes_GET_SIZE(m.name), &vlen)
+                    if not m.matches_raw(block + voff if voff >= 0 else NULL, vlen, voff >= 0):
                         ok = False
                         break
                 if ok:
@@ -184,15 +224,13 @@ cdef class BoltDownstream:
         if route is None or route.action == A_DIRECT:
             self.ctx.counters.v[LS_ERR_NO_ROUTE] += 1
             self._reply_error(fi, BOLT_STATUS_NO_PROCESSOR)
-            self.rbuf.consume(flen)
-            return
+            return None
         cluster = route.pick_cluster()
         ep = cluster.pick()
         if ep is None:
             self.ctx.counters.v[LS_ERR_NO_HEALTHY_UPSTREAM] += 1
             self._reply_error(fi, BOLT_STATUS_NO_PROCESSOR)
-            self.rbuf.consume(flen)
-            return
+            return None
         up = _mux_for(self.ctx, cluster, ep, self.affinity)
         cluster.counters.v[CS_RQ_TOTAL] += 1
         new_id = up.next_id()
@@ -211,10 +249,7 @@ cdef class BoltDownstream:
             self.ctx.counters.v[LS_RQ_ACTIVE] += 1
             cluster.counters.v[CS_RQ_ACTIVE] += 1
             ep.active_requests += 1
-        up.out.append(self.rbuf.take_slice(flen))
-        if not up.dirty:
-            up.dirty = True
-            dirty.append(up)
+        return up
 
     cdef _reply_error(self, FrameInfo *fi, int status):
         if fi.type == BOLT_TYPE_ONEWAY:
@@ -231,8 +266,8 @@ cdef class BoltDownstream:
             self.ctx.counters.v[LS_RSP_2XX] += 1
         else:
             self.ctx.counters.v[LS_RSP_5XX] += 1
-        if not self.closed:
-            self.out.append(frame)
+        if frame is not None and not self.closed:
+            self.out.append(frame)              # (None: it comes in a run of responses)
 
     cdef void fail(self, InFlight e, int status, int err_slot):
         self.ctx.counters.v[err_slot] += 1
@@ -413,51 +448,76 @@ cdef class BoltUpstream:
             ds.flush_out()
 
     cdef _process(self, list dirty):
+        # Responses are matched to their requests where they lie; consecutive responses for
+        # the same client form a run that goes to it as one slice.
         cdef FrameInfo fi
-        cdef Py_ssize_t r
+        cdef Py_ssize_t r, pos = 0, run = 0, size
         cdef unsigned char *p
         cdef InFlight e
-        cdef BoltDownstream ds
-        while self.rbuf.size():
-            p = <unsigned char *>self.rbuf.head()
-            r = frame_peek(p, self.rbuf.size(), 16 << 20, &fi)
+        cdef BoltDownstream ds, run_ds = None
+        while True:
+            size = self.rbuf.size()
+            if pos >= size:
+                break
+            p = <unsigned char *>self.rbuf.head() + pos
+            r = frame_peek(p, size - pos, 16 << 20, &fi)
             if r == 0:
-                return
+                break
             if r < 0:
+                if run:
+                    self._emit(run_ds, run, dirty)
                 log.warning("cluster %s: bad Bolt frame from %s:%s: %s; closing", self.cluster.name,
                             self.ep.host, self.ep.port, bolt_error_reason(<int>r).decode())
                 self.transport.abort()
                 return
+            ds = None
             if fi.type != BOLT_TYPE_RESPONSE:
                 if fi.cmdcode == BOLT_CMD_HEARTBEAT:
                     # the server checks on us: answer
                     self.out.append(encode_heartbeat_ack(fi.proto, fi.request_id, fi.codec,
                                                          fi.ver1 or 1, 0))
-                    self.rbuf.consume(r)
                     self.flush()
-                    continue
-                self.rbuf.consume(r)         # requests from a server: not supported, dropped
-                continue
-            if fi.cmdcode == BOLT_CMD_HEARTBEAT and fi.request_id == self.heartbeat_id:
+                # (requests from a server: not supported, dropped)
+            elif fi.cmdcode == BOLT_CMD_HEARTBEAT and fi.request_id == self.heartbeat_id:
                 self.heartbeat_id = 0
                 self.missed_heartbeats = 0
-                self.rbuf.consume(r)
-                continue
-            e = self.inflight.pop(fi.request_id, None)
-            if e is None:
-                self.rbuf.consume(r)         # late (timed out) or unknown: dropped
-                continue
-            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
-            self.ep.active_requests -= 1
-            if fi.status == BOLT_STATUS_SUCCESS:
-                self.cluster.counters.v[CS_RSP_2XX] += 1
             else:
-                self.cluster.counters.v[CS_BOLT_STATUS_OTHER] += 1
-            frame_set_id(p, &fi, e.client_id)
-            ds = e.ds
-            ds.answered(e, self.rbuf.take_slice(r), fi.status)
-            if not ds.closed and len(ds.out) == 1:
-                dirty.append(ds)
+                e = self.inflight.pop(fi.request_id, None)
+                if e is not None:               # (None: late, timed out or unknown: dropped)
+                    self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+                    self.ep.active_requests -= 1
+                    if fi.status == BOLT_STATUS_SUCCESS:
+                        self.cluster.counters.v[CS_RSP_2XX] += 1
+                    else:
+                        self.cluster.counters.v[CS_BOLT_STATUS_OTHER] += 1
+                    frame_set_id(p, &fi, e.client_id)
+                    ds = e.ds
+                    ds.answered(e, None, fi.status)
+            if ds is not None and ds is run_ds:
+                run += r
+                pos += r
+                continue
+            if run:
+                self._emit(run_ds, run, dirty)
+                pos -= run
+                run = 0
+            if ds is None:
+                self.rbuf.consume(r)
+                run_ds = None
+            else:
+                run_ds = ds
+                run = r
+                pos += r
+        if run:
+            self._emit(run_ds, run, dirty)
+
+    cdef _emit(self, BoltDownstream ds, Py_ssize_t n, list dirty):
+        if ds.closed:
+            self.rbuf.consume(n)
+            return
+        ds.out.append(self.rbuf.take_slice(n))
+        if len(ds.out) == 1:
+            dirty.append(ds)
 
     def eof_received(self):
         return False

@@ -24,6 +24,7 @@ cdef class HeaderMatcher:
         object regex            # M_REGEX: compiled bytes pattern
 
     cdef bint matches(self, bytes value)      # value None = header absent
+    cdef bint matches_raw(self, const unsigned char *v, Py_ssize_t n, bint present)
 
 
 cdef class Route:

@@ -1,5 +1,5 @@
 """Compiled route tables. See router.pxd."""
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcmp
 from libc.stdint cimport uint64_t
@@ -30,6 +30,22 @@ cdef class HeaderMatcher:
         if self.kind == M_PREFIX:
             return value.startswith(self.value)
         return self.regex.fullmatch(value) is not None
+
+    cdef bint matches_raw(self, const unsigned char *v, Py_ssize_t n, bint present):
+        # The same test on bytes in place (no object unless a regex needs one).
+        cdef Py_ssize_t k
+        if self.kind == M_ABSENT:
+            return not present
+        if not present:
+            return False
+        if self.kind == M_ANY:
+            return True
+        k = PyBytes_GET_SIZE(self.value) if self.value is not None else 0
+        if self.kind == M_EXACT:
+            return n == k and memcmp(v, PyBytes_AS_STRING(self.value), k) == 0
+        if self.kind == M_PREFIX:
+            return n >= k and memcmp(v, PyBytes_AS_STRING(self.value), k) == 0
+        return self.regex.fullmatch(PyBytes_FromStringAndSize(<const char *>v, n)) is not None
 
     def py_matches(self, value):
         return self.matches(value)
