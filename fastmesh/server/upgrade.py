@@ -97,24 +97,20 @@ async def fetch_sockets(path: str, loop) -> tuple[ipc.Channel, dict] | None:
     return chan, socks
 
 
-# ---------------------------------------------------------------- old generation side
-
-class UpgradeServer:
-    """Serves the upgrade socket of a running generation."""
+class _SeqpacketServer:
+    """A listening SEQPACKET unix socket on the loop; subclasses handle each connection."""
 
     def __init__(self, supervisor, path: str, loop):
         self.sup = supervisor
         self.path = path
         self.loop = loop
         self.sock: socket.socket | None = None
-        self.busy = False
 
     def start(self) -> None:
         self.sock = bind_seqpacket(self.path)
         self.loop.add_reader(self.sock.fileno(), self._accept)
-        log.info("upgrade socket: %s", self.path)
 
-    def close(self, unlink: bool) -> None:
+    def close(self, unlink: bool = True) -> None:
         if self.sock is not None:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -130,6 +126,24 @@ class UpgradeServer:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        self._connected(conn)
+
+    def _connected(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- old generation side
+
+class UpgradeServer(_SeqpacketServer):
+    """Serves the upgrade socket of a running generation."""
+
+    busy = False
+
+    def start(self) -> None:
+        super().start()
+        log.info("upgrade socket: %s", self.path)
+
+    def _connected(self, conn: socket.socket) -> None:
         if self.busy:
             conn.close()
             return
@@ -167,35 +181,12 @@ class UpgradeServer:
             self.busy = False
 
 
-class MigrateServer:
+class MigrateServer(_SeqpacketServer):
     """Serves the migrate socket of a new generation: connections from old workers."""
 
-    def __init__(self, supervisor, path: str, loop):
-        self.sup = supervisor
-        self.path = path
-        self.loop = loop
-        self.sock = None
-        self.migrated = 0
+    migrated = 0
 
-    def start(self) -> None:
-        self.sock = bind_seqpacket(self.path)
-        self.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
-    def _accept(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+    def _connected(self, conn: socket.socket) -> None:
         chan = ipc.Channel(conn, self.loop)
         chan.on_message = lambda msg, fds: self.loop.create_task(self._on(chan, msg, fds))
         chan.start_reading()
