@@ -85,6 +85,7 @@ cdef class BoltDownstream:
         readonly int inflight       # requests forwarded, not yet answered
         bint closed
         bint reading_paused
+        bint held                   # reading paused for a congested upstream
         int64_t last_rx_ms
         unsigned int affinity       # picks the same mux connection index per client
 
@@ -186,6 +187,17 @@ cdef class BoltDownstream:
         if not up.dirty:
             up.dirty = True
             dirty.append(up)
+        if up.congested and not self.held:
+            self.held = True                   # backpressure: read no more from this client
+            up.paused_clients.append(self)
+            self.transport.pause_reading()
+
+    cdef void release_hold(self):
+        if self.held and not self.closed:
+            self.held = False
+            if not self.reading_paused:
+                self.transport.resume_reading()
+        self.held = False
 
     cdef BoltUpstream _request(self, unsigned char *p, FrameInfo *fi):
         # Route one request; on success its id is patched and it is in flight upstream (the
@@ -374,6 +386,8 @@ cdef class BoltUpstream:
         uint32_t heartbeat_id       # outstanding heartbeat, 0 = none
         int64_t heartbeat_sent_ms
         int missed_heartbeats
+        bint congested              # write buffer above high water (pause_writing)
+        list paused_clients         # clients whose reading we paused for it
         object connect_task         # while UP_CONNECTING
         int64_t connect_started_ms  # for the cluster's connect_timeout_ms
 
@@ -385,6 +399,7 @@ cdef class BoltUpstream:
         self.state = UP_CONNECTING
         self.inflight = {}
         self.out = []
+        self.paused_clients = []
         debug.count_alloc(debug.LEAK_UPSTREAM)
 
     def __dealloc__(self):
@@ -533,6 +548,7 @@ cdef class BoltUpstream:
         if self.state == UP_READY:
             self.cluster.counters.v[CS_CX_ACTIVE] -= 1
         self.state = UP_CLOSED
+        self.resume_writing()                   # held clients go on (their next requests fail fast)
         _live_upstreams.discard(self)
         try:
             self.ep.mux.remove(self)
@@ -551,10 +567,16 @@ cdef class BoltUpstream:
             ds.flush_out()
 
     def pause_writing(self):
-        pass
+        # The upstream is not keeping up: clients that send to it stop being read (see
+        # BoltDownstream._hold_for) until it drains below its low-water mark.
+        self.congested = True
 
     def resume_writing(self):
-        pass
+        cdef BoltDownstream ds
+        self.congested = False
+        paused, self.paused_clients = self.paused_clients, []
+        for ds in paused:
+            ds.release_hold()
 
     cpdef void sweep(self, int64_t now):
         # Timeouts of in-flight requests, and heartbeats on an idle connection.

@@ -874,3 +874,65 @@ def test_client_gone_with_requests_in_flight(proxy, clients):
     assert c.read_frame()["content"] == b"z"
     assert lstat(fm, "downstream_rq_active") == 0
     assert cstat(fm, "upstream_cx_total") == 1
+
+
+def test_slow_upstream_backpressure_bounds_memory(start_fastmesh):
+    """An upstream that stops reading: fastmesh stops reading the client instead of queueing
+    its requests without bound (the client's sends block; the worker's RSS stays flat)."""
+    import threading
+    from fastmesh._core import bolt as _bolt
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    held = []
+
+    def accept_and_ignore():
+        srv.settimeout(10)
+        try:
+            conn, _ = srv.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            held.append(conn)                   # never read
+        except OSError:
+            pass
+    threading.Thread(target=accept_and_ignore, daemon=True).start()
+    cfg = {
+        "listeners": [{"name": "rpc", "protocol": "bolt", "route_table": "rpc"}],
+        "route_tables": {"rpc": {"routes": [
+            {"match": {"headers": [{"name": "service", "present": True}]}, "cluster": "up"}]}},
+        "clusters": [{"name": "up", "endpoints": [f"127.0.0.1:{srv.getsockname()[1]}"]}],
+    }
+    fm = start_fastmesh(cfg)
+    worker = fm.worker_pids()[0]
+
+    def rss_kb():
+        with open(f"/proc/{worker}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    hdr = _bolt.encode_header_block({"service": "com.example.EchoService:1.0"})
+    frame = _bolt.encode_request(1, 1, 1, 1, 60000, b"com.alipay.sofa.rpc.core.request.SofaRequest",
+                                 hdr, b"x" * 65536)
+    base = rss_kb()
+    c = socket.create_connection(("127.0.0.1", fm.port), timeout=10)
+    c.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + 4
+    buf = bytearray()
+    i = 1
+    while time.monotonic() < deadline and sent < 400 * 1024 * 1024:
+        if not buf:
+            f = bytearray(frame)
+            _bolt.py_frame_set_id(f, i)
+            i += 1
+            buf = f
+        try:
+            n = c.send(buf)
+            sent += n
+            del buf[:n]
+        except BlockingIOError:
+            time.sleep(0.01)
+    growth_mb = (rss_kb() - base) / 1024
+    c.close()
+    srv.close()
+    for h in held:
+        h.close()
+    assert sent < 200 * 1024 * 1024, sent          # the client was held back
+    assert growth_mb < 64, growth_mb               # a few high-water marks, not everything
