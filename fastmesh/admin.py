@@ -34,7 +34,7 @@ def json_body(obj) -> tuple[int, str, bytes]:
 
 class AdminServer:
     def __init__(self, server_state):
-        """server_state: the object that answers (fastmesh.server.worker.Server)."""
+        """server_state: the object that answers (fastmesh.server.supervisor.Supervisor)."""
         self.state = server_state
         self.routes: dict[tuple[str, str], Handler] = {}
         self.server = None
