@@ -408,7 +408,10 @@ cdef class HttpDownstream:
         self.ep = None
         self.up = None
         if self.close_after or self.ctx.draining:
-            self._close()
+            if self.req_done:
+                self._close()
+            else:
+                self._linger()          # unread request body: don't let it turn into an RST
             return
         self.state = DS_HEAD
         self._set_deadline(DL_IDLE, self.ctx.idle_timeout_ms)
@@ -779,6 +782,10 @@ cdef class HttpUpstream:
                 self.te_mode = TE_NONE
                 ds.close_after = True
         self.reusable = not h.conn_close and h.body_kind != BODY_CLOSE
+        if not ds.req_done:
+            # answered before the request body was all forwarded: once this response is
+            # done the client connection cannot be resynchronised, so say it closes
+            ds.close_after = True
         close_client = ds.close_after or ds.ctx.draining
         ds._on_response_head(build_response_head(h, self.te_mode, close_client,
                                                   client_10 and not close_client))

@@ -493,3 +493,14 @@ def test_admin_endpoints(mesh):
     status, body = mesh.admin("/clusters")
     assert len(json.loads(body)["web"]) == 2
     assert mesh.admin("/nope")[0] == 404
+
+
+def test_early_response_before_the_body_reaches_the_client(mesh):
+    """The upstream answers before reading the request body: the client gets the whole
+    response, then the connection closes (the rest of its body cannot be resynchronised)."""
+    with RawClient(mesh.port) as c:
+        c.send(b"POST /early/403 HTTP/1.1\r\nHost: h\r\nContent-Length: 5000000\r\n\r\n"
+               + b"a" * 200000)
+        r = c.read_response()
+        assert r.status == 403 and r.body == b"early"
+        assert r.header("connection") == "close"
