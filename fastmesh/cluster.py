@@ -1,5 +1,5 @@
 """Endpoint resolution for clusters: IP literals at once, hostnames through the loop's
-resolver, re-resolved every ``dns_refresh_ms``. A failed lookup keeps the last good
+resolver (IPv4 addresses if the name has any, else IPv6), re-resolved every ``dns_refresh_ms``. A failed lookup keeps the last good
 addresses (and logs); a cluster with no address at all answers 503 until one resolves.
 """
 from __future__ import annotations
@@ -53,10 +53,14 @@ class ClusterResolver:
                     log.warning("cluster %s: cannot resolve %s: %s (keeping last addresses)",
                                 self.cfg.name, a.host, exc)
                 continue
+            # IPv4 addresses when the name has any, else IPv6 ("v4 preferred", as Envoy's
+            # V4_PREFERRED): `localhost` must not become a second, unreachable ::1 endpoint
+            v4 = [(sa[0], sa[1]) for fam, _, _, _, sa in infos if fam == socket.AF_INET]
+            v6 = [(sa[0], sa[1]) for fam, _, _, _, sa in infos if fam == socket.AF_INET6]
             addrs = []
-            for family, _, _, _, sockaddr in infos:
-                if (sockaddr[0], sockaddr[1]) not in addrs:
-                    addrs.append((sockaddr[0], sockaddr[1]))
+            for addr in (v4 or v6):
+                if addr not in addrs:
+                    addrs.append(addr)
             self.resolved[key] = addrs
         self.apply()
 

@@ -160,3 +160,23 @@ def test_pool_idle_timeout_and_bound(start_fastmesh, start_upstream, loop_kind):
     assert eps[0]["idle_connections"] == 0
     st = fm.cluster_stats("c")
     assert st["upstream_cx_total"] == 5 and st["upstream_cx_active"] == 0
+
+
+def test_hostname_endpoints_are_resolved(start_fastmesh, start_upstream, loop_kind):
+    up = start_upstream("named")
+    cfg = simple_config({"c": [f"localhost:{up.port}"]})
+    cfg["clusters"][0]["dns_refresh_ms"] = 200
+    fm = start_fastmesh(cfg, loop=loop_kind)
+    import json
+    deadline = time.monotonic() + 5
+    eps = []
+    while time.monotonic() < deadline and not eps:
+        eps = json.loads(fm.admin("/clusters")[1])["c"]
+        time.sleep(0.05)
+    assert eps == [{"address": f"127.0.0.1:{up.port}", "origin": f"localhost:{up.port}",
+                    "active_requests": 0, "idle_connections": 0,
+                    "multiplexed_connections": 0}]
+    for _ in range(5):
+        with RawClient(fm.port) as c:
+            c.request(path="/")
+            assert c.read_response().body == b"hello from named\n"
