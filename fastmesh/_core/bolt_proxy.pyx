@@ -310,10 +310,6 @@ cdef class BoltDownstream:
         if not self.closed:
             self.transport.abort()
 
-    def close_if_idle(self):
-        if self.inflight == 0 and not self.closed:
-            self.transport.close()
-
     def close_if_idle_for(self, int64_t now, int64_t idle_ms):
         # Drain: a client with nothing in flight and quiet for idle_ms is closed.
         if self.inflight == 0 and not self.closed and now - self.last_rx_ms >= idle_ms:

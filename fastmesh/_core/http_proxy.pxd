@@ -131,6 +131,5 @@ cdef class HttpUpstream:
     cdef void _complete(self)
     cdef void _release(self)
     cdef void _close(self)
-    cdef _close_quiet(self)
     cdef void pause_reading(self)
     cdef void resume_reading(self)

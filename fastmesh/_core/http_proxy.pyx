@@ -748,7 +748,7 @@ cdef class HttpUpstream:
                 log.warning("cluster %s: bad response from %s:%s: %s", self.cluster.name,
                             self.ep.host, self.ep.port, self.parser.error_reason.decode())
                 self.ds = None
-                self._close_quiet()
+                self._close()
                 ds._on_upstream_lost(True, False, LS_ERR_UPSTREAM_PROTOCOL)
                 return False
             self.rbuf.consume(r)
@@ -757,7 +757,7 @@ cdef class HttpUpstream:
             if h.status < 200:
                 if h.status == 101:
                     self.ds = None
-                    self._close_quiet()
+                    self._close()
                     ds._on_upstream_lost(True, False, LS_ERR_UPSTREAM_PROTOCOL)
                     return False
                 if h.status != 100:
@@ -824,7 +824,7 @@ cdef class HttpUpstream:
                     if pos:
                         ds._on_response_body([self.rbuf.take_slice(pos)])
                     self.ds = None
-                    self._close_quiet()
+                    self._close()
                     ds._on_upstream_lost(False, False, LS_ERR_UPSTREAM_PROTOCOL)
                     return
                 if self.te_mode == TE_NONE:
@@ -881,9 +881,6 @@ cdef class HttpUpstream:
         if self.state != US_CLOSED and self.transport is not None:
             self.state = US_CLOSED
             self.transport.close()              # connection_lost counts it
-
-    cdef _close_quiet(self):
-        self._close()
 
     cdef void pause_reading(self):
         if not self.reading_paused and self.transport is not None:
