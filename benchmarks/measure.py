@@ -57,30 +57,35 @@ def descendants(root: int) -> list[int]:
 class CpuSample:
     t: float            # time.monotonic()
     ticks: int          # utime + stime of the tree, plus reaped children of the root
+    sys_ticks: int      # the stime (kernel) part of ticks
     pids: int           # processes seen
     threads: int        # threads seen
 
 
 def cpu_sample(root: int) -> CpuSample:
-    ticks = pids = threads = 0
+    ticks = sys_ticks = pids = threads = 0
     for pid in descendants(root):
         f = _stat_fields(f"/proc/{pid}/stat")
         if f is None:
             continue
         # field 14 utime, 15 stime, 16 cutime, 17 cstime, 20 num_threads (1-based)
         ticks += int(f[11]) + int(f[12])
+        sys_ticks += int(f[12])
         if pid == root:
             ticks += int(f[13]) + int(f[14])
+            sys_ticks += int(f[14])
         pids += 1
         threads += int(f[17])
-    return CpuSample(time.monotonic(), ticks, pids, threads)
+    return CpuSample(time.monotonic(), ticks, sys_ticks, pids, threads)
 
 
 def cpu_delta(a: CpuSample, b: CpuSample) -> dict:
     """CPU seconds spent between two samples, and the share of one core it was."""
     cpu_s = (b.ticks - a.ticks) / CLK_TCK
+    sys_s = (b.sys_ticks - a.sys_ticks) / CLK_TCK
     wall_s = b.t - a.t
     return {"cpu_s": round(cpu_s, 3), "wall_s": round(wall_s, 3),
+            "cpu_sys_share": round(sys_s / cpu_s, 3) if cpu_s > 0 else None,
             "cpu_util": round(cpu_s / wall_s, 3) if wall_s > 0 else None,
             "processes": b.pids, "threads": b.threads}
 

