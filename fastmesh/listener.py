@@ -62,6 +62,7 @@ class Listener:
             max_request_body_bytes=cfg.max_request_body_bytes,
             max_frame_bytes=cfg.max_frame_bytes, idle_timeout_ms=cfg.idle_timeout_ms,
             request_head_timeout_ms=cfg.request_head_timeout_ms,
+            stream_idle_timeout_ms=cfg.stream_idle_timeout_ms,
             high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
             max_in_flight=cfg.max_in_flight)
 
@@ -157,6 +158,7 @@ class Listener:
         c.max_request_body_bytes = cfg.max_request_body_bytes
         c.max_frame_bytes, c.idle_timeout_ms = cfg.max_frame_bytes, cfg.idle_timeout_ms
         c.request_head_timeout_ms = cfg.request_head_timeout_ms
+        c.stream_idle_timeout_ms = cfg.stream_idle_timeout_ms
         c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
         c.max_in_flight = cfg.max_in_flight
 

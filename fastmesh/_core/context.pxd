@@ -22,6 +22,7 @@ cdef class ListenerCtx:
         public int max_frame_bytes
         public int idle_timeout_ms
         public int request_head_timeout_ms
+        public int stream_idle_timeout_ms
         public int high_water_bytes
         public int low_water_bytes
         public int max_in_flight

@@ -7,6 +7,7 @@ cdef class ListenerCtx:
                  int max_head_bytes=65536, int max_headers=100,
                  long long max_request_body_bytes=0, int max_frame_bytes=16 << 20,
                  int idle_timeout_ms=60000, int request_head_timeout_ms=10000,
+                 int stream_idle_timeout_ms=300000,
                  int high_water_bytes=262144, int low_water_bytes=65536,
                  int max_in_flight=10000):
         self.name = name
@@ -22,6 +23,7 @@ cdef class ListenerCtx:
         self.max_frame_bytes = max_frame_bytes
         self.idle_timeout_ms = idle_timeout_ms
         self.request_head_timeout_ms = request_head_timeout_ms
+        self.stream_idle_timeout_ms = stream_idle_timeout_ms
         self.high_water_bytes = high_water_bytes
         self.low_water_bytes = low_water_bytes
         self.max_in_flight = max_in_flight

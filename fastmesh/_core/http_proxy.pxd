@@ -6,7 +6,7 @@
 # then the next (possibly pipelined) request is parsed. Responses are therefore in order.
 # Bytes move as Slices of the receive buffers, never copied in Python.
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
 from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.http1 cimport Head, HeadParser, ChunkedFramer
@@ -33,6 +33,7 @@ cdef enum DeadlineKind:
     DL_CONNECT              # upstream connect: 503
     DL_RESPONSE             # upstream response head: 504
     DL_LINGER               # lingering close: abort
+    DL_STREAM_IDLE          # an exchange with no bytes either way: 408 / 504 / close
 
 cdef enum UsState:
     US_CONNECTING = 0
@@ -72,6 +73,8 @@ cdef class HttpDownstream:
         # timers
         int64_t deadline_ms         # 0 = none
         int deadline_kind           # DeadlineKind
+        uint64_t reads              # read events on this exchange's two connections ...
+        uint64_t reads_seen         # ... when the stream-idle deadline was last armed
 
     # -- loop callbacks (def): connection_made, get_buffer, buffer_updated, eof_received,
     #    connection_lost, pause_writing, resume_writing
@@ -99,6 +102,9 @@ cdef class HttpDownstream:
     cdef void _close(self)
     cdef void _abort(self)
     cdef void _set_deadline(self, int kind, int64_t timeout_ms)
+    cdef void _arm_stream_idle(self)
+    cdef void _drop_upstream(self)
+    cdef void _on_stream_idle(self)
     cdef void _update_reading(self)
     cdef void _count_response(self, int status)
     cpdef void on_deadline(self, int64_t now)

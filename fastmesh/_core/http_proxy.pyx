@@ -24,7 +24,7 @@ from fastmesh._core.stats cimport (
     LS_ERR_HEAD_TOO_LARGE, LS_ERR_BODY_TOO_LARGE, LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM,
     LS_ERR_CONNECT_FAILED, LS_ERR_UPSTREAM_TIMEOUT, LS_ERR_UPSTREAM_RESET,
     LS_ERR_UPSTREAM_PROTOCOL, LS_ERR_RESET_MID_RESPONSE, LS_ERR_DOWNSTREAM_RESET,
-    LS_ERR_HEAD_TIMEOUT, LS_RX_BYTES,
+    LS_ERR_HEAD_TIMEOUT, LS_ERR_STREAM_IDLE, LS_RX_BYTES,
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RQ_RETRY, CS_RSP_1XX, CS_CX_TOTAL,
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_CX_IDLE_CLOSED,
 )
@@ -95,6 +95,7 @@ cdef class HttpDownstream:
 
     def buffer_updated(self, Py_ssize_t nbytes):
         self.rbuf.advance(nbytes)
+        self.reads += 1
         self.ctx.counters.v[LS_RX_BYTES] += nbytes
         try:
             self._process()
@@ -293,8 +294,7 @@ cdef class HttpDownstream:
         cdef list pieces
         self.up = up
         self.state = DS_FORWARDING
-        self.deadline_ms = 0
-        self.deadline_kind = DL_NONE
+        self._arm_stream_idle()
         self.cluster.counters.v[CS_RQ_TOTAL] += 1
         self.cluster.counters.v[CS_RQ_ACTIVE] += 1
         self.ep.active_requests += 1
@@ -422,8 +422,7 @@ cdef class HttpDownstream:
     cdef void _on_response_head(self, bytes head):
         self.resp_started = True
         if self.deadline_kind == DL_RESPONSE:
-            self.deadline_ms = 0
-            self.deadline_kind = DL_NONE
+            self._arm_stream_idle()
         self.out.append(head)
 
     cdef void _on_response_body(self, list pieces):
@@ -472,8 +471,7 @@ cdef class HttpDownstream:
             self.close_after = True          # the client holds its body back: don't wait
         self._count_response(status)
         self.resp_started = True
-        self.deadline_ms = 0
-        self.deadline_kind = DL_NONE
+        self._arm_stream_idle()             # covers dropping the rest of the body
         self.out.append(error_response(status, reason, body, self.close_after))
         if self.close_after and not self.req_done:
             self._linger()
@@ -542,6 +540,39 @@ cdef class HttpDownstream:
         self.deadline_kind = kind
         self.deadline_ms = now_ms() + timeout_ms if timeout_ms > 0 else 0
 
+    cdef void _arm_stream_idle(self):
+        # While an exchange is under way and no sharper deadline runs, it must move some
+        # bytes every stream_idle_timeout_ms. Reads only bump a counter; the sweeper checks it
+        # when the deadline passes and re-arms, so the hot path never touches the clock.
+        self.reads_seen = self.reads
+        self._set_deadline(DL_STREAM_IDLE, self.ctx.stream_idle_timeout_ms)
+
+    cdef void _drop_upstream(self):
+        # Give up on the upstream side of the request in progress (its connection closes).
+        cdef HttpUpstream up = self.up
+        self.up = None
+        if up is not None:
+            up.ds = None
+            up._close()
+            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+
+    cdef void _on_stream_idle(self):
+        # Nothing moved either way for stream_idle_timeout_ms.
+        self.ctx.counters.v[LS_ERR_STREAM_IDLE] += 1
+        if self.state == DS_FORWARDING and not self.resp_started:
+            self._drop_upstream()
+            if self.req_done:               # the upstream never answered
+                self._local_response(504, b"stream_idle_timeout",
+                                     b"upstream sent nothing for too long\n", -1)
+            else:                           # the client stopped sending its body
+                self.close_after = True
+                self._local_response(408, b"stream_idle_timeout",
+                                     b"request body stalled\n", -1)
+        else:                               # mid-response, or dropping a body: just close
+            self._drop_upstream()
+            self._abort()
+
     cdef void _update_reading(self):
         cdef bint want_pause
         if self.state == DS_CLOSED:
@@ -581,20 +612,19 @@ cdef class HttpDownstream:
             self._local_response(503, b"connect_timeout", b"upstream connect timeout\n",
                                  LS_ERR_CONNECT_FAILED)
         elif kind == DL_RESPONSE:
-            up = self.up
-            self.up = None
-            if up is not None:
-                up.ds = None
-                up._close()
             self.cluster.counters.v[CS_RQ_TIMEOUT] += 1
-            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
-            self.ep.active_requests -= 1
+            self._drop_upstream()
             if not self.req_done:
                 self.close_after = True
             self._local_response(504, b"upstream_timeout", b"upstream timeout\n",
                                  LS_ERR_UPSTREAM_TIMEOUT)
         elif kind == DL_LINGER:
             self._abort()
+        elif kind == DL_STREAM_IDLE:
+            if self.reads != self.reads_seen:
+                self._arm_stream_idle()     # bytes moved since it was armed: not idle
+                return
+            self._on_stream_idle()
         self._flush()
         self._update_reading()
 
@@ -662,6 +692,7 @@ cdef class HttpUpstream:
                 return
             self.got_bytes = True
             ds = self.ds
+            ds.reads += 1
             self._process()
             ds._flush()
         except BaseException:

@@ -28,6 +28,7 @@ cdef enum:  # ListenerSlot
     LS_ERR_HEAD_TIMEOUT     # 408: request head not complete in time
     LS_ERR_BUSY             # Bolt status 4: in-flight limit
     LS_ERR_BAD_FRAME        # Bolt: bad proto, lengths, size: connection closed
+    LS_ERR_STREAM_IDLE      # HTTP: an exchange moved no bytes for stream_idle_timeout_ms
     LS_HEARTBEATS           # Bolt heartbeats answered by the proxy
     LS_RX_BYTES             # bytes read from clients
     LS_TX_BYTES             # bytes written to clients (queued)

@@ -8,6 +8,7 @@ LISTENER_SLOTS = (
     "error_no_healthy_upstream", "error_connect_failed", "error_upstream_timeout",
     "error_upstream_reset", "error_upstream_protocol", "error_reset_mid_response",
     "error_downstream_reset", "error_head_timeout", "error_busy", "error_bad_frame",
+    "error_stream_idle_timeout",
     "heartbeats", "downstream_rx_bytes", "downstream_tx_bytes",
 )
 CLUSTER_SLOTS = (

@@ -453,7 +453,8 @@ def _default_admin_address() -> Address:
 
 
 _LISTENER_FIELDS = {f.name: f for f in dataclasses.fields(Listener)}
-_LISTENER_INT_MIN = {"max_request_body_bytes": 0}   # every other int field: >= 1
+_LISTENER_INT_MIN = {"max_request_body_bytes": 0,    # every other int field: >= 1
+                     "stream_idle_timeout_ms": 0}
 
 
 def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],

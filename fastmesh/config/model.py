@@ -95,6 +95,8 @@ class Listener:
     max_frame_bytes: int = 16 * 1024 * 1024       # Bolt frame limit (connection closed above)
     idle_timeout_ms: int = 60000                  # close a downstream connection idle this long
     request_head_timeout_ms: int = 10000          # a started request head must complete in this
+    stream_idle_timeout_ms: int = 300000          # HTTP/1: an exchange moving no bytes this long
+                                                  # ends (408/504, or close); 0 = never
     high_water_bytes: int = 262144                # pause the other side above this many queued
     low_water_bytes: int = 65536                  # ... and resume below this
     max_in_flight: int = 10000                    # Bolt requests in flight per connection (busy)

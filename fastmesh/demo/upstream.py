@@ -11,6 +11,7 @@ Keep-alive and pipelining are honoured. What it answers, by path:
     /slow/MS           waits MS milliseconds, then answers
     /reset             closes the connection without answering
     /reset-mid         promises 100 bytes, sends 10, closes
+    /stall-mid         promises 100 bytes, sends 10, then sends nothing more (stays open)
     /early/NNN         answers NNN at once, before reading the request body
     anything else      "hello from NAME\n"
 
@@ -165,6 +166,8 @@ class UpstreamProtocol(asyncio.Protocol):
                 send(200, b"slow done\n")
         elif path == "/reset":
             t.abort()
+        elif path == "/stall-mid":
+            t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"m" * 10)
         elif path == "/reset-mid":
             t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"m" * 10)
             await asyncio.sleep(0.05)

@@ -441,20 +441,23 @@ LISTENER_INTS = [f.name for f in dataclasses.fields(Listener) if f.type == "int"
 def test_listener_int_fields_known():
     assert set(LISTENER_INTS) == {
         "max_head_bytes", "max_headers", "max_request_body_bytes", "max_frame_bytes",
-        "idle_timeout_ms", "request_head_timeout_ms", "high_water_bytes", "low_water_bytes",
-        "max_in_flight"}
+        "idle_timeout_ms", "request_head_timeout_ms", "stream_idle_timeout_ms",
+        "high_water_bytes", "low_water_bytes", "max_in_flight"}
+
+
+NON_NEGATIVE = ("max_request_body_bytes", "stream_idle_timeout_ms")
 
 
 @pytest.mark.parametrize("field", LISTENER_INTS)
 def test_listener_int_limits(field):
     p = f"listeners[0].{field}"
-    if field == "max_request_body_bytes":
-        assert load_dict(with_listener(**{field: 0})).listeners[0].max_request_body_bytes == 0
+    if field in NON_NEGATIVE:
+        assert getattr(load_dict(with_listener(**{field: 0})).listeners[0], field) == 0
         assert error(with_listener(**{field: -1})) == \
             f"{p}: expected a non-negative integer, got -1"
     else:
         assert error(with_listener(**{field: 0})) == f"{p}: expected a positive integer, got 0"
-    what = "a non-negative" if field == "max_request_body_bytes" else "a positive"
+    what = "a non-negative" if field in NON_NEGATIVE else "a positive"
     assert error(with_listener(**{field: True})) == f"{p}: expected {what} integer, got true"
     assert error(with_listener(**{field: "10"})) == f"{p}: expected {what} integer, got '10'"
     assert error(with_listener(**{field: 1.0})) == f"{p}: expected {what} integer, got 1.0"
