@@ -15,6 +15,8 @@ import asyncio
 import logging
 import os
 
+from fastmesh.ratelog import RateLimitedLog
+
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint32_t
 
@@ -46,6 +48,7 @@ from fastmesh._core.upstream cimport Cluster, Endpoint
 from fastmesh._core.stats import Counters as PyCounters
 
 log = logging.getLogger("fastmesh.bolt")
+rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
 
 cdef enum UpState:
     UP_CONNECTING = 0
@@ -150,7 +153,8 @@ cdef class BoltDownstream:
                     self._emit(run_up, run, dirty)
                     run = 0
                 self.ctx.counters.v[LS_ERR_BAD_FRAME] += 1
-                log.warning("listener %s: bad Bolt frame from %s: %s; closing the connection",
+                rlog.warning((self.ctx.name, "bad frame"),
+                             "listener %s: bad Bolt frame from %s: %s; closing the connection",
                             self.ctx.name, self.transport.get_extra_info("peername"),
                             bolt_error_reason(<int>r).decode())
                 self.closed = True
@@ -422,7 +426,8 @@ cdef class BoltUpstream:
         if task.cancelled() or task.exception() is not None:
             self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
             if not task.cancelled():
-                log.warning("cluster %s: connect to %s:%s failed: %s", self.cluster.name,
+                rlog.warning((self.cluster.name, "connect"),
+                             "cluster %s: connect to %s:%s failed: %s", self.cluster.name,
                             self.ep.host, self.ep.port, task.exception())
             self._closed(LS_ERR_UPSTREAM_RESET)
 
@@ -477,7 +482,8 @@ cdef class BoltUpstream:
             if r < 0:
                 if run:
                     self._emit(run_ds, run, dirty)
-                log.warning("cluster %s: bad Bolt frame from %s:%s: %s; closing", self.cluster.name,
+                rlog.warning((self.cluster.name, "bad frame"),
+                             "cluster %s: bad Bolt frame from %s:%s: %s; closing", self.cluster.name,
                             self.ep.host, self.ep.port, bolt_error_reason(<int>r).decode())
                 self.transport.abort()
                 return
@@ -593,7 +599,8 @@ cdef class BoltUpstream:
             ds.flush_out()
         if (self.state == UP_CONNECTING and self.connect_task is not None
                 and now - self.connect_started_ms >= self.cluster.connect_timeout_ms):
-            log.warning("cluster %s: connect to %s:%s timed out after %d ms", self.cluster.name,
+            rlog.warning((self.cluster.name, "connect"),
+                         "cluster %s: connect to %s:%s timed out after %d ms", self.cluster.name,
                         self.ep.host, self.ep.port, self.cluster.connect_timeout_ms)
             self.connect_task.cancel()      # _on_connected: connect_fail, in-flight get 0x10
             self.connect_task = None

@@ -2,6 +2,8 @@
 import asyncio
 import logging
 
+from fastmesh.ratelog import RateLimitedLog
+
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
@@ -31,6 +33,7 @@ from fastmesh._core.stats cimport (
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
 log = logging.getLogger("fastmesh.http")
+rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
 
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
@@ -268,7 +271,8 @@ cdef class HttpDownstream:
                 self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
             if self.connect_task is task and self.state == DS_CONNECTING:
                 self.connect_task = None
-                log.warning("cluster %s: connect to %s:%s failed: %s", self.cluster.name,
+                rlog.warning((self.cluster.name, "connect"),
+                             "cluster %s: connect to %s:%s failed: %s", self.cluster.name,
                             self.ep.host, self.ep.port, exc)
                 self._local_response(503, b"connect_failed", b"upstream connect failed\n",
                                      LS_ERR_CONNECT_FAILED)
@@ -776,7 +780,8 @@ cdef class HttpUpstream:
             if r == PARSE_INCOMPLETE:
                 return False
             if r < 0:
-                log.warning("cluster %s: bad response from %s:%s: %s", self.cluster.name,
+                rlog.warning((self.cluster.name, "bad response"),
+                             "cluster %s: bad response from %s:%s: %s", self.cluster.name,
                             self.ep.host, self.ep.port, self.parser.error_reason.decode())
                 self.ds = None
                 self._close()
@@ -849,7 +854,8 @@ cdef class HttpUpstream:
             while pos < size and self.chunker.state != CH_DONE:
                 used = self.chunker.feed(self.rbuf.head() + pos, size - pos, &off, &ln)
                 if self.chunker.state == CH_ERROR:
-                    log.warning("cluster %s: bad chunked body from %s:%s: %s",
+                    rlog.warning((self.cluster.name, "bad response"),
+                                 "cluster %s: bad chunked body from %s:%s: %s",
                                 self.cluster.name, self.ep.host, self.ep.port,
                                 self.chunker.error_reason.decode())
                     if pos:

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 
+from fastmesh.ratelog import RateLimitedLog
+
 from libc.stdint cimport int64_t
 
 from fastmesh._core cimport debug
@@ -19,6 +21,7 @@ from fastmesh._core.stats cimport (
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
 log = logging.getLogger("fastmesh.tcp")
+rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
 
 # Big reads and writes: each write wakes the peer, and the wake-up costs more than the copy
 # (tcp-bulk: 64 KiB buffers ~740 CPU µs/MB, 256 KiB ~390). Blocks are pooled (buffer.pyx).
@@ -94,7 +97,8 @@ cdef class TcpPipe:
             self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
             self.ctx.counters.v[LS_ERR_CONNECT_FAILED] += 1
             if not task.cancelled():
-                log.warning("listener %s: connect to %s:%s failed: %s", self.ctx.name,
+                rlog.warning((self.ctx.name, "connect"),
+                             "listener %s: connect to %s:%s failed: %s", self.ctx.name,
                             self.ep.host, self.ep.port, task.exception())
             if not self.closed:
                 self.transport.abort()
