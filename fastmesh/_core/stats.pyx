@@ -38,3 +38,7 @@ cdef class Counters:
 
     def get(self, str name):
         return self.v[self.names.index(name)]
+
+    def add(self, str name, long long n):
+        """Control world: adjust one slot by name (not for the data path)."""
+        self.v[self.names.index(name)] += n

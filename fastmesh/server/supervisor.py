@@ -32,6 +32,22 @@ log = logging.getLogger("fastmesh.supervisor")
 
 WORKER_START_TIMEOUT_S = 20.0
 WORKER_POLL_S = 0.2
+STATS_POLL_S = 1.0          # a worker's counters are snapshot this often (kept if it crashes)
+
+# gauges describe the present; only counters carry over from an exited worker or generation
+GAUGES = frozenset(("downstream_cx_active", "downstream_rq_active", "upstream_rq_active",
+                    "upstream_cx_active"))
+
+
+def add_counters(dst: dict, src: dict, skip=GAUGES) -> None:
+    """dst[kind][name][counter] += src[kind][name][counter] for kind in listeners, clusters."""
+    for kind in ("listeners", "clusters"):
+        acc = dst.setdefault(kind, {})
+        for name, counters in (src.get(kind) or {}).items():
+            d = acc.setdefault(name, {})
+            for k, v in counters.items():
+                if k not in skip:
+                    d[k] = d.get(k, 0) + v
 
 
 def default_upgrade_path(config_path: str) -> str:
@@ -47,6 +63,9 @@ class WorkerHandle:
     def __init__(self, index: int, proc: subprocess.Popen, chan: ipc.Channel):
         self.index, self.proc, self.chan = index, proc, chan
         self.ready = False
+        self.last_stats: dict | None = None     # latest counters (its final ones once sent)
+        self.final = False                      # the worker sent its final counters
+        self.absorbed = False                   # last_stats added to Supervisor.carried
 
 
 class Supervisor:
@@ -76,6 +95,8 @@ class Supervisor:
         self._stopped = asyncio.Event()
         self._monitor: asyncio.Task | None = None
         self._rr = 0
+        # counters of exited workers and of previous generations, added to every /stats
+        self.carried: dict = {"listeners": {}, "clusters": {}}
 
     # ------------------------------------------------------------------ start
 
@@ -117,7 +138,7 @@ class Supervisor:
             old_chan.send({"t": "accepting", "migrate_path": migrate_path})
             self.loop.call_later(self.cfg.drain_timeout_ms / 1000.0 + 30,
                                  self.migrate_server.close)
-            old_chan.close()
+            self.loop.create_task(self._inherit_counters(old_chan))
         if self.upgrade_path:
             self.upgrade_server = upgrade.UpgradeServer(self, self.upgrade_path, self.loop)
             self.upgrade_server.start()
@@ -125,6 +146,21 @@ class Supervisor:
         log.info("fastmesh %s: serving (%d listeners, %d clusters, %d workers, pid %d)",
                  __version__, len(self.cfg.listeners), len(self.cfg.clusters), self.nworkers,
                  os.getpid())
+
+    async def _inherit_counters(self, chan: ipc.Channel) -> None:
+        """The previous generation sends its counters when its last worker has drained."""
+        try:
+            msg, fds = await chan.recv(timeout_s=self.cfg.drain_timeout_ms / 1000.0 + 15)
+            for fd in fds:
+                os.close(fd)
+            if msg.get("t") == "counters":
+                add_counters(self.carried, msg.get("stats") or {})
+                log.info("upgrade: the previous generation's counters carried over")
+        except (asyncio.TimeoutError, ipc.ChannelClosed, OSError):
+            log.warning("upgrade: no counters from the previous generation; its totals are "
+                        "not in /stats")
+        finally:
+            chan.close()
 
     def _listener_fds(self) -> tuple[list, list]:
         names, fds = [], []
@@ -144,6 +180,7 @@ class Supervisor:
         child.close()
         chan = ipc.Channel(parent, self.loop)
         h = WorkerHandle(i, proc, chan)
+        chan.on_message = lambda msg, fds: self._on_worker_message(h, msg, fds)
         self.workers[i] = h
         names, fds = self._listener_fds()
         reply, _ = await chan.request(
@@ -154,15 +191,46 @@ class Supervisor:
             raise RuntimeError(f"worker {i} failed to start: {reply.get('error')}")
         h.ready = True
 
+    def _on_worker_message(self, h: WorkerHandle, msg: dict, fds: list) -> None:
+        for fd in fds:
+            os.close(fd)
+        if msg.get("t") == "final" and not h.absorbed:
+            h.last_stats, h.final = msg.get("stats"), True
+
+    def _absorb(self, h: WorkerHandle) -> None:
+        """An exited worker's counters (final, or the last snapshot if it crashed) join
+        `carried`, once."""
+        if h.absorbed or h.last_stats is None:
+            return
+        add_counters(self.carried, h.last_stats)
+        h.absorbed = True
+
+    async def _snapshot_stats(self) -> None:
+        async def one(h):
+            try:
+                reply, _ = await h.chan.request({"t": "stats"}, timeout_s=2)
+            except (asyncio.TimeoutError, ipc.ChannelClosed, OSError):
+                return
+            if reply.get("ok") and not h.final:
+                h.last_stats = reply["stats"]
+        await asyncio.gather(*[one(h) for h in self.workers
+                               if h is not None and h.ready and h.proc.poll() is None])
+
     async def _watch_workers(self) -> None:
+        next_snapshot = time.monotonic() + STATS_POLL_S
         while not self._stopping:
             await asyncio.sleep(WORKER_POLL_S)
+            if time.monotonic() >= next_snapshot:
+                next_snapshot = time.monotonic() + STATS_POLL_S
+                await self._snapshot_stats()
             for i, h in enumerate(self.workers):
                 if h is None or self._stopping or h.proc.poll() is None:
                     continue
                 self.worker_restarts += 1
                 log.error("worker %d (pid %d) exited with %s; restarting", i, h.proc.pid,
                           h.proc.returncode)
+                await self._wait_channels_closed([h], 0.5)
+                self._absorb(h)
                 h.chan.close()
                 self.workers[i] = None
                 try:
@@ -249,8 +317,9 @@ class Supervisor:
             socks.append(self.admin_sock)
         return addrs, socks
 
-    async def hand_over(self, migrate_path: str) -> None:
-        """The new generation accepts: stop accepting, migrate, drain, exit."""
+    async def hand_over(self, migrate_path: str, chan: ipc.Channel | None = None) -> None:
+        """The new generation accepts: stop accepting, migrate, drain, exit; last, send the
+        counters of this generation (and those it inherited) to the new one over `chan`."""
         self._stopping = True
         if self.admin is not None:
             self.admin.close()
@@ -259,6 +328,15 @@ class Supervisor:
                             "timeout_ms": self.cfg.drain_timeout_ms}, timeout_s=5)
             for h in self.workers if h is not None], return_exceptions=True)
         await self._wait_workers_exit(self.cfg.drain_timeout_ms / 1000.0 + 5)
+        live = [h for h in self.workers if h is not None]
+        await self._wait_channels_closed(live, 1.0)
+        for h in live:
+            self._absorb(h)
+        if chan is not None and not chan.closed:
+            try:
+                chan.send({"t": "counters", "stats": self.carried})
+            except OSError:
+                pass
         log.info("upgrade: handed over; exiting")
         self._finish()
 
@@ -305,6 +383,16 @@ class Supervisor:
             self.upgrade_server.close(unlink=True)
         self._kill_workers(signal.SIGINT)
         self._finish()
+
+    async def _wait_channels_closed(self, handles: list, timeout_s: float) -> None:
+        """Give exited workers' links time to deliver what is left in them (a final message
+        comes before the end of the stream)."""
+        deadline = time.monotonic() + timeout_s
+        for h in handles:
+            h.chan.start_reading()
+        while time.monotonic() < deadline and not all(h.chan.closed or h.final
+                                                      for h in handles):
+            await asyncio.sleep(0.02)
 
     async def _wait_workers_exit(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -358,14 +446,11 @@ class Supervisor:
 
     async def stats(self) -> dict:
         per_worker = [r["stats"] for r in await self._gather("stats")]
-        listeners: dict = {}
-        clusters: dict = {}
+        totals: dict = {"listeners": {}, "clusters": {}}
+        add_counters(totals, self.carried)
         for st in per_worker:
-            for kind, acc in (("listeners", listeners), ("clusters", clusters)):
-                for name, counters in st[kind].items():
-                    dst = acc.setdefault(name, {})
-                    for k, v in counters.items():
-                        dst[k] = dst.get(k, 0) + v
+            add_counters(totals, st, skip=())
+        listeners, clusters = totals["listeners"], totals["clusters"]
         return {
             "server": {"version": __version__, "pid": os.getpid(),
                        "uptime_s": round(time.time() - self.started_at, 3),

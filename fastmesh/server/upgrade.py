@@ -172,7 +172,7 @@ class UpgradeServer(_SeqpacketServer):
             log.info("upgrade: new generation accepting after %.0f ms; handing over",
                      (time.monotonic() - t0) * 1000)
             self.close(unlink=False)        # the path belongs to the new generation now
-            await self.sup.hand_over(msg["migrate_path"])
+            await self.sup.hand_over(msg["migrate_path"], chan)
         except (asyncio.TimeoutError, ipc.ChannelClosed, OSError) as exc:
             log.error("upgrade: failed (%s); the running generation keeps serving",
                       type(exc).__name__ if not str(exc) else exc)
@@ -273,5 +273,7 @@ async def adopt(plane, listener: str, fd: int, data: bytes) -> None:
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     _, proto = await loop.connect_accepted_socket(lst.protocol_factory(), sock)
+    # accepted, and counted, by an earlier generation whose counters carry over
+    lst.ctx.counters.add("downstream_cx_total", -1)
     if data:
         proto.adopt_bytes(data)

@@ -136,6 +136,12 @@ class Worker:
         self.loop.create_task(run())
 
     def _finish(self) -> None:
+        # last word to the supervisor: the final counters, so they outlive this process
+        if not self.ctrl.closed:
+            try:
+                self.ctrl.send({"t": "final", "stats": self.plane.stats()})
+            except OSError:
+                pass
         self.plane.close()
         self.done.set()
 

@@ -209,6 +209,61 @@ def test_killed_worker_is_restarted(deployment, upstream):
     assert "restarting" in d.procs[0].stderr_text()
 
 
+def _requests(port: int, n: int) -> None:
+    for _ in range(n):
+        with RawClient(port) as c:
+            c.request(path="/")
+            assert c.read_response().status == 200
+
+
+def _wait_stat(admin_port: int, listener: str, key: str, want: int, timeout=15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = _get_json(admin_port, "/stats")["listeners"].get(listener, {}).get(key)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_counters_survive_a_worker_crash(deployment, upstream):
+    d = deployment(http_cfg(upstream))
+    d.start()
+    port = _port(d.cfg)
+    _requests(port, 30)
+    time.sleep(1.5)                                 # at least one snapshot of the worker
+    victim = _get_json(d.admin_port, "/stats")["server"]["worker_pids"][0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _get_json(d.admin_port, "/stats")["server"]["worker_restarts"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    _wait_stat(d.admin_port, "web", "downstream_cx_active", 0)
+    _requests(port, 10)
+    st = _get_json(d.admin_port, "/stats")["listeners"]["web"]
+    assert st["downstream_rq_total"] == 40 and st["downstream_rsp_2xx"] == 40
+    assert st["downstream_cx_active"] == 0          # gauges are not carried over
+
+
+def test_counters_survive_hot_restarts(deployment, upstream):
+    d = deployment(http_cfg(upstream), workers=2)
+    d.start()
+    port = _port(d.cfg)
+    total = 0
+    for _ in range(2):
+        _requests(port, 25)
+        total += 25
+        old = _supervisor_pid(d.admin_port)
+        os.kill(old, signal.SIGHUP)
+        _wait_new_generation(d.admin_port, old)
+        _wait_gone(old)
+    _requests(port, 10)
+    total += 10
+    assert _wait_stat(d.admin_port, "web", "downstream_rq_total", total) == total
+    st = _get_json(d.admin_port, "/stats")
+    assert st["listeners"]["web"]["downstream_rsp_2xx"] == total
+    assert st["clusters"]["up"]["upstream_rq_total"] == total
+
+
 # ------------------------------------------------------------------------ reload
 
 def test_reload_applies_routes_listeners_and_rejects_bad_config(deployment, upstream):
