@@ -66,6 +66,8 @@ cdef class Head:
         int nfields
         int host_idx             # index of the Host field, -1 if none
         int request_id_idx       # index of x-request-id, -1 if none
+        int te_idx               # index of Transfer-Encoding, -1 if none (responses)
+        bint te_codings          # Transfer-Encoding names codings besides a final chunked
         bint has_xff             # at least one x-forwarded-for
         # framing and connection semantics
         int body_kind            # BodyKind

@@ -96,6 +96,7 @@ cdef class Head:
         self.nfields = 0
         self.host_idx = -1
         self.request_id_idx = -1
+        self.te_idx = -1
         self.content_length = -1
 
     def __dealloc__(self):
@@ -377,6 +378,7 @@ cdef class HeadParser:
                 ncl += 1
             elif f.kind == HK_TRANSFER_ENCODING:
                 nte += 1
+                h.te_idx = i
                 # the last coding decides; anything but a final "chunked" is not framing
                 e = f.value_off + f.value_len
                 a = e
@@ -438,6 +440,7 @@ cdef class HeadParser:
                 return <int>self._fail(PARSE_ERROR, b"both content-length and transfer-encoding")
             if nte > 1:
                 return <int>self._fail(PARSE_ERROR, b"repeated transfer-encoding")
+            h.te_codings = te_other
             if h.status < 200 or h.status == 204 or h.status == 304 or self.request_was_head:
                 h.body_kind = BODY_NONE
                 if ncl:
@@ -780,9 +783,12 @@ cdef bytes build_response_head(Head h, int te_mode, bint close_client,
                                bint keep_alive_10):
     # te_mode: TE_AS_RECEIVED (chunked out iff chunked in), TE_ADD_CHUNKED (a
     # close-delimited body re-framed as chunked), TE_NONE (de-chunked for an HTTP/1.0 client).
+    # Transfer codings other than chunked are kept: the body stays coded as the upstream sent
+    # it, so the client must be told.
     cdef Writer w
     cdef const char *raw = PyBytes_AS_STRING(h.raw)
     cdef HeaderField *f
+    cdef HeaderField *te
     cdef int i
     cdef char code[4]
     w_init(&w, PyBytes_GET_SIZE(h.raw) + 96)
@@ -801,9 +807,20 @@ cdef bytes build_response_head(Head h, int te_mode, bint close_client,
                 continue
             w_field(&w, raw, f)
         if h.status >= 200:
-            if ((h.body_kind == BODY_CHUNKED and te_mode == TE_AS_RECEIVED)
-                    or te_mode == TE_ADD_CHUNKED):
-                w_put(&w, b"transfer-encoding: chunked\r\n", 28)
+            te = &h.fields[h.te_idx] if h.te_idx >= 0 else NULL
+            if h.body_kind == BODY_CHUNKED and te_mode == TE_AS_RECEIVED:
+                w_field(&w, raw, te)            # as received: "chunked", "gzip, chunked"
+            elif te_mode == TE_ADD_CHUNKED:
+                if te is not NULL:              # "gzip" (close-delimited) -> "gzip, chunked"
+                    w_put(&w, b"transfer-encoding: ", 19)
+                    w_put(&w, raw + te.value_off, te.value_len)
+                    w_put(&w, b", chunked\r\n", 11)
+                else:
+                    w_put(&w, b"transfer-encoding: chunked\r\n", 28)
+            elif (h.body_kind == BODY_NONE and te is not NULL and h.status != 204
+                    and te_mode != TE_NONE):
+                # a HEAD or 304 response: says how a GET's body would have been coded
+                w_field(&w, raw, te)
             if close_client:
                 w_put(&w, b"connection: close\r\n", 19)
             elif keep_alive_10:

@@ -456,8 +456,12 @@ cdef class HttpDownstream:
                 return
             if not self.req_done:
                 self.close_after = True
-            self._local_response(502, b"upstream_reset", b"upstream connection reset\n",
-                                 reason_slot)
+            if reason_slot == LS_ERR_UPSTREAM_PROTOCOL:
+                self._local_response(502, b"upstream_protocol",
+                                     b"upstream sent a malformed response\n", reason_slot)
+            else:
+                self._local_response(502, b"upstream_reset", b"upstream connection reset\n",
+                                     reason_slot)
         else:
             # never pass off a truncated response as complete: the client sees a reset
             self.ctx.counters.v[reason_slot] += 1
@@ -782,7 +786,7 @@ cdef class HttpUpstream:
             if r < 0:
                 rlog.warning((self.cluster.name, "bad response"),
                              "cluster %s: bad response from %s:%s: %s", self.cluster.name,
-                            self.ep.host, self.ep.port, self.parser.error_reason.decode())
+                             self.ep.host, self.ep.port, self.parser.error_reason.decode())
                 self.ds = None
                 self._close()
                 ds._on_upstream_lost(True, False, LS_ERR_UPSTREAM_PROTOCOL)
@@ -801,12 +805,23 @@ cdef class HttpUpstream:
                     ds.resp_started = False
                 continue
             break
+        client_10 = ds.req.minor == 0
+        if client_10 and h.te_codings and h.body_kind != BODY_NONE:
+            # a body in a transfer coding (gzip...) cannot be sent to an HTTP/1.0 client,
+            # and relaying it uncoded-looking would hand the client corrupt content
+            rlog.warning((self.cluster.name, "bad response"),
+                         "cluster %s: %s:%s answered an HTTP/1.0 client with transfer "
+                         "codings it cannot receive; 502", self.cluster.name, self.ep.host,
+                         self.ep.port)
+            self.ds = None
+            self._close()
+            ds._on_upstream_lost(True, False, LS_ERR_UPSTREAM_PROTOCOL)
+            return False
         self.cluster.counters.v[status_class_slot(h.status, CS_RSP_1XX)] += 1
         ds._count_response(h.status)
-        client_10 = ds.req.minor == 0
         self.body_kind = h.body_kind
         self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0
-        self.te_mode = TE_AS_RECEIVED
+        self.te_mode = TE_NONE if client_10 else TE_AS_RECEIVED     # no TE to 1.0 clients
         if h.body_kind == BODY_CLOSE:
             if client_10:
                 ds.close_after = True
@@ -815,7 +830,6 @@ cdef class HttpUpstream:
         elif h.body_kind == BODY_CHUNKED:
             self.chunker.reset()
             if client_10:
-                self.te_mode = TE_NONE
                 ds.close_after = True
         self.reusable = not h.conn_close and h.body_kind != BODY_CLOSE
         if not ds.req_done:
@@ -856,8 +870,8 @@ cdef class HttpUpstream:
                 if self.chunker.state == CH_ERROR:
                     rlog.warning((self.cluster.name, "bad response"),
                                  "cluster %s: bad chunked body from %s:%s: %s",
-                                self.cluster.name, self.ep.host, self.ep.port,
-                                self.chunker.error_reason.decode())
+                                 self.cluster.name, self.ep.host, self.ep.port,
+                                 self.chunker.error_reason.decode())
                     if pos:
                         ds._on_response_body([self.rbuf.take_slice(pos)])
                     self.ds = None

@@ -12,6 +12,9 @@ Keep-alive and pipelining are honoured. What it answers, by path:
     /reset             closes the connection without answering
     /reset-mid         promises 100 bytes, sends 10, closes
     /stall-mid         promises 100 bytes, sends 10, then sends nothing more (stays open)
+    /gzip-chunked/N    N bytes gzip-compressed, `transfer-encoding: gzip, chunked`
+    /malformed         a response head with a bad Content-Length
+    /gzip-close/N      N bytes gzip-compressed, `transfer-encoding: gzip`, ended by closing
     /early/NNN         answers NNN at once, before reading the request body
     anything else      "hello from NAME\n"
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import hashlib
 import json
 import logging
@@ -166,6 +170,23 @@ class UpstreamProtocol(asyncio.Protocol):
                 send(200, b"slow done\n")
         elif path == "/reset":
             t.abort()
+        elif path.startswith("/gzip-chunked/"):
+            data = gzip.compress(b"g" * int(path[14:]))
+            t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n%s\r\n" % conn)
+            if not head_only:
+                half = len(data) // 2
+                for piece in (data[:half], data[half:]):
+                    t.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                t.write(b"0\r\n\r\n")
+            if not keep:
+                t.close()
+        elif path.startswith("/gzip-close/"):
+            data = gzip.compress(b"g" * int(path[12:]))
+            t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\n"
+                    + (b"" if head_only else data))
+            t.close()
+        elif path == "/malformed":
+            t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 12x\r\n\r\nhello")
         elif path == "/stall-mid":
             t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"m" * 10)
         elif path == "/reset-mid":

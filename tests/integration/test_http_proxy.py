@@ -326,6 +326,43 @@ def test_expect_100_continue(mesh):
     assert r.json()["body_sha256"] == hashlib.sha256(big).hexdigest()
 
 
+def test_transfer_codings_besides_chunked_are_kept(mesh):
+    import gzip
+    with RawClient(mesh.port) as c:
+        # relayed chunked as received: the coding stays named
+        c.request(path="/gzip-chunked/5000")
+        r = c.read_response()
+        assert r.header("transfer-encoding") == "gzip, chunked"
+        assert gzip.decompress(bytes(r.body)) == b"g" * 5000
+        # close-delimited "gzip" re-framed for a 1.1 client: "gzip, chunked", still in sync
+        c.request(path="/gzip-close/5000")
+        r = c.read_response()
+        assert r.header("transfer-encoding") == "gzip, chunked"
+        assert gzip.decompress(bytes(r.body)) == b"g" * 5000
+        c.request(path="/health")
+        assert c.read_response().body == b"ok"
+    # an HTTP/1.0 client cannot receive a transfer coding: 502, never corrupt content
+    with RawClient(mesh.port) as c:
+        c.send(b"GET /gzip-chunked/100 HTTP/1.0\r\nHost: h\r\n\r\n")
+        raw = c.read_raw_until_close()
+    assert raw.startswith(b"HTTP/1.1 502") and b"upstream_protocol" in raw
+
+
+def test_head_keeps_the_transfer_encoding_a_get_would_have(mesh):
+    with RawClient(mesh.port) as c:
+        c.send(b"HEAD /chunked/1000 HTTP/1.1\r\nHost: h\r\n\r\n")
+        c.sock.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += c.sock.recv(4096)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower() and rest == b""
+        c.send(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")     # still in sync
+        time.sleep(0.2)
+        more = c.sock.recv(4096)
+        assert more.startswith(b"HTTP/1.1 200") and more.endswith(b"ok")
+
+
 def test_head_204_304_and_1xx(mesh):
     with RawClient(mesh.port) as c:
         c.send(b"HEAD /bytes/1000 HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -435,6 +472,17 @@ def test_upstream_reset_before_response_502(mesh):
     assert _err(r.stdout) == (502, b"upstream_reset")
     # the proxy keeps serving
     assert curl(mesh.url("/health")).stdout == b"ok"
+
+
+def test_malformed_upstream_response_502_upstream_protocol(mesh):
+    before = mesh.listener_stats()
+    with RawClient(mesh.port) as c:
+        c.request(path="/malformed")
+        r = c.read_response()
+        assert r.status == 502 and r.header("x-fastmesh-error") == "upstream_protocol"
+        c.request(path="/health")                   # the client connection survives
+        assert c.read_response().body == b"ok"
+    assert delta(before, mesh.listener_stats(), "error_upstream_protocol") == 1
 
 
 def test_upstream_reset_mid_response_closes_client(mesh):

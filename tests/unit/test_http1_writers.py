@@ -248,7 +248,7 @@ def test_response_chunked_as_received():
     out, d = relay(resp(b"Transfer-Encoding: chunked"), te_mode=0)
     assert d["body_kind"] == 2 and values(d, b"transfer-encoding") == [b"chunked"]
     out, d = relay(resp(b"Transfer-Encoding: gzip, chunked"), te_mode=0)
-    assert values(d, b"transfer-encoding") == [b"chunked"]
+    assert values(d, b"transfer-encoding") == [b"gzip, chunked"]   # the coding stays named
 
 
 def test_response_close_delimited_rechunked():
@@ -256,6 +256,24 @@ def test_response_close_delimited_rechunked():
     assert d["body_kind"] == 2
     rec = llhttp_response(out + b"4\r\nbody\r\n0\r\n\r\n")
     assert rec.done == 1 and rec.body == b"body"
+
+
+def test_response_close_delimited_with_a_coding_rechunked_keeps_it():
+    out, d = relay(resp(b"Transfer-Encoding: gzip"), te_mode=1)
+    assert values(d, b"transfer-encoding") == [b"gzip, chunked"] and d["body_kind"] == 2
+
+
+def test_bodyless_responses_and_transfer_encoding():
+    # HEAD and 304 may say how a GET's body would be coded; 204 must not carry it
+    out, d = relay(resp(b"Transfer-Encoding: chunked"), request_was_head=True)
+    assert values(d, b"transfer-encoding") == [b"chunked"] and d["body_kind"] == 0
+    out, _ = relay(resp(b"Transfer-Encoding: chunked", line=b"HTTP/1.1 304 Not Modified"))
+    assert b"transfer-encoding: chunked" in out.lower()
+    out, _ = relay(resp(b"Transfer-Encoding: chunked", line=b"HTTP/1.1 204 No Content"))
+    assert b"transfer-encoding" not in out.lower()
+    # never to an HTTP/1.0 client
+    out, _ = relay(resp(b"Transfer-Encoding: chunked"), te_mode=2, request_was_head=True)
+    assert b"transfer-encoding" not in out.lower()
 
 
 def test_response_dechunked_for_http10():
