@@ -55,8 +55,8 @@ class Peer:
     def find(self) -> bool:
         raise NotImplementedError
 
-    def supports(self, mode: str) -> str | None:
-        """None if the proxy can run this mode, else why not."""
+    def supports(self, mode: str, kind: str = "") -> str | None:
+        """None if the proxy can run this mode (and scenario kind), else why not."""
         return None
 
     def config(self, mode: str, port: int, upstream_port: int, workdir: Path, **kw) -> str:
@@ -287,6 +287,12 @@ class RelayFloor(Peer):
         self.path, self.version = str(exe), digest
         return True
 
+    def supports(self, mode, kind=""):
+        if kind == "idle":
+            return ("a byte relay holds two descriptors and no user memory per connection: "
+                    "it has no idle-connection figure to compare")
+        return None
+
     def config(self, mode, port, upstream_port, workdir, **kw) -> str:
         return f"{port} {upstream_port}\n"
 
@@ -346,7 +352,7 @@ class Nginx(Peer):
             return ""
         return next((p for p in NGINX_STREAM_MODULES if os.path.exists(p)), None)
 
-    def supports(self, mode):
+    def supports(self, mode, kind=""):
         if mode != "http" and self.stream_module() is None:
             return ("nginx has no stream module for TCP proxying "
                     "(apt-get install libnginx-mod-stream)")

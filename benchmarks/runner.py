@@ -445,7 +445,7 @@ def run_scenario(st, scn, peers, order, cpus, log_dir, load, progress, results) 
     rounds: dict[str, list] = {p: [] for p in order}
     skip: dict[str, str] = {}
     for p in order:
-        why = peers[p].supports(scn.mode)
+        why = peers[p].supports(scn.mode, scn.kind)
         if why:
             skip[p] = why
     if scn.kind == "idle" and results["settings"]["nofile_limit"] < idle_count(st, scn) + 512:
