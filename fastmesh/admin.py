@@ -4,6 +4,7 @@ Endpoints are registered in a table, ``(method, path) -> handler``, so new ones 
 
     GET  /ready         200 "ready" when every listener accepts, else 503
     GET  /stats         JSON counters: per listener, per cluster, totals
+    GET  /stats/prometheus  the same in the Prometheus text format
     GET  /listeners     JSON listener states and bound addresses
     GET  /clusters      JSON endpoints per cluster (address, active requests, idle pooled)
     GET  /config_dump   JSON of the running config
@@ -18,6 +19,8 @@ import asyncio
 import json
 import logging
 from typing import Awaitable, Callable
+
+from fastmesh import promtext
 
 log = logging.getLogger("fastmesh.admin")
 
@@ -41,6 +44,7 @@ class AdminServer:
         self.register("GET", "/", self._index)
         self.register("GET", "/ready", self._ready)
         self.register("GET", "/stats", self._stats)
+        self.register("GET", "/stats/prometheus", self._stats_prometheus)
         self.register("GET", "/listeners", self._listeners)
         self.register("GET", "/clusters", self._clusters)
         self.register("GET", "/config_dump", self._config_dump)
@@ -128,6 +132,10 @@ class AdminServer:
 
     async def _stats(self, body: bytes):
         return json_body(await _maybe_await(self.state.stats()))
+
+    async def _stats_prometheus(self, body: bytes):
+        stats = await _maybe_await(self.state.stats())
+        return 200, promtext.CONTENT_TYPE, promtext.render(stats).encode()
 
     async def _listeners(self, body: bytes):
         return json_body(await _maybe_await(self.state.listeners_info()))

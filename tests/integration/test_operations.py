@@ -225,6 +225,27 @@ def _wait_stat(admin_port: int, listener: str, key: str, want: int, timeout=15.0
         time.sleep(0.1)
 
 
+def test_prometheus_stats_match_json_stats(deployment, upstream):
+    from prometheus_client.parser import text_string_to_metric_families
+    d = deployment(http_cfg(upstream))
+    d.start()
+    _requests(_port(d.cfg), 7)
+    with urllib.request.urlopen(f"http://127.0.0.1:{d.admin_port}/stats/prometheus",
+                                timeout=5) as r:
+        assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    js = _get_json(d.admin_port, "/stats")
+    samples = {(s.name, tuple(s.labels.items())): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("fastmesh_listener_downstream_rq_total", (("listener", "web"),))] == 7
+    for k, v in js["listeners"]["web"].items():
+        name = f"fastmesh_listener_{k}" + ("" if k.endswith(("_total", "_active")) else "_total")
+        assert samples[(name, (("listener", "web"),))] == v, k
+    for k, v in js["clusters"]["up"].items():
+        name = f"fastmesh_cluster_{k}" + ("" if k.endswith(("_total", "_active")) else "_total")
+        assert samples[(name, (("cluster", "up"),))] == v, k
+
+
 def test_counters_survive_a_worker_crash(deployment, upstream):
     d = deployment(http_cfg(upstream))
     d.start()

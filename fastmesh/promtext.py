@@ -1,0 +1,65 @@
+"""/stats in the Prometheus text exposition format (version 0.0.4), for scrapers.
+
+One family per counter slot, labelled by listener or cluster:
+
+    # TYPE fastmesh_listener_downstream_rq_total counter
+    fastmesh_listener_downstream_rq_total{listener="ingress"} 40
+
+Gauges (`*_active`, `uptime_seconds`, `workers`, `config_version`) are typed gauge; every
+other listener and cluster figure is a counter, named with a `_total` suffix as the format
+expects (`downstream_rsp_2xx` -> `fastmesh_listener_downstream_rsp_2xx_total`).
+"""
+from __future__ import annotations
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_SERVER = (  # (key in stats["server"], metric name, type, help)
+    ("uptime_s", "fastmesh_server_uptime_seconds", "gauge",
+     "seconds since this generation started"),
+    ("workers", "fastmesh_server_workers", "gauge", "worker processes"),
+    ("config_version", "fastmesh_server_config_version", "gauge",
+     "config version (1 at start, +1 per applied reload)"),
+    ("worker_restarts", "fastmesh_server_worker_restarts_total", "counter",
+     "workers restarted after they died"),
+    ("reloads", "fastmesh_server_reloads_total", "counter", "reloads applied"),
+    ("reload_failures", "fastmesh_server_reload_failures_total", "counter", "reloads refused"),
+)
+
+
+def _label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _is_gauge(name: str) -> bool:
+    return name.endswith("_active")
+
+
+def render(stats: dict) -> str:
+    out: list[str] = []
+    server = stats.get("server") or {}
+    out.append("# HELP fastmesh_build_info fastmesh version")
+    out.append("# TYPE fastmesh_build_info gauge")
+    out.append(f'fastmesh_build_info{{version="{_label(server.get("version", ""))}"}} 1')
+    for key, metric, kind, help_text in _SERVER:
+        if server.get(key) is not None:
+            out.append(f"# HELP {metric} {help_text}")
+            out.append(f"# TYPE {metric} {kind}")
+            out.append(f"{metric} {server[key]}")
+    for kind, label in (("listeners", "listener"), ("clusters", "cluster")):
+        groups = stats.get(kind) or {}
+        slots: list[str] = []
+        for counters in groups.values():
+            for k in counters:
+                if k not in slots:
+                    slots.append(k)
+        for slot in slots:
+            gauge = _is_gauge(slot)
+            metric = f"fastmesh_{label}_{slot}"
+            if not gauge and not metric.endswith("_total"):
+                metric += "_total"
+            out.append(f"# HELP {metric} {label} {slot.replace('_', ' ')}")
+            out.append(f"# TYPE {metric} {'gauge' if gauge else 'counter'}")
+            for name in sorted(groups):
+                if slot in groups[name]:
+                    out.append(f'{metric}{{{label}="{_label(name)}"}} {groups[name][slot]}')
+    return "\n".join(out) + "\n"
