@@ -528,6 +528,7 @@ def test_wrk_load_no_errors(mesh):
 
 
 def test_admin_endpoints(mesh):
+    assert curl(mesh.url("/health")).stdout == b"ok"         # at least one request counted
     status, body = mesh.admin("/ready")
     assert status == 200 and body == b"ready\n"
     stats = mesh.stats()
