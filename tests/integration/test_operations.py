@@ -265,8 +265,8 @@ def test_counters_survive_a_worker_crash(deployment, upstream):
     assert st["downstream_cx_active"] == 0          # gauges are not carried over
 
 
-def test_counters_survive_hot_restarts(deployment, upstream):
-    d = deployment(http_cfg(upstream), workers=2)
+def test_counters_survive_hot_restarts(deployment, upstream, loop_kind):
+    d = deployment(http_cfg(upstream), workers=2, loop=loop_kind)
     d.start()
     port = _port(d.cfg)
     total = 0
@@ -337,8 +337,8 @@ def test_reload_applies_routes_listeners_and_rejects_bad_config(deployment, upst
 
 # ------------------------------------------------------------------------ hot restart
 
-def test_hot_restart_under_load_loses_nothing(deployment, upstream):
-    d = deployment(http_cfg(upstream))
+def test_hot_restart_under_load_loses_nothing(deployment, upstream, loop_kind):
+    d = deployment(http_cfg(upstream), loop=loop_kind)
     d.start()
     port = _port(d.cfg)
     load = _wrk(port, 12)
@@ -367,8 +367,8 @@ def test_hot_restart_under_load_loses_nothing(deployment, upstream):
         assert c.read_response().status == 200
 
 
-def test_second_run_on_same_upgrade_socket_takes_over(deployment, upstream):
-    d = deployment(http_cfg(upstream))
+def test_second_run_on_same_upgrade_socket_takes_over(deployment, upstream, loop_kind):
+    d = deployment(http_cfg(upstream), loop=loop_kind)
     first = d.start()
     port = _port(d.cfg)
     c = RawClient(port)
@@ -413,8 +413,8 @@ def test_failed_new_generation_leaves_old_serving(deployment, upstream):
         assert c.read_response().status == 200
 
 
-def test_sigterm_drains_in_flight_request(deployment, upstream):
-    d = deployment(http_cfg(upstream))
+def test_sigterm_drains_in_flight_request(deployment, upstream, loop_kind):
+    d = deployment(http_cfg(upstream), loop=loop_kind)
     p = d.start()
     port = _port(d.cfg)
     with RawClient(port) as c:
@@ -451,7 +451,7 @@ def _start_bolt_echo(procs) -> int:
 
 
 @pytest.mark.parametrize("peer", ["sofa-rpc-node", "boltload-echo"])
-def test_bolt_connection_migrates_across_restarts(deployment, procs, peer):
+def test_bolt_connection_migrates_across_restarts(deployment, procs, peer, loop_kind):
     """A raw Bolt client on one TCP connection sends real SOFARPC requests (the captured
     hessian2 echo("hello") frame, id patched) across three hot restarts: every call is
     answered and the connection is never closed."""
@@ -477,7 +477,7 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs, peer):
             {"match": {"headers": [{"name": "service", "present": True}]}, "cluster": "echo"}]}},
         "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{echo_port}"]}],
     }
-    d = deployment(cfg)
+    d = deployment(cfg, loop=loop_kind)
     d.start()
     req = bytearray(_frame("bolt_request.hex"))
     s = socket.create_connection(("127.0.0.1", _port(cfg)), timeout=5)
@@ -520,7 +520,7 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs, peer):
     assert st["listeners"]["rpc"]["downstream_cx_total"] == 1     # adopted, not reconnected
 
 
-def test_tcp_connection_migrates_when_quiet(deployment, upstream):
+def test_tcp_connection_migrates_when_quiet(deployment, upstream, loop_kind):
     cfg = {
         "admin": {"address": f"127.0.0.1:{free_port()}"},
         "drain_timeout_ms": 5000,
@@ -528,7 +528,7 @@ def test_tcp_connection_migrates_when_quiet(deployment, upstream):
                        "protocol": "tcp", "cluster": "up"}],
         "clusters": [{"name": "up", "endpoints": [upstream]}],
     }
-    d = deployment(cfg)
+    d = deployment(cfg, loop=loop_kind)
     d.start()
     with RawClient(_port(cfg)) as c:               # HTTP keep-alive over the raw TCP listener
         c.request(path="/")
