@@ -17,6 +17,7 @@ import enum
 import logging
 import socket
 
+from fastmesh._core.accesslog import AccessLog
 from fastmesh._core.context import ListenerCtx
 from fastmesh._core import http_proxy, tcp_proxy
 from fastmesh._core.http_proxy import py_now_ms as now_ms
@@ -65,6 +66,7 @@ class Listener:
             stream_idle_timeout_ms=cfg.stream_idle_timeout_ms,
             high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
             max_in_flight=cfg.max_in_flight)
+        self._set_access_log(cfg.access_log)
 
     # -- wiring --------------------------------------------------------------------
 
@@ -92,7 +94,21 @@ class Listener:
         from fastmesh._core import bolt_proxy       # built with the Bolt issue
         return lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
 
+    def _set_access_log(self, path: str | None) -> None:
+        old = self.ctx.access_log
+        if old is not None and (path is None or path != old.path):
+            old.close()
+            self.ctx.access_log = None
+        if path is not None and self.ctx.access_log is None:
+            try:
+                self.ctx.access_log = AccessLog(path)
+            except OSError as exc:
+                raise RuntimeError(f"listener {self.cfg.name}: access log {path}: "
+                                   f"{exc.strerror or exc}") from exc
+
     def sweep(self, now_ms: int) -> None:
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.flush()
         if self.cfg.protocol == "http1":
             http_proxy.sweep_downstreams(self.ctx, now_ms)
         elif self.cfg.protocol == "tcp":
@@ -161,6 +177,7 @@ class Listener:
         c.stream_idle_timeout_ms = cfg.stream_idle_timeout_ms
         c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
         c.max_in_flight = cfg.max_in_flight
+        self._set_access_log(cfg.access_log)
 
     @property
     def active_connections(self) -> int:
@@ -171,6 +188,7 @@ class Listener:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self._set_access_log(None)          # flushed, then closed
         self.state = ListenerState.CLOSED
 
     def abort_connections(self) -> None:

@@ -14,6 +14,7 @@ cdef class ListenerCtx:
         public Cluster tcp_cluster        # tcp
         public object loop
         public set conns                  # live downstream sessions (for sweeps and drain)
+        public object access_log          # fastmesh.accesslog.AccessLog, or None (HTTP/1)
         public bint draining              # finish current requests, then close
         # limits (from the config's listener section)
         public int max_head_bytes

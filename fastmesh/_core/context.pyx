@@ -16,6 +16,7 @@ cdef class ListenerCtx:
         self.route_table = route_table
         self.tcp_cluster = tcp_cluster
         self.conns = set()
+        self.access_log = None
         self.draining = False
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers

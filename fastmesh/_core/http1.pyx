@@ -903,6 +903,15 @@ cdef bytes make_request_id():
     return PyBytes_FromStringAndSize(out, 36)
 
 
+cdef bytes request_id_of(Head h, bytes generated):
+    # The x-request-id build_request_head forwards: the client's, or the generated one.
+    cdef HeaderField *f
+    if h.request_id_idx < 0 or h.fields[h.request_id_idx].drop:
+        return generated
+    f = &h.fields[h.request_id_idx]
+    return PyBytes_FromStringAndSize(PyBytes_AS_STRING(h.raw) + f.value_off, f.value_len)
+
+
 def reseed_request_ids():
     """Call in a child after fork so two workers never generate the same ids."""
     global _rid_pid

@@ -73,6 +73,11 @@ cdef class HttpDownstream:
         # timers
         int64_t deadline_ms         # 0 = none
         int deadline_kind           # DeadlineKind
+        # access log (filled only when the listener has one)
+        int64_t rq_start_us         # when the request head was complete (now_us)
+        int rsp_status              # status sent to the client, 0 = none yet
+        bytes rsp_flag              # the proxy's reason when it answered or cut it, or None
+        bytes rq_id                 # x-request-id as forwarded
         uint64_t reads              # read events on this exchange's two connections ...
         uint64_t reads_seen         # ... when the stream-idle deadline was last armed
 
@@ -107,6 +112,7 @@ cdef class HttpDownstream:
     cdef void _on_stream_idle(self)
     cdef void _update_reading(self)
     cdef void _count_response(self, int status)
+    cdef void _access_log(self)
     cpdef void on_deadline(self, int64_t now)
 
 

@@ -10,11 +10,12 @@ from libc.string cimport memcpy
 
 from fastmesh._core cimport debug
 from fastmesh._core.buffer cimport RecvBuffer, Slice
-from fastmesh._core.clock cimport now_ms
+from fastmesh._core.accesslog cimport AccessLog
+from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.http1 cimport (
     Head, HeadParser, ChunkedFramer, build_request_head, build_response_head,
-    error_response, make_request_id,
+    error_response, make_request_id, request_id_of,
     BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE,
     PARSE_INCOMPLETE, PARSE_ERROR, PARSE_TOO_LARGE, CH_DONE, CH_ERROR,
     TE_AS_RECEIVED, TE_ADD_CHUNKED, TE_NONE,
@@ -131,9 +132,13 @@ cdef class HttpDownstream:
         self.ctx.counters.v[LS_CX_ACTIVE] -= 1
         if self.req is not None:
             self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
-            self.req = None
             if not self.resp_started:
                 self.ctx.counters.v[LS_ERR_DOWNSTREAM_RESET] += 1
+            if self.ctx.access_log is not None:
+                if self.rsp_flag is None:
+                    self.rsp_flag = b"downstream_reset"
+                self._access_log()
+            self.req = None
         if up is not None:
             # the exchange cannot finish: this upstream connection is out of sync
             self.up = None
@@ -207,6 +212,11 @@ cdef class HttpDownstream:
         cdef Endpoint ep
         self.ctx.counters.v[LS_RQ_TOTAL] += 1
         self.ctx.counters.v[LS_RQ_ACTIVE] += 1
+        self.rsp_status = 0
+        self.rsp_flag = None
+        if self.ctx.access_log is not None:
+            self.rq_start_us = now_us()
+            self.rq_id = None
         self.deadline_ms = 0
         self.deadline_kind = DL_NONE
         self.close_after = h.conn_close or self.ctx.draining
@@ -304,9 +314,12 @@ cdef class HttpDownstream:
         self.ep.active_requests += 1
         if self.write_paused:
             up.pause_reading()
-        head = build_request_head(self.req, self.client_ip, make_request_id(),
+        rid = make_request_id()
+        head = build_request_head(self.req, self.client_ip, rid,
                                   self.route.headers_to_add, self.route.headers_to_remove,
                                   True)
+        if self.ctx.access_log is not None:
+            self.rq_id = request_id_of(self.req, rid)
         if self.req_done:
             up.transport.write(head)
             self._request_forwarded()
@@ -406,6 +419,8 @@ cdef class HttpDownstream:
         # The response is complete (and the request consumed): next request, or close.
         if self.req is not None:
             self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+            if self.ctx.access_log is not None:
+                self._access_log()
         self.req = None
         self.route = None
         self.cluster = None
@@ -465,6 +480,8 @@ cdef class HttpDownstream:
         else:
             # never pass off a truncated response as complete: the client sees a reset
             self.ctx.counters.v[reason_slot] += 1
+            self.rsp_flag = (b"upstream_protocol" if reason_slot == LS_ERR_UPSTREAM_PROTOCOL
+                             else b"reset_mid_response")
             self._abort()
 
     # ------------------------------------------------------ local answers, close
@@ -475,6 +492,7 @@ cdef class HttpDownstream:
         cdef Head h = self.req
         if err_slot >= 0:
             self.ctx.counters.v[err_slot] += 1
+        self.rsp_flag = reason
         if not self.req_done and h.expect_continue and not self.sent_continue:
             self.close_after = True          # the client holds its body back: don't wait
         self._count_response(status)
@@ -492,13 +510,18 @@ cdef class HttpDownstream:
         # A malformed or oversized request: answer, shut our write side, drop the rest.
         self.ctx.counters.v[err_slot] += 1
         self._count_response(status)
+        self.rsp_flag = reason
         self.resp_started = True
         self.out.append(error_response(status, reason, b"", True))
+        if self.req is None and self.ctx.access_log is not None:
+            self._access_log()              # a head that never parsed: logged as "-"
         self._linger()
 
     cdef _linger(self):
         if self.req is not None:
             self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+            if self.ctx.access_log is not None:
+                self._access_log()
             self.req = None
         self.state = DS_LINGER
         if self.rbuf.size():
@@ -578,6 +601,7 @@ cdef class HttpDownstream:
                 self._local_response(408, b"stream_idle_timeout",
                                      b"request body stalled\n", -1)
         else:                               # mid-response, or dropping a body: just close
+            self.rsp_flag = b"stream_idle_timeout"
             self._drop_upstream()
             self._abort()
 
@@ -599,6 +623,25 @@ cdef class HttpDownstream:
 
     cdef void _count_response(self, int status):
         self.ctx.counters.v[status_class_slot(status, LS_RSP_1XX)] += 1
+        self.rsp_status = status
+
+    cdef void _access_log(self):
+        # One line for the request that ends now (fastmesh/accesslog.py has the format).
+        cdef Head h = self.req
+        cdef bytes request_line = None
+        cdef Py_ssize_t eol
+        cdef int64_t duration_us = 0
+        if h is not None:
+            eol = h.raw.find(b"\r\n")
+            if eol >= 0:
+                request_line = h.raw[:eol]
+            duration_us = now_us() - self.rq_start_us
+        try:
+            (<AccessLog>self.ctx.access_log).add(
+                duration_us, self.client_ip, request_line, self.rsp_status, self.rsp_flag,
+                self.cluster.name if self.cluster is not None else None, self.ep, self.rq_id)
+        except Exception:
+            log.exception("listener %s: access log failed", self.ctx.name)
 
     cpdef void on_deadline(self, int64_t now):
         # Called by the sweeper when deadline_ms has passed.

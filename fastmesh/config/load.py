@@ -503,6 +503,14 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
                     c.err(f"{p}.route_table", f"no route table named {rt!r}")
                 kw["route_table"] = rt
 
+        if "access_log" in m:
+            path = c.text(m["access_log"], f"{p}.access_log")
+            if path is not None and protocol != "http1":
+                c.err(f"{p}.access_log", "only http1 listeners have an access log")
+            elif path is not None and "\0" in path:
+                c.err(f"{p}.access_log", "a path cannot contain a NUL byte")
+            else:
+                kw["access_log"] = path
         for f in _LISTENER_FIELDS.values():
             if f.type == "int" and f.name in m:
                 lo = _LISTENER_INT_MIN.get(f.name, 1)

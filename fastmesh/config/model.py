@@ -100,6 +100,7 @@ class Listener:
     high_water_bytes: int = 262144                # pause the other side above this many queued
     low_water_bytes: int = 65536                  # ... and resume below this
     max_in_flight: int = 10000                    # Bolt requests in flight per connection (busy)
+    access_log: Optional[str] = None              # HTTP/1: append a line per request to this file
 
 
 @dataclass(frozen=True)

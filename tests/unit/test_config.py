@@ -976,3 +976,15 @@ def test_round_trip_everything_else():
     assert out["admin"] is None
     assert out["listeners"][1]["address"] == "[::1]:7000"
     assert load_dict(out, source="x.yaml") == cfg
+
+
+def test_listener_access_log():
+    assert load_dict(with_listener(access_log="/tmp/a.log")).listeners[0].access_log == \
+        "/tmp/a.log"
+    assert load_dict(base()).listeners[0].access_log is None
+    assert error(with_listener(access_log=5)) == \
+        "listeners[0].access_log: expected a string, got 5 (quote it)"
+    assert error(with_listener(access_log="")) == \
+        "listeners[0].access_log: expected a non-empty string"
+    assert error(with_listener(protocol="bolt", access_log="/tmp/a.log")) == \
+        "listeners[0].access_log: only http1 listeners have an access log"
