@@ -626,7 +626,7 @@ cdef class HttpDownstream:
         self.rsp_status = status
 
     cdef void _access_log(self):
-        # One line for the request that ends now (fastmesh/accesslog.py has the format).
+        # One line for the request that ends now (the format: fastmesh/_core/accesslog.pyx).
         cdef Head h = self.req
         cdef bytes request_line = None
         cdef Py_ssize_t eol
