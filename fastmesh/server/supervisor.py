@@ -97,6 +97,7 @@ class Supervisor:
         self._rr = 0
         # counters of exited workers and of previous generations, added to every /stats
         self.carried: dict = {"listeners": {}, "clusters": {}}
+        self._inherit_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -138,7 +139,7 @@ class Supervisor:
             old_chan.send({"t": "accepting", "migrate_path": migrate_path})
             self.loop.call_later(self.cfg.drain_timeout_ms / 1000.0 + 30,
                                  self.migrate_server.close)
-            self.loop.create_task(self._inherit_counters(old_chan))
+            self._inherit_task = self.loop.create_task(self._inherit_counters(old_chan))
         if self.upgrade_path:
             self.upgrade_server = upgrade.UpgradeServer(self, self.upgrade_path, self.loop)
             self.upgrade_server.start()
@@ -332,6 +333,13 @@ class Supervisor:
         await self._wait_channels_closed(live, 1.0)
         for h in live:
             self._absorb(h)
+        if self._inherit_task is not None and not self._inherit_task.done():
+            # replaced while the generation before us still drains: pass its totals on too
+            try:
+                await asyncio.wait_for(asyncio.shield(self._inherit_task),
+                                       self.cfg.drain_timeout_ms / 1000.0 + 15)
+            except asyncio.TimeoutError:
+                pass
         if chan is not None and not chan.closed:
             try:
                 chan.send({"t": "counters", "stats": self.carried})

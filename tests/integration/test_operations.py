@@ -287,6 +287,29 @@ def test_counters_survive_hot_restarts(deployment, upstream, loop_kind):
 
 # ------------------------------------------------------------------------ reload
 
+def test_counters_survive_a_restart_during_a_drain(deployment, upstream):
+    """Generation 2 is replaced while generation 1 still drains a slow request: generation 1's
+    totals reach generation 3 through generation 2."""
+    d = deployment(http_cfg(upstream))
+    d.start()
+    port = _port(d.cfg)
+    _requests(port, 5)
+    slow = RawClient(port, timeout=15)
+    slow.request(path="/_/slow/2500")                   # keeps generation 1 draining
+    time.sleep(0.3)
+    gen1 = _supervisor_pid(d.admin_port)
+    os.kill(gen1, signal.SIGHUP)
+    gen2 = _wait_new_generation(d.admin_port, gen1)
+    os.kill(gen2, signal.SIGHUP)
+    _wait_new_generation(d.admin_port, gen2)
+    assert slow.read_response().status == 200           # finished by generation 1
+    slow.close()
+    _wait_gone(gen1)
+    _wait_gone(gen2)
+    _requests(port, 4)
+    assert _wait_stat(d.admin_port, "web", "downstream_rq_total", 10) == 10
+
+
 def test_reload_applies_routes_listeners_and_rejects_bad_config(deployment, upstream):
     cfg = http_cfg(upstream)
     d = deployment(cfg)
