@@ -369,13 +369,7 @@ cdef class HttpDownstream:
     cdef _request_body_error(self, int status, bytes reason, int slot):
         # The request body turned out malformed or too large after forwarding began: the
         # upstream exchange is abandoned; the client gets an error if no response started.
-        cdef HttpUpstream up = self.up
-        self.up = None
-        if up is not None:
-            up.ds = None
-            up._close()
-            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
-            self.ep.active_requests -= 1
+        self._drop_upstream()
         if self.resp_started:
             self.ctx.counters.v[slot] += 1
             self._abort()
