@@ -125,7 +125,6 @@ cdef class HttpDownstream:
         return False
 
     def connection_lost(self, exc):
-        cdef HttpUpstream up = self.up
         if self.state != DS_CLOSED:
             self.state = DS_CLOSED
         self.ctx.conns.discard(self)
@@ -138,12 +137,10 @@ cdef class HttpDownstream:
                 if self.rsp_flag is None:
                     self.rsp_flag = b"downstream_reset"
                 self._access_log()
-            self.req = None
-        if up is not None:
-            # the exchange cannot finish: this upstream connection is out of sync
-            self.up = None
-            up.ds = None
-            up._close()
+        # the exchange cannot finish: its upstream connection is out of sync (and no longer
+        # counts as a request in flight to that endpoint)
+        self._drop_upstream()
+        self.req = None
         if self.connect_task is not None:
             self.connect_task = None         # the connection, when made, goes to the pool
         self.deadline_ms = 0

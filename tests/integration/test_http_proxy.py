@@ -485,6 +485,29 @@ def test_malformed_upstream_response_502_upstream_protocol(mesh):
     assert delta(before, mesh.listener_stats(), "error_upstream_protocol") == 1
 
 
+def test_client_reset_mid_request_releases_the_upstream_request(mesh):
+    """A client gone while its request waits upstream no longer counts as a request in
+    flight (the least_request balancer reads the same figure)."""
+    import struct
+
+    def in_flight():
+        per_ep = json.loads(mesh.admin("/clusters")[1])["web"]
+        return (mesh.cluster_stats("web")["upstream_rq_active"],
+                sum(e["active_requests"] for e in per_ep))
+    c = RawClient(mesh.port)
+    c.request(path="/_/slow/1500")
+    deadline = time.monotonic() + 5
+    while in_flight() != (1, 1):
+        assert time.monotonic() < deadline, in_flight()
+        time.sleep(0.05)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()                                               # RST
+    deadline = time.monotonic() + 5
+    while in_flight() != (0, 0):
+        assert time.monotonic() < deadline, in_flight()
+        time.sleep(0.05)
+
+
 def test_upstream_reset_mid_response_closes_client(mesh):
     before = mesh.listener_stats()
     with RawClient(mesh.port) as c:
