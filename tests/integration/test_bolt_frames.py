@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fastmesh._core import bolt
+from fmtest import BoltClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,81 +63,6 @@ def load_frame(name):
     if not path.exists():
         pytest.skip(f"captured frames absent: {path}")
     return bytes.fromhex(path.read_text().strip())
-
-
-class BoltClient:
-    """A raw client connection: send bytes, read whole frames (parsed by our codec)."""
-
-    def __init__(self, port, timeout=WAIT_S):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-
-    def send(self, data: bytes):
-        self.sock.sendall(data)
-
-    def _next(self):
-        rc = bolt.py_frame_peek(self.buf)
-        if rc < 0:
-            raise AssertionError(f"proxy sent a bad frame: {bolt.error_reason(rc)}")
-        if rc == 0:
-            return None
-        raw = bytes(self.buf[:rc])
-        del self.buf[:rc]
-        f = bolt.parse_frame(raw)
-        f["raw"] = raw
-        return f
-
-    def read_frame(self, timeout=WAIT_S):
-        deadline = time.monotonic() + timeout
-        while True:
-            f = self._next()
-            if f is not None:
-                return f
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no whole frame from the proxy in time")
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            if not chunk:
-                raise ConnectionError("proxy closed the connection")
-            self.buf += chunk
-
-    def read_frames(self, n, timeout=WAIT_S):
-        deadline = time.monotonic() + timeout
-        return [self.read_frame(max(0.01, deadline - time.monotonic())) for _ in range(n)]
-
-    def nothing_for(self, secs) -> bool:
-        """True if no byte at all arrives within secs (and the connection stays open)."""
-        if self.buf:
-            return False
-        self.sock.settimeout(secs)
-        try:
-            chunk = self.sock.recv(65536)
-        except socket.timeout:
-            return True
-        self.buf += chunk
-        return False
-
-    def closed_by_peer(self, timeout=3.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                return False
-            except (ConnectionResetError, BrokenPipeError):
-                return True
-            if not chunk:
-                return True
-        return False
-
-    def close(self):
-        self.sock.close()
 
 
 class UpConn:

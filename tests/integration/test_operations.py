@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmtest import REPO, Proc, RawClient, free_port, wait_ready
+from fmtest import REPO, BoltClient, Proc, RawClient, free_port, wait_ready
 
 FRAMES = Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
 
@@ -503,24 +503,14 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs, peer, loop_
     d = deployment(cfg, loop=loop_kind)
     d.start()
     req = bytearray(_frame("bolt_request.hex"))
-    s = socket.create_connection(("127.0.0.1", _port(cfg)), timeout=5)
-    buf = b""
+    client = BoltClient(_port(cfg))
 
     def call(i: int) -> None:
-        nonlocal buf
         frame = bytearray(req)
         bolt.py_frame_set_id(frame, i)
-        s.sendall(frame)
-        while True:
-            n = bolt.py_frame_peek(buf) if buf else 0
-            if n > 0:
-                resp, buf = buf[:n], buf[n:]
-                f = bolt.parse_frame(resp)
-                assert f["request_id"] == i and f["status"] == 0
-                return
-            chunk = s.recv(65536)
-            assert chunk, f"connection closed before the answer to call {i}"
-            buf += chunk
+        client.send(frame)
+        f = client.read_frame()
+        assert f["request_id"] == i and f["status"] == 0
 
     n = 1
     for restart in range(3):
@@ -538,7 +528,7 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs, peer, loop_
     for _ in range(20):
         call(n)
         n += 1
-    s.close()
+    client.close()
     st = _get_json(d.admin_port, "/stats")
     assert st["listeners"]["rpc"]["downstream_cx_total"] == 1     # adopted, not reconnected
 

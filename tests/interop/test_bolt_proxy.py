@@ -7,7 +7,6 @@ runs again on plain asyncio (the ``loop`` parameter).
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastmesh._core import bolt
+from fmtest import BoltClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bolt_peers import (NODE, NODE_DIR, NodeServer, client_command, requires_node,  # noqa: E402
@@ -115,58 +115,12 @@ def proxied(server, start_fastmesh):
     return start
 
 
-class RawBolt:
-    """A raw socket to the proxy, for exact status codes and hand-made frames."""
-
-    def __init__(self, port, timeout=5.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = bytearray()
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def read_frame(self, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            rc = bolt.py_frame_peek(self.buf)
-            assert rc >= 0, bolt.error_reason(rc)
-            if rc:
-                raw = bytes(self.buf[:rc])
-                del self.buf[:rc]
-                return bolt.parse_frame(raw)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no frame from the proxy")
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            if not chunk:
-                raise ConnectionError("proxy closed the connection")
-            self.buf += chunk
-
-    def nothing_for(self, secs):
-        if self.buf:
-            return False
-        self.sock.settimeout(secs)
-        try:
-            chunk = self.sock.recv(65536)
-        except socket.timeout:
-            return True
-        self.buf += chunk
-        return False
-
-    def close(self):
-        self.sock.close()
-
-
 @pytest.fixture
 def raw():
     made = []
 
     def connect(port):
-        c = RawBolt(port)
+        c = BoltClient(port)
         made.append(c)
         return c
     yield connect
