@@ -348,35 +348,30 @@ def test_transfer_codings_besides_chunked_are_kept(mesh):
     assert raw.startswith(b"HTTP/1.1 502") and b"upstream_protocol" in raw
 
 
-def test_head_keeps_the_transfer_encoding_a_get_would_have(mesh):
+def _head_then_in_sync(mesh, path: str) -> bytes:
+    """HEAD path on a raw connection: returns the response head after checking no body
+    followed it and the connection is still in sync (the next response is the right one)."""
     with RawClient(mesh.port) as c:
-        c.send(b"HEAD /chunked/1000 HTTP/1.1\r\nHost: h\r\n\r\n")
+        c.send(b"HEAD %s HTTP/1.1\r\nHost: h\r\n\r\n" % path.encode())
         c.sock.settimeout(5)
         data = b""
         while b"\r\n\r\n" not in data:
             data += c.sock.recv(4096)
         head, _, rest = data.partition(b"\r\n\r\n")
-        assert b"transfer-encoding: chunked" in head.lower() and rest == b""
-        c.send(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")     # still in sync
-        time.sleep(0.2)
-        more = c.sock.recv(4096)
-        assert more.startswith(b"HTTP/1.1 200") and more.endswith(b"ok")
-
-
-def test_head_204_304_and_1xx(mesh):
-    with RawClient(mesh.port) as c:
-        c.send(b"HEAD /bytes/1000 HTTP/1.1\r\nHost: h\r\n\r\n")
-        c.sock.settimeout(5)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += c.sock.recv(4096)
-        head, _, rest = data.partition(b"\r\n\r\n")
-        assert b"content-length: 1000" in head.lower() and rest == b""
-        # the connection is still in sync: the next response is the right one
+        assert rest == b""
         c.send(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
         time.sleep(0.2)
         more = c.sock.recv(4096)
         assert more.startswith(b"HTTP/1.1 200") and more.endswith(b"ok")
+    return head
+
+
+def test_head_keeps_the_transfer_encoding_a_get_would_have(mesh):
+    assert b"transfer-encoding: chunked" in _head_then_in_sync(mesh, "/chunked/1000").lower()
+
+
+def test_head_204_304_and_1xx(mesh):
+    assert b"content-length: 1000" in _head_then_in_sync(mesh, "/bytes/1000").lower()
     with RawClient(mesh.port) as c:
         for status in (204, 304):
             c.request(path=f"/status/{status}")
