@@ -160,7 +160,8 @@ cdef int w_put(Writer *w, const char *s, Py_ssize_t n) except -1
 cdef bytes w_finish(Writer *w)
 cdef void w_free(Writer *w)
 
-cdef bytes request_id_of(Head h, bytes generated)
+cdef bint has_request_id(Head h)
+cdef bytes client_request_id(Head h)
 cdef bytes build_request_head(Head h, bytes client_ip, bytes request_id,
                               tuple headers_to_add, tuple headers_to_remove,
                               bint strip_expect)

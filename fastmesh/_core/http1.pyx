@@ -760,8 +760,7 @@ cdef bytes build_request_head(Head h, bytes client_ip, bytes request_id,
         w_bytes(&w, client_ip)
         w_put(&w, b"\r\nx-forwarded-proto: http\r\n", 27)
         # absent, or dropped because Connection named it: the upstream still gets an id
-        if ((h.request_id_idx < 0 or h.fields[h.request_id_idx].drop)
-                and request_id is not None):
+        if not has_request_id(h) and request_id is not None:
             w_put(&w, b"x-request-id: ", 14)
             w_bytes(&w, request_id)
             w_put(&w, b"\r\n", 2)
@@ -903,12 +902,14 @@ cdef bytes make_request_id():
     return PyBytes_FromStringAndSize(out, 36)
 
 
-cdef bytes request_id_of(Head h, bytes generated):
-    # The x-request-id build_request_head forwards: the client's, or the generated one.
-    cdef HeaderField *f
-    if h.request_id_idx < 0 or h.fields[h.request_id_idx].drop:
-        return generated
-    f = &h.fields[h.request_id_idx]
+cdef bint has_request_id(Head h):
+    # The request carries an x-request-id that is forwarded (not named by Connection).
+    return h.request_id_idx >= 0 and not h.fields[h.request_id_idx].drop
+
+
+cdef bytes client_request_id(Head h):
+    # That x-request-id's value (call only when has_request_id).
+    cdef HeaderField *f = &h.fields[h.request_id_idx]
     return PyBytes_FromStringAndSize(PyBytes_AS_STRING(h.raw) + f.value_off, f.value_len)
 
 

@@ -15,7 +15,7 @@ from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.http1 cimport (
     Head, HeadParser, ChunkedFramer, build_request_head, build_response_head,
-    error_response, make_request_id, request_id_of,
+    error_response, make_request_id, has_request_id, client_request_id,
     BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE,
     PARSE_INCOMPLETE, PARSE_ERROR, PARSE_TOO_LARGE, CH_DONE, CH_ERROR,
     TE_AS_RECEIVED, TE_ADD_CHUNKED, TE_NONE,
@@ -311,12 +311,13 @@ cdef class HttpDownstream:
         self.ep.active_requests += 1
         if self.write_paused:
             up.pause_reading()
-        rid = make_request_id()
+        # an id is generated only for a request that has none (in a mesh most carry one)
+        rid = None if has_request_id(self.req) else make_request_id()
         head = build_request_head(self.req, self.client_ip, rid,
                                   self.route.headers_to_add, self.route.headers_to_remove,
                                   True)
         if self.ctx.access_log is not None:
-            self.rq_id = request_id_of(self.req, rid)
+            self.rq_id = rid if rid is not None else client_request_id(self.req)
         if self.req_done:
             up.transport.write(head)
             self._request_forwarded()
