@@ -11,6 +11,8 @@ expects (`downstream_rsp_2xx` -> `fastmesh_listener_downstream_rsp_2xx_total`).
 """
 from __future__ import annotations
 
+from fastmesh._core.stats import GAUGE_SLOTS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _SERVER = (  # (key in stats["server"], metric name, type, help)
@@ -28,10 +30,6 @@ _SERVER = (  # (key in stats["server"], metric name, type, help)
 
 def _label(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def _is_gauge(name: str) -> bool:
-    return name.endswith("_active")
 
 
 def render(stats: dict) -> str:
@@ -53,7 +51,7 @@ def render(stats: dict) -> str:
                 if k not in slots:
                     slots.append(k)
         for slot in slots:
-            gauge = _is_gauge(slot)
+            gauge = slot in GAUGE_SLOTS
             metric = f"fastmesh_{label}_{slot}"
             if not gauge and not metric.endswith("_total"):
                 metric += "_total"

@@ -18,6 +18,10 @@ CLUSTER_SLOTS = (
     "upstream_cx_connect_fail", "upstream_cx_idle_closed", "no_healthy_endpoint",
     "bolt_status_other", "heartbeat_sent", "heartbeat_missed",
 )
+# slots that describe the present (the rest only ever count up)
+GAUGE_SLOTS = frozenset(("downstream_cx_active", "downstream_rq_active", "upstream_rq_active",
+                         "upstream_cx_active"))
+assert GAUGE_SLOTS <= set(LISTENER_SLOTS) | set(CLUSTER_SLOTS)
 assert len(LISTENER_SLOTS) == LS_SLOTS
 assert len(CLUSTER_SLOTS) == CS_SLOTS
 

@@ -22,6 +22,7 @@ import sys
 import time
 
 from fastmesh import __version__
+from fastmesh._core.stats import GAUGE_SLOTS
 from fastmesh.admin import AdminServer
 from fastmesh.config import model
 from fastmesh.config.load import ConfigError, load_file, to_dict
@@ -34,13 +35,10 @@ WORKER_START_TIMEOUT_S = 20.0
 WORKER_POLL_S = 0.2
 STATS_POLL_S = 1.0          # a worker's counters are snapshot this often (kept if it crashes)
 
-# gauges describe the present; only counters carry over from an exited worker or generation
-GAUGES = frozenset(("downstream_cx_active", "downstream_rq_active", "upstream_rq_active",
-                    "upstream_cx_active"))
 
-
-def add_counters(dst: dict, src: dict, skip=GAUGES) -> None:
-    """dst[kind][name][counter] += src[kind][name][counter] for kind in listeners, clusters."""
+def add_counters(dst: dict, src: dict, skip=GAUGE_SLOTS) -> None:
+    """Gauges describe the present: only counters carry over from an exited worker or
+    generation (skip=() to sum everything, as /stats does for live workers)."""
     for kind in ("listeners", "clusters"):
         acc = dst.setdefault(kind, {})
         for name, counters in (src.get(kind) or {}).items():
