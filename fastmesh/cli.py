@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -36,8 +35,12 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, early_signals=None) -> int:
     _setup_logging(args.log_level)
+    from fastmesh.server import mainproc
+    if not mainproc.is_generation():
+        # the main process: the PID that stays while generations come and go
+        return mainproc.MainProcess(mainproc.generation_argv(), early_signals).run()
     cfg, err = _load(args.config)
     if err is not None:
         for line in err.errors:
@@ -45,10 +48,9 @@ def cmd_run(args) -> int:
         return 1
     from fastmesh.server.supervisor import default_upgrade_path, serve
     upgrade_path = args.upgrade_socket or default_upgrade_path(args.config)
-    # the command SIGHUP starts again (-P: the installed package, whatever the directory)
-    argv = [sys.executable, "-P", "-m", "fastmesh"] + sys.argv[1:]
     return serve(cfg, config_path=args.config, loop_kind=args.loop, workers=args.workers,
-                 upgrade_path=upgrade_path, log_level=args.log_level, argv=argv)
+                 upgrade_path=upgrade_path, log_level=args.log_level,
+                 early_signals=early_signals)
 
 
 def cmd_demo(args) -> int:
@@ -89,6 +91,12 @@ Ctrl-C stops.
 
 
 def main(argv=None) -> int:
+    early = None
+    if (sys.argv[1:2] if argv is None else list(argv)[:1]) == ["run"]:
+        # before anything that takes time: a HUP or TERM sent right after start is
+        # remembered and acted on once there is a service to act on, never fatal
+        from fastmesh.server.mainproc import catch_early_signals, is_generation
+        early = catch_early_signals(hup=not is_generation())
     ap = argparse.ArgumentParser(prog="fastmesh", description="A sidecar data plane.")
     ap.add_argument("--version", action="version", version=f"fastmesh {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -120,6 +128,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_demo)
 
     args = ap.parse_args(argv)
+    if args.func is cmd_run:
+        return cmd_run(args, early)
     return args.func(args)
 
 

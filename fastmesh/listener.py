@@ -6,9 +6,17 @@ States and transitions::
          |                      |                              |
          +-------close()--------+------------close()-----------+--> CLOSED
 
-The listening socket is opened once (``bind()``, or handed in by a previous process) and
-is kept by the Listener; the loop's server works on a duplicate of it, so stopping accepting
-never closes the socket itself: during a hot restart the new process keeps accepting on it.
+The listening sockets are opened once by the supervisor (or handed in by a previous
+generation) and kept by the Listener; the loop's servers work on duplicates of them, so
+stopping accepting never closes a socket itself: during a hot restart the new generation keeps
+accepting on it. A listener that nobody will serve any more (SIGTERM, removed by a reload)
+is *closed* instead: connections already queued in the kernel are accepted and served, then
+the socket stops listening (shutdown), so later clients are refused at once and fail over
+instead of completing a handshake nobody answers.
+
+Each address is a group of SO_REUSEPORT sockets, one per worker: the kernel spreads new
+connections over the workers by a hash of the connection, instead of letting whichever worker
+wakes first take the whole accept backlog.
 """
 from __future__ import annotations
 
@@ -35,12 +43,15 @@ class ListenerState(enum.Enum):
     CLOSED = "closed"
 
 
-def open_listening_socket(address: model.Address) -> socket.socket:
+def open_listening_socket(address: model.Address, reuse_port: bool = False,
+                          port: int | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address.host, address.port))
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address.host, address.port if port is None else port))
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
@@ -49,14 +60,50 @@ def open_listening_socket(address: model.Address) -> socket.socket:
     return sock
 
 
+def open_socket_group(address: model.Address, n: int) -> list:
+    """n SO_REUSEPORT listening sockets on one address (one per worker). The first bind is
+    made without SO_REUSEPORT, so an address another process already listens on is refused
+    (EADDRINUSE) rather than silently shared with it."""
+    probe = open_listening_socket(address)
+    port = probe.getsockname()[1]           # port 0: the kernel's choice, for all of them
+    probe.close()
+    return grow_socket_group(address, [], n, port)
+
+
+def grow_socket_group(address: model.Address, group: list, n: int,
+                      port: int | None = None) -> list:
+    """Add SO_REUSEPORT sockets to a group (a new generation with more workers)."""
+    if port is None:
+        port = group[0].getsockname()[1]
+    added = []
+    try:
+        while len(group) + len(added) < n:
+            added.append(open_listening_socket(address, reuse_port=True, port=port))
+    except OSError:
+        for s in added:
+            s.close()
+        raise
+    return group + added
+
+
+def stop_listening(sock: socket.socket) -> None:
+    """Stop the kernel accepting on this listening socket, whoever else holds a descriptor
+    of it (shutdown acts on the socket, close only on our descriptor)."""
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+
+
 class Listener:
     def __init__(self, cfg: model.Listener, loop):
         self.cfg = cfg
         self.loop = loop
         self.state = ListenerState.INITIALISED
         self.drain_started_ms = 0
-        self.sock: socket.socket | None = None
-        self.server = None
+        self.socks: list = []                # listening sockets this worker serves
+        self.servers: list = []
+        self.pending_accepts = 0             # accepted in stop_listening, not yet connected
         self.ctx = ListenerCtx(
             cfg.name, loop,
             max_head_bytes=cfg.max_head_bytes, max_headers=cfg.max_headers,
@@ -76,7 +123,7 @@ class Listener:
 
     @property
     def bound_address(self) -> tuple:
-        return self.sock.getsockname() if self.sock is not None else None
+        return self.socks[0].getsockname() if self.socks else None
 
     def apply_snapshot(self, snap) -> None:
         """Point new requests at the snapshot's route table / cluster."""
@@ -119,24 +166,31 @@ class Listener:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def bind(self, sock: socket.socket | None = None) -> None:
+    def bind(self, socks: list | None = None) -> None:
         if self.state is not ListenerState.INITIALISED:
             raise RuntimeError(f"listener {self.name}: bind() in state {self.state.value}")
-        self.sock = sock if sock is not None else open_listening_socket(self.cfg.address)
+        self.socks = list(socks) if socks else [open_listening_socket(self.cfg.address)]
 
     async def start(self) -> None:
         if self.state is ListenerState.RUNNING:
             return
         if self.state is ListenerState.CLOSED:
             raise RuntimeError(f"listener {self.name}: closed")
-        if self.sock is None:
+        if not self.socks:
             self.bind()
-        dup = self.sock.dup()
         try:
-            self.server = await self.loop.create_server(
-                self.protocol_factory(), sock=dup, backlog=BACKLOG)
+            for sock in self.socks:
+                dup = sock.dup()
+                try:
+                    self.servers.append(await self.loop.create_server(
+                        self.protocol_factory(), sock=dup, backlog=BACKLOG))
+                except BaseException:
+                    dup.close()
+                    raise
         except BaseException:
-            dup.close()
+            for srv in self.servers:
+                srv.close()
+            self.servers = []
             raise
         self.state = ListenerState.RUNNING
         log.info("listener %s: accepting on %s (%s)", self.name,
@@ -145,10 +199,47 @@ class Listener:
     def stop_accepting(self) -> None:
         """Stop taking new connections; the socket stays open; connections go on."""
         if self.state is ListenerState.RUNNING:
-            self.server.close()
-            self.server = None
+            for srv in self.servers:
+                srv.close()
+            self.servers = []
             self.state = ListenerState.STOPPED
             log.info("listener %s: stopped accepting", self.name)
+
+    def stop_listening(self) -> int:
+        """Nobody will serve this address any more: take the connections the kernel has
+        already queued (they are served, and told `Connection: close`), then stop the socket
+        listening so new ones are refused at once. Returns how many were taken."""
+        self.stop_accepting()
+        taken = 0
+        factory = self.protocol_factory()
+        for sock in self.socks:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                conn.setblocking(False)
+                taken += 1
+                self.pending_accepts += 1
+                self.loop.create_task(self._serve_accepted(factory, conn))
+            stop_listening(sock)
+            sock.close()
+        self.socks = []
+        if taken:
+            log.info("listener %s: served %d connections left in the accept queue", self.name,
+                     taken)
+        log.info("listener %s: closed (new connections are refused)", self.name)
+        return taken
+
+    async def _serve_accepted(self, factory, conn) -> None:
+        try:
+            await self.loop.connect_accepted_socket(factory, conn)
+        except OSError:
+            conn.close()
+        finally:
+            self.pending_accepts -= 1
 
     def begin_drain(self) -> None:
         """Ask connections to finish: each HTTP/1 response from now on carries
@@ -181,13 +272,13 @@ class Listener:
 
     @property
     def active_connections(self) -> int:
-        return len(self.ctx.conns)
+        return len(self.ctx.conns) + self.pending_accepts
 
     def close(self) -> None:
         self.stop_accepting()
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
         self._set_access_log(None)          # flushed, then closed
         self.state = ListenerState.CLOSED
 

@@ -34,11 +34,13 @@ from fastmesh._core.bolt cimport (
 from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.clock cimport now_ms
 from fastmesh._core.context cimport ListenerCtx
+from fastmesh._core.sockio cimport unread_bytes
 from fastmesh._core.router cimport RouteTable, VirtualHost, Route, HeaderMatcher, A_DIRECT
 from fastmesh._core.stats cimport (
     Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL, LS_RQ_ACTIVE, LS_RSP_2XX, LS_RSP_5XX,
     LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_UPSTREAM_TIMEOUT,
     LS_ERR_UPSTREAM_RESET, LS_ERR_BUSY, LS_ERR_BAD_FRAME, LS_HEARTBEATS, LS_RX_BYTES,
+    LS_CX_IDLE_CLOSED,
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RSP_2XX, CS_RSP_5XX, CS_CX_TOTAL,
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_BOLT_STATUS_OTHER, CS_HEARTBEAT_SENT,
     CS_HEARTBEAT_MISSED,
@@ -315,9 +317,12 @@ cdef class BoltDownstream:
             self.transport.abort()
 
     def close_if_idle_for(self, int64_t now, int64_t idle_ms):
-        # Drain: a client with nothing in flight and quiet for idle_ms is closed.
-        if self.inflight == 0 and not self.closed and now - self.last_rx_ms >= idle_ms:
+        # Drain: a client with nothing in flight and quiet for idle_ms is closed, unless a
+        # request is on the wire (part of a frame buffered here, or unread in the kernel).
+        if (self.inflight == 0 and not self.closed and now - self.last_rx_ms >= idle_ms
+                and self.rbuf.size() == 0 and unread_bytes(self.transport) == 0):
             self.closed = True
+            self.ctx.counters.v[LS_CX_IDLE_CLOSED] += 1
             self.transport.close()
 
     # -- hot restart: connection migration --
@@ -351,7 +356,9 @@ cdef class BoltDownstream:
 
     cpdef void on_idle_check(self, int64_t now):
         if (self.inflight == 0 and not self.closed and self.ctx.idle_timeout_ms > 0
-                and now - self.last_rx_ms >= self.ctx.idle_timeout_ms):
+                and now - self.last_rx_ms >= self.ctx.idle_timeout_ms
+                and self.rbuf.size() == 0 and unread_bytes(self.transport) == 0):
+            self.ctx.counters.v[LS_CX_IDLE_CLOSED] += 1
             self.transport.close()
 
 

@@ -105,6 +105,7 @@ cdef class HttpDownstream:
     cdef _linger(self)
     cdef void _flush(self)
     cdef void _close(self)
+    cdef bint _close_idle(self)
     cdef void _abort(self)
     cdef void _set_deadline(self, int kind, int64_t timeout_ms)
     cdef void _arm_stream_idle(self)

@@ -13,6 +13,7 @@ from fastmesh._core.buffer cimport RecvBuffer, Slice
 from fastmesh._core.accesslog cimport AccessLog
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
+from fastmesh._core.sockio cimport unread_bytes
 from fastmesh._core.http1 cimport (
     Head, HeadParser, ChunkedFramer, build_request_head, build_response_head,
     error_response, make_request_id, has_request_id, client_request_id,
@@ -27,7 +28,7 @@ from fastmesh._core.stats cimport (
     LS_ERR_HEAD_TOO_LARGE, LS_ERR_BODY_TOO_LARGE, LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM,
     LS_ERR_CONNECT_FAILED, LS_ERR_UPSTREAM_TIMEOUT, LS_ERR_UPSTREAM_RESET,
     LS_ERR_UPSTREAM_PROTOCOL, LS_ERR_RESET_MID_RESPONSE, LS_ERR_DOWNSTREAM_RESET,
-    LS_ERR_HEAD_TIMEOUT, LS_ERR_STREAM_IDLE, LS_RX_BYTES,
+    LS_ERR_HEAD_TIMEOUT, LS_ERR_STREAM_IDLE, LS_RX_BYTES, LS_CX_IDLE_CLOSED,
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RQ_RETRY, CS_RSP_1XX, CS_CX_TOTAL,
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_CX_IDLE_CLOSED,
 )
@@ -418,7 +419,11 @@ cdef class HttpDownstream:
         self.cluster = None
         self.ep = None
         self.up = None
-        if self.close_after or self.ctx.draining:
+        # Close only after a response that said `Connection: close` (close_after is set
+        # whenever it did, draining included). A response whose head left before a drain
+        # began promised keep-alive: the client may already be sending its next request,
+        # which is answered (with `Connection: close`) rather than met by a closed socket.
+        if self.close_after:
             if self.req_done:
                 self._close()
             else:
@@ -487,6 +492,8 @@ cdef class HttpDownstream:
         self.rsp_flag = reason
         if not self.req_done and h.expect_continue and not self.sent_continue:
             self.close_after = True          # the client holds its body back: don't wait
+        if self.ctx.draining:
+            self.close_after = True
         self._count_response(status)
         self.resp_started = True
         self._arm_stream_idle()             # covers dropping the rest of the body
@@ -546,6 +553,18 @@ cdef class HttpDownstream:
             self.state = DS_CLOSED
             self.deadline_ms = 0
             self.transport.close()
+
+    cdef bint _close_idle(self):
+        # Close a connection between requests without racing a request already on the
+        # wire: only when nothing is buffered here or unread in the kernel, and as a
+        # lingering close (FIN, then drop input until the peer closes), so a request that
+        # crosses our FIN meets an orderly end of stream, never an RST. Returns False (and
+        # leaves the connection alone) when a request has arrived.
+        if self.state != DS_HEAD or self.rbuf.size() or unread_bytes(self.transport):
+            return False
+        self.ctx.counters.v[LS_CX_IDLE_CLOSED] += 1
+        self._linger()
+        return True
 
     cdef void _abort(self):
         cdef HttpUpstream up = self.up
@@ -644,7 +663,8 @@ cdef class HttpDownstream:
         if self.state == DS_CLOSED:
             return
         if kind == DL_IDLE:
-            self._close()
+            if not self._close_idle():
+                self._set_deadline(DL_IDLE, self.ctx.idle_timeout_ms)
         elif kind == DL_HEAD:
             self._fail_and_linger(408, b"head_timeout", LS_ERR_HEAD_TIMEOUT)
         elif kind == DL_CONNECT:
@@ -675,9 +695,9 @@ cdef class HttpDownstream:
     def close_if_idle_for(self, int64_t now, int64_t idle_ms):
         """Drain: close if between requests and idle at least idle_ms (a busy connection
         is closed by the `Connection: close` on its next response instead)."""
-        if (self.state == DS_HEAD and self.rbuf.size() == 0 and self.deadline_kind == DL_IDLE
+        if (self.state == DS_HEAD and self.deadline_kind == DL_IDLE
                 and self.deadline_ms - self.ctx.idle_timeout_ms <= now - idle_ms):
-            self._close()
+            self._close_idle()
 
     def abort(self):
         self._abort()
@@ -872,6 +892,7 @@ cdef class HttpUpstream:
             # done the client connection cannot be resynchronised, so say it closes
             ds.close_after = True
         close_client = ds.close_after or ds.ctx.draining
+        ds.close_after = close_client       # what the head says is what happens after it
         ds._on_response_head(build_response_head(h, self.te_mode, close_client,
                                                   client_10 and not close_client))
         self.head_done = True

@@ -32,6 +32,7 @@ cdef enum:  # ListenerSlot
     LS_HEARTBEATS           # Bolt heartbeats answered by the proxy
     LS_RX_BYTES             # bytes read from clients
     LS_TX_BYTES             # bytes written to clients (queued)
+    LS_CX_IDLE_CLOSED       # connections closed between requests (idle timeout, drain)
     LS_SLOTS                # number of slots (keep last)
 
 cdef enum:  # ClusterSlot

@@ -9,7 +9,7 @@ LISTENER_SLOTS = (
     "error_upstream_reset", "error_upstream_protocol", "error_reset_mid_response",
     "error_downstream_reset", "error_head_timeout", "error_busy", "error_bad_frame",
     "error_stream_idle_timeout",
-    "heartbeats", "downstream_rx_bytes", "downstream_tx_bytes",
+    "heartbeats", "downstream_rx_bytes", "downstream_tx_bytes", "downstream_cx_idle_closed",
 )
 CLUSTER_SLOTS = (
     "upstream_rq_total", "upstream_rq_active", "upstream_rq_timeout", "upstream_rq_retry",

@@ -9,6 +9,9 @@ Keep-alive and pipelining are honoured. What it answers, by path:
     /close/N           N bytes delimited by closing the connection
     /status/NNN        that status (no body for 1xx/204/304)
     /slow/MS           waits MS milliseconds, then answers
+    /drip/H/B/N        waits H ms, sends the head (content-length: N*10), then the body in
+                       N pieces of 10 bytes spread over B ms: a slow, streaming upstream
+    /drip-random/MAX   as /drip/H/B/8 with H and B drawn at random from 0..MAX/2 ms
     /reset             closes the connection without answering
     /reset-mid         promises 100 bytes, sends 10, closes
     /stall-mid         promises 100 bytes, sends 10, then sends nothing more (stays open)
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import random
 import hashlib
 import json
 import logging
@@ -117,6 +121,21 @@ class UpstreamProtocol(asyncio.Protocol):
         finally:
             self.busy = False
 
+    async def _drip(self, head_ms, body_ms, pieces, conn, head_only, keep):
+        await asyncio.sleep(head_ms / 1000.0)
+        if self.transport is None:
+            return
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n"
+                             % (10 * pieces, conn))
+        if not head_only:
+            for i in range(pieces):
+                await asyncio.sleep(body_ms / 1000.0 / max(1, pieces))
+                if self.transport is None:
+                    return
+                self.transport.write(b"drip %04d\n" % (i % 10000))
+        if not keep and self.transport is not None:
+            self.transport.close()
+
     async def _answer(self, req):
         t = self.transport
         path = _command(req["url"].split("?", 1)[0])
@@ -168,6 +187,13 @@ class UpstreamProtocol(asyncio.Protocol):
             await asyncio.sleep(int(path[6:]) / 1000.0)
             if self.transport is not None:
                 send(200, b"slow done\n")
+        elif path.startswith("/drip/") or path.startswith("/drip-random/"):
+            if path.startswith("/drip/"):
+                head_ms, body_ms, pieces = (int(x) for x in path[6:].split("/"))
+            else:
+                half = int(path[13:]) // 2
+                head_ms, body_ms, pieces = random.randint(0, half), random.randint(0, half), 8
+            await self._drip(head_ms, body_ms, pieces, conn, head_only, keep)
         elif path == "/reset":
             t.abort()
         elif path.startswith("/gzip-chunked/"):

@@ -40,8 +40,9 @@ class DataPlane:
     # -- config ----------------------------------------------------------------------
 
     async def apply(self, cfg: model.Config, sockets: dict) -> None:
-        """sockets: listener name -> listening socket, for every listener that is new or
-        whose address changed. Raises on failure before changing anything it can't undo."""
+        """sockets: listener name -> the listening sockets this worker serves for it, for
+        every listener that is new or whose address changed. Raises on failure before
+        changing anything it can't undo."""
         snap = snapshot_mod.build(cfg, self.snapshot)
         # clusters: resolvers follow the snapshot's Cluster objects
         for name in list(self.resolvers):
@@ -57,9 +58,12 @@ class DataPlane:
                 self.resolvers[name] = r
         # listeners
         new_names = {l.name for l in cfg.listeners}
+        new_addresses = {l.address for l in cfg.listeners}
         for name in list(self.listeners):
             if name not in new_names or name in sockets:
-                self._retire(self.listeners.pop(name))
+                lst = self.listeners.pop(name)
+                # an address no listener keeps is closed: its clients are refused at once
+                self._retire(lst, close=lst.cfg.address not in new_addresses)
         started = []
         try:
             for lc in cfg.listeners:
@@ -84,9 +88,12 @@ class DataPlane:
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep_forever())
 
-    def _retire(self, lst: Listener) -> None:
-        lst.stop_accepting()
+    def _retire(self, lst: Listener, close: bool) -> None:
         lst.begin_drain()
+        if close:
+            lst.stop_listening()
+        else:
+            lst.stop_accepting()
         self.draining_listeners.append(lst)
 
     # -- timers ----------------------------------------------------------------------
@@ -118,19 +125,25 @@ class DataPlane:
         for lst in self.listeners.values():
             lst.stop_accepting()
 
-    def begin_drain(self) -> None:
+    def begin_drain(self, close_listeners: bool = False) -> None:
+        """Finish what is in progress. close_listeners: nobody takes these addresses over
+        (SIGTERM), so stop them listening; else (hot restart, this worker replaced) only stop
+        accepting: the sockets go on being served by the new generation or worker."""
         self.draining = True
         for lst in self.listeners.values():
-            lst.stop_accepting()
             lst.begin_drain()
+            if close_listeners:
+                lst.stop_listening()
+            else:
+                lst.stop_accepting()
 
     def active_connections(self) -> int:
         return sum(l.active_connections for l in
                    list(self.listeners.values()) + self.draining_listeners)
 
-    async def drain(self, timeout_ms: int) -> int:
+    async def drain(self, timeout_ms: int, close_listeners: bool = False) -> int:
         """Stop accepting; let connections finish; returns how many were left at timeout."""
-        self.begin_drain()
+        self.begin_drain(close_listeners)
         deadline = time.monotonic() + timeout_ms / 1000.0
         while time.monotonic() < deadline and self.active_connections():
             await asyncio.sleep(0.05)

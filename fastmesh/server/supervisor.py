@@ -6,8 +6,12 @@ workers that die, and runs hot restarts (fastmesh.server.upgrade). Workers get c
 snapshots and sockets over SEQPACKET socket pairs (fastmesh.server.ipc) and report counters
 back; /stats sums them.
 
-Signals: SIGTERM drains (stop accepting, finish requests, exit within drain_timeout_ms);
-SIGINT stops at once; SIGHUP hot-restarts into a new process running the same command.
+Signals: SIGTERM drains (the listening sockets stop listening, so new clients are refused at
+once; requests in progress finish; exit within drain_timeout_ms); SIGINT stops at once. SIGHUP
+is ignored here and in the workers: hot restarts are run by the main process
+(fastmesh.server.mainproc), which starts a new generation that takes over through the upgrade
+socket. A signal that arrives while the generation is still starting is acted on once it has
+started.
 """
 from __future__ import annotations
 
@@ -26,14 +30,16 @@ from fastmesh._core.stats import GAUGE_SLOTS
 from fastmesh.admin import AdminServer
 from fastmesh.config import model
 from fastmesh.config.load import ConfigError, load_file, to_dict
-from fastmesh.listener import open_listening_socket
-from fastmesh.server import ipc, upgrade
+from fastmesh.listener import grow_socket_group, open_socket_group
+from fastmesh.server import ipc, mainproc, upgrade
 
 log = logging.getLogger("fastmesh.supervisor")
 
 WORKER_START_TIMEOUT_S = 20.0
 WORKER_POLL_S = 0.2
 STATS_POLL_S = 1.0          # a worker's counters are snapshot this often (kept if it crashes)
+REPLACE_DELAY_S = 0.3       # a worker draining on its own is replaced after this, unless the
+                            # whole generation is stopping (a process-group SIGTERM)
 
 
 def add_counters(dst: dict, src: dict, skip=GAUGE_SLOTS) -> None:
@@ -57,6 +63,12 @@ def _addr_key(a: model.Address) -> str:
     return str(a)
 
 
+def _close_groups(groups: dict) -> None:
+    for group in groups.values():
+        for s in group:
+            s.close()
+
+
 class WorkerHandle:
     def __init__(self, index: int, proc: subprocess.Popen, chan: ipc.Channel):
         self.index, self.proc, self.chan = index, proc, chan
@@ -68,8 +80,7 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, cfg: model.Config, loop, *, config_path: str | None, loop_kind: str,
-                 workers: int | None, upgrade_path: str | None, log_level: str = "info",
-                 argv: list | None = None):
+                 workers: int | None, upgrade_path: str | None, log_level: str = "info"):
         self.cfg = cfg
         self.loop = loop
         self.config_path = config_path
@@ -77,10 +88,13 @@ class Supervisor:
         self.nworkers = workers or cfg.workers
         self.upgrade_path = upgrade_path
         self.log_level = log_level
-        self.argv = argv
-        self.sockets: dict[str, socket.socket] = {}     # address -> listening socket
+        self.started = False
+        # address -> its SO_REUSEPORT group of listening sockets (>= one per worker)
+        self.sockets: dict[str, list] = {}
         self.admin_sock: socket.socket | None = None
         self.workers: list[WorkerHandle | None] = []
+        self.retiring: list[WorkerHandle] = []          # replaced workers still draining
+        self.generation = 1
         self.admin: AdminServer | None = None
         self.upgrade_server: upgrade.UpgradeServer | None = None
         self.migrate_server: upgrade.MigrateServer | None = None
@@ -105,19 +119,25 @@ class Supervisor:
         if self.upgrade_path:
             got = await upgrade.fetch_sockets(self.upgrade_path, self.loop)
             if got is not None:
-                old_chan, inherited = got
+                old_chan, inherited, self.generation = got
                 log.info("upgrade: took %d listening sockets from the running generation",
-                         len(inherited))
+                         sum(len(g) for g in inherited.values()))
         try:
             for lc in self.cfg.listeners:
                 key = _addr_key(lc.address)
-                self.sockets[key] = inherited.pop(key, None) or open_listening_socket(lc.address)
+                group = inherited.pop(key, None)
+                self.sockets[key] = (grow_socket_group(lc.address, group, self.nworkers)
+                                     if group else open_socket_group(lc.address, self.nworkers))
             if self.cfg.admin is not None:
                 key = _addr_key(self.cfg.admin.address)
-                self.admin_sock = inherited.pop(key, None) or open_listening_socket(
-                    self.cfg.admin.address)
-            for s in inherited.values():
-                s.close()
+                group = inherited.pop(key, None)
+                self.admin_sock = group.pop(0) if group else open_socket_group(
+                    self.cfg.admin.address, 1)[0]
+                if group:
+                    inherited[key] = group
+            for group in inherited.values():
+                for s in group:
+                    s.close()
             for i in range(self.nworkers):
                 self.workers.append(None)
                 await self._start_worker(i)
@@ -142,9 +162,10 @@ class Supervisor:
             self.upgrade_server = upgrade.UpgradeServer(self, self.upgrade_path, self.loop)
             self.upgrade_server.start()
         self._monitor = self.loop.create_task(self._watch_workers())
-        log.info("fastmesh %s: serving (%d listeners, %d clusters, %d workers, pid %d)",
-                 __version__, len(self.cfg.listeners), len(self.cfg.clusters), self.nworkers,
-                 os.getpid())
+        self.started = True
+        log.info("fastmesh %s: generation %d serving (%d listeners, %d clusters, %d workers, "
+                 "pid %d, main pid %d)", __version__, self.generation, len(self.cfg.listeners),
+                 len(self.cfg.clusters), self.nworkers, os.getpid(), mainproc.main_pid())
 
     async def _inherit_counters(self, chan: ipc.Channel) -> None:
         """The previous generation sends its counters when its last worker has drained."""
@@ -161,11 +182,15 @@ class Supervisor:
         finally:
             chan.close()
 
-    def _listener_fds(self) -> tuple[list, list]:
+    def _listener_fds(self, i: int, listeners=None, sockets=None) -> tuple[list, list]:
+        """The listening sockets worker i serves: its share of each address's group (one
+        name per descriptor)."""
         names, fds = [], []
-        for lc in self.cfg.listeners:
-            names.append(lc.name)
-            fds.append(self.sockets[_addr_key(lc.address)].fileno())
+        for lc in (self.cfg.listeners if listeners is None else listeners):
+            group = (self.sockets if sockets is None else sockets)[_addr_key(lc.address)]
+            for j in range(i, len(group), self.nworkers):
+                names.append(lc.name)
+                fds.append(group[j].fileno())
         return names, fds
 
     async def _start_worker(self, i: int) -> None:
@@ -181,7 +206,7 @@ class Supervisor:
         h = WorkerHandle(i, proc, chan)
         chan.on_message = lambda msg, fds: self._on_worker_message(h, msg, fds)
         self.workers[i] = h
-        names, fds = self._listener_fds()
+        names, fds = self._listener_fds(i)
         reply, _ = await chan.request(
             {"t": "config", "config": to_dict(self.cfg), "source": self.cfg.source,
              "listeners": names}, fds, timeout_s=WORKER_START_TIMEOUT_S)
@@ -193,8 +218,33 @@ class Supervisor:
     def _on_worker_message(self, h: WorkerHandle, msg: dict, fds: list) -> None:
         for fd in fds:
             os.close(fd)
-        if msg.get("t") == "final" and not h.absorbed:
+        t = msg.get("t")
+        if t == "final" and not h.absorbed:
             h.last_stats, h.final = msg.get("stats"), True
+        elif t == "draining":
+            # the worker was told to stop on its own (SIGTERM to its PID): it finishes its
+            # requests while a new worker takes its sockets
+            self.loop.call_later(REPLACE_DELAY_S, self._replace_draining, h)
+
+    def _replace_draining(self, h: WorkerHandle) -> None:
+        if self._stopping or h.index >= len(self.workers) or self.workers[h.index] is not h:
+            return
+        log.info("worker %d (pid %d) is draining on its own; starting its replacement",
+                 h.index, h.proc.pid)
+        self.retiring.append(h)
+        self.workers[h.index] = None
+        self.worker_restarts += 1
+        self.loop.create_task(self._restart_worker(h.index))
+
+    async def _restart_worker(self, i: int) -> None:
+        try:
+            await self._start_worker(i)
+            log.info("worker %d restarted (pid %d)", i, self.workers[i].proc.pid)
+        except Exception as exc:
+            log.error("worker %d: restart failed: %s", i, exc)
+
+    def _handles(self) -> list:
+        return [h for h in self.workers if h is not None] + self.retiring
 
     def _absorb(self, h: WorkerHandle) -> None:
         """An exited worker's counters (final, or the last snapshot if it crashed) join
@@ -212,8 +262,8 @@ class Supervisor:
                 return
             if reply.get("ok") and not h.final:
                 h.last_stats = reply["stats"]
-        await asyncio.gather(*[one(h) for h in self.workers
-                               if h is not None and h.ready and h.proc.poll() is None])
+        await asyncio.gather(*[one(h) for h in self._handles()
+                               if h.ready and h.proc.poll() is None])
 
     async def _watch_workers(self) -> None:
         next_snapshot = time.monotonic() + STATS_POLL_S
@@ -222,6 +272,13 @@ class Supervisor:
             if time.monotonic() >= next_snapshot:
                 next_snapshot = time.monotonic() + STATS_POLL_S
                 await self._snapshot_stats()
+            for h in list(self.retiring):
+                if h.proc.poll() is not None:
+                    await self._wait_channels_closed([h], 0.5)
+                    self._absorb(h)
+                    h.chan.close()
+                    self.retiring.remove(h)
+                    log.info("worker pid %d drained and exited", h.proc.pid)
             for i, h in enumerate(self.workers):
                 if h is None or self._stopping or h.proc.poll() is None:
                     continue
@@ -232,11 +289,7 @@ class Supervisor:
                 self._absorb(h)
                 h.chan.close()
                 self.workers[i] = None
-                try:
-                    await self._start_worker(i)
-                    log.info("worker %d restarted (pid %d)", i, self.workers[i].proc.pid)
-                except Exception as exc:
-                    log.error("worker %d: restart failed: %s", i, exc)
+                await self._restart_worker(i)
 
     # ------------------------------------------------------------------ reload
 
@@ -261,10 +314,9 @@ class Supervisor:
             for lc in cfg.listeners:
                 key = _addr_key(lc.address)
                 if key not in self.sockets and key not in new_socks:
-                    new_socks[key] = open_listening_socket(lc.address)
+                    new_socks[key] = open_socket_group(lc.address, self.nworkers)
         except OSError as exc:
-            for s in new_socks.values():
-                s.close()
+            _close_groups(new_socks)
             self.reload_failures += 1
             return False, [f"listeners: {exc}"]
         # each worker gets the sockets of listeners that are new or moved
@@ -272,26 +324,27 @@ class Supervisor:
         changed = [lc for lc in cfg.listeners
                    if lc.name not in old_by_name or old_by_name[lc.name].address != lc.address]
         all_socks = dict(self.sockets, **new_socks)
-        names = [lc.name for lc in changed]
-        fds = [all_socks[_addr_key(lc.address)].fileno() for lc in changed]
-        results = await asyncio.gather(*[
-            h.chan.request({"t": "config", "config": to_dict(cfg), "source": cfg.source,
-                            "listeners": names}, fds, timeout_s=10)
-            for h in self.workers if h is not None], return_exceptions=True)
+
+        def config_for(h):
+            names, fds = self._listener_fds(h.index, changed, all_socks)
+            return h.chan.request({"t": "config", "config": to_dict(cfg), "source": cfg.source,
+                                   "listeners": names}, fds, timeout_s=10)
+        results = await asyncio.gather(*[config_for(h) for h in self.workers if h is not None],
+                                       return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException) or not r[0].get("ok")]
         if failed:
             # workers apply all-or-nothing; one that failed keeps its old config
             self.reload_failures += 1
             err = failed[0]
             msg = str(err) if isinstance(err, BaseException) else err[0].get("error")
-            for s in new_socks.values():
-                s.close()
+            _close_groups(new_socks)
             return False, [f"apply: {msg}"]
         self.sockets.update(new_socks)
         keep = {_addr_key(lc.address) for lc in cfg.listeners}
         for key in list(self.sockets):
             if key not in keep:
-                self.sockets.pop(key).close()   # workers still drain their own copies
+                # the workers have stopped it listening; they drain their own copies
+                _close_groups({key: self.sockets.pop(key)})
         self.cfg = cfg
         self.version += 1
         self.reloads += 1
@@ -308,9 +361,10 @@ class Supervisor:
 
     def handover_sockets(self) -> tuple[list, list]:
         addrs, socks = [], []
-        for key, s in self.sockets.items():
-            addrs.append(key)
-            socks.append(s)
+        for key, group in self.sockets.items():
+            for s in group:
+                addrs.append(key)
+                socks.append(s)
         if self.admin_sock is not None and self.cfg.admin is not None:
             addrs.append(_addr_key(self.cfg.admin.address))
             socks.append(self.admin_sock)
@@ -325,9 +379,9 @@ class Supervisor:
         await asyncio.gather(*[
             h.chan.request({"t": "handover", "migrate_path": migrate_path,
                             "timeout_ms": self.cfg.drain_timeout_ms}, timeout_s=5)
-            for h in self.workers if h is not None], return_exceptions=True)
+            for h in self._handles()], return_exceptions=True)
         await self._wait_workers_exit(self.cfg.drain_timeout_ms / 1000.0 + 5)
-        live = [h for h in self.workers if h is not None]
+        live = self._handles()
         await self._wait_channels_closed(live, 1.0)
         for h in live:
             self._absorb(h)
@@ -357,29 +411,24 @@ class Supervisor:
         if not reply.get("ok"):
             raise RuntimeError(reply.get("error"))
 
-    def spawn_new_generation(self) -> None:
-        """SIGHUP: start the same command again; it takes over through the upgrade socket."""
-        if not self.upgrade_path or not self.argv:
-            log.error("SIGHUP: no upgrade socket; ignoring")
-            return
-        log.info("SIGHUP: starting a new generation")
-        try:
-            subprocess.Popen(self.argv, start_new_session=False)
-        except OSError as exc:
-            log.error("SIGHUP: could not start the new generation: %s; still serving", exc)
-
     # ------------------------------------------------------------------ stop
 
     async def drain_and_stop(self) -> None:
         if self._stopping:
             return
         self._stopping = True
-        log.info("draining (up to %d ms)", self.cfg.drain_timeout_ms)
+        log.info("draining (up to %d ms); listeners closed to new connections",
+                 self.cfg.drain_timeout_ms)
         if self.upgrade_server is not None:
             self.upgrade_server.close(unlink=True)
+        # nobody takes these sockets over: the workers serve what the kernel has queued and
+        # stop them listening; our copies go now
+        _close_groups(self.sockets)
+        self.sockets = {}
         await asyncio.gather(*[
-            h.chan.request({"t": "drain", "timeout_ms": self.cfg.drain_timeout_ms}, timeout_s=5)
-            for h in self.workers if h is not None], return_exceptions=True)
+            h.chan.request({"t": "drain", "timeout_ms": self.cfg.drain_timeout_ms,
+                            "close_listeners": True}, timeout_s=5)
+            for h in self._handles()], return_exceptions=True)
         await self._wait_workers_exit(self.cfg.drain_timeout_ms / 1000.0 + 2)
         self._finish()
 
@@ -403,19 +452,19 @@ class Supervisor:
     async def _wait_workers_exit(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(h is None or h.proc.poll() is not None for h in self.workers):
+            if all(h.proc.poll() is not None for h in self._handles()):
                 return
             await asyncio.sleep(0.05)
         self._kill_workers(signal.SIGKILL)
 
     def _kill_workers(self, sig=signal.SIGKILL) -> None:
-        for h in self.workers:
-            if h is not None and h.proc.poll() is None:
+        for h in self._handles():
+            if h.proc.poll() is None:
                 try:
                     h.proc.send_signal(sig)
                 except ProcessLookupError:
                     pass
-        for h in self.workers:
+        for h in self._handles():
             if h is not None:
                 try:
                     h.proc.wait(5)
@@ -427,11 +476,9 @@ class Supervisor:
             self._monitor.cancel()
         if self.admin is not None:
             self.admin.close()
-        for h in self.workers:
-            if h is not None:
-                h.chan.close()
-        for s in self.sockets.values():
-            s.close()
+        for h in self._handles():
+            h.chan.close()
+        _close_groups(self.sockets)
         if self.admin_sock is not None:
             self.admin_sock.close()
         self._stopped.set()
@@ -446,7 +493,7 @@ class Supervisor:
 
     async def _gather(self, t: str) -> list:
         res = await asyncio.gather(*[h.chan.request({"t": t}, timeout_s=5)
-                                     for h in self.workers if h is not None and h.ready],
+                                     for h in self._handles() if h.ready],
                                    return_exceptions=True)
         return [r[0] for r in res if not isinstance(r, BaseException) and r[0].get("ok")]
 
@@ -457,11 +504,22 @@ class Supervisor:
         for st in per_worker:
             add_counters(totals, st, skip=())
         listeners, clusters = totals["listeners"], totals["clusters"]
+        # how the kernel spread connections over this generation's live workers
+        spread = []
+        for st in per_worker:
+            ls = (st.get("listeners") or {}).values()
+            spread.append({"pid": st.get("pid"), "index": st.get("index"),
+                           "downstream_cx_total": sum(c.get("downstream_cx_total", 0) for c in ls),
+                           "downstream_cx_active": sum(c.get("downstream_cx_active", 0)
+                                                       for c in ls)})
         return {
-            "server": {"version": __version__, "pid": os.getpid(),
+            "server": {"version": __version__, "pid": mainproc.main_pid(),
+                       "supervisor_pid": os.getpid(), "generation": self.generation,
                        "uptime_s": round(time.time() - self.started_at, 3),
                        "config_version": self.version, "workers": len(self.workers),
                        "worker_pids": [h.proc.pid for h in self.workers if h is not None],
+                       "worker_connections": sorted(spread, key=lambda w: (w["index"] is None,
+                                                                          w["index"] or 0)),
                        "worker_restarts": self.worker_restarts, "reloads": self.reloads,
                        "reload_failures": self.reload_failures},
             "listeners": listeners,
@@ -471,8 +529,8 @@ class Supervisor:
     def listeners_info(self) -> dict:
         out = {}
         for lc in self.cfg.listeners:
-            s = self.sockets.get(_addr_key(lc.address))
-            addr = s.getsockname() if s is not None else None
+            group = self.sockets.get(_addr_key(lc.address))
+            addr = group[0].getsockname() if group else None
             out[lc.name] = {"state": "running" if not self._stopping else "stopped",
                             "protocol": lc.protocol,
                             "address": f"{addr[0]}:{addr[1]}" if addr else None}
@@ -495,24 +553,44 @@ def install_loop(kind: str) -> None:
 
 
 def serve(cfg: model.Config, *, config_path=None, loop_kind="uvloop", workers=None,
-          upgrade_path=None, log_level="info", argv=None, before_start=None) -> int:
+          upgrade_path=None, log_level="info", before_start=None,
+          early_signals: list | None = None) -> int:
+    """Run one generation until it stops. early_signals: TERM/INT that reached the process
+    before this (`fastmesh run` catches them from its first instruction)."""
+    # hot restarts belong to the main process; the workers inherit the ignored disposition
+    # from the moment they exist, so a HUP sent to the process group can never kill them
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     install_loop(loop_kind)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
+        pending = early_signals if early_signals is not None else []
+        sup: Supervisor | None = None
+
+        def on_signal(signum):
+            if sup is None or not sup.started:
+                log.info("%s while starting: acted on once started",
+                         signal.Signals(signum).name)
+                pending.append(signum)
+            elif signum == signal.SIGTERM:
+                loop.create_task(sup.drain_and_stop())
+            else:
+                sup.stop_now()
+        # installed before anything else can take time: a signal during start-up is deferred
+        loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
         if before_start is not None:
             await before_start()
         sup = Supervisor(cfg, loop, config_path=config_path, loop_kind=loop_kind,
-                         workers=workers, upgrade_path=upgrade_path, log_level=log_level,
-                         argv=argv)
+                         workers=workers, upgrade_path=upgrade_path, log_level=log_level)
         try:
             await sup.start()
         except Exception as exc:
             log.error("cannot start: %s", exc)
             return 1
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(sup.drain_and_stop()))
-        loop.add_signal_handler(signal.SIGINT, sup.stop_now)
-        loop.add_signal_handler(signal.SIGHUP, sup.spawn_new_generation)
+        mainproc.report_ready()
+        for signum in pending:
+            on_signal(signum)
         await sup.wait_stopped()
         log.info("stopped")
         return 0

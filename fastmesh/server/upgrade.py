@@ -6,7 +6,9 @@ Two unix SEQPACKET sockets, both msgpack messages (fastmesh.server.ipc):
   generation. A new generation connects to it and the exchange is::
 
       new -> old   {"t": "hello", "version": 1}
-      old -> new   {"t": "listeners", "addresses": [...]} + the listening fds (admin last)
+      old -> new   {"t": "listeners", "addresses": [...], "generation": N} + the listening
+                   fds (admin last; an address repeats once per socket of its SO_REUSEPORT
+                   group)
       new          starts its workers on those sockets (both generations now accept)
       new -> old   {"t": "accepting", "migrate_path": P}
       old          stops accepting, tells its workers to hand over, exits when drained
@@ -63,9 +65,10 @@ def connect_seqpacket(path: str, timeout_s: float = 2.0) -> socket.socket | None
 
 # ---------------------------------------------------------------- new generation side
 
-async def fetch_sockets(path: str, loop) -> tuple[ipc.Channel, dict] | None:
-    """Ask a running generation for its listening sockets. Returns (channel, {address: sock})
-    or None when nothing runs there (a stale socket file is removed)."""
+async def fetch_sockets(path: str, loop) -> tuple[ipc.Channel, dict, int] | None:
+    """Ask a running generation for its listening sockets. Returns (channel, {address:
+    [sockets]}, this generation's number) or None when nothing runs there (a stale socket
+    file is removed)."""
     try:
         s = connect_seqpacket(path)
     except OSError as exc:
@@ -89,12 +92,12 @@ async def fetch_sockets(path: str, loop) -> tuple[ipc.Channel, dict] | None:
             os.close(fd)
         chan.close()
         raise RuntimeError("upgrade: address/socket count mismatch")
-    socks = {}
+    socks: dict = {}
     for addr, fd in zip(addrs, fds):
         sk = socket.socket(fileno=fd)
         sk.setblocking(False)
-        socks[addr] = sk
-    return chan, socks
+        socks.setdefault(addr, []).append(sk)
+    return chan, socks, int(msg.get("generation") or 1) + 1
 
 
 class _SeqpacketServer:
@@ -160,8 +163,8 @@ class UpgradeServer(_SeqpacketServer):
                 return
             addrs, socks = self.sup.handover_sockets()
             t0 = time.monotonic()
-            chan.send({"t": "listeners", "version": VERSION, "addresses": addrs},
-                      [s.fileno() for s in socks])
+            chan.send({"t": "listeners", "version": VERSION, "addresses": addrs,
+                       "generation": self.sup.generation}, [s.fileno() for s in socks])
             log.info("upgrade: sent %d listening sockets to the new generation", len(socks))
             msg, fds = await chan.recv(timeout_s=ACCEPTING_TIMEOUT_S)
             for fd in fds:

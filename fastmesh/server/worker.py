@@ -4,16 +4,25 @@ SEQPACKET socket pair (fastmesh.server.ipc).
 Started by the supervisor as ``python -m fastmesh.server.worker --ctrl-fd N --loop uvloop``.
 Messages it takes (each answered with ``{"t": "reply", "ok": ...}``):
 
-    config    {"config": <config map>, "listeners": [names]} + one listening fd per name
+    config    {"config": <config map>, "listeners": [names]} + one listening fd per name (a
+              name repeats when the worker serves several sockets of its address's group)
     stats     -> {"stats": {...}}
     clusters  -> {"clusters": {...}}
-    drain     {"timeout_ms"}: stop accepting, finish connections, exit
+    drain     {"timeout_ms", "close_listeners"}: stop accepting (close_listeners: serve what
+              the kernel queued, then stop the sockets listening), finish connections, exit
     handover  {"migrate_path", "timeout_ms"}: stop accepting; hand idle Bolt connections to
               the new generation through migrate_path; drain the rest; exit
     adopt     {"listener", "data"} + fd: continue a connection migrated from the old generation
     stop      exit now
 
-If the supervisor goes away (the link closes), the worker drains and exits.
+Messages it sends unasked: ``draining`` (it was sent SIGTERM itself: the supervisor starts its
+replacement on the same sockets while it finishes its requests) and ``final`` (its counters,
+as it exits).
+
+Signals: SIGHUP is ignored (inherited ignored from the supervisor, and set again first thing):
+only the main process acts on it, and a HUP to the process group must not kill workers.
+SIGTERM drains this worker; SIGINT stops it at once. If the supervisor goes away (the link
+closes), the worker drains and exits.
 """
 from __future__ import annotations
 
@@ -78,27 +87,50 @@ class Worker:
             for fd in fds:
                 os.close(fd)
             raise ValueError(f"{len(names)} listener names but {len(fds)} sockets")
-        sockets = {n: socket.socket(fileno=fd) for n, fd in zip(names, fds)}
-        for s in sockets.values():
+        sockets: dict = {}
+        for n, fd in zip(names, fds):
+            s = socket.socket(fileno=fd)
             s.setblocking(False)
+            sockets.setdefault(n, []).append(s)
         self.drain_timeout_ms = cfg.drain_timeout_ms
         try:
             await self.plane.apply(cfg, sockets)
         except BaseException:
-            for s in sockets.values():
-                s.close()
+            for group in sockets.values():
+                for s in group:
+                    s.close()
             raise
         return {"version": self.plane.snapshot.version}
 
     async def _on_stats(self, msg, fds):
-        return {"stats": self.plane.stats()}
+        return {"stats": dict(self.plane.stats(), index=self.index)}
 
     async def _on_clusters(self, msg, fds):
         return {"clusters": self.plane.clusters_info()}
 
     async def _on_drain(self, msg, fds):
-        self._exit_after(self.plane.drain(msg.get("timeout_ms", self.drain_timeout_ms)))
+        close = bool(msg.get("close_listeners"))
+        if self._exiting:
+            # already draining (a SIGTERM to the process group reaches us first): the
+            # supervisor's word still decides what becomes of the listening sockets
+            self.plane.begin_drain(close)
+        else:
+            self._exit_after(self.plane.drain(msg.get("timeout_ms", self.drain_timeout_ms),
+                                              close))
         return {}
+
+    def on_sigterm(self) -> None:
+        """SIGTERM to this worker: finish its requests and exit; the supervisor replaces it
+        (unless the whole generation is stopping, in which case its drain message follows)."""
+        if self._exiting:
+            return
+        log.info("worker %d: SIGTERM: draining", self.index)
+        if not self.ctrl.closed:
+            try:
+                self.ctrl.send({"t": "draining"})
+            except OSError:
+                pass
+        self._exit_after(self.plane.drain(self.drain_timeout_ms))
 
     async def _on_stop(self, msg, fds):
         self.ctrl.reply(msg, ipc.reply_msg(ok=True))
@@ -153,6 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s")
     if args.loop == "uvloop":
@@ -165,9 +198,9 @@ def main(argv=None) -> int:
         loop = asyncio.get_running_loop()
         ctrl = socket.socket(fileno=args.ctrl_fd)
         w = Worker(loop, ctrl, args.index)
-        # signals: the supervisor decides; a terminal's Ctrl-C reaches the whole group
-        loop.add_signal_handler(signal.SIGTERM, lambda: w._exit_after(
-            w.plane.drain(w.drain_timeout_ms)))
+        # signals: SIGTERM drains this worker (and gets it replaced); a terminal's Ctrl-C
+        # reaches the whole group and stops everything at once
+        loop.add_signal_handler(signal.SIGTERM, w.on_sigterm)
         loop.add_signal_handler(signal.SIGINT, w._finish)
         w.start()
         await w.done.wait()
