@@ -15,7 +15,7 @@ cdef extern from "strings.h":
 
 cdef uint8_t TCHAR[256]        # 1: token character (RFC 9110 tchar)
 cdef uint8_t VCHAR[256]        # 1: allowed in a field value (VCHAR, obs-text, SP, HTAB)
-cdef uint8_t TARGET[256]       # 1: allowed in a request target (visible ASCII)
+cdef uint8_t TARGET[256]       # 1: allowed in a request target (visible ASCII but '#')
 cdef uint8_t LOWER[256]
 
 cdef void _init_tables():
@@ -23,7 +23,9 @@ cdef void _init_tables():
     for c in range(256):
         TCHAR[c] = 0
         VCHAR[c] = 1 if (c == 9 or c == 32 or (0x21 <= c <= 0x7E) or c >= 0x80) else 0
-        TARGET[c] = 1 if (0x21 <= c <= 0x7E) else 0
+        # '#': a fragment is never sent (RFC 9112 3.2); a hop that cut the target there
+        # would route, or see, a different path than we do
+        TARGET[c] = 1 if (0x21 <= c <= 0x7E and c != 35) else 0
         LOWER[c] = c + 32 if (65 <= c <= 90) else c
     for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
         TCHAR[c] = 1
@@ -286,6 +288,9 @@ cdef class HeadParser:
         elif p[i] != 47 and not (p[i] == 42 and p[i + 1] == 32):
             # neither origin-form ('/'), absolute-form nor a lone '*': "GET admin" or
             # "GET https://x/admin" would slip past path routes, the upstream may not agree
+            return <int>self._fail(PARSE_ERROR, b"bad request target")
+        elif p[i] == 42 and not (i == 8 and memcmp(p, b"OPTIONS", 7) == 0):
+            # asterisk-form is for OPTIONS only (RFC 9112 3.2.4); "GET *" names no resource
             return <int>self._fail(PARSE_ERROR, b"bad request target")
         h.target_off = <int>i
         h.path_len = -1

@@ -165,6 +165,8 @@ reject("HTTP/1.1 without Host", _post(host=None, line=b"GET / HTTP/1.1"))
 reject("two Host fields", _post(b"Host: b", line=b"GET / HTTP/1.1"))
 reject("Host with NUL", _post(host=b"Host: a\x00b", line=b"GET / HTTP/1.1"))
 reject("Host space before colon", _post(host=b"Host : a", line=b"GET / HTTP/1.1"))
+reject("fragment in the target", _post(line=b"GET /#/../admin HTTP/1.1"))
+reject("asterisk-form GET", _post(line=b"GET * HTTP/1.1"))
 reject("absolute-form, other Host", _post(line=b"GET http://internal/admin HTTP/1.1"))
 reject("absolute-form, NUL authority", _post(host=b"Host: a\x00",
                                              line=b"GET http://a\x00/x HTTP/1.1"))
@@ -188,6 +190,7 @@ reject("empty line as bare LF first", b"\n" + _post(line=b"GET / HTTP/1.1"))
 framed("four empty lines first", b"\r\n" * 4 + _post(line=b"GET / HTTP/1.1"))
 framed("absolute-form with its Host", _post(host=b"Host: a.example",
                                             line=b"GET http://a.example/x HTTP/1.1"))
+framed("asterisk-form OPTIONS", _post(line=b"OPTIONS * HTTP/1.1"))
 framed("HTTP/1.0 with CL", _post(b"Content-Length: 5", body=b"hello", host=None,
                                  line=b"POST / HTTP/1.0"))
 framed("obs-text in a value", _post(b"X: \xff\xfe", line=b"GET / HTTP/1.1"))

@@ -70,8 +70,10 @@ VALID_REQUESTS = [
     (req(b"GET /a?b?c HTTP/1.1"), dict(target=b"/a?b?c", path=b"/a")),
     (req(b"GET /?x HTTP/1.1"), dict(path=b"/")),
     (req(b"GET //double/slash HTTP/1.1"), dict(path=b"//double/slash")),
-    (req(b"GET /#frag HTTP/1.1"), dict(target=b"/#frag")),
+    (req(b"GET /a?b=/c?d HTTP/1.1"), dict(target=b"/a?b=/c?d", path=b"/a")),
     (req(b"OPTIONS * HTTP/1.1"), dict(method=b"OPTIONS", target=b"*", path=b"*")),
+    (req(b"OPTIONS * HTTP/1.0", host=None), dict(method=b"OPTIONS", target=b"*", minor=0)),
+    (req(b"OPTIONS /x HTTP/1.1"), dict(method=b"OPTIONS", target=b"/x")),
     (req(b"HEAD / HTTP/1.1"), dict(method=b"HEAD")),
     (req(b"PROPFIND /dav HTTP/1.1"), dict(method=b"PROPFIND")),
     (req(b"M-SEARCH~!#$%&'*+.^_`| / HTTP/1.1"), dict(method=b"M-SEARCH~!#$%&'*+.^_`|")),
@@ -294,6 +296,25 @@ ERRORS = [
     (b"GET a HTTP/1.1\r\nHost: a\r\n\r\n", "target neither '/', '*' nor absolute"),
     (b"GET admin/x HTTP/1.1\r\nHost: a\r\n\r\n", "relative target"),
     (b"GET *x HTTP/1.1\r\nHost: a\r\n\r\n", "asterisk followed by more"),
+    (b"OPTIONS *x HTTP/1.1\r\nHost: a\r\n\r\n", "OPTIONS asterisk followed by more"),
+    (b"OPTIONS */ HTTP/1.1\r\nHost: a\r\n\r\n", "OPTIONS asterisk then a slash"),
+    # asterisk-form is for OPTIONS only (RFC 9112 3.2.4)
+    (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", "GET *"),
+    (b"POST * HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", "POST *"),
+    (b"HEAD * HTTP/1.1\r\nHost: a\r\n\r\n", "HEAD *"),
+    (b"DELETE * HTTP/1.0\r\n\r\n", "DELETE * in HTTP/1.0"),
+    (b"options * HTTP/1.1\r\nHost: a\r\n\r\n", "lower-case options * (methods are case-sensitive)"),
+    (b"OPTION * HTTP/1.1\r\nHost: a\r\n\r\n", "OPTION *"),
+    (b"OPTIONSX * HTTP/1.1\r\nHost: a\r\n\r\n", "OPTIONSX *"),
+    (b"\r\nGET * HTTP/1.1\r\nHost: a\r\n\r\n", "GET * after an empty line"),
+    # '#': a fragment is never sent (RFC 9112 3.2)
+    (b"GET /#frag HTTP/1.1\r\nHost: a\r\n\r\n", "fragment in the target"),
+    (b"GET /# HTTP/1.1\r\nHost: a\r\n\r\n", "empty fragment"),
+    (b"GET /a?b#c HTTP/1.1\r\nHost: a\r\n\r\n", "fragment after the query"),
+    (b"GET /a%23b#/admin HTTP/1.1\r\nHost: a\r\n\r\n", "fragment hiding a path"),
+    (b"GET http://a/x#y HTTP/1.1\r\nHost: a\r\n\r\n", "fragment in absolute-form"),
+    (b"GET http://a#b/x HTTP/1.1\r\nHost: a#b\r\n\r\n", "'#' in the authority"),
+    (b"OPTIONS *# HTTP/1.1\r\nHost: a\r\n\r\n", "fragment after the asterisk"),
     (b"GET https://a/x HTTP/1.1\r\nHost: a\r\n\r\n", "https absolute-form (not served)"),
     (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", "authority-form (no tunnels)"),
     (b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n", "absolute-form without a path"),
@@ -416,6 +437,18 @@ def test_response_error(data, why):
     bad(data, False)
 
 
+def reason(data, is_request=True):
+    with pytest.raises(ValueError) as e:
+        HeadParser(is_request).parse(data)
+    return e.value.args[0]
+
+
+def test_target_rule_reasons():
+    for line in (b"GET * HTTP/1.1", b"POST * HTTP/1.1", b"options * HTTP/1.1",
+                 b"GET /#x HTTP/1.1", b"GET /a?b#c HTTP/1.1", b"GET http://a/x#y HTTP/1.1"):
+        assert reason(req(line)) == "bad request target", line
+
+
 SPLIT_ERRORS = [(d, True, w) for d, w in ERRORS] + [(d, False, w) for d, w in RESPONSE_ERRORS]
 
 
@@ -527,7 +560,7 @@ SPECIAL = {b"host", b"content-length", b"transfer-encoding"}
 tokens = st.text(alphabet=TCHARS, min_size=1, max_size=16).map(str.encode)
 methods = st.one_of(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS",
                                      b"PATCH"]), tokens)
-path_chars = st.sampled_from([bytes([c]) for c in range(0x21, 0x7F)])
+path_chars = st.sampled_from([bytes([c]) for c in range(0x21, 0x7F) if c != 0x23])  # no '#'
 paths = st.lists(path_chars, max_size=40).map(lambda cs: b"/" + b"".join(cs))
 names = tokens.filter(lambda n: n.lower() not in SPECIAL)
 value_bytes = st.sampled_from([bytes([c]) for c in [9, 32] + list(range(0x21, 0x7F))
