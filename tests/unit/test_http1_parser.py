@@ -121,6 +121,24 @@ VALID_REQUESTS = [
     # up to 4 empty lines before the request line are skipped (and counted as consumed)
     (b"\r\n" + req(), dict(method=b"GET")),
     (b"\r\n" * 4 + req(), dict(method=b"GET")),
+    # absolute-form with an IP-literal authority (Host must still equal it)
+    (req(b"GET http://[::1]:8080/x HTTP/1.1", host=b"[::1]:8080"), dict(target=b"/x")),
+]
+
+# Host values (RFC 9110 7.2: uri-host [ ":" port ]) accepted by the parser, as sent
+HOSTS_OK = [
+    b"example.com", b"example.com:8080", b"127.0.0.1:80", b"[::1]:8080",
+    b"xn--bcher-kva.example", b"a_b.local", b"a", b"A.Example", b"example.com.",
+    b"[::1]", b"[2001:DB8::1]", b"[::ffff:192.0.2.1]:443", b"[1:2:3:4:5:6:7:8]",
+    b"h:0", b"h:1", b"h:65535", b"h:00080",
+    b"a%41b", b"%7e", b"-._~!$&'()*+,;=", b"svc-1.ns.svc.cluster.local:9080",
+    b"999.999.999.999",                    # not an IPv4 address, but a valid reg-name
+]
+VALID_REQUESTS += [(req(host=h), dict(headers=[(b"Host", h)])) for h in HOSTS_OK]
+VALID_REQUESTS += [
+    (req(b"GET / HTTP/1.1", host=b" \texample.com:8080 \t"),
+     dict(headers=[(b"Host", b"example.com:8080")])),       # OWS around the value is trimmed
+    (req(b"GET / HTTP/1.0", host=b"[::1]:80"), dict(minor=0)),
 ]
 
 VALID_RESPONSES = [
@@ -399,6 +417,61 @@ ERRORS = [
     (req(b"GET / HTTP/1.0", b"Host: b"), "two Host fields in HTTP/1.0"),
 ]
 
+# Host values the parser rejects (each also in HTTP/1.0, where Host may be absent but a
+# present one must be valid), with why
+HOSTS_BAD = [
+    (b"pro be", "space"),
+    (b"a\tb", "tab"),
+    (b"probe/evil", "a path"),
+    (b"a\\b", "backslash"),
+    (b"a@b", "userinfo"),
+    (b"user:pw@b", "userinfo with a password"),
+    (b"host:80:80", "two ports"),
+    (b"host:abc", "port not digits"),
+    (b"host:8o", "port half digits"),
+    (b"host:-1", "negative port"),
+    (b"host:+80", "port with a sign"),
+    (b"host: 80", "space before the port"),
+    (b"host :80", "space before the colon"),
+    (b"host:", "empty port"),
+    (b"host:65536", "port over 65535"),
+    (b"host:99999", "port 99999"),
+    (b"host:123456", "port of 6 digits"),
+    (b"host:000080", "port of 6 digits with zeros"),
+    (b"[::1", "unclosed IP-literal"),
+    (b"::1", "IPv6 without brackets"),
+    (b"[::1]x", "junk after an IP-literal"),
+    (b"[::1]:", "IP-literal with an empty port"),
+    (b"[::1]:x", "IP-literal with a bad port"),
+    (b"[]", "empty IP-literal"),
+    (b"[1]", "IP-literal without colons"),
+    (b"[1.2.3.4]", "IPv4 in brackets"),
+    (b"[::g]", "non-hex in an IP-literal"),
+    (b"[fe80::1%25eth0]", "IPv6 zone id"),
+    (b"[v1.x]", "IPvFuture"),
+    (b"a[::1]", "bracket inside a name"),
+    (b"a]", "closing bracket"),
+    (b"", "empty Host"),
+    (b":80", "empty host with a port"),
+    (b"a%4", "truncated percent-encoding"),
+    (b"a%", "lone percent"),
+    (b"a%zz", "percent without hex"),
+    (b"a?b", "query in Host"),
+    (b"a#b", "fragment in Host"),
+    (b"a{b", "brace"),
+    (b"a\"b", "quote"),
+    (b"a<b>", "angle brackets"),
+    (b"a|b", "pipe"),
+    (b"a^b", "caret"),
+    (b"a`b", "backtick"),
+    (b"a\x80b", "obs-text"),
+    (b"caf\xc3\xa9.example", "UTF-8 (not punycode)"),
+    (b"a, b", "a list of two hosts"),
+]
+ERRORS += [(req(host=h), "Host %r: %s" % (h, why)) for h, why in HOSTS_BAD]
+ERRORS += [(req(b"GET / HTTP/1.0", host=h), "HTTP/1.0 Host %r: %s" % (h, why))
+           for h, why in HOSTS_BAD[:6]]
+
 RESPONSE_ERRORS = [
     (b"HTTP/1.1 20 OK\r\n\r\n", "two-digit status"),
     (b"HTTP/1.1 2000 OK\r\n\r\n", "four-digit status"),
@@ -443,10 +516,23 @@ def reason(data, is_request=True):
     return e.value.args[0]
 
 
+@pytest.mark.parametrize("host,why", HOSTS_BAD, ids=[w for _, w in HOSTS_BAD])
+def test_bad_host_reason(host, why):
+    # refused for its Host, not by an earlier rule (a byte that is no field-value byte at
+    # all, such as a tab inside, is still "bad host": the field-value rules allow it)
+    assert reason(req(host=host)) == "bad host"
+
+
 def test_target_rule_reasons():
     for line in (b"GET * HTTP/1.1", b"POST * HTTP/1.1", b"options * HTTP/1.1",
                  b"GET /#x HTTP/1.1", b"GET /a?b#c HTTP/1.1", b"GET http://a/x#y HTTP/1.1"):
         assert reason(req(line)) == "bad request target", line
+
+
+def test_host_rules_are_for_requests_only():
+    # a Host field in a response is not interpreted: relayed as any other field
+    d = ok(b"HTTP/1.1 200 OK\r\nHost: pro be/x:1:2\r\nContent-Length: 0\r\n\r\n", False)
+    assert d["headers"] == [(b"Host", b"pro be/x:1:2"), (b"Content-Length", b"0")]
 
 
 SPLIT_ERRORS = [(d, True, w) for d, w in ERRORS] + [(d, False, w) for d, w in RESPONSE_ERRORS]
