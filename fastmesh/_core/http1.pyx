@@ -15,18 +15,34 @@ cdef extern from "strings.h":
 
 cdef uint8_t TCHAR[256]        # 1: token character (RFC 9110 tchar)
 cdef uint8_t VCHAR[256]        # 1: allowed in a field value (VCHAR, obs-text, SP, HTAB)
-cdef uint8_t TARGET[256]       # 1: allowed in a request target (visible ASCII)
+cdef uint8_t TARGET[256]       # 1: allowed in a request target (visible ASCII but '#')
+cdef uint8_t HOSTCH[256]       # Host value bytes (RFC 3986 3.2.2), see valid_host
 cdef uint8_t LOWER[256]
+
+cdef enum:                     # HOSTCH bits
+    H_REG = 1                  # reg-name (and IPv4address): unreserved / sub-delims
+    H_HEX = 2                  # a hex digit (after '%', and in an IP-literal)
+    H_LIT = 4                  # allowed inside an IP-literal's brackets: HEXDIG ":" "."
 
 cdef void _init_tables():
     cdef int c
     for c in range(256):
         TCHAR[c] = 0
         VCHAR[c] = 1 if (c == 9 or c == 32 or (0x21 <= c <= 0x7E) or c >= 0x80) else 0
-        TARGET[c] = 1 if (0x21 <= c <= 0x7E) else 0
+        # '#': a fragment is never sent (RFC 9112 3.2); a hop that cut the target there
+        # would route, or see, a different path than we do
+        TARGET[c] = 1 if (0x21 <= c <= 0x7E and c != 35) else 0
+        HOSTCH[c] = 0
         LOWER[c] = c + 32 if (65 <= c <= 90) else c
     for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
         TCHAR[c] = 1
+    # reg-name = *( unreserved / pct-encoded / sub-delims ); '%' is checked apart
+    for c in b"-._~!$&'()*+,;=ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ":
+        HOSTCH[c] = H_REG
+    for c in b"0123456789abcdefABCDEF":
+        HOSTCH[c] = H_REG | H_HEX | H_LIT
+    HOSTCH[46] |= H_LIT                               # '.'
+    HOSTCH[58] = H_LIT                                # ':'
 
 _init_tables()
 
@@ -79,6 +95,58 @@ cdef int classify(const unsigned char *name, int n) noexcept:
     if n == 12 and ieq(name, b"x-request-id", 12):
         return HK_REQUEST_ID
     return HK_OTHER
+
+
+cdef bint valid_host(const unsigned char *p, Py_ssize_t n) noexcept:
+    # Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2-3.2.3), one pass over a
+    # table. uri-host is a reg-name (unreserved / pct-encoded / sub-delims; an IPv4 address
+    # is one too) or an IP-literal "[" ... "]" checked for IPv6 characters only (HEXDIG ":"
+    # ".", two ':' at least; no IPvFuture, no zone id). port is 1 to 5 digits, at most 65535.
+    # Routing and the upstream both read Host: a space, '/', '@', '?', '#', a second ':' or
+    # an odd port lets two parsers see two different hosts (or paths), so all are refused.
+    # An empty host is refused: the proxy routes by Host, an "http" URI with an empty host is
+    # invalid and MUST be rejected (RFC 9110 4.2.1); nginx answers it with 400 too, as does
+    # Envoy's dynamic forward proxy (llhttp does not look at Host at all). An empty port ("a:") is refused although the
+    # ABNF allows it (port = *DIGIT; RFC 3986 3.2.3 says to omit the ':'): the router strips
+    # ":port" and would route "a:" as "a", while the upstream gets "a:" unchanged.
+    cdef Py_ssize_t i = 0, colons = 0, port_start
+    cdef int port = 0
+    cdef uint8_t k
+    if n == 0:
+        return False
+    if p[0] == 91:                                   # '[': IP-literal
+        i = 1
+        while i < n and HOSTCH[p[i]] & H_LIT:
+            colons += p[i] == 58
+            i += 1
+        if i >= n or p[i] != 93 or colons < 2:       # ']'
+            return False
+        i += 1
+    else:
+        while i < n:
+            k = HOSTCH[p[i]]
+            if k & H_REG:
+                i += 1
+            elif p[i] == 37:                         # '%' HEXDIG HEXDIG
+                if i + 2 >= n or not (HOSTCH[p[i + 1]] & HOSTCH[p[i + 2]] & H_HEX):
+                    return False
+                i += 3
+            else:
+                break
+        if i == 0:
+            return False                             # empty host (":80")
+    if i == n:
+        return True
+    if p[i] != 58:                                   # ':'
+        return False
+    port_start = i + 1
+    if n - port_start < 1 or n - port_start > 5:
+        return False
+    for i in range(port_start, n):
+        if not (48 <= p[i] <= 57):
+            return False
+        port = port * 10 + (p[i] - 48)
+    return port <= 65535
 
 
 cdef inline bint is_hop_by_hop(int kind) noexcept:
@@ -287,6 +355,9 @@ cdef class HeadParser:
             # neither origin-form ('/'), absolute-form nor a lone '*': "GET admin" or
             # "GET https://x/admin" would slip past path routes, the upstream may not agree
             return <int>self._fail(PARSE_ERROR, b"bad request target")
+        elif p[i] == 42 and not (i == 8 and memcmp(p, b"OPTIONS", 7) == 0):
+            # asterisk-form is for OPTIONS only (RFC 9112 3.2.4); "GET *" names no resource
+            return <int>self._fail(PARSE_ERROR, b"bad request target")
         h.target_off = <int>i
         h.path_len = -1
         while i < le and TARGET[p[i]]:
@@ -396,6 +467,8 @@ cdef class HeadParser:
             elif f.kind == HK_HOST:
                 nhost += 1
                 h.host_idx = i
+                if self.is_request and not valid_host(p + f.value_off, f.value_len):
+                    return <int>self._fail(PARSE_ERROR, b"bad host")
             elif f.kind == HK_CONNECTION:
                 self._connection_tokens(h, p, f)
             elif f.kind == HK_EXPECT:

@@ -115,7 +115,7 @@ cdef class HttpDownstream:
         # request it may still read the response (half-close); mid-request it is a reset.
         if self.state == DS_HEAD:
             if self.rbuf.size():
-                self.ctx.counters.v[LS_ERR_BAD_REQUEST] += 1
+                self.ctx.counters.v[LS_ERR_DOWNSTREAM_RESET] += 1
             return False
         if self.state == DS_FORWARDING and self.req_done:
             self.close_after = True

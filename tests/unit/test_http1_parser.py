@@ -70,8 +70,10 @@ VALID_REQUESTS = [
     (req(b"GET /a?b?c HTTP/1.1"), dict(target=b"/a?b?c", path=b"/a")),
     (req(b"GET /?x HTTP/1.1"), dict(path=b"/")),
     (req(b"GET //double/slash HTTP/1.1"), dict(path=b"//double/slash")),
-    (req(b"GET /#frag HTTP/1.1"), dict(target=b"/#frag")),
+    (req(b"GET /a?b=/c?d HTTP/1.1"), dict(target=b"/a?b=/c?d", path=b"/a")),
     (req(b"OPTIONS * HTTP/1.1"), dict(method=b"OPTIONS", target=b"*", path=b"*")),
+    (req(b"OPTIONS * HTTP/1.0", host=None), dict(method=b"OPTIONS", target=b"*", minor=0)),
+    (req(b"OPTIONS /x HTTP/1.1"), dict(method=b"OPTIONS", target=b"/x")),
     (req(b"HEAD / HTTP/1.1"), dict(method=b"HEAD")),
     (req(b"PROPFIND /dav HTTP/1.1"), dict(method=b"PROPFIND")),
     (req(b"M-SEARCH~!#$%&'*+.^_`| / HTTP/1.1"), dict(method=b"M-SEARCH~!#$%&'*+.^_`|")),
@@ -119,6 +121,24 @@ VALID_REQUESTS = [
     # up to 4 empty lines before the request line are skipped (and counted as consumed)
     (b"\r\n" + req(), dict(method=b"GET")),
     (b"\r\n" * 4 + req(), dict(method=b"GET")),
+    # absolute-form with an IP-literal authority (Host must still equal it)
+    (req(b"GET http://[::1]:8080/x HTTP/1.1", host=b"[::1]:8080"), dict(target=b"/x")),
+]
+
+# Host values (RFC 9110 7.2: uri-host [ ":" port ]) accepted by the parser, as sent
+HOSTS_OK = [
+    b"example.com", b"example.com:8080", b"127.0.0.1:80", b"[::1]:8080",
+    b"xn--bcher-kva.example", b"a_b.local", b"a", b"A.Example", b"example.com.",
+    b"[::1]", b"[2001:DB8::1]", b"[::ffff:192.0.2.1]:443", b"[1:2:3:4:5:6:7:8]",
+    b"h:0", b"h:1", b"h:65535", b"h:00080",
+    b"a%41b", b"%7e", b"-._~!$&'()*+,;=", b"svc-1.ns.svc.cluster.local:9080",
+    b"999.999.999.999",                    # not an IPv4 address, but a valid reg-name
+]
+VALID_REQUESTS += [(req(host=h), dict(headers=[(b"Host", h)])) for h in HOSTS_OK]
+VALID_REQUESTS += [
+    (req(b"GET / HTTP/1.1", host=b" \texample.com:8080 \t"),
+     dict(headers=[(b"Host", b"example.com:8080")])),       # OWS around the value is trimmed
+    (req(b"GET / HTTP/1.0", host=b"[::1]:80"), dict(minor=0)),
 ]
 
 VALID_RESPONSES = [
@@ -294,6 +314,25 @@ ERRORS = [
     (b"GET a HTTP/1.1\r\nHost: a\r\n\r\n", "target neither '/', '*' nor absolute"),
     (b"GET admin/x HTTP/1.1\r\nHost: a\r\n\r\n", "relative target"),
     (b"GET *x HTTP/1.1\r\nHost: a\r\n\r\n", "asterisk followed by more"),
+    (b"OPTIONS *x HTTP/1.1\r\nHost: a\r\n\r\n", "OPTIONS asterisk followed by more"),
+    (b"OPTIONS */ HTTP/1.1\r\nHost: a\r\n\r\n", "OPTIONS asterisk then a slash"),
+    # asterisk-form is for OPTIONS only (RFC 9112 3.2.4)
+    (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", "GET *"),
+    (b"POST * HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", "POST *"),
+    (b"HEAD * HTTP/1.1\r\nHost: a\r\n\r\n", "HEAD *"),
+    (b"DELETE * HTTP/1.0\r\n\r\n", "DELETE * in HTTP/1.0"),
+    (b"options * HTTP/1.1\r\nHost: a\r\n\r\n", "lower-case options * (methods are case-sensitive)"),
+    (b"OPTION * HTTP/1.1\r\nHost: a\r\n\r\n", "OPTION *"),
+    (b"OPTIONSX * HTTP/1.1\r\nHost: a\r\n\r\n", "OPTIONSX *"),
+    (b"\r\nGET * HTTP/1.1\r\nHost: a\r\n\r\n", "GET * after an empty line"),
+    # '#': a fragment is never sent (RFC 9112 3.2)
+    (b"GET /#frag HTTP/1.1\r\nHost: a\r\n\r\n", "fragment in the target"),
+    (b"GET /# HTTP/1.1\r\nHost: a\r\n\r\n", "empty fragment"),
+    (b"GET /a?b#c HTTP/1.1\r\nHost: a\r\n\r\n", "fragment after the query"),
+    (b"GET /a%23b#/admin HTTP/1.1\r\nHost: a\r\n\r\n", "fragment hiding a path"),
+    (b"GET http://a/x#y HTTP/1.1\r\nHost: a\r\n\r\n", "fragment in absolute-form"),
+    (b"GET http://a#b/x HTTP/1.1\r\nHost: a#b\r\n\r\n", "'#' in the authority"),
+    (b"OPTIONS *# HTTP/1.1\r\nHost: a\r\n\r\n", "fragment after the asterisk"),
     (b"GET https://a/x HTTP/1.1\r\nHost: a\r\n\r\n", "https absolute-form (not served)"),
     (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", "authority-form (no tunnels)"),
     (b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n", "absolute-form without a path"),
@@ -378,6 +417,61 @@ ERRORS = [
     (req(b"GET / HTTP/1.0", b"Host: b"), "two Host fields in HTTP/1.0"),
 ]
 
+# Host values the parser rejects (each also in HTTP/1.0, where Host may be absent but a
+# present one must be valid), with why
+HOSTS_BAD = [
+    (b"pro be", "space"),
+    (b"a\tb", "tab"),
+    (b"probe/evil", "a path"),
+    (b"a\\b", "backslash"),
+    (b"a@b", "userinfo"),
+    (b"user:pw@b", "userinfo with a password"),
+    (b"host:80:80", "two ports"),
+    (b"host:abc", "port not digits"),
+    (b"host:8o", "port half digits"),
+    (b"host:-1", "negative port"),
+    (b"host:+80", "port with a sign"),
+    (b"host: 80", "space before the port"),
+    (b"host :80", "space before the colon"),
+    (b"host:", "empty port"),
+    (b"host:65536", "port over 65535"),
+    (b"host:99999", "port 99999"),
+    (b"host:123456", "port of 6 digits"),
+    (b"host:000080", "port of 6 digits with zeros"),
+    (b"[::1", "unclosed IP-literal"),
+    (b"::1", "IPv6 without brackets"),
+    (b"[::1]x", "junk after an IP-literal"),
+    (b"[::1]:", "IP-literal with an empty port"),
+    (b"[::1]:x", "IP-literal with a bad port"),
+    (b"[]", "empty IP-literal"),
+    (b"[1]", "IP-literal without colons"),
+    (b"[1.2.3.4]", "IPv4 in brackets"),
+    (b"[::g]", "non-hex in an IP-literal"),
+    (b"[fe80::1%25eth0]", "IPv6 zone id"),
+    (b"[v1.x]", "IPvFuture"),
+    (b"a[::1]", "bracket inside a name"),
+    (b"a]", "closing bracket"),
+    (b"", "empty Host"),
+    (b":80", "empty host with a port"),
+    (b"a%4", "truncated percent-encoding"),
+    (b"a%", "lone percent"),
+    (b"a%zz", "percent without hex"),
+    (b"a?b", "query in Host"),
+    (b"a#b", "fragment in Host"),
+    (b"a{b", "brace"),
+    (b"a\"b", "quote"),
+    (b"a<b>", "angle brackets"),
+    (b"a|b", "pipe"),
+    (b"a^b", "caret"),
+    (b"a`b", "backtick"),
+    (b"a\x80b", "obs-text"),
+    (b"caf\xc3\xa9.example", "UTF-8 (not punycode)"),
+    (b"a, b", "a list of two hosts"),
+]
+ERRORS += [(req(host=h), "Host %r: %s" % (h, why)) for h, why in HOSTS_BAD]
+ERRORS += [(req(b"GET / HTTP/1.0", host=h), "HTTP/1.0 Host %r: %s" % (h, why))
+           for h, why in HOSTS_BAD[:6]]
+
 RESPONSE_ERRORS = [
     (b"HTTP/1.1 20 OK\r\n\r\n", "two-digit status"),
     (b"HTTP/1.1 2000 OK\r\n\r\n", "four-digit status"),
@@ -414,6 +508,31 @@ def test_request_error(data, why):
 @pytest.mark.parametrize("data,why", RESPONSE_ERRORS, ids=[w for _, w in RESPONSE_ERRORS])
 def test_response_error(data, why):
     bad(data, False)
+
+
+def reason(data, is_request=True):
+    with pytest.raises(ValueError) as e:
+        HeadParser(is_request).parse(data)
+    return e.value.args[0]
+
+
+@pytest.mark.parametrize("host,why", HOSTS_BAD, ids=[w for _, w in HOSTS_BAD])
+def test_bad_host_reason(host, why):
+    # refused for its Host, not by an earlier rule (a byte that is no field-value byte at
+    # all, such as a tab inside, is still "bad host": the field-value rules allow it)
+    assert reason(req(host=host)) == "bad host"
+
+
+def test_target_rule_reasons():
+    for line in (b"GET * HTTP/1.1", b"POST * HTTP/1.1", b"options * HTTP/1.1",
+                 b"GET /#x HTTP/1.1", b"GET /a?b#c HTTP/1.1", b"GET http://a/x#y HTTP/1.1"):
+        assert reason(req(line)) == "bad request target", line
+
+
+def test_host_rules_are_for_requests_only():
+    # a Host field in a response is not interpreted: relayed as any other field
+    d = ok(b"HTTP/1.1 200 OK\r\nHost: pro be/x:1:2\r\nContent-Length: 0\r\n\r\n", False)
+    assert d["headers"] == [(b"Host", b"pro be/x:1:2"), (b"Content-Length", b"0")]
 
 
 SPLIT_ERRORS = [(d, True, w) for d, w in ERRORS] + [(d, False, w) for d, w in RESPONSE_ERRORS]
@@ -527,7 +646,7 @@ SPECIAL = {b"host", b"content-length", b"transfer-encoding"}
 tokens = st.text(alphabet=TCHARS, min_size=1, max_size=16).map(str.encode)
 methods = st.one_of(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS",
                                      b"PATCH"]), tokens)
-path_chars = st.sampled_from([bytes([c]) for c in range(0x21, 0x7F)])
+path_chars = st.sampled_from([bytes([c]) for c in range(0x21, 0x7F) if c != 0x23])  # no '#'
 paths = st.lists(path_chars, max_size=40).map(lambda cs: b"/" + b"".join(cs))
 names = tokens.filter(lambda n: n.lower() not in SPECIAL)
 value_bytes = st.sampled_from([bytes([c]) for c in [9, 32] + list(range(0x21, 0x7F))
