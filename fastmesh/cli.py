@@ -1,12 +1,20 @@
 """The `fastmesh` command: run, validate, demo, --version."""
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 
-from fastmesh import __version__
+from fastmesh import early as _early     # first: it only imports `signal`
+
+_early_signals = None
+if sys.argv[1:2] == ["run"]:
+    # `fastmesh run`: signals are caught before the imports below take their time
+    _early_signals = _early.catch_signals(hup="FASTMESH_READY_FD" not in os.environ)
+
+import argparse                         # noqa: E402
+import logging                          # noqa: E402
+
+from fastmesh import __version__        # noqa: E402
 
 
 def _setup_logging(level: str) -> None:
@@ -91,12 +99,7 @@ Ctrl-C stops.
 
 
 def main(argv=None) -> int:
-    early = None
-    if (sys.argv[1:2] if argv is None else list(argv)[:1]) == ["run"]:
-        # before anything that takes time: a HUP or TERM sent right after start is
-        # remembered and acted on once there is a service to act on, never fatal
-        from fastmesh.server.mainproc import catch_early_signals, is_generation
-        early = catch_early_signals(hup=not is_generation())
+    early = _early_signals if argv is None else None
     ap = argparse.ArgumentParser(prog="fastmesh", description="A sidecar data plane.")
     ap.add_argument("--version", action="version", version=f"fastmesh {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -9,12 +9,16 @@ Every process started here is stopped at teardown (SIGTERM, then SIGKILL after 5
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import yaml
 
 from fastmesh._core import bolt
 
@@ -136,6 +140,131 @@ def wait_ready(admin_port: int, proc: Proc, timeout: float = START_TIMEOUT_S) ->
             pass
         time.sleep(0.05)
     raise RuntimeError("fastmesh did not become ready")
+
+
+
+# --------------------------------------------------------------- deployments, restarts
+
+def get_json(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def supervisor_pid(admin_port: int) -> int:
+    """The serving generation's supervisor (changes with each hot restart; the service's
+    main PID, /stats server.pid, does not)."""
+    return get_json(admin_port, "/stats")["server"]["supervisor_pid"]
+
+
+def wait_new_generation(admin_port: int, old_pid: int, timeout=15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid = supervisor_pid(admin_port)
+            if pid != old_pid:
+                return pid
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("no new generation took over")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout=15.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if not pid_alive(pid):
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} still running")
+
+
+class Deployment:
+    """A config file, an upgrade socket, and every fastmesh generation started on them."""
+
+    def __init__(self, tmp_path: Path, cfg: dict, loop="uvloop", workers=1):
+        self.tmp = tmp_path
+        self.cfg = cfg
+        self.loop = loop
+        self.workers = workers
+        self.path = tmp_path / "fastmesh.yaml"
+        self.upgrade = str(tmp_path / "upgrade.sock")
+        self.procs: list[Proc] = []
+        self.write(cfg)
+        self.admin_port = int(cfg["admin"]["address"].rsplit(":", 1)[1])
+
+    def hup(self) -> None:
+        """A hot restart, as an operator or process manager asks for it: SIGHUP to the PID
+        that was started (the service's main process; after a container-style second `run`,
+        the second one)."""
+        os.kill(self.current_main_pid(), signal.SIGHUP)
+
+    def current_main_pid(self) -> int:
+        pid = get_json(self.admin_port, "/stats")["server"]["pid"]
+        assert pid in [p.popen.pid for p in self.procs], pid
+        return pid
+
+    def write(self, cfg: dict) -> None:
+        self.path.write_text(yaml.safe_dump(cfg))
+
+    @property
+    def main_pid(self) -> int:
+        return self.procs[0].popen.pid
+
+    def start(self, wait=True, env=None) -> Proc:
+        p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(self.path), "--loop",
+                  self.loop, "--log-level", "info", "--workers", str(self.workers),
+                  "--upgrade-socket", self.upgrade], name="fastmesh",
+                 env=dict(os.environ, **env) if env else None)
+        self.procs.append(p)
+        if wait and len(self.procs) == 1:
+            wait_ready(self.admin_port, p)
+        return p
+
+    def stop_all(self) -> None:
+        # every generation ever started, including those started by SIGHUP (not our children)
+        pids = set()
+        try:
+            st = get_json(self.admin_port, "/stats")["server"]
+            pids.update((st["pid"], st["supervisor_pid"]))
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            p.stop(signal.SIGINT)
+        for pid in pids:
+            try:
+                wait_gone(pid, 5)
+            except AssertionError:
+                os.kill(pid, signal.SIGKILL)
+
+
+def wrk_start(port: int, seconds: int, conns=20, path="/") -> subprocess.Popen:
+    return subprocess.Popen(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s",
+                             f"http://127.0.0.1:{port}{path}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def wrk_result(p: subprocess.Popen) -> tuple[int, str]:
+    out = p.communicate(timeout=120)[0].decode()
+    reqs = int(out.split(" requests in ")[0].split()[-1])
+    return reqs, out
 
 
 

@@ -260,19 +260,6 @@ def _noop(signum, frame) -> None:
     pass
 
 
-def catch_early_signals(hup: bool = True) -> list:
-    """First thing in `fastmesh run`: until the process can act on them, a HUP, TERM or INT
-    is remembered (not fatal) and acted on once there is something to act on. A generation
-    keeps SIGHUP ignored (hup=False)."""
-    pending: list = []
-
-    def remember(signum, frame):
-        pending.append(signum)
-    for sig in ((signal.SIGHUP,) if hup else ()) + (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, remember)
-    return pending
-
-
 def report_ready() -> None:
     """In a generation: tell the main process that this generation accepts."""
     fd = os.environ.pop(READY_FD_ENV, None)

@@ -7,16 +7,15 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from fmtest import REPO, BoltClient, Proc, RawClient, free_port, wait_ready
+from fmtest import (REPO, BoltClient, Deployment, Proc, RawClient, free_port, get_json,
+                    supervisor_pid, wait_gone, wait_new_generation, wrk_result, wrk_start)
 
 FRAMES = Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
 
@@ -28,105 +27,6 @@ def _post(port: int, path: str) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def _get_json(port: int, path: str) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-        return json.loads(r.read())
-
-
-def _supervisor_pid(admin_port: int) -> int:
-    """The serving generation's supervisor (changes with each hot restart; the service's
-    main PID, /stats server.pid, does not)."""
-    return _get_json(admin_port, "/stats")["server"]["supervisor_pid"]
-
-
-def _wait_new_generation(admin_port: int, old_pid: int, timeout=15.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            pid = _supervisor_pid(admin_port)
-            if pid != old_pid:
-                return pid
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("no new generation took over")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie child of ours counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait_gone(pid: int, timeout=15.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if not _pid_alive(pid):
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise AssertionError(f"pid {pid} still running")
-
-
-class Deployment:
-    """A config file, an upgrade socket, and every fastmesh generation started on them."""
-
-    def __init__(self, tmp_path: Path, cfg: dict, loop="uvloop", workers=1):
-        self.tmp = tmp_path
-        self.cfg = cfg
-        self.loop = loop
-        self.workers = workers
-        self.path = tmp_path / "fastmesh.yaml"
-        self.upgrade = str(tmp_path / "upgrade.sock")
-        self.procs: list[Proc] = []
-        self.write(cfg)
-        self.admin_port = int(cfg["admin"]["address"].rsplit(":", 1)[1])
-
-    def hup(self) -> None:
-        """A hot restart, as an operator or process manager asks for it: SIGHUP to the PID
-        that was started (the service's main process)."""
-        os.kill(self.procs[0].popen.pid, signal.SIGHUP)
-
-    def write(self, cfg: dict) -> None:
-        self.path.write_text(yaml.safe_dump(cfg))
-
-    def start(self, wait=True) -> Proc:
-        p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(self.path), "--loop",
-                  self.loop, "--log-level", "info", "--workers", str(self.workers),
-                  "--upgrade-socket", self.upgrade], name="fastmesh")
-        self.procs.append(p)
-        if wait and len(self.procs) == 1:
-            wait_ready(self.admin_port, p)
-        return p
-
-    def stop_all(self) -> None:
-        # every generation ever started, including those started by SIGHUP (not our children)
-        pids = set()
-        try:
-            st = _get_json(self.admin_port, "/stats")["server"]
-            pids.update((st["pid"], st["supervisor_pid"]))
-        except OSError:
-            pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
-        for p in self.procs:
-            p.stop(signal.SIGINT)
-        for pid in pids:
-            try:
-                _wait_gone(pid, 5)
-            except AssertionError:
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -167,18 +67,6 @@ def _port(cfg, i=0):
     return int(cfg["listeners"][i]["address"].rsplit(":", 1)[1])
 
 
-def _wrk(port: int, seconds: int, conns=20) -> subprocess.Popen:
-    return subprocess.Popen(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s",
-                             f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-
-
-def _wrk_result(p: subprocess.Popen) -> tuple[int, str]:
-    out = p.communicate(timeout=120)[0].decode()
-    reqs = int(out.split(" requests in ")[0].split()[-1])
-    return reqs, out
-
-
 # ------------------------------------------------------------------------ workers
 
 def test_workers_share_listeners_and_stats_sum(deployment, upstream):
@@ -189,7 +77,7 @@ def test_workers_share_listeners_and_stats_sum(deployment, upstream):
         with RawClient(port) as c:
             c.request(path="/")
             assert c.read_response().status == 200
-    st = _get_json(d.admin_port, "/stats")
+    st = get_json(d.admin_port, "/stats")
     assert st["server"]["workers"] == 2 and len(st["server"]["worker_pids"]) == 2
     assert st["listeners"]["web"]["downstream_rq_total"] == 40
 
@@ -197,12 +85,12 @@ def test_workers_share_listeners_and_stats_sum(deployment, upstream):
 def test_killed_worker_is_restarted(deployment, upstream):
     d = deployment(http_cfg(upstream), workers=2)
     d.start()
-    st = _get_json(d.admin_port, "/stats")["server"]
+    st = get_json(d.admin_port, "/stats")["server"]
     victim = st["worker_pids"][0]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        st = _get_json(d.admin_port, "/stats")["server"]
+        st = get_json(d.admin_port, "/stats")["server"]
         if st["worker_restarts"] == 1 and victim not in st["worker_pids"] \
                 and len(st["worker_pids"]) == 2:
             break
@@ -226,7 +114,7 @@ def _requests(port: int, n: int) -> None:
 def _wait_stat(admin_port: int, listener: str, key: str, want: int, timeout=15.0) -> int:
     deadline = time.monotonic() + timeout
     while True:
-        got = _get_json(admin_port, "/stats")["listeners"].get(listener, {}).get(key)
+        got = get_json(admin_port, "/stats")["listeners"].get(listener, {}).get(key)
         if got == want or time.monotonic() > deadline:
             return got
         time.sleep(0.1)
@@ -241,7 +129,7 @@ def test_prometheus_stats_match_json_stats(deployment, upstream):
                                 timeout=5) as r:
         assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
         text = r.read().decode()
-    js = _get_json(d.admin_port, "/stats")
+    js = get_json(d.admin_port, "/stats")
     samples = {(s.name, tuple(s.labels.items())): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     assert samples[("fastmesh_listener_downstream_rq_total", (("listener", "web"),))] == 7
@@ -259,15 +147,15 @@ def test_counters_survive_a_worker_crash(deployment, upstream):
     port = _port(d.cfg)
     _requests(port, 30)
     time.sleep(1.5)                                 # at least one snapshot of the worker
-    victim = _get_json(d.admin_port, "/stats")["server"]["worker_pids"][0]
+    victim = get_json(d.admin_port, "/stats")["server"]["worker_pids"][0]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _get_json(d.admin_port, "/stats")["server"]["worker_restarts"] < 1:
+    while get_json(d.admin_port, "/stats")["server"]["worker_restarts"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     _wait_stat(d.admin_port, "web", "downstream_cx_active", 0)
     _requests(port, 10)
-    st = _get_json(d.admin_port, "/stats")["listeners"]["web"]
+    st = get_json(d.admin_port, "/stats")["listeners"]["web"]
     assert st["downstream_rq_total"] == 40 and st["downstream_rsp_2xx"] == 40
     assert st["downstream_cx_active"] == 0          # gauges are not carried over
 
@@ -280,14 +168,14 @@ def test_counters_survive_hot_restarts(deployment, upstream, loop_kind):
     for _ in range(2):
         _requests(port, 25)
         total += 25
-        old = _supervisor_pid(d.admin_port)
+        old = supervisor_pid(d.admin_port)
         d.hup()
-        _wait_new_generation(d.admin_port, old)
-        _wait_gone(old)
+        wait_new_generation(d.admin_port, old)
+        wait_gone(old)
     _requests(port, 10)
     total += 10
     assert _wait_stat(d.admin_port, "web", "downstream_rq_total", total) == total
-    st = _get_json(d.admin_port, "/stats")
+    st = get_json(d.admin_port, "/stats")
     assert st["listeners"]["web"]["downstream_rsp_2xx"] == total
     assert st["clusters"]["up"]["upstream_rq_total"] == total
 
@@ -304,15 +192,15 @@ def test_counters_survive_a_restart_during_a_drain(deployment, upstream):
     slow = RawClient(port, timeout=15)
     slow.request(path="/_/slow/2500")                   # keeps generation 1 draining
     time.sleep(0.3)
-    gen1 = _supervisor_pid(d.admin_port)
+    gen1 = supervisor_pid(d.admin_port)
     d.hup()
-    gen2 = _wait_new_generation(d.admin_port, gen1)
+    gen2 = wait_new_generation(d.admin_port, gen1)
     d.hup()
-    _wait_new_generation(d.admin_port, gen2)
+    wait_new_generation(d.admin_port, gen2)
     assert slow.read_response().status == 200           # finished by generation 1
     slow.close()
-    _wait_gone(gen1)
-    _wait_gone(gen2)
+    wait_gone(gen1)
+    wait_gone(gen2)
     _requests(port, 4)
     assert _wait_stat(d.admin_port, "web", "downstream_rq_total", 10) == 10
 
@@ -371,27 +259,27 @@ def test_hot_restart_under_load_loses_nothing(deployment, upstream, loop_kind):
     d = deployment(http_cfg(upstream), loop=loop_kind)
     d.start()
     port = _port(d.cfg)
-    load = _wrk(port, 12)
+    load = wrk_start(port, 12)
     times = []
     for _ in range(5):
         time.sleep(1.5)
-        old = _supervisor_pid(d.admin_port)
+        old = supervisor_pid(d.admin_port)
         t0 = time.monotonic()
         d.hup()
-        new = _wait_new_generation(d.admin_port, old)
-        took_exit = _wait_gone(old)
+        wait_new_generation(d.admin_port, old)
+        took_exit = wait_gone(old)
         times.append((time.monotonic() - t0, took_exit))
-    reqs, out = _wrk_result(load)
+    reqs, out = wrk_result(load)
     assert reqs > 1000, out
     assert "Socket errors" not in out and "Non-2xx" not in out, out
     # a broken config: the new generation refuses to start; the old one keeps serving
     bad = json.loads(json.dumps(d.cfg))
     bad["clusters"][0]["endpoints"] = ["not an address"]
     d.write(bad)
-    old = _supervisor_pid(d.admin_port)
+    old = supervisor_pid(d.admin_port)
     d.hup()
     time.sleep(2.0)
-    assert _supervisor_pid(d.admin_port) == old
+    assert supervisor_pid(d.admin_port) == old
     with RawClient(port) as c:
         c.request(path="/")
         assert c.read_response().status == 200
@@ -404,10 +292,10 @@ def test_second_run_on_same_upgrade_socket_takes_over(deployment, upstream, loop
     c = RawClient(port)
     c.request(path="/")
     assert c.read_response().status == 200
-    old = _supervisor_pid(d.admin_port)
+    old = supervisor_pid(d.admin_port)
     second = d.start(wait=False)                        # the container-style upgrade
-    _wait_new_generation(d.admin_port, old)
-    assert _get_json(d.admin_port, "/stats")["server"]["pid"] == second.popen.pid
+    wait_new_generation(d.admin_port, old)
+    assert get_json(d.admin_port, "/stats")["server"]["pid"] == second.popen.pid
     # the old generation's connection gets its last response with Connection: close
     c.request(path="/")
     r = c.read_response()
@@ -423,7 +311,7 @@ def test_failed_new_generation_leaves_old_serving(deployment, upstream):
     cfg = http_cfg(upstream)
     d = deployment(cfg)
     d.start()
-    old = _supervisor_pid(d.admin_port)
+    old = supervisor_pid(d.admin_port)
     # valid config, but a new listener on a port somebody else holds: the new generation
     # gets the old sockets, fails to bind the new one, and gives up
     blocker = socket.socket()
@@ -437,7 +325,7 @@ def test_failed_new_generation_leaves_old_serving(deployment, upstream):
     assert p.popen.wait(20) != 0
     assert "cannot start" in p.stderr_text()
     blocker.close()
-    assert _supervisor_pid(d.admin_port) == old
+    assert supervisor_pid(d.admin_port) == old
     with RawClient(_port(cfg)) as c:
         c.request(path="/")
         assert c.read_response().status == 200
@@ -524,19 +412,19 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs, peer, loop_
         for _ in range(20):
             call(n)
             n += 1
-        old = _supervisor_pid(d.admin_port)
+        old = supervisor_pid(d.admin_port)
         d.hup()
-        _wait_new_generation(d.admin_port, old)
+        wait_new_generation(d.admin_port, old)
         # calls keep working on the same TCP connection during and after the hand-over
         for _ in range(20):
             call(n)
             n += 1
-        _wait_gone(old)
+        wait_gone(old)
     for _ in range(20):
         call(n)
         n += 1
     client.close()
-    st = _get_json(d.admin_port, "/stats")
+    st = get_json(d.admin_port, "/stats")
     assert st["listeners"]["rpc"]["downstream_cx_total"] == 1     # adopted, not reconnected
 
 
@@ -554,11 +442,11 @@ def test_tcp_connection_migrates_when_quiet(deployment, upstream, loop_kind):
         c.request(path="/")
         assert c.read_response().body == b"hello from up\n"
         time.sleep(0.7)                            # quiet both ways: migratable
-        old = _supervisor_pid(d.admin_port)
+        old = supervisor_pid(d.admin_port)
         d.hup()
-        _wait_new_generation(d.admin_port, old)
-        _wait_gone(old)
+        wait_new_generation(d.admin_port, old)
+        wait_gone(old)
         c.request(path="/")                        # same client connection, new process
         assert c.read_response().body == b"hello from up\n"
-    st = _get_json(d.admin_port, "/stats")
+    st = get_json(d.admin_port, "/stats")
     assert st["listeners"]["raw"]["downstream_cx_total"] == 1
