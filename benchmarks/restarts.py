@@ -1,12 +1,17 @@
 """Hot restarts under load: how many requests are lost, how long a hand-over takes.
 
     python -m benchmarks.restarts [--restarts 20] [--interval-s 1.5] [--connections 20]
+                                  [--path /drip-random/400] [--workers 2] [--group]
 
-Starts the bundled HTTP upstream and `fastmesh run` (one worker), runs wrk against it for the
-whole time, and sends SIGHUP to the current supervisor every interval. Every generation logs
-to the same file (a new generation inherits the old one's stderr), so the timeline comes from
-the log: SIGHUP -> "new generation accepting" (the new one has taken the sockets and its
-workers accept) -> "handed over; exiting" (the old one is drained). Prints a JSON summary.
+Starts the bundled HTTP upstream and `fastmesh run`, runs wrk against it for the whole time,
+and sends SIGHUP to the service's main PID (--group: to its whole process group, as a
+terminal hangup or a process manager would) every interval. The default path is a slow,
+streaming upstream: each response head comes after 0-200 ms and its body in 8 pieces over
+another 0-200 ms, so responses are always under way when a drain begins. Every generation logs
+to the same file (it inherits the main process's stderr), so the timeline comes from the log:
+SIGHUP -> "new generation accepting" (the new one has taken the sockets and its workers
+accept) -> "handed over; exiting" (the old one is drained). Checks that the main PID never
+changes. Prints a JSON summary.
 """
 from __future__ import annotations
 
@@ -48,6 +53,12 @@ def main(argv=None) -> int:
     ap.add_argument("--restarts", type=int, default=20)
     ap.add_argument("--interval-s", type=float, default=1.5)
     ap.add_argument("--connections", type=int, default=20)
+    ap.add_argument("--path", default="/drip-random/400",
+                    help="what wrk asks for (the bundled upstream's paths; / is instant)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    ap.add_argument("--group", action="store_true",
+                    help="send SIGHUP to the process group instead of the main PID")
     ap.add_argument("--out", default=None, help="write the JSON summary here too")
     args = ap.parse_args(argv)
     if not shutil.which("wrk"):
@@ -71,8 +82,10 @@ clusters: [{{name: up, endpoints: ["127.0.0.1:{up_port}"]}}]
                            f"127.0.0.1:{up_port}", "--name", "up"], stdout=subprocess.PIPE)
     up.stdout.readline()
     fm = subprocess.Popen([sys.executable, "-P", "-m", "fastmesh", "run", "-c", path, "--log-level",
-                           "info", "--upgrade-socket", os.path.join(tmp, "upgrade.sock")],
-                          stderr=log)
+                           "info", "--upgrade-socket", os.path.join(tmp, "upgrade.sock"),
+                           "--workers", str(args.workers), "--loop", args.loop],
+                          stderr=log, start_new_session=True)
+    main_pid_changed = 0
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -83,15 +96,21 @@ clusters: [{{name: up, endpoints: ["127.0.0.1:{up_port}"]}}]
                 time.sleep(0.05)
         duration = int(args.restarts * args.interval_s + 3)
         wrk = subprocess.Popen(["wrk", "-t1", f"-c{args.connections}", f"-d{duration}s",
-                                f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, text=True)
+                                f"http://127.0.0.1:{port}{args.path}"], stdout=subprocess.PIPE,
+                               text=True)
         time.sleep(1.0)
         for i in range(args.restarts):
-            pid = _get(f"http://127.0.0.1:{admin}/stats")["server"]["pid"]
-            os.kill(pid, signal.SIGHUP)
+            server = _get(f"http://127.0.0.1:{admin}/stats")["server"]
+            main_pid_changed += server["pid"] != fm.pid
+            sup = server["supervisor_pid"]
+            if args.group:
+                os.killpg(fm.pid, signal.SIGHUP)
+            else:
+                os.kill(fm.pid, signal.SIGHUP)
             t_end = time.monotonic() + args.interval_s
             while time.monotonic() < t_end:        # wait for this hand-over to finish
                 try:
-                    if _get(f"http://127.0.0.1:{admin}/stats")["server"]["pid"] != pid:
+                    if _get(f"http://127.0.0.1:{admin}/stats")["server"]["supervisor_pid"] != sup:
                         break
                 except OSError:
                     pass
@@ -102,17 +121,16 @@ clusters: [{{name: up, endpoints: ["127.0.0.1:{up_port}"]}}]
         out = wrk.communicate(timeout=duration + 60)[0]
         time.sleep(1.0)
     finally:
+        alive_at_end = fm.poll() is None
+        fm.send_signal(signal.SIGTERM)
         try:
-            pid = _get(f"http://127.0.0.1:{admin}/stats")["server"]["pid"]
-            os.kill(pid, signal.SIGINT)
-        except OSError:
-            pass
-        fm.send_signal(signal.SIGINT)
-        time.sleep(1.0)
+            fm.wait(30)
+        except subprocess.TimeoutExpired:
+            fm.kill()
         up.terminate()
         log.close()
     text = open(log_path).read().splitlines()
-    hups = [_ts(l) for l in text if "SIGHUP: starting a new generation" in l]
+    hups = [_ts(l) for l in text if "SIGHUP: hot restart" in l]
     accepting = [_ts(l) for l in text if "new generation accepting after" in l]
     exits = [_ts(l) for l in text if "handed over; exiting" in l]
     to_accept = [(a - h) * 1000 for h, a in zip(hups, accepting)]
@@ -122,7 +140,10 @@ clusters: [{{name: up, endpoints: ["127.0.0.1:{up_port}"]}}]
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     summary = {
         "restarts": args.restarts, "completed_handovers": len(exits),
-        "requests": reqs,
+        "requests": reqs, "path": args.path, "workers": args.workers, "loop": args.loop,
+        "signal_to": "process group" if args.group else "main pid",
+        "main_pid_changed": main_pid_changed, "main_alive_at_end": alive_at_end,
+        "main_exit_code": fm.returncode,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": sum(int(x) for x in sock.groups()) if sock else 0,
         "hup_to_new_accepting_ms": {
@@ -137,7 +158,9 @@ clusters: [{{name: up, endpoints: ["127.0.0.1:{up_port}"]}}]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)
-    return 0 if summary["non_2xx"] == 0 and summary["socket_errors"] == 0 else 1
+    ok = (summary["non_2xx"] == 0 and summary["socket_errors"] == 0 and not main_pid_changed
+          and alive_at_end and len(exits) == args.restarts)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,14 @@ _SERVER = (  # (key in stats["server"], metric name, type, help)
      "workers restarted after they died"),
     ("reloads", "fastmesh_server_reloads_total", "counter", "reloads applied"),
     ("reload_failures", "fastmesh_server_reload_failures_total", "counter", "reloads refused"),
+    ("generation", "fastmesh_server_generation", "gauge",
+     "hot-restart generation serving now (1 at start, +1 per hot restart)"),
+)
+_WORKER = (  # (key in each stats["server"]["worker_connections"] entry, metric, type, help)
+    ("downstream_cx_total", "fastmesh_worker_downstream_cx_total", "counter",
+     "connections this worker accepted (how the kernel spread them)"),
+    ("downstream_cx_active", "fastmesh_worker_downstream_cx_active", "gauge",
+     "connections open on this worker"),
 )
 
 
@@ -43,6 +51,12 @@ def render(stats: dict) -> str:
             out.append(f"# HELP {metric} {help_text}")
             out.append(f"# TYPE {metric} {kind}")
             out.append(f"{metric} {server[key]}")
+    workers = server.get("worker_connections") or []
+    for key, metric, kind, help_text in _WORKER if workers else ():
+        out.append(f"# HELP {metric} {help_text}")
+        out.append(f"# TYPE {metric} {kind}")
+        for w in workers:
+            out.append(f'{metric}{{worker="{w.get("index")}"}} {w.get(key, 0)}')
     for kind, label in (("listeners", "listener"), ("clusters", "cluster")):
         groups = stats.get(kind) or {}
         slots: list[str] = []

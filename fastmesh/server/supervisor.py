@@ -30,7 +30,7 @@ from fastmesh._core.stats import GAUGE_SLOTS
 from fastmesh.admin import AdminServer
 from fastmesh.config import model
 from fastmesh.config.load import ConfigError, load_file, to_dict
-from fastmesh.listener import grow_socket_group, open_socket_group
+from fastmesh.listener import grow_socket_group, open_listening_socket, open_socket_group
 from fastmesh.server import ipc, mainproc, upgrade
 
 log = logging.getLogger("fastmesh.supervisor")
@@ -131,8 +131,8 @@ class Supervisor:
             if self.cfg.admin is not None:
                 key = _addr_key(self.cfg.admin.address)
                 group = inherited.pop(key, None)
-                self.admin_sock = group.pop(0) if group else open_socket_group(
-                    self.cfg.admin.address, 1)[0]
+                self.admin_sock = group.pop(0) if group else open_listening_socket(
+                    self.cfg.admin.address)
                 if group:
                     inherited[key] = group
             for group in inherited.values():
