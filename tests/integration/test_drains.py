@@ -414,3 +414,32 @@ def test_generation_outlives_nothing_when_main_process_is_killed(deployment, sta
     p.popen.kill()
     p.popen.wait(5)
     wait_gone(sup, 15)
+
+
+def test_idle_close_does_not_race_a_request_on_the_wire(deployment, start_upstream):
+    """The drain's idle close is due while a request sits unread in the kernel (the old
+    worker was stopped while the client sent it): the request is answered, with
+    Connection: close, instead of the connection being closed under it."""
+    up = start_upstream("up")
+    cfg = http_cfg(up.address)
+    d = deployment(cfg)
+    d.start()
+    c = RawClient(_port(cfg), timeout=10)
+    c.request(path="/")
+    assert c.read_response().status == 200
+    st = get_json(d.admin_port, "/stats")["server"]
+    old_sup, old_worker = st["supervisor_pid"], st["worker_pids"][0]
+    d.hup()
+    wait_new_generation(d.admin_port, old_sup)
+    os.kill(old_worker, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)                         # past the drain's 1 s idle grace
+        c.request(path="/")                     # on the wire, unread
+        time.sleep(0.1)
+    finally:
+        os.kill(old_worker, signal.SIGCONT)
+    r = c.read_response()
+    assert r.status == 200 and r.header("connection") == "close"
+    assert c.is_closed(5)
+    c.close()
+    wait_gone(old_sup)
