@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from fmtest import (START_TIMEOUT_S, Fastmesh, Proc, Upstream, _wait_line, free_port,
+from fmtest import (START_TIMEOUT_S, Deployment, Fastmesh, Proc, Upstream, _wait_line, free_port,
                     wait_ready)
 
 
@@ -56,3 +56,15 @@ def loop_kind(request):
     return request.param
 
 
+@pytest.fixture
+def deployment(tmp_path):
+    """Make Deployments (fmtest.Deployment); every generation they started is stopped."""
+    made = []
+
+    def make(cfg, **kw):
+        d = Deployment(tmp_path, cfg, **kw)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        d.stop_all()

@@ -255,6 +255,15 @@ class Deployment:
                 os.kill(pid, signal.SIGKILL)
 
 
+def post_json(port: int, path: str) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def wrk_start(port: int, seconds: int, conns=20, path="/") -> subprocess.Popen:
     return subprocess.Popen(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s",
                              f"http://127.0.0.1:{port}{path}"], stdout=subprocess.PIPE,

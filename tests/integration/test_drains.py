@@ -9,29 +9,16 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
-from fmtest import (Deployment, Proc, RawClient, free_port, get_json, pid_alive,
-                    supervisor_pid, wait_gone, wait_new_generation, wait_ready, wrk_result,
+from fmtest import (RawClient, free_port, get_json, pid_alive,
+                    post_json, supervisor_pid, wait_gone, wait_new_generation, wait_ready, wrk_result,
                     wrk_start)
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    made = []
 
-    def make(cfg, **kw):
-        d = Deployment(tmp_path, cfg, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        d.stop_all()
 
 
 def http_cfg(upstream: str, **top) -> dict:
@@ -66,13 +53,7 @@ def _tree(pid: int) -> set:
     return out
 
 
-def _post(port: int, path: str) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+
 
 
 def _refused_within(port: int, seconds: float) -> bool:
@@ -123,7 +104,7 @@ def test_response_started_before_drain_then_next_request_is_answered(
         cfg2 = json.loads(json.dumps(cfg))
         cfg2["listeners"][0].update(name="web2", address=f"127.0.0.1:{free_port()}")
         d.write(cfg2)
-        status, out = _post(d.admin_port, "/reload")
+        status, out = post_json(d.admin_port, "/reload")
         assert status == 200, out
     if kind.startswith("sighup") or kind == "second-run":
         wait_new_generation(d.admin_port, old)          # the old generation drains now
@@ -292,7 +273,7 @@ def test_reload_removing_a_listener_refuses_at_once(deployment, start_upstream, 
     cfg2 = json.loads(json.dumps(cfg))
     del cfg2["listeners"][1]
     d.write(cfg2)
-    status, out = _post(d.admin_port, "/reload")
+    status, out = post_json(d.admin_port, "/reload")
     assert status == 200, out
     assert _refused_within(_port(cfg, 1), 1.0)
     r = slow.read_response()

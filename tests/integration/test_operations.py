@@ -14,19 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from fmtest import (REPO, BoltClient, Deployment, Proc, RawClient, free_port, get_json,
-                    supervisor_pid, wait_gone, wait_new_generation, wrk_result, wrk_start)
+from fmtest import (REPO, BoltClient, Proc, RawClient, free_port, get_json,
+                    post_json, supervisor_pid, wait_gone, wait_new_generation, wrk_result, wrk_start)
 
 FRAMES = Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
 
 
-def _post(port: int, path: str) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+
 
 
 @pytest.fixture
@@ -50,17 +44,7 @@ def http_cfg(upstream: str, **listener) -> dict:
     }
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    made = []
 
-    def make(cfg, **kw):
-        d = Deployment(tmp_path, cfg, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        d.stop_all()
 
 
 def _port(cfg, i=0):
@@ -221,7 +205,7 @@ def test_reload_applies_routes_listeners_and_rejects_bad_config(deployment, upst
     cfg2["listeners"].append({"name": "extra", "address": f"127.0.0.1:{free_port()}",
                               "protocol": "http1", "route_table": "rt"})
     d.write(cfg2)
-    status, out = _post(d.admin_port, "/reload")
+    status, out = post_json(d.admin_port, "/reload")
     assert status == 200 and out["ok"], out
     keep.request(path="/v2")
     assert keep.read_response().body == b"v2"           # same connection, new routes
@@ -234,7 +218,7 @@ def test_reload_applies_routes_listeners_and_rejects_bad_config(deployment, upst
     bad["route_tables"]["rt"]["routes"][1]["cluster"] = "nope"
     bad["clusters"][0]["lb_policy"] = "fastest"
     d.write(bad)
-    status, out = _post(d.admin_port, "/reload")
+    status, out = post_json(d.admin_port, "/reload")
     assert status == 400 and not out["ok"]
     assert any("no cluster named 'nope'" in e for e in out["errors"])
     assert any("lb_policy" in e for e in out["errors"])
@@ -243,7 +227,7 @@ def test_reload_applies_routes_listeners_and_rejects_bad_config(deployment, upst
 
     # removing the extra listener stops it accepting; the first is undisturbed
     d.write(cfg)
-    status, out = _post(d.admin_port, "/reload")
+    status, out = post_json(d.admin_port, "/reload")
     assert status == 200, out
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", _port(cfg2, 1)), timeout=2).recv(1)
