@@ -571,3 +571,21 @@ def test_early_response_before_the_body_reaches_the_client(mesh):
         r = c.read_response()
         assert r.status == 403 and r.body == b"early"
         assert r.header("connection") == "close"
+
+
+def test_client_gone_mid_head_is_a_reset_not_a_bad_request(mesh):
+    before = mesh.listener_stats()
+    s = socket.create_connection(("127.0.0.1", mesh.port), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: exam")      # half a head, then the client leaves
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(100) == b""                       # nothing to answer: closed quietly
+    s.close()
+    deadline = time.monotonic() + 5
+    while True:
+        after = mesh.listener_stats()
+        if after["error_downstream_reset"] > before["error_downstream_reset"]:
+            break
+        assert time.monotonic() < deadline, after
+        time.sleep(0.05)
+    assert after["error_downstream_reset"] == before["error_downstream_reset"] + 1
+    assert after["error_bad_request"] == before["error_bad_request"]
