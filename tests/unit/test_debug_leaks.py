@@ -43,11 +43,11 @@ async def _traffic(loop_kind):
         "route_tables": {"rt": {"routes": [{"match": {"prefix": "/"}, "cluster": "up"}]}},
         "clusters": [{"name": "up", "endpoints": [f"127.0.0.1:{up_port}"]}],
     })
-    sockets = {l.name: open_listening_socket(l.address) for l in cfg.listeners}
+    sockets = {l.name: [open_listening_socket(l.address)] for l in cfg.listeners}
     plane = DataPlane(loop)
     await plane.apply(cfg, sockets)
     for name in ("web", "raw"):
-        port = sockets[name].getsockname()[1]
+        port = sockets[name][0].getsockname()[1]
         for i in range(20):
             r, w = await asyncio.open_connection("127.0.0.1", port)
             path = ["/", "/chunked/20000", "/close/3000", "/bytes/70000"][i % 4]
