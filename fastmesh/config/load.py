@@ -2,9 +2,12 @@
 
 Public API::
 
-    load_file(path) -> Config           # YAML file
-    load_text(text, source) -> Config   # YAML text
+    load_file(path) -> Config           # YAML (or JSON) file
+    load_text(text, source) -> Config   # YAML (or JSON) text
     load_dict(data, source) -> Config   # already-parsed data (dicts, lists, scalars)
+
+Each of them also takes an Envoy v3 bootstrap, recognised by its top-level keys
+(``fastmesh.config.envoy.looks_like_bootstrap``) and translated by ``fastmesh.config.envoy``.
     to_dict(cfg) -> dict                # back to plain JSON-serialisable data (admin config dump)
     ConfigError                         # .errors: list of "<path>: <message>", all problems found
 
@@ -78,7 +81,9 @@ def load_text(text: str, source: str = "<string>") -> Config:
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
-        raise ConfigError([_yaml_error(e, source)], source) from None
+        data = _json_fallback(text)
+        if data is _MISSING:
+            raise ConfigError([_yaml_error(e, source)], source) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{source}: invalid YAML: {e}"], source) from None
     finally:
@@ -94,8 +99,23 @@ def load_text(text: str, source: str = "<string>") -> Config:
     return cfg
 
 
+def _json_fallback(text: str) -> Any:
+    """JSON that PyYAML cannot read as YAML (tabs for indentation, say): parsed as JSON."""
+    if not text.lstrip().startswith("{"):
+        return _MISSING
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _MISSING
+
+
 def load_dict(data: Any, source: str = "<string>") -> Config:
-    """Validate already-parsed config data and build the typed ``Config``."""
+    """Validate already-parsed config data and build the typed ``Config``
+    (an Envoy v3 bootstrap is handed to ``fastmesh.config.envoy``)."""
+    from .envoy import load_bootstrap, looks_like_bootstrap
+    if looks_like_bootstrap(data):
+        return load_bootstrap(data, source)
     if data is None:
         raise ConfigError([f"{source}: empty config (expected a mapping with a 'listeners' key)"],
                           source)
