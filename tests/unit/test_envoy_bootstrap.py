@@ -198,7 +198,7 @@ def test_http_listener_defaults_are_envoys():
                            idle_timeout_ms=3600000, stream_idle_timeout_ms=300000)
 
 
-def test_http_listener_options():
+def sample_listener_options():
     b = bootstrap()
     h = hcm(b)
     h["codec_type"] = "HTTP1"
@@ -208,6 +208,12 @@ def test_http_listener_options():
     h["request_headers_timeout"] = "3s"
     h["max_request_headers_kb"] = 96
     h["normalize_path"] = False
+    return b
+
+
+def test_http_listener_options():
+    b = sample_listener_options()
+    h = hcm(b)
     lst = load_bootstrap(b).listeners[0]
     assert (lst.idle_timeout_ms, lst.max_headers, lst.stream_idle_timeout_ms,
             lst.request_head_timeout_ms, lst.max_head_bytes) == (250, 50, 2500, 3000, 96 * 1024)
@@ -348,7 +354,7 @@ def test_listener_refusals(change, path, msg):
 
 # -- routes ------------------------------------------------------------------------------------
 
-def test_routes_translation():
+def sample_routes():
     b = bootstrap()
     rc = hcm(b)["route_config"]
     rc["virtual_hosts"] = [
@@ -381,7 +387,11 @@ def test_routes_translation():
              "request_headers_to_remove": ["X-Secret"]},
             {"match": {"prefix": ""}, "route": {"cluster": "a"}}]}]
     b["static_resources"]["clusters"].append(cluster("a2", ("127.0.0.1", 8009)))
-    table = load_bootstrap(b).route_tables["web"]
+    return b
+
+
+def test_routes_translation():
+    table = load_bootstrap(sample_routes()).route_tables["web"]
     api, all_ = table.virtual_hosts
     assert (api.name, api.domains) == ("api", ("api.local", "*.api.local"))
     assert api.routes == (Route(match=RouteMatch(prefix="/v1/"), cluster="a", timeout_ms=3000),)
@@ -493,10 +503,10 @@ def test_route_refusals(change, path, msg):
 
 # -- clusters ----------------------------------------------------------------------------------
 
-def test_clusters_translation():
+def sample_clusters():
     b = bootstrap()
     b["static_resources"]["clusters"] = [
-        {"name": "s", "load_assignment": {"endpoints": [
+        {"name": "s", "load_assignment": {"cluster_name": "s", "endpoints": [
             {"lb_endpoints": [endpoint("127.0.0.1", 1, load_balancing_weight=3),
                               endpoint("::1", 2, load_balancing_weight=3,
                                        health_status="HEALTHY")]},
@@ -505,11 +515,17 @@ def test_clusters_translation():
         {"name": "a", "type": "STRICT_DNS", "lb_policy": "LEAST_REQUEST",
          "connect_timeout": "0.5s", "dns_refresh_rate": "10s",
          "dns_lookup_family": "V4_PREFERRED",
-         "load_assignment": {"endpoints": [{"lb_endpoints": [endpoint("svc.local", 80)]}]}},
+         "load_assignment": {"cluster_name": "a",
+                             "endpoints": [{"lb_endpoints": [endpoint("svc.local", 80)]}]}},
         {"name": "b", "type": "LOGICAL_DNS", "lb_policy": "RANDOM",
-         "load_assignment": {"endpoints": [{"lb_endpoints": [endpoint("example.com", 443)]}]}},
+         "load_assignment": {"cluster_name": "b",
+                             "endpoints": [{"lb_endpoints": [endpoint("example.com", 443)]}]}},
     ]
-    cl = load_bootstrap(b).clusters
+    return b
+
+
+def test_clusters_translation():
+    cl = load_bootstrap(sample_clusters()).clusters
     assert cl["s"] == Cluster(name="s", endpoints=(Address("127.0.0.1", 1), Address("::1", 2),
                                                    Address("10.0.0.1", 3)),
                               connect_timeout_ms=5000, idle_timeout_ms=3600000)
@@ -533,6 +549,8 @@ CLUSTER_REFUSALS = [
     (lambda c: c.update(dns_refresh_rate="1s"), f"{CL0}.dns_refresh_rate",
      "only for STRICT_DNS and LOGICAL_DNS"),
     (lambda c: c.pop("load_assignment"), f"{CL0}.load_assignment", "missing"),
+    (lambda c: c["load_assignment"].pop("cluster_name"), f"{CL0}.load_assignment.cluster_name",
+     "missing required field"),
     (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0].update(
         load_balancing_weight=5), f"{CL0}.load_assignment.endpoints",
      "unequal endpoint weights: not supported yet"),
@@ -575,14 +593,29 @@ def test_duplicate_cluster_names():
 
 # -- top level ---------------------------------------------------------------------------------
 
-def test_ignored_sections_are_accepted():
+def sample_ignored_sections():
     b = bootstrap()
     b.update(layered_runtime={"layers": [{"name": "admin", "admin_layer": {}},
                                          {"name": "static", "static_layer": {}}]},
              stats_config={"use_all_default_tags": False}, stats_flush_interval="5s",
-             overload_manager={"refresh_interval": "1s", "resource_monitors": []},
+             overload_manager={"refresh_interval": "1s", "resource_monitors": [
+                 {"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
+                     "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                              "fixed_heap.v3.FixedHeapConfig",
+                     "max_heap_size_bytes": 1073741824}}]},
              cluster_manager={})
-    assert load_bootstrap(b).listeners
+    return b
+
+
+def test_ignored_sections_are_accepted():
+    assert load_bootstrap(sample_ignored_sections()).listeners
+
+
+# bootstraps fastmesh accepts; tests/integration/test_envoy_parity.py has Envoy validate them
+ACCEPTED_SAMPLES = {"base": bootstrap, "routes": sample_routes, "clusters": sample_clusters,
+                    "listener_options": sample_listener_options,
+                    "ignored_sections": sample_ignored_sections,
+                    "camel_case": lambda: camel(bootstrap())}
 
 
 TOP_REFUSALS = [

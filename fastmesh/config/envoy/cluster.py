@@ -108,6 +108,7 @@ def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:
         "named_endpoints": "named endpoints: " + NOT_YET})
     if la is None:
         return ()
+    c.text(c.need(la, "cluster_name"), la.p("cluster_name"))     # required by Envoy
     out = []
     weights: dict = {}                    # weight -> path of its first endpoint
     seen: dict = {}
