@@ -175,7 +175,8 @@ def to_dict(cfg: Config) -> dict:
     return {
         "admin": None if cfg.admin is None else {"address": str(cfg.admin.address)},
         "listeners": [_plain(lst) for lst in cfg.listeners],
-        "route_tables": {name: {"virtual_hosts": [_plain(vh) for vh in rt.virtual_hosts]}
+        "route_tables": {name: {"virtual_hosts": [_plain(vh) for vh in rt.virtual_hosts],
+                                "strip_host_port": rt.strip_host_port}
                          for name, rt in cfg.route_tables.items()},
         "clusters": [_plain(cl) for cl in cfg.clusters.values()],
         "workers": cfg.workers,
@@ -554,9 +555,12 @@ def _route_tables(c: _Checker, raw: Any, known_clusters: Optional[set]) -> dict:
             c.err("route_tables", f"table names must be non-empty strings, got {_show(name)}")
             continue
         p = _name_path("route_tables", name)
-        m = c.mapping(table, p, ("virtual_hosts", "routes"))
+        m = c.mapping(table, p, ("virtual_hosts", "routes", "strip_host_port"))
         if m is None:
             continue
+        tkw: dict[str, Any] = {}
+        if "strip_host_port" in m:
+            tkw["strip_host_port"] = c.boolean(m["strip_host_port"], f"{p}.strip_host_port")
         if ("virtual_hosts" in m) == ("routes" in m):
             c.err(p, "expected exactly one of virtual_hosts, routes"
                   + (" (got both)" if "routes" in m else ""))
@@ -566,7 +570,7 @@ def _route_tables(c: _Checker, raw: Any, known_clusters: Optional[set]) -> dict:
             vhosts = (VirtualHost(name="default", domains=("*",), routes=routes),)
         else:
             vhosts = _virtual_hosts(c, m["virtual_hosts"], f"{p}.virtual_hosts", known_clusters)
-        out[name] = RouteTable(name=name, virtual_hosts=vhosts)
+        out[name] = RouteTable(name=name, virtual_hosts=vhosts, **tkw)
     return out
 
 

@@ -79,6 +79,8 @@ class VirtualHost:
 class RouteTable:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
+    strip_host_port: bool = True       # a Host with a port also matches the domain without it
+                                       # (False: matched as sent, as Envoy does by default)
     # a table given with `routes:` becomes one virtual host named "default", domains ("*",)
 
 

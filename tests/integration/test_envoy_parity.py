@@ -204,6 +204,8 @@ def both(sides, fn):
     ("/hdr/echo", "www.local", {"x-flag": "1", "x-version": "v1x"}, "alpha"),  # regex is full
     ("/all-alpha/echo", "www.local", {}, "alpha"),          # weighted, weight 0 never picked
     ("/only/echo", "any.other", {}, "beta"),                # "*" virtual host
+    ("/v1/echo", "API.Local", {}, "alpha"),                 # domains ignore case
+    ("/only/echo", "api.local:8080", {}, "beta"),           # a port: not "api.local"
 ])
 def test_same_upstream(sides, path, host, headers, server):
     got = both(sides, lambda s: s.upstream_of(path, host=host, headers=headers)["server"])
@@ -216,6 +218,7 @@ def test_same_upstream(sides, path, host, headers, server):
     ("/nothing", "api.local", 404, None),                   # no route in the virtual host
     ("/re/12a/echo", "www.local", 404, None),               # regex must match the whole path
     ("/exact/echo/more", "www.local", 404, None),           # path is exact
+    ("/v1/echo", "api.local:8080", 404, None),              # Host matched as sent: "*"
 ])
 def test_same_status(sides, path, host, status, body):
     got = both(sides, lambda s: s.request(path, host=host))

@@ -392,6 +392,7 @@ def sample_routes():
 
 def test_routes_translation():
     table = load_bootstrap(sample_routes()).route_tables["web"]
+    assert table.strip_host_port is False               # Envoy matches Host as sent
     api, all_ = table.virtual_hosts
     assert (api.name, api.domains) == ("api", ("api.local", "*.api.local"))
     assert api.routes == (Route(match=RouteMatch(prefix="/v1/"), cluster="a", timeout_ms=3000),)
@@ -499,6 +500,27 @@ def test_route_refusals(change, path, msg):
     change(b)
     errs = errors_of(b)
     assert any(e.startswith(f"{path}: ") and msg in e for e in errs), errs
+
+
+def test_strip_host_port_in_the_model_and_the_router():
+    from fastmesh._core.router import RouteTable, VirtualHost
+    for strip, with_port, wild_with_port in [(True, "api", "wild"), (False, "any", "any")]:
+        api, wild, any_ = VirtualHost("api", ()), VirtualHost("wild", ()), VirtualHost("any", ())
+        t = RouteTable("t", (api, wild, any_), [(b"api.local", api), (b"*.w.local", wild),
+                                                (b"*", any_)], strip)
+        assert t.py_select(b"api.local") == "api"
+        assert t.py_select(b"api.local:8080") == with_port
+        assert t.py_select(b"x.w.local") == "wild"
+        assert t.py_select(b"x.w.local:80") == wild_with_port
+    native = {"listeners": [], "route_tables": {"t": {
+        "strip_host_port": False, "routes": [{"direct_response": {"status": 200}}]}}}
+    cfg = load_dict(native)
+    assert cfg.route_tables["t"].strip_host_port is False
+    assert load_dict(to_dict(cfg)) == cfg
+    native["route_tables"]["t"]["strip_host_port"] = "no"
+    with pytest.raises(ConfigError) as ei:
+        load_dict(native)
+    assert ei.value.errors == ["route_tables.t.strip_host_port: expected true or false, got 'no'"]
 
 
 # -- clusters ----------------------------------------------------------------------------------

@@ -107,7 +107,9 @@ def translate_route_config(c: EnvoyChecker, raw, path: str, table_name: str,
     if isinstance(raw_vhosts, list) and not raw_vhosts:
         c.err(vp, "no virtual hosts: a route table that answers 404 to everything is "
                   + NOT_YET)
-    return RouteTable(name=table_name, virtual_hosts=tuple(vhosts))
+    # Envoy matches the Host header as sent (strip_matching_host_port and strip_any_host_port
+    # default to false): "api.local:8080" does not select the domain "api.local".
+    return RouteTable(name=table_name, virtual_hosts=tuple(vhosts), strip_host_port=False)
 
 
 def _virtual_host(c: EnvoyChecker, raw, p: str, names: dict, domains_seen: dict,
