@@ -532,6 +532,8 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
                 c.err(f"{p}.access_log", "a path cannot contain a NUL byte")
             else:
                 kw["access_log"] = path
+        if "accept_http_10" in m:
+            kw["accept_http_10"] = c.boolean(m["accept_http_10"], f"{p}.accept_http_10")
         for f in _LISTENER_FIELDS.values():
             if f.type == "int" and f.name in m:
                 lo = _LISTENER_INT_MIN.get(f.name, 1)

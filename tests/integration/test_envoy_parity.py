@@ -238,6 +238,19 @@ def test_added_header_reaches_upstream_and_removed_one_does_not(sides):
         assert names.get("x-keep") == "k", (who, names)
 
 
+def test_http10_is_refused_with_426_by_both(sides):
+    for who, side in sides.items():
+        with socket.create_connection(("127.0.0.1", side.http_port), timeout=10) as s:
+            s.sendall(b"GET /only/echo HTTP/1.0\r\nHost: www.local\r\n\r\n")
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 426 "), (who, data[:200])
+
+
 def test_weighted_split_reaches_both_clusters(sides):
     for who, side in sides.items():
         servers = {side.upstream_of("/split/echo")["server"] for _ in range(40)}

@@ -195,7 +195,8 @@ def test_http_listener_defaults_are_envoys():
     lst = load_bootstrap(bootstrap()).listeners[0]
     assert lst == Listener(name="http", address=Address("127.0.0.1", 10000), protocol="http1",
                            route_table="web", max_head_bytes=60 * 1024, max_headers=100,
-                           idle_timeout_ms=3600000, stream_idle_timeout_ms=300000)
+                           idle_timeout_ms=3600000, stream_idle_timeout_ms=300000,
+                           accept_http_10=False)
 
 
 def sample_listener_options():
@@ -208,6 +209,7 @@ def sample_listener_options():
     h["request_headers_timeout"] = "3s"
     h["max_request_headers_kb"] = 96
     h["normalize_path"] = False
+    h["http_protocol_options"] = {"accept_http_10": True}
     return b
 
 
@@ -217,6 +219,7 @@ def test_http_listener_options():
     lst = load_bootstrap(b).listeners[0]
     assert (lst.idle_timeout_ms, lst.max_headers, lst.stream_idle_timeout_ms,
             lst.request_head_timeout_ms, lst.max_head_bytes) == (250, 50, 2500, 3000, 96 * 1024)
+    assert lst.accept_http_10 is True
     h["stream_idle_timeout"] = "0s"
     h["codec_type"] = 1                                      # enum by number
     assert load_bootstrap(b).listeners[0].stream_idle_timeout_ms == 0
@@ -296,6 +299,8 @@ LISTENER_REFUSALS = [
      f"{HCM}.common_http_protocol_options.idle_timeout", "0s (no idle timeout)"),
     (lambda b: hcm(b).update(access_log=[]), f"{HCM}.access_log", "Envoy access logs"),
     (lambda b: hcm(b).update(merge_slashes=True), f"{HCM}.merge_slashes", "not supported yet"),
+    (lambda b: hcm(b).update(http_protocol_options={"allow_absolute_url": True}),
+     f"{HCM}.http_protocol_options.allow_absolute_url", "unknown field"),
     (lambda b: hcm(b).update(max_request_headers_kb=9000), f"{HCM}.max_request_headers_kb",
      "expected an integer in 1..8192"),
     (lambda b: hcm(b).pop("stat_prefix"), f"{HCM}.stat_prefix", "missing required field"),
@@ -517,6 +522,10 @@ def test_strip_host_port_in_the_model_and_the_router():
     cfg = load_dict(native)
     assert cfg.route_tables["t"].strip_host_port is False
     assert load_dict(to_dict(cfg)) == cfg
+    native["listeners"] = [{"name": "l", "address": "127.0.0.1:0", "route_table": "t",
+                            "accept_http_10": False}]
+    cfg = load_dict(native)
+    assert cfg.listeners[0].accept_http_10 is False and load_dict(to_dict(cfg)) == cfg
     native["route_tables"]["t"]["strip_host_port"] = "no"
     with pytest.raises(ConfigError) as ei:
         load_dict(native)

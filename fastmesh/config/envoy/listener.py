@@ -51,7 +51,7 @@ _HCM_FIELDS = {
     "scoped_routes": "scoped routes need dynamic_resources/ADS: " + NOT_YET,
     "access_log": "Envoy access logs: " + NOT_YET,
     "tracing": "tracing: " + NOT_YET,
-    "http_protocol_options": "http_protocol_options: " + NOT_YET,
+    "http_protocol_options": None,
     "http2_protocol_options": "HTTP/2: " + NOT_YET,
     "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
     "use_remote_address": "use_remote_address: " + NOT_YET,
@@ -141,7 +141,7 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
     m = c.typed_config(raw, p, HCM, _HCM_FIELDS)
     if m is None:
         return None
-    kw.update(protocol="http1", idle_timeout_ms=ENVOY_IDLE_TIMEOUT_MS,
+    kw.update(protocol="http1", idle_timeout_ms=ENVOY_IDLE_TIMEOUT_MS, accept_http_10=False,
               stream_idle_timeout_ms=ENVOY_STREAM_IDLE_TIMEOUT_MS,
               max_head_bytes=ENVOY_MAX_REQUEST_HEADERS_KB * 1024,
               max_headers=ENVOY_MAX_HEADERS_COUNT)
@@ -170,6 +170,11 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
         if o is not None and "max_headers_count" in o:
             kw["max_headers"] = c.uint(o.get("max_headers_count"), o.p("max_headers_count"),
                                        lo=1)
+    if "http_protocol_options" in m:
+        o = c.message(m.get("http_protocol_options"), m.p("http_protocol_options"),
+                      {"accept_http_10": None})
+        if o is not None and "accept_http_10" in o:
+            kw["accept_http_10"] = c.boolean(o.get("accept_http_10"), o.p("accept_http_10"))
     if "stream_idle_timeout" in m:
         kw["stream_idle_timeout_ms"] = c.duration_ms(m.get("stream_idle_timeout"),
                                                      m.p("stream_idle_timeout"))
