@@ -555,8 +555,10 @@ def sample_clusters():
     return b
 
 
-def test_clusters_translation():
-    cl = load_bootstrap(sample_clusters()).clusters
+def test_clusters_translation(caplog):
+    with caplog.at_level("WARNING", logger="fastmesh.config.envoy"):
+        cl = load_bootstrap(sample_clusters()).clusters
+    assert "static_resources.clusters[2].type: LOGICAL_DNS: fastmesh resolves" in caplog.text
     assert cl["s"] == Cluster(name="s", endpoints=(Address("127.0.0.1", 1), Address("::1", 2),
                                                    Address("10.0.0.1", 3)),
                               connect_timeout_ms=5000, idle_timeout_ms=3600000)

@@ -59,7 +59,9 @@ class EnvoyChecker(_Checker):
         self.notes: list[str] = []
 
     def note(self, path: str, msg: str) -> None:
+        """Something accepted with a caveat: kept in ``notes`` and logged as a warning."""
         self.notes.append(f"{path}: {msg}")
+        log.warning("%s: %s", path, msg)
 
     def message(self, raw: Any, path: str, fields: dict) -> Optional[Msg]:
         """Read a message. ``fields`` maps each proto field name fastmesh knows to None

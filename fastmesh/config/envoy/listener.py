@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..model import Listener, RouteTable
-from ._common import _MISSING, NOT_YET, EnvoyChecker, log
+from ._common import _MISSING, NOT_YET, EnvoyChecker
 from .route import translate_route_config
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -244,12 +244,10 @@ def _http_filters(c: EnvoyChecker, m) -> None:
             # disabled by default and enabled per route, which fastmesh refuses: never runs
             msg = f"HTTP filter {fname!r} is disabled (and no route can enable it): skipped"
             c.note(ip, msg)
-            log.warning("%s: %s", ip, msg)
         elif optional:
             # is_optional: a proxy that does not support this filter may go without it
             msg = f"HTTP filter {fname!r} is not supported and is_optional: skipped"
             c.note(ip, msg)
-            log.warning("%s: %s", ip, msg)
         else:
             c.err(f.p("name"), f"HTTP filter {fname!r}: {NOT_YET} (only "
                                "envoy.filters.http.router; mark a filter is_optional: true "
