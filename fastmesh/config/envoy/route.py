@@ -7,7 +7,7 @@ from typing import Optional
 from ..load import _domain
 from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HeaderMatch, Route, RouteMatch,
                      RouteTable, VirtualHost, WeightedCluster)
-from ._common import _MISSING, NOT_YET, EnvoyChecker, _show
+from ._common import _MISSING, NOT_YET, EnvoyChecker
 
 _HEADERS_HERE = ("headers added or removed here apply to every route: " + NOT_YET
                  + " (put them on each route)")
@@ -223,10 +223,9 @@ def _regex(c: EnvoyChecker, raw, p: str) -> Optional[str]:
     m = c.message(raw, p, {"regex": None, "google_re2": None})
     if m is None:
         return None
-    if "google_re2" in m:
-        g = c.message(m.get("google_re2"), m.p("google_re2"), {
+    if "google_re2" in m:                     # deprecated, empty: the default engine
+        c.message(m.get("google_re2"), m.p("google_re2"), {
             "max_program_size": "max_program_size: " + NOT_YET})
-        del g
     return c.regex(c.need(m, "regex"), m.p("regex"))
 
 
@@ -413,4 +412,4 @@ def _headers_to_add(c: EnvoyChecker, raw, p: str) -> tuple:
     return tuple(out)
 
 
-__all__ = ["translate_route_config", "_show"]
+__all__ = ["translate_route_config"]
