@@ -112,7 +112,7 @@ class Listener:
             request_head_timeout_ms=cfg.request_head_timeout_ms,
             stream_idle_timeout_ms=cfg.stream_idle_timeout_ms,
             high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
-            max_in_flight=cfg.max_in_flight)
+            max_in_flight=cfg.max_in_flight, accept_http_10=cfg.accept_http_10)
         self._set_access_log(cfg.access_log)
 
     # -- wiring --------------------------------------------------------------------
@@ -268,6 +268,7 @@ class Listener:
         c.stream_idle_timeout_ms = cfg.stream_idle_timeout_ms
         c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
         c.max_in_flight = cfg.max_in_flight
+        c.accept_http_10 = cfg.accept_http_10
         self._set_access_log(cfg.access_log)
 
     @property

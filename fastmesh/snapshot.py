@@ -74,7 +74,7 @@ def compile_route_table(t: model.RouteTable, clusters: dict) -> RouteTable:
         v = VirtualHost(vh.name, routes)
         vhosts.append(v)
         domains.extend((d.encode(), v) for d in vh.domains)
-    return RouteTable(t.name, tuple(vhosts), domains)
+    return RouteTable(t.name, tuple(vhosts), domains, t.strip_host_port)
 
 
 def _cluster_settings(c: model.Cluster) -> tuple:

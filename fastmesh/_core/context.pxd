@@ -27,3 +27,4 @@ cdef class ListenerCtx:
         public int high_water_bytes
         public int low_water_bytes
         public int max_in_flight
+        public bint accept_http_10        # HTTP/1: False answers HTTP/1.0 requests 426

@@ -9,7 +9,7 @@ cdef class ListenerCtx:
                  int idle_timeout_ms=60000, int request_head_timeout_ms=10000,
                  int stream_idle_timeout_ms=300000,
                  int high_water_bytes=262144, int low_water_bytes=65536,
-                 int max_in_flight=10000):
+                 int max_in_flight=10000, bint accept_http_10=True):
         self.name = name
         self.loop = loop
         self.counters = Counters("listener")
@@ -28,3 +28,4 @@ cdef class ListenerCtx:
         self.high_water_bytes = high_water_bytes
         self.low_water_bytes = low_water_bytes
         self.max_in_flight = max_in_flight
+        self.accept_http_10 = accept_http_10

@@ -906,7 +906,7 @@ cdef bytes build_response_head(Head h, int te_mode, bint close_client,
 
 _REASONS = {
     100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found",
-    408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+    408: b"Request Timeout", 413: b"Content Too Large", 426: b"Upgrade Required", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }

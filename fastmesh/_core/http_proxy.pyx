@@ -229,6 +229,9 @@ cdef class HttpDownstream:
                 and h.content_length > self.ctx.max_request_body_bytes):
             self._fail_and_linger(413, b"body_too_large", LS_ERR_BODY_TOO_LARGE)
             return
+        if h.minor == 0 and not self.ctx.accept_http_10:
+            self._fail_and_linger(426, b"http10_refused", LS_ERR_BAD_REQUEST)
+            return
         route = table.route_http(h) if table is not None else None
         if route is None:
             self._local_response(404, b"no_route", b"no route\n", LS_ERR_NO_ROUTE)

@@ -62,6 +62,7 @@ cdef class RouteTable:
         list suffixes               # [(bytes suffix incl. leading '.', VirtualHost)], longest first
         VirtualHost default         # "*" or None
         readonly tuple virtual_hosts
+        readonly bint strip_port    # a Host's :port is dropped when the full Host has no match
 
     cdef VirtualHost select(self, bytes host)
     cdef Route route_http(self, Head h)

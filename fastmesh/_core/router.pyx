@@ -126,9 +126,12 @@ cdef class VirtualHost:
 
 
 cdef class RouteTable:
-    def __init__(self, str name, tuple virtual_hosts, list domains):
-        """domains: [(bytes domain, VirtualHost)] in config order."""
+    def __init__(self, str name, tuple virtual_hosts, list domains, bint strip_port=True):
+        """domains: [(bytes domain, VirtualHost)] in config order. strip_port: a Host with a
+        port that matches no domain as sent is matched again without its port (native
+        configs); False matches the Host only as sent (Envoy's default)."""
         self.name = name
+        self.strip_port = strip_port
         self.virtual_hosts = virtual_hosts
         self.exact = {}
         self.suffixes = []
@@ -149,19 +152,17 @@ cdef class RouteTable:
             vh = self.exact.get(host)
             if vh is not None:
                 return vh
+        if self.strip_port:
             colon = host.rfind(b":")
             if colon > 0 and host.find(b"]", colon) < 0:
                 host = host[:colon]
-                vh = self.exact.get(host)
-                if vh is not None:
-                    return vh
-        if self.suffixes:
-            colon = host.rfind(b":")
-            if colon > 0 and host.find(b"]", colon) < 0:
-                host = host[:colon]
-            for suffix, vh in self.suffixes:
-                if host.endswith(suffix) and len(host) > len(suffix):
-                    return vh
+                if self.exact:
+                    vh = self.exact.get(host)
+                    if vh is not None:
+                        return vh
+        for suffix, vh in self.suffixes:
+            if host.endswith(suffix) and len(host) > len(suffix):
+                return vh
         return self.default
 
     cdef Route route_http(self, Head h):

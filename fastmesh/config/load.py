@@ -2,9 +2,12 @@
 
 Public API::
 
-    load_file(path) -> Config           # YAML file
-    load_text(text, source) -> Config   # YAML text
+    load_file(path) -> Config           # YAML (or JSON) file
+    load_text(text, source) -> Config   # YAML (or JSON) text
     load_dict(data, source) -> Config   # already-parsed data (dicts, lists, scalars)
+
+Each of them also takes an Envoy v3 bootstrap, recognised by its top-level keys
+(``fastmesh.config.envoy.looks_like_bootstrap``) and translated by ``fastmesh.config.envoy``.
     to_dict(cfg) -> dict                # back to plain JSON-serialisable data (admin config dump)
     ConfigError                         # .errors: list of "<path>: <message>", all problems found
 
@@ -78,7 +81,9 @@ def load_text(text: str, source: str = "<string>") -> Config:
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
-        raise ConfigError([_yaml_error(e, source)], source) from None
+        data = _json_fallback(text)
+        if data is _MISSING:
+            raise ConfigError([_yaml_error(e, source)], source) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{source}: invalid YAML: {e}"], source) from None
     finally:
@@ -94,8 +99,23 @@ def load_text(text: str, source: str = "<string>") -> Config:
     return cfg
 
 
+def _json_fallback(text: str) -> Any:
+    """JSON that PyYAML cannot read as YAML (tabs for indentation, say): parsed as JSON."""
+    if not text.lstrip().startswith("{"):
+        return _MISSING
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _MISSING
+
+
 def load_dict(data: Any, source: str = "<string>") -> Config:
-    """Validate already-parsed config data and build the typed ``Config``."""
+    """Validate already-parsed config data and build the typed ``Config``
+    (an Envoy v3 bootstrap is handed to ``fastmesh.config.envoy``)."""
+    from .envoy import load_bootstrap, looks_like_bootstrap
+    if looks_like_bootstrap(data):
+        return load_bootstrap(data, source)
     if data is None:
         raise ConfigError([f"{source}: empty config (expected a mapping with a 'listeners' key)"],
                           source)
@@ -155,7 +175,8 @@ def to_dict(cfg: Config) -> dict:
     return {
         "admin": None if cfg.admin is None else {"address": str(cfg.admin.address)},
         "listeners": [_plain(lst) for lst in cfg.listeners],
-        "route_tables": {name: {"virtual_hosts": [_plain(vh) for vh in rt.virtual_hosts]}
+        "route_tables": {name: {"virtual_hosts": [_plain(vh) for vh in rt.virtual_hosts],
+                                "strip_host_port": rt.strip_host_port}
                          for name, rt in cfg.route_tables.items()},
         "clusters": [_plain(cl) for cl in cfg.clusters.values()],
         "workers": cfg.workers,
@@ -511,6 +532,8 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
                 c.err(f"{p}.access_log", "a path cannot contain a NUL byte")
             else:
                 kw["access_log"] = path
+        if "accept_http_10" in m:
+            kw["accept_http_10"] = c.boolean(m["accept_http_10"], f"{p}.accept_http_10")
         for f in _LISTENER_FIELDS.values():
             if f.type == "int" and f.name in m:
                 lo = _LISTENER_INT_MIN.get(f.name, 1)
@@ -534,9 +557,12 @@ def _route_tables(c: _Checker, raw: Any, known_clusters: Optional[set]) -> dict:
             c.err("route_tables", f"table names must be non-empty strings, got {_show(name)}")
             continue
         p = _name_path("route_tables", name)
-        m = c.mapping(table, p, ("virtual_hosts", "routes"))
+        m = c.mapping(table, p, ("virtual_hosts", "routes", "strip_host_port"))
         if m is None:
             continue
+        tkw: dict[str, Any] = {}
+        if "strip_host_port" in m:
+            tkw["strip_host_port"] = c.boolean(m["strip_host_port"], f"{p}.strip_host_port")
         if ("virtual_hosts" in m) == ("routes" in m):
             c.err(p, "expected exactly one of virtual_hosts, routes"
                   + (" (got both)" if "routes" in m else ""))
@@ -546,7 +572,7 @@ def _route_tables(c: _Checker, raw: Any, known_clusters: Optional[set]) -> dict:
             vhosts = (VirtualHost(name="default", domains=("*",), routes=routes),)
         else:
             vhosts = _virtual_hosts(c, m["virtual_hosts"], f"{p}.virtual_hosts", known_clusters)
-        out[name] = RouteTable(name=name, virtual_hosts=vhosts)
+        out[name] = RouteTable(name=name, virtual_hosts=vhosts, **tkw)
     return out
 
 

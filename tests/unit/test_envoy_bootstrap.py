@@ -1,0 +1,735 @@
+"""Envoy v3 bootstrap -> typed model (fastmesh.config.envoy): translations and refusals.
+
+Each refusal test changes one field of a bootstrap that Envoy 1.40 accepts and checks the error
+names that field's path. tests/integration/test_envoy_parity.py runs real Envoy on the same
+kind of file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fastmesh.config.envoy import load_bootstrap, looks_like_bootstrap
+from fastmesh.config.envoy._common import snake
+from fastmesh.config.load import ConfigError, load_dict, load_file, load_text, to_dict
+from fastmesh.config.model import (Address, Admin, Cluster, DirectResponse, HeaderMatch,
+                                   Listener, Route, RouteMatch, WeightedCluster)
+
+HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+            "HttpConnectionManager")
+TCP_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+HCM = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config"
+VH0 = f"{HCM}.route_config.virtual_hosts[0]"
+R0 = f"{VH0}.routes[0]"
+CL0 = "static_resources.clusters[0]"
+LBE0 = f"{CL0}.load_assignment.endpoints[0].lb_endpoints[0]"
+
+
+def sock(host, port):
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def endpoint(host, port, **kw):
+    return {"endpoint": {"address": sock(host, port)}, **kw}
+
+
+def cluster(name, *eps, **kw):
+    return {"name": name, "connect_timeout": "1s", **kw,
+            "load_assignment": {"cluster_name": name,
+                                "endpoints": [{"lb_endpoints": [endpoint(h, p) for h, p in eps]}]}}
+
+
+def bootstrap():
+    """An HTTP listener and a tcp_proxy listener over two clusters: valid for Envoy 1.40."""
+    return {
+        "node": {"id": "sidecar", "cluster": "test"},
+        "admin": {"address": sock("127.0.0.1", 9901)},
+        "static_resources": {
+            "listeners": [
+                {"name": "http", "address": sock("127.0.0.1", 10000),
+                 "filter_chains": [{"filters": [{
+                     "name": "envoy.filters.network.http_connection_manager",
+                     "typed_config": {
+                         "@type": HCM_TYPE, "stat_prefix": "ingress", "codec_type": "AUTO",
+                         "route_config": {"name": "web", "virtual_hosts": [
+                             {"name": "all", "domains": ["*"], "routes": [
+                                 {"match": {"prefix": "/"}, "route": {"cluster": "a"}}]}]},
+                         "http_filters": [{"name": "envoy.filters.http.router",
+                                           "typed_config": {"@type": ROUTER_TYPE}}]}}]}]},
+                {"name": "tcp", "address": sock("127.0.0.1", 10001),
+                 "filter_chains": [{"filters": [{
+                     "name": "envoy.filters.network.tcp_proxy",
+                     "typed_config": {"@type": TCP_TYPE, "stat_prefix": "tcp",
+                                      "cluster": "b"}}]}]},
+            ],
+            "clusters": [cluster("a", ("127.0.0.1", 8001), ("127.0.0.1", 8002)),
+                         cluster("b", ("127.0.0.1", 8003))],
+        },
+    }
+
+
+def hcm(b):
+    return b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+
+
+def vhost(b, i=0):
+    return hcm(b)["route_config"]["virtual_hosts"][i]
+
+
+def route0(b):
+    return vhost(b)["routes"][0]
+
+
+def errors_of(b):
+    with pytest.raises(ConfigError) as ei:
+        load_bootstrap(b, "test.yaml")
+    return ei.value.errors
+
+
+def camel(data):
+    """The same document with every field name in its JSON (lowerCamelCase) spelling."""
+    if isinstance(data, dict):
+        return {(k if k.startswith("@") else re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(),
+                                                    k)): camel(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [camel(x) for x in data]
+    return data
+
+
+# -- recognition and dispatch ------------------------------------------------------------------
+
+def test_looks_like_bootstrap():
+    assert looks_like_bootstrap(bootstrap())
+    assert looks_like_bootstrap({"staticResources": {}})
+    assert looks_like_bootstrap({"node": {"id": "x"}})
+    assert looks_like_bootstrap({"admin": {"address": sock("127.0.0.1", 1)}})
+    assert not looks_like_bootstrap({"listeners": [], "admin": {"address": "127.0.0.1:1"}})
+    assert not looks_like_bootstrap({"admin": None, "listeners": []})
+    assert not looks_like_bootstrap(None)
+    assert not looks_like_bootstrap([1])
+
+
+def test_snake():
+    assert snake("statPrefix") == "stat_prefix"
+    assert snake("maxRequestHeadersKb") == "max_request_headers_kb"
+    assert snake("googleRe2") == "google_re2"
+    assert snake("stat_prefix") == "stat_prefix"
+
+
+def test_load_text_yaml_and_json_give_the_same_model(tmp_path):
+    b = bootstrap()
+    y = tmp_path / "envoy.yaml"
+    y.write_text(yaml.safe_dump(b))
+    j = tmp_path / "envoy.json"
+    j.write_text(json.dumps(b, indent="\t"))          # tabs: not YAML, still JSON
+    cy, cj = load_file(str(y)), load_file(str(j))
+    assert cy.listeners == cj.listeners and cy.clusters == cj.clusters
+    assert cy.route_tables == cj.route_tables
+    assert cj.source == str(j)
+
+
+def test_camel_case_and_snake_case_give_the_same_model():
+    b = bootstrap()
+    vhost(b)["routes"][0]["request_headers_to_add"] = [
+        {"header": {"key": "x-a", "value": "1"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}]
+    hcm(b)["common_http_protocol_options"] = {"idle_timeout": "30s"}
+    hcm(b)["max_request_headers_kb"] = 32
+    c = camel(b)
+    assert "staticResources" in c and "maxRequestHeadersKb" in hcm_of(c)
+    assert load_bootstrap(b) == load_bootstrap(c)
+
+
+def hcm_of(c):
+    return c["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+
+
+def test_both_spellings_of_one_field_refused():
+    b = bootstrap()
+    hcm(b)["statPrefix"] = "x"
+    assert any(e.startswith(f"{HCM}.statPrefix: field 'stat_prefix' given twice")
+               for e in errors_of(b))
+
+
+def test_load_dict_dispatches_and_native_still_works():
+    cfg = load_dict(bootstrap(), "x")
+    assert cfg.listeners[0].name == "http"
+    native = load_dict(to_dict(cfg), "x")
+    assert native == cfg
+
+
+# -- admin -------------------------------------------------------------------------------------
+
+def test_admin():
+    assert load_bootstrap(bootstrap()).admin == Admin(Address("127.0.0.1", 9901))
+    b = bootstrap()
+    del b["admin"]
+    assert load_bootstrap(b).admin is None             # Envoy: no admin section, no admin
+    b["admin"] = {"access_log_path": "/dev/null"}
+    assert load_bootstrap(b).admin is None
+    b["admin"] = {"address": sock("::1", 0), "access_log_path": "/dev/null"}
+    assert load_bootstrap(b).admin == Admin(Address("::1", 0))
+
+
+def test_admin_refusals():
+    b = bootstrap()
+    b["admin"]["address"] = {"pipe": {"path": "/tmp/admin.sock"}}
+    assert "admin.address.pipe: unix socket addresses: not supported yet" in errors_of(b)
+    b = bootstrap()
+    b["admin"]["socket_options"] = []
+    assert any(e.startswith("admin.socket_options: socket options") for e in errors_of(b))
+
+
+# -- listeners ---------------------------------------------------------------------------------
+
+def test_http_listener_defaults_are_envoys():
+    lst = load_bootstrap(bootstrap()).listeners[0]
+    assert lst == Listener(name="http", address=Address("127.0.0.1", 10000), protocol="http1",
+                           route_table="web", max_head_bytes=60 * 1024, max_headers=100,
+                           idle_timeout_ms=3600000, stream_idle_timeout_ms=300000,
+                           accept_http_10=False)
+
+
+def sample_listener_options():
+    b = bootstrap()
+    h = hcm(b)
+    h["codec_type"] = "HTTP1"
+    h["common_http_protocol_options"] = {"idle_timeout": "0.25s", "max_headers_count": 50}
+    h["stream_idle_timeout"] = {"seconds": 2, "nanos": 500000000}
+    h["request_timeout"] = "0s"
+    h["request_headers_timeout"] = "3s"
+    h["max_request_headers_kb"] = 96
+    h["normalize_path"] = False
+    h["http_protocol_options"] = {"accept_http_10": True}
+    return b
+
+
+def test_http_listener_options():
+    b = sample_listener_options()
+    h = hcm(b)
+    lst = load_bootstrap(b).listeners[0]
+    assert (lst.idle_timeout_ms, lst.max_headers, lst.stream_idle_timeout_ms,
+            lst.request_head_timeout_ms, lst.max_head_bytes) == (250, 50, 2500, 3000, 96 * 1024)
+    assert lst.accept_http_10 is True
+    h["stream_idle_timeout"] = "0s"
+    h["codec_type"] = 1                                      # enum by number
+    assert load_bootstrap(b).listeners[0].stream_idle_timeout_ms == 0
+
+
+def test_durations():
+    b = bootstrap()
+    for v, ms in [("5s", 5000), ("0.25s", 250), ("1.0000001s", 1001), ("0s", 0),
+                  ({"seconds": 1}, 1000), ({"nanos": 1}, 1), ({"seconds": "2"}, 2000)]:
+        hcm(b)["stream_idle_timeout"] = v
+        assert load_bootstrap(b).listeners[0].stream_idle_timeout_ms == ms, v
+    for v in ["5", "5ms", "-1s", 5, {"minutes": 1}]:
+        hcm(b)["stream_idle_timeout"] = v
+        assert any(e.startswith(f"{HCM}.stream_idle_timeout") for e in errors_of(b)), v
+
+
+def test_tcp_listener():
+    cfg = load_bootstrap(bootstrap())
+    assert cfg.listeners[1] == Listener(name="tcp", address=Address("127.0.0.1", 10001),
+                                        protocol="tcp", cluster="b", idle_timeout_ms=3600000)
+    b = bootstrap()
+    b["static_resources"]["listeners"][1]["filter_chains"][0]["filters"][0]["typed_config"][
+        "idle_timeout"] = "10s"
+    assert load_bootstrap(b).listeners[1].idle_timeout_ms == 10000
+
+
+def test_unnamed_listener_and_route_config_get_names():
+    b = bootstrap()
+    del b["static_resources"]["listeners"][0]["name"]
+    del hcm(b)["route_config"]["name"]
+    cfg = load_bootstrap(b)
+    assert cfg.listeners[0].name == "listener_0"
+    assert cfg.listeners[0].route_table == "listener_0" and "listener_0" in cfg.route_tables
+
+
+def test_two_http_listeners_with_the_same_route_config_name():
+    b = bootstrap()
+    second = copy.deepcopy(b["static_resources"]["listeners"][0])
+    second["name"] = "http2"
+    second["address"] = sock("127.0.0.1", 10002)
+    b["static_resources"]["listeners"].append(second)
+    cfg = load_bootstrap(b)
+    assert [lst.route_table for lst in cfg.listeners if lst.protocol == "http1"] == \
+        ["web", "http2/web"]
+
+
+def test_optional_and_disabled_http_filters_are_skipped_with_a_note(caplog):
+    b = bootstrap()
+    hcm(b)["http_filters"][:0] = [
+        {"name": "envoy.filters.http.cors", "is_optional": True, "typed_config": {}},
+        {"name": "envoy.filters.http.fault", "disabled": True, "typed_config": {}}]
+    with caplog.at_level("WARNING", logger="fastmesh.config.envoy"):
+        load_bootstrap(b)
+    assert "envoy.filters.http.cors" in caplog.text and "is_optional: skipped" in caplog.text
+    assert "envoy.filters.http.fault" in caplog.text
+
+
+LISTENER_REFUSALS = [
+    (lambda b: hcm(b).update(codec_type="HTTP2"), f"{HCM}.codec_type", "HTTP2: not supported"),
+    (lambda b: hcm(b).update(codec_type="SPDY"), f"{HCM}.codec_type", "unknown codec_type"),
+    (lambda b: (hcm(b).pop("route_config"),
+                hcm(b).update(rds={"route_config_name": "x", "config_source": {"ads": {}}})),
+     f"{HCM}.rds", "RDS needs dynamic_resources/ADS: not supported yet"),
+    (lambda b: hcm(b)["http_filters"].insert(0, {"name": "envoy.filters.http.cors",
+                                                 "typed_config": {}}),
+     f"{HCM}.http_filters[0].name", "HTTP filter 'envoy.filters.http.cors': not supported"),
+    (lambda b: hcm(b)["http_filters"].append({"name": "envoy.filters.http.cors",
+                                              "is_optional": True, "typed_config": {}}),
+     f"{HCM}.http_filters[0]", "the router filter must be the last"),
+    (lambda b: hcm(b)["http_filters"][0]["typed_config"].update(suppress_envoy_headers=True),
+     f"{HCM}.http_filters[0].typed_config.suppress_envoy_headers", "unknown field"),
+    (lambda b: hcm(b).update({"@type": "type.googleapis.com/x.Y"}), f"{HCM}.@type",
+     "expected 'type.googleapis.com/envoy.extensions"),
+    (lambda b: hcm(b).update(request_timeout="5s"), f"{HCM}.request_timeout",
+     "a whole-request timeout: not supported yet"),
+    (lambda b: hcm(b).update(common_http_protocol_options={"idle_timeout": "0s"}),
+     f"{HCM}.common_http_protocol_options.idle_timeout", "0s (no idle timeout)"),
+    (lambda b: hcm(b).update(access_log=[]), f"{HCM}.access_log", "Envoy access logs"),
+    (lambda b: hcm(b).update(merge_slashes=True), f"{HCM}.merge_slashes", "not supported yet"),
+    (lambda b: hcm(b).update(http_protocol_options={"allow_absolute_url": True}),
+     f"{HCM}.http_protocol_options.allow_absolute_url", "unknown field"),
+    (lambda b: hcm(b).update(max_request_headers_kb=9000), f"{HCM}.max_request_headers_kb",
+     "expected an integer in 1..8192"),
+    (lambda b: hcm(b).pop("stat_prefix"), f"{HCM}.stat_prefix", "missing required field"),
+    (lambda b: b["static_resources"]["listeners"][0]["filter_chains"][0].update(
+        filter_chain_match={"server_names": ["a"]}),
+     "static_resources.listeners[0].filter_chains[0].filter_chain_match",
+     "filter_chain_match: not supported yet (one filter chain"),
+    (lambda b: b["static_resources"]["listeners"][0]["filter_chains"].append(
+        {"filters": []}), "static_resources.listeners[0].filter_chains",
+     "2 filter chains: exactly one"),
+    (lambda b: b["static_resources"]["listeners"][0]["filter_chains"][0].update(
+        transport_socket={"name": "tls"}),
+     "static_resources.listeners[0].filter_chains[0].transport_socket", "TLS"),
+    (lambda b: b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"].insert(
+        0, {"name": "envoy.filters.network.rbac", "typed_config": {}}),
+     "static_resources.listeners[0].filter_chains[0].filters", "2 network filters"),
+    (lambda b: b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0].update(
+        name="envoy.filters.network.redis_proxy"),
+     "static_resources.listeners[0].filter_chains[0].filters[0].name",
+     "network filter 'envoy.filters.network.redis_proxy': not supported"),
+    (lambda b: b["static_resources"]["listeners"][0].update(listener_filters=[]),
+     "static_resources.listeners[0].listener_filters", "listener filters"),
+    (lambda b: b["static_resources"]["listeners"][0].update(bogus=1),
+     "static_resources.listeners[0].bogus", "unknown field"),
+    (lambda b: b["static_resources"]["listeners"][0]["address"]["socket_address"].update(
+        protocol="UDP"), "static_resources.listeners[0].address.socket_address.protocol",
+     "UDP: not supported yet"),
+    (lambda b: b["static_resources"]["listeners"][0]["address"]["socket_address"].update(
+        port_value=70000), "static_resources.listeners[0].address.socket_address.port_value",
+     "expected an integer in 0..65535"),
+    (lambda b: b["static_resources"]["listeners"][1].update(
+        address=sock("127.0.0.1", 10000)), "static_resources.listeners[1].address",
+     "'127.0.0.1:10000' is already used by static_resources.listeners[0]"),
+    (lambda b: b["static_resources"]["listeners"][1]["filter_chains"][0]["filters"][0][
+        "typed_config"].update(cluster="nope"),
+     "static_resources.listeners[1].filter_chains[0].filters[0].typed_config.cluster",
+     "no cluster named 'nope'"),
+    (lambda b: b["static_resources"]["listeners"][1]["filter_chains"][0]["filters"][0][
+        "typed_config"].update(weighted_clusters={"clusters": []}),
+     "static_resources.listeners[1].filter_chains[0].filters[0].typed_config.weighted_clusters",
+     "weighted_clusters: not supported yet"),
+    (lambda b: b["static_resources"]["listeners"][1]["filter_chains"][0]["filters"][0][
+        "typed_config"].update(max_connect_attempts=3),
+     "static_resources.listeners[1].filter_chains[0].filters[0].typed_config."
+     "max_connect_attempts", "connect retries"),
+]
+
+
+@pytest.mark.parametrize("change,path,msg", LISTENER_REFUSALS)
+def test_listener_refusals(change, path, msg):
+    b = bootstrap()
+    change(b)
+    errs = errors_of(b)
+    assert any(e.startswith(f"{path}: ") and msg in e for e in errs), errs
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+def sample_routes():
+    b = bootstrap()
+    rc = hcm(b)["route_config"]
+    rc["virtual_hosts"] = [
+        {"name": "api", "domains": ["api.local", "*.API.local"], "routes": [
+            {"match": {"prefix": "/v1/", "case_sensitive": True},
+             "route": {"cluster": "a", "timeout": "3s"}}]},
+        {"name": "all", "domains": ["*"], "routes": [
+            {"name": "health", "match": {"path": "/health"},
+             "direct_response": {"status": 200, "body": {"inline_string": "ok"}}},
+            {"match": {"path": "/empty"}, "direct_response": {"status": 503}},
+            {"match": {"prefix": "/", "headers": [
+                {"name": "X-Canary", "string_match": {"exact": "1"}},
+                {"name": "x-p", "string_match": {"prefix": "ab", "ignore_case": False}},
+                {"name": "x-r", "string_match": {"safe_regex": {"regex": "v[0-9]+"}}},
+                {"name": "x-present", "present_match": True},
+                {"name": "x-bare"},
+                {"name": "x-old", "exact_match": "e", "invert_match": False},
+                {"name": "x-oldp", "prefix_match": "p"},
+                {"name": "x-oldr", "safe_regex_match": {"google_re2": {}, "regex": "r+"}}]},
+             "route": {"weighted_clusters": {"clusters": [
+                 {"name": "a", "weight": 10}, {"name": "b", "weight": 90},
+                 {"name": "a2", "weight": 0}]}}},
+            {"match": {"safe_regex": {"regex": "/static/.*\\.css"}},
+             "route": {"cluster": "b", "timeout": "0s"},
+             "request_headers_to_add": [
+                 {"header": {"key": "X-Added", "value": "yes"}},
+                 {"header": {"key": "x-pct", "value": "100%%"}, "append": True},
+                 {"header": {"key": "x-empty", "value": ""}},
+                 {"header": {"key": "x-kept", "value": ""}, "keep_empty_value": True}],
+             "request_headers_to_remove": ["X-Secret"]},
+            {"match": {"prefix": ""}, "route": {"cluster": "a"}}]}]
+    b["static_resources"]["clusters"].append(cluster("a2", ("127.0.0.1", 8009)))
+    return b
+
+
+def test_routes_translation():
+    table = load_bootstrap(sample_routes()).route_tables["web"]
+    assert table.strip_host_port is False               # Envoy matches Host as sent
+    api, all_ = table.virtual_hosts
+    assert (api.name, api.domains) == ("api", ("api.local", "*.api.local"))
+    assert api.routes == (Route(match=RouteMatch(prefix="/v1/"), cluster="a", timeout_ms=3000),)
+    health, empty, canary, static, catch_all = all_.routes
+    assert health == Route(match=RouteMatch(path="/health"),
+                           direct_response=DirectResponse(200, "ok"))
+    assert empty.direct_response == DirectResponse(503, "")
+    assert canary.match.headers == (
+        HeaderMatch("x-canary", exact="1"), HeaderMatch("x-p", prefix="ab"),
+        HeaderMatch("x-r", regex="v[0-9]+"), HeaderMatch("x-present", present=True),
+        HeaderMatch("x-bare", present=True), HeaderMatch("x-old", exact="e"),
+        HeaderMatch("x-oldp", prefix="p"), HeaderMatch("x-oldr", regex="r+"))
+    assert canary.weighted_clusters == (WeightedCluster("a", 10), WeightedCluster("b", 90))
+    assert canary.timeout_ms == 15000
+    assert static.match == RouteMatch(regex="/static/.*\\.css")
+    assert static.timeout_ms == 0
+    assert static.request_headers_to_add == (("x-added", "yes"), ("x-pct", "100%"),
+                                             ("x-kept", ""))
+    assert static.request_headers_to_remove == ("x-secret",)
+    assert catch_all.match == RouteMatch()
+
+
+ROUTE_REFUSALS = [
+    (lambda b: route0(b)["route"].update(prefix_rewrite="/x"), f"{R0}.route.prefix_rewrite",
+     "prefix_rewrite: not supported yet"),
+    (lambda b: route0(b)["route"].update(retry_policy={}), f"{R0}.route.retry_policy",
+     "retries"),
+    (lambda b: route0(b)["route"].update(cluster_header="x-c"), f"{R0}.route.cluster_header",
+     "not supported yet"),
+    (lambda b: (route0(b).pop("route"), route0(b).update(redirect={"path_redirect": "/"})),
+     f"{R0}.redirect", "redirects: not supported yet"),
+    (lambda b: route0(b)["route"].update(cluster="nope"), f"{R0}.route.cluster",
+     "no cluster named 'nope'"),
+    (lambda b: route0(b)["route"].update(timeout="abc"), f"{R0}.route.timeout",
+     "expected a duration"),
+    (lambda b: route0(b).update(direct_response={"status": 200}), R0,
+     "expected one action, got route, direct_response"),
+    (lambda b: route0(b).update(direct_response={"status": 99}) or route0(b).pop("route"),
+     f"{R0}.direct_response.status", "expected an integer in 200..599"),
+    (lambda b: route0(b).update(direct_response={"status": 200, "body": {"filename": "/x"}})
+     or route0(b).pop("route"), f"{R0}.direct_response.body.filename", "bodies from files"),
+    (lambda b: route0(b)["match"].update(case_sensitive=False), f"{R0}.match.case_sensitive",
+     "case-insensitive path matches: not supported yet"),
+    (lambda b: route0(b)["match"].update(query_parameters=[{"name": "q"}]),
+     f"{R0}.match.query_parameters", "query parameter matches"),
+    (lambda b: route0(b)["match"].update(path="/x"), f"{R0}.match",
+     "expected one path match, got prefix, path"),
+    (lambda b: route0(b).update(match={}), f"{R0}.match", "missing a path match"),
+    (lambda b: route0(b)["match"].update(prefix="/a?b"), f"{R0}.match.prefix",
+     "query string"),
+    (lambda b: route0(b)["match"].update(prefix=None, safe_regex={"regex": "("})
+     or route0(b)["match"].pop("prefix"), f"{R0}.match.safe_regex.regex",
+     "invalid regular expression"),
+    (lambda b: route0(b)["match"].update(headers=[{"name": "x", "invert_match": True}]),
+     f"{R0}.match.headers[0].invert_match", "inverted header matches: not supported yet"),
+    (lambda b: route0(b)["match"].update(headers=[{"name": "x", "present_match": False}]),
+     f"{R0}.match.headers[0].present_match", "present_match: false: not supported yet"),
+    (lambda b: route0(b)["match"].update(headers=[{"name": "x", "string_match": {
+        "suffix": "z"}}]), f"{R0}.match.headers[0].string_match.suffix", "suffix matches"),
+    (lambda b: route0(b)["match"].update(headers=[{"name": "x", "string_match": {
+        "exact": "z", "ignore_case": True}}]),
+     f"{R0}.match.headers[0].string_match.ignore_case", "case-insensitive header matches"),
+    (lambda b: route0(b)["match"].update(headers=[{"name": ":authority", "exact_match": "z"}]),
+     f"{R0}.match.headers[0].name", "pseudo-headers"),
+    (lambda b: route0(b)["match"].update(headers=[{"name": "x", "range_match": {}}]),
+     f"{R0}.match.headers[0].range_match", "range matches"),
+    (lambda b: route0(b).update(request_headers_to_add=[
+        {"header": {"key": "x", "value": "v"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]),
+     f"{R0}.request_headers_to_add[0].append_action", "OVERWRITE_IF_EXISTS_OR_ADD: not supp"),
+    (lambda b: route0(b).update(request_headers_to_add=[
+        {"header": {"key": "x", "value": "v"}, "append": False}]),
+     f"{R0}.request_headers_to_add[0].append", "append: false (overwrite)"),
+    (lambda b: route0(b).update(request_headers_to_add=[
+        {"header": {"key": "x", "value": "%DOWNSTREAM_REMOTE_ADDRESS%"}}]),
+     f"{R0}.request_headers_to_add[0].header.value", "formatters"),
+    (lambda b: route0(b).update(request_headers_to_add=[{"header": {"key": "x", "value": "1"}}],
+                                request_headers_to_remove=["X"]),
+     f"{R0}.request_headers_to_remove", "both removed and added"),
+    (lambda b: route0(b).update(response_headers_to_add=[]), f"{R0}.response_headers_to_add",
+     "response header changes"),
+    (lambda b: vhost(b).update(request_headers_to_add=[]), f"{VH0}.request_headers_to_add",
+     "apply to every route"),
+    (lambda b: hcm(b)["route_config"].update(request_headers_to_remove=["x"]),
+     f"{HCM}.route_config.request_headers_to_remove", "apply to every route"),
+    (lambda b: vhost(b).update(retry_policy={}), f"{VH0}.retry_policy", "retries"),
+    (lambda b: vhost(b).update(domains=["*", "*"]), f"{VH0}.domains[1]", "duplicate domain"),
+    (lambda b: vhost(b).update(domains=["foo.*"]), f"{VH0}.domains[0]", "invalid domain"),
+    (lambda b: vhost(b).update(routes=[]), f"{VH0}.routes", "no routes"),
+    (lambda b: route0(b).update(route={"weighted_clusters": {"clusters": [
+        {"name": "a", "weight": 1}, {"name": "a", "weight": 2}]}}),
+     f"{R0}.route.weighted_clusters.clusters[1].name", "duplicate cluster 'a'"),
+    (lambda b: route0(b).update(route={"weighted_clusters": {"clusters": [
+        {"name": "a", "weight": 0}]}}), f"{R0}.route.weighted_clusters.clusters",
+     "the weights add up to 0"),
+    (lambda b: route0(b).update(route={"weighted_clusters": {"clusters": [
+        {"name": "a", "weight": 1, "request_headers_to_add": []}]}}),
+     f"{R0}.route.weighted_clusters.clusters[0].request_headers_to_add",
+     "per-cluster header changes"),
+]
+
+
+@pytest.mark.parametrize("change,path,msg", ROUTE_REFUSALS)
+def test_route_refusals(change, path, msg):
+    b = bootstrap()
+    change(b)
+    errs = errors_of(b)
+    assert any(e.startswith(f"{path}: ") and msg in e for e in errs), errs
+
+
+def test_strip_host_port_in_the_model_and_the_router():
+    from fastmesh._core.router import RouteTable, VirtualHost
+    for strip, with_port, wild_with_port in [(True, "api", "wild"), (False, "any", "any")]:
+        api, wild, any_ = VirtualHost("api", ()), VirtualHost("wild", ()), VirtualHost("any", ())
+        t = RouteTable("t", (api, wild, any_), [(b"api.local", api), (b"*.w.local", wild),
+                                                (b"*", any_)], strip)
+        assert t.py_select(b"api.local") == "api"
+        assert t.py_select(b"api.local:8080") == with_port
+        assert t.py_select(b"x.w.local") == "wild"
+        assert t.py_select(b"x.w.local:80") == wild_with_port
+    native = {"listeners": [], "route_tables": {"t": {
+        "strip_host_port": False, "routes": [{"direct_response": {"status": 200}}]}}}
+    cfg = load_dict(native)
+    assert cfg.route_tables["t"].strip_host_port is False
+    assert load_dict(to_dict(cfg)) == cfg
+    native["listeners"] = [{"name": "l", "address": "127.0.0.1:0", "route_table": "t",
+                            "accept_http_10": False}]
+    cfg = load_dict(native)
+    assert cfg.listeners[0].accept_http_10 is False and load_dict(to_dict(cfg)) == cfg
+    native["route_tables"]["t"]["strip_host_port"] = "no"
+    with pytest.raises(ConfigError) as ei:
+        load_dict(native)
+    assert ei.value.errors == ["route_tables.t.strip_host_port: expected true or false, got 'no'"]
+
+
+# -- clusters ----------------------------------------------------------------------------------
+
+def sample_clusters():
+    b = bootstrap()
+    b["static_resources"]["clusters"] = [
+        {"name": "s", "load_assignment": {"cluster_name": "s", "endpoints": [
+            {"lb_endpoints": [endpoint("127.0.0.1", 1, load_balancing_weight=3),
+                              endpoint("::1", 2, load_balancing_weight=3,
+                                       health_status="HEALTHY")]},
+            {"priority": 0, "locality": {"zone": "z"},
+             "lb_endpoints": [endpoint("10.0.0.1", 3, load_balancing_weight=3)]}]}},
+        {"name": "a", "type": "STRICT_DNS", "lb_policy": "LEAST_REQUEST",
+         "connect_timeout": "0.5s", "dns_refresh_rate": "10s",
+         "dns_lookup_family": "V4_PREFERRED",
+         "load_assignment": {"cluster_name": "a",
+                             "endpoints": [{"lb_endpoints": [endpoint("svc.local", 80)]}]}},
+        {"name": "b", "type": "LOGICAL_DNS", "lb_policy": "RANDOM",
+         "load_assignment": {"cluster_name": "b",
+                             "endpoints": [{"lb_endpoints": [endpoint("example.com", 443)]}]}},
+    ]
+    return b
+
+
+def test_clusters_translation(caplog):
+    with caplog.at_level("WARNING", logger="fastmesh.config.envoy"):
+        cl = load_bootstrap(sample_clusters()).clusters
+    assert "static_resources.clusters[2].type: LOGICAL_DNS: fastmesh resolves" in caplog.text
+    assert cl["s"] == Cluster(name="s", endpoints=(Address("127.0.0.1", 1), Address("::1", 2),
+                                                   Address("10.0.0.1", 3)),
+                              connect_timeout_ms=5000, idle_timeout_ms=3600000)
+    assert cl["a"] == Cluster(name="a", endpoints=(Address("svc.local", 80),),
+                              lb_policy="least_request", connect_timeout_ms=500,
+                              dns_refresh_ms=10000, idle_timeout_ms=3600000)
+    assert cl["b"].lb_policy == "random" and cl["b"].dns_refresh_ms == 5000
+
+
+CLUSTER_REFUSALS = [
+    (lambda c: c.update(type="EDS"), f"{CL0}.type", "EDS needs ADS"),
+    (lambda c: c.update(type="ORIGINAL_DST"), f"{CL0}.type", "ORIGINAL_DST: not supported"),
+    (lambda c: c.update(lb_policy="RING_HASH"), f"{CL0}.lb_policy", "RING_HASH: not supported"),
+    (lambda c: c.update(lb_policy="MAGLEV"), f"{CL0}.lb_policy", "MAGLEV: not supported"),
+    (lambda c: c.update(health_checks=[]), f"{CL0}.health_checks", "active health checking"),
+    (lambda c: c.update(outlier_detection={}), f"{CL0}.outlier_detection", "outlier"),
+    (lambda c: c.update(circuit_breakers={}), f"{CL0}.circuit_breakers", "circuit breakers"),
+    (lambda c: c.update(transport_socket={}), f"{CL0}.transport_socket", "TLS"),
+    (lambda c: c.update(connect_timeout="0s"), f"{CL0}.connect_timeout", "greater than 0s"),
+    (lambda c: c.update(dns_lookup_family="V6_ONLY"), f"{CL0}.dns_lookup_family", "V6_ONLY"),
+    (lambda c: c.update(dns_refresh_rate="1s"), f"{CL0}.dns_refresh_rate",
+     "only for STRICT_DNS and LOGICAL_DNS"),
+    (lambda c: c.pop("load_assignment"), f"{CL0}.load_assignment", "missing"),
+    (lambda c: c["load_assignment"].pop("cluster_name"), f"{CL0}.load_assignment.cluster_name",
+     "missing required field"),
+    (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0].update(
+        load_balancing_weight=5), f"{CL0}.load_assignment.endpoints",
+     "unequal endpoint weights: not supported yet"),
+    (lambda c: c["load_assignment"]["endpoints"][0].update(priority=1),
+     f"{CL0}.load_assignment.endpoints[0].priority", "only priority 0"),
+    (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0].update(
+        health_status="DRAINING"), f"{LBE0}.health_status", "DRAINING"),
+    (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0].update(
+        endpoint={"address": sock("backend.local", 80)}), f"{LBE0}.endpoint.address",
+     "not an IP address (STATIC"),
+    (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][1].update(
+        endpoint={"address": sock("127.0.0.1", 8001)}),
+     f"{CL0}.load_assignment.endpoints[0].lb_endpoints[1].endpoint.address",
+     "duplicate endpoint"),
+    (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"].update(
+        health_check_config={}), f"{LBE0}.endpoint.health_check_config", "health check"),
+    (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"]["socket_address"].update(port_value=0),
+     f"{LBE0}.endpoint.address.socket_address.port_value", "expected an integer in 1..65535"),
+    (lambda c: c.update(type="LOGICAL_DNS"), f"{CL0}.load_assignment.endpoints",
+     "LOGICAL_DNS clusters take exactly one endpoint"),
+    (lambda c: c.update(lb_subset_config={}), f"{CL0}.lb_subset_config", "unknown field"),
+]
+
+
+@pytest.mark.parametrize("change,path,msg", CLUSTER_REFUSALS)
+def test_cluster_refusals(change, path, msg):
+    b = bootstrap()
+    change(b["static_resources"]["clusters"][0])
+    errs = errors_of(b)
+    assert any(e.startswith(f"{path}: ") and msg in e for e in errs), errs
+
+
+def test_duplicate_cluster_names():
+    b = bootstrap()
+    b["static_resources"]["clusters"][1]["name"] = "a"
+    assert any(e.startswith("static_resources.clusters[1].name: duplicate cluster name 'a'")
+               for e in errors_of(b))
+
+
+# -- top level ---------------------------------------------------------------------------------
+
+def sample_ignored_sections():
+    b = bootstrap()
+    b.update(layered_runtime={"layers": [{"name": "admin", "admin_layer": {}},
+                                         {"name": "static", "static_layer": {}}]},
+             stats_config={"use_all_default_tags": False}, stats_flush_interval="5s",
+             overload_manager={"refresh_interval": "1s", "resource_monitors": [
+                 {"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
+                     "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                              "fixed_heap.v3.FixedHeapConfig",
+                     "max_heap_size_bytes": 1073741824}}]},
+             cluster_manager={})
+    return b
+
+
+def test_ignored_sections_are_accepted():
+    assert load_bootstrap(sample_ignored_sections()).listeners
+
+
+# bootstraps fastmesh accepts; tests/integration/test_envoy_parity.py has Envoy validate them
+ACCEPTED_SAMPLES = {"base": bootstrap, "routes": sample_routes, "clusters": sample_clusters,
+                    "listener_options": sample_listener_options,
+                    "ignored_sections": sample_ignored_sections,
+                    "camel_case": lambda: camel(bootstrap())}
+
+
+TOP_REFUSALS = [
+    (lambda b: b.update(dynamic_resources={"ads_config": {}}), "dynamic_resources",
+     "ADS/xDS: not supported yet"),
+    (lambda b: b.update(layered_runtime={"layers": [{"name": "s", "static_layer": {"k": 1}}]}),
+     "layered_runtime.layers[0].static_layer", "runtime values"),
+    (lambda b: b.update(overload_manager={"actions": [{"name": "x"}]}), "overload_manager",
+     "overload actions"),
+    (lambda b: b.update(cluster_manager={"local_cluster_name": "a"}), "cluster_manager",
+     "cluster_manager settings"),
+    (lambda b: b.update(tracing={}), "tracing", "tracing: not supported yet"),
+    (lambda b: b.update(listeners=[]), "listeners", "unknown field"),
+    (lambda b: b["static_resources"].update(secrets=[]), "static_resources.secrets", "TLS"),
+]
+
+
+@pytest.mark.parametrize("change,path,msg", TOP_REFUSALS)
+def test_top_level_refusals(change, path, msg):
+    b = bootstrap()
+    change(b)
+    errs = errors_of(b)
+    assert any(e.startswith(f"{path}: ") and msg in e for e in errs), errs
+
+
+def test_all_errors_are_collected():
+    b = bootstrap()
+    hcm(b)["codec_type"] = "HTTP2"
+    route0(b)["route"]["prefix_rewrite"] = "/"
+    b["static_resources"]["clusters"][0]["type"] = "EDS"
+    b["static_resources"]["clusters"][1]["health_checks"] = []
+    b["dynamic_resources"] = {}
+    errs = errors_of(b)
+    for path in (f"{HCM}.codec_type", f"{R0}.route.prefix_rewrite", f"{CL0}.type",
+                 "static_resources.clusters[1].health_checks", "dynamic_resources"):
+        assert any(e.startswith(path + ": ") for e in errs), (path, errs)
+
+
+def test_camel_case_paths_are_reported_as_written():
+    b = camel(bootstrap())
+    hcm_of(b)["codecType"] = "HTTP2"
+    b["staticResources"]["clusters"][0]["lbPolicy"] = "MAGLEV"
+    errs = errors_of(b)
+    assert any(e.startswith("staticResources.listeners[0].filterChains[0].filters[0]."
+                            "typedConfig.codecType: HTTP2") for e in errs), errs
+    assert any(e.startswith("staticResources.clusters[0].lbPolicy: MAGLEV") for e in errs)
+
+
+def test_load_text_reports_duplicate_keys_and_yaml_errors():
+    text = yaml.safe_dump(bootstrap()) + "node: {id: again}\n"
+    with pytest.raises(ConfigError) as ei:
+        load_text(text, "e.yaml")
+    assert any("duplicate key 'node'" in e for e in ei.value.errors)
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def _validate(path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-m", "fastmesh", "validate", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_cli_validate_accepts_a_bootstrap(tmp_path):
+    for name, text in [("envoy.yaml", yaml.safe_dump(bootstrap())),
+                       ("envoy.json", json.dumps(camel(bootstrap())))]:
+        f = tmp_path / name
+        f.write_text(text)
+        r = _validate(f)
+        assert r.returncode == 0, r.stderr
+        assert "ok (2 listeners, 1 route tables, 2 clusters)" in r.stdout
+
+
+def test_cli_validate_lists_every_refusal(tmp_path):
+    b = bootstrap()
+    hcm(b)["codec_type"] = "HTTP2"
+    b["static_resources"]["clusters"][0]["type"] = "EDS"
+    f = tmp_path / "envoy.yaml"
+    f.write_text(yaml.safe_dump(b))
+    r = _validate(f)
+    assert r.returncode == 1
+    assert f"{f}: {HCM}.codec_type: HTTP2: not supported yet" in r.stderr
+    assert f"{f}: {CL0}.type: EDS needs ADS" in r.stderr
+    assert "2 problem(s)" in r.stderr
