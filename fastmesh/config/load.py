@@ -187,6 +187,8 @@ def to_dict(cfg: Config) -> dict:
 def _plain(obj: Any) -> Any:
     if isinstance(obj, Address):
         return str(obj)
+    if isinstance(obj, Cluster):
+        return dict(_plain_fields(obj), endpoints=[str(a) for a in obj.endpoints])
     if isinstance(obj, Route):
         d = _plain_fields(obj)
         if obj.request_headers_to_add:
@@ -809,7 +811,9 @@ def _clusters(c: _Checker, raw: Any) -> dict:
         e_raw = c.required(m, p, "endpoints")
         endpoints = []
         seen: dict = {}
-        for j, e in enumerate(c.seq(e_raw, ep, nonempty=True) if e_raw is not _MISSING else []):
+        # an empty list is allowed: the cluster answers 503 no_healthy_upstream until it has
+        # endpoints (from a control plane or a registry), as an Envoy cluster without hosts
+        for j, e in enumerate(c.seq(e_raw, ep) if e_raw is not _MISSING else []):
             a = c.address(e, f"{ep}[{j}]", min_port=1)
             if a is None:
                 continue

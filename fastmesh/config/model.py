@@ -127,6 +127,20 @@ class Admin:
 
 
 @dataclass(frozen=True)
+class Xds:
+    """A control plane over ADS (Envoy bootstrap ``dynamic_resources``)."""
+    cluster: str                                  # the static cluster naming the control plane
+    server: str                                   # "host:port" of the ADS gRPC server
+    retry_base_ms: int = 500                      # reconnect back-off: jittered, doubling from
+    retry_max_ms: int = 30000                     # ... base up to max (Envoy's defaults)
+    lds: bool = True                              # listeners from the control plane (LDS)
+    cds: bool = True                              # clusters from the control plane (CDS)
+    node: dict = field(default_factory=dict, compare=False, hash=False)   # sent as is
+    # the bootstrap as read: its static resources are composed with the dynamic ones
+    document: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     admin: Optional[Admin]                        # None: no admin API (`admin: null`)
     listeners: tuple[Listener, ...]
@@ -135,3 +149,4 @@ class Config:
     workers: int = 1                              # worker processes; "auto" = CPU count
     drain_timeout_ms: int = 30000                 # graceful drain limit (SIGTERM, upgrade)
     source: str = "<string>"                      # the file it came from, for messages
+    xds: Optional[Xds] = None                     # a control plane (bootstrap files only)

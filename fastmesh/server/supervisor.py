@@ -110,6 +110,8 @@ class Supervisor:
         # counters of exited workers and of previous generations, added to every /stats
         self.carried: dict = {"listeners": {}, "clusters": {}}
         self._inherit_task: asyncio.Task | None = None
+        self._apply_lock = asyncio.Lock()
+        self.xds = None                     # fastmesh.xds.source.XdsSource, when configured
 
     # ------------------------------------------------------------------ start
 
@@ -162,6 +164,14 @@ class Supervisor:
             self.upgrade_server = upgrade.UpgradeServer(self, self.upgrade_path, self.loop)
             self.upgrade_server.start()
         self._monitor = self.loop.create_task(self._watch_workers())
+        if self.cfg.xds is not None:
+            # the control plane: static resources serve already; its pushes follow
+            from fastmesh.config.envoy import translate_composed
+            from fastmesh.xds.source import XdsSource
+            self.xds = XdsSource(self, self.cfg.xds, translate_composed)
+            self.xds.start()
+            if self.admin is not None:
+                self.admin.register("GET", "/xds", self._admin_xds)
         self.started = True
         log.info("fastmesh %s: generation %d serving (%d listeners, %d clusters, %d workers, "
                  "pid %d, main pid %d)", __version__, self.generation, len(self.cfg.listeners),
@@ -302,6 +312,18 @@ class Supervisor:
         except ConfigError as exc:
             self.reload_failures += 1
             return False, exc.errors
+        if self.xds is not None:
+            # the file's static resources change; what the control plane sent stays
+            return await self.xds.reload_static(cfg)
+        return await self.apply_config(cfg)
+
+    async def apply_config(self, cfg: model.Config) -> tuple[bool, list]:
+        """Apply a new config, whatever its source (file reload, control plane): every
+        worker applies it, or nothing changes. One at a time."""
+        async with self._apply_lock:
+            return await self._apply_config(cfg)
+
+    async def _apply_config(self, cfg: model.Config) -> tuple[bool, list]:
         errors = []
         if (cfg.admin.address if cfg.admin else None) != \
                 (self.cfg.admin.address if self.cfg.admin else None):
@@ -351,6 +373,10 @@ class Supervisor:
         log.info("reload: config version %d applied", self.version)
         return True, []
 
+    async def _admin_xds(self, body: bytes):
+        import json
+        return 200, "application/json", (json.dumps(self.xds.status(), indent=2) + "\n").encode()
+
     async def _admin_reload(self, body: bytes):
         import json
         ok, errors = await self.reload()
@@ -374,6 +400,7 @@ class Supervisor:
         """The new generation accepts: stop accepting, migrate, drain, exit; last, send the
         counters of this generation (and those it inherited) to the new one over `chan`."""
         self._stopping = True
+        self._stop_xds()
         if self.admin is not None:
             self.admin.close()
         await asyncio.gather(*[
@@ -417,6 +444,7 @@ class Supervisor:
         if self._stopping:
             return
         self._stopping = True
+        self._stop_xds()
         log.info("draining (up to %d ms); listeners closed to new connections",
                  self.cfg.drain_timeout_ms)
         if self.upgrade_server is not None:
@@ -471,7 +499,12 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     h.proc.kill()
 
+    def _stop_xds(self) -> None:
+        if self.xds is not None:
+            self.xds.stop()
+
     def _finish(self) -> None:
+        self._stop_xds()
         if self._monitor is not None:
             self._monitor.cancel()
         if self.admin is not None:

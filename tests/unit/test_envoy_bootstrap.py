@@ -581,7 +581,6 @@ CLUSTER_REFUSALS = [
     (lambda c: c.update(dns_lookup_family="V6_ONLY"), f"{CL0}.dns_lookup_family", "V6_ONLY"),
     (lambda c: c.update(dns_refresh_rate="1s"), f"{CL0}.dns_refresh_rate",
      "only for STRICT_DNS and LOGICAL_DNS"),
-    (lambda c: c.pop("load_assignment"), f"{CL0}.load_assignment", "missing"),
     (lambda c: c["load_assignment"].pop("cluster_name"), f"{CL0}.load_assignment.cluster_name",
      "missing required field"),
     (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0].update(
@@ -652,8 +651,10 @@ ACCEPTED_SAMPLES = {"base": bootstrap, "routes": sample_routes, "clusters": samp
 
 
 TOP_REFUSALS = [
-    (lambda b: b.update(dynamic_resources={"ads_config": {}}), "dynamic_resources",
-     "ADS/xDS: not supported yet"),
+    (lambda b: b.update(dynamic_resources={"ads_config": {}}),
+     "dynamic_resources.ads_config.grpc_services", "expected exactly one gRPC service"),
+    (lambda b: b.update(dynamic_resources={"lds_config": {"path": "/x"}}),
+     "dynamic_resources.ads_config", "over ADS only"),
     (lambda b: b.update(layered_runtime={"layers": [{"name": "s", "static_layer": {"k": 1}}]}),
      "layered_runtime.layers[0].static_layer", "runtime values"),
     (lambda b: b.update(overload_manager={"actions": [{"name": "x"}]}), "overload_manager",
@@ -683,7 +684,7 @@ def test_all_errors_are_collected():
     b["dynamic_resources"] = {}
     errs = errors_of(b)
     for path in (f"{HCM}.codec_type", f"{R0}.route.prefix_rewrite", f"{CL0}.type",
-                 "static_resources.clusters[1].health_checks", "dynamic_resources"):
+                 "static_resources.clusters[1].health_checks", "dynamic_resources.ads_config"):
         assert any(e.startswith(path + ": ") for e in errs), (path, errs)
 
 

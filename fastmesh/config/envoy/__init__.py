@@ -10,15 +10,18 @@ proto or JSON field names), resource by resource: ``listener``, ``route``, ``clu
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..load import ConfigError, load_dict, to_dict
 from ..model import Admin, Config
 from ._common import NOT_YET, EnvoyChecker, _show, snake
 from .cluster import translate_cluster
+from .compose import State, compose
+from .dynamic import ads_cluster_name, translate_dynamic
 from .listener import translate_listener
 
-__all__ = ["looks_like_bootstrap", "load_bootstrap"]
+__all__ = ["looks_like_bootstrap", "load_bootstrap", "translate_composed"]
 
 # top-level Bootstrap fields; "admin" is shared with the native format
 _BOOTSTRAP_ONLY = {
@@ -39,7 +42,7 @@ _TOP_FIELDS: dict = {
     "overload_manager": None, "cluster_manager": None,
     "stats_config": None, "stats_sinks": None, "stats_flush_interval": None,
     "stats_flush_on_admin": None, "stats_server_version_override": None,
-    "dynamic_resources": _ADS,
+    "dynamic_resources": None,
     "config_sources": _ADS, "default_config_source": _ADS, "hds_config": _ADS,
 }
 
@@ -56,6 +59,22 @@ def looks_like_bootstrap(data: Any) -> bool:
 
 
 def load_bootstrap(data: Any, source: str = "<string>") -> Config:
+    """A bootstrap file -> the model. With ``dynamic_resources``, the static resources are
+    taken as they stand before the control plane's first answer: EDS clusters without
+    endpoints yet, listeners waiting for their RDS route configuration left out (warming)."""
+    if isinstance(data, dict) and any(isinstance(k, str) and snake(k) == "dynamic_resources"
+                                      for k in data):
+        cfg = translate_composed(compose(data, State()).document, source)
+        if cfg.xds is not None:
+            # the control plane's updates are composed with the file as written
+            cfg = dataclasses.replace(cfg, xds=dataclasses.replace(cfg.xds, document=data))
+        return cfg
+    return translate_composed(data, source)
+
+
+def translate_composed(data: Any, source: str = "<string>") -> Config:
+    """The translation proper, of a document whose RDS and EDS references have been filled
+    in (``compose``)."""
     c = EnvoyChecker()
     top = c.message(data, "", {**_TOP_FIELDS, **{k: f"{k}: {NOT_YET}" for k in _BOOTSTRAP_ONLY
                                                   if k not in _TOP_FIELDS}})
@@ -80,7 +99,10 @@ def load_bootstrap(data: Any, source: str = "<string>") -> Config:
                     if isinstance(item, dict) and isinstance(item.get("name"), str):
                         known.add(item["name"])
             names: dict = {}
+            ads_cluster = ads_cluster_name(top) if "dynamic_resources" in top else None
             for i, item in enumerate(c.seq(raw_clusters, sr.p("clusters"))):
+                if isinstance(item, dict) and ads_cluster and item.get("name") == ads_cluster:
+                    continue        # the control plane's cluster: where ADS goes, not data
                 cl = translate_cluster(c, item, f"{sr.p('clusters')}[{i}]", names)
                 if cl is not None and cl.name is not None and cl.name not in clusters:
                     clusters[cl.name] = cl
@@ -103,10 +125,15 @@ def load_bootstrap(data: Any, source: str = "<string>") -> Config:
                                               f"{addrs[key]}")
                     addrs.setdefault(key, p)
                 listeners.append(lst)
+    xds = None
+    if "dynamic_resources" in top:
+        sr_raw = top.get("static_resources") if "static_resources" in top else {}
+        xds = translate_dynamic(c, top, (sr_raw or {}).get("clusters") if isinstance(
+            sr_raw, dict) else None, data)
     if c.errors:
         raise ConfigError(c.errors, source)
     cfg = Config(admin=admin, listeners=tuple(listeners), route_tables=tables,
-                 clusters=clusters, source=source)
+                 clusters=clusters, source=source, xds=xds)
     # Belt and braces: the model's own invariants, checked by the native loader. A problem
     # found only here is a gap in this translator; it is still reported, never ignored.
     try:

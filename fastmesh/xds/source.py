@@ -1,0 +1,91 @@
+"""The control plane as a config source: what the ADS stream sends, composed with the
+bootstrap file's static resources, translated by the same code as the file, and applied
+through the supervisor's one config path (every worker, or nothing).
+
+The supervisor starts it when the bootstrap has ``dynamic_resources`` with ``ads_config``;
+until the first responses arrive the static resources serve alone (the initial fetch never
+blocks serving).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from fastmesh.config.load import ConfigError
+from fastmesh.xds import resources as R
+
+log = logging.getLogger("fastmesh.xds")
+
+
+class XdsSource:
+    def __init__(self, supervisor, xds_cfg, translate):
+        """xds_cfg: model.Xds; translate(document, source) -> model.Config or ConfigError."""
+        self.sup = supervisor
+        self.cfg = xds_cfg
+        self.static = xds_cfg.document          # the bootstrap as read from the file
+        self.translate = translate
+        self.state = R.State()
+        self.client = None
+        self.events: list = []                  # (wall time, what) of applied updates
+
+    def start(self) -> None:
+        from fastmesh.xds.ads import AdsClient
+        self.client = AdsClient(target=self.cfg.server, node=self.cfg.node, apply=self.apply,
+                                loop=self.sup.loop, retry_base_s=self.cfg.retry_base_ms / 1000,
+                                retry_max_s=self.cfg.retry_max_ms / 1000,
+                                lds=self.cfg.lds, cds=self.cfg.cds)
+        log.info("xds: ADS to %s (cluster %s) as node %r", self.cfg.server, self.cfg.cluster,
+                 self.cfg.node.get("id", ""))
+        self.client.want(self.initial_wanted(), send=False)
+        self.client.start()
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+            self.client = None
+
+    async def apply(self, type_url: str, update: dict) -> tuple[list, dict]:
+        """One response's resources -> (errors (empty: applied), the RDS/EDS names wanted)."""
+        candidate = self.state.with_update(type_url, update)
+        errors, wanted = await self._apply_state(candidate, f"xds {R.KINDS[type_url][0]}")
+        return errors, wanted
+
+    async def reload_static(self, file_cfg) -> tuple[bool, list]:
+        """The file was reloaded: its new static resources with the dynamic ones kept."""
+        if file_cfg.xds is None:
+            return False, ["dynamic_resources: cannot be removed by a reload (hot-restart "
+                           "instead)"]
+        old = self.static
+        self.static = file_cfg.xds.document
+        errors, wanted = await self._apply_state(self.state, "file reload")
+        if errors:
+            self.static = old
+        elif self.client is not None:
+            self.client.want(wanted)
+        return not errors, errors
+
+    def initial_wanted(self) -> dict:
+        """What the static resources already ask for over the stream (RDS, EDS)."""
+        return R.compose(self.static, self.state).wanted
+
+    async def _apply_state(self, state: R.State, why: str) -> tuple[list, dict]:
+        comp = R.compose(self.static, state)
+        try:
+            cfg = self.translate(comp.document, self.sup.cfg.source)
+        except ConfigError as exc:
+            return [R.name_origin(e, comp.origins) for e in exc.errors], {}
+        ok, errors = await self.sup.apply_config(cfg)
+        if not ok:
+            return errors, {}
+        self.state = state
+        self.events.append((time.time(), why))
+        del self.events[:-100]
+        if comp.warming:
+            log.info("xds: listeners warming (waiting for their route configuration): %s",
+                     ", ".join(comp.warming))
+        return [], comp.wanted
+
+    def status(self) -> dict:
+        out = self.client.status() if self.client is not None else {}
+        out["resources"] = {R.KINDS[t][0]: sorted(v) for t, v in self.state.resources.items()}
+        return out

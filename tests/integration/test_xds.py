@@ -1,0 +1,262 @@
+"""fastmesh driven by a control plane over ADS (xDS v3, state of the world), against the
+reference ADS server in tests/xds_server.py: ACK/NACK on the wire, EDS/RDS/LDS/CDS changes
+applied while a client keeps sending, a refused resource leaving the old config serving, the
+control plane going away and coming back.
+"""
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+from google.protobuf import json_format
+
+from fmtest import Proc, RawClient, free_port, get_json, wait_ready
+from xds_server import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer
+
+pytest.importorskip("envoy.config.cluster.v3.cluster_pb2")
+from envoy.config.cluster.v3 import cluster_pb2  # noqa: E402
+from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: E402
+from envoy.config.listener.v3 import listener_pb2  # noqa: E402
+from envoy.config.route.v3 import route_pb2  # noqa: E402
+
+import fastmesh.xds.resources  # noqa: E402,F401  (registers the typed_config message types)
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+      "HttpConnectionManager"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def msg(cls, data: dict):
+    m = cls()
+    json_format.ParseDict(data, m)
+    return m
+
+
+def eds_cluster(name: str):
+    return msg(cluster_pb2.Cluster, {
+        "name": name, "type": "EDS", "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}}})
+
+
+def assignment(name: str, *ports: int):
+    return msg(endpoint_pb2.ClusterLoadAssignment, {
+        "cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                         "port_value": p}}}}
+            for p in ports]}]})
+
+
+def http_listener(name: str, port: int, route_config: str):
+    return msg(listener_pb2.Listener, {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": HCM, "stat_prefix": name,
+                "rds": {"route_config_name": route_config,
+                        "config_source": {"ads": {}, "resource_api_version": "V3"}},
+                "http_filters": [{"name": "envoy.filters.http.router",
+                                  "typed_config": {"@type": ROUTER}}]}}]}]})
+
+
+def route_config(name: str, routes: list):
+    return msg(route_pb2.RouteConfiguration, {
+        "name": name, "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]})
+
+
+def to_cluster(prefix: str, cluster: str) -> dict:
+    return {"match": {"prefix": prefix}, "route": {"cluster": cluster}}
+
+
+def bootstrap(admin_port: int, ads_port: int) -> dict:
+    return {
+        "node": {"id": "sidecar~127.0.0.1~test.default~default.svc.cluster.local",
+                 "cluster": "test"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                           "grpc_services": [{"envoy_grpc": {
+                               "cluster_name": "xds_cluster",
+                               "retry_policy": {"retry_back_off": {
+                                   "base_interval": "0.2s", "max_interval": "1s"}}}}]},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "static_resources": {"clusters": [{
+            "name": "xds_cluster", "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                             "HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "xds_cluster", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": ads_port}}}}]}]}}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory):
+    """The ADS server, two upstreams, and fastmesh on a bootstrap pointing at the server."""
+    tmp = tmp_path_factory.mktemp("xds")
+    started = []
+    ups = {}
+    for name in ("up1", "up2"):
+        p = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+                  "--name", name], name=name)
+        started.append(p)
+        ups[name] = int(p.popen.stdout.readline().split()[1])
+    srv = AdsServer()
+    srv.start()
+    admin_port = free_port()
+    path = tmp / "bootstrap.yaml"
+    path.write_text(yaml.safe_dump(bootstrap(admin_port, srv.port)))
+    fm = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(path), "--log-level", "info",
+               "--upgrade-socket", str(tmp / "upgrade.sock")], name="fastmesh")
+    started.append(fm)
+    try:
+        wait_ready(admin_port, fm)
+        yield {"srv": srv, "ups": ups, "admin": admin_port, "fm": fm}
+    finally:
+        for p in reversed(started):
+            p.stop()
+        srv.stop()
+
+
+def _get(port: int, path="/") -> tuple[int, bytes]:
+    with RawClient(port, timeout=5) as c:
+        c.request(path=path)
+        r = c.read_response()
+        return r.status, bytes(r.body)
+
+
+def _eventually(fn, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out = fn()
+            if out:
+                return out
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_initial_config_is_acked_and_serves(plane):
+    srv, ups = plane["srv"], plane["ups"]
+    port = free_port()
+    plane["port"] = port
+    mark = len(srv.requests)
+    srv.set(CLUSTER, "c1", [eds_cluster("web")])
+    srv.set(ENDPOINT, "e1", [assignment("web", ups["up1"])])
+    srv.set(ROUTE, "r1", [route_config("routes", [to_cluster("/", "web")])])
+    srv.set(LISTENER, "l1", [http_listener("ingress", port, "routes")])
+    first = srv.wait_request(lambda r: r.type_url == CLUSTER)
+    assert first.node.id.startswith("sidecar~") and first.node.cluster == "test"
+    for t, v in ((CLUSTER, "c1"), (ENDPOINT, "e1"), (LISTENER, "l1"), (ROUTE, "r1")):
+        srv.wait_ack(t, v, after=mark)
+    assert _eventually(lambda: _get(port) == (200, b"hello from up1\n"))
+
+
+def test_eds_change_with_a_continuous_client(plane):
+    srv, ups, port = plane["srv"], plane["ups"], plane["port"]
+    seen, errors, stop = [], [], threading.Event()
+
+    def client():
+        c = RawClient(port, timeout=5)
+        while not stop.is_set():
+            try:
+                c.request(path="/")
+                r = c.read_response()
+                seen.append(bytes(r.body))
+                if r.status != 200:
+                    errors.append(r.status)
+            except OSError as exc:
+                errors.append(repr(exc))
+                c = RawClient(port, timeout=5)
+        c.close()
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        time.sleep(0.5)
+        mark = len(srv.requests)
+        srv.set(ENDPOINT, "e2", [assignment("web", ups["up2"])])
+        srv.wait_ack(ENDPOINT, "e2", after=mark)
+        _eventually(lambda: seen and seen[-1] == b"hello from up2\n")
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not errors, errors[:5]
+    assert b"hello from up1\n" in seen and seen[-1] == b"hello from up2\n"
+
+
+def test_rds_change_seen_on_a_keepalive_connection(plane):
+    srv, port = plane["srv"], plane["port"]
+    c = RawClient(port, timeout=5)
+    c.request(path="/x")
+    assert c.read_response().body == b"hello from up2\n"
+    mark = len(srv.requests)
+    srv.set(ROUTE, "r2", [route_config("routes", [
+        {"match": {"path": "/x"}, "direct_response": {"status": 200,
+                                                      "body": {"inline_string": "x route"}}},
+        to_cluster("/", "web")])])
+    srv.wait_ack(ROUTE, "r2", after=mark)
+    c.request(path="/x")                    # the same connection, the new route table
+    assert c.read_response().body == b"x route"
+    c.close()
+
+
+def test_refused_resource_is_nacked_and_old_config_serves(plane):
+    srv, port = plane["srv"], plane["port"]
+    mark = len(srv.requests)
+    bad = eds_cluster("web")
+    bad.lb_policy = cluster_pb2.Cluster.MAGLEV
+    srv.set(CLUSTER, "c2", [bad])
+    nack = srv.wait_nack(CLUSTER, after=mark)
+    assert nack.version_info == "c1"                    # the version still serving
+    assert "web" in nack.error_detail.message and "lb_policy" in nack.error_detail.message
+    assert _get(port, "/x") == (200, b"x route")
+    assert _get(port, "/") == (200, b"hello from up2\n")
+    mark = len(srv.requests)
+    srv.set(CLUSTER, "c3", [eds_cluster("web")])        # fixed: accepted again
+    srv.wait_ack(CLUSTER, "c3", after=mark)
+
+
+def test_control_plane_away_and_back(plane):
+    srv, ups, port = plane["srv"], plane["ups"], plane["port"]
+    srv.stop()
+    time.sleep(1.0)
+    assert _get(port) == (200, b"hello from up2\n")     # serving while it is away
+    mark = len(srv.requests)
+    srv.start()                                         # same port
+    again = srv.wait_request(lambda r: r.type_url == CLUSTER, after=mark, timeout=15)
+    assert again.version_info == "c3"                   # it asks with what it has
+    mark = len(srv.requests)
+    srv.set(ENDPOINT, "e3", [assignment("web", ups["up1"])])
+    srv.wait_ack(ENDPOINT, "e3", after=mark)
+    assert _eventually(lambda: _get(port) == (200, b"hello from up1\n"))
+
+
+def test_listener_removed_by_lds_refuses_at_once(plane):
+    srv, port = plane["srv"], plane["port"]
+    extra = free_port()
+    mark = len(srv.requests)
+    srv.set(LISTENER, "l2", [http_listener("ingress", port, "routes"),
+                             http_listener("extra", extra, "routes")])
+    srv.wait_ack(LISTENER, "l2", after=mark)
+    assert _eventually(lambda: _get(extra)[0] == 200)
+    mark = len(srv.requests)
+    srv.set(LISTENER, "l3", [http_listener("ingress", port, "routes")])
+    srv.wait_ack(LISTENER, "l3", after=mark)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", extra), timeout=2)
+    st = get_json(plane["admin"], "/stats")
+    assert "ingress" in st["listeners"]
