@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import itertools
 import logging
+import os
 import socket
 
 import msgpack
 
 log = logging.getLogger("fastmesh.ipc")
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024     # a config or a stats map; generous
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024    # a config (1,000s of xDS clusters) or a stats map
+FRAGMENT_BYTES = 64 * 1024              # one datagram; a unix socket's send buffer (~208 KiB
+                                        # by default) caps a datagram, so larger messages go
+                                        # as fragments
+RECV_BYTES = 256 * 1024                 # >= a fragment, and >= any datagram a unix socket's
+                                        # default buffer lets an older peer send whole
+MORE = b"\xc1"                          # first byte of a fragment that more follow (0xc1 is
+                                        # never the first byte of a msgpack value)
 MAX_FDS = 256                           # per message
 PROTOCOL_VERSION = 1
 
@@ -34,7 +43,7 @@ class ChannelClosed(ConnectionError):
 class Channel:
     """One end of a SEQPACKET link, driven by the event loop.
 
-    ``send(msg, fds)`` writes a message (blocking briefly if the peer's queue is full);
+    ``send(msg, fds)`` queues a message and writes what the socket takes (never blocks);
     ``await recv()`` returns ``(msg, fds)``; ``await request(msg)`` sends with a fresh id and
     waits for the reply with the same id (other messages go to ``on_message``).
     """
@@ -49,24 +58,82 @@ class Channel:
         self._queue: asyncio.Queue | None = None
         self._closed = False
         self._reader_on = False
+        self._partial: list = []              # fragments of a message still arriving
+        self._partial_bytes = 0
+        self._out: collections.deque = collections.deque()  # (datagram, fds) not yet written
+        self._writer_on = False
 
     # -- sending --
 
     def send(self, msg: dict, fds=()) -> None:
+        """Queue a message and write what the socket takes now; the rest goes out as the
+        peer reads (the loop's writer callback), so two processes sending each other large
+        messages at once never block each other. The descriptors are duplicated until sent."""
+        if self._closed:
+            raise ChannelClosed("closed")
         data = msgpack.packb(msg, use_bin_type=True)
         if len(data) > MAX_MESSAGE_BYTES:
             raise ValueError(f"message too large: {len(data)} bytes")
-        anc = []
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", list(fds)))]
-        self.sock.setblocking(True)
-        self.sock.settimeout(5.0)
+        # all but the last fragment start with MORE; the descriptors ride on the last
+        pieces = [data[i:i + FRAGMENT_BYTES] for i in range(0, len(data), FRAGMENT_BYTES)]
+        for piece in pieces[:-1]:
+            self._out.append((MORE + piece, ()))
+        self._out.append((pieces[-1], tuple(os.dup(fd) for fd in fds)))
+        self._write()
+
+    def _write(self) -> None:
+        out = self._out
+        while out:
+            data, fds = out[0]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds \
+                else []
+            try:
+                self.sock.sendmsg([data], anc)
+            except (BlockingIOError, InterruptedError):
+                if not self._writer_on:
+                    self._writer_on = True
+                    self.loop.add_writer(self.sock.fileno(), self._write)
+                return
+            except OSError as exc:
+                self._drop_output()
+                self._on_closed(exc)
+                return
+            out.popleft()
+            for fd in fds:
+                _close_fd(fd)
+        if self._writer_on:
+            self._writer_on = False
+            self.loop.remove_writer(self.sock.fileno())
+
+    def flush(self, timeout_s: float = 2.0) -> bool:
+        """Block until everything queued is written (a process about to exit)."""
+        if not self._out or self._closed:
+            return not self._out
+        if self._writer_on:
+            self._writer_on = False
+            self.loop.remove_writer(self.sock.fileno())
+        self.sock.settimeout(timeout_s)
         try:
-            self.sock.sendmsg([data], anc)
-        except OSError as exc:
-            raise ChannelClosed(str(exc)) from exc
+            while self._out:
+                data, fds = self._out[0]
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] \
+                    if fds else []
+                self.sock.sendmsg([data], anc)
+                self._out.popleft()
+                for fd in fds:
+                    _close_fd(fd)
+        except OSError:
+            self._drop_output()
+            return False
         finally:
             self.sock.setblocking(False)
+        return True
+
+    def _drop_output(self) -> None:
+        for _, fds in self._out:
+            for fd in fds:
+                _close_fd(fd)
+        self._out.clear()
 
     async def request(self, msg: dict, fds=(), timeout_s: float = 5.0) -> tuple[dict, list]:
         mid = next(self._ids)
@@ -93,7 +160,7 @@ class Channel:
     def _readable(self) -> None:
         while True:
             try:
-                data, anc, flags, _ = self.sock.recvmsg(MAX_MESSAGE_BYTES, _cmsg_space())
+                data, anc, flags, _ = self.sock.recvmsg(RECV_BYTES, _cmsg_space())
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -108,6 +175,18 @@ class Channel:
                     a = array.array("i")
                     a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
                     fds.extend(a)
+            if data[:1] == MORE:
+                self._partial.append(data[1:])
+                self._partial_bytes += len(data) - 1
+                if self._partial_bytes > MAX_MESSAGE_BYTES:
+                    log.error("ipc: message over %d bytes dropped", MAX_MESSAGE_BYTES)
+                    self._partial, self._partial_bytes = [], 0
+                for fd in fds:
+                    _close_fd(fd)
+                continue
+            if self._partial:
+                data = b"".join(self._partial) + data
+                self._partial, self._partial_bytes = [], 0
             try:
                 msg = msgpack.unpackb(data, raw=False)
             except Exception:
@@ -150,6 +229,13 @@ class Channel:
             return
         self._closed = True
         self._stop_reader()
+        if self._writer_on:
+            self._writer_on = False
+            try:
+                self.loop.remove_writer(self.sock.fileno())
+            except (ValueError, OSError):
+                pass
+        self._drop_output()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(ChannelClosed(str(exc) if exc else "closed"))
@@ -174,13 +260,17 @@ class Channel:
         return self._closed
 
     def close(self) -> None:
+        self.flush()                          # what was sent before closing still arrives
         self._stop_reader()
+        if self._writer_on:
+            self._writer_on = False
+            self.loop.remove_writer(self.sock.fileno())
+        self._drop_output()
         self._closed = True
         self.sock.close()
 
 
 def _close_fd(fd: int) -> None:
-    import os
     try:
         os.close(fd)
     except OSError:
