@@ -16,6 +16,7 @@ started.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -112,6 +113,7 @@ class Supervisor:
         self._inherit_task: asyncio.Task | None = None
         self._apply_lock = asyncio.Lock()
         self.xds = None                     # fastmesh.xds.source.XdsSource, when configured
+        self._xds_inherited: dict | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -121,9 +123,11 @@ class Supervisor:
         if self.upgrade_path:
             got = await upgrade.fetch_sockets(self.upgrade_path, self.loop)
             if got is not None:
-                old_chan, inherited, self.generation = got
+                old_chan, inherited, self.generation, xds_state = got
                 log.info("upgrade: took %d listening sockets from the running generation",
                          sum(len(g) for g in inherited.values()))
+                if self.cfg.xds is not None and xds_state:
+                    self._inherit_xds(xds_state)
         try:
             for lc in self.cfg.listeners:
                 key = _addr_key(lc.address)
@@ -168,7 +172,8 @@ class Supervisor:
             # the control plane: static resources serve already; its pushes follow
             from fastmesh.config.envoy import translate_composed
             from fastmesh.xds.source import XdsSource
-            self.xds = XdsSource(self, self.cfg.xds, translate_composed)
+            self.xds = XdsSource(self, self.cfg.xds, translate_composed,
+                                 inherited=self._xds_inherited)
             self.xds.start()
             if self.admin is not None:
                 self.admin.register("GET", "/xds", self._admin_xds)
@@ -176,6 +181,25 @@ class Supervisor:
         log.info("fastmesh %s: generation %d serving (%d listeners, %d clusters, %d workers, "
                  "pid %d, main pid %d)", __version__, self.generation, len(self.cfg.listeners),
                  len(self.cfg.clusters), self.nworkers, os.getpid(), mainproc.main_pid())
+
+    def _inherit_xds(self, xds_state: dict) -> None:
+        """Serve what the control plane had sent the previous generation from the start, so
+        a hot restart neither drops its listeners nor waits for the control plane."""
+        from fastmesh.config.envoy import translate_composed
+        from fastmesh.config.envoy.compose import State, compose
+        try:
+            state = State(dict(xds_state["resources"]))
+            cfg = translate_composed(compose(self.cfg.xds.document, state).document,
+                                     self.cfg.source)
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            log.warning("upgrade: the previous generation's xDS resources do not apply (%s); "
+                        "starting from the file's static resources", exc)
+            return
+        self.cfg = dataclasses.replace(cfg, xds=self.cfg.xds)
+        self._xds_inherited = xds_state
+        log.info("upgrade: serving the previous generation's xDS resources (%s)",
+                 ", ".join(f"{len(v)} {t.rsplit('.', 1)[-1]}"
+                           for t, v in state.resources.items()))
 
     async def _inherit_counters(self, chan: ipc.Channel) -> None:
         """The previous generation sends its counters when its last worker has drained."""

@@ -6,9 +6,10 @@ Two unix SEQPACKET sockets, both msgpack messages (fastmesh.server.ipc):
   generation. A new generation connects to it and the exchange is::
 
       new -> old   {"t": "hello", "version": 1}
-      old -> new   {"t": "listeners", "addresses": [...], "generation": N} + the listening
-                   fds (admin last; an address repeats once per socket of its SO_REUSEPORT
-                   group)
+      old -> new   {"t": "listeners", "addresses": [...], "generation": N, "xds": {...}} +
+                   the listening fds (admin last; an address repeats once per socket of its
+                   SO_REUSEPORT group); "xds": the control plane's resources and versions it
+                   serves, so the new generation serves them from its first moment
       new          starts its workers on those sockets (both generations now accept)
       new -> old   {"t": "accepting", "migrate_path": P}
       old          stops accepting, tells its workers to hand over, exits when drained
@@ -65,10 +66,10 @@ def connect_seqpacket(path: str, timeout_s: float = 2.0) -> socket.socket | None
 
 # ---------------------------------------------------------------- new generation side
 
-async def fetch_sockets(path: str, loop) -> tuple[ipc.Channel, dict, int] | None:
+async def fetch_sockets(path: str, loop) -> tuple[ipc.Channel, dict, int, dict] | None:
     """Ask a running generation for its listening sockets. Returns (channel, {address:
-    [sockets]}, this generation's number) or None when nothing runs there (a stale socket
-    file is removed)."""
+    [sockets]}, this generation's number, the control plane's resources it holds (or {}))
+    or None when nothing runs there (a stale socket file is removed)."""
     try:
         s = connect_seqpacket(path)
     except OSError as exc:
@@ -97,7 +98,7 @@ async def fetch_sockets(path: str, loop) -> tuple[ipc.Channel, dict, int] | None
         sk = socket.socket(fileno=fd)
         sk.setblocking(False)
         socks.setdefault(addr, []).append(sk)
-    return chan, socks, int(msg.get("generation") or 1) + 1
+    return chan, socks, int(msg.get("generation") or 1) + 1, msg.get("xds") or {}
 
 
 class _SeqpacketServer:
@@ -164,7 +165,9 @@ class UpgradeServer(_SeqpacketServer):
             addrs, socks = self.sup.handover_sockets()
             t0 = time.monotonic()
             chan.send({"t": "listeners", "version": VERSION, "addresses": addrs,
-                       "generation": self.sup.generation}, [s.fileno() for s in socks])
+                       "generation": self.sup.generation,
+                       "xds": self.sup.xds.handover() if self.sup.xds is not None else {}},
+                      [s.fileno() for s in socks])
             log.info("upgrade: sent %d listening sockets to the new generation", len(socks))
             msg, fds = await chan.recv(timeout_s=ACCEPTING_TIMEOUT_S)
             for fd in fds:

@@ -18,15 +18,23 @@ log = logging.getLogger("fastmesh.xds")
 
 
 class XdsSource:
-    def __init__(self, supervisor, xds_cfg, translate):
-        """xds_cfg: model.Xds; translate(document, source) -> model.Config or ConfigError."""
+    def __init__(self, supervisor, xds_cfg, translate, inherited: dict | None = None):
+        """xds_cfg: model.Xds; translate(document, source) -> model.Config or ConfigError;
+        inherited: what a previous generation held (``handover()``), already serving."""
         self.sup = supervisor
         self.cfg = xds_cfg
         self.static = xds_cfg.document          # the bootstrap as read from the file
         self.translate = translate
-        self.state = R.State()
+        self.state = R.State(dict(inherited["resources"])) if inherited else R.State()
+        self.versions = dict(inherited.get("versions") or {}) if inherited else {}
         self.client = None
         self.events: list = []                  # (wall time, what) of applied updates
+
+    def handover(self) -> dict:
+        """For the next generation: the resources accepted, and their versions."""
+        versions = ({t: s.version for t, s in self.client.types.items()}
+                    if self.client is not None else self.versions)
+        return {"resources": self.state.resources, "versions": versions}
 
     def start(self) -> None:
         from fastmesh.xds.ads import AdsClient
@@ -36,6 +44,9 @@ class XdsSource:
                                 lds=self.cfg.lds, cds=self.cfg.cds)
         log.info("xds: ADS to %s (cluster %s) as node %r", self.cfg.server, self.cfg.cluster,
                  self.cfg.node.get("id", ""))
+        for t, v in self.versions.items():     # asked for again with what is served
+            if t in self.client.types:
+                self.client.types[t].version = v
         self.client.want(self.initial_wanted(), send=False)
         self.client.start()
 

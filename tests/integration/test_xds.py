@@ -260,3 +260,40 @@ def test_listener_removed_by_lds_refuses_at_once(plane):
         socket.create_connection(("127.0.0.1", extra), timeout=2)
     st = get_json(plane["admin"], "/stats")
     assert "ingress" in st["listeners"]
+
+
+def test_hot_restart_keeps_dynamic_listeners_serving(plane):
+    """The new generation starts with the control plane's resources the old one held: the
+    LDS listener never stops serving, and the new stream asks with the versions it serves."""
+    import os
+    import signal
+    srv, port, admin = plane["srv"], plane["port"], plane["admin"]
+    old = get_json(admin, "/stats")["server"]["supervisor_pid"]
+    errors, done, stop = [], [0], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                status, _ = _get(port)
+                done[0] += 1
+                if status != 200:
+                    errors.append(status)
+            except OSError as exc:
+                errors.append(repr(exc))
+    t = threading.Thread(target=client)
+    t.start()
+    mark = len(srv.requests)
+    try:
+        time.sleep(0.3)
+        os.kill(plane["fm"].popen.pid, signal.SIGHUP)
+        _eventually(lambda: get_json(admin, "/stats")["server"]["supervisor_pid"] != old,
+                    timeout=20)
+        first = srv.wait_request(lambda r: r.type_url == CLUSTER, after=mark, timeout=15)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not errors, errors[:5]
+    assert done[0] > 20
+    assert first.version_info == "c3"
+    assert _get(port) == (200, b"hello from up1\n")
