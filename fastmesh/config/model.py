@@ -26,6 +26,12 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def parse_address(text: str) -> Address:
+    """"host:port" or "[v6]:port" as to_dict writes it (already validated) -> Address."""
+    host, _, port = text.rpartition(":")
+    return Address(host[1:-1] if host.startswith("[") else host, int(port))
+
+
 @dataclass(frozen=True)
 class HeaderMatch:
     name: str                          # lower-cased header name (Bolt: header key, as given)

@@ -9,6 +9,7 @@ request in progress keeps what it picked), and drains removed ones.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -87,6 +88,25 @@ class DataPlane:
         self.snapshot = snap
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    def update_endpoints(self, updates: dict) -> None:
+        """New endpoint sets for some clusters (EDS), in place: the Cluster objects, their
+        pools to endpoints that stay, listeners and route tables are untouched."""
+        clusters = dict(self.cfg.clusters)
+        for name, addrs in updates.items():
+            if name not in clusters:
+                raise ValueError(f"no cluster {name!r}")
+            c = dataclasses.replace(clusters[name],
+                                    endpoints=tuple(model.parse_address(a) for a in addrs))
+            clusters[name] = c
+            r = self.resolvers.get(name)
+            if r is not None:
+                r.stop()
+                r.cfg = c
+                r.resolved = {}
+                r.start()
+        self.cfg = dataclasses.replace(self.cfg, clusters=clusters)
+        self.snapshot = dataclasses.replace(self.snapshot, config=self.cfg)
 
     def _retire(self, lst: Listener, close: bool) -> None:
         lst.begin_drain()

@@ -347,6 +347,21 @@ class Supervisor:
         async with self._apply_lock:
             return await self._apply_config(cfg)
 
+    async def apply_endpoints(self, cfg: model.Config, updates: dict) -> tuple[bool, list]:
+        """Only some clusters' endpoints change (EDS): each worker replaces those endpoint
+        sets in place; nothing else is rebuilt. `cfg` is the config with them changed."""
+        async with self._apply_lock:
+            results = await asyncio.gather(*[
+                h.chan.request({"t": "endpoints", "clusters": updates}, timeout_s=10)
+                for h in self.workers if h is not None], return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException) or not r[0].get("ok")]
+            if failed:
+                err = failed[0]
+                return False, [f"apply: {err if isinstance(err, BaseException) else err[0].get('error')}"]
+            self.cfg = cfg
+            self.version += 1
+            return True, []
+
     async def _apply_config(self, cfg: model.Config) -> tuple[bool, list]:
         errors = []
         if (cfg.admin.address if cfg.admin else None) != \

@@ -8,6 +8,8 @@ Messages it takes (each answered with ``{"t": "reply", "ok": ...}``):
               name repeats when the worker serves several sockets of its address's group)
     stats     -> {"stats": {...}}
     clusters  -> {"clusters": {...}}
+    endpoints {"clusters": {name: ["host:port", ...]}}: new endpoint sets for some clusters
+              (EDS); pools to endpoints that stay are kept
     drain     {"timeout_ms", "close_listeners"}: stop accepting (close_listeners: serve what
               the kernel queued, then stop the sockets listening), finish connections, exit
     handover  {"migrate_path", "timeout_ms"}: stop accepting; hand idle Bolt connections to
@@ -101,6 +103,10 @@ class Worker:
                     s.close()
             raise
         return {"version": self.plane.snapshot.version}
+
+    async def _on_endpoints(self, msg, fds):
+        self.plane.update_endpoints(msg["clusters"])
+        return {}
 
     async def _on_stats(self, msg, fds):
         return {"stats": dict(self.plane.stats(), index=self.index)}

@@ -76,6 +76,7 @@ class AdsClient:
         self.types = {t: TypeState(wildcard=wildcard.get(t, False)) for t in ORDER}
         self.connected = False
         self.connects = 0
+        self._decoded: dict = {}                  # type -> {serialized bytes: (name, data)}
         self._stop = threading.Event()
         self._out: queue.Queue | None = None
         self._call = None
@@ -202,15 +203,24 @@ class AdsClient:
                     self._request(wt)
 
     def _apply(self, t: str, resp) -> tuple[list, dict]:
-        update = {}
+        # state of the world resends every resource each time: one decoded before, whose
+        # bytes have not changed, is the very same object (cheap to recognise downstream)
+        cache = self._decoded.setdefault(t, {})
+        update, fresh = {}, {}
         try:
             for any_msg in resp.resources:
-                name, data = R.decode(t, any_msg)
+                hit = cache.get(any_msg.value)
+                name, data = hit if hit is not None else R.decode(t, any_msg)
                 if name in update:
                     raise R.ResourceError(f"{R.KINDS[t][0]} {name!r} sent twice")
                 update[name] = data
+                fresh[any_msg.value] = (name, data)
         except R.ResourceError as exc:
             return [str(exc)], {}
+        if t in R.WHOLE_SET or len(fresh) >= len(cache) or len(cache) > 4 * len(fresh) + 4096:
+            self._decoded[t] = fresh
+        else:
+            cache.update(fresh)                   # a partial answer: keep the others too
         fut = asyncio.run_coroutine_threadsafe(self.apply(t, update), self.loop)
         try:
             return fut.result(APPLY_TIMEOUT_S)

@@ -20,7 +20,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 
 from fastmesh.config.envoy.compose import (  # noqa: F401  (one place for these names)
-    CLUSTER, ENDPOINT, LISTENER, ROUTE, WHOLE_SET, Composed, State, compose, name_origin)
+    CLUSTER, ENDPOINT, LISTENER, ROUTE, WHOLE_SET, Composed, State, compose, name_origin,
+    with_assignment)
 
 # what each type is called in logs and errors, its message class, and the field naming it
 KINDS = {

@@ -8,6 +8,7 @@ blocks serving).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -28,6 +29,7 @@ class XdsSource:
         self.state = R.State(dict(inherited["resources"])) if inherited else R.State()
         self.versions = dict(inherited.get("versions") or {}) if inherited else {}
         self.client = None
+        self._last = None                       # the last full composition applied
         self.events: list = []                  # (wall time, what) of applied updates
 
     def handover(self) -> dict:
@@ -58,8 +60,44 @@ class XdsSource:
     async def apply(self, type_url: str, update: dict) -> tuple[list, dict]:
         """One response's resources -> (errors (empty: applied), the RDS/EDS names wanted)."""
         candidate = self.state.with_update(type_url, update)
+        if type_url == R.ENDPOINT and self._last is not None:
+            return await self._apply_endpoints(candidate)
         errors, wanted = await self._apply_state(candidate, f"xds {R.KINDS[type_url][0]}")
         return errors, wanted
+
+    async def _apply_endpoints(self, candidate: R.State) -> tuple[list, dict]:
+        """EDS: only the clusters whose load assignment changed are translated, and the
+        workers get their new endpoint sets alone (pools to endpoints that stay are kept;
+        listeners and route tables are not touched)."""
+        from fastmesh.config.envoy._common import EnvoyChecker
+        from fastmesh.config.envoy.cluster import translate_cluster
+        old, new = self.state.resources[R.ENDPOINT], candidate.resources[R.ENDPOINT]
+        changed = {n for n in set(old) | set(new) if old.get(n) is not new.get(n)}
+        models, errors = {}, []
+        for eds in sorted(changed):
+            for raw in self._last.eds_users.get(eds, ()):
+                c = EnvoyChecker()
+                model = translate_cluster(c, R.with_assignment(raw, new), "cluster", {})
+                if c.errors:
+                    errors += [f"cluster load assignment {eds!r}: "
+                               f"{e[len('cluster.'):] if e.startswith('cluster.') else e}"
+                               for e in c.errors]
+                elif model is not None:
+                    models[model.name] = model
+        if errors:
+            return errors, {}
+        cfg = self.sup.cfg
+        models = {n: m for n, m in models.items() if n in cfg.clusters}
+        if models:
+            cfg = dataclasses.replace(cfg, clusters=dict(cfg.clusters, **models))
+            ok, errors = await self.sup.apply_endpoints(cfg, {
+                n: [str(a) for a in m.endpoints] for n, m in models.items()})
+            if not ok:
+                return errors, {}
+        self.state = candidate
+        self.events.append((time.time(), "xds cluster load assignment"))
+        del self.events[:-100]
+        return [], self._last.wanted
 
     async def reload_static(self, file_cfg) -> tuple[bool, list]:
         """The file was reloaded: its new static resources with the dynamic ones kept."""
@@ -89,6 +127,7 @@ class XdsSource:
         if not ok:
             return errors, {}
         self.state = state
+        self._last = comp
         self.events.append((time.time(), why))
         del self.events[:-100]
         if comp.warming:

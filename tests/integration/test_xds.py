@@ -216,3 +216,25 @@ def test_hot_restart_keeps_dynamic_listeners_serving(plane):
     assert done[0] > 20
     assert first.version_info == "c3"
     assert _get(port) == (200, b"hello from up1\n")
+
+
+def test_eds_change_keeps_pools_to_endpoints_that_stay(plane):
+    srv, ups, port, admin = plane["srv"], plane["ups"], plane["port"], plane["admin"]
+
+    def cx_total():
+        return get_json(admin, "/stats")["clusters"]["web"]["upstream_cx_total"]
+    c = RawClient(port, timeout=5)
+    for _ in range(3):
+        c.request(path="/")
+        assert c.read_response().body == b"hello from up1\n"
+    before = cx_total()
+    mark = len(srv.requests)
+    srv.set(ENDPOINT, "e4", [assignment("web", ups["up1"], ups["up2"])])
+    srv.wait_ack(ENDPOINT, "e4", after=mark)
+    seen = set()
+    for _ in range(6):
+        c.request(path="/")
+        seen.add(bytes(c.read_response().body))
+    c.close()
+    assert seen == {b"hello from up1\n", b"hello from up2\n"}
+    assert cx_total() == before + 1         # one new connection, to up2; up1's was kept

@@ -93,15 +93,18 @@ def compose(static: dict, state: State) -> "Composed":
     origins: dict = {}
     routes, assignments = state.resources[ROUTE], state.resources[ENDPOINT]
     wanted_eds: set = set()
+    eds_users: dict = {}
     for i, c in enumerate(clusters):
         if isinstance(c, dict) and _is_eds(c) and static.get("dynamic_resources"):
             # a static EDS cluster, fed by the same ADS stream
             wanted_eds.add(_eds_name(c))
+            eds_users.setdefault(_eds_name(c), []).append(c)
             clusters[i] = _with_assignment(c, assignments)
     for name, c in sorted(state.resources[CLUSTER].items()):
         c = copy.deepcopy(c)
         if _is_eds(c):
             wanted_eds.add(_eds_name(c))
+            eds_users.setdefault(_eds_name(c), []).append(c)
             # the cluster's endpoints are its load assignment, as EDS last sent it (none yet:
             # no endpoint, so requests get 503 until it comes)
             c = _with_assignment(c, assignments)
@@ -137,7 +140,8 @@ def compose(static: dict, state: State) -> "Composed":
                          "load_assignment": {"cluster_name": name}})
     sr["listeners"], sr["clusters"] = listeners, clusters
     doc["static_resources"] = sr
-    return Composed(doc, origins, warming, {ROUTE: wanted_routes, ENDPOINT: wanted_eds})
+    return Composed(doc, origins, warming, {ROUTE: wanted_routes, ENDPOINT: wanted_eds},
+                    eds_users)
 
 
 @dataclass
@@ -146,6 +150,12 @@ class Composed:
     origins: dict           # composed path prefix -> "kind 'name'" of the resource sent
     warming: list           # listeners waiting for their route configuration
     wanted: dict            # ROUTE / ENDPOINT -> the names to subscribe to
+    eds_users: dict = field(default_factory=dict)   # EDS name -> the clusters it feeds
+
+
+def with_assignment(c: dict, assignments: dict) -> dict:
+    """An EDS cluster as the translator reads it: static, holding its load assignment."""
+    return _with_assignment(c, assignments)
 
 
 def _with_assignment(c: dict, assignments: dict) -> dict:
