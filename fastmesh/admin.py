@@ -7,7 +7,8 @@ Endpoints are registered in a table, ``(method, path) -> handler``, so new ones 
     GET  /stats/prometheus  the same in the Prometheus text format
     GET  /listeners     JSON listener states and bound addresses
     GET  /clusters      JSON endpoints per cluster (address, active requests, idle pooled)
-    GET  /config_dump   JSON of the running config
+    GET  /config_dump   JSON of the running config (?format=envoy: Envoy's ConfigDump shape,
+                        for a proxy configured by an Envoy bootstrap and its control plane)
     POST /reload        re-read the config file and apply it (400 with every error if invalid)
     GET  /              this list
 
@@ -40,6 +41,7 @@ class AdminServer:
         """server_state: the object that answers (fastmesh.server.supervisor.Supervisor)."""
         self.state = server_state
         self.routes: dict[tuple[str, str], Handler] = {}
+        self._with_query: set = set()
         self.server = None
         self.register("GET", "/", self._index)
         self.register("GET", "/ready", self._ready)
@@ -47,10 +49,14 @@ class AdminServer:
         self.register("GET", "/stats/prometheus", self._stats_prometheus)
         self.register("GET", "/listeners", self._listeners)
         self.register("GET", "/clusters", self._clusters)
-        self.register("GET", "/config_dump", self._config_dump)
+        self.register("GET", "/config_dump", self._config_dump, with_query=True)
 
-    def register(self, method: str, path: str, handler: Handler) -> None:
+    def register(self, method: str, path: str, handler: Handler,
+                 with_query: bool = False) -> None:
+        """with_query: the handler also takes the query string's parameters (a dict)."""
         self.routes[(method, path)] = handler
+        if with_query:
+            self._with_query.add((method, path))
 
     async def start(self, host: str, port: int, sock=None) -> None:
         if sock is not None:
@@ -100,7 +106,7 @@ class AdminServer:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return 400, "text/plain", b"bad request\n"
         method, target = parts[0], parts[1]
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         length = 0
         for line in lines[1:]:
             name, _, value = line.partition(":")
@@ -117,6 +123,9 @@ class AdminServer:
             if any(p == path for _, p in self.routes):
                 return 405, "text/plain", b"method not allowed\n"
             return 404, "text/plain", b"not found; GET / lists the endpoints\n"
+        if (method, path) in self._with_query:
+            from urllib.parse import parse_qs
+            return await handler(body, {k: v[-1] for k, v in parse_qs(query).items()})
         return await handler(body)
 
     # -- endpoints ---------------------------------------------------------------
@@ -143,7 +152,17 @@ class AdminServer:
     async def _clusters(self, body: bytes):
         return json_body(await _maybe_await(self.state.clusters_info()))
 
-    async def _config_dump(self, body: bytes):
+    async def _config_dump(self, body: bytes, query: dict):
+        fmt = query.get("format", "fastmesh")
+        if fmt not in ("fastmesh", "envoy"):
+            return 400, "text/plain", b"format: fastmesh (default) or envoy\n"
+        if fmt == "envoy":
+            dump = self.state.envoy_config_dump()
+            if dump is None:
+                return 400, "text/plain", (b"format=envoy: this proxy was configured by the "
+                                           b"native format; Envoy's ConfigDump needs an Envoy "
+                                           b"bootstrap\n")
+            return json_body(dump)
         return json_body(await _maybe_await(self.state.config_dump()))
 
 

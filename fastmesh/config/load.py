@@ -19,6 +19,7 @@ Defaults are not repeated here; anything not given is left to the dataclass defa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -289,6 +290,7 @@ _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII | re.IGNORECA
 _PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
 
 
+@functools.lru_cache(maxsize=65536)       # a control plane resends the same addresses
 def _valid_hostname(host: str) -> bool:
     """A DNS name or an IPv4 literal (IPv6 literals are handled by the callers)."""
     if len(host) > 254 or not _HOSTNAME_RE.fullmatch(host):
@@ -301,6 +303,7 @@ def _valid_hostname(host: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=65536)
 def _valid_ipv6(host: str) -> bool:
     try:
         ipaddress.IPv6Address(host)
@@ -311,12 +314,16 @@ def _valid_ipv6(host: str) -> bool:
 
 def _addr_key(a: Address) -> tuple[str, int]:
     """For "same address" checks: hostnames case-folded, IP literals in canonical form."""
-    host = a.host.lower()
+    return _canonical_host(a.host), a.port
+
+
+@functools.lru_cache(maxsize=65536)
+def _canonical_host(host: str) -> str:
+    host = host.lower()
     try:
-        host = str(ipaddress.ip_address(host))
+        return str(ipaddress.ip_address(host))
     except ValueError:
-        pass
-    return host, a.port
+        return host
 
 
 class _Checker:

@@ -114,6 +114,7 @@ class Supervisor:
         self._apply_lock = asyncio.Lock()
         self.xds = None                     # fastmesh.xds.source.XdsSource, when configured
         self._xds_inherited: dict | None = None
+        self.bootstrap_doc = None           # the Envoy bootstrap as read (for config dumps)
 
     # ------------------------------------------------------------------ start
 
@@ -168,6 +169,7 @@ class Supervisor:
             self.upgrade_server = upgrade.UpgradeServer(self, self.upgrade_path, self.loop)
             self.upgrade_server.start()
         self._monitor = self.loop.create_task(self._watch_workers())
+        self._read_bootstrap()
         if self.cfg.xds is not None:
             # the control plane: static resources serve already; its pushes follow
             from fastmesh.config.envoy import translate_composed
@@ -409,6 +411,8 @@ class Supervisor:
         self.cfg = cfg
         self.version += 1
         self.reloads += 1
+        if self.xds is None:
+            self._read_bootstrap()
         log.info("reload: config version %d applied", self.version)
         return True, []
 
@@ -614,6 +618,23 @@ class Supervisor:
 
     def config_dump(self) -> dict:
         return {"version": self.version, "source": self.cfg.source, "config": to_dict(self.cfg)}
+
+    def envoy_config_dump(self) -> dict | None:
+        """Envoy's ConfigDump shape, for a proxy configured by an Envoy bootstrap."""
+        from fastmesh.config.envoy.dump import config_dump
+        if self.xds is not None:
+            types = self.xds.client.types if self.xds.client is not None else {}
+            return config_dump(self.xds.static, self.started_at, self.xds.state.resources,
+                               {t: s.version for t, s in types.items()},
+                               {t: s.updated_at for t, s in types.items()})
+        if self.bootstrap_doc is None:
+            return None
+        return config_dump(self.bootstrap_doc, self.started_at)
+
+    def _read_bootstrap(self) -> None:
+        if self.config_path is not None:
+            from fastmesh.config.envoy.dump import read_bootstrap
+            self.bootstrap_doc = read_bootstrap(self.config_path)
 
 
 def install_loop(kind: str) -> None:

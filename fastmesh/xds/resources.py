@@ -18,6 +18,8 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2)
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from udpa.type.v1 import typed_struct_pb2 as _udpa_typed_struct  # noqa: F401
+from xds.type.v3 import typed_struct_pb2 as _xds_typed_struct  # noqa: F401
 
 from fastmesh.config.envoy.compose import (  # noqa: F401  (one place for these names)
     CLUSTER, ENDPOINT, LISTENER, ROUTE, WHOLE_SET, Composed, State, compose, name_origin,

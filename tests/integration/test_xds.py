@@ -238,3 +238,86 @@ def test_eds_change_keeps_pools_to_endpoints_that_stay(plane):
     c.close()
     assert seen == {b"hello from up1\n", b"hello from up2\n"}
     assert cx_total() == before + 1         # one new connection, to up2; up1's was kept
+
+
+def test_config_dump_in_envoy_shape(plane):
+    import json
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{plane['admin']}/config_dump?format=envoy",
+                                timeout=5) as r:
+        dump = json.loads(r.read())
+    by_type = {c["@type"].rsplit(".", 1)[-1]: c for c in dump["configs"]}
+    assert set(by_type) == {"BootstrapConfigDump", "ClustersConfigDump", "ListenersConfigDump",
+                            "RoutesConfigDump", "EndpointsConfigDump"}
+    assert by_type["BootstrapConfigDump"]["bootstrap"]["node"]["cluster"] == "test"
+    cl = by_type["ClustersConfigDump"]
+    assert [c["cluster"]["name"] for c in cl["static_clusters"]] == ["xds_cluster"]
+    dyn = cl["dynamic_active_clusters"]
+    assert [c["cluster"]["name"] for c in dyn] == ["web"] and dyn[0]["version_info"] == "c3"
+    assert dyn[0]["cluster"]["@type"].endswith("envoy.config.cluster.v3.Cluster")
+    assert dyn[0]["last_updated"].endswith("Z")
+    ls = by_type["ListenersConfigDump"]["dynamic_listeners"]
+    assert [entry["name"] for entry in ls] == ["ingress"]
+    eds = by_type["EndpointsConfigDump"]["dynamic_endpoint_configs"]
+    assert eds[0]["endpoint_config"]["cluster_name"] == "web" and eds[0]["version_info"] == "e4"
+    routes = by_type["RoutesConfigDump"]["dynamic_route_configs"]
+    assert routes[0]["route_config"]["name"] == "routes"
+    # the readable (native) dump stays the default
+    with urllib.request.urlopen(f"http://127.0.0.1:{plane['admin']}/config_dump",
+                                timeout=5) as r:
+        assert "config" in json.loads(r.read())
+
+
+def test_bolt_listener_from_the_control_plane(plane, tmp_path):
+    """fastmesh.filters.network.bolt_proxy: a TypedStruct holding the native Bolt listener's
+    fields and routes, pushed over LDS; real SOFARPC frames are routed by their service."""
+    from pathlib import Path
+
+    from envoy.config.listener.v3 import listener_pb2
+
+    from fastmesh._core import bolt
+    from fmtest import REPO, BoltClient
+    from xds_server import msg
+    srv, admin = plane["srv"], plane["admin"]
+    echo_port = free_port()
+    echo = Proc([sys.executable, "-m", "benchmarks.boltload", "echo-server", "--listen",
+                 f"127.0.0.1:{echo_port}"], name="bolt echo", cwd=str(REPO))
+    try:
+        _eventually(lambda: socket.create_connection(("127.0.0.1", echo_port), 1).close()
+                    or True)
+        rpc_port = free_port()
+        echo_cluster = msg(cluster_pb2.Cluster, {
+            "name": "echo", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "echo", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": echo_port}}}}]}]}})
+        rpc = msg(listener_pb2.Listener, {
+            "name": "rpc",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": rpc_port}},
+            "filter_chains": [{"filters": [{
+                "name": "fastmesh.filters.network.bolt_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/xds.type.v3.TypedStruct",
+                    "type_url": "type.googleapis.com/fastmesh.filters.network.bolt_proxy.v1."
+                                "BoltProxy",
+                    "value": {"max_in_flight": 100, "routes": [
+                        {"match": {"headers": [{"name": "service", "present": True}]},
+                         "cluster": "echo"}]}}}]}]})
+        mark = len(srv.requests)
+        srv.set(CLUSTER, "c5", [eds_cluster("web"), echo_cluster])
+        srv.wait_ack(CLUSTER, "c5", after=mark)
+        srv.set(LISTENER, "l5", [http_listener("ingress", plane["port"], "routes"), rpc])
+        srv.wait_ack(LISTENER, "l5", after=mark)
+        frames = Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
+        req = bytearray(bytes.fromhex((frames / "bolt_request.hex").read_text().strip()))
+        client = _eventually(lambda: BoltClient(rpc_port))
+        for i in (7, 8):
+            frame = bytearray(req)
+            bolt.py_frame_set_id(frame, i)
+            client.send(frame)
+            f = client.read_frame()
+            assert f["request_id"] == i and f["status"] == 0
+        client.close()
+        assert get_json(admin, "/stats")["listeners"]["rpc"]["downstream_rq_total"] == 2
+    finally:
+        echo.stop()

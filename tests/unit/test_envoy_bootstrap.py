@@ -734,3 +734,59 @@ def test_cli_validate_lists_every_refusal(tmp_path):
     assert f"{f}: {HCM}.codec_type: HTTP2: not supported yet" in r.stderr
     assert f"{f}: {CL0}.type: EDS needs ADS" in r.stderr
     assert "2 problem(s)" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Bolt: fastmesh's own network filter, configured by a TypedStruct
+# ---------------------------------------------------------------------------------------------
+
+BOLT_TS = "type.googleapis.com/xds.type.v3.TypedStruct"
+BOLT_URL = "type.googleapis.com/fastmesh.filters.network.bolt_proxy.v1.BoltProxy"
+
+
+def with_bolt(value, ts=BOLT_TS, type_url=BOLT_URL):
+    b = bootstrap()
+    b["static_resources"]["listeners"].append(
+        {"name": "rpc", "address": sock("127.0.0.1", 12200),
+         "filter_chains": [{"filters": [{
+             "name": "fastmesh.filters.network.bolt_proxy",
+             "typed_config": {"@type": ts, "type_url": type_url, "value": value}}]}]})
+    return b
+
+
+BOLT_ROUTES = [{"match": {"headers": [{"name": "service", "prefix": "com.example."}]},
+                "cluster": "a"}]
+
+
+@pytest.mark.parametrize("ts", [BOLT_TS, "type.googleapis.com/udpa.type.v1.TypedStruct"])
+def test_bolt_listener_from_a_typed_struct(ts):
+    # a Struct's numbers are doubles: 100.0 from a control plane is the integer 100
+    cfg = load_bootstrap(with_bolt({"routes": BOLT_ROUTES, "max_in_flight": 100.0,
+                                    "max_frame_bytes": 1048576}, ts), "t")
+    rpc = next(l for l in cfg.listeners if l.name == "rpc")
+    assert (rpc.protocol, rpc.max_in_flight, rpc.max_frame_bytes) == ("bolt", 100, 1048576)
+    table = cfg.route_tables[rpc.route_table]
+    (vh,) = table.virtual_hosts
+    assert vh.domains == ("*",) and vh.routes[0].cluster == "a"
+    assert vh.routes[0].match.headers == (HeaderMatch(name="service", prefix="com.example."),)
+
+
+@pytest.mark.parametrize("value,path,msg", [
+    ({"routes": BOLT_ROUTES, "max_in_flight": 0}, "value.max_in_flight", "positive"),
+    ({"routes": [{"match": {"headers": [{"name": "service", "present": True}]},
+                  "cluster": "nope"}]}, "value.routes[0].cluster", "no cluster named 'nope'"),
+    ({"routes": BOLT_ROUTES, "max_inflight": 5}, "value.max_inflight", "unknown"),
+    ({}, "value.routes", "missing"),
+])
+def test_bolt_typed_struct_refusals(value, path, msg):
+    errs = errors_of(with_bolt(value))
+    base = "static_resources.listeners[2].filter_chains[0].filters[0].typed_config."
+    assert any(e.startswith(base + path) and msg in e for e in errs), errs
+
+
+def test_bolt_typed_struct_wrong_types_refused():
+    errs = errors_of(with_bolt({"routes": BOLT_ROUTES},
+                               ts="type.googleapis.com/google.protobuf.Struct"))
+    assert any("TypedStruct" in e for e in errs), errs
+    errs = errors_of(with_bolt({"routes": BOLT_ROUTES}, type_url="type.googleapis.com/x.Y"))
+    assert any(e.endswith("type_url: expected " + repr(BOLT_URL)) for e in errs), errs

@@ -9,6 +9,7 @@ the same way.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -191,6 +192,7 @@ class EnvoyChecker(_Checker):
         return s.replace("%%", "%")
 
 
+@functools.lru_cache(maxsize=65536)       # a control plane resends the same addresses
 def is_ip(host: str) -> bool:
     import ipaddress
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..model import Listener, RouteTable
+from ..model import Listener, RouteTable, VirtualHost
 from ._common import _MISSING, NOT_YET, EnvoyChecker
 from .route import translate_route_config
 
@@ -130,10 +130,52 @@ def _network_filter(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
     if fname == "envoy.filters.network.tcp_proxy":
         _tcp_proxy(c, tc, f.p("typed_config"), kw, known_clusters)
         return None
+    if fname == BOLT_FILTER:
+        return _bolt_proxy(c, tc, f.p("typed_config"), kw, listener_name, known_clusters,
+                           table_names)
     c.err(f.p("name"), f"network filter {fname!r}: {NOT_YET} (supported: "
                        "envoy.filters.network.http_connection_manager, "
-                       "envoy.filters.network.tcp_proxy)")
+                       f"envoy.filters.network.tcp_proxy, {BOLT_FILTER})")
     return None
+
+
+# SOFARPC Bolt, which Envoy does not have: fastmesh's own network filter, configured with a
+# TypedStruct whose value holds what the native format says of a Bolt listener and its routes
+BOLT_FILTER = "fastmesh.filters.network.bolt_proxy"
+BOLT_TYPE_URL = "type.googleapis.com/fastmesh.filters.network.bolt_proxy.v1.BoltProxy"
+TYPED_STRUCTS = ("type.googleapis.com/xds.type.v3.TypedStruct",
+                 "type.googleapis.com/udpa.type.v1.TypedStruct")
+_BOLT_LIMITS = ("max_frame_bytes", "max_in_flight", "idle_timeout_ms", "high_water_bytes",
+                "low_water_bytes")
+
+
+def _bolt_proxy(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
+                known_clusters: Optional[set], table_names: set) -> Optional[RouteTable]:
+    from ..load import _routes
+    if not isinstance(raw, dict) or raw.get("@type") not in TYPED_STRUCTS:
+        c.err(f"{p}.@type", f"expected one of {', '.join(TYPED_STRUCTS)} (a TypedStruct "
+                            f"holding the Bolt listener's fields)")
+        return None
+    m = c.message(raw, p, {"@type": None, "type_url": None, "value": None})
+    if m is None:
+        return None
+    if m.get("type_url", BOLT_TYPE_URL) != BOLT_TYPE_URL:
+        c.err(m.p("type_url"), f"expected {BOLT_TYPE_URL!r}")
+    # a google.protobuf.Struct has only doubles: 100 arrives as 100.0 from a control plane
+    value = _integral(m.get("value")) if "value" in m else c.need(m, "value")
+    v = c.message(value, m.p("value"),
+                  dict({"stat_prefix": None, "routes": None}, **{k: None for k in _BOLT_LIMITS}))
+    if v is None:
+        return None
+    routes = _routes(c, c.need(v, "routes"), v.p("routes"), known_clusters)
+    kw["protocol"] = "bolt"
+    for key in _BOLT_LIMITS:
+        if key in v:
+            kw[key] = c.integer(v.get(key), v.p(key), lo=1)
+    table = listener_name if listener_name not in table_names else f"{listener_name}/bolt"
+    kw["route_table"] = table
+    return RouteTable(name=table, virtual_hosts=(
+        VirtualHost(name="default", domains=("*",), routes=routes),))
 
 
 def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
@@ -288,3 +330,13 @@ def _tcp_proxy(c: EnvoyChecker, raw, p: str, kw: dict, known_clusters: Optional[
         n = c.uint(m.get("max_connect_attempts"), m.p("max_connect_attempts"), lo=1)
         if n is not None and n != 1:
             c.err(m.p("max_connect_attempts"), f"{n}: connect retries: " + NOT_YET)
+
+
+def _integral(x):
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    if isinstance(x, dict):
+        return {k: _integral(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_integral(v) for v in x]
+    return x
