@@ -20,7 +20,6 @@ wakes first take the whole accept backlog.
 """
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import socket

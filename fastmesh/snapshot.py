@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fastmesh._core import router as _router
 from fastmesh._core.router import HeaderMatcher, Route, RouteTable, VirtualHost
 from fastmesh._core.upstream import Cluster
 from fastmesh.config import model
