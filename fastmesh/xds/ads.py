@@ -3,8 +3,9 @@
 It runs in a thread of the supervisor, with gRPC's blocking API, so the control plane's
 stream never shares the event loop's time with the admin API or the workers' links (and gRPC
 needs no integration with whichever loop runs). Each response is decoded here and applied
-in the loop by the XdsSource (``apply(type_url, update)``, a coroutine); its verdict goes back
-on the stream:
+in the loop by the XdsSource (``apply([(type_url, update), ...])``, a coroutine: responses
+that arrived while the previous one was being applied go together, one configuration for
+all); each response's verdict goes back on the stream:
 
 - applied: ACK, a DiscoveryRequest with the response's ``version_info`` and ``nonce``;
 - refused: NACK, the *previous* accepted version, the response's nonce, and ``error_detail``
@@ -77,6 +78,7 @@ class AdsClient:
         self.connected = False
         self.connects = 0
         self._decoded: dict = {}                  # type -> {serialized bytes: (name, data)}
+        self._held = None                         # a response (or end) for the next batch
         self._stop = threading.Event()
         self._out: queue.Queue | None = None
         self._call = None
@@ -142,12 +144,26 @@ class AdsClient:
                     self._request(t)
             call = stub.StreamAggregatedResources(requests())
             self._call = call
-            for resp in call:
+            inbox: queue.Queue = queue.Queue()
+
+            def read():
+                try:
+                    for resp in call:
+                        inbox.put(resp)
+                except Exception as exc:            # the stream's end, as an exception
+                    inbox.put(exc)
+                finally:
+                    inbox.put(None)
+            threading.Thread(target=read, name="xds-ads-read", daemon=True).start()
+            while True:
+                batch = self._next_batch(inbox)
+                if not batch:
+                    break
                 if not self.connected:
                     self.connected = True
                     self.connects += 1
                     log.info("xds: connected to %s", self.target)
-                self._on_response(resp)
+                self._on_responses(batch)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             if not self._stop.is_set():
@@ -169,14 +185,49 @@ class AdsClient:
             req.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
         self._out.put(req)
 
-    def _on_response(self, resp) -> None:
+    def _next_batch(self, inbox: queue.Queue) -> list:
+        """The next response, with those that arrived meanwhile (each type once, in order):
+        they are applied together, one configuration instead of one per response."""
+        item = self._held if self._held is not None else inbox.get()
+        self._held = None
+        batch: list = []
+        while item is not None:
+            if isinstance(item, BaseException):
+                if batch:
+                    self._held = item                 # after this batch
+                    return batch
+                raise item
+            if any(r.type_url == item.type_url for r in batch):
+                self._held = item
+                return batch
+            batch.append(item)
+            try:
+                item = inbox.get_nowait()
+            except queue.Empty:
+                return batch
+        if batch:
+            self._held = None
+            inbox.put(None)
+        return batch
+
+    def _on_responses(self, batch: list) -> None:
+        known = []
+        for resp in batch:
+            if resp.type_url not in self.types:
+                log.warning("xds: response of unsupported type %s ignored", resp.type_url)
+                continue
+            self.types[resp.type_url].nonce = resp.nonce
+            known.append(resp)
+        decoded = [(resp, self._decode(resp.type_url, resp)) for resp in known]
+        good = [(resp.type_url, upd) for resp, (upd, err) in decoded if err is None]
+        results = iter(self._apply_all(good) if good else [])
+        for resp, (upd, err) in decoded:
+            errors, wanted = ([err], {}) if err is not None else next(results)
+            self._answer(resp, errors, wanted)
+
+    def _answer(self, resp, errors: list, wanted: dict) -> None:
         t = resp.type_url
-        s = self.types.get(t)
-        if s is None:
-            log.warning("xds: response of unsupported type %s ignored", t)
-            return
-        s.nonce = resp.nonce
-        errors, wanted = self._apply(t, resp)
+        s = self.types[t]
         if errors:
             s.nacks += 1
             s.last_error = "; ".join(errors)
@@ -202,7 +253,8 @@ class AdsClient:
                 if send and self._out is not None:
                     self._request(wt)
 
-    def _apply(self, t: str, resp) -> tuple[list, dict]:
+    def _decode(self, t: str, resp) -> tuple[dict | None, str | None]:
+        """-> (name -> plain data, None) or (None, the reason it cannot be read)."""
         # state of the world resends every resource each time: one decoded before, whose
         # bytes have not changed, is the very same object (cheap to recognise downstream)
         cache = self._decoded.setdefault(t, {})
@@ -216,14 +268,18 @@ class AdsClient:
                 update[name] = data
                 fresh[any_msg.value] = (name, data)
         except R.ResourceError as exc:
-            return [str(exc)], {}
+            return None, str(exc)
         if t in R.WHOLE_SET or len(fresh) >= len(cache) or len(cache) > 4 * len(fresh) + 4096:
             self._decoded[t] = fresh
         else:
             cache.update(fresh)                   # a partial answer: keep the others too
-        fut = asyncio.run_coroutine_threadsafe(self.apply(t, update), self.loop)
+        return update, None
+
+    def _apply_all(self, items: list) -> list:
+        """Apply [(type, update)] in the loop -> [(errors, wanted)] in the same order."""
+        fut = asyncio.run_coroutine_threadsafe(self.apply(items), self.loop)
         try:
             return fut.result(APPLY_TIMEOUT_S)
         except Exception as exc:
-            log.exception("xds: applying %s failed", R.KINDS[t][0])
-            return [f"internal error while applying: {exc}"], {}
+            log.exception("xds: applying failed")
+            return [([f"internal error while applying: {exc}"], {})] * len(items)

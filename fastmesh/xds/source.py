@@ -57,8 +57,21 @@ class XdsSource:
             self.client.stop()
             self.client = None
 
-    async def apply(self, type_url: str, update: dict) -> tuple[list, dict]:
-        """One response's resources -> (errors (empty: applied), the RDS/EDS names wanted)."""
+    async def apply(self, items: list) -> list:
+        """[(type, resources)], one per response -> [(errors (empty: applied), the RDS/EDS
+        names wanted)] in the same order. Several responses are applied as one configuration
+        when they all apply; else one by one, so each is ACKed or NACKed on its own merits."""
+        if len(items) > 1:
+            candidate = self.state
+            for t, update in items:
+                candidate = candidate.with_update(t, update)
+            errors, wanted = await self._apply_state(
+                candidate, "xds " + " + ".join(R.KINDS[t][0] for t, _ in items))
+            if not errors:
+                return [([], wanted)] * len(items)
+        return [await self._apply_one(t, update) for t, update in items]
+
+    async def _apply_one(self, type_url: str, update: dict) -> tuple[list, dict]:
         candidate = self.state.with_update(type_url, update)
         if type_url == R.ENDPOINT and self._last is not None:
             return await self._apply_endpoints(candidate)

@@ -103,7 +103,7 @@ def translate_composed(data: Any, source: str = "<string>") -> Config:
             for i, item in enumerate(c.seq(raw_clusters, sr.p("clusters"))):
                 if isinstance(item, dict) and ads_cluster and item.get("name") == ads_cluster:
                     continue        # the control plane's cluster: where ADS goes, not data
-                cl = translate_cluster(c, item, f"{sr.p('clusters')}[{i}]", names)
+                cl = _translate_cluster_cached(c, item, f"{sr.p('clusters')}[{i}]", names)
                 if cl is not None and cl.name is not None and cl.name not in clusters:
                     clusters[cl.name] = cl
             lnames: dict = {}
@@ -141,6 +141,27 @@ def translate_composed(data: Any, source: str = "<string>") -> Config:
     except ConfigError as e:
         raise ConfigError([f"(as translated) {err}" for err in e.errors], source) from None
     return cfg
+
+
+_CLUSTERS: dict = {}    # id(cluster data) -> (that data, its model): clean translations
+
+
+def _translate_cluster_cached(c: EnvoyChecker, item, path: str, names: dict):
+    """A control plane resends every cluster with each update; one whose data is the very
+    object translated before (it is never changed in place) translated cleanly then, and does
+    again. Only its name still has to be unique among this document's clusters."""
+    hit = _CLUSTERS.get(id(item))
+    if hit is not None and hit[0] is item:
+        model = hit[1]
+        c.unique_name(model.name, f"{path}.name", "cluster", names)
+        return model
+    before = (len(c.errors), len(c.notes))
+    model = translate_cluster(c, item, path, names)
+    if model is not None and (len(c.errors), len(c.notes)) == before:
+        if len(_CLUSTERS) > 65536:
+            _CLUSTERS.clear()
+        _CLUSTERS[id(item)] = (item, model)
+    return model
 
 
 def _admin(c: EnvoyChecker, top) -> Any:

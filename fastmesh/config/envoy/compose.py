@@ -101,7 +101,8 @@ def compose(static: dict, state: State) -> "Composed":
             eds_users.setdefault(_eds_name(c), []).append(c)
             clusters[i] = _with_assignment(c, assignments)
     for name, c in sorted(state.resources[CLUSTER].items()):
-        c = copy.deepcopy(c)
+        # resources are never changed in place: a cluster the control plane resent unchanged
+        # is the very object translated last time, so its translation is reused
         if _is_eds(c):
             wanted_eds.add(_eds_name(c))
             eds_users.setdefault(_eds_name(c), []).append(c)
@@ -125,7 +126,7 @@ def compose(static: dict, state: State) -> "Composed":
             continue
         for rc, tc in refs:
             del tc["rds"]
-            tc["route_config"] = copy.deepcopy(routes[rc])
+            tc["route_config"] = routes[rc]        # read only, never changed
             unchecked_refs.update(_route_clusters(tc["route_config"]))
         if name is not None:
             unchecked_refs.update(_tcp_clusters(lst))
@@ -160,12 +161,23 @@ def with_assignment(c: dict, assignments: dict) -> dict:
 
 def _with_assignment(c: dict, assignments: dict) -> dict:
     """An EDS cluster as a static one holding its load assignment, as EDS last sent it (none
-    yet: no endpoint, so requests get 503 until it comes)."""
-    c = dict(c, type="STATIC")
-    c.pop("eds_cluster_config", None)
-    c["load_assignment"] = copy.deepcopy(assignments.get(_eds_name(c))) or {
-        "cluster_name": _eds_name(c)}
-    return c
+    yet: no endpoint, so requests get 503 until it comes). The same cluster and assignment
+    objects give the same object back, so an unchanged cluster's translation is reused."""
+    a = assignments.get(_eds_name(c))
+    key = (id(c), id(a))
+    hit = _VIEWS.get(key)
+    if hit is not None and hit[0] is c and hit[1] is a:
+        return hit[2]
+    view = dict(c, type="STATIC")
+    view.pop("eds_cluster_config", None)
+    view["load_assignment"] = a if a is not None else {"cluster_name": _eds_name(c)}
+    if len(_VIEWS) > 65536:
+        _VIEWS.clear()
+    _VIEWS[key] = (c, a, view)
+    return view
+
+
+_VIEWS: dict = {}       # (id(cluster), id(assignment)) -> (cluster, assignment, view)
 
 
 def name_origin(error: str, origins: dict) -> str:
