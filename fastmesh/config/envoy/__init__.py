@@ -100,10 +100,15 @@ def translate_composed(data: Any, source: str = "<string>") -> Config:
                         known.add(item["name"])
             names: dict = {}
             ads_cluster = ads_cluster_name(top) if "dynamic_resources" in top else None
+            _FRESH.clear()
             for i, item in enumerate(c.seq(raw_clusters, sr.p("clusters"))):
                 if isinstance(item, dict) and ads_cluster and item.get("name") == ads_cluster:
                     continue        # the control plane's cluster: where ADS goes, not data
                 cl = _translate_cluster_cached(c, item, f"{sr.p('clusters')}[{i}]", names)
+                if i == len(raw_clusters) - 1:
+                    # only what this document holds stays cached (bounded by its size)
+                    _CLUSTERS.clear()
+                    _CLUSTERS.update(_FRESH)
                 if cl is not None and cl.name is not None and cl.name not in clusters:
                     clusters[cl.name] = cl
             lnames: dict = {}
@@ -154,14 +159,16 @@ def _translate_cluster_cached(c: EnvoyChecker, item, path: str, names: dict):
     if hit is not None and hit[0] is item:
         model = hit[1]
         c.unique_name(model.name, f"{path}.name", "cluster", names)
+        _FRESH[id(item)] = hit
         return model
     before = (len(c.errors), len(c.notes))
     model = translate_cluster(c, item, path, names)
     if model is not None and (len(c.errors), len(c.notes)) == before:
-        if len(_CLUSTERS) > 65536:
-            _CLUSTERS.clear()
-        _CLUSTERS[id(item)] = (item, model)
+        _FRESH[id(item)] = (item, model)
     return model
+
+
+_FRESH: dict = {}       # this translation's entries: they replace _CLUSTERS when it ends
 
 
 def _admin(c: EnvoyChecker, top) -> Any:

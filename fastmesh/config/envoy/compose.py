@@ -141,6 +141,10 @@ def compose(static: dict, state: State) -> "Composed":
                          "load_assignment": {"cluster_name": name}})
     sr["listeners"], sr["clusters"] = listeners, clusters
     doc["static_resources"] = sr
+    # only what this composition used stays cached (bounded by the config's size)
+    _VIEWS.clear()
+    _VIEWS.update(_VIEWS_NEXT)
+    _VIEWS_NEXT.clear()
     return Composed(doc, origins, warming, {ROUTE: wanted_routes, ENDPOINT: wanted_eds},
                     eds_users)
 
@@ -155,8 +159,13 @@ class Composed:
 
 
 def with_assignment(c: dict, assignments: dict) -> dict:
-    """An EDS cluster as the translator reads it: static, holding its load assignment."""
-    return _with_assignment(c, assignments)
+    """An EDS cluster as the translator reads it: static, holding its load assignment
+    (not cached: for translating one changed cluster on its own)."""
+    a = assignments.get(_eds_name(c))
+    view = dict(c, type="STATIC")
+    view.pop("eds_cluster_config", None)
+    view["load_assignment"] = a if a is not None else {"cluster_name": _eds_name(c)}
+    return view
 
 
 def _with_assignment(c: dict, assignments: dict) -> dict:
@@ -166,18 +175,17 @@ def _with_assignment(c: dict, assignments: dict) -> dict:
     a = assignments.get(_eds_name(c))
     key = (id(c), id(a))
     hit = _VIEWS.get(key)
-    if hit is not None and hit[0] is c and hit[1] is a:
-        return hit[2]
-    view = dict(c, type="STATIC")
-    view.pop("eds_cluster_config", None)
-    view["load_assignment"] = a if a is not None else {"cluster_name": _eds_name(c)}
-    if len(_VIEWS) > 65536:
-        _VIEWS.clear()
-    _VIEWS[key] = (c, a, view)
-    return view
+    if hit is None or hit[0] is not c or hit[1] is not a:
+        view = dict(c, type="STATIC")
+        view.pop("eds_cluster_config", None)
+        view["load_assignment"] = a if a is not None else {"cluster_name": _eds_name(c)}
+        hit = (c, a, view)
+    _VIEWS_NEXT[key] = hit
+    return hit[2]
 
 
 _VIEWS: dict = {}       # (id(cluster), id(assignment)) -> (cluster, assignment, view)
+_VIEWS_NEXT: dict = {}  # the views the composition under way uses: they become _VIEWS
 
 
 def name_origin(error: str, origins: dict) -> str:
