@@ -132,7 +132,8 @@ def wait_ready(admin_port: int, proc: Proc, timeout: float = START_TIMEOUT_S) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
-            raise RuntimeError(f"fastmesh exited {proc.popen.returncode}: {proc.output()}")
+            raise RuntimeError(f"{proc.name} exited {proc.popen.returncode}: "
+                               f"{proc.output()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
                 if r.status == 200:
@@ -140,7 +141,7 @@ def wait_ready(admin_port: int, proc: Proc, timeout: float = START_TIMEOUT_S) ->
         except OSError:
             pass
         time.sleep(0.05)
-    raise RuntimeError("fastmesh did not become ready")
+    raise RuntimeError(f"{proc.name} did not become ready: {proc.output()[-3000:]}")
 
 
 
@@ -166,18 +167,8 @@ def find_envoy():
 
 
 def wait_envoy_ready(admin_port, proc, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"envoy exited {proc.popen.returncode}: {proc.output()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"envoy did not become ready: {proc.output()[-3000:]}")
+    """Envoy's admin answers /ready the same way fastmesh's does."""
+    wait_ready(admin_port, proc, timeout)
 
 
 # --------------------------------------------------------------- deployments, restarts

@@ -85,10 +85,8 @@ class Channel:
         out = self._out
         while out:
             data, fds = out[0]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds \
-                else []
             try:
-                self.sock.sendmsg([data], anc)
+                self.sock.sendmsg([data], _rights(fds))
             except (BlockingIOError, InterruptedError):
                 if not self._writer_on:
                     self._writer_on = True
@@ -116,9 +114,7 @@ class Channel:
         try:
             while self._out:
                 data, fds = self._out[0]
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] \
-                    if fds else []
-                self.sock.sendmsg([data], anc)
+                self.sock.sendmsg([data], _rights(fds))
                 self._out.popleft()
                 for fd in fds:
                     _close_fd(fd)
@@ -268,6 +264,11 @@ class Channel:
         self._drop_output()
         self._closed = True
         self.sock.close()
+
+
+def _rights(fds) -> list:
+    """The ancillary data passing these descriptors (none: no ancillary data)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
 
 
 def _close_fd(fd: int) -> None:
