@@ -38,8 +38,10 @@ def cmd_validate(args) -> int:
                   file=sys.stderr)
         print(f"{args.config}: {len(err.errors)} problem(s)", file=sys.stderr)
         return 1
+    xds = (f"; then a control plane over ADS at {cfg.xds.server} (cluster {cfg.xds.cluster})"
+           if cfg.xds is not None else "")
     print(f"{args.config}: ok ({len(cfg.listeners)} listeners, {len(cfg.route_tables)} route "
-          f"tables, {len(cfg.clusters)} clusters)")
+          f"tables, {len(cfg.clusters)} clusters{xds})")
     return 0
 
 
