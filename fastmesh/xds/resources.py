@@ -18,6 +18,9 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2)
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+# a cluster's HTTP/2 protocol options (Istio sends them): readable, so the translator can say
+# what it refuses, rather than the resource being undecodable
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from udpa.type.v1 import typed_struct_pb2 as _udpa_typed_struct  # noqa: F401
 from xds.type.v3 import typed_struct_pb2 as _xds_typed_struct  # noqa: F401
 
@@ -48,7 +51,7 @@ def decode(type_url: str, any_msg) -> tuple[str, dict]:
         raise ResourceError(f"undecodable {kind}")
     try:
         data = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    except (TypeError, KeyError, json_format.Error) as exc:
+    except (TypeError, KeyError, ValueError, json_format.Error) as exc:
         # a typed_config of a type this build does not know cannot be read, so it is refused
         raise ResourceError(f"{kind} {getattr(msg, name_field)!r}: {exc}") from exc
     name = getattr(msg, name_field)

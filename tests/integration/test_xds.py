@@ -321,3 +321,23 @@ def test_bolt_listener_from_the_control_plane(plane, tmp_path):
         assert get_json(admin, "/stats")["listeners"]["rpc"]["downstream_rq_total"] == 2
     finally:
         echo.stop()
+
+
+def test_cluster_with_http2_options_is_refused_by_name(plane):
+    """Istio sends clusters with HTTP/2 protocol options: the resource is read, and the NACK
+    says which field fastmesh does not support yet (not that it could not be decoded)."""
+    from xds_server import msg
+    srv = plane["srv"]
+    h2 = msg(cluster_pb2.Cluster, {
+        "name": "grpc-backend", "type": "STATIC", "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                         "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}})
+    mark = len(srv.requests)
+    srv.set(CLUSTER, "c6", [eds_cluster("web"), h2])
+    nack = srv.wait_nack(CLUSTER, after=mark)
+    assert nack.version_info == "c5"
+    assert "cluster 'grpc-backend': typed_extension_protocol_options" in \
+        nack.error_detail.message, nack.error_detail.message
