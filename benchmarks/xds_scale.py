@@ -50,7 +50,7 @@ def tree_rss_kib(pid: int) -> int:
                         total += int(line.split()[1])
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo.extend(int(x) for x in f.read().split())
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):     # gone meanwhile
             pass
     return total
 

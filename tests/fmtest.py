@@ -206,8 +206,8 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, ProcessLookupError):
+        return False                    # gone between the two looks (reaped meanwhile)
 
 
 def wait_gone(pid: int, timeout=15.0) -> float:

@@ -40,7 +40,7 @@ def _children(pid: int) -> list:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             return [int(x) for x in f.read().split()]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):      # gone meanwhile
         return []
 
 
