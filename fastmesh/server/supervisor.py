@@ -349,17 +349,26 @@ class Supervisor:
         async with self._apply_lock:
             return await self._apply_config(cfg)
 
+    async def _on_every_worker(self, request_for) -> str | None:
+        """Send every live worker its request (request_for(handle) -> awaitable reply) and
+        wait for all; the first failure's reason, or None when all applied it."""
+        results = await asyncio.gather(*[request_for(h) for h in self.workers if h is not None],
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                return str(r) or type(r).__name__
+            if not r[0].get("ok"):
+                return r[0].get("error")
+        return None
+
     async def apply_endpoints(self, cfg: model.Config, updates: dict) -> tuple[bool, list]:
         """Only some clusters' endpoints change (EDS): each worker replaces those endpoint
         sets in place; nothing else is rebuilt. `cfg` is the config with them changed."""
         async with self._apply_lock:
-            results = await asyncio.gather(*[
-                h.chan.request({"t": "endpoints", "clusters": updates}, timeout_s=10)
-                for h in self.workers if h is not None], return_exceptions=True)
-            failed = [r for r in results if isinstance(r, BaseException) or not r[0].get("ok")]
-            if failed:
-                err = failed[0]
-                return False, [f"apply: {err if isinstance(err, BaseException) else err[0].get('error')}"]
+            error = await self._on_every_worker(
+                lambda h: h.chan.request({"t": "endpoints", "clusters": updates}, timeout_s=10))
+            if error is not None:
+                return False, [f"apply: {error}"]
             self.cfg = cfg
             self.version += 1
             return True, []
@@ -388,20 +397,18 @@ class Supervisor:
                    if lc.name not in old_by_name or old_by_name[lc.name].address != lc.address]
         all_socks = dict(self.sockets, **new_socks)
 
+        plain = to_dict(cfg)
+
         def config_for(h):
             names, fds = self._listener_fds(h.index, changed, all_socks)
-            return h.chan.request({"t": "config", "config": to_dict(cfg), "source": cfg.source,
+            return h.chan.request({"t": "config", "config": plain, "source": cfg.source,
                                    "listeners": names}, fds, timeout_s=10)
-        results = await asyncio.gather(*[config_for(h) for h in self.workers if h is not None],
-                                       return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException) or not r[0].get("ok")]
-        if failed:
+        error = await self._on_every_worker(config_for)
+        if error is not None:
             # workers apply all-or-nothing; one that failed keeps its old config
             self.reload_failures += 1
-            err = failed[0]
-            msg = str(err) if isinstance(err, BaseException) else err[0].get("error")
             _close_groups(new_socks)
-            return False, [f"apply: {msg}"]
+            return False, [f"apply: {error}"]
         self.sockets.update(new_socks)
         keep = {_addr_key(lc.address) for lc in cfg.listeners}
         for key in list(self.sockets):

@@ -161,7 +161,10 @@ class Composed:
 def with_assignment(c: dict, assignments: dict) -> dict:
     """An EDS cluster as the translator reads it: static, holding its load assignment
     (not cached: for translating one changed cluster on its own)."""
-    a = assignments.get(_eds_name(c))
+    return _view(c, assignments.get(_eds_name(c)))
+
+
+def _view(c: dict, a: dict | None) -> dict:
     view = dict(c, type="STATIC")
     view.pop("eds_cluster_config", None)
     view["load_assignment"] = a if a is not None else {"cluster_name": _eds_name(c)}
@@ -176,10 +179,7 @@ def _with_assignment(c: dict, assignments: dict) -> dict:
     key = (id(c), id(a))
     hit = _VIEWS.get(key)
     if hit is None or hit[0] is not c or hit[1] is not a:
-        view = dict(c, type="STATIC")
-        view.pop("eds_cluster_config", None)
-        view["load_assignment"] = a if a is not None else {"cluster_name": _eds_name(c)}
-        hit = (c, a, view)
+        hit = (c, a, _view(c, a))
     _VIEWS_NEXT[key] = hit
     return hit[2]
 
