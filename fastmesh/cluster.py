@@ -1,10 +1,12 @@
 """Endpoint resolution for clusters: IP literals at once, hostnames through the loop's
-resolver (IPv4 addresses if the name has any, else IPv6), re-resolved every ``dns_refresh_ms``. A failed lookup keeps the last good
-addresses (and logs); a cluster with no address at all answers 503 until one resolves.
+resolver (IPv4 addresses if the name has any, else IPv6), re-resolved every
+``dns_refresh_ms``. A failed lookup keeps the last good addresses (and logs); a cluster with
+no address at all answers 503 until one resolves.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -16,6 +18,7 @@ from fastmesh.config import model
 log = logging.getLogger("fastmesh.cluster")
 
 
+@functools.lru_cache(maxsize=65536)     # EDS resends the same addresses, thousands at a time
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

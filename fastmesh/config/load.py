@@ -111,10 +111,16 @@ def _json_fallback(text: str) -> Any:
         return _MISSING
 
 
-def load_dict(data: Any, source: str = "<string>") -> Config:
+def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = None) -> Config:
     """Validate already-parsed config data and build the typed ``Config``
-    (an Envoy v3 bootstrap is handed to ``fastmesh.config.envoy``)."""
+    (an Envoy v3 bootstrap is handed to ``fastmesh.config.envoy``).
+
+    ``clusters``: cluster models checked before (name -> ``Cluster``), taken as they are in
+    addition to the data's own ``clusters``: a config source that changes a few clusters
+    of thousands sends only those (see ``to_dict(cfg, except_clusters=...)``)."""
     from .envoy import load_bootstrap, looks_like_bootstrap
+    if clusters and looks_like_bootstrap(data):
+        raise ConfigError([f"{source}: prebuilt clusters go with the native form only"], source)
     if looks_like_bootstrap(data):
         return load_bootstrap(data, source)
     if data is None:
@@ -137,6 +143,7 @@ def load_dict(data: Any, source: str = "<string>") -> Config:
     if isinstance(clusters_raw, list):
         known_clusters = {e["name"] for e in clusters_raw
                           if isinstance(e, dict) and isinstance(e.get("name"), str)}
+        known_clusters.update(clusters or ())
     known_tables: Optional[set] = None
     if isinstance(tables_raw, dict):
         known_tables = {k for k in tables_raw if isinstance(k, str)}
@@ -146,7 +153,13 @@ def load_dict(data: Any, source: str = "<string>") -> Config:
         c.err("listeners", "missing required key")
     listeners = _listeners(c, data.get("listeners", []), known_tables, known_clusters, admin)
     route_tables = _route_tables(c, tables_raw, known_clusters)
+    prebuilt = clusters or {}
     clusters = _clusters(c, clusters_raw)
+    for name, cl in prebuilt.items():
+        if name in clusters:
+            c.err("clusters", f"duplicate cluster name {name!r} (also given prebuilt)")
+        else:
+            clusters[name] = cl
 
     kw: dict[str, Any] = {}
     if "workers" in data:
@@ -166,12 +179,13 @@ def load_dict(data: Any, source: str = "<string>") -> Config:
                   clusters=clusters, source=source, **kw)
 
 
-def to_dict(cfg: Config) -> dict:
+def to_dict(cfg: Config, except_clusters: frozenset | set = frozenset()) -> dict:
     """The config as plain JSON-serialisable data, in the same shape ``load_dict`` accepts.
 
     Every field is written out (defaults included), except unset optional ones (None) and empty
     tuples; addresses become "host:port" strings; route tables always use ``virtual_hosts``.
-    ``load_dict(to_dict(cfg), cfg.source) == cfg``.
+    ``load_dict(to_dict(cfg), cfg.source) == cfg``. The clusters named in ``except_clusters``
+    are left out (the receiver has them: ``load_dict(..., clusters=...)``).
     """
     return {
         "admin": None if cfg.admin is None else {"address": str(cfg.admin.address)},
@@ -179,10 +193,28 @@ def to_dict(cfg: Config) -> dict:
         "route_tables": {name: {"virtual_hosts": [_plain(vh) for vh in rt.virtual_hosts],
                                 "strip_host_port": rt.strip_host_port}
                          for name, rt in cfg.route_tables.items()},
-        "clusters": [_plain(cl) for cl in cfg.clusters.values()],
+        "clusters": [_plain_cluster(cl) for name, cl in cfg.clusters.items()
+                     if name not in except_clusters],
         "workers": cfg.workers,
         "drain_timeout_ms": cfg.drain_timeout_ms,
     }
+
+
+def _plain_cluster(cl: Cluster) -> dict:
+    """A cluster as plain data: kept for the model object (models are immutable), since a
+    control plane's configs share most of their clusters from one version to the next."""
+    hit = _PLAIN_CLUSTERS.get(id(cl))
+    if hit is not None and hit[0] is cl:
+        return hit[1]
+    if len(_PLAIN_CLUSTERS) >= _PLAIN_CLUSTERS_MAX:
+        _PLAIN_CLUSTERS.clear()
+    d = _plain(cl)
+    _PLAIN_CLUSTERS[id(cl)] = (cl, d)
+    return d
+
+
+_PLAIN_CLUSTERS: dict = {}      # id(Cluster) -> (that Cluster, its plain data), read only
+_PLAIN_CLUSTERS_MAX = 65536
 
 
 def _plain(obj: Any) -> Any:

@@ -77,6 +77,9 @@ class WorkerHandle:
         self.last_stats: dict | None = None     # latest counters (its final ones once sent)
         self.final = False                      # the worker sent its final counters
         self.absorbed = False                   # last_stats added to Supervisor.carried
+        # the cluster models this worker holds (name -> model): those a new config shares
+        # with it are not sent again
+        self.clusters: dict = {}
 
 
 class Supervisor:
@@ -89,6 +92,7 @@ class Supervisor:
         self.nworkers = workers or cfg.workers
         self.upgrade_path = upgrade_path
         self.log_level = log_level
+        self.last_apply: dict = {}      # what the last config change sent the workers
         self.started = False
         # address -> its SO_REUSEPORT group of listening sockets (>= one per worker)
         self.sockets: dict[str, list] = {}
@@ -249,6 +253,7 @@ class Supervisor:
         if not reply.get("ok"):
             proc.kill()
             raise RuntimeError(f"worker {i} failed to start: {reply.get('error')}")
+        h.clusters = self.cfg.clusters
         h.ready = True
 
     def _on_worker_message(self, h: WorkerHandle, msg: dict, fds: list) -> None:
@@ -365,8 +370,13 @@ class Supervisor:
         """Only some clusters' endpoints change (EDS): each worker replaces those endpoint
         sets in place; nothing else is rebuilt. `cfg` is the config with them changed."""
         async with self._apply_lock:
-            error = await self._on_every_worker(
-                lambda h: h.chan.request({"t": "endpoints", "clusters": updates}, timeout_s=10))
+            async def endpoints_for(h):
+                reply = await h.chan.request({"t": "endpoints", "clusters": updates},
+                                             timeout_s=10)
+                if reply[0].get("ok"):
+                    h.clusters = dict(h.clusters, **{n: cfg.clusters[n] for n in updates})
+                return reply
+            error = await self._on_every_worker(endpoints_for)
             if error is not None:
                 return False, [f"apply: {error}"]
             self.cfg = cfg
@@ -397,12 +407,22 @@ class Supervisor:
                    if lc.name not in old_by_name or old_by_name[lc.name].address != lc.address]
         all_socks = dict(self.sockets, **new_socks)
 
-        plain = to_dict(cfg)
+        # clusters every worker already holds (the very models) are named, not sent: a
+        # control plane's update of a route or a listener leaves thousands of them alone
+        live = [h for h in self.workers if h is not None]
+        keep = {n for n, cl in cfg.clusters.items() if all(h.clusters.get(n) is cl for h in live)}
+        plain = to_dict(cfg, except_clusters=keep)
+        keep_names = sorted(keep)
+        self.last_apply = {"clusters_sent": len(plain["clusters"]), "clusters_kept": len(keep)}
 
-        def config_for(h):
+        async def config_for(h):
             names, fds = self._listener_fds(h.index, changed, all_socks)
-            return h.chan.request({"t": "config", "config": plain, "source": cfg.source,
-                                   "listeners": names}, fds, timeout_s=10)
+            reply = await h.chan.request({"t": "config", "config": plain, "source": cfg.source,
+                                          "keep_clusters": keep_names, "listeners": names},
+                                         fds, timeout_s=10)
+            if reply[0].get("ok"):
+                h.clusters = cfg.clusters
+            return reply
         error = await self._on_every_worker(config_for)
         if error is not None:
             # workers apply all-or-nothing; one that failed keeps its old config
@@ -425,7 +445,8 @@ class Supervisor:
 
     async def _admin_xds(self, body: bytes):
         import json
-        return 200, "application/json", (json.dumps(self.xds.status(), indent=2) + "\n").encode()
+        out = dict(self.xds.status(), last_apply=self.last_apply)
+        return 200, "application/json", (json.dumps(out, indent=2) + "\n").encode()
 
     async def _admin_reload(self, body: bytes):
         import json

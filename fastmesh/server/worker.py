@@ -4,8 +4,10 @@ SEQPACKET socket pair (fastmesh.server.ipc).
 Started by the supervisor as ``python -m fastmesh.server.worker --ctrl-fd N --loop uvloop``.
 Messages it takes (each answered with ``{"t": "reply", "ok": ...}``):
 
-    config    {"config": <config map>, "listeners": [names]} + one listening fd per name (a
-              name repeats when the worker serves several sockets of its address's group)
+    config    {"config": <config map>, "keep_clusters": [names], "listeners": [names]} + one
+              listening fd per name (a name repeats when the worker serves several sockets of
+              its address's group); the clusters named in keep_clusters are not in the
+              config map: the worker keeps its own, unchanged
     stats     -> {"stats": {...}}
     clusters  -> {"clusters": {...}}
     endpoints {"clusters": {name: ["host:port", ...]}}: new endpoint sets for some clusters
@@ -83,7 +85,15 @@ class Worker:
     # -- handlers --
 
     async def _on_config(self, msg, fds):
-        cfg = load_dict(msg["config"], source=msg.get("source", "<supervisor>"))
+        held = self.plane.cfg.clusters if self.plane.cfg is not None else {}
+        keep = msg.get("keep_clusters") or ()
+        missing = [n for n in keep if n not in held]
+        if missing:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"asked to keep clusters this worker does not have: {missing[:5]}")
+        cfg = load_dict(msg["config"], source=msg.get("source", "<supervisor>"),
+                        clusters={n: held[n] for n in keep})
         names = msg.get("listeners", [])
         if len(names) != len(fds):
             for fd in fds:

@@ -82,15 +82,16 @@ class XdsSource:
         """EDS: only the clusters whose load assignment changed are translated, and the
         workers get their new endpoint sets alone (pools to endpoints that stay are kept;
         listeners and route tables are not touched)."""
+        from fastmesh.config.envoy import translate_cluster_cached
         from fastmesh.config.envoy._common import EnvoyChecker
-        from fastmesh.config.envoy.cluster import translate_cluster
         old, new = self.state.resources[R.ENDPOINT], candidate.resources[R.ENDPOINT]
         changed = {n for n in set(old) | set(new) if old.get(n) is not new.get(n)}
         models, errors = {}, []
         for eds in sorted(changed):
             for raw in self._last.eds_users.get(eds, ()):
                 c = EnvoyChecker()
-                model = translate_cluster(c, R.with_assignment(raw, new), "cluster", {})
+                # remembered (view and translation) for the next full pass to reuse
+                model, _ = translate_cluster_cached(c, R.eds_view(raw, new), "cluster", {})
                 if c.errors:
                     errors += [f"cluster load assignment {eds!r}: "
                                f"{e[len('cluster.'):] if e.startswith('cluster.') else e}"

@@ -35,8 +35,9 @@ def plane(tmp_path_factory):
     admin_port = free_port()
     path = tmp / "bootstrap.yaml"
     path.write_text(yaml.safe_dump(bootstrap(admin_port, srv.port)))
+    # two workers: every update must reach both (SO_REUSEPORT spreads the test's connections)
     fm = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(path), "--log-level", "info",
-               "--upgrade-socket", str(tmp / "upgrade.sock")], name="fastmesh")
+               "--workers", "2", "--upgrade-socket", str(tmp / "upgrade.sock")], name="fastmesh")
     started.append(fm)
     try:
         wait_ready(admin_port, fm)
@@ -131,6 +132,11 @@ def test_rds_change_seen_on_a_keepalive_connection(plane):
     c.request(path="/x")                    # the same connection, the new route table
     assert c.read_response().body == b"x route"
     c.close()
+    # the workers were sent the route table alone: they kept the cluster EDS had changed,
+    # with its new endpoints (new connections land on either worker)
+    assert get_json(plane["admin"], "/xds")["last_apply"] == {"clusters_sent": 0,
+                                                             "clusters_kept": 1}
+    assert {_get(port) for _ in range(12)} == {(200, b"hello from up2\n")}
 
 
 def test_refused_resource_is_nacked_and_old_config_serves(plane):

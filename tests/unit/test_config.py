@@ -956,6 +956,24 @@ def test_to_dict_shape():
     assert "source" not in d
 
 
+def test_clusters_sent_apart_from_the_rest():
+    """What a worker is sent when it already holds some clusters: the rest of the config,
+    and the names of those it keeps; the result is the same config."""
+    cfg = load_text(EXAMPLE)
+    kept = {"web": cfg.clusters["web"]}
+    d = to_dict(cfg, except_clusters=kept.keys())
+    assert "web" not in {c["name"] for c in d["clusters"]}
+    again = load_dict(d, cfg.source, clusters=kept)
+    assert again.clusters["web"] is kept["web"]          # taken as it is
+    assert again == cfg
+    with pytest.raises(ConfigError) as e:                  # routes still need their clusters
+        load_dict(d, cfg.source)
+    assert any("web" in err for err in e.value.errors)
+    with pytest.raises(ConfigError) as e:                  # one name, twice
+        load_dict(to_dict(cfg), cfg.source, clusters=kept)
+    assert "duplicate cluster name 'web'" in " ".join(e.value.errors)
+
+
 def test_round_trip_everything_else():
     d = base()
     d["admin"] = None

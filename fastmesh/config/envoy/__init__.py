@@ -86,6 +86,7 @@ def translate_composed(data: Any, source: str = "<string>") -> Config:
     listeners: list = []
     tables: dict = {}
     clusters: dict = {}
+    checked: dict = {}          # clusters whose earlier translation (and check) is reused
     if "static_resources" in top:
         sr = c.message(top.get("static_resources"), top.p("static_resources"), {
             "listeners": None, "clusters": None,
@@ -100,17 +101,20 @@ def translate_composed(data: Any, source: str = "<string>") -> Config:
                         known.add(item["name"])
             names: dict = {}
             ads_cluster = ads_cluster_name(top) if "dynamic_resources" in top else None
-            _FRESH.clear()
+            fresh: dict = {}
             for i, item in enumerate(c.seq(raw_clusters, sr.p("clusters"))):
                 if isinstance(item, dict) and ads_cluster and item.get("name") == ads_cluster:
                     continue        # the control plane's cluster: where ADS goes, not data
-                cl = _translate_cluster_cached(c, item, f"{sr.p('clusters')}[{i}]", names)
-                if i == len(raw_clusters) - 1:
-                    # only what this document holds stays cached (bounded by its size)
-                    _CLUSTERS.clear()
-                    _CLUSTERS.update(_FRESH)
+                cl, reused = translate_cluster_cached(c, item, f"{sr.p('clusters')}[{i}]",
+                                                      names, fresh)
                 if cl is not None and cl.name is not None and cl.name not in clusters:
                     clusters[cl.name] = cl
+                    if reused:
+                        checked[cl.name] = cl
+            if isinstance(raw_clusters, list):
+                # only what this document holds stays cached (bounded by its size)
+                _CLUSTERS.clear()
+                _CLUSTERS.update(fresh)
             lnames: dict = {}
             addrs: dict = {}
             if admin is not None and admin.address is not None and admin.address.port:
@@ -141,34 +145,39 @@ def translate_composed(data: Any, source: str = "<string>") -> Config:
                  clusters=clusters, source=source, xds=xds)
     # Belt and braces: the model's own invariants, checked by the native loader. A problem
     # found only here is a gap in this translator; it is still reported, never ignored.
+    # (Clusters whose translation is reused were checked so when they were first made.)
     try:
-        load_dict(to_dict(cfg), source)
+        load_dict(to_dict(cfg, except_clusters=checked.keys()), source, clusters=checked)
     except ConfigError as e:
         raise ConfigError([f"(as translated) {err}" for err in e.errors], source) from None
     return cfg
 
 
-_CLUSTERS: dict = {}    # id(cluster data) -> (that data, its model): clean translations
+_CLUSTERS: dict = {}    # name -> (cluster data, its model): clean translations
 
 
-def _translate_cluster_cached(c: EnvoyChecker, item, path: str, names: dict):
-    """A control plane resends every cluster with each update; one whose data is the very
+def translate_cluster_cached(c: EnvoyChecker, item, path: str, names: dict,
+                             fresh: dict | None = None) -> tuple:
+    """-> (the cluster's model or None, whether an earlier translation was reused).
+
+    A control plane resends every cluster with each update; one whose data is the very
     object translated before (it is never changed in place) translated cleanly then, and does
-    again. Only its name still has to be unique among this document's clusters."""
-    hit = _CLUSTERS.get(id(item))
+    again. Only its name still has to be unique among this document's clusters. A clean
+    translation is remembered in ``fresh`` (a full translation's new cache) or, without it,
+    in the cache itself (one cluster translated between full passes: an EDS update)."""
+    name = item.get("name") if isinstance(item, dict) else None
+    hit = _CLUSTERS.get(name) if isinstance(name, str) else None
+    into = _CLUSTERS if fresh is None else fresh
     if hit is not None and hit[0] is item:
         model = hit[1]
         c.unique_name(model.name, f"{path}.name", "cluster", names)
-        _FRESH[id(item)] = hit
-        return model
+        into[name] = hit
+        return model, True
     before = (len(c.errors), len(c.notes))
     model = translate_cluster(c, item, path, names)
-    if model is not None and (len(c.errors), len(c.notes)) == before:
-        _FRESH[id(item)] = (item, model)
-    return model
-
-
-_FRESH: dict = {}       # this translation's entries: they replace _CLUSTERS when it ends
+    if model is not None and isinstance(name, str) and (len(c.errors), len(c.notes)) == before:
+        into[name] = (item, model)
+    return model, False
 
 
 def _admin(c: EnvoyChecker, top) -> Any:

@@ -28,7 +28,15 @@ _CAMEL = re.compile(r"[A-Z]")
 
 def snake(name: str) -> str:
     """``statPrefix`` -> ``stat_prefix``; proto names come back unchanged."""
-    return _CAMEL.sub(lambda m: "_" + m.group(0).lower(), name)
+    s = _SNAKE.get(name)
+    if s is None:
+        s = _CAMEL.sub(lambda m: "_" + m.group(0).lower(), name)
+        if len(_SNAKE) < 4096:          # field names: a bounded vocabulary, unless hostile
+            _SNAKE[name] = s
+    return s
+
+
+_SNAKE: dict = {}
 
 
 class Msg:
@@ -202,5 +210,15 @@ def is_ip(host: str) -> bool:
     return True
 
 
-__all__ = ["EnvoyChecker", "Msg", "NOT_YET", "UNKNOWN", "_MISSING", "_show", "is_ip", "log",
-           "snake"]
+@functools.lru_cache(maxsize=65536)
+def is_ipv4(host: str) -> bool:
+    """A dotted-quad IPv4 address, written the one way the native reader also takes it."""
+    import ipaddress
+    try:
+        return str(ipaddress.IPv4Address(host)) == host
+    except ValueError:
+        return False
+
+
+__all__ = ["EnvoyChecker", "Msg", "NOT_YET", "UNKNOWN", "_MISSING", "_show", "is_ip", "is_ipv4",
+           "log", "snake"]

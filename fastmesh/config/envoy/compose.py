@@ -158,12 +158,6 @@ class Composed:
     eds_users: dict = field(default_factory=dict)   # EDS name -> the clusters it feeds
 
 
-def with_assignment(c: dict, assignments: dict) -> dict:
-    """An EDS cluster as the translator reads it: static, holding its load assignment
-    (not cached: for translating one changed cluster on its own)."""
-    return _view(c, assignments.get(_eds_name(c)))
-
-
 def _view(c: dict, a: dict | None) -> dict:
     view = dict(c, type="STATIC")
     view.pop("eds_cluster_config", None)
@@ -175,16 +169,28 @@ def _with_assignment(c: dict, assignments: dict) -> dict:
     """An EDS cluster as a static one holding its load assignment, as EDS last sent it (none
     yet: no endpoint, so requests get 503 until it comes). The same cluster and assignment
     objects give the same object back, so an unchanged cluster's translation is reused."""
+    name = c.get("name")
     a = assignments.get(_eds_name(c))
-    key = (id(c), id(a))
-    hit = _VIEWS.get(key)
+    hit = _VIEWS.get(name)
     if hit is None or hit[0] is not c or hit[1] is not a:
         hit = (c, a, _view(c, a))
-    _VIEWS_NEXT[key] = hit
+    _VIEWS_NEXT[name] = hit
     return hit[2]
 
 
-_VIEWS: dict = {}       # (id(cluster), id(assignment)) -> (cluster, assignment, view)
+def eds_view(c: dict, assignments: dict) -> dict:
+    """``_with_assignment`` between two compositions (an EDS update applied on its own): the
+    view is remembered for the next composition, so the translation made of it now is the
+    one the next full pass reuses."""
+    name = c.get("name")
+    a = assignments.get(_eds_name(c))
+    hit = _VIEWS.get(name)
+    if hit is None or hit[0] is not c or hit[1] is not a:
+        hit = _VIEWS[name] = (c, a, _view(c, a))
+    return hit[2]
+
+
+_VIEWS: dict = {}       # cluster name -> (cluster, assignment, view)
 _VIEWS_NEXT: dict = {}  # the views the composition under way uses: they become _VIEWS
 
 
