@@ -9,7 +9,8 @@ catch-all) and one listener; then, under wrk load through the listener, it makes
 changes (each replaces one cluster's endpoints; every tenth moves the cluster that carries
 the load between two upstreams). Reported:
 
-- push -> ACK: from the first push until all four types are acknowledged (ms);
+- push -> ACK: from the first push (the proxy is up and has subscribed to CDS and LDS)
+  until all four types are acknowledged (ms);
 - EDS change -> ACK (median, p95, ms), and EDS change -> traffic on the new upstream
   (median, max, ms, polled every 5 ms on its own keep-alive connection);
 - RSS of all the proxy's processes after the push (MiB);
@@ -81,6 +82,10 @@ def run_side(who: str, args, ups: dict, tmp: Path) -> dict:
         assignments = [assignment("c0", ups["up1"])] + [
             fake_assignment(c, i, m) for i, c in enumerate(names) if i]
         routes = [to_cluster(f"/{c}/", c) for c in names] + [to_cluster("/", "c0")]
+        # the clock starts when the proxy is up and subscribed, not while it starts (Envoy
+        # reports ready only after its first CDS/LDS answers: that is what is measured)
+        srv.wait_request(lambda r: r.type_url == CLUSTER, timeout=60)
+        srv.wait_request(lambda r: r.type_url == LISTENER, timeout=60)
         mark = len(srv.requests)
         t0 = time.monotonic()
         srv.set(CLUSTER, "c1", clusters)
