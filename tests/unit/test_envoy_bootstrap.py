@@ -266,6 +266,19 @@ def test_two_http_listeners_with_the_same_route_config_name():
         ["web", "http2/web"]
 
 
+def test_filters_are_chosen_by_their_typed_config_not_their_name():
+    """As in Envoy, a filter's name is only a name when it has a typed_config: an HTTP
+    connection manager called "hcm" with a router called "r" is the usual listener."""
+    b = bootstrap()
+    b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["name"] = "hcm"
+    hcm(b)["http_filters"][-1]["name"] = "r"
+    assert load_bootstrap(b) == load_bootstrap(bootstrap())
+    b = bootstrap()             # the router's name on another filter's config is not a router
+    hcm(b)["http_filters"][-1]["typed_config"] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}
+    assert any("no envoy.filters.http.router" in e for e in errors_of(b))
+
+
 def test_optional_and_disabled_http_filters_are_skipped_with_a_note(caplog):
     b = bootstrap()
     hcm(b)["http_filters"][:0] = [
@@ -318,9 +331,12 @@ LISTENER_REFUSALS = [
         0, {"name": "envoy.filters.network.rbac", "typed_config": {}}),
      "static_resources.listeners[0].filter_chains[0].filters", "2 network filters"),
     (lambda b: b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0].update(
-        name="envoy.filters.network.redis_proxy"),
-     "static_resources.listeners[0].filter_chains[0].filters[0].name",
-     "network filter 'envoy.filters.network.redis_proxy': not supported"),
+        name="envoy.filters.network.redis_proxy", typed_config={
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3."
+                     "RedisProxy", "stat_prefix": "r"}),
+     "static_resources.listeners[0].filter_chains[0].filters[0].typed_config",
+     "network filter 'envoy.filters.network.redis_proxy' (type.googleapis.com/envoy."
+     "extensions.filters.network.redis_proxy.v3.RedisProxy): not supported"),
     (lambda b: b["static_resources"]["listeners"][0].update(listener_filters=[]),
      "static_resources.listeners[0].listener_filters", "listener filters"),
     (lambda b: b["static_resources"]["listeners"][0].update(bogus=1),

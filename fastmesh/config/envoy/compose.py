@@ -40,46 +40,77 @@ class State:
         return new
 
 
+def _get(d, name: str, default=None):
+    """A field by its proto name or its JSON (lowerCamelCase) name: a bootstrap file may use
+    either, as Envoy reads both. Anything that is not a mapping has no fields."""
+    if not isinstance(d, dict):
+        return default
+    if name in d:
+        return d[name]
+    camel = _CAMEL.get(name)
+    if camel is None:
+        head, *rest = name.split("_")
+        camel = _CAMEL[name] = head + "".join(w[:1].upper() + w[1:] for w in rest)
+    return d.get(camel, default)
+
+
+def _key(d: dict, name: str) -> str:
+    """The key ``name`` is spelled with in ``d`` (the proto name when absent)."""
+    if name in d or _get(d, name, _ABSENT) is _ABSENT:
+        return name
+    return _CAMEL[name]
+
+
+_CAMEL: dict = {}
+_ABSENT = object()
+
+
+def _items(d, name: str):
+    v = _get(d, name)
+    return v if isinstance(v, list) else ()
+
+
 def _hcm_configs(listener: dict):
-    for fc in listener.get("filter_chains") or ():
-        for flt in fc.get("filters") or ():
-            tc = flt.get("typed_config") or {}
-            if tc.get("@type", "").endswith(HCM):
+    for fc in _items(listener, "filter_chains"):
+        for flt in _items(fc, "filters"):
+            tc = _get(flt, "typed_config")
+            if isinstance(tc, dict) and str(tc.get("@type", "")).endswith(HCM):
                 yield tc
 
 
 def _rds_refs(listener: dict):
     for tc in _hcm_configs(listener):
-        rds = tc.get("rds")
-        if rds is not None:
-            yield rds.get("route_config_name", ""), tc
+        name = _get(tc.get("rds"), "route_config_name")
+        if isinstance(name, str):       # else the translator says what is wrong
+            yield name, tc
 
 
 def _route_clusters(route_config: dict):
-    for vh in route_config.get("virtual_hosts") or ():
-        for r in vh.get("routes") or ():
-            action = r.get("route") or {}
-            if isinstance(action.get("cluster"), str):
-                yield action["cluster"]
-            for wc in (action.get("weighted_clusters") or {}).get("clusters") or ():
-                if isinstance(wc.get("name"), str):
-                    yield wc["name"]
+    for vh in _items(route_config, "virtual_hosts"):
+        for r in _items(vh, "routes"):
+            action = _get(r, "route") or {}
+            if isinstance(_get(action, "cluster"), str):
+                yield _get(action, "cluster")
+            for wc in _items(_get(action, "weighted_clusters"), "clusters"):
+                if isinstance(_get(wc, "name"), str):
+                    yield _get(wc, "name")
 
 
 def _tcp_clusters(listener: dict):
-    for fc in listener.get("filter_chains") or ():
-        for flt in fc.get("filters") or ():
-            tc = flt.get("typed_config") or {}
-            if tc.get("@type", "").endswith(TCP_PROXY) and isinstance(tc.get("cluster"), str):
+    for fc in _items(listener, "filter_chains"):
+        for flt in _items(fc, "filters"):
+            tc = _get(flt, "typed_config")
+            if isinstance(tc, dict) and str(tc.get("@type", "")).endswith(TCP_PROXY) \
+                    and isinstance(tc.get("cluster"), str):
                 yield tc["cluster"]
 
 
 def _is_eds(cluster: dict) -> bool:
-    return cluster.get("type") == "EDS"
+    return _get(cluster, "type") == "EDS"
 
 
 def _eds_name(cluster: dict) -> str:
-    return (cluster.get("eds_cluster_config") or {}).get("service_name") or cluster["name"]
+    return _get(_get(cluster, "eds_cluster_config"), "service_name") or cluster.get("name")
 
 
 def compose(static: dict, state: State) -> "Composed":
@@ -87,15 +118,17 @@ def compose(static: dict, state: State) -> "Composed":
     accepted so far (static first, as in the file), with what it still needs from the
     control plane. Static listeners and clusters may use RDS and EDS over the same stream."""
     doc = dict(static)          # dynamic_resources kept: it names the control plane's cluster
-    sr = copy.deepcopy(static.get("static_resources") or {})
-    listeners = list(sr.get("listeners") or [])
-    clusters = list(sr.get("clusters") or [])
+    sr = copy.deepcopy(_get(static, "static_resources") or {})
+    if not isinstance(sr, dict):
+        return Composed(doc, {}, [], {ROUTE: set(), ENDPOINT: set()})  # the translator says
+    listeners = list(_items(sr, "listeners"))
+    clusters = list(_items(sr, "clusters"))
     origins: dict = {}
     routes, assignments = state.resources[ROUTE], state.resources[ENDPOINT]
     wanted_eds: set = set()
     eds_users: dict = {}
     for i, c in enumerate(clusters):
-        if isinstance(c, dict) and _is_eds(c) and static.get("dynamic_resources"):
+        if isinstance(c, dict) and _is_eds(c) and _get(static, "dynamic_resources"):
             # a static EDS cluster, fed by the same ADS stream
             wanted_eds.add(_eds_name(c))
             eds_users.setdefault(_eds_name(c), []).append(c)
@@ -118,6 +151,9 @@ def compose(static: dict, state: State) -> "Composed":
     dynamic = [(None, lst) for lst in static_listeners] + sorted(
         state.resources[LISTENER].items())
     for name, lst in dynamic:
+        if not isinstance(lst, dict):
+            listeners.append(lst)           # the translator says what is wrong with it
+            continue
         lst = copy.deepcopy(lst)
         refs = list(_rds_refs(lst))
         wanted_routes.update(rc for rc, _ in refs)
@@ -126,7 +162,7 @@ def compose(static: dict, state: State) -> "Composed":
             continue
         for rc, tc in refs:
             del tc["rds"]
-            tc["route_config"] = routes[rc]        # read only, never changed
+            tc[_key(tc, "route_config")] = routes[rc]      # read only, never changed
             unchecked_refs.update(_route_clusters(tc["route_config"]))
         if name is not None:
             unchecked_refs.update(_tcp_clusters(lst))
@@ -135,12 +171,12 @@ def compose(static: dict, state: State) -> "Composed":
     # Envoy does not check the clusters an RDS route configuration or a tcp_proxy names: a
     # cluster that does not exist (yet) answers 503 / closes the connection at request time.
     # Such a name gets a cluster without endpoints, which behaves the same way here.
-    known = {c.get("name") for c in clusters}
+    known = {c.get("name") for c in clusters if isinstance(c, dict)}
     for name in sorted(unchecked_refs - known):
         clusters.append({"name": name, "type": "STATIC", "connect_timeout": "5s",
                          "load_assignment": {"cluster_name": name}})
-    sr["listeners"], sr["clusters"] = listeners, clusters
-    doc["static_resources"] = sr
+    sr[_key(sr, "listeners")], sr[_key(sr, "clusters")] = listeners, clusters
+    doc[_key(static, "static_resources")] = sr
     # only what this composition used stays cached (bounded by the config's size)
     _VIEWS.clear()
     _VIEWS.update(_VIEWS_NEXT)
@@ -159,9 +195,11 @@ class Composed:
 
 
 def _view(c: dict, a: dict | None) -> dict:
-    view = dict(c, type="STATIC")
+    view = dict(c)
+    view[_key(c, "type")] = "STATIC"
     view.pop("eds_cluster_config", None)
-    view["load_assignment"] = a if a is not None else {"cluster_name": _eds_name(c)}
+    view.pop("edsClusterConfig", None)
+    view[_key(c, "load_assignment")] = a if a is not None else {"cluster_name": _eds_name(c)}
     return view
 
 

@@ -125,17 +125,36 @@ def _network_filter(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
     tc = c.need(f, "typed_config")
     if tc is _MISSING or fname is None:
         return None
-    if fname == "envoy.filters.network.http_connection_manager":
+    # as Envoy: the typed_config's type chooses the filter; its name is only a name
+    kind = _network_filter_kind(tc) or fname
+    if kind == "envoy.filters.network.http_connection_manager":
         return _hcm(c, tc, f.p("typed_config"), kw, listener_name, known_clusters, table_names)
-    if fname == "envoy.filters.network.tcp_proxy":
+    if kind == "envoy.filters.network.tcp_proxy":
         _tcp_proxy(c, tc, f.p("typed_config"), kw, known_clusters)
         return None
-    if fname == BOLT_FILTER:
+    if kind == BOLT_FILTER:
         return _bolt_proxy(c, tc, f.p("typed_config"), kw, listener_name, known_clusters,
                            table_names)
-    c.err(f.p("name"), f"network filter {fname!r}: {NOT_YET} (supported: "
-                       "envoy.filters.network.http_connection_manager, "
-                       f"envoy.filters.network.tcp_proxy, {BOLT_FILTER})")
+    t = tc.get("@type") if isinstance(tc, dict) else None
+    c.err(f.p("typed_config") if isinstance(t, str) else f.p("name"),
+          f"network filter {fname!r}{f' ({t})' if isinstance(t, str) else ''}: {NOT_YET} "
+          "(supported: envoy.filters.network.http_connection_manager, "
+          f"envoy.filters.network.tcp_proxy, {BOLT_FILTER})")
+    return None
+
+
+def _network_filter_kind(tc) -> Optional[str]:
+    """The filter a typed_config's @type (a TypedStruct's type_url) names, if fastmesh has it."""
+    if not isinstance(tc, dict):
+        return None
+    t = tc.get("@type")
+    if t == "type.googleapis.com/" + HCM:
+        return "envoy.filters.network.http_connection_manager"
+    if t == "type.googleapis.com/" + TCP_PROXY:
+        return "envoy.filters.network.tcp_proxy"
+    if t in TYPED_STRUCTS:
+        inner = tc.get("type_url", tc.get("typeUrl"))
+        return BOLT_FILTER if inner in (None, BOLT_TYPE_URL) else None
     return None
 
 
@@ -269,7 +288,11 @@ def _http_filters(c: EnvoyChecker, m) -> None:
         optional = "is_optional" in f and c.boolean(f.get("is_optional"),
                                                    f.p("is_optional")) is True
         disabled = "disabled" in f and c.boolean(f.get("disabled"), f.p("disabled")) is True
-        if fname == "envoy.filters.http.router":
+        tc = f.get("typed_config")
+        # as Envoy: the typed_config's type chooses the filter; its name is only a name
+        router = (isinstance(tc, dict) and tc.get("@type") == "type.googleapis.com/" + ROUTER
+                  or tc is None and fname == "envoy.filters.http.router")
+        if router:
             routers += 1
             if disabled:
                 c.err(f.p("disabled"), "the router filter cannot be disabled")
