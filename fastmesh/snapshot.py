@@ -82,12 +82,32 @@ def _cluster_settings(c: model.Cluster) -> tuple:
 
 
 def new_cluster(c: model.Cluster) -> Cluster:
-    return Cluster(c.name, lb_policy=c.lb_policy, connect_timeout_ms=c.connect_timeout_ms,
-                   max_idle_per_endpoint=c.max_idle_per_endpoint,
-                   idle_timeout_ms=c.idle_timeout_ms,
-                   connections_per_endpoint=c.connections_per_endpoint,
-                   heartbeat_interval_ms=c.heartbeat_interval_ms,
-                   heartbeat_max_missed=c.heartbeat_max_missed)
+    cl = Cluster(c.name, lb_policy=c.lb_policy, connect_timeout_ms=c.connect_timeout_ms,
+                 max_idle_per_endpoint=c.max_idle_per_endpoint,
+                 idle_timeout_ms=c.idle_timeout_ms,
+                 connections_per_endpoint=c.connections_per_endpoint,
+                 heartbeat_interval_ms=c.heartbeat_interval_ms,
+                 heartbeat_max_missed=c.heartbeat_max_missed)
+    configure_health(cl, c)
+    return cl
+
+
+def configure_health(cl: Cluster, c: model.Cluster) -> None:
+    """Panic threshold and outlier detection: set in place, so a cluster carried over to a
+    new snapshot keeps its pools, counters and its endpoints' health."""
+    cl.panic_threshold_pct = c.healthy_panic_threshold_pct
+    od = c.outlier_detection
+    if od is None:
+        cl.configure_outlier()          # off
+    else:
+        cl.configure_outlier(
+            consecutive_5xx=od.consecutive_5xx,
+            consecutive_gateway=od.consecutive_gateway_failure,
+            enforcing_5xx_pct=od.enforcing_consecutive_5xx_pct,
+            enforcing_gateway_pct=od.enforcing_consecutive_gateway_failure_pct,
+            interval_ms=od.interval_ms, base_ejection_ms=od.base_ejection_time_ms,
+            max_ejection_ms=od.max_ejection_time_ms, max_ejection_pct=od.max_ejection_pct)
+    cl.refresh_health()
 
 
 def build(cfg: model.Config, previous: Snapshot | None = None) -> Snapshot:
@@ -100,6 +120,9 @@ def build(cfg: model.Config, previous: Snapshot | None = None) -> Snapshot:
         if (old is not None and old_cfg is not None
                 and _cluster_settings(old_cfg) == _cluster_settings(c)):
             clusters[name] = old
+            if (old_cfg.outlier_detection, old_cfg.healthy_panic_threshold_pct) != \
+                    (c.outlier_detection, c.healthy_panic_threshold_pct):
+                configure_health(old, c)
         else:
             clusters[name] = new_cluster(c)
     tables = {name: compile_route_table(t, clusters) for name, t in cfg.route_tables.items()}

@@ -282,6 +282,8 @@ cdef class HttpDownstream:
                 self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
             if self.connect_task is task and self.state == DS_CONNECTING:
                 self.connect_task = None
+                if self.cluster.od_enabled:
+                    self.cluster.observe(self.ep, 503)
                 rlog.warning((self.cluster.name, "connect"),
                              "cluster %s: connect to %s:%s failed: %s", self.cluster.name,
                             self.ep.host, self.ep.port, exc)
@@ -471,6 +473,8 @@ cdef class HttpDownstream:
                 return
             if not self.req_done:
                 self.close_after = True
+            if self.cluster.od_enabled:
+                self.cluster.observe(self.ep, 502)
             if reason_slot == LS_ERR_UPSTREAM_PROTOCOL:
                 self._local_response(502, b"upstream_protocol",
                                      b"upstream sent a malformed response\n", reason_slot)
@@ -675,10 +679,14 @@ cdef class HttpDownstream:
                 self.connect_task.cancel()
                 self.connect_task = None
             self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            if self.cluster.od_enabled:
+                self.cluster.observe(self.ep, 503)
             self._local_response(503, b"connect_timeout", b"upstream connect timeout\n",
                                  LS_ERR_CONNECT_FAILED)
         elif kind == DL_RESPONSE:
             self.cluster.counters.v[CS_RQ_TIMEOUT] += 1
+            if self.cluster.od_enabled:
+                self.cluster.observe(self.ep, 504)
             self._drop_upstream()
             if not self.req_done:
                 self.close_after = True
@@ -876,6 +884,8 @@ cdef class HttpUpstream:
             ds._on_upstream_lost(True, False, LS_ERR_UPSTREAM_PROTOCOL)
             return False
         self.cluster.counters.v[status_class_slot(h.status, CS_RSP_1XX)] += 1
+        if self.cluster.od_enabled:
+            self.cluster.observe(self.ep, h.status)
         ds._count_response(h.status)
         self.body_kind = h.body_kind
         self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0

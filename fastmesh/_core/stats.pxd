@@ -53,11 +53,17 @@ cdef enum:  # ClusterSlot
     CS_BOLT_STATUS_OTHER    # Bolt responses with a status not counted below
     CS_HEARTBEAT_SENT       # Bolt heartbeats the proxy sent upstream
     CS_HEARTBEAT_MISSED     # Bolt heartbeats unanswered
+    CS_LB_HEALTHY_PANIC     # picks made over all endpoints: too few were healthy
+    CS_OD_EJECTIONS         # outlier ejections enforced (all detectors)
+    CS_OD_EJECTIONS_5XX     # ... by consecutive 5xx
+    CS_OD_EJECTIONS_GATEWAY # ... by consecutive gateway failures (502/503/504, connect, reset)
+    CS_OD_EJECTIONS_OVERFLOW  # ejections not made: max_ejection_percent reached
+    CS_OD_EJECTIONS_ACTIVE  # endpoints ejected now (gauge)
     CS_SLOTS
 
 cdef class Counters:
     cdef:
-        int64_t v[32]            # slot values; index by ListenerSlot or ClusterSlot
+        int64_t v[48]            # slot values; index by ListenerSlot or ClusterSlot
         tuple names              # slot names for export, in slot order
         int nslots
 

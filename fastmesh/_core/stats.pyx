@@ -17,13 +17,18 @@ CLUSTER_SLOTS = (
     "upstream_rsp_5xx", "upstream_cx_total", "upstream_cx_active",
     "upstream_cx_connect_fail", "upstream_cx_idle_closed", "no_healthy_endpoint",
     "bolt_status_other", "heartbeat_sent", "heartbeat_missed",
+    "lb_healthy_panic", "outlier_ejections_enforced_total",
+    "outlier_ejections_enforced_consecutive_5xx",
+    "outlier_ejections_enforced_consecutive_gateway_failure", "outlier_ejections_overflow",
+    "outlier_ejections_active",
 )
 # slots that describe the present (the rest only ever count up)
 GAUGE_SLOTS = frozenset(("downstream_cx_active", "downstream_rq_active", "upstream_rq_active",
-                         "upstream_cx_active"))
+                         "upstream_cx_active", "outlier_ejections_active"))
 assert GAUGE_SLOTS <= set(LISTENER_SLOTS) | set(CLUSTER_SLOTS)
 assert len(LISTENER_SLOTS) == LS_SLOTS
 assert len(CLUSTER_SLOTS) == CS_SLOTS
+assert LS_SLOTS <= 48 and CS_SLOTS <= 48         # Counters.v
 
 
 cdef class Counters:

@@ -3,6 +3,8 @@
 # asks it for an endpoint per request. Connection pools hang off each Endpoint and belong to
 # the protocol modules (http_proxy: idle keep-alive list; bolt_proxy: multiplexed set).
 
+from libc.stdint cimport int64_t
+
 from fastmesh._core.stats cimport Counters
 
 cdef enum LbPolicy:
@@ -19,6 +21,19 @@ cdef class Endpoint:
         public list http_idle       # HTTP/1 idle keep-alive connections, most recent last
         public list mux             # Bolt multiplexed connections (size <= connections_per_endpoint)
         public bint removed         # dropped from the cluster: drain pools, take no new work
+        # health: a host with any bit of `unhealthy` set gets no new requests (unless the
+        # cluster is in panic); Cluster.refresh_health() must follow a change of it
+        public int unhealthy        # UnhealthyBits
+        # outlier detection (the data world observes results; see Cluster.observe)
+        public int consecutive_5xx
+        public int consecutive_gateway
+        public int ejections        # how many times ejected: the ejection time grows with it
+        public int64_t ejected_at_ms
+
+
+cdef enum UnhealthyBits:
+    UNHEALTHY_HC = 1            # failing its active health check (the supervisor's prober)
+    UNHEALTHY_EJECTED = 2       # ejected by outlier detection
 
 
 cdef class Cluster:
@@ -34,5 +49,24 @@ cdef class Cluster:
         readonly int connections_per_endpoint
         readonly int heartbeat_interval_ms
         readonly int heartbeat_max_missed
+        # health
+        tuple healthy               # the endpoints with no unhealthy bit, in order
+        bint panic                  # too few healthy: balance over all (Envoy's panic mode)
+        public int panic_threshold_pct   # healthy_panic_threshold; 0 = never panic
+        readonly set hc_failed      # (host, port) the prober finds failing (kept across DNS)
+        # outlier detection (0 = that detector is off); counted per worker
+        public bint od_enabled
+        public int od_consecutive_5xx
+        public int od_consecutive_gateway
+        public int od_enforcing_5xx_pct
+        public int od_enforcing_gateway_pct
+        public int od_interval_ms
+        public int od_base_ejection_ms
+        public int od_max_ejection_ms
+        public int od_max_ejection_pct
+        int64_t od_next_tick_ms
 
     cdef Endpoint pick(self)        # None when there is no endpoint
+    cpdef refresh_health(self)
+    cdef void observe(self, Endpoint ep, int status)
+    cdef void _eject(self, Endpoint ep, int slot)

@@ -1,6 +1,16 @@
 """Clusters, endpoints, load balancing. See upstream.pxd."""
-from fastmesh._core.stats cimport Counters, CS_NO_HEALTHY
+from libc.stdint cimport int64_t
+
+from fastmesh._core.clock cimport now_ms
+from fastmesh._core.stats cimport (
+    Counters, CS_NO_HEALTHY, CS_LB_HEALTHY_PANIC, CS_OD_EJECTIONS, CS_OD_EJECTIONS_5XX,
+    CS_OD_EJECTIONS_GATEWAY, CS_OD_EJECTIONS_OVERFLOW, CS_OD_EJECTIONS_ACTIVE)
 from fastmesh._core.fastrand cimport fast_random
+
+# Envoy's overprovisioning factor (1.4): a priority level with 5 of 7 hosts healthy counts as
+# fully healthy; panic mode starts below healthy_panic_threshold of that
+cdef enum:
+    OVERPROVISIONING_PCT = 140
 
 _POLICIES = {"round_robin": LB_ROUND_ROBIN, "random": LB_RANDOM,
              "least_request": LB_LEAST_REQUEST}
@@ -15,6 +25,11 @@ cdef class Endpoint:
         self.http_idle = []
         self.mux = []
         self.removed = False
+        self.unhealthy = 0
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+        self.ejections = 0
+        self.ejected_at_ms = 0
 
     @property
     def address(self):
@@ -39,12 +54,23 @@ cdef class Cluster:
         self.heartbeat_max_missed = heartbeat_max_missed
         self.counters = counters if counters is not None else Counters("cluster")
         self.endpoints = ()
+        self.healthy = ()
+        self.panic = False
+        self.panic_threshold_pct = 50
+        self.hc_failed = set()
         self.rr_next = 0
+        self.od_enabled = False
+        self.od_next_tick_ms = 0
 
     cdef Endpoint pick(self):
-        cdef tuple eps = self.endpoints
-        cdef Py_ssize_t n = len(eps)
+        cdef tuple eps = self.healthy
+        cdef Py_ssize_t n
         cdef Endpoint a, b
+        if self.panic:
+            eps = self.endpoints
+            if len(eps):
+                self.counters.v[CS_LB_HEALTHY_PANIC] += 1
+        n = len(eps)
         if n == 0:
             self.counters.v[CS_NO_HEALTHY] += 1
             return None
@@ -66,11 +92,141 @@ cdef class Cluster:
         keep = []
         for e in new_endpoints:
             prev = old.pop((e.host, e.port), None)
-            keep.append(prev if prev is not None else e)
+            if prev is None:
+                prev = e
+                if (e.host, e.port) in self.hc_failed:
+                    prev.unhealthy |= UNHEALTHY_HC
+            keep.append(prev)
         self.endpoints = tuple(keep)
         for e in old.values():
             e.removed = True
+        self.refresh_health()
         return list(old.values())
+
+    cpdef refresh_health(self):
+        """Recompute the healthy set and panic mode after a change of endpoints or health.
+        Panic (balance over every endpoint, healthy or not) as Envoy: when the healthy share,
+        scaled by the overprovisioning factor 1.4, is below panic_threshold_pct."""
+        cdef Endpoint e
+        cdef Py_ssize_t total = len(self.endpoints), ejected = 0
+        healthy = []
+        for e in self.endpoints:
+            if e.unhealthy == 0:
+                healthy.append(e)
+            if e.unhealthy & UNHEALTHY_EJECTED:
+                ejected += 1
+        self.healthy = tuple(healthy)
+        self.counters.v[CS_OD_EJECTIONS_ACTIVE] = ejected
+        self.panic = (total > 0 and self.panic_threshold_pct > 0 and
+                      min(100, OVERPROVISIONING_PCT * len(healthy) // total)
+                      < self.panic_threshold_pct)
+
+    def configure_outlier(self, int consecutive_5xx=0, int consecutive_gateway=0,
+                          int enforcing_5xx_pct=100, int enforcing_gateway_pct=0,
+                          int interval_ms=10000, int base_ejection_ms=30000,
+                          int max_ejection_ms=300000, int max_ejection_pct=10):
+        """Outlier detection (Envoy's names and defaults); both detectors 0: off."""
+        self.od_consecutive_5xx = consecutive_5xx
+        self.od_consecutive_gateway = consecutive_gateway
+        self.od_enforcing_5xx_pct = enforcing_5xx_pct
+        self.od_enforcing_gateway_pct = enforcing_gateway_pct
+        self.od_interval_ms = interval_ms
+        self.od_base_ejection_ms = base_ejection_ms
+        self.od_max_ejection_ms = max_ejection_ms
+        self.od_max_ejection_pct = max_ejection_pct
+        self.od_enabled = consecutive_5xx > 0 or consecutive_gateway > 0
+        cdef Endpoint e
+        if not self.od_enabled:
+            for e in self.endpoints:            # detection off: nothing stays ejected
+                e.unhealthy &= ~UNHEALTHY_EJECTED
+                e.ejections = 0
+            self.refresh_health()
+
+    cdef void observe(self, Endpoint ep, int status):
+        # One result of a request to `ep` (an HTTP status; a connect failure, a reset or a
+        # timeout arrive as the 503/502/504 the client gets, as Envoy maps local-origin
+        # errors when it does not split them). Only called when od_enabled.
+        if status < 500:
+            ep.consecutive_5xx = 0
+            ep.consecutive_gateway = 0
+            return
+        ep.consecutive_5xx += 1
+        if 502 <= status <= 504:
+            ep.consecutive_gateway += 1
+        else:
+            ep.consecutive_gateway = 0
+        if ep.unhealthy & UNHEALTHY_EJECTED or ep.removed:
+            return
+        if self.od_consecutive_gateway and ep.consecutive_gateway >= self.od_consecutive_gateway:
+            ep.consecutive_gateway = 0
+            if <int>(fast_random() % 100) < self.od_enforcing_gateway_pct:
+                ep.consecutive_5xx = 0
+                self._eject(ep, CS_OD_EJECTIONS_GATEWAY)
+                return
+        if self.od_consecutive_5xx and ep.consecutive_5xx >= self.od_consecutive_5xx:
+            ep.consecutive_5xx = 0
+            if <int>(fast_random() % 100) < self.od_enforcing_5xx_pct:
+                self._eject(ep, CS_OD_EJECTIONS_5XX)
+
+    cdef void _eject(self, Endpoint ep, int slot):
+        cdef Py_ssize_t total = len(self.endpoints)
+        cdef int64_t active = self.counters.v[CS_OD_EJECTIONS_ACTIVE]
+        # at least one endpoint may always be ejected, then up to max_ejection_pct
+        if active > 0 and 100 * (active + 1) > self.od_max_ejection_pct * total:
+            self.counters.v[CS_OD_EJECTIONS_OVERFLOW] += 1
+            return
+        ep.unhealthy |= UNHEALTHY_EJECTED
+        ep.ejections += 1
+        ep.ejected_at_ms = now_ms()
+        self.counters.v[CS_OD_EJECTIONS] += 1
+        self.counters.v[slot] += 1
+        self.refresh_health()
+
+    def outlier_tick(self, int64_t now):
+        """Control world, from the worker's sweeper: on each detection interval, endpoints
+        whose ejection time (base x times ejected, at most max) has passed come back, and an
+        endpoint not ejected has its count of ejections lowered by one (Envoy's backoff)."""
+        cdef Endpoint e
+        cdef int64_t hold
+        cdef bint changed = False
+        if not self.od_enabled or now < self.od_next_tick_ms:
+            return
+        self.od_next_tick_ms = now + self.od_interval_ms
+        for e in self.endpoints:
+            if e.unhealthy & UNHEALTHY_EJECTED:
+                hold = min(<int64_t>self.od_base_ejection_ms * e.ejections,
+                           max(self.od_base_ejection_ms, self.od_max_ejection_ms))
+                if now >= e.ejected_at_ms + hold:
+                    e.unhealthy &= ~UNHEALTHY_EJECTED
+                    changed = True
+            elif e.ejections > 0:
+                e.ejections -= 1
+        if changed:
+            self.refresh_health()
+
+    def set_health_check_failed(self, str host, int port, bint failed):
+        """Control world: the prober's verdict for one endpoint (all workers get it)."""
+        cdef Endpoint e
+        if failed:
+            self.hc_failed.add((host, port))
+        else:
+            self.hc_failed.discard((host, port))
+        for e in self.endpoints:
+            if e.host == host and e.port == port:
+                if failed:
+                    e.unhealthy |= UNHEALTHY_HC
+                else:
+                    e.unhealthy &= ~UNHEALTHY_HC
+        self.refresh_health()
+
+    def health_info(self):
+        """/clusters: each endpoint's health."""
+        cdef Endpoint e
+        return {"panic": self.panic, "healthy": len(self.healthy), "endpoints": [
+            {"address": f"{e.host}:{e.port}", "origin": e.origin,
+             "health_check_failed": bool(e.unhealthy & UNHEALTHY_HC),
+             "ejected": bool(e.unhealthy & UNHEALTHY_EJECTED), "ejections": e.ejections,
+             "active_requests": e.active_requests} for e in self.endpoints]}
 
     def get_endpoints(self):
         return self.endpoints

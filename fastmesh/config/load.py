@@ -34,6 +34,8 @@ from .model import (
     Address,
     Admin,
     Cluster,
+    HealthCheck,
+    OutlierDetection,
     Config,
     DirectResponse,
     HeaderMatch,
@@ -832,6 +834,97 @@ def _header_match(c: _Checker, raw: Any, p: str) -> Optional[HeaderMatch]:
 _CLUSTER_FIELDS = {f.name: f for f in dataclasses.fields(Cluster)}
 
 
+_HC_FIELDS = {f.name: f for f in dataclasses.fields(HealthCheck)}
+_OD_FIELDS = {f.name: f for f in dataclasses.fields(OutlierDetection)}
+
+
+def _health_check(c: _Checker, raw: Any, p: str) -> Optional[HealthCheck]:
+    m = c.mapping(raw, p, _HC_FIELDS)
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    kind = c.choice(c.required(m, p, "type"), f"{p}.type", "health check type", ("http", "tcp"))
+    kw["type"] = kind
+    for name in ("timeout_ms", "interval_ms"):
+        kw[name] = c.integer(c.required(m, p, name), f"{p}.{name}", lo=1)
+    for name in ("unhealthy_threshold", "healthy_threshold", "no_traffic_interval_ms",
+                 "unhealthy_interval_ms"):
+        if m.get(name) is not None:
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=1)
+    for name in ("interval_jitter_ms", "initial_jitter_ms"):
+        if name in m:
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=0)
+    if "interval_jitter_pct" in m:
+        kw["interval_jitter_pct"] = c.integer(m["interval_jitter_pct"],
+                                              f"{p}.interval_jitter_pct", lo=0, hi=100)
+    http_only = ("path", "host", "expected_statuses")
+    tcp_only = ("send_hex", "receive_hex")
+    for name in (tcp_only if kind == "http" else http_only if kind == "tcp" else ()):
+        if m.get(name) is not None and m.get(name) != ():
+            c.err(f"{p}.{name}", f"not for a {kind} health check")
+    if kind == "http":
+        path = c.text(c.required(m, p, "path"), f"{p}.path")
+        if path is not None and not path.startswith("/"):
+            c.err(f"{p}.path", f"expected a path starting with /, got {_show(path)}")
+        kw["path"] = path
+        if m.get("host") is not None:
+            kw["host"] = c.text(m["host"], f"{p}.host")
+        if "expected_statuses" in m:
+            ranges = []
+            for i, item in enumerate(c.seq(m["expected_statuses"], f"{p}.expected_statuses",
+                                           nonempty=True)):
+                ip = f"{p}.expected_statuses[{i}]"
+                if isinstance(item, int) and not isinstance(item, bool) \
+                        and 100 <= item <= 599:
+                    ranges.append((item, item + 1))
+                elif (isinstance(item, list) and len(item) == 2
+                      and all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+                      and 100 <= item[0] < item[1] <= 600):
+                    ranges.append((item[0], item[1]))
+                else:
+                    c.err(ip, f"expected a status (100..599) or a [start, end) pair, got "
+                              f"{_show(item)}")
+            kw["expected_statuses"] = tuple(ranges)
+    elif kind == "tcp":
+        if m.get("send_hex") is not None:
+            kw["send_hex"] = _hex(c, m["send_hex"], f"{p}.send_hex")
+        if m.get("receive_hex"):
+            kw["receive_hex"] = tuple(_hex(c, x, f"{p}.receive_hex[{i}]") for i, x in
+                                      enumerate(c.seq(m["receive_hex"], f"{p}.receive_hex")))
+    if any(v is None for v in kw.values()):
+        return None
+    return HealthCheck(**kw)
+
+
+def _hex(c: _Checker, v: Any, path: str) -> Optional[str]:
+    s = c.text(v, path)
+    if s is None:
+        return None
+    if not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", s):
+        c.err(path, f"expected bytes in hex (an even number of 0-9a-f), got {_show(s)}")
+        return None
+    return s.lower()
+
+
+def _outlier_detection(c: _Checker, raw: Any, p: str) -> Optional[OutlierDetection]:
+    m = c.mapping(raw, p, _OD_FIELDS)
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    for name in m:
+        if name not in _OD_FIELDS:
+            continue
+        if name.endswith("_pct"):
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=0, hi=100)
+        elif name.startswith("consecutive_"):
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=0)      # 0: this detector off
+        else:
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=1)
+    if any(v is None for v in kw.values()):
+        return None
+    return OutlierDetection(**kw)
+
+
 def _clusters(c: _Checker, raw: Any) -> dict:
     out: dict = {}
     names: dict = {}
@@ -866,8 +959,17 @@ def _clusters(c: _Checker, raw: Any) -> dict:
         if "lb_policy" in m:
             kw["lb_policy"] = c.choice(m["lb_policy"], f"{p}.lb_policy", "policy", LB_POLICIES)
         for f in _CLUSTER_FIELDS.values():
-            if f.type == "int" and f.name in m:
+            if f.type == "int" and f.name in m and f.name != "healthy_panic_threshold_pct":
                 kw[f.name] = c.integer(m[f.name], f"{p}.{f.name}", lo=1)
+        if "healthy_panic_threshold_pct" in m:
+            kw["healthy_panic_threshold_pct"] = c.integer(
+                m["healthy_panic_threshold_pct"], f"{p}.healthy_panic_threshold_pct", lo=0,
+                hi=100)
+        if m.get("health_check") is not None:
+            kw["health_check"] = _health_check(c, m["health_check"], f"{p}.health_check")
+        if m.get("outlier_detection") is not None:
+            kw["outlier_detection"] = _outlier_detection(c, m["outlier_detection"],
+                                                         f"{p}.outlier_detection")
         cl = Cluster(**kw)
         if name is not None and name not in out:
             out[name] = cl

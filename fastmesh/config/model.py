@@ -114,6 +114,43 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """Active health checking (Envoy's config.core.v3.HealthCheck): one prober per proxy, in
+    the supervisor; every worker gets its verdicts. Envoy's defaults where Envoy has one."""
+    type: str                                     # http | tcp
+    timeout_ms: int
+    interval_ms: int
+    unhealthy_threshold: int = 1                  # failures in a row to mark unhealthy
+    healthy_threshold: int = 1                    # successes in a row to mark healthy again
+    interval_jitter_ms: int = 0                   # up to this much added to each interval
+    interval_jitter_pct: int = 0                  # ... or this % of the interval
+    initial_jitter_ms: int = 0                    # the first check waits up to this long
+    no_traffic_interval_ms: int = 60000           # the interval while the cluster has no traffic
+    unhealthy_interval_ms: Optional[int] = None   # the interval for unhealthy hosts
+    # http
+    path: Optional[str] = None
+    host: Optional[str] = None                    # Host header (default: the cluster's name)
+    expected_statuses: tuple[tuple[int, int], ...] = ((200, 201),)   # [start, end) ranges
+    # tcp: bytes to send (hex), and to expect in the reply (hex); none: connect only
+    send_hex: Optional[str] = None
+    receive_hex: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """Passive health (Envoy's cluster.v3.OutlierDetection): results are counted in each
+    worker, which ejects by the same rule; ejected endpoints come back after their time."""
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    enforcing_consecutive_5xx_pct: int = 100
+    enforcing_consecutive_gateway_failure_pct: int = 0     # Envoy: detected, not enforced
+    interval_ms: int = 10000
+    base_ejection_time_ms: int = 30000
+    max_ejection_time_ms: int = 300000
+    max_ejection_pct: int = 10                    # at least one endpoint may always be ejected
+
+
+@dataclass(frozen=True)
 class Cluster:
     name: str
     endpoints: tuple[Address, ...]
@@ -125,6 +162,10 @@ class Cluster:
     connections_per_endpoint: int = 1             # Bolt: multiplexed connections per endpoint
     heartbeat_interval_ms: int = 15000            # Bolt: heartbeat an idle upstream this often
     heartbeat_max_missed: int = 3                 # Bolt: close the upstream after this many misses
+    health_check: Optional[HealthCheck] = None
+    outlier_detection: Optional[OutlierDetection] = None
+    # below this % of healthy endpoints (x 1.4, Envoy's overprovisioning), balance over all
+    healthy_panic_threshold_pct: int = 50
 
 
 @dataclass(frozen=True)

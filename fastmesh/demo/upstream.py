@@ -19,7 +19,14 @@ Keep-alive and pipelining are honoured. What it answers, by path:
     /malformed         a response head with a bad Content-Length
     /gzip-close/N      N bytes gzip-compressed, `transfer-encoding: gzip`, ended by closing
     /early/NNN         answers NNN at once, before reading the request body
+    /healthz           200 "ok" while healthy, else 503 (for active health checks)
     anything else      "hello from NAME\n"
+
+Control paths, for tests that make an upstream fail and recover (answered, never counted):
+
+    /control/fail/NNN  from now on answer every request but /healthz with NNN (0: stop)
+    /control/health/ok, /control/health/fail   what /healthz answers
+    /control/stats     JSON: requests answered (control paths aside), /healthz among them
 
 A path may carry a routing prefix before "/_/": "/api/_/slow/100" is answered as "/slow/100";
 any path ending in "/echo" is answered as "/echo".
@@ -42,9 +49,20 @@ import httptools
 log = logging.getLogger("fastmesh.demo.upstream")
 
 
+class ServerState:
+    """What every connection of one upstream server shares."""
+
+    def __init__(self, fail_status: int = 0):
+        self.fail_status = fail_status      # non-zero: answer everything with this status
+        self.healthy = True                 # what /healthz says
+        self.requests = 0
+        self.healthz = 0
+
+
 class UpstreamProtocol(asyncio.Protocol):
-    def __init__(self, name: str):
+    def __init__(self, name: str, state: ServerState | None = None):
         self.name = name
+        self.state = state if state is not None else ServerState()
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
         self.queue: list = []          # requests parsed, answered in order
@@ -153,6 +171,33 @@ class UpstreamProtocol(asyncio.Protocol):
             if not keep:
                 t.close()
             return
+        st = self.state
+        if path.startswith("/control/"):
+            what = path[9:]
+            if what.startswith("fail/"):
+                st.fail_status = int(what[5:])
+            elif what in ("health/ok", "health/fail"):
+                st.healthy = what == "health/ok"
+            elif what == "stats":
+                send(200, json.dumps({"requests": st.requests, "healthz": st.healthz}).encode(),
+                     b"content-type: application/json\r\n")
+                return
+            else:
+                send(404, b"unknown control\n", reason=b"Not Found")
+                return
+            send(200, b"ok\n")
+            return
+        st.requests += 1
+        if path == "/healthz":
+            st.healthz += 1
+            if st.healthy:
+                send(200, b"ok\n")
+            else:
+                send(503, b"unhealthy\n", reason=b"Service Unavailable")
+            return
+        if st.fail_status:
+            send(st.fail_status, b"failing from %s\n" % self.name.encode(), reason=b"Failing")
+            return
         if path == "/echo":
             out = dict(req, server=self.name)
             send(200, json.dumps(out).encode(), b"content-type: application/json\r\n")
@@ -230,9 +275,10 @@ def _command(path: str) -> str:
     return "/" + path.split("/_/", 1)[1] if "/_/" in path else path
 
 
-async def start_upstream(host: str, port: int, name: str):
+async def start_upstream(host: str, port: int, name: str, fail_status: int = 0):
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: UpstreamProtocol(name), host, port,
+    state = ServerState(fail_status)
+    return await loop.create_server(lambda: UpstreamProtocol(name, state), host, port,
                                     reuse_address=True)
 
 
@@ -241,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--listen", default="127.0.0.1:8001")
     ap.add_argument("--name", default="upstream")
     ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    ap.add_argument("--fail-status", type=int, default=0,
+                    help="answer every request (but /healthz) with this status")
     args = ap.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     if args.loop == "uvloop":
@@ -248,7 +296,7 @@ def main(argv=None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     async def run():
-        server = await start_upstream(host, int(port), args.name)
+        server = await start_upstream(host, int(port), args.name, args.fail_status)
         print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

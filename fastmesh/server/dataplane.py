@@ -22,6 +22,7 @@ from fastmesh.listener import Listener, ListenerState
 
 log = logging.getLogger("fastmesh.worker")
 
+UNHEALTHY_HC, UNHEALTHY_EJECTED = 1, 2      # upstream.pxd UnhealthyBits
 SWEEP_INTERVAL_S = 0.1          # deadline granularity for timeouts
 POOL_SWEEP_EVERY = 10           # idle upstream sweep every 10 sweeps (1 s)
 DRAIN_IDLE_CLOSE_MS = 1000      # while draining, close connections idle this long
@@ -130,6 +131,10 @@ class DataPlane:
                         lst.close_idle_for(now, DRAIN_IDLE_CLOSE_MS)
                 except Exception:
                     log.exception("listener %s: sweep failed", lst.name)
+            if self.snapshot is not None:
+                for cl in self.snapshot.clusters.values():
+                    if cl.od_enabled:
+                        cl.outlier_tick(now)        # ejected endpoints whose time is up
             for lst in list(self.draining_listeners):
                 if lst.active_connections == 0:
                     lst.close()
@@ -200,7 +205,10 @@ class DataPlane:
             out[n] = [{"address": f"{e.host}:{e.port}", "origin": e.origin,
                        "active_requests": e.active_requests,
                        "idle_connections": len(e.http_idle),
-                       "multiplexed_connections": len(e.mux)}
+                       "multiplexed_connections": len(e.mux),
+                       "health_check_failed": bool(e.unhealthy & UNHEALTHY_HC),
+                       "ejected": bool(e.unhealthy & UNHEALTHY_EJECTED),
+                       "ejections": e.ejections}
                       for e in c.get_endpoints()]
         return out
 

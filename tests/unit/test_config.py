@@ -862,13 +862,54 @@ def test_cluster_lb_policy_unknown():
         "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, least_request)"
 
 
-CLUSTER_INTS = [f.name for f in dataclasses.fields(Cluster) if f.type == "int"]
+CLUSTER_INTS = [f.name for f in dataclasses.fields(Cluster) if f.type == "int"
+                and f.name != "healthy_panic_threshold_pct"]       # 0..100, tested apart
 
 
 def test_cluster_int_fields_known():
     assert set(CLUSTER_INTS) == {
         "connect_timeout_ms", "dns_refresh_ms", "max_idle_per_endpoint", "idle_timeout_ms",
         "connections_per_endpoint", "heartbeat_interval_ms", "heartbeat_max_missed"}
+
+
+def test_cluster_health_settings():
+    cfg = load_dict(with_cluster(
+        healthy_panic_threshold_pct=0,
+        health_check={"type": "http", "path": "/healthz", "timeout_ms": 500,
+                      "interval_ms": 1000, "unhealthy_threshold": 2,
+                      "expected_statuses": [200, [204, 300]]},
+        outlier_detection={"consecutive_5xx": 3, "base_ejection_time_ms": 1000}))
+    c = cfg.clusters["web"]
+    assert c.healthy_panic_threshold_pct == 0
+    assert c.health_check == model.HealthCheck(
+        type="http", path="/healthz", timeout_ms=500, interval_ms=1000, unhealthy_threshold=2,
+        expected_statuses=((200, 201), (204, 300)))
+    assert c.outlier_detection == model.OutlierDetection(consecutive_5xx=3,
+                                                         base_ejection_time_ms=1000)
+    assert load_dict(to_dict(cfg), cfg.source) == cfg
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"healthy_panic_threshold_pct": 101}, "healthy_panic_threshold_pct: expected an integer "
+                                           "in 0..100"),
+    ({"health_check": {"type": "grpc", "timeout_ms": 1, "interval_ms": 1}},
+     "health_check.type: unknown health check type 'grpc'"),
+    ({"health_check": {"type": "http", "timeout_ms": 1, "interval_ms": 1}},
+     "health_check.path: missing required key"),
+    ({"health_check": {"type": "tcp", "timeout_ms": 1, "interval_ms": 1, "path": "/"}},
+     "health_check.path: not for a tcp health check"),
+    ({"health_check": {"type": "tcp", "timeout_ms": 1, "interval_ms": 1, "send_hex": "abc"}},
+     "health_check.send_hex: expected bytes in hex"),
+    ({"health_check": {"type": "http", "path": "/", "timeout_ms": 1, "interval_ms": 1,
+                       "expected_statuses": [[300, 200]]}},
+     "health_check.expected_statuses[0]: expected a status"),
+    ({"outlier_detection": {"max_ejection_pct": 120}}, "outlier_detection.max_ejection_pct"),
+    ({"outlier_detection": {"bogus": 1}}, "outlier_detection.bogus: unknown key"),
+])
+def test_cluster_health_settings_refused(change, msg):
+    with pytest.raises(ConfigError) as e:
+        load_dict(with_cluster(**change))
+    assert msg in " ".join(e.value.errors)
 
 
 @pytest.mark.parametrize("field", CLUSTER_INTS)

@@ -589,8 +589,16 @@ CLUSTER_REFUSALS = [
     (lambda c: c.update(type="ORIGINAL_DST"), f"{CL0}.type", "ORIGINAL_DST: not supported"),
     (lambda c: c.update(lb_policy="RING_HASH"), f"{CL0}.lb_policy", "RING_HASH: not supported"),
     (lambda c: c.update(lb_policy="MAGLEV"), f"{CL0}.lb_policy", "MAGLEV: not supported"),
-    (lambda c: c.update(health_checks=[]), f"{CL0}.health_checks", "active health checking"),
-    (lambda c: c.update(outlier_detection={}), f"{CL0}.outlier_detection", "outlier"),
+    (lambda c: c.update(outlier_detection={"enforcing_success_rate": 100}),
+     f"{CL0}.outlier_detection.enforcing_success_rate", "success-rate"),
+    (lambda c: c.update(outlier_detection={"split_external_local_origin_errors": True}),
+     f"{CL0}.outlier_detection.split_external_local_origin_errors", "local-origin"),
+    (lambda c: c.update(outlier_detection={"max_ejection_percent": 101}),
+     f"{CL0}.outlier_detection.max_ejection_percent", "0..100"),
+    (lambda c: c.update(common_lb_config={"healthy_panic_threshold": {"value": 12.5}}),
+     f"{CL0}.common_lb_config.healthy_panic_threshold.value", "fractional"),
+    (lambda c: c.update(common_lb_config={"zone_aware_lb_config": {}}),
+     f"{CL0}.common_lb_config.zone_aware_lb_config", "zone-aware"),
     (lambda c: c.update(circuit_breakers={}), f"{CL0}.circuit_breakers", "circuit breakers"),
     (lambda c: c.update(transport_socket={}), f"{CL0}.transport_socket", "TLS"),
     (lambda c: c.update(connect_timeout="0s"), f"{CL0}.connect_timeout", "greater than 0s"),
@@ -696,11 +704,12 @@ def test_all_errors_are_collected():
     hcm(b)["codec_type"] = "HTTP2"
     route0(b)["route"]["prefix_rewrite"] = "/"
     b["static_resources"]["clusters"][0]["type"] = "EDS"
-    b["static_resources"]["clusters"][1]["health_checks"] = []
+    b["static_resources"]["clusters"][1]["outlier_detection"] = {"enforcing_success_rate": 9}
     b["dynamic_resources"] = {}
     errs = errors_of(b)
     for path in (f"{HCM}.codec_type", f"{R0}.route.prefix_rewrite", f"{CL0}.type",
-                 "static_resources.clusters[1].health_checks", "dynamic_resources.ads_config"):
+                 "static_resources.clusters[1].outlier_detection.enforcing_success_rate",
+                 "dynamic_resources.ads_config"):
         assert any(e.startswith(path + ": ") for e in errs), (path, errs)
 
 

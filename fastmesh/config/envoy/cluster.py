@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..model import Address, Cluster
+from ..model import Address, Cluster, OutlierDetection
 from ._common import _MISSING, NOT_YET, EnvoyChecker, is_ip, is_ipv4
+from .health import translate_health_checks
 
 _TYPES = {"STATIC": 0, "STRICT_DNS": 1, "LOGICAL_DNS": 2, "EDS": 3, "ORIGINAL_DST": 4}
 _LB = {"ROUND_ROBIN": 0, "LEAST_REQUEST": 1, "RING_HASH": 2, "RANDOM": 3, "MAGLEV": 5,
@@ -21,8 +22,7 @@ _CLUSTER_FIELDS = {
     "name": None, "type": None, "connect_timeout": None, "lb_policy": None,
     "load_assignment": None, "dns_refresh_rate": None, "dns_lookup_family": None,
     "alt_stat_name": None,                         # stats only: ignored
-    "health_checks": "active health checking: " + _OTHER_ISSUE,
-    "outlier_detection": "outlier detection: " + _OTHER_ISSUE,
+    "health_checks": None, "outlier_detection": None,
     "circuit_breakers": "circuit breakers: " + _OTHER_ISSUE,
     "transport_socket": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
     "transport_socket_matches": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
@@ -30,7 +30,7 @@ _CLUSTER_FIELDS = {
     "cluster_type": "custom cluster types: " + NOT_YET,
     "typed_extension_protocol_options": "upstream protocol options: " + NOT_YET,
     "http2_protocol_options": "upstream HTTP/2: " + NOT_YET,
-    "common_lb_config": "common_lb_config: " + NOT_YET,
+    "common_lb_config": None,
     "load_balancing_policy": "load_balancing_policy: " + NOT_YET,
     "per_connection_buffer_limit_bytes": "per_connection_buffer_limit_bytes: " + NOT_YET,
 }
@@ -44,6 +44,20 @@ _LB_ENDPOINT_FIELDS = {"endpoint": None, "load_balancing_weight": None, "health_
 _ENDPOINT_FIELDS = {"address": None, "hostname": None,
                     "health_check_config": "health check settings: " + _OTHER_ISSUE,
                     "additional_addresses": "additional addresses: " + NOT_YET}
+_OD_FIELDS = dict.fromkeys((
+    "consecutive_5xx", "consecutive_gateway_failure", "enforcing_consecutive_5xx",
+    "enforcing_consecutive_gateway_failure", "interval", "base_ejection_time",
+    "max_ejection_time", "max_ejection_percent", "enforcing_success_rate",
+    "success_rate_minimum_hosts", "success_rate_request_volume", "success_rate_stdev_factor",
+    "enforcing_failure_percentage", "failure_percentage_threshold",
+    "failure_percentage_minimum_hosts", "failure_percentage_request_volume",
+    "split_external_local_origin_errors", "consecutive_local_origin_failure",
+    "enforcing_consecutive_local_origin_failure", "enforcing_local_origin_success_rate",
+    "enforcing_failure_percentage_local_origin", "max_ejection_time_jitter"))
+# fields fastmesh refuses when they are set to anything but their default
+_OD_OFF_ONLY = ("max_ejection_time_jitter", "successful_active_health_check_uneject_host",
+                "monitors", "always_eject_one_host")
+_OD_FIELDS.update(dict.fromkeys(_OD_OFF_ONLY))
 _HEALTH = {"UNKNOWN": 0, "HEALTHY": 1, "UNHEALTHY": 2, "DRAINING": 3, "TIMEOUT": 4,
            "DEGRADED": 5}
 
@@ -92,7 +106,99 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
             c.err(m.p("dns_lookup_family"),
                   f"{fam}: {NOT_YET} (fastmesh resolves V4_PREFERRED: IPv4 if any, else IPv6)")
     kw["endpoints"] = _endpoints(c, m, kind)
+    if "health_checks" in m:
+        kw["health_check"] = translate_health_checks(c, m.get("health_checks"),
+                                                     m.p("health_checks"))
+    if "outlier_detection" in m:
+        kw["outlier_detection"] = _outlier_detection(c, m.get("outlier_detection"),
+                                                     m.p("outlier_detection"))
+    if "common_lb_config" in m:
+        _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
     return Cluster(**kw)
+
+
+def _outlier_detection(c: EnvoyChecker, raw, path: str) -> Optional[OutlierDetection]:
+    """cluster.v3.OutlierDetection: consecutive 5xx and gateway failures, with Envoy's
+    defaults; the other detectors are refused when they would act (their enforcing % is
+    not 0), since fastmesh does not run them."""
+    m = c.message(raw, path, _OD_FIELDS)
+    if m is None:
+        return None
+    kw: dict = {}
+    for field, name in (("consecutive_5xx", "consecutive_5xx"),
+                        ("consecutive_gateway_failure", "consecutive_gateway_failure"),
+                        ("enforcing_consecutive_5xx", "enforcing_consecutive_5xx_pct"),
+                        ("enforcing_consecutive_gateway_failure",
+                         "enforcing_consecutive_gateway_failure_pct"),
+                        ("max_ejection_percent", "max_ejection_pct")):
+        if field in m:
+            v = c.uint(m.get(field), m.p(field),
+                       hi=100 if name.endswith("_pct") else 2**32 - 1)
+            kw[name] = v
+    for field, name in (("interval", "interval_ms"),
+                        ("base_ejection_time", "base_ejection_time_ms"),
+                        ("max_ejection_time", "max_ejection_time_ms")):
+        if field in m:
+            ms = c.duration_ms(m.get(field), m.p(field))
+            if ms == 0:
+                c.err(m.p(field), "must be greater than 0s")
+            kw[name] = ms
+    # detectors fastmesh does not run: accepted only while they cannot eject
+    for field, default in (("enforcing_success_rate", 100),
+                           ("enforcing_failure_percentage", 0),
+                           ("enforcing_consecutive_local_origin_failure", 100),
+                           ("enforcing_local_origin_success_rate", 100),
+                           ("enforcing_failure_percentage_local_origin", 0)):
+        value = c.uint(m.get(field), m.p(field), hi=100) if field in m else default
+        if value and field in ("enforcing_success_rate", "enforcing_failure_percentage"):
+            # success rate needs success_rate_minimum_hosts (5) hosts with request volume;
+            # refused when given explicitly, accepted at its default (noted)
+            if field in m:
+                c.err(m.p(field), f"{field}: {value}: success-rate and failure-percentage "
+                                  f"ejection: {NOT_YET} (set it to 0)")
+    for field in _OD_OFF_ONLY:
+        v = m.get(field)
+        if field in m and v not in (False, [], "0s", {}, None):
+            c.err(m.p(field), f"{field}: {NOT_YET}")
+    if "enforcing_success_rate" not in m:
+        c.note(path, "Envoy also runs success-rate ejection by default (clusters of 5+ "
+                     "hosts with 100+ requests per interval); fastmesh does not (set "
+                     "enforcing_success_rate: 0 to say so)")
+    if "split_external_local_origin_errors" in m and \
+            c.boolean(m.get("split_external_local_origin_errors"),
+                      m.p("split_external_local_origin_errors")):
+        c.err(m.p("split_external_local_origin_errors"), "split local-origin errors: "
+              + NOT_YET + " (connect failures, resets and timeouts count as 503/502/504)")
+    if any(v is None for v in kw.values()):
+        return None
+    return OutlierDetection(**kw)
+
+
+def _common_lb_config(c: EnvoyChecker, raw, path: str, kw: dict) -> None:
+    m = c.message(raw, path, {
+        "healthy_panic_threshold": None,
+        "zone_aware_lb_config": "zone-aware balancing: " + NOT_YET,
+        "locality_weighted_lb_config": "locality-weighted balancing: " + NOT_YET,
+        "update_merge_window": None,            # batching of host updates: no effect here
+        "ignore_new_hosts_until_first_hc": "ignore_new_hosts_until_first_hc: " + NOT_YET,
+        "close_connections_on_host_set_change": "close_connections_on_host_set_change: "
+                                                + NOT_YET,
+        "consistent_hashing_lb_config": "consistent_hashing_lb_config: " + NOT_YET,
+        "override_host_status": "override_host_status: " + NOT_YET})
+    if m is None or "healthy_panic_threshold" not in m:
+        return
+    p = c.message(m.get("healthy_panic_threshold"), m.p("healthy_panic_threshold"),
+                  {"value": None})
+    if p is None:
+        return
+    v = p.get("value", 0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+        c.err(p.p("value"), f"expected a percentage (0..100), got {v!r}")
+        return
+    if v != int(v):
+        c.err(p.p("value"), f"{v}: fractional percentages: {NOT_YET}")
+        return
+    kw["healthy_panic_threshold_pct"] = int(v)
 
 
 def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:
