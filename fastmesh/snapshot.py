@@ -93,9 +93,12 @@ def new_cluster(c: model.Cluster) -> Cluster:
 
 
 def configure_health(cl: Cluster, c: model.Cluster) -> None:
-    """Panic threshold and outlier detection: set in place, so a cluster carried over to a
-    new snapshot keeps its pools, counters and its endpoints' health."""
+    """Panic threshold, circuit breakers and outlier detection: set in place, so a cluster
+    carried over to a new snapshot keeps its pools, counters and its endpoints' health."""
     cl.panic_threshold_pct = c.healthy_panic_threshold_pct
+    cb = c.circuit_breakers or model.CircuitBreakers()
+    cl.configure_breakers(cb.max_connections, cb.max_pending_requests, cb.max_requests,
+                          cb.max_retries)
     od = c.outlier_detection
     if od is None:
         cl.configure_outlier()          # off
@@ -120,8 +123,10 @@ def build(cfg: model.Config, previous: Snapshot | None = None) -> Snapshot:
         if (old is not None and old_cfg is not None
                 and _cluster_settings(old_cfg) == _cluster_settings(c)):
             clusters[name] = old
-            if (old_cfg.outlier_detection, old_cfg.healthy_panic_threshold_pct) != \
-                    (c.outlier_detection, c.healthy_panic_threshold_pct):
+            if (old_cfg.outlier_detection, old_cfg.healthy_panic_threshold_pct,
+                    old_cfg.circuit_breakers) != (c.outlier_detection,
+                                                  c.healthy_panic_threshold_pct,
+                                                  c.circuit_breakers):
                 configure_health(old, c)
         else:
             clusters[name] = new_cluster(c)

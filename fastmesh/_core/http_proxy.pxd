@@ -34,6 +34,7 @@ cdef enum DeadlineKind:
     DL_RESPONSE             # upstream response head: 504
     DL_LINGER               # lingering close: abort
     DL_STREAM_IDLE          # an exchange with no bytes either way: 408 / 504 / close
+    DL_PENDING              # waiting for an upstream connection (circuit breaker): 504
 
 cdef enum UsState:
     US_CONNECTING = 0
@@ -69,6 +70,9 @@ cdef class HttpDownstream:
         bint resp_started           # response head written to the client
         bint close_after            # close once this response is complete
         bint retried                # already retried once on a fresh connection
+        bint retry_active           # counted in cluster.retries_active
+        bint waiting_cx             # counted in cluster.pending (waiting for a connection)
+        bint queued                 # in ep.http_pending (max_connections reached)
         bint sent_continue          # we answered Expect: 100-continue
         # timers
         int64_t deadline_ms         # 0 = none
@@ -87,6 +91,9 @@ cdef class HttpDownstream:
     cdef void _process(self)
     cdef void _start_request(self)
     cdef void _acquire_upstream(self)
+    cdef void _open_connection(self)
+    cdef void _leave_pending(self)
+    cdef void _end_retry(self)
     cdef void _bind(self, HttpUpstream up)
     cdef void _forward_body(self)
     cdef _forward_body_with(self, bytes head)

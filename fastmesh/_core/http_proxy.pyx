@@ -28,9 +28,10 @@ from fastmesh._core.stats cimport (
     LS_ERR_HEAD_TOO_LARGE, LS_ERR_BODY_TOO_LARGE, LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM,
     LS_ERR_CONNECT_FAILED, LS_ERR_UPSTREAM_TIMEOUT, LS_ERR_UPSTREAM_RESET,
     LS_ERR_UPSTREAM_PROTOCOL, LS_ERR_RESET_MID_RESPONSE, LS_ERR_DOWNSTREAM_RESET,
-    LS_ERR_HEAD_TIMEOUT, LS_ERR_STREAM_IDLE, LS_RX_BYTES, LS_CX_IDLE_CLOSED,
+    LS_ERR_HEAD_TIMEOUT, LS_ERR_STREAM_IDLE, LS_RX_BYTES, LS_CX_IDLE_CLOSED, LS_ERR_OVERFLOW,
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RQ_RETRY, CS_RSP_1XX, CS_CX_TOTAL,
-    CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_CX_IDLE_CLOSED,
+    CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_CX_IDLE_CLOSED, CS_CX_OVERFLOW, CS_RQ_PENDING_TOTAL,
+    CS_RQ_PENDING_ACTIVE, CS_RQ_PENDING_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY_OVERFLOW,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
@@ -39,6 +40,7 @@ rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rat
 
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
+cdef bytes OVERFLOW_BODY = b"upstream overflow: the cluster's circuit breaker is open\n"
 cdef bytes CRLF = b"\r\n"
 cdef int64_t LINGER_MS = 2000
 cdef Py_ssize_t UPSTREAM_MAX_HEAD_BYTES = 65536
@@ -141,6 +143,9 @@ cdef class HttpDownstream:
         # the exchange cannot finish: its upstream connection is out of sync (and no longer
         # counts as a request in flight to that endpoint)
         self._drop_upstream()
+        if self.cluster is not None:
+            self._leave_pending()
+            self._end_retry()
         self.req = None
         if self.connect_task is not None:
             self.connect_task = None         # the connection, when made, goes to the pool
@@ -241,6 +246,11 @@ cdef class HttpDownstream:
             self._local_response(route.direct_status, None, route.direct_body, -1)
             return
         cluster = route.pick_cluster()
+        if cluster.counters.v[CS_RQ_ACTIVE] + cluster.pending >= cluster.max_requests:
+            cluster.counters.v[CS_RQ_ACTIVE_OVERFLOW] += 1
+            self.cluster = cluster
+            self._local_response(503, b"overflow", OVERFLOW_BODY, LS_ERR_OVERFLOW)
+            return
         ep = cluster.pick()
         if ep is None:
             self._local_response(503, b"no_healthy_upstream", b"no healthy upstream\n",
@@ -265,23 +275,67 @@ cdef class HttpDownstream:
                 self._bind(up)
                 return
             up._close()
+        # no idle connection: this request waits for one (being made, or freed), as an
+        # Envoy pending request, within the cluster's circuit breakers
+        cdef Cluster cl = self.cluster
+        if cl.pending >= cl.max_pending_requests:
+            cl.counters.v[CS_RQ_PENDING_OVERFLOW] += 1
+            self._local_response(503, b"overflow", OVERFLOW_BODY, LS_ERR_OVERFLOW)
+            return
+        self.waiting_cx = True
+        cl.pending += 1
+        cl.counters.v[CS_RQ_PENDING_TOTAL] += 1
+        cl.counters.v[CS_RQ_PENDING_ACTIVE] = cl.pending
         self.state = DS_CONNECTING
+        if cl.counters.v[CS_CX_ACTIVE] + cl.cx_connecting >= cl.max_connections:
+            cl.counters.v[CS_CX_OVERFLOW] += 1
+            self.queued = True
+            ep.http_pending.append(self)
+            self._set_deadline(DL_PENDING, self.route.timeout_ms)
+            return
+        self._open_connection()
+
+    cdef void _open_connection(self):
+        self.cluster.cx_connecting += 1
         self._set_deadline(DL_CONNECT, self.cluster.connect_timeout_ms)
         task = asyncio.ensure_future(
-            _connect(self.ctx.loop, self.cluster, ep), loop=self.ctx.loop)
+            _connect(self.ctx.loop, self.cluster, self.ep), loop=self.ctx.loop)
         self.connect_task = task
-        task.add_done_callback(self._on_connected)
+        task.add_done_callback(_ConnectDone(self, self.cluster, self.ep))
 
-    def _on_connected(self, task):
+    cdef void _leave_pending(self):
+        cdef Cluster cl = self.cluster
+        if self.queued:
+            self.queued = False
+            try:
+                self.ep.http_pending.remove(self)
+            except ValueError:
+                pass
+        if self.waiting_cx:
+            self.waiting_cx = False
+            cl.pending -= 1
+            cl.counters.v[CS_RQ_PENDING_ACTIVE] = cl.pending
+
+    cdef void _end_retry(self):
+        if self.retry_active:
+            self.retry_active = False
+            self.cluster.retries_active -= 1
+
+    def _on_connected(self, task, Cluster cl, Endpoint ep):
+        # cl, ep: those the connection was for (self.cluster may have moved on since)
         cdef HttpUpstream up
-        if task.cancelled():
+        cl.cx_connecting -= 1
+        if task.cancelled():                # the connect timed out (DL_CONNECT)
+            cl.counters.v[CS_CX_CONNECT_FAIL] += 1
+            _wake_pending(cl, ep)           # the room of the connection it would have been
             return
         exc = task.exception()
         if exc is not None:
-            if self.cluster is not None:
-                self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            cl.counters.v[CS_CX_CONNECT_FAIL] += 1
+            _wake_pending(cl, ep)
             if self.connect_task is task and self.state == DS_CONNECTING:
                 self.connect_task = None
+                self._leave_pending()
                 if self.cluster.od_enabled:
                     self.cluster.observe(self.ep, 503)
                 rlog.warning((self.cluster.name, "connect"),
@@ -295,6 +349,7 @@ cdef class HttpDownstream:
         up = task.result()
         if self.connect_task is task and self.state == DS_CONNECTING:
             self.connect_task = None
+            self._leave_pending()
             try:
                 up._begin(self, False)
                 self._bind(up)
@@ -419,6 +474,8 @@ cdef class HttpDownstream:
             self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
             if self.ctx.access_log is not None:
                 self._access_log()
+        if self.cluster is not None:
+            self._end_retry()
         self.req = None
         self.route = None
         self.cluster = None
@@ -466,11 +523,16 @@ cdef class HttpDownstream:
         self.ep.active_requests -= 1
         if before_head:
             if retriable and not self.retried and self.req.body_kind == BODY_NONE:
-                # a pooled connection the upstream had closed: once more on a fresh one
-                self.retried = True
-                self.cluster.counters.v[CS_RQ_RETRY] += 1
-                self._acquire_upstream()
-                return
+                if self.cluster.retries_active >= self.cluster.max_retries:
+                    self.cluster.counters.v[CS_RQ_RETRY_OVERFLOW] += 1
+                else:
+                    # a pooled connection the upstream had closed: once more on a fresh one
+                    self.retried = True
+                    self.retry_active = True
+                    self.cluster.retries_active += 1
+                    self.cluster.counters.v[CS_RQ_RETRY] += 1
+                    self._acquire_upstream()
+                    return
             if not self.req_done:
                 self.close_after = True
             if self.cluster.od_enabled:
@@ -504,7 +566,10 @@ cdef class HttpDownstream:
         self._count_response(status)
         self.resp_started = True
         self._arm_stream_idle()             # covers dropping the rest of the body
-        self.out.append(error_response(status, reason, body, self.close_after))
+        resp = error_response(status, reason, body, self.close_after)
+        if err_slot == LS_ERR_OVERFLOW:         # as Envoy marks a circuit breaker's 503
+            resp = resp.replace(b"\r\n\r\n", b"\r\nx-envoy-overloaded: true\r\n\r\n", 1)
+        self.out.append(resp)
         if self.close_after and not self.req_done:
             self._linger()
             return
@@ -676,9 +741,9 @@ cdef class HttpDownstream:
             self._fail_and_linger(408, b"head_timeout", LS_ERR_HEAD_TIMEOUT)
         elif kind == DL_CONNECT:
             if self.connect_task is not None:
-                self.connect_task.cancel()
+                self.connect_task.cancel()          # its callback counts the failure
                 self.connect_task = None
-            self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            self._leave_pending()
             if self.cluster.od_enabled:
                 self.cluster.observe(self.ep, 503)
             self._local_response(503, b"connect_timeout", b"upstream connect timeout\n",
@@ -690,6 +755,12 @@ cdef class HttpDownstream:
             self._drop_upstream()
             if not self.req_done:
                 self.close_after = True
+            self._local_response(504, b"upstream_timeout", b"upstream timeout\n",
+                                 LS_ERR_UPSTREAM_TIMEOUT)
+        elif kind == DL_PENDING:
+            # no connection came free within the route timeout (Envoy: 504)
+            self._leave_pending()
+            self.cluster.counters.v[CS_RQ_TIMEOUT] += 1
             self._local_response(504, b"upstream_timeout", b"upstream timeout\n",
                                  LS_ERR_UPSTREAM_TIMEOUT)
         elif kind == DL_LINGER:
@@ -724,6 +795,31 @@ cdef class HttpDownstream:
 
 
 # ======================================================================= upstream
+
+cdef class _ConnectDone:
+    # The done callback of a connection attempt: remembers what it was for.
+    cdef HttpDownstream ds
+    cdef Cluster cl
+    cdef Endpoint ep
+
+    def __cinit__(self, HttpDownstream ds, Cluster cl, Endpoint ep):
+        self.ds, self.cl, self.ep = ds, cl, ep
+
+    def __call__(self, task):
+        self.ds._on_connected(task, self.cl, self.ep)
+
+
+cdef void _wake_pending(Cluster cl, Endpoint ep):
+    # Room for a connection came free (one closed, or a connect ended): requests queued at
+    # max_connections for this endpoint get new connections while the limit allows.
+    cdef HttpDownstream ds
+    while ep.http_pending and cl.counters.v[CS_CX_ACTIVE] + cl.cx_connecting < cl.max_connections:
+        ds = ep.http_pending.pop(0)
+        ds.queued = False
+        if ds.state != DS_CONNECTING:
+            continue
+        ds._open_connection()
+
 
 async def _connect(loop, Cluster cluster, Endpoint ep):
     cluster.counters.v[CS_CX_TOTAL] += 1
@@ -784,6 +880,8 @@ cdef class HttpUpstream:
         cdef int prev = self.state
         self.state = US_CLOSED
         self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        if self.ep.http_pending:
+            _wake_pending(self.cluster, self.ep)    # a connection's room came free
         if prev == US_IDLE:
             try:
                 self.ep.http_idle.remove(self)
@@ -992,6 +1090,24 @@ cdef class HttpUpstream:
                 or ep.removed or len(ep.http_idle) >= self.cluster.max_idle_per_endpoint
                 or (self.state == US_ACTIVE and not self.reusable)):
             self._close()
+            return
+        cdef HttpDownstream waiting
+        while ep.http_pending:
+            # a request waits for a connection to this endpoint: it takes this one
+            waiting = ep.http_pending.pop(0)
+            waiting.queued = False
+            if waiting.state != DS_CONNECTING:
+                continue
+            waiting._leave_pending()
+            try:
+                self._begin(waiting, True)
+                waiting._bind(self)
+                waiting._process()
+                waiting._flush()
+                waiting._update_reading()
+            except BaseException:
+                log.exception("internal error handing a connection to a waiting request")
+                waiting._abort()
             return
         self.state = US_IDLE
         self.idle_since_ms = now_ms()

@@ -33,6 +33,7 @@ cdef enum:  # ListenerSlot
     LS_RX_BYTES             # bytes read from clients
     LS_TX_BYTES             # bytes written to clients (queued)
     LS_CX_IDLE_CLOSED       # connections closed between requests (idle timeout, drain)
+    LS_ERR_OVERFLOW         # 503: a cluster's circuit breaker refused the request
     LS_SLOTS                # number of slots (keep last)
 
 cdef enum:  # ClusterSlot
@@ -59,6 +60,12 @@ cdef enum:  # ClusterSlot
     CS_OD_EJECTIONS_GATEWAY # ... by consecutive gateway failures (502/503/504, connect, reset)
     CS_OD_EJECTIONS_OVERFLOW  # ejections not made: max_ejection_percent reached
     CS_OD_EJECTIONS_ACTIVE  # endpoints ejected now (gauge)
+    CS_CX_OVERFLOW          # a connection was needed beyond max_connections
+    CS_RQ_PENDING_TOTAL     # requests that waited for a connection (being made, or freed)
+    CS_RQ_PENDING_ACTIVE    # requests waiting for a connection now (gauge)
+    CS_RQ_PENDING_OVERFLOW  # requests refused at once (503): max_pending_requests
+    CS_RQ_ACTIVE_OVERFLOW   # requests refused at once (503): max_requests
+    CS_RQ_RETRY_OVERFLOW    # retries not made: max_retries in flight
     CS_SLOTS
 
 cdef class Counters:

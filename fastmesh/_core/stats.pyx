@@ -10,6 +10,7 @@ LISTENER_SLOTS = (
     "error_downstream_reset", "error_head_timeout", "error_busy", "error_bad_frame",
     "error_stream_idle_timeout",
     "heartbeats", "downstream_rx_bytes", "downstream_tx_bytes", "downstream_cx_idle_closed",
+    "error_overflow",
 )
 CLUSTER_SLOTS = (
     "upstream_rq_total", "upstream_rq_active", "upstream_rq_timeout", "upstream_rq_retry",
@@ -20,11 +21,14 @@ CLUSTER_SLOTS = (
     "lb_healthy_panic", "outlier_ejections_enforced_total",
     "outlier_ejections_enforced_consecutive_5xx",
     "outlier_ejections_enforced_consecutive_gateway_failure", "outlier_ejections_overflow",
-    "outlier_ejections_active",
+    "outlier_ejections_active", "upstream_cx_overflow", "upstream_rq_pending_total",
+    "upstream_rq_pending_active", "upstream_rq_pending_overflow", "upstream_rq_active_overflow",
+    "upstream_rq_retry_overflow",
 )
 # slots that describe the present (the rest only ever count up)
 GAUGE_SLOTS = frozenset(("downstream_cx_active", "downstream_rq_active", "upstream_rq_active",
-                         "upstream_cx_active", "outlier_ejections_active"))
+                         "upstream_cx_active", "outlier_ejections_active",
+                         "upstream_rq_pending_active"))
 assert GAUGE_SLOTS <= set(LISTENER_SLOTS) | set(CLUSTER_SLOTS)
 assert len(LISTENER_SLOTS) == LS_SLOTS
 assert len(CLUSTER_SLOTS) == CS_SLOTS

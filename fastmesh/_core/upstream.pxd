@@ -20,6 +20,7 @@ cdef class Endpoint:
         public int active_requests  # requests in flight to it now
         public list http_idle       # HTTP/1 idle keep-alive connections, most recent last
         public list mux             # Bolt multiplexed connections (size <= connections_per_endpoint)
+        public list http_pending    # HTTP/1 requests waiting for a connection to come free
         public bint removed         # dropped from the cluster: drain pools, take no new work
         # health: a host with any bit of `unhealthy` set gets no new requests (unless the
         # cluster is in panic); Cluster.refresh_health() must follow a change of it
@@ -65,6 +66,14 @@ cdef class Cluster:
         public int od_max_ejection_ms
         public int od_max_ejection_pct
         int64_t od_next_tick_ms
+        # circuit breakers (Envoy's DEFAULT-priority thresholds), applied in each worker
+        public int64_t max_connections
+        public int64_t max_pending_requests
+        public int64_t max_requests
+        public int64_t max_retries
+        public int cx_connecting    # connections being made now (count toward max_connections)
+        public int pending          # requests waiting for a connection, all endpoints
+        public int retries_active   # retried requests in flight
 
     cdef Endpoint pick(self)        # None when there is no endpoint
     cpdef refresh_health(self)

@@ -11,6 +11,7 @@ from fastmesh._core.fastrand cimport fast_random
 # fully healthy; panic mode starts below healthy_panic_threshold of that
 cdef enum:
     OVERPROVISIONING_PCT = 140
+cdef int64_t UNLIMITED = 1 << 62
 
 _POLICIES = {"round_robin": LB_ROUND_ROBIN, "random": LB_RANDOM,
              "least_request": LB_LEAST_REQUEST}
@@ -24,6 +25,7 @@ cdef class Endpoint:
         self.active_requests = 0
         self.http_idle = []
         self.mux = []
+        self.http_pending = []
         self.removed = False
         self.unhealthy = 0
         self.consecutive_5xx = 0
@@ -61,6 +63,13 @@ cdef class Cluster:
         self.rr_next = 0
         self.od_enabled = False
         self.od_next_tick_ms = 0
+        self.max_connections = UNLIMITED
+        self.max_pending_requests = UNLIMITED
+        self.max_requests = UNLIMITED
+        self.max_retries = UNLIMITED
+        self.cx_connecting = 0
+        self.pending = 0
+        self.retries_active = 0
 
     cdef Endpoint pick(self):
         cdef tuple eps = self.healthy
@@ -171,8 +180,9 @@ cdef class Cluster:
     cdef void _eject(self, Endpoint ep, int slot):
         cdef Py_ssize_t total = len(self.endpoints)
         cdef int64_t active = self.counters.v[CS_OD_EJECTIONS_ACTIVE]
-        # at least one endpoint may always be ejected, then up to max_ejection_pct
-        if active > 0 and 100 * (active + 1) > self.od_max_ejection_pct * total:
+        # up to max_ejection_pct of the endpoints, this one included (as Envoy 1.40, which
+        # ejects none of two hosts at the default 10%)
+        if 100 * (active + 1) > self.od_max_ejection_pct * total:
             self.counters.v[CS_OD_EJECTIONS_OVERFLOW] += 1
             return
         ep.unhealthy |= UNHEALTHY_EJECTED
@@ -203,6 +213,15 @@ cdef class Cluster:
                 e.ejections -= 1
         if changed:
             self.refresh_health()
+
+    def configure_breakers(self, max_connections=None, max_pending_requests=None,
+                           max_requests=None, max_retries=None):
+        """Circuit breakers; None: no limit."""
+        self.max_connections = UNLIMITED if max_connections is None else max_connections
+        self.max_pending_requests = (UNLIMITED if max_pending_requests is None
+                                     else max_pending_requests)
+        self.max_requests = UNLIMITED if max_requests is None else max_requests
+        self.max_retries = UNLIMITED if max_retries is None else max_retries
 
     def set_health_check_failed(self, str host, int port, bint failed):
         """Control world: the prober's verdict for one endpoint (all workers get it)."""

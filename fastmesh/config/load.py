@@ -34,6 +34,7 @@ from .model import (
     Address,
     Admin,
     Cluster,
+    CircuitBreakers,
     HealthCheck,
     OutlierDetection,
     Config,
@@ -967,6 +968,13 @@ def _clusters(c: _Checker, raw: Any) -> dict:
                 hi=100)
         if m.get("health_check") is not None:
             kw["health_check"] = _health_check(c, m["health_check"], f"{p}.health_check")
+        if m.get("circuit_breakers") is not None:
+            cb = c.mapping(m["circuit_breakers"], f"{p}.circuit_breakers",
+                           {f.name for f in dataclasses.fields(CircuitBreakers)})
+            if cb is not None:
+                kw["circuit_breakers"] = CircuitBreakers(**{
+                    k: c.integer(v, f"{p}.circuit_breakers.{k}", lo=0)
+                    for k, v in cb.items() if v is not None})
         if m.get("outlier_detection") is not None:
             kw["outlier_detection"] = _outlier_detection(c, m["outlier_detection"],
                                                          f"{p}.outlier_detection")

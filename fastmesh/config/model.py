@@ -147,7 +147,17 @@ class OutlierDetection:
     interval_ms: int = 10000
     base_ejection_time_ms: int = 30000
     max_ejection_time_ms: int = 300000
-    max_ejection_pct: int = 10                    # at least one endpoint may always be ejected
+    max_ejection_pct: int = 10                    # of the endpoints, the one to eject included
+
+
+@dataclass(frozen=True)
+class CircuitBreakers:
+    """Limits on what a cluster is asked for at once (Envoy's thresholds for the DEFAULT
+    priority); None: no limit. Applied in each worker. Overflow: 503 at once."""
+    max_connections: Optional[int] = None         # upstream connections, open or opening
+    max_pending_requests: Optional[int] = None    # requests waiting for a connection
+    max_requests: Optional[int] = None            # requests in flight (waiting ones included)
+    max_retries: Optional[int] = None             # retries in flight
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,7 @@ class Cluster:
     heartbeat_max_missed: int = 3                 # Bolt: close the upstream after this many misses
     health_check: Optional[HealthCheck] = None
     outlier_detection: Optional[OutlierDetection] = None
+    circuit_breakers: Optional[CircuitBreakers] = None
     # below this % of healthy endpoints (x 1.4, Envoy's overprovisioning), balance over all
     healthy_panic_threshold_pct: int = 50
 

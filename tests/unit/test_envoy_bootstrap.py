@@ -18,9 +18,11 @@ import yaml
 
 from fastmesh.config.envoy import load_bootstrap, looks_like_bootstrap
 from fastmesh.config.envoy._common import snake
+from fastmesh.config.envoy.cluster import ENVOY_BREAKERS
 from fastmesh.config.load import ConfigError, load_dict, load_file, load_text, to_dict
-from fastmesh.config.model import (Address, Admin, Cluster, DirectResponse, HeaderMatch,
-                                   Listener, Route, RouteMatch, WeightedCluster)
+from fastmesh.config.model import (Address, Admin, CircuitBreakers, Cluster, DirectResponse,
+                                   HeaderMatch, Listener, OutlierDetection, Route, RouteMatch,
+                                   WeightedCluster)
 
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
             "HttpConnectionManager")
@@ -571,16 +573,37 @@ def sample_clusters():
     return b
 
 
+def test_circuit_breakers_outlier_detection_and_panic_threshold():
+    b = sample_clusters()
+    c0 = b["static_resources"]["clusters"][0]
+    c0["circuit_breakers"] = {"thresholds": [
+        {"priority": "HIGH", "max_connections": 1},            # routes are DEFAULT priority
+        {"max_connections": 2, "max_pending_requests": 0, "track_remaining": True}]}
+    c0["outlier_detection"] = {"consecutive_5xx": 3, "interval": "0.5s",
+                               "base_ejection_time": "2s", "max_ejection_percent": 50,
+                               "enforcing_success_rate": 0}
+    c0["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    cl = load_bootstrap(b).clusters[c0["name"]]
+    assert cl.circuit_breakers == CircuitBreakers(max_connections=2, max_pending_requests=0,
+                                                  max_requests=1024, max_retries=3)
+    assert cl.outlier_detection == OutlierDetection(consecutive_5xx=3, interval_ms=500,
+                                                    base_ejection_time_ms=2000,
+                                                    max_ejection_pct=50)
+    assert cl.healthy_panic_threshold_pct == 0
+
+
 def test_clusters_translation(caplog):
     with caplog.at_level("WARNING", logger="fastmesh.config.envoy"):
         cl = load_bootstrap(sample_clusters()).clusters
     assert "static_resources.clusters[2].type: LOGICAL_DNS: fastmesh resolves" in caplog.text
     assert cl["s"] == Cluster(name="s", endpoints=(Address("127.0.0.1", 1), Address("::1", 2),
                                                    Address("10.0.0.1", 3)),
-                              connect_timeout_ms=5000, idle_timeout_ms=3600000)
+                              connect_timeout_ms=5000, idle_timeout_ms=3600000,
+                              circuit_breakers=ENVOY_BREAKERS)
     assert cl["a"] == Cluster(name="a", endpoints=(Address("svc.local", 80),),
                               lb_policy="least_request", connect_timeout_ms=500,
-                              dns_refresh_ms=10000, idle_timeout_ms=3600000)
+                              dns_refresh_ms=10000, idle_timeout_ms=3600000,
+                              circuit_breakers=ENVOY_BREAKERS)
     assert cl["b"].lb_policy == "random" and cl["b"].dns_refresh_ms == 5000
 
 
@@ -599,7 +622,12 @@ CLUSTER_REFUSALS = [
      f"{CL0}.common_lb_config.healthy_panic_threshold.value", "fractional"),
     (lambda c: c.update(common_lb_config={"zone_aware_lb_config": {}}),
      f"{CL0}.common_lb_config.zone_aware_lb_config", "zone-aware"),
-    (lambda c: c.update(circuit_breakers={}), f"{CL0}.circuit_breakers", "circuit breakers"),
+    (lambda c: c.update(circuit_breakers={"per_host_thresholds": [{}]}),
+     f"{CL0}.circuit_breakers.per_host_thresholds", "per-host thresholds"),
+    (lambda c: c.update(circuit_breakers={"thresholds": [{"retry_budget": {}}]}),
+     f"{CL0}.circuit_breakers.thresholds[0].retry_budget", "retry budgets"),
+    (lambda c: c.update(circuit_breakers={"thresholds": [{"priority": "LOW"}]}),
+     f"{CL0}.circuit_breakers.thresholds[0].priority", "unknown routing priority"),
     (lambda c: c.update(transport_socket={}), f"{CL0}.transport_socket", "TLS"),
     (lambda c: c.update(connect_timeout="0s"), f"{CL0}.connect_timeout", "greater than 0s"),
     (lambda c: c.update(dns_lookup_family="V6_ONLY"), f"{CL0}.dns_lookup_family", "V6_ONLY"),

