@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fastmesh._core.retry import RetryPolicy
 from fastmesh._core.router import HeaderMatcher, Route, RouteTable, VirtualHost
 from fastmesh._core.upstream import Cluster
 from fastmesh.config import model
@@ -62,8 +63,19 @@ def _route(r: model.Route, name: str, clusters: dict) -> Route:
         cluster = clusters[r.cluster]
     add = tuple((n.encode(), v.encode()) for n, v in r.request_headers_to_add)
     remove = tuple(n.encode() for n in r.request_headers_to_remove)
-    return Route(name, path_kind, path, rx, headers, action, cluster, weighted, weights,
-                 status, body, r.timeout_ms, add, remove)
+    route = Route(name, path_kind, path, rx, headers, action, cluster, weighted, weights,
+                  status, body, r.timeout_ms, add, remove)
+    rp = r.retry_policy
+    if rp is not None:
+        route.retry = RetryPolicy(
+            rp.retry_on, rp.num_retries, per_try_timeout_ms=rp.per_try_timeout_ms,
+            backoff_base_ms=rp.backoff_base_ms,
+            backoff_max_ms=rp.backoff_max_ms if rp.backoff_max_ms is not None
+            else 10 * rp.backoff_base_ms,
+            previous_hosts=rp.previous_hosts,
+            host_selection_attempts=rp.host_selection_retry_max_attempts,
+            status_codes=rp.retriable_status_codes)
+    return route
 
 
 def compile_route_table(t: model.RouteTable, clusters: dict) -> RouteTable:

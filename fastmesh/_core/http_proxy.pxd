@@ -11,6 +11,7 @@ from libc.stdint cimport int64_t, uint64_t
 from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.http1 cimport Head, HeadParser, ChunkedFramer
 from fastmesh._core.router cimport Route
+from fastmesh._core.retry cimport RetryPolicy
 from fastmesh._core.upstream cimport Cluster, Endpoint
 from fastmesh._core.context cimport ListenerCtx
 
@@ -35,6 +36,7 @@ cdef enum DeadlineKind:
     DL_LINGER               # lingering close: abort
     DL_STREAM_IDLE          # an exchange with no bytes either way: 408 / 504 / close
     DL_PENDING              # waiting for an upstream connection (circuit breaker): 504
+    DL_RETRY_WAIT           # backing off before a retry; the route timeout: 504
 
 cdef enum UsState:
     US_CONNECTING = 0
@@ -73,6 +75,12 @@ cdef class HttpDownstream:
         bint retry_active           # counted in cluster.retries_active
         bint waiting_cx             # counted in cluster.pending (waiting for a connection)
         bint queued                 # in ep.http_pending (max_connections reached)
+        # route retries (only when the route has a retry policy)
+        RetryPolicy retry
+        int attempts                # tries made for this request (1 = the first)
+        list tried                  # endpoints tried (previous_hosts)
+        int64_t rq_deadline_ms      # the route timeout over all tries; 0 = none
+        object retry_timer          # back-off before the next try
         bint sent_continue          # we answered Expect: 100-continue
         # timers
         int64_t deadline_ms         # 0 = none
@@ -94,6 +102,8 @@ cdef class HttpDownstream:
     cdef void _open_connection(self)
     cdef void _leave_pending(self)
     cdef void _end_retry(self)
+    cdef bint _try_retry(self, int status, bint no_response, bint connect_failure)
+    cdef void _retry_now(self)
     cdef void _bind(self, HttpUpstream up)
     cdef void _forward_body(self)
     cdef _forward_body_with(self, bytes head)

@@ -146,6 +146,9 @@ cdef class HttpDownstream:
         if self.cluster is not None:
             self._leave_pending()
             self._end_retry()
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
         self.req = None
         if self.connect_task is not None:
             self.connect_task = None         # the connection, when made, goes to the pool
@@ -242,6 +245,11 @@ cdef class HttpDownstream:
             self._local_response(404, b"no_route", b"no route\n", LS_ERR_NO_ROUTE)
             return
         self.route = route
+        self.retry = route.retry
+        if self.retry is not None:
+            self.attempts = 1
+            self.tried = None
+            self.rq_deadline_ms = now_ms() + route.timeout_ms if route.timeout_ms > 0 else 0
         if route.action == A_DIRECT:
             self._local_response(route.direct_status, None, route.direct_body, -1)
             return
@@ -321,6 +329,73 @@ cdef class HttpDownstream:
             self.retry_active = False
             self.cluster.retries_active -= 1
 
+    cdef bint _try_retry(self, int status, bint no_response, bint connect_failure):
+        # A try failed (a status, or no response at all) and nothing reached the client:
+        # schedule the next try if the route's policy allows. Requests with a body are not
+        # retried (their body streamed upstream and is not kept).
+        cdef RetryPolicy rp = self.retry
+        cdef Cluster cl = self.cluster
+        cdef int64_t wait_ms
+        if (self.attempts > rp.num_retries or self.resp_started or self.req is None
+                or self.req.body_kind != BODY_NONE):
+            return False
+        if no_response:
+            if not rp.retries_no_response(connect_failure):
+                return False
+        elif not rp.retries_status(status):
+            return False
+        if self.rq_deadline_ms and now_ms() >= self.rq_deadline_ms:
+            return False
+        if not self.retry_active:
+            if cl.retries_active >= cl.max_retries:
+                cl.counters.v[CS_RQ_RETRY_OVERFLOW] += 1
+                return False
+            self.retry_active = True
+            cl.retries_active += 1
+        cl.counters.v[CS_RQ_RETRY] += 1
+        if rp.previous_hosts:
+            if self.tried is None:
+                self.tried = []
+            self.tried.append(self.ep)
+        self.attempts += 1
+        self.state = DS_CONNECTING
+        # the route timeout still runs over the wait; the try's own deadline comes later
+        if self.rq_deadline_ms:
+            self._set_deadline(DL_RETRY_WAIT, max(1, self.rq_deadline_ms - now_ms()))
+        else:
+            self.deadline_ms = 0
+            self.deadline_kind = DL_NONE
+        wait_ms = rp.backoff_ms(self.attempts - 1)
+        self.retry_timer = self.ctx.loop.call_later(wait_ms / 1000.0, self._on_retry_timer)
+        return True
+
+    def _on_retry_timer(self):
+        self.retry_timer = None
+        if self.state != DS_CONNECTING or self.req is None:
+            return
+        try:
+            self._retry_now()
+            self._flush()
+            self._update_reading()
+        except BaseException:
+            log.exception("internal error retrying a request")
+            self._abort()
+
+    cdef void _retry_now(self):
+        cdef Cluster cl = self.cluster
+        cdef Endpoint ep = cl.pick()
+        cdef int n = self.retry.host_selection_attempts
+        if self.tried is not None:
+            while ep is not None and n > 0 and ep in self.tried:
+                ep = cl.pick()              # prefer an endpoint not tried yet
+                n -= 1
+        if ep is None:
+            self._local_response(503, b"no_healthy_upstream", b"no healthy upstream\n",
+                                 LS_ERR_NO_HEALTHY_UPSTREAM)
+            return
+        self.ep = ep
+        self._acquire_upstream()
+
     def _on_connected(self, task, Cluster cl, Endpoint ep):
         # cl, ep: those the connection was for (self.cluster may have moved on since)
         cdef HttpUpstream up
@@ -341,6 +416,8 @@ cdef class HttpDownstream:
                 rlog.warning((self.cluster.name, "connect"),
                              "cluster %s: connect to %s:%s failed: %s", self.cluster.name,
                             self.ep.host, self.ep.port, exc)
+                if self.retry is not None and self._try_retry(503, True, True):
+                    return
                 self._local_response(503, b"connect_failed", b"upstream connect failed\n",
                                      LS_ERR_CONNECT_FAILED)
                 self._flush()
@@ -437,8 +514,17 @@ cdef class HttpDownstream:
 
     cdef void _request_forwarded(self):
         # The whole request is upstream: the response timeout runs until its head arrives.
-        if self.route is not None and self.route.timeout_ms > 0 and not self.resp_started:
-            self._set_deadline(DL_RESPONSE, self.route.timeout_ms)
+        cdef int64_t timeout_ms
+        if self.route is not None and not self.resp_started:
+            timeout_ms = self.route.timeout_ms
+            if self.retry is not None:
+                if self.rq_deadline_ms:                 # what is left of the route timeout
+                    timeout_ms = max(1, self.rq_deadline_ms - now_ms())
+                if self.retry.per_try_timeout_ms and (
+                        timeout_ms <= 0 or self.retry.per_try_timeout_ms < timeout_ms):
+                    timeout_ms = self.retry.per_try_timeout_ms
+            if timeout_ms > 0:
+                self._set_deadline(DL_RESPONSE, timeout_ms)
 
     cdef void _discard_body(self):
         # Drop the body of a request answered locally, then go on to the next request.
@@ -533,10 +619,12 @@ cdef class HttpDownstream:
                     self.cluster.counters.v[CS_RQ_RETRY] += 1
                     self._acquire_upstream()
                     return
-            if not self.req_done:
-                self.close_after = True
             if self.cluster.od_enabled:
                 self.cluster.observe(self.ep, 502)
+            if self.retry is not None and self._try_retry(502, True, False):
+                return
+            if not self.req_done:
+                self.close_after = True
             if reason_slot == LS_ERR_UPSTREAM_PROTOCOL:
                 self._local_response(502, b"upstream_protocol",
                                      b"upstream sent a malformed response\n", reason_slot)
@@ -746,6 +834,10 @@ cdef class HttpDownstream:
             self._leave_pending()
             if self.cluster.od_enabled:
                 self.cluster.observe(self.ep, 503)
+            if self.retry is not None and self._try_retry(503, True, True):
+                self._flush()
+                self._update_reading()
+                return
             self._local_response(503, b"connect_timeout", b"upstream connect timeout\n",
                                  LS_ERR_CONNECT_FAILED)
         elif kind == DL_RESPONSE:
@@ -753,8 +845,19 @@ cdef class HttpDownstream:
             if self.cluster.od_enabled:
                 self.cluster.observe(self.ep, 504)
             self._drop_upstream()
+            if self.retry is not None and self._try_retry(504, True, False):
+                self._flush()
+                self._update_reading()
+                return
             if not self.req_done:
                 self.close_after = True
+            self._local_response(504, b"upstream_timeout", b"upstream timeout\n",
+                                 LS_ERR_UPSTREAM_TIMEOUT)
+        elif kind == DL_RETRY_WAIT:
+            # the route timeout passed while waiting to retry
+            if self.retry_timer is not None:
+                self.retry_timer.cancel()
+                self.retry_timer = None
             self._local_response(504, b"upstream_timeout", b"upstream timeout\n",
                                  LS_ERR_UPSTREAM_TIMEOUT)
         elif kind == DL_PENDING:
@@ -984,6 +1087,15 @@ cdef class HttpUpstream:
         self.cluster.counters.v[status_class_slot(h.status, CS_RSP_1XX)] += 1
         if self.cluster.od_enabled:
             self.cluster.observe(self.ep, h.status)
+        if ds.retry is not None and ds._try_retry(h.status, False, False):
+            # this answer is not the client's: another try follows (this connection, with
+            # the rest of the answer on it, is closed)
+            self.ds = None
+            ds.up = None
+            self._close()
+            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            return False
         ds._count_response(h.status)
         self.body_kind = h.body_kind
         self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0

@@ -3,6 +3,7 @@
 
 from fastmesh._core.http1 cimport Head
 from fastmesh._core.upstream cimport Cluster
+from fastmesh._core.retry cimport RetryPolicy
 
 cdef enum MatchKind:
     M_ANY = 0               # no path condition / present (header)
@@ -44,6 +45,7 @@ cdef class Route:
         readonly int timeout_ms     # upstream response timeout; 0 = none
         readonly tuple headers_to_add     # ((name, value) bytes pairs)
         readonly tuple headers_to_remove  # (lower-cased name bytes)
+        public RetryPolicy retry    # None: a failed try is the answer
 
     cdef bint match_http(self, Head h)
     cdef Cluster pick_cluster(self)

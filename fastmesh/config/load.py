@@ -37,6 +37,8 @@ from .model import (
     CircuitBreakers,
     HealthCheck,
     OutlierDetection,
+    RETRY_ON,
+    RetryPolicy,
     Config,
     DirectResponse,
     HeaderMatch,
@@ -156,6 +158,14 @@ def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = No
         c.err("listeners", "missing required key")
     listeners = _listeners(c, data.get("listeners", []), known_tables, known_clusters, admin)
     route_tables = _route_tables(c, tables_raw, known_clusters)
+    for lst in listeners:
+        # what only the HTTP/1 path does is refused where it would be ignored
+        table = route_tables.get(lst.route_table) if lst.protocol == "bolt" else None
+        for vh in table.virtual_hosts if table is not None else ():
+            for i, r in enumerate(vh.routes):
+                if r.retry_policy is not None:
+                    c.err(f"route_tables.{lst.route_table}.routes[{i}].retry_policy",
+                          f"used by bolt listener {lst.name!r}: retries are for HTTP routes")
     prebuilt = clusters or {}
     clusters = _clusters(c, clusters_raw)
     for name, cl in prebuilt.items():
@@ -684,7 +694,7 @@ def _domain(c: _Checker, v: Any, path: str) -> Optional[str]:
 
 
 _ROUTE_KEYS = ("match", "cluster", "weighted_clusters", "direct_response", "timeout_ms",
-               "request_headers_to_add", "request_headers_to_remove")
+               "request_headers_to_add", "request_headers_to_remove", "retry_policy")
 _ACTIONS = ("cluster", "weighted_clusters", "direct_response")
 
 
@@ -754,7 +764,41 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
         items = c.seq(m["request_headers_to_remove"], rp)
         names = (c.text(n, f"{rp}[{i}]") for i, n in enumerate(items))
         kw["request_headers_to_remove"] = tuple(n.lower() for n in names if n is not None)
+    if m.get("retry_policy") is not None:
+        kw["retry_policy"] = _retry_policy(c, m["retry_policy"], f"{p}.retry_policy")
     return Route(**kw)
+
+
+_RETRY_FIELDS = {f.name for f in dataclasses.fields(RetryPolicy)}
+
+
+def _retry_policy(c: _Checker, raw: Any, p: str) -> Optional[RetryPolicy]:
+    m = c.mapping(raw, p, _RETRY_FIELDS)
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    on = c.seq(c.required(m, p, "retry_on"), f"{p}.retry_on", nonempty=True) \
+        if "retry_on" in m else []
+    kw["retry_on"] = tuple(c.choice(x, f"{p}.retry_on[{i}]", "retry condition", RETRY_ON)
+                           for i, x in enumerate(on))
+    for name, lo in (("num_retries", 0), ("per_try_timeout_ms", 0), ("backoff_base_ms", 1),
+                     ("backoff_max_ms", 1), ("host_selection_retry_max_attempts", 1)):
+        if m.get(name) is not None:
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=lo)
+    if "previous_hosts" in m:
+        kw["previous_hosts"] = c.boolean(m["previous_hosts"], f"{p}.previous_hosts")
+    if "retriable_status_codes" in m:
+        kw["retriable_status_codes"] = tuple(
+            c.integer(x, f"{p}.retriable_status_codes[{i}]", lo=100, hi=599)
+            for i, x in enumerate(c.seq(m["retriable_status_codes"],
+                                        f"{p}.retriable_status_codes")))
+    if kw.get("backoff_max_ms") is not None and kw.get("backoff_base_ms") is not None \
+            and kw["backoff_max_ms"] < kw["backoff_base_ms"]:
+        c.err(f"{p}.backoff_max_ms", "must be at least backoff_base_ms")
+    if any(v is None for v in kw.values()) or None in kw["retry_on"] or \
+            None in kw.get("retriable_status_codes", ()):
+        return None
+    return RetryPolicy(**kw)
 
 
 def _headers_to_add(c: _Checker, raw: Any, path: str) -> tuple[tuple[str, str], ...]:

@@ -62,6 +62,24 @@ class DirectResponse:
     body: str = ""
 
 
+RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-4xx",
+            "retriable-status-codes", "refused-stream")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Envoy's route.v3.RetryPolicy, for HTTP/1 requests without a body (their body is
+    streamed upstream, not kept, so they are never retried)."""
+    retry_on: tuple[str, ...]                     # names from RETRY_ON
+    num_retries: int = 1
+    per_try_timeout_ms: int = 0                   # 0: the route timeout bounds each try
+    retriable_status_codes: tuple[int, ...] = ()
+    backoff_base_ms: int = 25                     # jittered exponential back-off between tries
+    backoff_max_ms: Optional[int] = None          # default 10 x base
+    previous_hosts: bool = False                  # retry on an endpoint not tried yet
+    host_selection_retry_max_attempts: int = 1
+
+
 @dataclass(frozen=True)
 class Route:
     match: RouteMatch
@@ -72,6 +90,7 @@ class Route:
     timeout_ms: int = DEFAULT_ROUTE_TIMEOUT_MS     # upstream response timeout; 0 = none
     request_headers_to_add: tuple[tuple[str, str], ...] = ()   # (name, value), appended
     request_headers_to_remove: tuple[str, ...] = ()            # lower-cased names
+    retry_policy: Optional[RetryPolicy] = None
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,21 @@ def bootstrap(port, admin, ups):
         cluster("quota", [good], circuit_breakers={"thresholds": [{"max_requests": 3}]}),
         cluster("pending", [good], circuit_breakers={"thresholds": [
             {"max_connections": 2, "max_pending_requests": 100}]}),
+        cluster("retry", [good, bad]),
+        cluster("dead", [good, ups["dead"]]),
     ]
     routes = [{"match": {"prefix": f"/{c['name']}/"},
                "route": {"cluster": c["name"], "timeout": "10s"}} for c in clusters]
+    previous_hosts = [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3."
+                 "PreviousHostsPredicate"}}]
+    for r in routes:
+        if r["route"]["cluster"] == "retry":
+            r["route"]["retry_policy"] = {"retry_on": "5xx", "num_retries": 2,
+                                          "retry_host_predicate": previous_hosts}
+        if r["route"]["cluster"] == "dead":
+            r["route"]["retry_policy"] = {"retry_on": "connect-failure", "num_retries": 1,
+                                          "retry_host_predicate": previous_hosts}
     return {
         "admin": {"address": sock(admin)},
         "static_resources": {
@@ -96,6 +108,7 @@ def side(request, tmp_path_factory):
                       "--name", name, "--fail-status", str(fail)], name=f"upstream {name}")
             procs.append(p)
             ups[name] = int(_wait_line(p, b"READY", START_TIMEOUT_S).split()[1])
+        ups["dead"] = free_port()                       # nobody listens there
         port, admin = free_port(), free_port()
         path = tmp / "bootstrap.yaml"
         path.write_text(yaml.safe_dump(bootstrap(port, admin, ups)))
@@ -175,3 +188,14 @@ def test_max_connections_makes_requests_wait_not_fail(side):
     assert [r[0] for r in got] == [200] * 6, (side.who, got)
     assert side.counter("pending", "upstream_cx_total") == 2
     assert side.counter("pending", "upstream_cx_overflow") >= 1
+
+
+def test_retries_hide_a_failing_endpoint(side):
+    # every other try lands on the endpoint answering 503; the retry goes to the other one
+    assert statuses(side, "/retry/", 20) == [200] * 20, side.who
+    assert side.counter("retry", "upstream_rq_retry") >= 9
+
+
+def test_connect_failure_is_retried_on_another_endpoint(side):
+    assert statuses(side, "/dead/", 10) == [200] * 10, side.who
+    assert side.counter("dead", "upstream_cx_connect_fail") >= 4

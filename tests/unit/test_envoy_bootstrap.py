@@ -21,8 +21,8 @@ from fastmesh.config.envoy._common import snake
 from fastmesh.config.envoy.cluster import ENVOY_BREAKERS
 from fastmesh.config.load import ConfigError, load_dict, load_file, load_text, to_dict
 from fastmesh.config.model import (Address, Admin, CircuitBreakers, Cluster, DirectResponse,
-                                   HeaderMatch, Listener, OutlierDetection, Route, RouteMatch,
-                                   WeightedCluster)
+                                   HeaderMatch, Listener, OutlierDetection, RetryPolicy, Route,
+                                   RouteMatch, WeightedCluster)
 
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
             "HttpConnectionManager")
@@ -441,8 +441,16 @@ def test_routes_translation():
 ROUTE_REFUSALS = [
     (lambda b: route0(b)["route"].update(prefix_rewrite="/x"), f"{R0}.route.prefix_rewrite",
      "prefix_rewrite: not supported yet"),
-    (lambda b: route0(b)["route"].update(retry_policy={}), f"{R0}.route.retry_policy",
-     "retries"),
+    (lambda b: route0(b)["route"].update(retry_policy={"retry_on": "5xx,cancelled"}),
+     f"{R0}.route.retry_policy.retry_on", "retry condition 'cancelled': not supported"),
+    (lambda b: route0(b)["route"].update(retry_policy={"retry_priority": {}}),
+     f"{R0}.route.retry_policy.retry_priority", "retry_priority"),
+    (lambda b: route0(b)["route"].update(retry_policy={"retry_host_predicate": [
+        {"name": "envoy.retry_host_predicates.omit_canary_hosts"}]}),
+     f"{R0}.route.retry_policy.retry_host_predicate[0]", "retry host predicate"),
+    (lambda b: route0(b)["route"].update(retry_policy={"retry_back_off": {
+        "base_interval": "1s", "max_interval": "0.5s"}}),
+     f"{R0}.route.retry_policy.retry_back_off.max_interval", "at least base_interval"),
     (lambda b: route0(b)["route"].update(cluster_header="x-c"), f"{R0}.route.cluster_header",
      "not supported yet"),
     (lambda b: (route0(b).pop("route"), route0(b).update(redirect={"path_redirect": "/"})),
@@ -500,7 +508,8 @@ ROUTE_REFUSALS = [
      "apply to every route"),
     (lambda b: hcm(b)["route_config"].update(request_headers_to_remove=["x"]),
      f"{HCM}.route_config.request_headers_to_remove", "apply to every route"),
-    (lambda b: vhost(b).update(retry_policy={}), f"{VH0}.retry_policy", "retries"),
+    (lambda b: vhost(b).update(include_request_attempt_count=True),
+     f"{VH0}.include_request_attempt_count", "x-envoy-attempt-count"),
     (lambda b: vhost(b).update(domains=["*", "*"]), f"{VH0}.domains[1]", "duplicate domain"),
     (lambda b: vhost(b).update(domains=["foo.*"]), f"{VH0}.domains[0]", "invalid domain"),
     (lambda b: vhost(b).update(routes=[]), f"{VH0}.routes", "no routes"),
@@ -571,6 +580,31 @@ def sample_clusters():
                              "endpoints": [{"lb_endpoints": [endpoint("example.com", 443)]}]}},
     ]
     return b
+
+
+def test_retry_policies():
+    b = bootstrap()
+    route0(b)["route"]["retry_policy"] = {
+        "retry_on": "5xx, connect-failure,retriable-status-codes", "num_retries": 3,
+        "per_try_timeout": "0.25s", "retriable_status_codes": [418],
+        "retry_back_off": {"base_interval": "0.01s"},
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                  "typed_config": {"@type": "type.googleapis.com/envoy."
+                                                   "extensions.retry.host.previous_hosts.v3."
+                                                   "PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": "3"}
+    vhost(b)["retry_policy"] = {"retry_on": "gateway-error"}      # route0 has its own
+
+    def route0_policy(b):
+        cfg = load_bootstrap(b)
+        return cfg.route_tables[cfg.listeners[0].route_table].virtual_hosts[0].routes[0] \
+            .retry_policy
+    assert route0_policy(b) == RetryPolicy(
+        retry_on=("5xx", "connect-failure", "retriable-status-codes"), num_retries=3,
+        per_try_timeout_ms=250, retriable_status_codes=(418,), backoff_base_ms=10,
+        previous_hosts=True, host_selection_retry_max_attempts=3)
+    del route0(b)["route"]["retry_policy"]                      # now the virtual host's
+    assert route0_policy(b) == RetryPolicy(retry_on=("gateway-error",))
 
 
 def test_circuit_breakers_outlier_detection_and_panic_threshold():

@@ -2,11 +2,12 @@
 -> model ``RouteTable``: virtual hosts, routes, matches and actions."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from ..load import _domain
-from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HeaderMatch, Route, RouteMatch,
-                     RouteTable, VirtualHost, WeightedCluster)
+from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HeaderMatch, RetryPolicy, Route,
+                     RouteMatch, RouteTable, VirtualHost, WeightedCluster)
 from ._common import _MISSING, NOT_YET, EnvoyChecker
 
 _HEADERS_HERE = ("headers added or removed here apply to every route: " + NOT_YET
@@ -26,7 +27,8 @@ _VHOST_FIELDS = {
     "response_headers_to_add": "response header changes: " + NOT_YET,
     "response_headers_to_remove": "response header changes: " + NOT_YET,
     "require_tls": "require_tls: " + NOT_YET,
-    "retry_policy": "retries: " + NOT_YET,
+    "retry_policy": None,
+    "include_request_attempt_count": None,
     "typed_per_filter_config": "per-filter config: " + NOT_YET,
 }
 _ROUTE_FIELDS = {
@@ -62,7 +64,7 @@ _ACTION_FIELDS = {
     "auto_host_rewrite": "host rewrites: " + NOT_YET,
     "host_rewrite_header": "host rewrites: " + NOT_YET,
     "idle_timeout": "per-route idle_timeout: " + NOT_YET,
-    "retry_policy": "retries: " + NOT_YET,
+    "retry_policy": None,
     "request_mirror_policies": "request mirroring: " + NOT_YET,
     "hash_policy": "hash_policy: " + NOT_YET,
     "rate_limits": "rate limits: " + NOT_YET,
@@ -130,12 +132,20 @@ def _virtual_host(c: EnvoyChecker, raw, p: str, names: dict, domains_seen: dict,
         else:
             domains_seen[dom] = f"{dp}[{j}]"
         domains.append(dom)
+    if "include_request_attempt_count" in m and c.boolean(
+            m.get("include_request_attempt_count"), m.p("include_request_attempt_count")):
+        c.err(m.p("include_request_attempt_count"), "x-envoy-attempt-count: " + NOT_YET)
+    vh_retry = None
+    if "retry_policy" in m:     # for the routes without their own
+        vh_retry = translate_retry_policy(c, m.get("retry_policy"), m.p("retry_policy"))
     rp = m.p("routes")
     routes = []
     r_raw = m.get("routes", [])
     for i, item in enumerate(c.seq(r_raw, rp)):
         r = _route(c, item, f"{rp}[{i}]", known_clusters)
         if r is not None:
+            if vh_retry is not None and r.retry_policy is None and r.direct_response is None:
+                r = dataclasses.replace(r, retry_policy=vh_retry)
             routes.append(r)
     if isinstance(r_raw, list) and not r_raw:
         c.err(rp, "no routes: a virtual host that answers 404 to everything is " + NOT_YET)
@@ -296,7 +306,88 @@ def _action(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> dict
                                             m.p("weighted_clusters"), known_clusters)
     if "timeout" in m:
         kw["timeout_ms"] = c.duration_ms(m.get("timeout"), m.p("timeout"))
+    if "retry_policy" in m:
+        kw["retry_policy"] = translate_retry_policy(c, m.get("retry_policy"),
+                                                    m.p("retry_policy"))
     return kw
+
+
+# Envoy's retry_on conditions that mean something for HTTP/1 (refused-stream never happens)
+_RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-4xx",
+             "retriable-status-codes", "refused-stream")
+_PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
+_PREVIOUS_HOSTS_TYPE = ("type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3."
+                        "PreviousHostsPredicate")
+
+
+def translate_retry_policy(c: EnvoyChecker, raw, p: str) -> Optional[RetryPolicy]:
+    """route.v3.RetryPolicy -> model.RetryPolicy (Envoy's defaults: 1 retry, 25 ms base
+    back-off, max 10 x base)."""
+    m = c.message(raw, p, {
+        "retry_on": None, "num_retries": None, "per_try_timeout": None,
+        "retry_host_predicate": None, "host_selection_retry_max_attempts": None,
+        "retriable_status_codes": None, "retry_back_off": None,
+        "per_try_idle_timeout": "per_try_idle_timeout: " + NOT_YET,
+        "retry_priority": "retry_priority: " + NOT_YET,
+        "retry_options_predicates": "retry_options_predicates: " + NOT_YET,
+        "rate_limited_retry_back_off": "rate_limited_retry_back_off: " + NOT_YET,
+        "retriable_headers": "retriable_headers: " + NOT_YET,
+        "retriable_request_headers": "retriable_request_headers: " + NOT_YET})
+    if m is None:
+        return None
+    kw: dict = {}
+    on = c.text(m.get("retry_on", ""), m.p("retry_on"), nonempty=False) or ""
+    names = [x.strip() for x in on.split(",") if x.strip()]
+    for name in names:
+        if name not in _RETRY_ON:
+            c.err(m.p("retry_on"), f"retry condition {name!r}: {NOT_YET} (supported: "
+                                   f"{', '.join(_RETRY_ON)})")
+    kw["retry_on"] = tuple(n for n in names if n in _RETRY_ON)
+    if "num_retries" in m:
+        kw["num_retries"] = c.uint(m.get("num_retries"), m.p("num_retries"))
+    if "per_try_timeout" in m:
+        kw["per_try_timeout_ms"] = c.duration_ms(m.get("per_try_timeout"),
+                                                 m.p("per_try_timeout"))
+    if "retriable_status_codes" in m:
+        sp = m.p("retriable_status_codes")
+        kw["retriable_status_codes"] = tuple(
+            c.uint(x, f"{sp}[{i}]", lo=100, hi=599)
+            for i, x in enumerate(c.seq(m.get("retriable_status_codes"), sp)))
+    if "host_selection_retry_max_attempts" in m:
+        v = m.get("host_selection_retry_max_attempts")
+        if isinstance(v, str) and v.isdigit():        # an int64: a string in proto JSON
+            v = int(v)
+        kw["host_selection_retry_max_attempts"] = c.integer(
+            v, m.p("host_selection_retry_max_attempts"), lo=1)
+    if "retry_back_off" in m:
+        b = c.message(m.get("retry_back_off"), m.p("retry_back_off"),
+                      {"base_interval": None, "max_interval": None})
+        if b is not None:
+            base = c.duration_ms(c.need(b, "base_interval"), b.p("base_interval"))
+            kw["backoff_base_ms"] = base
+            if "max_interval" in b:
+                mx = c.duration_ms(b.get("max_interval"), b.p("max_interval"))
+                if mx is not None and base is not None and mx < base:
+                    c.err(b.p("max_interval"), "must be at least base_interval")
+                kw["backoff_max_ms"] = mx
+            if base == 0:
+                c.err(b.p("base_interval"), "must be greater than 0s")
+    for i, pred in enumerate(c.seq(m.get("retry_host_predicate", []),
+                                   m.p("retry_host_predicate"))):
+        pp = f"{m.p('retry_host_predicate')}[{i}]"
+        pm = c.message(pred, pp, {"name": None, "typed_config": None})
+        if pm is None:
+            continue
+        tc = pm.get("typed_config")
+        t = tc.get("@type") if isinstance(tc, dict) else None
+        if t == _PREVIOUS_HOSTS_TYPE or (t is None and pm.get("name") == _PREVIOUS_HOSTS):
+            kw["previous_hosts"] = True
+        else:
+            c.err(pp, f"retry host predicate {pm.get('name')!r}: {NOT_YET} (supported: "
+                      f"{_PREVIOUS_HOSTS})")
+    if any(v is None for v in kw.values()) or None in kw.get("retriable_status_codes", ()):
+        return None
+    return RetryPolicy(**kw)
 
 
 def _cluster_ref(c: EnvoyChecker, v, p: str, known_clusters: Optional[set]) -> Optional[str]:
