@@ -17,6 +17,7 @@ from fastmesh.config import model
 # MatchKind / ActionKind values of router.pxd
 M_ANY, M_EXACT, M_PREFIX, M_REGEX, M_ABSENT = 0, 1, 2, 3, 4
 A_CLUSTER, A_WEIGHTED, A_DIRECT = 0, 1, 2
+HASH_KINDS = {"header": 0, "cookie": 1, "source_ip": 2, "query_parameter": 3}  # http_proxy.pyx
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ def _route(r: model.Route, name: str, clusters: dict) -> Route:
             previous_hosts=rp.previous_hosts,
             host_selection_attempts=rp.host_selection_retry_max_attempts,
             status_codes=rp.retriable_status_codes)
+    if r.hash_policy:
+        route.hash_policy = tuple((HASH_KINDS[hp.kind], hp.name.encode(), hp.terminal)
+                                  for hp in r.hash_policy)
     return route
 
 
@@ -90,7 +94,8 @@ def compile_route_table(t: model.RouteTable, clusters: dict) -> RouteTable:
 
 def _cluster_settings(c: model.Cluster) -> tuple:
     return (c.lb_policy, c.connect_timeout_ms, c.max_idle_per_endpoint, c.idle_timeout_ms,
-            c.connections_per_endpoint, c.heartbeat_interval_ms, c.heartbeat_max_missed)
+            c.connections_per_endpoint, c.heartbeat_interval_ms, c.heartbeat_max_missed,
+            c.min_ring_size, c.max_ring_size, c.maglev_table_size)
 
 
 def new_cluster(c: model.Cluster) -> Cluster:
@@ -99,7 +104,9 @@ def new_cluster(c: model.Cluster) -> Cluster:
                  idle_timeout_ms=c.idle_timeout_ms,
                  connections_per_endpoint=c.connections_per_endpoint,
                  heartbeat_interval_ms=c.heartbeat_interval_ms,
-                 heartbeat_max_missed=c.heartbeat_max_missed)
+                 heartbeat_max_missed=c.heartbeat_max_missed,
+                 min_ring_size=c.min_ring_size, max_ring_size=c.max_ring_size,
+                 maglev_table_size=c.maglev_table_size)
     configure_health(cl, c)
     return cl
 

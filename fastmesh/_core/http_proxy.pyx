@@ -5,7 +5,7 @@ import logging
 from fastmesh.ratelog import RateLimitedLog
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
 from fastmesh._core cimport debug
@@ -33,7 +33,8 @@ from fastmesh._core.stats cimport (
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_CX_IDLE_CLOSED, CS_CX_OVERFLOW, CS_RQ_PENDING_TOTAL,
     CS_RQ_PENDING_ACTIVE, CS_RQ_PENDING_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY_OVERFLOW,
 )
-from fastmesh._core.upstream cimport Cluster, Endpoint
+from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH
+from fastmesh._core.xxhash64 cimport xxh64
 
 log = logging.getLogger("fastmesh.http")
 rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
@@ -259,7 +260,10 @@ cdef class HttpDownstream:
             self.cluster = cluster
             self._local_response(503, b"overflow", OVERFLOW_BODY, LS_ERR_OVERFLOW)
             return
-        ep = cluster.pick()
+        if route.hash_policy is not None and cluster.lb_policy >= LB_RING_HASH:
+            ep = _pick_by_hash(cluster, route.hash_policy, h, self.client_ip)
+        else:
+            ep = cluster.pick()
         if ep is None:
             self._local_response(503, b"no_healthy_upstream", b"no healthy upstream\n",
                                  LS_ERR_NO_HEALTHY_UPSTREAM)
@@ -898,6 +902,58 @@ cdef class HttpDownstream:
 
 
 # ======================================================================= upstream
+
+cdef Endpoint _pick_by_hash(Cluster cluster, tuple policies, Head h, bytes client_ip):
+    # The request's hash under the route's hash policies (Envoy's: xxh64 of each value,
+    # combined as rotl(hash, 1) ^ next; a terminal policy that yields a value ends the
+    # list). No policy yields one: a random endpoint.
+    cdef uint64_t acc = 0, one
+    cdef bint have = False
+    cdef int kind
+    cdef bytes name, value
+    for kind, name, terminal in policies:
+        value = None
+        if kind == 0:                       # header
+            value = h.header_value(name, len(name))
+        elif kind == 1:                     # cookie
+            value = _cookie_value(h.header_value(b"cookie", 6), name)
+        elif kind == 2:                     # source IP
+            value = client_ip
+        else:                               # query parameter
+            value = _query_value(h, name)
+        if value is None:
+            continue
+        one = xxh64(value, len(value), 0)
+        acc = ((acc << 1) | (acc >> 63)) ^ one if have else one
+        have = True
+        if terminal:
+            break
+    if not have:
+        return cluster.pick()
+    return cluster.pick_hash(acc)
+
+
+cdef bytes _cookie_value(bytes header, bytes name):
+    if header is None:
+        return None
+    for part in header.split(b";"):
+        k, sep, v = part.strip().partition(b"=")
+        if sep and k == name:
+            return v
+    return None
+
+
+cdef bytes _query_value(Head h, bytes name):
+    target = h.raw[h.target_off:h.target_off + h.target_len]
+    _, sep, query = target.partition(b"?")
+    if not sep:
+        return None
+    for part in query.split(b"&"):
+        k, eq, v = part.partition(b"=")
+        if k == name:
+            return v
+    return None
+
 
 cdef class _ConnectDone:
     # The done callback of a connection attempt: remembers what it was for.

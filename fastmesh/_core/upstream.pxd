@@ -3,7 +3,7 @@
 # asks it for an endpoint per request. Connection pools hang off each Endpoint and belong to
 # the protocol modules (http_proxy: idle keep-alive list; bolt_proxy: multiplexed set).
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
 from fastmesh._core.stats cimport Counters
 
@@ -11,6 +11,8 @@ cdef enum LbPolicy:
     LB_ROUND_ROBIN = 0      # next endpoint in turn
     LB_RANDOM = 1           # uniformly random
     LB_LEAST_REQUEST = 2    # fewer active requests of two random picks (P2C)
+    LB_RING_HASH = 3        # consistent hashing on a ring (Envoy's ketama-style ring)
+    LB_MAGLEV = 4           # consistent hashing with a Maglev lookup table
 
 cdef class Endpoint:
     cdef:
@@ -74,8 +76,19 @@ cdef class Cluster:
         public int cx_connecting    # connections being made now (count toward max_connections)
         public int pending          # requests waiting for a connection, all endpoints
         public int retries_active   # retried requests in flight
+        # consistent hashing (LB_RING_HASH / LB_MAGLEV): rebuilt with the healthy set
+        readonly int min_ring_size
+        readonly int max_ring_size
+        readonly int maglev_table_size
+        tuple hash_hosts            # the endpoints the ring or table was built over
+        uint64_t *ring_hashes       # sorted; ring_slots[i]: index in hash_hosts
+        int *ring_slots
+        Py_ssize_t ring_len
+        int *maglev                 # maglev_table_size entries: index in hash_hosts
 
     cdef Endpoint pick(self)        # None when there is no endpoint
+    cdef Endpoint pick_hash(self, uint64_t h)   # by a request's hash (hash policies)
+    cdef void _build_hash_table(self) except *
     cpdef refresh_health(self)
     cdef void observe(self, Endpoint ep, int status)
     cdef void _eject(self, Endpoint ep, int slot)

@@ -1,11 +1,14 @@
 """Clusters, endpoints, load balancing. See upstream.pxd."""
-from libc.stdint cimport int64_t
+from libc.math cimport ceil
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport free, malloc, qsort
 
 from fastmesh._core.clock cimport now_ms
 from fastmesh._core.stats cimport (
     Counters, CS_NO_HEALTHY, CS_LB_HEALTHY_PANIC, CS_OD_EJECTIONS, CS_OD_EJECTIONS_5XX,
     CS_OD_EJECTIONS_GATEWAY, CS_OD_EJECTIONS_OVERFLOW, CS_OD_EJECTIONS_ACTIVE)
 from fastmesh._core.fastrand cimport fast_random
+from fastmesh._core.xxhash64 cimport xxh64
 
 # Envoy's overprovisioning factor (1.4): a priority level with 5 of 7 hosts healthy counts as
 # fully healthy; panic mode starts below healthy_panic_threshold of that
@@ -14,7 +17,23 @@ cdef enum:
 cdef int64_t UNLIMITED = 1 << 62
 
 _POLICIES = {"round_robin": LB_ROUND_ROBIN, "random": LB_RANDOM,
-             "least_request": LB_LEAST_REQUEST}
+             "least_request": LB_LEAST_REQUEST, "ring_hash": LB_RING_HASH,
+             "maglev": LB_MAGLEV}
+
+
+cdef struct RingEntry:
+    uint64_t hash
+    int slot
+
+
+cdef int _cmp_ring(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const RingEntry *>a).hash, y = (<const RingEntry *>b).hash
+    return -1 if x < y else (1 if x > y else 0)
+
+
+cdef bytes hash_key_of(Endpoint e):
+    # what Envoy hashes for a host: its address as "ip:port" ("[v6]:port")
+    return (f"[{e.host}]:{e.port}" if ":" in e.host else f"{e.host}:{e.port}").encode()
 
 
 cdef class Endpoint:
@@ -45,7 +64,9 @@ cdef class Cluster:
     def __init__(self, str name, str lb_policy="round_robin", int connect_timeout_ms=5000,
                  int max_idle_per_endpoint=64, int idle_timeout_ms=60000,
                  int connections_per_endpoint=1, int heartbeat_interval_ms=15000,
-                 int heartbeat_max_missed=3, Counters counters=None):
+                 int heartbeat_max_missed=3, Counters counters=None,
+                 int min_ring_size=1024, int max_ring_size=8388608,
+                 int maglev_table_size=65537):
         self.name = name
         self.lb_policy = _POLICIES[lb_policy]
         self.connect_timeout_ms = connect_timeout_ms
@@ -70,6 +91,15 @@ cdef class Cluster:
         self.cx_connecting = 0
         self.pending = 0
         self.retries_active = 0
+        self.min_ring_size = min_ring_size
+        self.max_ring_size = max_ring_size
+        self.maglev_table_size = maglev_table_size
+        self.hash_hosts = ()
+
+    def __dealloc__(self):
+        free(self.ring_hashes)
+        free(self.ring_slots)
+        free(self.maglev)
 
     cdef Endpoint pick(self):
         cdef tuple eps = self.healthy
@@ -88,7 +118,8 @@ cdef class Cluster:
         if self.lb_policy == LB_ROUND_ROBIN:
             self.rr_next += 1
             return eps[self.rr_next % n]
-        if self.lb_policy == LB_RANDOM:
+        if self.lb_policy == LB_RANDOM or self.lb_policy >= LB_RING_HASH:
+            # (a hashing policy without a hash from the request: a random endpoint, as Envoy)
             return eps[fast_random() % n]
         a = eps[fast_random() % n]
         b = eps[fast_random() % n]
@@ -129,6 +160,131 @@ cdef class Cluster:
         self.panic = (total > 0 and self.panic_threshold_pct > 0 and
                       min(100, OVERPROVISIONING_PCT * len(healthy) // total)
                       < self.panic_threshold_pct)
+        if self.lb_policy >= LB_RING_HASH:
+            self._build_hash_table()
+
+    cdef void _build_hash_table(self) except *:
+        # Over the endpoints requests may go to (the healthy ones; all in panic mode).
+        cdef tuple hosts = self.endpoints if self.panic else self.healthy
+        cdef Py_ssize_t n = len(hosts), i, j, k
+        cdef double scale, target = 0.0, current = 0.0
+        cdef uint64_t m, c, offset, skip
+        cdef RingEntry *ring
+        cdef bytes key
+        cdef int *table
+        cdef uint64_t *offsets
+        cdef uint64_t *skips
+        cdef uint64_t *nexts
+        free(self.ring_hashes)
+        free(self.ring_slots)
+        free(self.maglev)
+        self.ring_hashes = NULL
+        self.ring_slots = NULL
+        self.maglev = NULL
+        self.ring_len = 0
+        self.hash_hosts = hosts
+        if n == 0:
+            return
+        if self.lb_policy == LB_RING_HASH:
+            # Every endpoint gets the same number of points: scale = the ring size at which
+            # each has a whole number (at least min_ring_size, at most max_ring_size); point
+            # j of an endpoint sits at xxh64("ip:port_j"). A request goes to the first point
+            # at or after its hash, wrapping around.
+            scale = min(ceil((1.0 / n) * self.min_ring_size) / (1.0 / n),
+                        <double>self.max_ring_size)
+            ring = <RingEntry *>malloc(<size_t>(ceil(scale) + n + 1) * sizeof(RingEntry))
+            if ring is NULL:
+                raise MemoryError()
+            k = 0
+            for i in range(n):
+                key = hash_key_of(hosts[i])
+                target += scale / n
+                j = 0
+                while current < target:
+                    point = key + b"_" + str(j).encode()
+                    ring[k].hash = xxh64(point, len(point), 0)
+                    ring[k].slot = <int>i
+                    k += 1
+                    j += 1
+                    current += 1
+            qsort(ring, k, sizeof(RingEntry), _cmp_ring)
+            self.ring_hashes = <uint64_t *>malloc(k * sizeof(uint64_t))
+            self.ring_slots = <int *>malloc(k * sizeof(int))
+            if self.ring_hashes is NULL or self.ring_slots is NULL:
+                free(ring)
+                raise MemoryError()
+            for i in range(k):
+                self.ring_hashes[i] = ring[i].hash
+                self.ring_slots[i] = ring[i].slot
+            self.ring_len = k
+            free(ring)
+            return
+        # Maglev: each endpoint walks the table from xxh64(key) % M in steps of
+        # xxh64(key, seed 1) % (M - 1) + 1, taking the first free entry, in turn, until the
+        # table (a prime size M) is full.
+        m = self.maglev_table_size
+        table = <int *>malloc(m * sizeof(int))
+        offsets = <uint64_t *>malloc(n * sizeof(uint64_t))
+        skips = <uint64_t *>malloc(n * sizeof(uint64_t))
+        nexts = <uint64_t *>malloc(n * sizeof(uint64_t))
+        if table is NULL or offsets is NULL or skips is NULL or nexts is NULL:
+            free(table); free(offsets); free(skips); free(nexts)
+            raise MemoryError()
+        for i in range(n):
+            key = hash_key_of(hosts[i])
+            offsets[i] = xxh64(key, len(key), 0) % m
+            skips[i] = xxh64(key, len(key), 1) % (m - 1) + 1
+            nexts[i] = 0
+        for c in range(m):
+            table[c] = -1
+        c = 0
+        k = 0
+        while <uint64_t>k < m:
+            for i in range(n):
+                c = (offsets[i] + nexts[i] * skips[i]) % m
+                while table[c] >= 0:
+                    nexts[i] += 1
+                    c = (offsets[i] + nexts[i] * skips[i]) % m
+                table[c] = <int>i
+                nexts[i] += 1
+                k += 1
+                if <uint64_t>k == m:
+                    break
+        free(offsets); free(skips); free(nexts)
+        self.maglev = table
+
+    cdef Endpoint pick_hash(self, uint64_t h):
+        cdef Py_ssize_t lo, hi, mid
+        if self.panic and len(self.endpoints):
+            self.counters.v[CS_LB_HEALTHY_PANIC] += 1
+        if self.lb_policy == LB_MAGLEV and self.maglev is not NULL:
+            return self.hash_hosts[self.maglev[h % <uint64_t>self.maglev_table_size]]
+        if self.ring_len == 0:
+            return self.pick()          # no endpoint: counted there
+        lo, hi = 0, self.ring_len       # the first point whose hash is >= h, else the first
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.ring_hashes[mid] < h:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == self.ring_len:
+            lo = 0
+        return self.hash_hosts[self.ring_slots[lo]]
+
+    def py_pick_hash(self, uint64_t h):
+        return self.pick_hash(h)
+
+    def hash_table_info(self):
+        """Tests: the ring's (hash, endpoint address) points, or the Maglev table."""
+        cdef Py_ssize_t i
+        if self.lb_policy == LB_RING_HASH:
+            return [(self.ring_hashes[i], self.hash_hosts[self.ring_slots[i]].address)
+                    for i in range(self.ring_len)]
+        if self.maglev is not NULL:
+            return [self.hash_hosts[self.maglev[i]].address
+                    for i in range(self.maglev_table_size)]
+        return []
 
     def configure_outlier(self, int consecutive_5xx=0, int consecutive_gateway=0,
                           int enforcing_5xx_pct=100, int enforcing_gateway_pct=0,
@@ -252,3 +408,8 @@ cdef class Cluster:
 
     def py_pick(self):
         return self.pick()
+
+
+def py_xxh64(bytes data, uint64_t seed=0):
+    """XXH64 of data (tests compare it with the `xxhash` package)."""
+    return xxh64(data, len(data), seed)

@@ -35,6 +35,8 @@ from .model import (
     Admin,
     Cluster,
     CircuitBreakers,
+    HASH_POLICY_KINDS,
+    HashPolicy,
     HealthCheck,
     OutlierDetection,
     RETRY_ON,
@@ -694,7 +696,8 @@ def _domain(c: _Checker, v: Any, path: str) -> Optional[str]:
 
 
 _ROUTE_KEYS = ("match", "cluster", "weighted_clusters", "direct_response", "timeout_ms",
-               "request_headers_to_add", "request_headers_to_remove", "retry_policy")
+               "request_headers_to_add", "request_headers_to_remove", "retry_policy",
+               "hash_policy")
 _ACTIONS = ("cluster", "weighted_clusters", "direct_response")
 
 
@@ -766,6 +769,27 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
         kw["request_headers_to_remove"] = tuple(n.lower() for n in names if n is not None)
     if m.get("retry_policy") is not None:
         kw["retry_policy"] = _retry_policy(c, m["retry_policy"], f"{p}.retry_policy")
+    if m.get("hash_policy"):
+        hp = f"{p}.hash_policy"
+        out = []
+        for i, item in enumerate(c.seq(m["hash_policy"], hp)):
+            ip = f"{hp}[{i}]"
+            hm = c.mapping(item, ip, ("kind", "name", "terminal"))
+            if hm is None:
+                continue
+            kind = c.choice(c.required(hm, ip, "kind"), f"{ip}.kind", "hash policy kind",
+                            HASH_POLICY_KINDS)
+            hkw: dict[str, Any] = {"kind": kind}
+            if kind in ("header", "cookie", "query_parameter"):
+                name = c.text(c.required(hm, ip, "name"), f"{ip}.name")
+                hkw["name"] = name.lower() if kind == "header" and name else name
+            elif "name" in hm:
+                c.err(f"{ip}.name", f"not for a {kind} hash policy")
+            if "terminal" in hm:
+                hkw["terminal"] = c.boolean(hm["terminal"], f"{ip}.terminal")
+            if None not in hkw.values():
+                out.append(HashPolicy(**hkw))
+        kw["hash_policy"] = tuple(out)
     return Route(**kw)
 
 
@@ -1006,6 +1030,13 @@ def _clusters(c: _Checker, raw: Any) -> dict:
         for f in _CLUSTER_FIELDS.values():
             if f.type == "int" and f.name in m and f.name != "healthy_panic_threshold_pct":
                 kw[f.name] = c.integer(m[f.name], f"{p}.{f.name}", lo=1)
+        mts = kw.get("maglev_table_size")
+        if isinstance(mts, int) and (mts < 2 or any(mts % d == 0 for d in
+                                                    range(2, int(mts ** 0.5) + 1))):
+            c.err(f"{p}.maglev_table_size", f"{mts} is not a prime number")
+        if isinstance(kw.get("max_ring_size"), int) and \
+                kw["max_ring_size"] < kw.get("min_ring_size", 1024):
+            c.err(f"{p}.max_ring_size", "must be at least min_ring_size")
         if "healthy_panic_threshold_pct" in m:
             kw["healthy_panic_threshold_pct"] = c.integer(
                 m["healthy_panic_threshold_pct"], f"{p}.healthy_panic_threshold_pct", lo=0,

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 PROTOCOLS = ("http1", "bolt", "tcp")
-LB_POLICIES = ("round_robin", "random", "least_request")
+LB_POLICIES = ("round_robin", "random", "least_request", "ring_hash", "maglev")
+HASH_POLICY_KINDS = ("header", "cookie", "source_ip", "query_parameter")
 
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:9901"
 DEFAULT_ROUTE_TIMEOUT_MS = 15000
@@ -81,6 +82,14 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class HashPolicy:
+    """What of a request a ring_hash / maglev cluster hashes (Envoy's route hash_policy)."""
+    kind: str                                     # one of HASH_POLICY_KINDS
+    name: str = ""                                # header / cookie / query parameter name
+    terminal: bool = False                        # a hash from this one: the later ones skipped
+
+
+@dataclass(frozen=True)
 class Route:
     match: RouteMatch
     # exactly one action: cluster, weighted_clusters or direct_response
@@ -91,6 +100,7 @@ class Route:
     request_headers_to_add: tuple[tuple[str, str], ...] = ()   # (name, value), appended
     request_headers_to_remove: tuple[str, ...] = ()            # lower-cased names
     retry_policy: Optional[RetryPolicy] = None
+    hash_policy: tuple[HashPolicy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,10 @@ class Cluster:
     circuit_breakers: Optional[CircuitBreakers] = None
     # below this % of healthy endpoints (x 1.4, Envoy's overprovisioning), balance over all
     healthy_panic_threshold_pct: int = 50
+    # ring_hash / maglev (Envoy's RingHashLbConfig / MaglevLbConfig defaults)
+    min_ring_size: int = 1024
+    max_ring_size: int = 8388608
+    maglev_table_size: int = 65537                # a prime
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ def sock(port):
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def cluster(name, ports, **extra):
-    return {"name": name, "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+def cluster(name, ports, lb_policy="ROUND_ROBIN", **extra):
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s", "lb_policy": lb_policy,
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": sock(p)}} for p in ports]}]}, **extra}
 
@@ -53,6 +53,8 @@ def bootstrap(port, admin, ups):
             {"max_connections": 2, "max_pending_requests": 100}]}),
         cluster("retry", [good, bad]),
         cluster("dead", [good, ups["dead"]]),
+        cluster("sticky", [good, ups["third"], ups["fourth"]], lb_policy="RING_HASH"),
+        cluster("maglev", [good, ups["third"], ups["fourth"]], lb_policy="MAGLEV"),
     ]
     routes = [{"match": {"prefix": f"/{c['name']}/"},
                "route": {"cluster": c["name"], "timeout": "10s"}} for c in clusters]
@@ -63,6 +65,8 @@ def bootstrap(port, admin, ups):
         if r["route"]["cluster"] == "retry":
             r["route"]["retry_policy"] = {"retry_on": "5xx", "num_retries": 2,
                                           "retry_host_predicate": previous_hosts}
+        if r["route"]["cluster"] in ("sticky", "maglev"):
+            r["route"]["hash_policy"] = [{"header": {"header_name": "x-user"}}]
         if r["route"]["cluster"] == "dead":
             r["route"]["retry_policy"] = {"retry_on": "connect-failure", "num_retries": 1,
                                           "retry_host_predicate": previous_hosts}
@@ -96,19 +100,30 @@ class Side:
         return get_json(self.admin, "/stats")["clusters"][cluster_name][fm_name]
 
 
+@pytest.fixture(scope="module")
+def ups():
+    """The upstreams, shared by every proxy (so consistent hashing sees the same addresses)."""
+    procs: list[Proc] = []
+    try:
+        out = {}
+        for name, fail in (("good", 0), ("bad", 503), ("third", 0), ("fourth", 0)):
+            p = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+                      "--name", name, "--fail-status", str(fail)], name=f"upstream {name}")
+            procs.append(p)
+            out[name] = int(_wait_line(p, b"READY", START_TIMEOUT_S).split()[1])
+        out["dead"] = free_port()                       # nobody listens there
+        yield out
+    finally:
+        for p in procs:
+            p.stop()
+
+
 @pytest.fixture(scope="module", params=["envoy", "fastmesh", "fastmesh-asyncio"])
-def side(request, tmp_path_factory):
+def side(request, ups, tmp_path_factory):
     who = request.param
     tmp = tmp_path_factory.mktemp("resilience")
     procs: list[Proc] = []
     try:
-        ups = {}
-        for name, fail in (("good", 0), ("bad", 503)):
-            p = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
-                      "--name", name, "--fail-status", str(fail)], name=f"upstream {name}")
-            procs.append(p)
-            ups[name] = int(_wait_line(p, b"READY", START_TIMEOUT_S).split()[1])
-        ups["dead"] = free_port()                       # nobody listens there
         port, admin = free_port(), free_port()
         path = tmp / "bootstrap.yaml"
         path.write_text(yaml.safe_dump(bootstrap(port, admin, ups)))
@@ -199,3 +214,25 @@ def test_retries_hide_a_failing_endpoint(side):
 def test_connect_failure_is_retried_on_another_endpoint(side):
     assert statuses(side, "/dead/", 10) == [200] * 10, side.who
     assert side.counter("dead", "upstream_cx_connect_fail") >= 4
+
+
+MAPPINGS: dict = {}     # (cluster, proxy) -> {x-user: upstream}
+
+
+@pytest.mark.parametrize("cluster_name", ["sticky", "maglev"])
+def test_consistent_hashing_on_a_header_sticks_as_envoys_does(side, cluster_name):
+    mapping = {}
+    with RawClient(side.port, timeout=10) as c:
+        for rnd in range(3):
+            for i in range(30):
+                c.request(path=f"/{cluster_name}/", headers={"x-user": f"user-{i}"})
+                body = bytes(c.read_response().body)
+                if rnd == 0:
+                    mapping[i] = body
+                assert mapping[i] == body, (side.who, i)        # the same key, the same one
+    assert len(set(mapping.values())) == 3                     # the keys spread over all three
+    MAPPINGS[(cluster_name, side.who)] = mapping
+    envoys = MAPPINGS.get((cluster_name, "envoy"))
+    if envoys is not None and side.who != "envoy":
+        # the same ring / table as Envoy's: every key lands on the same upstream
+        assert mapping == envoys, side.who

@@ -859,7 +859,8 @@ def test_cluster_lb_policy_unknown():
     d = base()
     d["clusters"][1]["lb_policy"] = "foo"
     assert error(d) == \
-        "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, least_request)"
+        "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, " \
+        "least_request, ring_hash, maglev)"
 
 
 CLUSTER_INTS = [f.name for f in dataclasses.fields(Cluster) if f.type == "int"
@@ -869,7 +870,8 @@ CLUSTER_INTS = [f.name for f in dataclasses.fields(Cluster) if f.type == "int"
 def test_cluster_int_fields_known():
     assert set(CLUSTER_INTS) == {
         "connect_timeout_ms", "dns_refresh_ms", "max_idle_per_endpoint", "idle_timeout_ms",
-        "connections_per_endpoint", "heartbeat_interval_ms", "heartbeat_max_missed"}
+        "connections_per_endpoint", "heartbeat_interval_ms", "heartbeat_max_missed",
+        "min_ring_size", "max_ring_size", "maglev_table_size"}
 
 
 def test_cluster_health_settings():
@@ -890,6 +892,10 @@ def test_cluster_health_settings():
 
 
 @pytest.mark.parametrize("change,msg", [
+    ({"lb_policy": "maglev", "maglev_table_size": 65536}, "maglev_table_size: 65536 is not a "
+                                                          "prime number"),
+    ({"lb_policy": "ring_hash", "max_ring_size": 512}, "max_ring_size: must be at least "
+                                                       "min_ring_size"),
     ({"healthy_panic_threshold_pct": 101}, "healthy_panic_threshold_pct: expected an integer "
                                            "in 0..100"),
     ({"health_check": {"type": "grpc", "timeout_ms": 1, "interval_ms": 1}},
@@ -912,8 +918,8 @@ def test_cluster_health_settings_refused(change, msg):
     assert msg in " ".join(e.value.errors)
 
 
-@pytest.mark.parametrize("field", CLUSTER_INTS)
-def test_cluster_int_fields_positive(field):
+@pytest.mark.parametrize("field", [f for f in CLUSTER_INTS if f != "max_ring_size"])
+def test_cluster_int_fields_positive(field):       # (max_ring_size >= min_ring_size: below)
     p = f"clusters[0].{field}"
     assert getattr(load_dict(with_cluster(**{field: 7})).clusters["web"], field) == 7
     for bad, shown in [(0, "0"), (-5, "-5"), (True, "true"), ("5", "'5'")]:
@@ -952,7 +958,8 @@ def test_all_errors_reported_together():
         "listeners[0].protocol: unknown protocol 'http2' (expected one of: http1, bolt, tcp)",
         "route_tables.web.routes[1].match.prefix: must start with \"/\", got 'x'",
         "route_tables.web.routes[1].cluster: no cluster named 'nope'",
-        "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, least_request)",
+        "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, " \
+        "least_request, ring_hash, maglev)",
         "clusters[2].endpoints[0]: port 0 out of range (1..65535)",
         'workers: expected a positive integer or "auto", got 0',
     ]

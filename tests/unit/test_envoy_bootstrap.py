@@ -439,6 +439,10 @@ def test_routes_translation():
 
 
 ROUTE_REFUSALS = [
+    (lambda b: route0(b)["route"].update(hash_policy=[{"cookie": {"name": "s", "ttl": "1s"}}]),
+     f"{R0}.route.hash_policy[0].cookie.ttl", "generated cookies"),
+    (lambda b: route0(b)["route"].update(hash_policy=[{"filter_state": {"key": "k"}}]),
+     f"{R0}.route.hash_policy[0].filter_state", "filter_state"),
     (lambda b: route0(b)["route"].update(prefix_rewrite="/x"), f"{R0}.route.prefix_rewrite",
      "prefix_rewrite: not supported yet"),
     (lambda b: route0(b)["route"].update(retry_policy={"retry_on": "5xx,cancelled"}),
@@ -644,8 +648,15 @@ def test_clusters_translation(caplog):
 CLUSTER_REFUSALS = [
     (lambda c: c.update(type="EDS"), f"{CL0}.type", "EDS needs ADS"),
     (lambda c: c.update(type="ORIGINAL_DST"), f"{CL0}.type", "ORIGINAL_DST: not supported"),
-    (lambda c: c.update(lb_policy="RING_HASH"), f"{CL0}.lb_policy", "RING_HASH: not supported"),
-    (lambda c: c.update(lb_policy="MAGLEV"), f"{CL0}.lb_policy", "MAGLEV: not supported"),
+    (lambda c: c.update(lb_policy="CLUSTER_PROVIDED"), f"{CL0}.lb_policy",
+     "CLUSTER_PROVIDED: not supported"),
+    (lambda c: c.update(lb_policy="RING_HASH", ring_hash_lb_config={
+        "hash_function": "MURMUR_HASH_2"}), f"{CL0}.ring_hash_lb_config.hash_function",
+     "MURMUR_HASH_2"),
+    (lambda c: c.update(lb_policy="MAGLEV", maglev_lb_config={"table_size": "65536"}),
+     f"{CL0}.maglev_lb_config.table_size", "not a prime"),
+    (lambda c: c.update(least_request_lb_config={"choice_count": 3}),
+     f"{CL0}.least_request_lb_config", "only its defaults"),
     (lambda c: c.update(outlier_detection={"enforcing_success_rate": 100}),
      f"{CL0}.outlier_detection.enforcing_success_rate", "success-rate"),
     (lambda c: c.update(outlier_detection={"split_external_local_origin_errors": True}),
@@ -778,11 +789,12 @@ def test_all_errors_are_collected():
 def test_camel_case_paths_are_reported_as_written():
     b = camel(bootstrap())
     hcm_of(b)["codecType"] = "HTTP2"
-    b["staticResources"]["clusters"][0]["lbPolicy"] = "MAGLEV"
+    b["staticResources"]["clusters"][0]["lbPolicy"] = "CLUSTER_PROVIDED"
     errs = errors_of(b)
     assert any(e.startswith("staticResources.listeners[0].filterChains[0].filters[0]."
                             "typedConfig.codecType: HTTP2") for e in errs), errs
-    assert any(e.startswith("staticResources.clusters[0].lbPolicy: MAGLEV") for e in errs)
+    assert any(e.startswith("staticResources.clusters[0].lbPolicy: CLUSTER_PROVIDED")
+               for e in errs)
 
 
 def test_load_text_reports_duplicate_keys_and_yaml_errors():

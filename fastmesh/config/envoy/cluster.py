@@ -10,7 +10,8 @@ from .health import translate_health_checks
 _TYPES = {"STATIC": 0, "STRICT_DNS": 1, "LOGICAL_DNS": 2, "EDS": 3, "ORIGINAL_DST": 4}
 _LB = {"ROUND_ROBIN": 0, "LEAST_REQUEST": 1, "RING_HASH": 2, "RANDOM": 3, "MAGLEV": 5,
        "CLUSTER_PROVIDED": 6, "LOAD_BALANCING_POLICY_CONFIG": 7}
-_LB_MODEL = {"ROUND_ROBIN": "round_robin", "RANDOM": "random", "LEAST_REQUEST": "least_request"}
+_LB_MODEL = {"ROUND_ROBIN": "round_robin", "RANDOM": "random", "LEAST_REQUEST": "least_request",
+             "RING_HASH": "ring_hash", "MAGLEV": "maglev"}
 
 ENVOY_CONNECT_TIMEOUT_MS = 5000        # Cluster.connect_timeout default
 ENVOY_DNS_REFRESH_MS = 5000            # Cluster.dns_refresh_rate default
@@ -26,7 +27,8 @@ _CLUSTER_FIELDS = {
     "load_assignment": None, "dns_refresh_rate": None, "dns_lookup_family": None,
     "alt_stat_name": None,                         # stats only: ignored
     "health_checks": None, "outlier_detection": None,
-    "circuit_breakers": None,
+    "circuit_breakers": None, "ring_hash_lb_config": None, "maglev_lb_config": None,
+    "least_request_lb_config": None, "round_robin_lb_config": None,
     "transport_socket": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
     "transport_socket_matches": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
     "eds_cluster_config": "EDS needs ADS: " + NOT_YET,
@@ -113,6 +115,7 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
     if "health_checks" in m:
         kw["health_check"] = translate_health_checks(c, m.get("health_checks"),
                                                      m.p("health_checks"))
+    _lb_configs(c, m, kw.get("lb_policy"), kw)
     if "circuit_breakers" in m:
         kw["circuit_breakers"] = _circuit_breakers(c, m.get("circuit_breakers"),
                                                    m.p("circuit_breakers"))
@@ -179,6 +182,45 @@ def _outlier_detection(c: EnvoyChecker, raw, path: str) -> Optional[OutlierDetec
     if any(v is None for v in kw.values()):
         return None
     return OutlierDetection(**kw)
+
+
+def _uint64(c: EnvoyChecker, v, path: str, lo: int, hi: int):
+    """A UInt64Value: a decimal string in proto JSON, a number in YAML."""
+    if isinstance(v, str) and v.isdigit():
+        v = int(v)
+    return c.integer(v, path, lo=lo, hi=hi)
+
+
+def _lb_configs(c: EnvoyChecker, m, policy: Optional[str], kw: dict) -> None:
+    """ring_hash_lb_config, maglev_lb_config; the others only with their defaults."""
+    if "ring_hash_lb_config" in m:
+        r = c.message(m.get("ring_hash_lb_config"), m.p("ring_hash_lb_config"), {
+            "minimum_ring_size": None, "maximum_ring_size": None, "hash_function": None})
+        if r is not None:
+            if "minimum_ring_size" in r:
+                kw["min_ring_size"] = _uint64(c, r.get("minimum_ring_size"),
+                                              r.p("minimum_ring_size"), 1, 8388608)
+            if "maximum_ring_size" in r:
+                kw["max_ring_size"] = _uint64(c, r.get("maximum_ring_size"),
+                                              r.p("maximum_ring_size"), 1, 8388608)
+            if "hash_function" in r:
+                fn = c.enum(r.get("hash_function"), r.p("hash_function"),
+                            {"XX_HASH": 0, "MURMUR_HASH_2": 1}, "hash_function")
+                if fn == "MURMUR_HASH_2":
+                    c.err(r.p("hash_function"), "MURMUR_HASH_2: " + NOT_YET + " (XX_HASH)")
+            if isinstance(kw.get("max_ring_size"), int) and \
+                    kw["max_ring_size"] < kw.get("min_ring_size", 1024):
+                c.err(r.p("maximum_ring_size"), "must be at least minimum_ring_size")
+    if "maglev_lb_config" in m:
+        g = c.message(m.get("maglev_lb_config"), m.p("maglev_lb_config"), {"table_size": None})
+        if g is not None and "table_size" in g:
+            size = _uint64(c, g.get("table_size"), g.p("table_size"), 2, 5000011)
+            if size is not None and any(size % d == 0 for d in range(2, int(size ** .5) + 1)):
+                c.err(g.p("table_size"), f"{size} is not a prime number")
+            kw["maglev_table_size"] = size
+    for field in ("least_request_lb_config", "round_robin_lb_config"):
+        if field in m and m.get(field) not in ({}, None):
+            c.err(m.p(field), f"{field}: {NOT_YET} (only its defaults)")
 
 
 def _circuit_breakers(c: EnvoyChecker, raw, path: str) -> Optional[CircuitBreakers]:

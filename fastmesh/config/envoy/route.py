@@ -6,8 +6,8 @@ import dataclasses
 from typing import Optional
 
 from ..load import _domain
-from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HeaderMatch, RetryPolicy, Route,
-                     RouteMatch, RouteTable, VirtualHost, WeightedCluster)
+from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HashPolicy, HeaderMatch,
+                     RetryPolicy, Route, RouteMatch, RouteTable, VirtualHost, WeightedCluster)
 from ._common import _MISSING, NOT_YET, EnvoyChecker
 
 _HEADERS_HERE = ("headers added or removed here apply to every route: " + NOT_YET
@@ -66,7 +66,7 @@ _ACTION_FIELDS = {
     "idle_timeout": "per-route idle_timeout: " + NOT_YET,
     "retry_policy": None,
     "request_mirror_policies": "request mirroring: " + NOT_YET,
-    "hash_policy": "hash_policy: " + NOT_YET,
+    "hash_policy": None,
     "rate_limits": "rate limits: " + NOT_YET,
     "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
     "max_stream_duration": "max_stream_duration: " + NOT_YET,
@@ -309,7 +309,55 @@ def _action(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> dict
     if "retry_policy" in m:
         kw["retry_policy"] = translate_retry_policy(c, m.get("retry_policy"),
                                                     m.p("retry_policy"))
+    if "hash_policy" in m:
+        kw["hash_policy"] = _hash_policies(c, m.get("hash_policy"), m.p("hash_policy"))
     return kw
+
+
+def _hash_policies(c: EnvoyChecker, raw, p: str) -> tuple:
+    """route.v3.RouteAction.HashPolicy: header, cookie (an existing cookie: a generated
+    one, with ttl, is refused), connection_properties.source_ip, query_parameter."""
+    out = []
+    for i, item in enumerate(c.seq(raw, p)):
+        ip = f"{p}[{i}]"
+        m = c.message(item, ip, {
+            "header": None, "cookie": None, "connection_properties": None,
+            "query_parameter": None, "terminal": None,
+            "filter_state": "filter_state hashing: " + NOT_YET})
+        if m is None:
+            continue
+        kinds = [k for k in ("header", "cookie", "connection_properties", "query_parameter")
+                 if k in m]
+        if len(kinds) != 1:
+            c.err(ip, "expected exactly one of header, cookie, connection_properties, "
+                      "query_parameter")
+            continue
+        terminal = bool("terminal" in m and c.boolean(m.get("terminal"), m.p("terminal")))
+        k = kinds[0]
+        if k == "header":
+            h = c.message(m.get(k), m.p(k), {"header_name": None,
+                                             "regex_rewrite": "regex_rewrite: " + NOT_YET})
+            name = c.text(c.need(h, "header_name"), h.p("header_name")) if h else None
+            if name is not None:
+                out.append(HashPolicy("header", name.lower(), terminal))
+        elif k == "cookie":
+            ck = c.message(m.get(k), m.p(k), {
+                "name": None, "path": None,
+                "ttl": "generated cookies (ttl): " + NOT_YET,
+                "attributes": "cookie attributes: " + NOT_YET})
+            name = c.text(c.need(ck, "name"), ck.p("name")) if ck else None
+            if name is not None:
+                out.append(HashPolicy("cookie", name, terminal))
+        elif k == "connection_properties":
+            cp = c.message(m.get(k), m.p(k), {"source_ip": None})
+            if cp is not None and c.boolean(cp.get("source_ip", False), cp.p("source_ip")):
+                out.append(HashPolicy("source_ip", "", terminal))
+        else:
+            q = c.message(m.get(k), m.p(k), {"name": None})
+            name = c.text(c.need(q, "name"), q.p("name")) if q else None
+            if name is not None:
+                out.append(HashPolicy("query_parameter", name, terminal))
+    return tuple(out)
 
 
 # Envoy's retry_on conditions that mean something for HTTP/1 (refused-stream never happens)
