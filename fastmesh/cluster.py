@@ -69,9 +69,11 @@ class ClusterResolver:
 
     def apply(self) -> None:
         endpoints = []
-        for a in self.cfg.endpoints:
+        weights = self.cfg.weights
+        for i, a in enumerate(self.cfg.endpoints):
+            w = weights[i] if weights else 1
             for host, port in self.resolved.get((a.host, a.port), ()):
-                endpoints.append(Endpoint(host, port, str(a)))
+                endpoints.append(Endpoint(host, port, str(a), w))
         for ep in self.cluster.set_endpoints(endpoints):
             http_proxy.drain_endpoint(ep)
 

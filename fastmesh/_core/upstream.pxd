@@ -20,6 +20,8 @@ cdef class Endpoint:
         readonly int port
         readonly str origin         # the configured "name:port" it came from
         public int active_requests  # requests in flight to it now
+        public int weight           # load-balancing weight (>= 1)
+        int64_t current_weight      # smooth weighted round robin state
         public list http_idle       # HTTP/1 idle keep-alive connections, most recent last
         public list mux             # Bolt multiplexed connections (size <= connections_per_endpoint)
         public list http_pending    # HTTP/1 requests waiting for a connection to come free
@@ -55,6 +57,7 @@ cdef class Cluster:
         # health
         tuple healthy               # the endpoints with no unhealthy bit, in order
         bint panic                  # too few healthy: balance over all (Envoy's panic mode)
+        bint weighted               # the endpoints' weights differ
         public int panic_threshold_pct   # healthy_panic_threshold; 0 = never panic
         readonly set hc_failed      # (host, port) the prober finds failing (kept across DNS)
         # outlier detection (0 = that detector is off); counted per worker
@@ -87,6 +90,8 @@ cdef class Cluster:
         int *maglev                 # maglev_table_size entries: index in hash_hosts
 
     cdef Endpoint pick(self)        # None when there is no endpoint
+    cdef Endpoint _pick_weighted(self, tuple eps, Py_ssize_t n)
+    cdef Endpoint _draw_by_weight(self, tuple eps)
     cdef Endpoint pick_hash(self, uint64_t h)   # by a request's hash (hash policies)
     cdef void _build_hash_table(self) except *
     cpdef refresh_health(self)

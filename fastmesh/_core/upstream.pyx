@@ -37,9 +37,11 @@ cdef bytes hash_key_of(Endpoint e):
 
 
 cdef class Endpoint:
-    def __init__(self, str host, int port, str origin=None):
+    def __init__(self, str host, int port, str origin=None, int weight=1):
         self.host = host
         self.port = port
+        self.weight = weight if weight > 0 else 1
+        self.current_weight = 0
         self.origin = origin or f"{host}:{port}"
         self.active_requests = 0
         self.http_idle = []
@@ -115,6 +117,8 @@ cdef class Cluster:
             return None
         if n == 1:
             return eps[0]
+        if self.weighted:
+            return self._pick_weighted(eps, n)
         if self.lb_policy == LB_ROUND_ROBIN:
             self.rr_next += 1
             return eps[self.rr_next % n]
@@ -136,12 +140,48 @@ cdef class Cluster:
                 prev = e
                 if (e.host, e.port) in self.hc_failed:
                     prev.unhealthy |= UNHEALTHY_HC
+            else:
+                prev.weight = e.weight          # a kept endpoint takes its new weight
             keep.append(prev)
         self.endpoints = tuple(keep)
         for e in old.values():
             e.removed = True
         self.refresh_health()
         return list(old.values())
+
+    cdef Endpoint _pick_weighted(self, tuple eps, Py_ssize_t n):
+        # Unequal weights. Round robin: smooth weighted round robin (each pick, every
+        # endpoint gains its weight, the richest is chosen and pays the total), which gives
+        # each endpoint its share spread evenly, as Envoy's EDF scheduler does. Least request:
+        # two picks drawn by weight, the one with fewer active requests per unit of weight.
+        # Random: drawn by weight.
+        cdef Endpoint e, best = None, a, b
+        cdef int64_t total = 0
+        if self.lb_policy == LB_ROUND_ROBIN:
+            for e in eps:
+                e.current_weight += e.weight
+                total += e.weight
+                if best is None or e.current_weight > best.current_weight:
+                    best = e
+            best.current_weight -= total
+            return best
+        if self.lb_policy == LB_LEAST_REQUEST:
+            a = self._draw_by_weight(eps)
+            b = self._draw_by_weight(eps)
+            return a if a.active_requests * b.weight <= b.active_requests * a.weight else b
+        return self._draw_by_weight(eps)
+
+    cdef Endpoint _draw_by_weight(self, tuple eps):
+        cdef Endpoint e
+        cdef int64_t total = 0, r
+        for e in eps:
+            total += e.weight
+        r = fast_random() % total
+        for e in eps:
+            r -= e.weight
+            if r < 0:
+                return e
+        return eps[len(eps) - 1]
 
     cpdef refresh_health(self):
         """Recompute the healthy set and panic mode after a change of endpoints or health.
@@ -157,6 +197,11 @@ cdef class Cluster:
                 ejected += 1
         self.healthy = tuple(healthy)
         self.counters.v[CS_OD_EJECTIONS_ACTIVE] = ejected
+        self.weighted = False
+        for e in self.endpoints:
+            if e.weight != (<Endpoint>self.endpoints[0]).weight:
+                self.weighted = True
+                break
         self.panic = (total > 0 and self.panic_threshold_pct > 0 and
                       min(100, OVERPROVISIONING_PCT * len(healthy) // total)
                       < self.panic_threshold_pct)
@@ -167,7 +212,8 @@ cdef class Cluster:
         # Over the endpoints requests may go to (the healthy ones; all in panic mode).
         cdef tuple hosts = self.endpoints if self.panic else self.healthy
         cdef Py_ssize_t n = len(hosts), i, j, k
-        cdef double scale, target = 0.0, current = 0.0
+        cdef double scale, target = 0.0, current = 0.0, norm_min
+        cdef int64_t wsum, wmin
         cdef uint64_t m, c, offset, skip
         cdef RingEntry *ring
         cdef bytes key
@@ -186,11 +232,18 @@ cdef class Cluster:
         if n == 0:
             return
         if self.lb_policy == LB_RING_HASH:
-            # Every endpoint gets the same number of points: scale = the ring size at which
-            # each has a whole number (at least min_ring_size, at most max_ring_size); point
-            # j of an endpoint sits at xxh64("ip:port_j"). A request goes to the first point
-            # at or after its hash, wrapping around.
-            scale = min(ceil((1.0 / n) * self.min_ring_size) / (1.0 / n),
+            # Every endpoint gets points in proportion to its weight: scale = the ring size
+            # at which the lightest has a whole number (at least min_ring_size, at most
+            # max_ring_size); point j of an endpoint sits at xxh64("ip:port_j"). A request
+            # goes to the first point at or after its hash, wrapping around.
+            wsum = 0
+            wmin = -1
+            for i in range(n):
+                wsum += (<Endpoint>hosts[i]).weight
+                if wmin < 0 or (<Endpoint>hosts[i]).weight < wmin:
+                    wmin = (<Endpoint>hosts[i]).weight
+            norm_min = <double>wmin / wsum
+            scale = min(ceil(norm_min * self.min_ring_size) / norm_min,
                         <double>self.max_ring_size)
             ring = <RingEntry *>malloc(<size_t>(ceil(scale) + n + 1) * sizeof(RingEntry))
             if ring is NULL:
@@ -198,7 +251,7 @@ cdef class Cluster:
             k = 0
             for i in range(n):
                 key = hash_key_of(hosts[i])
-                target += scale / n
+                target += scale * (<Endpoint>hosts[i]).weight / wsum
                 j = 0
                 while current < target:
                     point = key + b"_" + str(j).encode()

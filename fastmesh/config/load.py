@@ -236,7 +236,14 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Address):
         return str(obj)
     if isinstance(obj, Cluster):
-        return dict(_plain_fields(obj), endpoints=[str(a) for a in obj.endpoints])
+        d = _plain_fields(obj)
+        d.pop("weights", None)
+        if obj.weights:
+            d["endpoints"] = [{"address": str(a), "weight": w}
+                              for a, w in zip(obj.endpoints, obj.weights)]
+        else:
+            d["endpoints"] = [str(a) for a in obj.endpoints]
+        return d
     if isinstance(obj, Route):
         d = _plain_fields(obj)
         if obj.request_headers_to_add:
@@ -900,7 +907,8 @@ def _header_match(c: _Checker, raw: Any, p: str) -> Optional[HeaderMatch]:
     return HeaderMatch(name=name.lower() if name is not None else None, **kw)
 
 
-_CLUSTER_FIELDS = {f.name: f for f in dataclasses.fields(Cluster)}
+# (weights are given with the endpoints: {address, weight})
+_CLUSTER_FIELDS = {f.name: f for f in dataclasses.fields(Cluster) if f.name != "weights"}
 
 
 _HC_FIELDS = {f.name: f for f in dataclasses.fields(HealthCheck)}
@@ -1014,10 +1022,22 @@ def _clusters(c: _Checker, raw: Any) -> dict:
         seen: dict = {}
         # an empty list is allowed: the cluster answers 503 no_healthy_upstream until it has
         # endpoints (from a control plane or a registry), as an Envoy cluster without hosts
+        weights = []
         for j, e in enumerate(c.seq(e_raw, ep) if e_raw is not _MISSING else []):
-            a = c.address(e, f"{ep}[{j}]", min_port=1)
+            w = 1
+            if isinstance(e, dict):             # {address: "host:port", weight: N}
+                em = c.mapping(e, f"{ep}[{j}]", ("address", "weight"))
+                e = c.required(em, f"{ep}[{j}]", "address")
+                if "weight" in em:
+                    w = c.integer(em["weight"], f"{ep}[{j}].weight", lo=1, hi=2**31 - 1)
+                if e is _MISSING:
+                    continue
+                a = c.address(e, f"{ep}[{j}].address", min_port=1)
+            else:
+                a = c.address(e, f"{ep}[{j}]", min_port=1)
             if a is None:
                 continue
+            weights.append(w)
             if _addr_key(a) in seen:
                 c.err(f"{ep}[{j}]",
                       f"duplicate endpoint {str(a)!r} (also endpoints[{seen[_addr_key(a)]}])")
@@ -1025,6 +1045,10 @@ def _clusters(c: _Checker, raw: Any) -> dict:
                 seen[_addr_key(a)] = j
             endpoints.append(a)
         kw["endpoints"] = tuple(endpoints)
+        if any(w != 1 for w in weights) and None not in weights:
+            kw["weights"] = tuple(weights)
+            if m.get("lb_policy") == "maglev":
+                c.err(ep, "unequal weights with maglev: " + "not supported yet")
         if "lb_policy" in m:
             kw["lb_policy"] = c.choice(m["lb_policy"], f"{p}.lb_policy", "policy", LB_POLICIES)
         for f in _CLUSTER_FIELDS.values():

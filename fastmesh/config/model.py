@@ -193,6 +193,9 @@ class CircuitBreakers:
 class Cluster:
     name: str
     endpoints: tuple[Address, ...]
+    # load-balancing weight of each endpoint, in order; () = all 1 (round_robin: smooth
+    # weighted round robin; least_request and ring_hash weigh by it too)
+    weights: tuple[int, ...] = ()
     lb_policy: str = "round_robin"                # round_robin | random | least_request
     connect_timeout_ms: int = 5000
     dns_refresh_ms: int = 30000                   # re-resolve hostnames this often

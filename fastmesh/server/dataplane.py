@@ -97,7 +97,11 @@ class DataPlane:
         for name, addrs in updates.items():
             if name not in clusters:
                 raise ValueError(f"no cluster {name!r}")
-            c = dataclasses.replace(clusters[name],
+            # [addr, ...], or {"endpoints": [addr, ...], "weights": [w, ...]} when weighted
+            weights = ()
+            if isinstance(addrs, dict):
+                addrs, weights = addrs["endpoints"], tuple(addrs["weights"])
+            c = dataclasses.replace(clusters[name], weights=weights,
                                     endpoints=tuple(model.parse_address(a) for a in addrs))
             clusters[name] = c
             r = self.resolvers.get(name)

@@ -176,9 +176,11 @@ class Supervisor:
         self._read_bootstrap()
         if self.cfg.xds is not None:
             # the control plane: static resources serve already; its pushes follow
+            import functools
             from fastmesh.config.envoy import translate_composed
             from fastmesh.xds.source import XdsSource
-            self.xds = XdsSource(self, self.cfg.xds, translate_composed,
+            self.xds = XdsSource(self, self.cfg.xds,
+                                 functools.partial(translate_composed, reuse_translations=True),
                                  inherited=self._xds_inherited)
             self.xds.start()
             if self.admin is not None:

@@ -10,8 +10,9 @@ Messages it takes (each answered with ``{"t": "reply", "ok": ...}``):
               config map: the worker keeps its own, unchanged
     stats     -> {"stats": {...}}
     clusters  -> {"clusters": {...}}
-    endpoints {"clusters": {name: ["host:port", ...]}}: new endpoint sets for some clusters
-              (EDS); pools to endpoints that stay are kept
+    endpoints {"clusters": {name: ["host:port", ...] or {"endpoints": [...], "weights":
+              [...]}}}: new endpoint sets for some clusters (EDS); pools to endpoints that
+              stay are kept
     drain     {"timeout_ms", "close_listeners"}: stop accepting (close_listeners: serve what
               the kernel queued, then stop the sockets listening), finish connections, exit
     handover  {"migrate_path", "timeout_ms"}: stop accepting; hand idle Bolt connections to

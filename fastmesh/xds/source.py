@@ -105,7 +105,9 @@ class XdsSource:
         if models:
             cfg = dataclasses.replace(cfg, clusters=dict(cfg.clusters, **models))
             ok, errors = await self.sup.apply_endpoints(cfg, {
-                n: [str(a) for a in m.endpoints] for n, m in models.items()})
+                n: ({"endpoints": [str(a) for a in m.endpoints], "weights": list(m.weights)}
+                    if m.weights else [str(a) for a in m.endpoints])
+                for n, m in models.items()})
             if not ok:
                 return errors, {}
         self.state = candidate

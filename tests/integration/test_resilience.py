@@ -32,10 +32,15 @@ def sock(port):
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def cluster(name, ports, lb_policy="ROUND_ROBIN", **extra):
+def cluster(name, ports, lb_policy="ROUND_ROBIN", weights=None, **extra):
+    def lbe(i, p):
+        out = {"endpoint": {"address": sock(p)}}
+        if weights:
+            out["load_balancing_weight"] = weights[i]
+        return out
     return {"name": name, "type": "STATIC", "connect_timeout": "1s", "lb_policy": lb_policy,
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": sock(p)}} for p in ports]}]}, **extra}
+                lbe(i, p) for i, p in enumerate(ports)]}]}, **extra}
 
 
 OD = {"consecutive_5xx": 3, "interval": "1s", "base_ejection_time": "30s",
@@ -54,6 +59,7 @@ def bootstrap(port, admin, ups):
         cluster("retry", [good, bad]),
         cluster("dead", [good, ups["dead"]]),
         cluster("sticky", [good, ups["third"], ups["fourth"]], lb_policy="RING_HASH"),
+        cluster("weighted", [good, ups["third"]], weights=[3, 1]),
         cluster("maglev", [good, ups["third"], ups["fourth"]], lb_policy="MAGLEV"),
     ]
     routes = [{"match": {"prefix": f"/{c['name']}/"},
@@ -236,3 +242,16 @@ def test_consistent_hashing_on_a_header_sticks_as_envoys_does(side, cluster_name
     if envoys is not None and side.who != "envoy":
         # the same ring / table as Envoy's: every key lands on the same upstream
         assert mapping == envoys, side.who
+
+
+def test_endpoint_weights_share_the_requests(side):
+    with RawClient(side.port, timeout=10) as c:
+        bodies = []
+        for _ in range(40):
+            c.request(path="/weighted/")
+            bodies.append(bytes(c.read_response().body))
+    good = bodies.count(b"hello from good\n")
+    assert good + bodies.count(b"hello from third\n") == 40
+    assert 28 <= good <= 32, (side.who, good)           # weights 3:1
+    # spread, not in runs: never more than 3 in a row on the heavier one
+    assert b"hello from good\n" * 4 not in b"".join(bodies), (side.who, bodies)

@@ -143,7 +143,7 @@ def test_refused_resource_is_nacked_and_old_config_serves(plane):
     srv, port = plane["srv"], plane["port"]
     mark = len(srv.requests)
     bad = eds_cluster("web")
-    bad.lb_policy = cluster_pb2.Cluster.MAGLEV
+    bad.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
     srv.set(CLUSTER, "c2", [bad])
     nack = srv.wait_nack(CLUSTER, after=mark)
     assert nack.version_info == "c1"                    # the version still serving

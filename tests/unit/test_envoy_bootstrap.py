@@ -586,6 +586,20 @@ def sample_clusters():
     return b
 
 
+def test_endpoint_weights():
+    b = sample_clusters()
+    c0 = b["static_resources"]["clusters"][0]
+    lbes = [lbe for loc in c0["load_assignment"]["endpoints"] for lbe in loc["lb_endpoints"]]
+    for i, lbe in enumerate(lbes):
+        lbe["load_balancing_weight"] = i + 1
+    cl = load_bootstrap(b).clusters[c0["name"]]
+    assert cl.weights == tuple(range(1, len(lbes) + 1))
+    assert load_dict(to_dict(load_bootstrap(b)), "x").clusters[c0["name"]] == cl
+    for lbe in lbes:
+        lbe["load_balancing_weight"] = 7               # equal: the same as none
+    assert load_bootstrap(b).clusters[c0["name"]].weights == ()
+
+
 def test_retry_policies():
     b = bootstrap()
     route0(b)["route"]["retry_policy"] = {
@@ -680,9 +694,9 @@ CLUSTER_REFUSALS = [
      "only for STRICT_DNS and LOGICAL_DNS"),
     (lambda c: c["load_assignment"].pop("cluster_name"), f"{CL0}.load_assignment.cluster_name",
      "missing required field"),
-    (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0].update(
-        load_balancing_weight=5), f"{CL0}.load_assignment.endpoints",
-     "unequal endpoint weights: not supported yet"),
+    (lambda c: (c["load_assignment"]["endpoints"][0]["lb_endpoints"][0].update(
+        load_balancing_weight=5), c.update(lb_policy="MAGLEV")), f"{CL0}.load_assignment",
+     "unequal endpoint weights with MAGLEV: not supported yet"),
     (lambda c: c["load_assignment"]["endpoints"][0].update(priority=1),
      f"{CL0}.load_assignment.endpoints[0].priority", "only priority 0"),
     (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0].update(

@@ -72,9 +72,12 @@ def load_bootstrap(data: Any, source: str = "<string>") -> Config:
     return translate_composed(data, source)
 
 
-def translate_composed(data: Any, source: str = "<string>") -> Config:
+def translate_composed(data: Any, source: str = "<string>",
+                       reuse_translations: bool = False) -> Config:
     """The translation proper, of a document whose RDS and EDS references have been filled
-    in (``compose``)."""
+    in (``compose``). ``reuse_translations``: for the control plane's compositions, whose
+    resources are never changed in place, a cluster object translated before is not
+    translated again (see ``translate_cluster_cached``)."""
     c = EnvoyChecker()
     top = c.message(data, "", {**_TOP_FIELDS, **{k: f"{k}: {NOT_YET}" for k in _BOOTSTRAP_ONLY
                                                   if k not in _TOP_FIELDS}})
@@ -105,13 +108,17 @@ def translate_composed(data: Any, source: str = "<string>") -> Config:
             for i, item in enumerate(c.seq(raw_clusters, sr.p("clusters"))):
                 if isinstance(item, dict) and ads_cluster and item.get("name") == ads_cluster:
                     continue        # the control plane's cluster: where ADS goes, not data
-                cl, reused = translate_cluster_cached(c, item, f"{sr.p('clusters')}[{i}]",
-                                                      names, fresh)
+                if reuse_translations:
+                    cl, reused = translate_cluster_cached(
+                        c, item, f"{sr.p('clusters')}[{i}]", names, fresh)
+                else:
+                    cl, reused = translate_cluster(c, item, f"{sr.p('clusters')}[{i}]",
+                                                   names), False
                 if cl is not None and cl.name is not None and cl.name not in clusters:
                     clusters[cl.name] = cl
                     if reused:
                         checked[cl.name] = cl
-            if isinstance(raw_clusters, list):
+            if reuse_translations and isinstance(raw_clusters, list):
                 # only what this document holds stays cached (bounded by its size)
                 _CLUSTERS.clear()
                 _CLUSTERS.update(fresh)

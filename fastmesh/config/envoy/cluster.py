@@ -111,7 +111,11 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
         if fam is not None and fam != "V4_PREFERRED":
             c.err(m.p("dns_lookup_family"),
                   f"{fam}: {NOT_YET} (fastmesh resolves V4_PREFERRED: IPv4 if any, else IPv6)")
-    kw["endpoints"] = _endpoints(c, m, kind)
+    kw["endpoints"], weights = _endpoints(c, m, kind)
+    if weights:
+        if kw.get("lb_policy") == "maglev":
+            c.err(m.p("load_assignment"), "unequal endpoint weights with MAGLEV: " + NOT_YET)
+        kw["weights"] = weights
     if "health_checks" in m:
         kw["health_check"] = translate_health_checks(c, m.get("health_checks"),
                                                      m.p("health_checks"))
@@ -284,16 +288,16 @@ def _common_lb_config(c: EnvoyChecker, raw, path: str, kw: dict) -> None:
 def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:
     la_raw = m.get("load_assignment", _MISSING)
     if la_raw is _MISSING:
-        return ()           # a cluster without endpoints: 503 at request time, as in Envoy
+        return (), ()       # a cluster without endpoints: 503 at request time, as in Envoy
     la = c.message(la_raw, m.p("load_assignment"), {
         "cluster_name": None, "endpoints": None,
         "policy": "load_assignment.policy: " + NOT_YET,
         "named_endpoints": "named endpoints: " + NOT_YET})
     if la is None:
-        return ()
+        return (), ()
     c.text(c.need(la, "cluster_name"), la.p("cluster_name"))     # required by Envoy
     out = []
-    weights: dict = {}                    # weight -> path of its first endpoint
+    ws = []                               # each endpoint's load-balancing weight
     seen: dict = {}
     locs = la.get("endpoints", [])
     for i, loc_raw in enumerate(c.seq(locs, la.p("endpoints"))):
@@ -315,7 +319,6 @@ def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:
             a = _plain_endpoint(ep_raw) if _FAST_PATH else None
             if a is not None:
                 # the common shape, read at once (the same result as the full reading below)
-                weights.setdefault(1, ep_path)
                 key = (a.host, a.port)
                 if key in seen:
                     c.err(f"{ep_path}.endpoint.address", f"duplicate endpoint {str(a)!r} "
@@ -323,6 +326,7 @@ def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:
                 else:
                     seen[key] = ep_path
                 out.append(a)
+                ws.append(1)
                 continue
             lbe = c.message(ep_raw, ep_path, _LB_ENDPOINT_FIELDS)
             if lbe is None:
@@ -330,9 +334,7 @@ def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:
             w = 1
             if "load_balancing_weight" in lbe:
                 w = c.uint(lbe.get("load_balancing_weight"), lbe.p("load_balancing_weight"),
-                           lo=1)
-            if w is not None:
-                weights.setdefault(w, lbe.p("load_balancing_weight"))
+                           lo=1, hi=2**31 - 1)
             if "health_status" in lbe:
                 hs = c.enum(lbe.get("health_status"), lbe.p("health_status"), _HEALTH,
                             "health_status")
@@ -361,12 +363,11 @@ def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:
             else:
                 seen[key] = ep_path
             out.append(a)
-    if len(weights) > 1:
-        c.err(la.p("endpoints"), "unequal endpoint weights: " + NOT_YET
-              + f" (weights {', '.join(str(w) for w in sorted(weights))})")
+            ws.append(w if w is not None else 1)
     if kind == "LOGICAL_DNS" and len(out) > 1:
         c.err(la.p("endpoints"), "LOGICAL_DNS clusters take exactly one endpoint")
-    return tuple(out)
+    # equal weights balance as no weights at all
+    return tuple(out), (tuple(ws) if len(set(ws)) > 1 else ())
 
 
 _FAST_PATH = True       # off only in the test that compares both readings
