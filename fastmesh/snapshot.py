@@ -76,6 +76,9 @@ def _route(r: model.Route, name: str, clusters: dict) -> Route:
             previous_hosts=rp.previous_hosts,
             host_selection_attempts=rp.host_selection_retry_max_attempts,
             status_codes=rp.retriable_status_codes)
+    if r.mirrors:
+        route.mirrors = tuple((clusters[mr.cluster], mr.per_million, mr.host_suffix)
+                              for mr in r.mirrors)
     if r.hash_policy:
         route.hash_policy = tuple((HASH_KINDS[hp.kind], hp.name.encode(), hp.terminal)
                                   for hp in r.hash_policy)

@@ -32,9 +32,11 @@ from fastmesh._core.stats cimport (
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RQ_RETRY, CS_RSP_1XX, CS_CX_TOTAL,
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_CX_IDLE_CLOSED, CS_CX_OVERFLOW, CS_RQ_PENDING_TOTAL,
     CS_RQ_PENDING_ACTIVE, CS_RQ_PENDING_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY_OVERFLOW,
+    CS_RQ_SHADOW, CS_RQ_SHADOW_SKIPPED,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH
 from fastmesh._core.xxhash64 cimport xxh64
+from fastmesh._core.fastrand cimport fast_random
 
 log = logging.getLogger("fastmesh.http")
 rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
@@ -260,6 +262,8 @@ cdef class HttpDownstream:
             self.cluster = cluster
             self._local_response(503, b"overflow", OVERFLOW_BODY, LS_ERR_OVERFLOW)
             return
+        if route.mirrors is not None:
+            self._mirror(h, route)
         if route.hash_policy is not None and cluster.lb_policy >= LB_RING_HASH:
             ep = _pick_by_hash(cluster, route.hash_policy, h, self.client_ip)
         else:
@@ -327,6 +331,28 @@ cdef class HttpDownstream:
             self.waiting_cx = False
             cl.pending -= 1
             cl.counters.v[CS_RQ_PENDING_ACTIVE] = cl.pending
+
+    cdef void _mirror(self, Head h, Route route):
+        # Fire-and-forget copies for the route's mirror clusters, sent now, beside the
+        # request: they share nothing with it (their own connections, answers dropped), so
+        # they can neither slow nor fail it. A body must be all at hand already (a small
+        # request's usually is); a streamed one is not mirrored.
+        cdef bytes body = b""
+        cdef Cluster cl
+        if h.body_kind == BODY_LENGTH and self.rbuf.size() >= h.content_length:
+            body = PyBytes_FromStringAndSize(<char *>self.rbuf.head(),
+                                             <Py_ssize_t>h.content_length)
+        elif h.body_kind != BODY_NONE:
+            for cl, _, _ in route.mirrors:
+                cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
+            return
+        head = build_request_head(h, self.client_ip, None, route.headers_to_add,
+                                  route.headers_to_remove, True)
+        for cl, per_million, host_suffix in route.mirrors:
+            if per_million < 1000000 and <int>(fast_random() % 1000000) >= per_million:
+                continue
+            send_shadow(self.ctx.loop, cl, shadow_head(head, host_suffix) + body,
+                        self.route.timeout_ms)
 
     cdef void _end_retry(self):
         if self.retry_active:
@@ -953,6 +979,73 @@ cdef bytes _query_value(Head h, bytes name):
         if k == name:
             return v
     return None
+
+
+def shadow_head(bytes head, bint host_suffix):
+    """A request head for a mirror: Host "name[:port]" becomes "name-shadow[:port]" (as
+    Envoy's), and the connection closes after the answer (which is dropped)."""
+    lines = head[:len(head) - 4].split(b"\r\n")
+    out = [lines[0]]
+    for line in lines[1:]:
+        name = line.split(b":", 1)[0].lower()
+        if name == b"connection":
+            continue
+        if name == b"host" and host_suffix:
+            value = line.split(b":", 1)[1].strip()
+            host, sep, port = value.rpartition(b":")
+            if sep and port.isdigit() and not value.endswith(b"]"):
+                value = host + b"-shadow:" + port
+            else:
+                value = value + b"-shadow"
+            line = b"host: " + value
+        out.append(line)
+    out.append(b"connection: close")
+    return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def send_shadow(loop, Cluster cl, bytes data, int timeout_ms):
+    cdef Endpoint ep = cl.pick()
+    if ep is None:
+        return
+    cl.counters.v[CS_RQ_SHADOW] += 1
+    cl.counters.v[CS_CX_TOTAL] += 1
+    task = asyncio.ensure_future(loop.create_connection(
+        lambda: _ShadowProtocol(cl, data, timeout_ms), ep.host, ep.port), loop=loop)
+    task.add_done_callback(_shadow_connected)
+
+
+def _shadow_connected(task):
+    if not task.cancelled() and task.exception() is not None:
+        pass                # a mirror's failure is its own: nothing else to do
+
+
+class _ShadowProtocol(asyncio.Protocol):
+    """One mirrored request: send it, read the answer's status, drop the rest, close."""
+
+    def __init__(self, Cluster cluster, bytes data, int timeout_ms):
+        self.cluster, self.data, self.timeout_ms = cluster, data, timeout_ms
+        self.transport, self.timer, self.counted = None, None, False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.data)
+        self.data = None
+        if self.timeout_ms > 0:
+            self.timer = asyncio.get_event_loop().call_later(self.timeout_ms / 1000.0,
+                                                             transport.abort)
+
+    def data_received(self, data):
+        cdef Cluster cl = self.cluster
+        if not self.counted and data.startswith(b"HTTP/1.") and len(data) >= 12:
+            self.counted = True
+            status = data[9:12]
+            if status.isdigit():
+                cl.counters.v[status_class_slot(int(status), CS_RSP_1XX)] += 1
+
+    def connection_lost(self, exc):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 cdef class _ConnectDone:

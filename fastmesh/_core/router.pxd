@@ -47,6 +47,7 @@ cdef class Route:
         readonly tuple headers_to_remove  # (lower-cased name bytes)
         public RetryPolicy retry    # None: a failed try is the answer
         public tuple hash_policy    # ((kind, name bytes, terminal), ...) or None
+        public tuple mirrors        # ((Cluster, per_million, host_suffix), ...) or None
 
     cdef bint match_http(self, Head h)
     cdef Cluster pick_cluster(self)

@@ -66,6 +66,8 @@ cdef enum:  # ClusterSlot
     CS_RQ_PENDING_OVERFLOW  # requests refused at once (503): max_pending_requests
     CS_RQ_ACTIVE_OVERFLOW   # requests refused at once (503): max_requests
     CS_RQ_RETRY_OVERFLOW    # retries not made: max_retries in flight
+    CS_RQ_SHADOW            # copies of requests sent here by a route's mirror policy
+    CS_RQ_SHADOW_SKIPPED    # ... not sent: the body was not all at hand (streamed)
     CS_SLOTS
 
 cdef class Counters:

@@ -38,6 +38,7 @@ from .model import (
     HASH_POLICY_KINDS,
     HashPolicy,
     HealthCheck,
+    Mirror,
     OutlierDetection,
     RETRY_ON,
     RetryPolicy,
@@ -704,7 +705,7 @@ def _domain(c: _Checker, v: Any, path: str) -> Optional[str]:
 
 _ROUTE_KEYS = ("match", "cluster", "weighted_clusters", "direct_response", "timeout_ms",
                "request_headers_to_add", "request_headers_to_remove", "retry_policy",
-               "hash_policy")
+               "hash_policy", "mirrors")
 _ACTIONS = ("cluster", "weighted_clusters", "direct_response")
 
 
@@ -790,13 +791,31 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
             if kind in ("header", "cookie", "query_parameter"):
                 name = c.text(c.required(hm, ip, "name"), f"{ip}.name")
                 hkw["name"] = name.lower() if kind == "header" and name else name
-            elif "name" in hm:
+            elif hm.get("name") not in (None, ""):
                 c.err(f"{ip}.name", f"not for a {kind} hash policy")
             if "terminal" in hm:
                 hkw["terminal"] = c.boolean(hm["terminal"], f"{ip}.terminal")
             if None not in hkw.values():
                 out.append(HashPolicy(**hkw))
         kw["hash_policy"] = tuple(out)
+    if m.get("mirrors"):
+        mp = f"{p}.mirrors"
+        out = []
+        for i, item in enumerate(c.seq(m["mirrors"], mp)):
+            ip = f"{mp}[{i}]"
+            mm = c.mapping(item, ip, ("cluster", "per_million", "host_suffix"))
+            if mm is None:
+                continue
+            mkw: dict[str, Any] = {"cluster": _cluster_ref(c, c.required(mm, ip, "cluster"),
+                                                           f"{ip}.cluster", known_clusters)}
+            if "per_million" in mm:
+                mkw["per_million"] = c.integer(mm["per_million"], f"{ip}.per_million", lo=0,
+                                               hi=1000000)
+            if "host_suffix" in mm:
+                mkw["host_suffix"] = c.boolean(mm["host_suffix"], f"{ip}.host_suffix")
+            if None not in mkw.values():
+                out.append(Mirror(**mkw))
+        kw["mirrors"] = tuple(out)
     return Route(**kw)
 
 

@@ -90,6 +90,15 @@ class HashPolicy:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """A copy of the request sent to another cluster (Envoy's request_mirror_policies): its
+    answer is dropped; the Host gets "-shadow" appended unless told otherwise."""
+    cluster: str
+    per_million: int = 1000000                    # share of requests mirrored
+    host_suffix: bool = True
+
+
+@dataclass(frozen=True)
 class Route:
     match: RouteMatch
     # exactly one action: cluster, weighted_clusters or direct_response
@@ -101,6 +110,7 @@ class Route:
     request_headers_to_remove: tuple[str, ...] = ()            # lower-cased names
     retry_policy: Optional[RetryPolicy] = None
     hash_policy: tuple[HashPolicy, ...] = ()
+    mirrors: tuple[Mirror, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ Control paths, for tests that make an upstream fail and recover (answered, never
 
     /control/fail/NNN  from now on answer every request but /healthz with NNN (0: stop)
     /control/health/ok, /control/health/fail   what /healthz answers
-    /control/stats     JSON: requests answered (control paths aside), /healthz among them
+    /control/stats     JSON: requests answered (control paths aside), /healthz among them,
+                       and the Host header of the last 20
 
 A path may carry a routing prefix before "/_/": "/api/_/slow/100" is answered as "/slow/100";
 any path ending in "/echo" is answered as "/echo".
@@ -57,6 +58,7 @@ class ServerState:
         self.healthy = True                 # what /healthz says
         self.requests = 0
         self.healthz = 0
+        self.hosts: list = []               # the Host of the last requests (at most 20)
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -179,7 +181,8 @@ class UpstreamProtocol(asyncio.Protocol):
             elif what in ("health/ok", "health/fail"):
                 st.healthy = what == "health/ok"
             elif what == "stats":
-                send(200, json.dumps({"requests": st.requests, "healthz": st.healthz}).encode(),
+                send(200, json.dumps({"requests": st.requests, "healthz": st.healthz,
+                                      "hosts": st.hosts}).encode(),
                      b"content-type: application/json\r\n")
                 return
             else:
@@ -188,6 +191,7 @@ class UpstreamProtocol(asyncio.Protocol):
             send(200, b"ok\n")
             return
         st.requests += 1
+        st.hosts = (st.hosts + [v for k, v in req["headers"] if k.lower() == "host"])[-20:]
         if path == "/healthz":
             st.healthz += 1
             if st.healthy:

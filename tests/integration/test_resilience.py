@@ -8,10 +8,12 @@ counters), not timings. Each proxy runs on uvloop; fastmesh also on plain asynci
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -60,10 +62,17 @@ def bootstrap(port, admin, ups):
         cluster("dead", [good, ups["dead"]]),
         cluster("sticky", [good, ups["third"], ups["fourth"]], lb_policy="RING_HASH"),
         cluster("weighted", [good, ups["third"]], weights=[3, 1]),
+        cluster("primary", [good]),
+        cluster("shadow", [ups["shadow"]]),
+        cluster("dead_shadow", [ups["dead"]]),
         cluster("maglev", [good, ups["third"], ups["fourth"]], lb_policy="MAGLEV"),
     ]
     routes = [{"match": {"prefix": f"/{c['name']}/"},
                "route": {"cluster": c["name"], "timeout": "10s"}} for c in clusters]
+    for prefix, shadow in (("/mirror/", "shadow"), ("/mirror-dead/", "dead_shadow")):
+        routes.insert(0, {"match": {"prefix": prefix}, "route": {
+            "cluster": "primary", "timeout": "10s",
+            "request_mirror_policies": [{"cluster": shadow}]}})
     previous_hosts = [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3."
                  "PreviousHostsPredicate"}}]
@@ -112,7 +121,8 @@ def ups():
     procs: list[Proc] = []
     try:
         out = {}
-        for name, fail in (("good", 0), ("bad", 503), ("third", 0), ("fourth", 0)):
+        for name, fail in (("good", 0), ("bad", 503), ("third", 0), ("fourth", 0),
+                           ("shadow", 0)):
             p = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
                       "--name", name, "--fail-status", str(fail)], name=f"upstream {name}")
             procs.append(p)
@@ -255,3 +265,30 @@ def test_endpoint_weights_share_the_requests(side):
     assert 28 <= good <= 32, (side.who, good)           # weights 3:1
     # spread, not in runs: never more than 3 in a row on the heavier one
     assert b"hello from good\n" * 4 not in b"".join(bodies), (side.who, bodies)
+
+
+def _shadow_stats(ups):
+    with urllib.request.urlopen(f"http://127.0.0.1:{ups['shadow']}/control/stats",
+                                timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_mirror_gets_a_copy_and_the_client_only_the_primary(side, ups):
+    before = _shadow_stats(ups)["requests"]
+    with RawClient(side.port, timeout=10) as c:
+        for i in range(10):
+            c.request(path="/mirror/x", host="api.local")
+            r = c.read_response()
+            assert (r.status, bytes(r.body)) == (200, b"hello from good\n"), side.who
+        c.request(method="POST", path="/mirror/x", host="api.local:8080", body=b"payload")
+        assert bytes(c.read_response().body) == b"hello from good\n"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _shadow_stats(ups)["requests"] < before + 11:
+        time.sleep(0.05)
+    st = _shadow_stats(ups)
+    assert st["requests"] == before + 11, side.who
+    assert st["hosts"][-1] == "api.local-shadow:8080" and st["hosts"][-2] == "api.local-shadow"
+
+
+def test_a_failing_mirror_never_fails_the_primary(side):
+    assert statuses(side, "/mirror-dead/", 10) == [200] * 10, side.who

@@ -1058,3 +1058,42 @@ def test_listener_access_log():
         "listeners[0].access_log: expected a non-empty string"
     assert error(with_listener(protocol="bolt", access_log="/tmp/a.log")) == \
         "listeners[0].access_log: only http1 listeners have an access log"
+
+
+def test_route_retries_hashing_mirrors_and_endpoint_weights():
+    d = with_route(match={"prefix": "/"}, cluster="web",
+                   retry_policy={"retry_on": ["5xx", "connect-failure"], "num_retries": 2,
+                                 "per_try_timeout_ms": 300, "previous_hosts": True},
+                   hash_policy=[{"kind": "header", "name": "X-User", "terminal": True},
+                                {"kind": "source_ip"}],
+                   mirrors=[{"cluster": "other", "per_million": 250000}])
+    d["clusters"][0].update(lb_policy="ring_hash", endpoints=[
+        {"address": "127.0.0.1:8001", "weight": 3}, "127.0.0.1:8003"])
+    cfg = load_dict(d)
+    r = cfg.route_tables["web"].virtual_hosts[0].routes[0]
+    assert r.retry_policy == model.RetryPolicy(retry_on=("5xx", "connect-failure"),
+                                               num_retries=2, per_try_timeout_ms=300,
+                                               previous_hosts=True)
+    assert r.hash_policy == (model.HashPolicy("header", "x-user", True),
+                             model.HashPolicy("source_ip"))
+    assert r.mirrors == (model.Mirror("other", 250000),)
+    assert cfg.clusters["web"].weights == (3, 1)
+    assert load_dict(to_dict(cfg), cfg.source) == cfg
+
+
+@pytest.mark.parametrize("route,msg", [
+    ({"retry_policy": {"retry_on": ["5xx", "sometimes"]}},
+     "retry_policy.retry_on[1]: unknown retry condition 'sometimes'"),
+    ({"retry_policy": {"retry_on": ["5xx"], "backoff_base_ms": 100, "backoff_max_ms": 10}},
+     "retry_policy.backoff_max_ms: must be at least backoff_base_ms"),
+    ({"hash_policy": [{"kind": "source_ip", "name": "x"}]},
+     "hash_policy[0].name: not for a source_ip hash policy"),
+    ({"hash_policy": [{"kind": "header"}]}, "hash_policy[0].name: missing required key"),
+    ({"mirrors": [{"cluster": "nope"}]}, "mirrors[0].cluster: no cluster named 'nope'"),
+    ({"mirrors": [{"cluster": "other", "per_million": 2000000}]},
+     "mirrors[0].per_million: expected an integer in 0..1000000"),
+])
+def test_route_retries_hashing_mirrors_refused(route, msg):
+    with pytest.raises(ConfigError) as e:
+        load_dict(with_route(match={"prefix": "/"}, cluster="web", **route))
+    assert msg in " ".join(e.value.errors), e.value.errors

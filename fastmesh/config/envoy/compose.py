@@ -94,6 +94,9 @@ def _route_clusters(route_config: dict):
             for wc in _items(_get(action, "weighted_clusters"), "clusters"):
                 if isinstance(_get(wc, "name"), str):
                     yield _get(wc, "name")
+            for mp in _items(action, "request_mirror_policies"):
+                if isinstance(_get(mp, "cluster"), str):
+                    yield _get(mp, "cluster")
 
 
 def _tcp_clusters(listener: dict):

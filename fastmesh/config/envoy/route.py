@@ -6,7 +6,7 @@ import dataclasses
 from typing import Optional
 
 from ..load import _domain
-from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HashPolicy, HeaderMatch,
+from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HashPolicy, HeaderMatch, Mirror,
                      RetryPolicy, Route, RouteMatch, RouteTable, VirtualHost, WeightedCluster)
 from ._common import _MISSING, NOT_YET, EnvoyChecker
 
@@ -65,7 +65,7 @@ _ACTION_FIELDS = {
     "host_rewrite_header": "host rewrites: " + NOT_YET,
     "idle_timeout": "per-route idle_timeout: " + NOT_YET,
     "retry_policy": None,
-    "request_mirror_policies": "request mirroring: " + NOT_YET,
+    "request_mirror_policies": None,
     "hash_policy": None,
     "rate_limits": "rate limits: " + NOT_YET,
     "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
@@ -311,7 +311,47 @@ def _action(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> dict
                                                     m.p("retry_policy"))
     if "hash_policy" in m:
         kw["hash_policy"] = _hash_policies(c, m.get("hash_policy"), m.p("hash_policy"))
+    if "request_mirror_policies" in m:
+        kw["mirrors"] = _mirrors(c, m.get("request_mirror_policies"),
+                                 m.p("request_mirror_policies"), known_clusters)
     return kw
+
+
+_DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10000, "MILLION": 1000000}
+
+
+def _mirrors(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> tuple:
+    out = []
+    for i, item in enumerate(c.seq(raw, p)):
+        ip = f"{p}[{i}]"
+        m = c.message(item, ip, {
+            "cluster": None, "runtime_fraction": None, "trace_sampled": None,
+            "disable_shadow_host_suffix_append": None,
+            "cluster_header": "cluster_header: " + NOT_YET,
+            "request_headers_mutations": "request_headers_mutations: " + NOT_YET})
+        if m is None:
+            continue
+        name = _cluster_ref(c, c.need(m, "cluster"), m.p("cluster"), known_clusters)
+        per_million = 1000000
+        if "runtime_fraction" in m:
+            rf = c.message(m.get("runtime_fraction"), m.p("runtime_fraction"),
+                           {"default_value": None, "runtime_key": None})
+            dv = rf.get("default_value") if rf is not None else None
+            d = c.message(dv, rf.p("default_value"), {"numerator": None, "denominator": None}) \
+                if rf is not None and "default_value" in rf else None
+            if d is not None:
+                num = c.uint(d.get("numerator", 0), d.p("numerator"))
+                den = c.enum(d.get("denominator", "HUNDRED"), d.p("denominator"),
+                             {"HUNDRED": 0, "TEN_THOUSAND": 1, "MILLION": 2}, "denominator")
+                if num is not None and den is not None:
+                    per_million = min(1000000, num * (1000000 // _DENOMINATORS[den]))
+            elif rf is not None:
+                per_million = 0         # a runtime key with no default and no runtime: 0%
+        suffix = not ("disable_shadow_host_suffix_append" in m and c.boolean(
+            m.get("disable_shadow_host_suffix_append"), m.p("disable_shadow_host_suffix_append")))
+        if name is not None:
+            out.append(Mirror(cluster=name, per_million=per_million, host_suffix=suffix))
+    return tuple(out)
 
 
 def _hash_policies(c: EnvoyChecker, raw, p: str) -> tuple:
