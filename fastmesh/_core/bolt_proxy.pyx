@@ -40,6 +40,7 @@ from fastmesh._core.stats cimport (
     Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL, LS_RQ_ACTIVE, LS_RSP_2XX, LS_RSP_5XX,
     LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_UPSTREAM_TIMEOUT,
     LS_ERR_UPSTREAM_RESET, LS_ERR_BUSY, LS_ERR_BAD_FRAME, LS_HEARTBEATS, LS_RX_BYTES,
+    LS_ERR_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW,
     LS_CX_IDLE_CLOSED,
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RSP_2XX, CS_RSP_5XX, CS_CX_TOTAL,
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_BOLT_STATUS_OTHER, CS_HEARTBEAT_SENT,
@@ -244,6 +245,12 @@ cdef class BoltDownstream:
             self._reply_error(fi, BOLT_STATUS_NO_PROCESSOR)
             return None
         cluster = route.pick_cluster()
+        if cluster.counters.v[CS_RQ_ACTIVE] >= cluster.max_requests:
+            # the cluster's circuit breaker: "server busy" at once
+            cluster.counters.v[CS_RQ_ACTIVE_OVERFLOW] += 1
+            self.ctx.counters.v[LS_ERR_OVERFLOW] += 1
+            self._reply_error(fi, BOLT_STATUS_SERVER_THREADPOOL_BUSY)
+            return None
         ep = cluster.pick()
         if ep is None:
             self.ctx.counters.v[LS_ERR_NO_HEALTHY_UPSTREAM] += 1
@@ -514,6 +521,11 @@ cdef class BoltUpstream:
                         self.cluster.counters.v[CS_RSP_2XX] += 1
                     else:
                         self.cluster.counters.v[CS_BOLT_STATUS_OTHER] += 1
+                    if self.cluster.od_enabled:
+                        # outlier detection: an error status is a failure (a 5xx),
+                        # a business exception included
+                        self.cluster.observe(self.ep, 200 if fi.status == BOLT_STATUS_SUCCESS
+                                             else 500)
                     frame_set_id(p, &fi, e.client_id)
                     ds = e.ds
                     ds.answered(e, None, fi.status)
@@ -566,6 +578,8 @@ cdef class BoltUpstream:
         entries = list(self.inflight.values())
         self.inflight.clear()
         self.out.clear()
+        if entries and self.cluster.od_enabled:
+            self.cluster.observe(self.ep, 502)          # the connection died under requests
         for e in entries:
             self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
             self.ep.active_requests -= 1
@@ -597,6 +611,8 @@ cdef class BoltUpstream:
         for k in expired:
             e = self.inflight.pop(k)
             self.cluster.counters.v[CS_RQ_TIMEOUT] += 1
+            if self.cluster.od_enabled:
+                self.cluster.observe(self.ep, 504)      # a timeout: a gateway failure
             self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
             self.ep.active_requests -= 1
             e.ds.fail(e, BOLT_STATUS_TIMEOUT, LS_ERR_UPSTREAM_TIMEOUT)

@@ -430,3 +430,44 @@ def test_no_route_fails_fast(proxied, raw, loop):
     assert (rsp["request_id"], rsp["status"]) == (0xFFFFFFFF, bolt.STATUS_NO_PROCESSOR)
     assert lstat(fm, "error_no_route") == 2
     assert cstat(fm, "upstream_rq_total") == 0
+
+
+# ================================================================ resilience (issue 11)
+
+def test_circuit_breaker_answers_server_busy_at_once(proxied, background):
+    """max_requests 1: while a slow call is in flight, the next call gets status 4 (server
+    busy) at once, from the proxy; after it, calls pass again."""
+    fm = proxied(cluster={"circuit_breakers": {"max_requests": 1}})
+    slow = background(host_of(fm), [{"method": "slow", "args": [1500], "timeout": 5000}],
+                      timeout_ms=5000)
+    wait_until(lambda: cstat(fm, "upstream_rq_active") == 1, what="the slow call in flight")
+    out = run_client(host_of(fm), [{"method": "echo", "args": ["x"]}], timeout_ms=5000)
+    assert not out[0]["ok"] and out[0]["ms"] < 1000, out
+    assert cstat(fm, "upstream_rq_active_overflow") == 1
+    assert lstat(fm, "error_overflow") == 1
+    assert slow.result()[0]["ok"]
+    assert run_client(host_of(fm), [{"method": "echo", "args": ["y"]}])[0]["ok"]
+
+
+def test_outlier_detection_ejects_an_endpoint_that_fails_every_call(server, start_fastmesh):
+    """Two endpoints: the real server, and an HTTP server that cannot speak Bolt (every call
+    sent there dies with its connection). After 2 failures in a row it is ejected (max 50%),
+    and every later call goes to the real server."""
+    from fmtest import Proc, _wait_line
+    http = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+                 "--name", "not-bolt"], name="not-bolt")
+    try:
+        port = int(_wait_line(http, b"READY", 15).split()[1])
+        fm = start_fastmesh(proxy_config(
+            [server.host, f"127.0.0.1:{port}"],
+            cluster={"outlier_detection": {"consecutive_5xx": 2, "max_ejection_pct": 50,
+                                           "base_ejection_time_ms": 60000}}))
+        out = run_client(host_of(fm), [{"method": "echo", "args": [str(i)]}
+                                       for i in range(12)], timeout_ms=3000)
+        assert sum(1 for r in out if not r["ok"]) <= 2, out
+        assert all(r["ok"] for r in out[-8:]), out
+        assert cstat(fm, "outlier_ejections_enforced_total") == 1
+        eps = json.loads(fm.admin("/clusters")[1])["echo"]
+        assert [e["ejected"] for e in eps] == [False, True]
+    finally:
+        http.stop()
