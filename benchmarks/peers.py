@@ -139,6 +139,30 @@ class FastmeshTcp(Fastmesh):
         return super().config("tcp", port, upstream_port, workdir, **kw)
 
 
+class FastmeshResilient(Fastmesh):
+    """fastmesh with the upstream resilience features all configured and none triggering:
+    an HTTP health check, outlier detection, circuit breakers (limits never reached), a retry
+    policy, and ring hash on the client's IP (so every request is hashed). Compared with
+    plain fastmesh in the same run, it prices them (`--peers fastmesh,fastmesh-resilient`)."""
+    name = "fastmesh-resilient"
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        cfg = yaml.safe_load(super().config(mode, port, upstream_port, workdir, **kw))
+        if mode == "http":
+            cfg["clusters"][0].update(
+                lb_policy="ring_hash",
+                health_check={"type": "http", "path": "/", "timeout_ms": 1000,
+                              "interval_ms": 1000, "expected_statuses": [[200, 300]]},
+                outlier_detection={"consecutive_5xx": 5},
+                circuit_breakers={"max_connections": 100000, "max_pending_requests": 100000,
+                                  "max_requests": 100000, "max_retries": 1000})
+            route = cfg["route_tables"]["web"]["routes"][0]
+            route.update(retry_policy={"retry_on": ["5xx", "connect-failure"],
+                                       "num_retries": 2},
+                         hash_policy=[{"kind": "source_ip"}])
+        return yaml.safe_dump(cfg, sort_keys=False)
+
+
 # -- Envoy ------------------------------------------------------------------------------------
 
 class Envoy(Peer):
@@ -417,8 +441,9 @@ class Nginx(Peer):
         return [self.path, "-p", str(workdir), "-c", str(config_path), "-e", "stderr"]
 
 
-PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, FastmeshTcp)}
-DEFAULT_PEERS = [name for name in PEERS if name != "fastmesh-tcp"]
+PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, FastmeshTcp,
+                             FastmeshResilient)}
+DEFAULT_PEERS = [name for name in PEERS if name not in ("fastmesh-tcp", "fastmesh-resilient")]
 
 
 def install_missing(names: list[str]) -> list[str]:
