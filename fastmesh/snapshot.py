@@ -76,6 +76,7 @@ def _route(r: model.Route, name: str, clusters: dict) -> Route:
             previous_hosts=rp.previous_hosts,
             host_selection_attempts=rp.host_selection_retry_max_attempts,
             status_codes=rp.retriable_status_codes)
+    route.attempt_count_header = r.attempt_count_header
     if r.mirrors:
         route.mirrors = tuple((clusters[mr.cluster], mr.per_million, mr.host_suffix)
                               for mr in r.mirrors)

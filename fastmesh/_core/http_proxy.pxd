@@ -81,6 +81,7 @@ cdef class HttpDownstream:
         list tried                  # endpoints tried (previous_hosts)
         int64_t rq_deadline_ms      # the route timeout over all tries; 0 = none
         object retry_timer          # back-off before the next try
+        bytes retry_rid             # the x-request-id the first try was given (if generated)
         bint sent_continue          # we answered Expect: 100-continue
         # timers
         int64_t deadline_ms         # 0 = none

@@ -479,11 +479,20 @@ cdef class HttpDownstream:
         self.ep.active_requests += 1
         if self.write_paused:
             up.pause_reading()
-        # an id is generated only for a request that has none (in a mesh most carry one)
-        rid = None if has_request_id(self.req) else make_request_id()
-        head = build_request_head(self.req, self.client_ip, rid,
-                                  self.route.headers_to_add, self.route.headers_to_remove,
-                                  True)
+        # an id is generated only for a request that has none (in a mesh most carry one);
+        # every try of a retried request carries the same
+        if self.retry is not None and self.attempts > 1:
+            rid = self.retry_rid
+        else:
+            rid = None if has_request_id(self.req) else make_request_id()
+            if self.retry is not None:
+                self.retry_rid = rid
+        add = self.route.headers_to_add
+        if self.route.attempt_count_header:     # include_request_attempt_count
+            add = add + ((b"x-envoy-attempt-count",
+                          b"%d" % (self.attempts if self.retry is not None else 1)),)
+        head = build_request_head(self.req, self.client_ip, rid, add,
+                                  self.route.headers_to_remove, True)
         if self.ctx.access_log is not None:
             self.rq_id = rid if rid is not None else client_request_id(self.req)
         if self.req_done:

@@ -48,6 +48,7 @@ cdef class Route:
         public RetryPolicy retry    # None: a failed try is the answer
         public tuple hash_policy    # ((kind, name bytes, terminal), ...) or None
         public tuple mirrors        # ((Cluster, per_million, host_suffix), ...) or None
+        public bint attempt_count_header  # send x-envoy-attempt-count upstream
 
     cdef bint match_http(self, Head h)
     cdef Cluster pick_cluster(self)

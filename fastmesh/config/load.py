@@ -705,7 +705,7 @@ def _domain(c: _Checker, v: Any, path: str) -> Optional[str]:
 
 _ROUTE_KEYS = ("match", "cluster", "weighted_clusters", "direct_response", "timeout_ms",
                "request_headers_to_add", "request_headers_to_remove", "retry_policy",
-               "hash_policy", "mirrors")
+               "hash_policy", "mirrors", "attempt_count_header")
 _ACTIONS = ("cluster", "weighted_clusters", "direct_response")
 
 
@@ -798,6 +798,9 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
             if None not in hkw.values():
                 out.append(HashPolicy(**hkw))
         kw["hash_policy"] = tuple(out)
+    if "attempt_count_header" in m:
+        kw["attempt_count_header"] = c.boolean(m["attempt_count_header"],
+                                               f"{p}.attempt_count_header")
     if m.get("mirrors"):
         mp = f"{p}.mirrors"
         out = []

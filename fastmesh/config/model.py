@@ -111,6 +111,7 @@ class Route:
     retry_policy: Optional[RetryPolicy] = None
     hash_policy: tuple[HashPolicy, ...] = ()
     mirrors: tuple[Mirror, ...] = ()
+    attempt_count_header: bool = False            # x-envoy-attempt-count: N to the upstream
 
 
 @dataclass(frozen=True)

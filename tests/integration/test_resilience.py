@@ -85,14 +85,20 @@ def bootstrap(port, admin, ups):
         if r["route"]["cluster"] == "dead":
             r["route"]["retry_policy"] = {"retry_on": "connect-failure", "num_retries": 1,
                                           "retry_host_predicate": previous_hosts}
+    routes.insert(0, {"match": {"prefix": "/attempts/"}, "route": {
+        "cluster": "retry", "timeout": "10s", "retry_policy": {
+            "retry_on": "5xx", "num_retries": 3, "retry_host_predicate": previous_hosts}}})
     return {
         "admin": {"address": sock(admin)},
         "static_resources": {
             "listeners": [{"name": "in", "address": sock(port), "filter_chains": [{"filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": {"@type": HCM, "stat_prefix": "in",
-                                 "route_config": {"virtual_hosts": [{
-                                     "name": "all", "domains": ["*"], "routes": routes}]},
+                                 "route_config": {"virtual_hosts": [
+                                     {"name": "attempts", "domains": ["attempts.local"],
+                                      "include_request_attempt_count": True,
+                                      "routes": [routes[0]]},
+                                     {"name": "all", "domains": ["*"], "routes": routes}]},
                                  "http_filters": [{"name": "envoy.filters.http.router",
                                                    "typed_config": {"@type": ROUTER}}]}}]}]}],
             "clusters": clusters}}
@@ -292,3 +298,22 @@ def test_mirror_gets_a_copy_and_the_client_only_the_primary(side, ups):
 
 def test_a_failing_mirror_never_fails_the_primary(side):
     assert statuses(side, "/mirror-dead/", 10) == [200] * 10, side.who
+
+
+def test_attempt_count_and_request_id_go_with_each_try(side):
+    """include_request_attempt_count: each try says which it is; a retry keeps the request's
+    x-request-id. The good upstream echoes what reached it."""
+    with RawClient(side.port, timeout=10) as c:
+        seen = []
+        for _ in range(6):
+            c.request(path="/attempts/echo", host="attempts.local",
+                      headers={"x-request-id": "rid-1"})
+            r = c.read_response()
+            assert r.status == 200, (side.who, r.status)
+            got = json.loads(bytes(r.body))
+            hdrs = {k.lower(): v for k, v in got["headers"]}
+            seen.append(hdrs["x-envoy-attempt-count"])
+            assert hdrs["x-request-id"] == "rid-1"
+    # round robin over [good, bad] with a retry each time bad answers: both proxies end up
+    # sending every first try to bad here, and the second to good
+    assert set(seen) <= {"1", "2"} and "2" in seen, (side.who, seen)

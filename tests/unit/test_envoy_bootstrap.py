@@ -512,8 +512,6 @@ ROUTE_REFUSALS = [
      "apply to every route"),
     (lambda b: hcm(b)["route_config"].update(request_headers_to_remove=["x"]),
      f"{HCM}.route_config.request_headers_to_remove", "apply to every route"),
-    (lambda b: vhost(b).update(include_request_attempt_count=True),
-     f"{VH0}.include_request_attempt_count", "x-envoy-attempt-count"),
     (lambda b: vhost(b).update(domains=["*", "*"]), f"{VH0}.domains[1]", "duplicate domain"),
     (lambda b: vhost(b).update(domains=["foo.*"]), f"{VH0}.domains[0]", "invalid domain"),
     (lambda b: vhost(b).update(routes=[]), f"{VH0}.routes", "no routes"),

@@ -132,9 +132,8 @@ def _virtual_host(c: EnvoyChecker, raw, p: str, names: dict, domains_seen: dict,
         else:
             domains_seen[dom] = f"{dp}[{j}]"
         domains.append(dom)
-    if "include_request_attempt_count" in m and c.boolean(
-            m.get("include_request_attempt_count"), m.p("include_request_attempt_count")):
-        c.err(m.p("include_request_attempt_count"), "x-envoy-attempt-count: " + NOT_YET)
+    attempt_count = bool("include_request_attempt_count" in m and c.boolean(
+        m.get("include_request_attempt_count"), m.p("include_request_attempt_count")))
     vh_retry = None
     if "retry_policy" in m:     # for the routes without their own
         vh_retry = translate_retry_policy(c, m.get("retry_policy"), m.p("retry_policy"))
@@ -146,6 +145,8 @@ def _virtual_host(c: EnvoyChecker, raw, p: str, names: dict, domains_seen: dict,
         if r is not None:
             if vh_retry is not None and r.retry_policy is None and r.direct_response is None:
                 r = dataclasses.replace(r, retry_policy=vh_retry)
+            if attempt_count:
+                r = dataclasses.replace(r, attempt_count_header=True)
             routes.append(r)
     if isinstance(r_raw, list) and not r_raw:
         c.err(rp, "no routes: a virtual host that answers 404 to everything is " + NOT_YET)
