@@ -998,7 +998,7 @@ def test_to_dict_shape():
         "match": {"prefix": "/", "headers": [{"name": "x-canary", "exact": "1"}]},
         "weighted_clusters": [{"cluster": "web_canary", "weight": 10},
                               {"cluster": "web", "weight": 90}],
-        "timeout_ms": 15000,
+        "timeout_ms": 15000, "attempt_count_header": False,
     }
     assert d["workers"] == 1 and d["drain_timeout_ms"] == 30000
     assert "source" not in d
