@@ -1,0 +1,245 @@
+"""Active health checks: the supervisor's prober, its verdicts in every worker, and parity
+with real Envoy on one bootstrap.
+
+Demo upstreams answer /healthz 200 or 503 (flipped with /control/health/fail and /ok) and
+"hello from NAME" elsewhere, so a request's body says which endpoint served it. Checks run
+every 200 ms (also while there is no traffic: no_traffic_interval 200 ms), so verdicts move
+within a second; every wait below is bounded.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from fmtest import (START_TIMEOUT_S, Proc, _wait_line, find_envoy, free_port, get_json,
+                    post_json, wait_envoy_ready, wait_ready)
+
+ENVOY = find_envoy()
+HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+            "HttpConnectionManager")
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+WAIT_S = 10.0
+N = 24                      # requests per round
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def wait_until(fn, what: str, timeout=WAIT_S):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def control(port: int, what: str) -> None:
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/control/{what}", timeout=5).read()
+
+
+def request(port: int, path: str = "/") -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": "www.local"})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def served_by(port: int, path: str = "/", n: int = N) -> dict:
+    """Which upstream answered each of n requests (a new connection each, so both workers
+    of a two-worker proxy take some): {"alpha": 12, ...}; other statuses as "status NNN"."""
+    out: dict = {}
+    for _ in range(n):
+        status, body = request(port, path)
+        key = body.decode().strip().rsplit(" ", 1)[-1] if status == 200 else f"status {status}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def fm_failed(admin_port: int, cluster: str) -> list:
+    """Per worker: the set of endpoints failing their health check in `cluster`."""
+    info = get_json(admin_port, "/clusters")
+    workers = info["workers"] if "workers" in info else [info]
+    return [{e["address"] for e in w[cluster] if e["health_check_failed"]} for w in workers]
+
+
+def envoy_failed(admin_port: int, cluster: str) -> set:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=5) as r:
+        text = r.read().decode()
+    out = set()
+    for line in text.splitlines():
+        parts = line.split("::")
+        if parts[0] == cluster and len(parts) == 4 and parts[2] == "health_flags" \
+                and "failed_active_hc" in parts[3]:
+            out.add(parts[1])
+    return out
+
+
+def envoy_stats(admin_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.isdigit():
+            out[name] = int(value)
+    return out
+
+
+def start_upstream(name: str) -> tuple[Proc, int]:
+    p = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+              "--name", name], name=f"upstream {name}")
+    return p, int(_wait_line(p, b"READY", START_TIMEOUT_S).split()[1])
+
+
+def start_fastmesh(path, admin_port: int, *args) -> Proc:
+    p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(path), "--log-level",
+              "warning", *args], name="fastmesh")
+    try:
+        wait_ready(admin_port, p)
+    except BaseException:
+        p.stop(signal.SIGINT)
+        raise
+    return p
+
+
+@pytest.fixture(scope="module")
+def upstreams():
+    """alpha, beta: an HTTP-checked pair; gamma, delta: TCP-checked (delta gets killed)."""
+    procs, ports = {}, {}
+    try:
+        for name in ("alpha", "beta", "gamma", "delta"):
+            procs[name], ports[name] = start_upstream(name)
+        yield procs, ports
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def all_healthy(ports) -> None:
+    for name in ("alpha", "beta"):
+        control(ports[name], "health/ok")
+
+
+# ------------------------------------------------------------------ native configuration
+
+def native_config(ports: dict, admin_port: int, http_port: int, dead_port: int,
+                  **web_extra) -> dict:
+    hc = {"type": "http", "path": "/healthz", "timeout_ms": 1000, "interval_ms": 200,
+          "no_traffic_interval_ms": 200, "unhealthy_threshold": 2, "healthy_threshold": 2,
+          "interval_jitter_ms": 20}
+    return {
+        "admin": {"address": f"127.0.0.1:{admin_port}"},
+        "listeners": [{"name": "ingress", "address": f"127.0.0.1:{http_port}",
+                       "protocol": "http1", "route_table": "rt"}],
+        "route_tables": {"rt": {"routes": [
+            {"match": {"prefix": "/t/"}, "cluster": "tcpc"},
+            {"match": {"prefix": "/"}, "cluster": "web"}]}},
+        "clusters": [
+            dict({"name": "web", "endpoints": [f"127.0.0.1:{ports['alpha']}",
+                                               f"127.0.0.1:{ports['beta']}"],
+                  "health_check": hc}, **web_extra),
+            {"name": "tcpc", "healthy_panic_threshold_pct": 0,
+             "endpoints": [f"127.0.0.1:{ports['gamma']}", f"127.0.0.1:{dead_port}",
+                           f"127.0.0.1:{ports['delta']}"],
+             "health_check": {"type": "tcp", "timeout_ms": 500, "interval_ms": 200,
+                              "no_traffic_interval_ms": 200, "unhealthy_threshold": 2,
+                              "healthy_threshold": 1}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def native(upstreams, tmp_path_factory):
+    """fastmesh with two workers on the native format."""
+    procs, ports = upstreams
+    all_healthy(ports)
+    tmp = tmp_path_factory.mktemp("hc-native")
+    admin_port, http_port, dead_port = free_port(), free_port(), free_port()
+    path = tmp / "fastmesh.yaml"
+    cfg = native_config(ports, admin_port, http_port, dead_port)
+    path.write_text(yaml.safe_dump(cfg))
+    p = start_fastmesh(path, admin_port, "--workers", "2")
+    try:
+        yield {"admin": admin_port, "http": http_port, "dead": dead_port, "path": path,
+               "ports": ports, "procs": procs}
+    finally:
+        p.stop(signal.SIGINT)
+
+
+def test_native_http_check_steers_traffic_in_both_workers(native):
+    ports, admin, http_port = native["ports"], native["admin"], native["http"]
+    beta = f"127.0.0.1:{ports['beta']}"
+    wait_until(lambda: fm_failed(admin, "web") == [set(), set()], "both endpoints healthy")
+    got = served_by(http_port)
+    assert set(got) == {"alpha", "beta"}, got
+
+    control(ports["beta"], "health/fail")
+    try:
+        wait_until(lambda: fm_failed(admin, "web") == [{beta}, {beta}],
+                   "beta failed in both workers")
+        assert served_by(http_port) == {"alpha": N}
+
+        st = get_json(admin, "/stats")["clusters"]["web"]
+        assert st["health_check_healthy"] == 1
+        assert st["health_check_failure"] >= 1
+        assert st["health_check_attempt"] >= st["health_check_success"] + 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus") as r:
+            prom = r.read().decode()
+        assert "# TYPE fastmesh_cluster_health_check_healthy gauge" in prom
+        assert 'fastmesh_cluster_health_check_healthy{cluster="web"} 1' in prom
+        assert "# TYPE fastmesh_cluster_health_check_attempt_total counter" in prom
+
+        # a worker restarted after a crash gets the verdicts it missed
+        pids = get_json(admin, "/stats")["server"]["worker_pids"]
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: (lambda s: s["worker_restarts"] >= 1 and pids[0] not in
+                            s["worker_pids"])(get_json(admin, "/stats")["server"]),
+                   "the worker restarted")
+        wait_until(lambda: len(fm_failed(admin, "web")) == 2, "two workers answer")
+        assert fm_failed(admin, "web") == [{beta}, {beta}]
+        assert served_by(http_port) == {"alpha": N}
+
+        # a reload that rebuilds the cluster (new settings): the verdicts stay
+        cfg = yaml.safe_load(native["path"].read_text())
+        cfg["clusters"][0]["connect_timeout_ms"] = 2500
+        native["path"].write_text(yaml.safe_dump(cfg))
+        status, out = post_json(admin, "/reload")
+        assert status == 200, out
+        assert fm_failed(admin, "web") == [{beta}, {beta}]
+        assert served_by(http_port) == {"alpha": N}
+    finally:
+        control(ports["beta"], "health/ok")
+    wait_until(lambda: fm_failed(admin, "web") == [set(), set()], "beta healthy again")
+    got = served_by(http_port)
+    assert set(got) == {"alpha", "beta"}, got
+    assert get_json(admin, "/stats")["clusters"]["web"]["health_check_healthy"] == 2
+
+
+def test_native_tcp_check_no_request_fails(native):
+    ports, admin, http_port = native["ports"], native["admin"], native["http"]
+    dead = f"127.0.0.1:{native['dead']}"
+    # nobody listens on `dead`: failed from the start (the first round decides)
+    assert fm_failed(admin, "tcpc") == [{dead}, {dead}]
+    got = served_by(http_port, "/t/")
+    assert set(got) == {"gamma", "delta"}, got
+    st = get_json(admin, "/stats")["clusters"]["tcpc"]
+    assert st["health_check_network_failure"] >= 1 and st["health_check_healthy"] == 2
+
+    delta = f"127.0.0.1:{ports['delta']}"
+    native["procs"]["delta"].stop()         # delta is gone for the rest of the module
+    wait_until(lambda: fm_failed(admin, "tcpc") == [{dead, delta}, {dead, delta}],
+               "the stopped upstream failed in both workers")
+    assert served_by(http_port, "/t/") == {"gamma": N}
