@@ -9,7 +9,6 @@ within a second; every wait below is bounded.
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import signal
 import sys
