@@ -405,3 +405,54 @@ def test_plain_asyncio_loop(upstreams, tmp_path):
         assert set(served_by(http_port)) == {"alpha", "beta"}
     finally:
         p.stop(signal.SIGINT)
+
+
+# ------------------------------------------------------------------ a control plane's cluster
+
+def test_xds_cluster_health_check_follows_eds(upstreams, tmp_path):
+    """A CDS cluster carrying health_checks, its endpoints from EDS: a dead endpoint is
+    failed before it takes traffic; an endpoint EDS adds later is checked and joins."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from xds_server import (CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, assignment,
+                            bootstrap, http_listener, msg, route_config, to_cluster)
+    _, ports = upstreams
+    all_healthy(ports)
+    dead_port, port, admin_port = free_port(), free_port(), free_port()
+    srv = AdsServer()
+    srv.start()
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(yaml.safe_dump(bootstrap(admin_port, srv.port)))
+    p = None
+    try:
+        p = start_fastmesh(path, admin_port, "--workers", "2")
+        srv.set(CLUSTER, "c1", [msg(cluster_pb2.Cluster, {
+            "name": "web", "type": "EDS", "connect_timeout": "1s",
+            "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+            "health_checks": [{"timeout": "1s", "interval": "0.2s",
+                               "no_traffic_interval": "0.2s", "unhealthy_threshold": 2,
+                               "healthy_threshold": 2,
+                               "http_health_check": {"path": "/healthz"}}]})])
+        srv.set(ENDPOINT, "e1", [assignment("web", ports["alpha"], dead_port)])
+        srv.set(ROUTE, "r1", [route_config("routes", [to_cluster("/", "web")])])
+        srv.set(LISTENER, "l1", [http_listener("ingress", port, "routes")])
+        dead = f"127.0.0.1:{dead_port}"
+        wait_until(lambda: _served_or_none(port) and fm_failed(admin_port, "web") ==
+                   [{dead}, {dead}], "the dead endpoint failed in both workers")
+        assert served_by(port) == {"alpha": N}
+        srv.set(ENDPOINT, "e2", [assignment("web", ports["alpha"], ports["beta"], dead_port)])
+        wait_until(lambda: len(get_json(admin_port, "/clusters")["workers"][0]["web"]) == 3 and
+                   fm_failed(admin_port, "web") == [{dead}, {dead}], "beta checked and healthy")
+        got = served_by(port)
+        assert set(got) == {"alpha", "beta"} and sum(got.values()) == N, got
+        assert get_json(admin_port, "/stats")["clusters"]["web"]["health_check_healthy"] == 2
+    finally:
+        if p is not None:
+            p.stop(signal.SIGINT)
+        srv.stop()
+
+
+def _served_or_none(port: int) -> bool:
+    try:
+        return request(port)[0] == 200
+    except OSError:
+        return False
