@@ -362,15 +362,17 @@ class HealthChecker:
                 continue
             p = self.probers.get(name)
             current = p.verdicts() if p is not None else {}
+            resolved = p.resolver.resolved if p is not None else {}
             m = {}
             for a in c.endpoints:
-                k = str(a)
-                if k in current:
-                    m[k] = current[k]
-                elif _is_literal(a.host):
-                    m[k] = True
-            for k, v in current.items():        # resolved hostnames
-                m.setdefault(k, v)
+                if _is_literal(a.host):
+                    k = str(a)
+                    m[k] = current.get(k, True)
+                    continue
+                # a name: the addresses it resolved to (new names: none yet)
+                for host, port in resolved.get((a.host, a.port), ()):
+                    k = _key(host, port)
+                    m[k] = current.get(k, True)
             out[name] = m
         return out
 
