@@ -5,13 +5,17 @@ One family per counter slot, labelled by listener or cluster:
     # TYPE fastmesh_listener_downstream_rq_total counter
     fastmesh_listener_downstream_rq_total{listener="ingress"} 40
 
-Gauges (`*_active`, `uptime_seconds`, `workers`, `config_version`) are typed gauge; every
-other listener and cluster figure is a counter, named with a `_total` suffix as the format
-expects (`downstream_rsp_2xx` -> `fastmesh_listener_downstream_rsp_2xx_total`).
+Gauges (`*_active`, `health_check_healthy`, `uptime_seconds`, `workers`, `config_version`)
+are typed gauge; every other listener and cluster figure is a counter, named with a `_total`
+suffix as the format expects
+(`downstream_rsp_2xx` -> `fastmesh_listener_downstream_rsp_2xx_total`).
 """
 from __future__ import annotations
 
 from fastmesh._core.stats import GAUGE_SLOTS
+
+# and the gauge the supervisor's health checks add per cluster (fastmesh.health.GAUGES)
+GAUGES = GAUGE_SLOTS | frozenset(("health_check_healthy",))
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -65,7 +69,7 @@ def render(stats: dict) -> str:
                 if k not in slots:
                     slots.append(k)
         for slot in slots:
-            gauge = slot in GAUGE_SLOTS
+            gauge = slot in GAUGES
             metric = f"fastmesh_{label}_{slot}"
             if not gauge and not metric.endswith("_total"):
                 metric += "_total"

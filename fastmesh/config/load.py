@@ -251,6 +251,9 @@ def _plain(obj: Any) -> Any:
             d["request_headers_to_add"] = [{"name": n, "value": v}
                                            for n, v in obj.request_headers_to_add]
         return d
+    if isinstance(obj, HealthCheck) and obj.type == "tcp":
+        # expected_statuses has a default, which a tcp check must not be written with
+        return {k: v for k, v in _plain_fields(obj).items() if k != "expected_statuses"}
     if dataclasses.is_dataclass(obj):
         return _plain_fields(obj)
     if isinstance(obj, (tuple, list)):

@@ -38,14 +38,19 @@ class DataPlane:
         self.resolvers: dict[str, ClusterResolver] = {}
         self._sweeper: asyncio.Task | None = None
         self.draining = False
+        # the supervisor's health check verdicts: cluster -> {"host:port": failed}
+        self.health: dict = {}
 
     # -- config ----------------------------------------------------------------------
 
-    async def apply(self, cfg: model.Config, sockets: dict) -> None:
+    async def apply(self, cfg: model.Config, sockets: dict, health: dict | None = None) -> None:
         """sockets: listener name -> the listening sockets this worker serves for it, for
-        every listener that is new or whose address changed. Raises on failure before
-        changing anything it can't undo."""
+        every listener that is new or whose address changed. health: the supervisor's
+        health check verdicts to serve this config with (all of them: clusters not named
+        have none). Raises on failure before changing anything it can't undo."""
         snap = snapshot_mod.build(cfg, self.snapshot)
+        # verdicts first: listeners that start below must not pick a failed endpoint
+        self._apply_health(snap, self.health if health is None else health)
         # clusters: resolvers follow the snapshot's Cluster objects
         for name in list(self.resolvers):
             r = self.resolvers[name]
@@ -112,6 +117,35 @@ class DataPlane:
                 r.start()
         self.cfg = dataclasses.replace(self.cfg, clusters=clusters)
         self.snapshot = dataclasses.replace(self.snapshot, config=self.cfg)
+
+    def set_health(self, clusters: dict, replace_all: bool = False) -> None:
+        """Health check verdicts from the supervisor: cluster -> {"host:port": failed}, the
+        whole set for each cluster named (replace_all: for every cluster; those not named
+        have no failed endpoint)."""
+        health = dict(clusters) if replace_all else dict(self.health, **clusters)
+        if self.snapshot is None:
+            self.health = health
+            return
+        self._apply_health(self.snapshot, health, None if replace_all else clusters)
+
+    def _apply_health(self, snap, health: dict, only=None) -> None:
+        for name in (snap.clusters if only is None else only):
+            cl = snap.clusters.get(name)
+            if cl is None:
+                continue
+            want = set()
+            for addr, failed in (health.get(name) or {}).items():
+                if failed:
+                    a = model.parse_address(addr)
+                    want.add((a.host, a.port))
+            have = cl.hc_failed
+            if want == have:
+                continue
+            for host, port in have - want:
+                cl.set_health_check_failed(host, port, False)
+            for host, port in want - have:
+                cl.set_health_check_failed(host, port, True)
+        self.health = {n: m for n, m in health.items() if m}
 
     def _retire(self, lst: Listener, close: bool) -> None:
         lst.begin_drain()

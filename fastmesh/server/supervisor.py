@@ -4,7 +4,8 @@ It owns the listening sockets (opened once here, or received from the previous g
 starts N worker processes that share them, serves the admin API, applies reloads, restarts
 workers that die, and runs hot restarts (fastmesh.server.upgrade). Workers get config
 snapshots and sockets over SEQPACKET socket pairs (fastmesh.server.ipc) and report counters
-back; /stats sums them.
+back; /stats sums them. Active health checks run here, one prober for the proxy
+(fastmesh.health): every worker gets its verdicts, with each config and as they change.
 
 Signals: SIGTERM drains (the listening sockets stop listening, so new clients are refused at
 once; requests in progress finish; exit within drain_timeout_ms); SIGINT stops at once. SIGHUP
@@ -31,6 +32,7 @@ from fastmesh._core.stats import GAUGE_SLOTS
 from fastmesh.admin import AdminServer
 from fastmesh.config import model
 from fastmesh.config.load import ConfigError, load_file, to_dict
+from fastmesh.health import HealthChecker
 from fastmesh.listener import grow_socket_group, open_listening_socket, open_socket_group
 from fastmesh.server import ipc, mainproc, upgrade
 
@@ -119,6 +121,8 @@ class Supervisor:
         self.xds = None                     # fastmesh.xds.source.XdsSource, when configured
         self._xds_inherited: dict | None = None
         self.bootstrap_doc = None           # the Envoy bootstrap as read (for config dumps)
+        # active health checks: one prober for the whole proxy; verdicts go to every worker
+        self.health = HealthChecker(loop, self._send_health, self._cluster_has_traffic)
 
     # ------------------------------------------------------------------ start
 
@@ -149,6 +153,9 @@ class Supervisor:
             for group in inherited.values():
                 for s in group:
                     s.close()
+            # as Envoy's start-up: the first round of health checks decides before serving
+            self.health.sync(self.cfg)
+            await self.health.first_round()
             for i in range(self.nworkers):
                 self.workers.append(None)
                 await self._start_worker(i)
@@ -157,6 +164,7 @@ class Supervisor:
                 self.admin.register("POST", "/reload", self._admin_reload)
                 await self.admin.start(None, None, sock=self.admin_sock.dup())
         except BaseException:
+            self.health.stop()
             if old_chan is not None:
                 old_chan.close()            # the old generation goes on serving
             self._kill_workers()
@@ -249,14 +257,18 @@ class Supervisor:
         chan.on_message = lambda msg, fds: self._on_worker_message(h, msg, fds)
         self.workers[i] = h
         names, fds = self._listener_fds(i)
+        health_version = self.health.version
         reply, _ = await chan.request(
             {"t": "config", "config": to_dict(self.cfg), "source": self.cfg.source,
-             "listeners": names}, fds, timeout_s=WORKER_START_TIMEOUT_S)
+             "listeners": names, "health": self.health.verdicts()}, fds,
+            timeout_s=WORKER_START_TIMEOUT_S)
         if not reply.get("ok"):
             proc.kill()
             raise RuntimeError(f"worker {i} failed to start: {reply.get('error')}")
         h.clusters = self.cfg.clusters
         h.ready = True
+        if self.health.version != health_version:
+            self._send_health_to(h, self.health.verdicts(), everything=True)
 
     def _on_worker_message(self, h: WorkerHandle, msg: dict, fds: list) -> None:
         for fd in fds:
@@ -372,9 +384,13 @@ class Supervisor:
         """Only some clusters' endpoints change (EDS): each worker replaces those endpoint
         sets in place; nothing else is rebuilt. `cfg` is the config with them changed."""
         async with self._apply_lock:
+            health_version = self.health.version
+            msg = {"t": "endpoints", "clusters": updates}
+            if any(cfg.clusters[n].health_check is not None for n in updates):
+                msg["health"] = self.health.preview(cfg)
+
             async def endpoints_for(h):
-                reply = await h.chan.request({"t": "endpoints", "clusters": updates},
-                                             timeout_s=10)
+                reply = await h.chan.request(msg, timeout_s=10)
                 if reply[0].get("ok"):
                     h.clusters = dict(h.clusters, **{n: cfg.clusters[n] for n in updates})
                 return reply
@@ -383,6 +399,7 @@ class Supervisor:
                 return False, [f"apply: {error}"]
             self.cfg = cfg
             self.version += 1
+            self._follow_health(health_version)
             return True, []
 
     async def _apply_config(self, cfg: model.Config) -> tuple[bool, list]:
@@ -416,11 +433,14 @@ class Supervisor:
         plain = to_dict(cfg, except_clusters=keep)
         keep_names = sorted(keep)
         self.last_apply = {"clusters_sent": len(plain["clusters"]), "clusters_kept": len(keep)}
+        health_version = self.health.version
+        health = self.health.preview(cfg)
 
         async def config_for(h):
             names, fds = self._listener_fds(h.index, changed, all_socks)
             reply = await h.chan.request({"t": "config", "config": plain, "source": cfg.source,
-                                          "keep_clusters": keep_names, "listeners": names},
+                                          "keep_clusters": keep_names, "listeners": names,
+                                          "health": health},
                                          fds, timeout_s=10)
             if reply[0].get("ok"):
                 h.clusters = cfg.clusters
@@ -440,10 +460,55 @@ class Supervisor:
         self.cfg = cfg
         self.version += 1
         self.reloads += 1
+        self._follow_health(health_version)
         if self.xds is None:
             self._read_bootstrap()
         log.info("reload: config version %d applied", self.version)
         return True, []
+
+    # ------------------------------------------------------------------ health checks
+
+    def _follow_health(self, version_before: int) -> None:
+        """After a config or endpoint change: the prober follows the new config; workers
+        get every verdict again if any moved while they were applying it."""
+        self.health.sync(self.cfg)
+        if self.health.version != version_before:
+            verdicts = self.health.verdicts()
+            for h in self.workers:
+                if h is not None and h.ready:
+                    self._send_health_to(h, verdicts, everything=True)
+
+    def _send_health(self, names: list) -> None:
+        """The prober's verdicts for these clusters changed: every worker gets them."""
+        if self._stopping:
+            return
+        verdicts = self.health.verdicts()
+        clusters = {n: verdicts.get(n, {}) for n in names}
+        for h in self.workers:
+            if h is not None and h.ready:
+                self._send_health_to(h, clusters)
+
+    def _send_health_to(self, h: WorkerHandle, clusters: dict, everything=False) -> None:
+        async def send():
+            try:
+                reply, _ = await h.chan.request({"t": "health", "clusters": clusters,
+                                                 "all": everything}, timeout_s=5)
+                if not reply.get("ok"):
+                    log.warning("worker %d: health verdicts refused: %s", h.index,
+                                reply.get("error"))
+            except (asyncio.TimeoutError, ipc.ChannelClosed, OSError) as exc:
+                # a worker that died gets every verdict again when it is restarted
+                log.debug("worker %d: health verdicts not delivered: %s", h.index, exc)
+        self.loop.create_task(send())
+
+    def _cluster_has_traffic(self, name: str) -> bool:
+        """Has the cluster carried any request (as Envoy: an upstream connection)? From the
+        workers' latest counters, read every STATS_POLL_S."""
+        for st in [h.last_stats for h in self._handles()] + [self.carried]:
+            c = ((st or {}).get("clusters") or {}).get(name)
+            if c and (c.get("upstream_cx_total") or c.get("upstream_rq_total")):
+                return True
+        return False
 
     async def _admin_xds(self, body: bytes):
         import json
@@ -474,6 +539,7 @@ class Supervisor:
         counters of this generation (and those it inherited) to the new one over `chan`."""
         self._stopping = True
         self._stop_xds()
+        self.health.stop()
         if self.admin is not None:
             self.admin.close()
         await asyncio.gather(*[
@@ -518,6 +584,7 @@ class Supervisor:
             return
         self._stopping = True
         self._stop_xds()
+        self.health.stop()
         log.info("draining (up to %d ms); listeners closed to new connections",
                  self.cfg.drain_timeout_ms)
         if self.upgrade_server is not None:
@@ -578,6 +645,7 @@ class Supervisor:
 
     def _finish(self) -> None:
         self._stop_xds()
+        self.health.stop()
         if self._monitor is not None:
             self._monitor.cancel()
         if self.admin is not None:
@@ -610,6 +678,8 @@ class Supervisor:
         for st in per_worker:
             add_counters(totals, st, skip=())
         listeners, clusters = totals["listeners"], totals["clusters"]
+        for name, hc in self.health.stats().items():
+            clusters.setdefault(name, {}).update(hc)
         # how the kernel spread connections over this generation's live workers
         spread = []
         for st in per_worker:

@@ -4,15 +4,20 @@ SEQPACKET socket pair (fastmesh.server.ipc).
 Started by the supervisor as ``python -m fastmesh.server.worker --ctrl-fd N --loop uvloop``.
 Messages it takes (each answered with ``{"t": "reply", "ok": ...}``):
 
-    config    {"config": <config map>, "keep_clusters": [names], "listeners": [names]} + one
-              listening fd per name (a name repeats when the worker serves several sockets of
-              its address's group); the clusters named in keep_clusters are not in the
-              config map: the worker keeps its own, unchanged
+    config    {"config": <config map>, "keep_clusters": [names], "listeners": [names],
+              "health": {cluster: {"host:port": failed}}} + one listening fd per name (a name
+              repeats when the worker serves several sockets of its address's group); the
+              clusters named in keep_clusters are not in the config map: the worker keeps its
+              own, unchanged; health (optional): every active health check verdict, applied
+              before the listeners serve this config
     stats     -> {"stats": {...}}
     clusters  -> {"clusters": {...}}
     endpoints {"clusters": {name: ["host:port", ...] or {"endpoints": [...], "weights":
               [...]}}}: new endpoint sets for some clusters (EDS); pools to endpoints that
-              stay are kept
+              stay are kept; "health" as in config, optional
+    health    {"clusters": {name: {"host:port": failed}}, "all": bool}: the supervisor's
+              active health check verdicts, the whole set for each cluster named (all: for
+              every cluster, those not named have no failed endpoint)
     drain     {"timeout_ms", "close_listeners"}: stop accepting (close_listeners: serve what
               the kernel queued, then stop the sockets listening), finish connections, exit
     handover  {"migrate_path", "timeout_ms"}: stop accepting; hand idle Bolt connections to
@@ -107,7 +112,7 @@ class Worker:
             sockets.setdefault(n, []).append(s)
         self.drain_timeout_ms = cfg.drain_timeout_ms
         try:
-            await self.plane.apply(cfg, sockets)
+            await self.plane.apply(cfg, sockets, msg.get("health"))
         except BaseException:
             for group in sockets.values():
                 for s in group:
@@ -117,6 +122,12 @@ class Worker:
 
     async def _on_endpoints(self, msg, fds):
         self.plane.update_endpoints(msg["clusters"])
+        if msg.get("health") is not None:
+            self.plane.set_health(msg["health"], replace_all=True)
+        return {}
+
+    async def _on_health(self, msg, fds):
+        self.plane.set_health(msg["clusters"], replace_all=bool(msg.get("all")))
         return {}
 
     async def _on_stats(self, msg, fds):

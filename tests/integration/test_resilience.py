@@ -179,7 +179,9 @@ def test_always_503_endpoint_is_ejected(side):
     got = statuses(side, "/eject/", 40)
     # round robin alternates until the bad endpoint has answered 503 three times in a row
     # (its own consecutive count): then it is ejected for 30 s and only the good one answers
-    assert got.count(503) == 3, (side.who, got)
+    # (Envoy ejects from its main thread and tells its workers after: on a loaded machine a
+    # request or two more may reach the endpoint; fastmesh ejects in the worker, at once)
+    assert 3 <= got.count(503) <= (5 if side.who == "envoy" else 3), (side.who, got)
     assert got[-30:] == [200] * 30, (side.who, got)
     assert side.counter("eject", "outlier_detection.ejections_enforced_total") == 1
 
