@@ -7,6 +7,7 @@ set_health_check_failed``; panic mode still applies). Probes:
 
     http  GET <path> with Host <host, or the cluster's name> (and ``user-agent: Envoy/HC``):
           healthy when the status is in expected_statuses ([start, end) ranges; 200 default)
+    bolt  a Bolt heartbeat; healthy when its ack (same id, status SUCCESS) comes back
     tcp   connect; with send_hex send those bytes; with receive_hex every one of those byte
           strings must come back, in order. Without either: a connection is a success
 
@@ -47,6 +48,7 @@ log = logging.getLogger("fastmesh.health")
 OK, ACTIVE_FAILURE, NETWORK_FAILURE = "ok", "active", "network"
 TRAFFIC_POLL_S = 1.0            # while in no-traffic mode, look for traffic this often
 MAX_STATUS_LINE_BYTES = 8192
+MAX_BOLT_REPLY_BYTES = 65536        # a heartbeat ack is 20-odd bytes
 COUNTERS = ("health_check_attempt", "health_check_success", "health_check_failure",
             "health_check_network_failure")
 GAUGES = ("health_check_healthy",)
@@ -250,6 +252,8 @@ class ClusterProber:
                 reader, writer = await asyncio.open_connection(hp[0], hp[1])
                 if self.hc.type == "http":
                     return await self._http(reader, writer)
+                if self.hc.type == "bolt":
+                    return await self._bolt(reader, writer)
                 return await self._tcp(reader, writer)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
             return NETWORK_FAILURE
@@ -290,6 +294,31 @@ class ClusterProber:
             got += data
             if _matches(got, want):
                 return OK
+
+
+    async def _bolt(self, reader, writer) -> str:
+        """A Bolt heartbeat (v1, cmdcode 0); healthy when the heartbeat ack with its id and
+        status SUCCESS comes back (as MOSN's Bolt health check)."""
+        from fastmesh._core import bolt
+        self._bolt_id = (getattr(self, "_bolt_id", 0) + 1) & 0xFFFFFFFF or 1
+        writer.write(bolt.encode_heartbeat(bolt.PROTO_V1, self._bolt_id))
+        await writer.drain()
+        got = b""
+        frame = None
+        while frame is None:
+            data = await reader.read(65536)
+            if not data:
+                return NETWORK_FAILURE
+            got += data
+            try:
+                frame = bolt.parse_frame(got, MAX_BOLT_REPLY_BYTES)   # None: more needed
+            except ValueError:
+                return NETWORK_FAILURE          # not Bolt: a protocol error
+        if (frame["type"] == bolt.TYPE_RESPONSE and frame["cmdcode"] == bolt.CMD_HEARTBEAT
+                and frame["request_id"] == self._bolt_id
+                and frame["status"] == bolt.STATUS_SUCCESS):
+            return OK
+        return ACTIVE_FAILURE
 
 
 def _matches(buf: bytes, segments: list) -> bool:

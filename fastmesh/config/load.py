@@ -251,8 +251,8 @@ def _plain(obj: Any) -> Any:
             d["request_headers_to_add"] = [{"name": n, "value": v}
                                            for n, v in obj.request_headers_to_add]
         return d
-    if isinstance(obj, HealthCheck) and obj.type == "tcp":
-        # expected_statuses has a default, which a tcp check must not be written with
+    if isinstance(obj, HealthCheck) and obj.type != "http":
+        # expected_statuses has a default, which a tcp or bolt check must not be written with
         return {k: v for k, v in _plain_fields(obj).items() if k != "expected_statuses"}
     if dataclasses.is_dataclass(obj):
         return _plain_fields(obj)
@@ -945,7 +945,8 @@ def _health_check(c: _Checker, raw: Any, p: str) -> Optional[HealthCheck]:
     if m is None:
         return None
     kw: dict[str, Any] = {}
-    kind = c.choice(c.required(m, p, "type"), f"{p}.type", "health check type", ("http", "tcp"))
+    kind = c.choice(c.required(m, p, "type"), f"{p}.type", "health check type",
+                    ("http", "tcp", "bolt"))
     kw["type"] = kind
     for name in ("timeout_ms", "interval_ms"):
         kw[name] = c.integer(c.required(m, p, name), f"{p}.{name}", lo=1)
@@ -961,7 +962,8 @@ def _health_check(c: _Checker, raw: Any, p: str) -> Optional[HealthCheck]:
                                               f"{p}.interval_jitter_pct", lo=0, hi=100)
     http_only = ("path", "host", "expected_statuses")
     tcp_only = ("send_hex", "receive_hex")
-    for name in (tcp_only if kind == "http" else http_only if kind == "tcp" else ()):
+    for name in (tcp_only if kind == "http" else http_only if kind == "tcp"
+                 else http_only + tcp_only if kind == "bolt" else ()):
         if m.get(name) is not None and m.get(name) != ():
             c.err(f"{p}.{name}", f"not for a {kind} health check")
     if kind == "http":

@@ -157,7 +157,7 @@ class Listener:
 class HealthCheck:
     """Active health checking (Envoy's config.core.v3.HealthCheck): one prober per proxy, in
     the supervisor; every worker gets its verdicts. Envoy's defaults where Envoy has one."""
-    type: str                                     # http | tcp
+    type: str                                     # http | tcp | bolt (heartbeat)
     timeout_ms: int
     interval_ms: int
     unhealthy_threshold: int = 1                  # failures in a row to mark unhealthy

@@ -471,3 +471,21 @@ def test_outlier_detection_ejects_an_endpoint_that_fails_every_call(server, star
         assert [e["ejected"] for e in eps] == [False, True]
     finally:
         http.stop()
+
+
+def test_bolt_health_check_sends_heartbeats(server, start_fastmesh):
+    """A bolt health check: a heartbeat to each endpoint; the real server acks it (healthy),
+    a port where nobody listens fails; every call goes to the healthy one."""
+    from fmtest import free_port
+    dead = free_port()
+    fm = start_fastmesh(proxy_config(
+        [server.host, f"127.0.0.1:{dead}"],
+        cluster={"health_check": {"type": "bolt", "timeout_ms": 500, "interval_ms": 200,
+                                  "no_traffic_interval_ms": 200}}))
+    wait_until(lambda: [e["health_check_failed"] for e in
+                        json.loads(fm.admin("/clusters")[1])["echo"]] == [False, True],
+               what="the verdicts")
+    out = run_client(host_of(fm), [{"method": "echo", "args": [str(i)]} for i in range(6)])
+    assert all(r["ok"] for r in out), out
+    st = fm.stats()["clusters"]["echo"]
+    assert st["health_check_success"] >= 1 and st["health_check_failure"] >= 1

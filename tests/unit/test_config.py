@@ -1097,3 +1097,14 @@ def test_route_retries_hashing_mirrors_refused(route, msg):
     with pytest.raises(ConfigError) as e:
         load_dict(with_route(match={"prefix": "/"}, cluster="web", **route))
     assert msg in " ".join(e.value.errors), e.value.errors
+
+
+def test_bolt_health_check():
+    cfg = load_dict(with_cluster(health_check={"type": "bolt", "timeout_ms": 500,
+                                               "interval_ms": 1000}))
+    assert cfg.clusters["web"].health_check.type == "bolt"
+    assert load_dict(to_dict(cfg), cfg.source) == cfg
+    with pytest.raises(ConfigError) as e:
+        load_dict(with_cluster(health_check={"type": "bolt", "timeout_ms": 500,
+                                             "interval_ms": 1000, "path": "/"}))
+    assert "health_check.path: not for a bolt health check" in " ".join(e.value.errors)
