@@ -40,7 +40,7 @@ import logging
 import random
 from typing import Callable, Optional
 
-from fastmesh.cluster import ClusterResolver
+from fastmesh.cluster import ClusterResolver, _is_ip
 from fastmesh.config import model
 
 log = logging.getLogger("fastmesh.health")
@@ -394,7 +394,7 @@ class HealthChecker:
             resolved = p.resolver.resolved if p is not None else {}
             m = {}
             for a in c.endpoints:
-                if _is_literal(a.host):
+                if _is_ip(a.host):
                     k = str(a)
                     m[k] = current.get(k, True)
                     continue
@@ -472,11 +472,3 @@ class HealthChecker:
             out[name] = dict(self.counters(name), health_check_healthy=p.healthy())
         return out
 
-
-def _is_literal(host: str) -> bool:
-    import ipaddress
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False

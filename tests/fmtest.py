@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -525,3 +526,14 @@ class BoltClient:
 
     def close(self):
         self.sock.close()
+
+
+def camel(data):
+    """The same document with every field name in its JSON (lowerCamelCase) spelling, as
+    Envoy also reads it ("@type" has no other)."""
+    if isinstance(data, dict):
+        return {(k if k.startswith("@") else re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(),
+                                                    k)): camel(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [camel(x) for x in data]
+    return data

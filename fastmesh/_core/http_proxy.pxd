@@ -102,6 +102,7 @@ cdef class HttpDownstream:
     cdef void _acquire_upstream(self)
     cdef void _open_connection(self)
     cdef void _leave_pending(self)
+    cdef void _take_connection(self, HttpUpstream up, bint reused)
     cdef void _end_retry(self)
     cdef void _mirror(self, Head h, Route route)
     cdef bint _try_retry(self, int status, bint no_response, bint connect_failure)

@@ -319,6 +319,20 @@ cdef class HttpDownstream:
         self.connect_task = task
         task.add_done_callback(_ConnectDone(self, self.cluster, self.ep))
 
+    cdef void _take_connection(self, HttpUpstream up, bint reused):
+        # The connection this waiting request gets (just made, or freed by another
+        # request): bind it and go on, from a callback (so flush and read here).
+        self._leave_pending()
+        try:
+            up._begin(self, reused)
+            self._bind(up)
+            self._process()
+            self._flush()
+            self._update_reading()
+        except BaseException:
+            log.exception("internal error binding an upstream connection")
+            self._abort()
+
     cdef void _leave_pending(self):
         cdef Cluster cl = self.cluster
         if self.queued:
@@ -456,16 +470,7 @@ cdef class HttpDownstream:
         up = task.result()
         if self.connect_task is task and self.state == DS_CONNECTING:
             self.connect_task = None
-            self._leave_pending()
-            try:
-                up._begin(self, False)
-                self._bind(up)
-                self._process()
-                self._flush()
-                self._update_reading()
-            except BaseException:
-                log.exception("internal error binding an upstream connection")
-                self._abort()
+            self._take_connection(up, False)
         else:
             up._release()                    # nobody waits for it any more: pool it
 
@@ -1368,16 +1373,7 @@ cdef class HttpUpstream:
             waiting.queued = False
             if waiting.state != DS_CONNECTING:
                 continue
-            waiting._leave_pending()
-            try:
-                self._begin(waiting, True)
-                waiting._bind(self)
-                waiting._process()
-                waiting._flush()
-                waiting._update_reading()
-            except BaseException:
-                log.exception("internal error handing a connection to a waiting request")
-                waiting._abort()
+            waiting._take_connection(self, True)
             return
         self.state = US_IDLE
         self.idle_since_ms = now_ms()

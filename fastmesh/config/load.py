@@ -781,13 +781,9 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
     if m.get("retry_policy") is not None:
         kw["retry_policy"] = _retry_policy(c, m["retry_policy"], f"{p}.retry_policy")
     if m.get("hash_policy"):
-        hp = f"{p}.hash_policy"
         out = []
-        for i, item in enumerate(c.seq(m["hash_policy"], hp)):
-            ip = f"{hp}[{i}]"
-            hm = c.mapping(item, ip, ("kind", "name", "terminal"))
-            if hm is None:
-                continue
+        for ip, hm in _mappings(c, m["hash_policy"], f"{p}.hash_policy",
+                                ("kind", "name", "terminal")):
             kind = c.choice(c.required(hm, ip, "kind"), f"{ip}.kind", "hash policy kind",
                             HASH_POLICY_KINDS)
             hkw: dict[str, Any] = {"kind": kind}
@@ -805,13 +801,9 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
         kw["attempt_count_header"] = c.boolean(m["attempt_count_header"],
                                                f"{p}.attempt_count_header")
     if m.get("mirrors"):
-        mp = f"{p}.mirrors"
         out = []
-        for i, item in enumerate(c.seq(m["mirrors"], mp)):
-            ip = f"{mp}[{i}]"
-            mm = c.mapping(item, ip, ("cluster", "per_million", "host_suffix"))
-            if mm is None:
-                continue
+        for ip, mm in _mappings(c, m["mirrors"], f"{p}.mirrors",
+                                ("cluster", "per_million", "host_suffix")):
             mkw: dict[str, Any] = {"cluster": _cluster_ref(c, c.required(mm, ip, "cluster"),
                                                            f"{ip}.cluster", known_clusters)}
             if "per_million" in mm:
@@ -823,6 +815,15 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
                 out.append(Mirror(**mkw))
         kw["mirrors"] = tuple(out)
     return Route(**kw)
+
+
+def _mappings(c: _Checker, raw: Any, path: str, keys: tuple):
+    """(path of item i, item) for each item of a list that is a mapping of those keys."""
+    for i, item in enumerate(c.seq(raw, path)):
+        ip = f"{path}[{i}]"
+        m = c.mapping(item, ip, keys)
+        if m is not None:
+            yield ip, m
 
 
 _RETRY_FIELDS = {f.name for f in dataclasses.fields(RetryPolicy)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from fastmesh.config.load import ConfigError, load_dict, load_file, load_text, t
 from fastmesh.config.model import (Address, Admin, CircuitBreakers, Cluster, DirectResponse,
                                    HeaderMatch, Listener, OutlierDetection, RetryPolicy, Route,
                                    RouteMatch, WeightedCluster)
+from fmtest import camel
 
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
             "HttpConnectionManager")
@@ -96,16 +96,6 @@ def errors_of(b):
     with pytest.raises(ConfigError) as ei:
         load_bootstrap(b, "test.yaml")
     return ei.value.errors
-
-
-def camel(data):
-    """The same document with every field name in its JSON (lowerCamelCase) spelling."""
-    if isinstance(data, dict):
-        return {(k if k.startswith("@") else re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(),
-                                                    k)): camel(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [camel(x) for x in data]
-    return data
 
 
 # -- recognition and dispatch ------------------------------------------------------------------

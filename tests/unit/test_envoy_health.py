@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import re
 
 import pytest
 
@@ -12,6 +11,7 @@ from fastmesh import health
 from fastmesh.config.envoy import load_bootstrap
 from fastmesh.config.load import ConfigError, load_dict, to_dict
 from fastmesh.config.model import HealthCheck
+from fmtest import camel
 
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
             "HttpConnectionManager")
@@ -45,16 +45,6 @@ def bootstrap():
                     {"endpoint": {"address": sock("127.0.0.1", p)}} for p in (8001, 8002)]}]}}],
         },
     }
-
-
-def camel(data):
-    """The same document with every field name in its JSON (lowerCamelCase) spelling."""
-    if isinstance(data, dict):
-        return {(k if k.startswith("@") else re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(),
-                                                    k)): camel(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [camel(x) for x in data]
-    return data
 
 
 def with_hc(*checks):

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf import json_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fmtest import camel  # noqa: E402
 from xds_server import assignment, bootstrap, route_config, to_cluster  # noqa: E402
 
 from fastmesh.config.envoy import translate_composed  # noqa: E402
@@ -22,20 +23,6 @@ from fastmesh.config.model import Address  # noqa: E402
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
        "HttpConnectionManager")
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(w[:1].upper() + w[1:] for w in rest)
-
-
-def camel_keys(x):
-    """Every field name in its JSON spelling (a type URL's "@type" has no other)."""
-    if isinstance(x, dict):
-        return {(k if k.startswith("@") else _camel(k)): camel_keys(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [camel_keys(v) for v in x]
-    return x
 
 
 def static_on_ads() -> dict:
@@ -70,7 +57,7 @@ def state_with_route_and_assignment() -> State:
 def test_static_rds_listener_and_eds_cluster(spelling):
     b = static_on_ads()
     if spelling == "json":
-        b = camel_keys(b)
+        b = camel(b)
         assert "staticResources" in b and "filterChains" in str(b)
     before = compose(b, State())
     assert before.warming == ["in"]                     # its route configuration: not yet
