@@ -113,6 +113,7 @@ class Listener:
             high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
             max_in_flight=cfg.max_in_flight, accept_http_10=cfg.accept_http_10)
         self._set_access_log(cfg.access_log)
+        self._filter_cfgs: tuple = (None, None)     # what ctx.fault / ctx.ratelimit were made of
 
     # -- wiring --------------------------------------------------------------------
 
@@ -130,6 +131,21 @@ class Listener:
             self.ctx.route_table = snap.route_tables[self.cfg.route_table]
         else:
             self.ctx.tcp_cluster = snap.clusters[self.cfg.cluster]
+        self._apply_http_filters()
+
+    def _apply_http_filters(self) -> None:
+        """The listener's HTTP filters; a token bucket whose settings did not change keeps
+        its tokens."""
+        from fastmesh import snapshot as snapshot_mod
+        cfg, ctx = self.cfg, self.ctx
+        ctx.http_filters = tuple(snapshot_mod.FILTER_KINDS[n] for n in cfg.http_filters) \
+            if cfg.http_filters else None
+        if cfg.fault != self._filter_cfgs[0]:
+            ctx.fault = snapshot_mod.fault_policy(cfg.fault) if cfg.fault else None
+        if cfg.local_rate_limit != self._filter_cfgs[1]:
+            ctx.ratelimit = snapshot_mod.token_bucket(cfg.local_rate_limit) \
+                if cfg.local_rate_limit else None
+        self._filter_cfgs = (cfg.fault, cfg.local_rate_limit)
 
     def protocol_factory(self):
         ctx = self.ctx

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fastmesh._core.filters import FAULT, RATELIMIT, FaultPolicy, TokenBucket
 from fastmesh._core.retry import RetryPolicy
 from fastmesh._core.router import HeaderMatcher, Route, RouteTable, VirtualHost
 from fastmesh._core.upstream import Cluster
@@ -17,6 +18,7 @@ from fastmesh.config import model
 # MatchKind / ActionKind values of router.pxd
 M_ANY, M_EXACT, M_PREFIX, M_REGEX, M_ABSENT = 0, 1, 2, 3, 4
 A_CLUSTER, A_WEIGHTED, A_DIRECT = 0, 1, 2
+FILTER_KINDS = {"fault": FAULT, "local_rate_limit": RATELIMIT}
 HASH_KINDS = {"header": 0, "cookie": 1, "source_ip": 2, "query_parameter": 3}  # http_proxy.pyx
 
 
@@ -77,6 +79,10 @@ def _route(r: model.Route, name: str, clusters: dict) -> Route:
             host_selection_attempts=rp.host_selection_retry_max_attempts,
             status_codes=rp.retriable_status_codes)
     route.attempt_count_header = r.attempt_count_header
+    if r.fault is not None:
+        route.fault = fault_policy(r.fault)
+    if r.local_rate_limit is not None:
+        route.ratelimit = token_bucket(r.local_rate_limit)
     if r.mirrors:
         route.mirrors = tuple((clusters[mr.cluster], mr.per_million, mr.host_suffix)
                               for mr in r.mirrors)
@@ -84,6 +90,21 @@ def _route(r: model.Route, name: str, clusters: dict) -> Route:
         route.hash_policy = tuple((HASH_KINDS[hp.kind], hp.name.encode(), hp.terminal)
                                   for hp in r.hash_policy)
     return route
+
+
+def fault_policy(f: model.Fault) -> FaultPolicy:
+    return FaultPolicy(f.abort_status, f.abort_per_million, f.abort_from_header,
+                       f.abort_header_unit, f.delay_ms, f.delay_per_million,
+                       f.delay_from_header, f.delay_header_unit, f.max_active_faults)
+
+
+def token_bucket(rl: model.LocalRateLimit) -> TokenBucket:
+    from fastmesh._core.http_proxy import py_now_ms
+    extra = b"".join(b"%s: %s\r\n" % (n.encode(), v.encode())
+                     for n, v in rl.response_headers_to_add)
+    return TokenBucket(rl.max_tokens, rl.tokens_per_fill, rl.fill_interval_ms,
+                       rl.enabled_per_million, rl.enforced_per_million, rl.status,
+                       rl.x_ratelimit_headers, extra, py_now_ms())
 
 
 def compile_route_table(t: model.RouteTable, clusters: dict) -> RouteTable:

@@ -5,6 +5,7 @@
 from fastmesh._core.stats cimport Counters
 from fastmesh._core.router cimport RouteTable
 from fastmesh._core.upstream cimport Cluster
+from fastmesh._core.filters cimport FaultPolicy, TokenBucket
 
 cdef class ListenerCtx:
     cdef:
@@ -28,3 +29,7 @@ cdef class ListenerCtx:
         public int low_water_bytes
         public int max_in_flight
         public bint accept_http_10        # HTTP/1: False answers HTTP/1.0 requests 426
+        # HTTP filters in chain order (FilterKind), None when the listener has none
+        public tuple http_filters
+        public FaultPolicy fault          # the listener's own configs (routes may replace)
+        public TokenBucket ratelimit

@@ -12,6 +12,7 @@ from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.http1 cimport Head, HeadParser, ChunkedFramer
 from fastmesh._core.router cimport Route
 from fastmesh._core.retry cimport RetryPolicy
+from fastmesh._core.filters cimport FaultPolicy, TokenBucket
 from fastmesh._core.upstream cimport Cluster, Endpoint
 from fastmesh._core.context cimport ListenerCtx
 
@@ -82,6 +83,11 @@ cdef class HttpDownstream:
         int64_t rq_deadline_ms      # the route timeout over all tries; 0 = none
         object retry_timer          # back-off before the next try
         bytes retry_rid             # the x-request-id the first try was given (if generated)
+        # HTTP filters (only when the listener has some)
+        bytes extra_rsp_headers     # added to this request's response (x-ratelimit-*)
+        object delay_timer          # a fault delay holding the request
+        object fault_active         # the FaultPolicy whose delay holds it
+        int filter_pos              # the filter that delayed it
         bint sent_continue          # we answered Expect: 100-continue
         # timers
         int64_t deadline_ms         # 0 = none
@@ -105,6 +111,10 @@ cdef class HttpDownstream:
     cdef void _take_connection(self, HttpUpstream up, bint reused)
     cdef void _end_retry(self)
     cdef void _mirror(self, Head h, Route route)
+    cdef void _route_on(self, Head h, Route route)
+    cdef bint _run_filters(self, Head h, Route route, int start, bint after_delay)
+    cdef bint _inject_fault(self, Head h, FaultPolicy fp, int pos, bint delayed)
+    cdef bint _rate_limited(self, TokenBucket tb)
     cdef bint _try_retry(self, int status, bint no_response, bint connect_failure)
     cdef void _retry_now(self)
     cdef void _bind(self, HttpUpstream up)

@@ -32,11 +32,13 @@ from fastmesh._core.stats cimport (
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RQ_RETRY, CS_RSP_1XX, CS_CX_TOTAL,
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_CX_IDLE_CLOSED, CS_CX_OVERFLOW, CS_RQ_PENDING_TOTAL,
     CS_RQ_PENDING_ACTIVE, CS_RQ_PENDING_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY_OVERFLOW,
-    CS_RQ_SHADOW, CS_RQ_SHADOW_SKIPPED,
+    CS_RQ_SHADOW, CS_RQ_SHADOW_SKIPPED, LS_FAULT_ABORTS, LS_FAULT_DELAYS, LS_RL_ENABLED,
+    LS_RL_ENFORCED, LS_RL_LIMITED, LS_RL_OK,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH
 from fastmesh._core.xxhash64 cimport xxh64
 from fastmesh._core.fastrand cimport fast_random
+from fastmesh._core.filters cimport FaultPolicy, TokenBucket, F_FAULT
 
 log = logging.getLogger("fastmesh.http")
 rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
@@ -152,6 +154,12 @@ cdef class HttpDownstream:
         if self.retry_timer is not None:
             self.retry_timer.cancel()
             self.retry_timer = None
+        if self.delay_timer is not None:
+            self.delay_timer.cancel()
+            self.delay_timer = None
+            if self.fault_active is not None:
+                self.fault_active.active -= 1
+                self.fault_active = None
         self.req = None
         if self.connect_task is not None:
             self.connect_task = None         # the connection, when made, goes to the pool
@@ -248,6 +256,16 @@ cdef class HttpDownstream:
             self._local_response(404, b"no_route", b"no route\n", LS_ERR_NO_ROUTE)
             return
         self.route = route
+        if self.ctx.http_filters is not None:
+            self.extra_rsp_headers = None
+            if self._run_filters(h, route, 0, False):
+                return                      # answered (abort, rate limited) or delayed
+        self._route_on(h, route)
+
+    cdef void _route_on(self, Head h, Route route):
+        # The request, past the HTTP filters: the router's part.
+        cdef Cluster cluster
+        cdef Endpoint ep
         self.retry = route.retry
         if self.retry is not None:
             self.attempts = 1
@@ -345,6 +363,102 @@ cdef class HttpDownstream:
             self.waiting_cx = False
             cl.pending -= 1
             cl.counters.v[CS_RQ_PENDING_ACTIVE] = cl.pending
+
+    cdef bint _run_filters(self, Head h, Route route, int start, bint after_delay):
+        # The listener's HTTP filters in their order, from `start`; True when one answered
+        # the request or holds it (a delay: _on_delay_done goes on from there).
+        cdef tuple kinds = self.ctx.http_filters
+        cdef int i, kind
+        cdef FaultPolicy fp
+        cdef TokenBucket tb
+        for i in range(start, len(kinds)):
+            kind = kinds[i]
+            if kind == F_FAULT:
+                fp = route.fault if route.fault is not None else self.ctx.fault
+                if fp is not None and self._inject_fault(h, fp, i, after_delay and i == start):
+                    return True
+            else:
+                tb = route.ratelimit if route.ratelimit is not None else self.ctx.ratelimit
+                if tb is not None and self._rate_limited(tb):
+                    return True
+        return False
+
+    cdef bint _inject_fault(self, Head h, FaultPolicy fp, int pos, bint delayed):
+        # Envoy's order: the delay, then (after it) the abort. Headers may choose the delay,
+        # the status and their shares when the policy says so.
+        cdef int64_t delay_ms = fp.delay_ms
+        cdef int ppm
+        cdef int status = fp.abort_status
+        if fp.max_active and fp.active >= fp.max_active and not delayed:
+            return False
+        if not delayed:
+            ppm = fp.delay_ppm
+            if fp.delay_from_header:
+                delay_ms = _header_int(h, b"x-envoy-fault-delay-request", delay_ms)
+                ppm = _header_share(h, b"x-envoy-fault-delay-request-percentage", ppm,
+                                    fp.delay_denominator)
+            if delay_ms > 0 and _drawn(ppm):
+                self.ctx.counters.v[LS_FAULT_DELAYS] += 1
+                fp.active += 1
+                self.fault_active = fp
+                self.filter_pos = pos
+                self.state = DS_CONNECTING          # held: no next request, body waits
+                self.deadline_ms = 0
+                self.deadline_kind = DL_NONE
+                self.delay_timer = self.ctx.loop.call_later(delay_ms / 1000.0,
+                                                            self._on_delay_done)
+                return True
+        ppm = fp.abort_ppm
+        if fp.abort_from_header:
+            status = _header_int(h, b"x-envoy-fault-abort-request", status)
+            if not 200 <= status < 600:
+                status = fp.abort_status
+            ppm = _header_share(h, b"x-envoy-fault-abort-request-percentage", ppm,
+                                fp.abort_denominator)
+        if status and _drawn(ppm):
+            self.ctx.counters.v[LS_FAULT_ABORTS] += 1
+            self._local_response(status, b"fault_abort", b"fault filter abort", -1)
+            return True
+        return False
+
+    def _on_delay_done(self):
+        cdef FaultPolicy fp = self.fault_active
+        self.delay_timer = None
+        if fp is not None:
+            fp.active -= 1
+            self.fault_active = None
+        if self.state != DS_CONNECTING or self.req is None:
+            return
+        try:
+            if not self._run_filters(self.req, self.route, self.filter_pos, True):
+                self._route_on(self.req, self.route)
+            self._flush()
+            self._update_reading()
+        except BaseException:
+            log.exception("internal error after a fault delay")
+            self._abort()
+
+    cdef bint _rate_limited(self, TokenBucket tb):
+        cdef int64_t now
+        cdef bint ok
+        if not _drawn(tb.enabled_ppm):
+            return False
+        self.ctx.counters.v[LS_RL_ENABLED] += 1
+        now = now_ms()
+        ok = tb.take(now)
+        if tb.x_ratelimit_headers:
+            self.extra_rsp_headers = tb.headers(now)
+        if ok:
+            self.ctx.counters.v[LS_RL_OK] += 1
+            return False
+        if not _drawn(tb.enforced_ppm):
+            return False
+        self.ctx.counters.v[LS_RL_ENFORCED] += 1
+        self.ctx.counters.v[LS_RL_LIMITED] += 1
+        if tb.limited_headers:
+            self.extra_rsp_headers = tb.limited_headers + (self.extra_rsp_headers or b"")
+        self._local_response(tb.status, b"local_rate_limited", b"local_rate_limited", -1)
+        return True
 
     cdef void _mirror(self, Head h, Route route):
         # Fire-and-forget copies for the route's mirror clusters, sent now, beside the
@@ -606,6 +720,8 @@ cdef class HttpDownstream:
                 self._access_log()
         if self.cluster is not None:
             self._end_retry()
+        if self.extra_rsp_headers is not None:
+            self.extra_rsp_headers = None
         self.req = None
         self.route = None
         self.cluster = None
@@ -628,6 +744,8 @@ cdef class HttpDownstream:
     # ---------------------------------------------------- called by the upstream
 
     cdef void _on_response_head(self, bytes head):
+        if self.extra_rsp_headers is not None:  # from the HTTP filters (rate limit)
+            head = head[:len(head) - 2] + self.extra_rsp_headers + b"\r\n"
         self.resp_started = True
         if self.deadline_kind == DL_RESPONSE:
             self._arm_stream_idle()
@@ -701,6 +819,8 @@ cdef class HttpDownstream:
         resp = error_response(status, reason, body, self.close_after)
         if err_slot == LS_ERR_OVERFLOW:         # as Envoy marks a circuit breaker's 503
             resp = resp.replace(b"\r\n\r\n", b"\r\nx-envoy-overloaded: true\r\n\r\n", 1)
+        if self.extra_rsp_headers is not None:  # from the HTTP filters (rate limit)
+            resp = resp.replace(b"\r\n\r\n", b"\r\n" + self.extra_rsp_headers + b"\r\n", 1)
         self.out.append(resp)
         if self.close_after and not self.req_done:
             self._linger()
@@ -942,6 +1062,26 @@ cdef class HttpDownstream:
 
 
 # ======================================================================= upstream
+
+cdef inline bint _drawn(int ppm):
+    # True for ppm in a million requests
+    return ppm >= 1000000 or (ppm > 0 and <int>(fast_random() % 1000000) < ppm)
+
+
+cdef int64_t _header_int(Head h, bytes name, int64_t default):
+    cdef bytes v = h.header_value(name, len(name))
+    if v is None or not v.isdigit() or len(v) > 9:
+        return default
+    return int(v)
+
+
+cdef int _header_share(Head h, bytes name, int default_ppm, int per_unit):
+    # a percentage header: its number counts in the configured percentage's denominator
+    cdef bytes v = h.header_value(name, len(name))
+    if v is None or not v.isdigit() or len(v) > 9:
+        return default_ppm
+    return <int>min(1000000, int(v) * per_unit)
+
 
 cdef Endpoint _pick_by_hash(Cluster cluster, tuple policies, Head h, bytes client_ip):
     # The request's hash under the route's hash policies (Envoy's: xxh64 of each value,

@@ -4,6 +4,7 @@
 from fastmesh._core.http1 cimport Head
 from fastmesh._core.upstream cimport Cluster
 from fastmesh._core.retry cimport RetryPolicy
+from fastmesh._core.filters cimport FaultPolicy, TokenBucket
 
 cdef enum MatchKind:
     M_ANY = 0               # no path condition / present (header)
@@ -49,7 +50,8 @@ cdef class Route:
         public tuple hash_policy    # ((kind, name bytes, terminal), ...) or None
         public tuple mirrors        # ((Cluster, per_million, host_suffix), ...) or None
         public bint attempt_count_header  # send x-envoy-attempt-count upstream
-
+        public FaultPolicy fault    # this route's fault / rate limit config (replacing the
+        public TokenBucket ratelimit    # listener's), or None
     cdef bint match_http(self, Head h)
     cdef Cluster pick_cluster(self)
 

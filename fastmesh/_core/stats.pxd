@@ -34,6 +34,12 @@ cdef enum:  # ListenerSlot
     LS_TX_BYTES             # bytes written to clients (queued)
     LS_CX_IDLE_CLOSED       # connections closed between requests (idle timeout, drain)
     LS_ERR_OVERFLOW         # 503: a cluster's circuit breaker refused the request
+    LS_FAULT_ABORTS         # fault filter: requests aborted
+    LS_FAULT_DELAYS         # fault filter: requests delayed
+    LS_RL_ENABLED           # local rate limit: requests checked (filter_enabled)
+    LS_RL_ENFORCED          # ... limited and refused (filter_enforced)
+    LS_RL_LIMITED           # ... found no token
+    LS_RL_OK                # ... took a token
     LS_SLOTS                # number of slots (keep last)
 
 cdef enum:  # ClusterSlot

@@ -10,7 +10,9 @@ LISTENER_SLOTS = (
     "error_downstream_reset", "error_head_timeout", "error_busy", "error_bad_frame",
     "error_stream_idle_timeout",
     "heartbeats", "downstream_rx_bytes", "downstream_tx_bytes", "downstream_cx_idle_closed",
-    "error_overflow",
+    "error_overflow", "fault_aborts_injected", "fault_delays_injected",
+    "local_rate_limit_enabled", "local_rate_limit_enforced", "local_rate_limit_rate_limited",
+    "local_rate_limit_ok",
 )
 CLUSTER_SLOTS = (
     "upstream_rq_total", "upstream_rq_active", "upstream_rq_timeout", "upstream_rq_retry",

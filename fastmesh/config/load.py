@@ -37,7 +37,10 @@ from .model import (
     CircuitBreakers,
     HASH_POLICY_KINDS,
     HashPolicy,
+    HTTP_FILTERS,
+    Fault,
     HealthCheck,
+    LocalRateLimit,
     Mirror,
     OutlierDetection,
     RETRY_ON,
@@ -161,6 +164,8 @@ def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = No
         c.err("listeners", "missing required key")
     listeners = _listeners(c, data.get("listeners", []), known_tables, known_clusters, admin)
     route_tables = _route_tables(c, tables_raw, known_clusters)
+    listeners = [_with_http_filters(c, lst, route_tables) if lst is not None else lst
+                 for lst in listeners]
     for lst in listeners:
         # what only the HTTP/1 path does is refused where it would be ignored
         table = route_tables.get(lst.route_table) if lst.protocol == "bolt" else None
@@ -250,6 +255,12 @@ def _plain(obj: Any) -> Any:
         if obj.request_headers_to_add:
             d["request_headers_to_add"] = [{"name": n, "value": v}
                                            for n, v in obj.request_headers_to_add]
+        return d
+    if isinstance(obj, LocalRateLimit):
+        d = _plain_fields(obj)
+        if obj.response_headers_to_add:
+            d["response_headers_to_add"] = [{"name": n, "value": v}
+                                            for n, v in obj.response_headers_to_add]
         return d
     if isinstance(obj, HealthCheck) and obj.type != "http":
         # expected_statuses has a default, which a tcp or bolt check must not be written with
@@ -601,6 +612,18 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
                 kw["access_log"] = path
         if "accept_http_10" in m:
             kw["accept_http_10"] = c.boolean(m["accept_http_10"], f"{p}.accept_http_10")
+        for name, parse in (("fault", _fault), ("local_rate_limit", _local_rate_limit)):
+            if m.get(name) is not None:
+                if protocol != "http1":
+                    c.err(f"{p}.{name}", "only http1 listeners have HTTP filters")
+                kw[name] = parse(c, m[name], f"{p}.{name}")
+        if m.get("http_filters"):
+            fp = f"{p}.http_filters"
+            chain = [c.choice(x, f"{fp}[{i}]", "HTTP filter", HTTP_FILTERS)
+                     for i, x in enumerate(c.seq(m["http_filters"], fp))]
+            if len(set(chain)) != len(chain):
+                c.err(fp, "each filter at most once")
+            kw["http_filters"] = tuple(n for n in chain if n is not None)
         for f in _LISTENER_FIELDS.values():
             if f.type == "int" and f.name in m:
                 lo = _LISTENER_INT_MIN.get(f.name, 1)
@@ -708,7 +731,8 @@ def _domain(c: _Checker, v: Any, path: str) -> Optional[str]:
 
 _ROUTE_KEYS = ("match", "cluster", "weighted_clusters", "direct_response", "timeout_ms",
                "request_headers_to_add", "request_headers_to_remove", "retry_policy",
-               "hash_policy", "mirrors", "attempt_count_header")
+               "hash_policy", "mirrors", "attempt_count_header", "fault",
+               "local_rate_limit")
 _ACTIONS = ("cluster", "weighted_clusters", "direct_response")
 
 
@@ -797,6 +821,11 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
             if None not in hkw.values():
                 out.append(HashPolicy(**hkw))
         kw["hash_policy"] = tuple(out)
+    if m.get("fault") is not None:
+        kw["fault"] = _fault(c, m["fault"], f"{p}.fault")
+    if m.get("local_rate_limit") is not None:
+        kw["local_rate_limit"] = _local_rate_limit(c, m["local_rate_limit"],
+                                                   f"{p}.local_rate_limit")
     if "attempt_count_header" in m:
         kw["attempt_count_header"] = c.boolean(m["attempt_count_header"],
                                                f"{p}.attempt_count_header")
@@ -815,6 +844,83 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
                 out.append(Mirror(**mkw))
         kw["mirrors"] = tuple(out)
     return Route(**kw)
+
+
+_FAULT_FIELDS = {f.name: f for f in dataclasses.fields(Fault)}
+_RL_FIELDS = {f.name: f for f in dataclasses.fields(LocalRateLimit)}
+
+
+def _fault(c: _Checker, raw: Any, p: str) -> Optional[Fault]:
+    m = c.mapping(raw, p, _FAULT_FIELDS)
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    for name, f in _FAULT_FIELDS.items():
+        if name not in m:
+            continue
+        if f.type == "bool":
+            kw[name] = c.boolean(m[name], f"{p}.{name}")
+        elif name.endswith("per_million") or name.endswith("header_unit"):
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=0, hi=1000000)
+        elif name == "abort_status":            # 0: none (a header may give one)
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=0, hi=599)
+            if kw[name] is not None and 0 < kw[name] < 200:
+                c.err(f"{p}.{name}", f"expected 0 or a status in 200..599, got {kw[name]}")
+        else:
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=0)
+    if None in kw.values():
+        return None
+    return Fault(**kw)
+
+
+def _local_rate_limit(c: _Checker, raw: Any, p: str) -> Optional[LocalRateLimit]:
+    m = c.mapping(raw, p, _RL_FIELDS)
+    if m is None:
+        return None
+    kw: dict[str, Any] = {"max_tokens": c.integer(c.required(m, p, "max_tokens"),
+                                                   f"{p}.max_tokens", lo=1)}
+    for name in ("tokens_per_fill", "fill_interval_ms"):
+        if name in m:
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=1)
+    for name in ("enabled_per_million", "enforced_per_million"):
+        if name in m:
+            kw[name] = c.integer(m[name], f"{p}.{name}", lo=0, hi=1000000)
+    if "status" in m:
+        kw["status"] = c.integer(m["status"], f"{p}.status", lo=200, hi=599)
+    if "x_ratelimit_headers" in m:
+        kw["x_ratelimit_headers"] = c.boolean(m["x_ratelimit_headers"],
+                                              f"{p}.x_ratelimit_headers")
+    if "response_headers_to_add" in m:
+        kw["response_headers_to_add"] = _headers_to_add(c, m["response_headers_to_add"],
+                                                        f"{p}.response_headers_to_add")
+    if None in kw.values():
+        return None
+    return LocalRateLimit(**kw)
+
+
+def _with_http_filters(c: _Checker, lst: Listener, tables: dict) -> Listener:
+    """An http1 listener runs the HTTP filters that it or its routes configure (in the
+    order of its `http_filters`, else fault before local_rate_limit); a route's filter
+    config needs its listener to run that filter."""
+    table = tables.get(lst.route_table) if lst.route_table else None
+    routes = [r for vh in (table.virtual_hosts if table else ()) if vh is not None
+              for r in vh.routes if r is not None]
+    used = {name for name in HTTP_FILTERS
+            if getattr(lst, name) is not None or any(getattr(r, name) is not None
+                                                     for r in routes)}
+    if lst.protocol != "http1":
+        if used and lst.protocol == "bolt":
+            c.err(f"route_tables.{lst.route_table}", f"{', '.join(sorted(used))} on routes "
+                  f"of bolt listener {lst.name!r}: HTTP filters are for HTTP routes")
+        return lst
+    if lst.http_filters:
+        for name in sorted(used - set(lst.http_filters)):
+            c.err(f"listeners.{lst.name}.http_filters", f"{name} is configured (on the "
+                  f"listener or its routes) but not in http_filters")
+        return lst
+    if not used:
+        return lst
+    return dataclasses.replace(lst, http_filters=tuple(n for n in HTTP_FILTERS if n in used))
 
 
 def _mappings(c: _Checker, raw: Any, path: str, keys: tuple):

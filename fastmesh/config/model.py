@@ -89,6 +89,41 @@ class HashPolicy:
     terminal: bool = False                        # a hash from this one: the later ones skipped
 
 
+HTTP_FILTERS = ("fault", "local_rate_limit")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Fault injection (Envoy's envoy.filters.http.fault): delay, then abort, a share of the
+    requests. Shares are per million; the *_header ones let a request's
+    x-envoy-fault-{delay,abort}-request header choose (and its -percentage header the
+    share, counted in units worth *_header_unit per million)."""
+    abort_status: int = 0                         # 0: none (unless a header gives one)
+    abort_per_million: int = 0
+    abort_from_header: bool = False
+    abort_header_unit: int = 10000                # a percentage of HUNDRED: 1 = 10,000 ppm
+    delay_ms: int = 0
+    delay_per_million: int = 0
+    delay_from_header: bool = False
+    delay_header_unit: int = 10000
+    max_active_faults: int = 0                    # faults in progress at once; 0: no limit
+
+
+@dataclass(frozen=True)
+class LocalRateLimit:
+    """A token bucket (Envoy's envoy.filters.http.local_ratelimit): starts full, gains
+    tokens_per_fill every fill_interval_ms up to max_tokens; a request without a token gets
+    `status`. Shares per million: checked (enabled), then refused when limited (enforced)."""
+    max_tokens: int
+    tokens_per_fill: int = 1
+    fill_interval_ms: int = 1000
+    enabled_per_million: int = 1000000
+    enforced_per_million: int = 1000000
+    status: int = 429
+    x_ratelimit_headers: bool = False             # x-ratelimit-limit/-remaining/-reset
+    response_headers_to_add: tuple[tuple[str, str], ...] = ()   # on limited answers
+
+
 @dataclass(frozen=True)
 class Mirror:
     """A copy of the request sent to another cluster (Envoy's request_mirror_policies): its
@@ -112,6 +147,8 @@ class Route:
     hash_policy: tuple[HashPolicy, ...] = ()
     mirrors: tuple[Mirror, ...] = ()
     attempt_count_header: bool = False            # x-envoy-attempt-count: N to the upstream
+    fault: Optional[Fault] = None                 # replaces the listener's for this route
+    local_rate_limit: Optional[LocalRateLimit] = None   # this route's own bucket
 
 
 @dataclass(frozen=True)
@@ -151,6 +188,9 @@ class Listener:
     access_log: Optional[str] = None              # HTTP/1: append a line per request to this file
     accept_http_10: bool = True                   # HTTP/1: serve HTTP/1.0 requests; False
                                                   # answers them 426 (Envoy's default)
+    http_filters: tuple[str, ...] = ()            # HTTP/1: HTTP_FILTERS in chain order
+    fault: Optional[Fault] = None                 # the listener's configs for them (routes
+    local_rate_limit: Optional[LocalRateLimit] = None   # may carry their own)
 
 
 @dataclass(frozen=True)

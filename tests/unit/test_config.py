@@ -1108,3 +1108,39 @@ def test_bolt_health_check():
         load_dict(with_cluster(health_check={"type": "bolt", "timeout_ms": 500,
                                              "interval_ms": 1000, "path": "/"}))
     assert "health_check.path: not for a bolt health check" in " ".join(e.value.errors)
+
+
+def test_http_filters_native():
+    d = with_route(match={"prefix": "/"}, cluster="web",
+                   fault={"abort_status": 503, "abort_per_million": 1000000},
+                   local_rate_limit={"max_tokens": 5, "fill_interval_ms": 60000,
+                                     "x_ratelimit_headers": True,
+                                     "response_headers_to_add": {"x-limited": "yes"}})
+    d["listeners"][0]["fault"] = {"delay_from_header": True, "delay_per_million": 1000000}
+    cfg = load_dict(d)
+    lst = cfg.listeners[0]
+    assert lst.http_filters == ("fault", "local_rate_limit")       # inferred, in order
+    assert lst.fault == model.Fault(delay_from_header=True, delay_per_million=1000000)
+    r = cfg.route_tables["web"].virtual_hosts[0].routes[0]
+    assert r.local_rate_limit.response_headers_to_add == (("x-limited", "yes"),)
+    assert load_dict(to_dict(cfg), cfg.source) == cfg
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"listeners": [{"name": "ingress", "address": "127.0.0.1:10000", "route_table": "web",
+                     "http_filters": ["fault"], "local_rate_limit": {"max_tokens": 1}}]},
+     "local_rate_limit is configured (on the listener or its routes) but not in http_filters"),
+    ({"listeners": [{"name": "ingress", "address": "127.0.0.1:10000", "route_table": "web",
+                     "http_filters": ["gzip"]}]}, "unknown HTTP filter 'gzip'"),
+    ({"listeners": [{"name": "ingress", "address": "127.0.0.1:10000", "route_table": "web",
+                     "fault": {"abort_status": 99}}]}, "fault.abort_status: expected"),
+    ({"listeners": [{"name": "ingress", "address": "127.0.0.1:10000", "route_table": "web",
+                     "local_rate_limit": {"tokens_per_fill": 1}}]},
+     "local_rate_limit.max_tokens: missing required key"),
+])
+def test_http_filters_native_refused(change, msg):
+    d = base()
+    d.update(change)
+    with pytest.raises(ConfigError) as e:
+        load_dict(d)
+    assert msg in " ".join(e.value.errors), e.value.errors

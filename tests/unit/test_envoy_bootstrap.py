@@ -20,8 +20,9 @@ from fastmesh.config.envoy._common import snake
 from fastmesh.config.envoy.cluster import ENVOY_BREAKERS
 from fastmesh.config.load import ConfigError, load_dict, load_file, load_text, to_dict
 from fastmesh.config.model import (Address, Admin, CircuitBreakers, Cluster, DirectResponse,
-                                   HeaderMatch, Listener, OutlierDetection, RetryPolicy, Route,
-                                   RouteMatch, WeightedCluster)
+                                   Fault, HeaderMatch, Listener, LocalRateLimit,
+                                   OutlierDetection, RetryPolicy, Route, RouteMatch,
+                                   WeightedCluster)
 from fmtest import camel
 
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -891,3 +892,54 @@ def test_bolt_typed_struct_wrong_types_refused():
     assert any("TypedStruct" in e for e in errs), errs
     errs = errors_of(with_bolt({"routes": BOLT_ROUTES}, type_url="type.googleapis.com/x.Y"))
     assert any(e.endswith("type_url: expected " + repr(BOLT_URL)) for e in errs), errs
+
+
+FAULT_T = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+RL_T = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+
+
+def with_filter(b, tc, name="f", **extra):
+    hcm(b)["http_filters"].insert(0, dict({"name": name, "typed_config": tc}, **extra))
+    return b
+
+
+def test_fault_and_rate_limit_filters_translate():
+    b = with_filter(bootstrap(), {"@type": RL_T, "stat_prefix": "rl"}, name="rl")
+    b = with_filter(b, {"@type": FAULT_T, "delay": {"header_delay": {},
+                                                   "percentage": {"numerator": 5}}})
+    route0(b)["typed_per_filter_config"] = {
+        "f": {"@type": FAULT_T, "abort": {"http_status": 503, "percentage": {
+            "numerator": 25, "denominator": "TEN_THOUSAND"}}},
+        "rl": {"@type": RL_T, "stat_prefix": "r", "token_bucket": {
+            "max_tokens": 3, "fill_interval": "1s"},
+            "filter_enabled": {"runtime_key": "k", "default_value": {"numerator": 100}}}}
+    cfg = load_bootstrap(b)
+    lst = cfg.listeners[0]
+    assert lst.http_filters == ("fault", "local_rate_limit")
+    assert lst.fault == Fault(delay_from_header=True, delay_per_million=50000)
+    assert lst.local_rate_limit is None                     # no bucket at this level
+    r = cfg.route_tables[lst.route_table].virtual_hosts[0].routes[0]
+    assert r.fault == Fault(abort_status=503, abort_per_million=2500, abort_header_unit=100)
+    assert r.local_rate_limit == LocalRateLimit(max_tokens=3, fill_interval_ms=1000,
+                                                enforced_per_million=0)    # Envoy: unset 0%
+
+
+@pytest.mark.parametrize("change,path,msg", [
+    (lambda b: with_filter(b, {"@type": FAULT_T, "headers": [{"name": "x"}]}),
+     f"{HCM}.http_filters[0].typed_config.headers", "header-matched faults"),
+    (lambda b: with_filter(b, {"@type": RL_T, "stat_prefix": "r", "descriptors": []}),
+     f"{HCM}.http_filters[0].typed_config.descriptors", "descriptors"),
+    (lambda b: with_filter(b, {"@type": FAULT_T}, disabled=True),
+     f"{HCM}.http_filters[0].disabled", "enabled per route"),
+    (lambda b: route0(b).update(typed_per_filter_config={"x": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"}}),
+     f"{R0}.typed_per_filter_config.x", "per-route config of type"),
+    (lambda b: with_filter(b, {"@type": RL_T, "stat_prefix": "r", "token_bucket": {
+        "max_tokens": 1, "fill_interval": "0.01s"}}),
+     f"{HCM}.http_filters[0].typed_config.token_bucket.fill_interval", "at least 50ms"),
+])
+def test_fault_and_rate_limit_refusals(change, path, msg):
+    b = bootstrap()
+    change(b)
+    errs = errors_of(b)
+    assert any(e.startswith(f"{path}: ") and msg in e for e in errs), errs

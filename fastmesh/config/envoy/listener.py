@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..model import Listener, RouteTable, VirtualHost
 from ._common import _MISSING, NOT_YET, EnvoyChecker
+from .filters import filter_kind, translate
 from .route import translate_route_config
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -251,7 +252,7 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
         kb = c.uint(m.get("max_request_headers_kb"), m.p("max_request_headers_kb"), lo=1,
                     hi=8192)
         kw["max_head_bytes"] = None if kb is None else kb * 1024
-    _http_filters(c, m)
+    filters = _http_filters(c, m, kw)
     if "route_config" not in m:
         if "rds" not in m:
             c.err(m.p("route_config"), "missing required field (or rds, which needs ADS)")
@@ -267,15 +268,20 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
         n += 1
     table_names.add(table_name)
     kw["route_table"] = table_name
-    return translate_route_config(c, rc, m.p("route_config"), table_name, known_clusters)
+    return translate_route_config(c, rc, m.p("route_config"), table_name, known_clusters,
+                                  filters)
 
 
-def _http_filters(c: EnvoyChecker, m) -> None:
+def _http_filters(c: EnvoyChecker, m, kw: dict) -> dict:
+    """The chain: the router last; fault and local_ratelimit before it (their listener-level
+    configs in kw); -> {filter name: kind} for the routes' typed_per_filter_config."""
     hp = m.p("http_filters")
     raw = c.need(m, "http_filters")
+    named: dict = {}
     if raw is _MISSING:
-        return
+        return named
     routers = 0
+    order: list = []
     items = c.seq(raw, hp, nonempty=True)
     for i, item in enumerate(items):
         ip = f"{hp}[{i}]"
@@ -292,6 +298,20 @@ def _http_filters(c: EnvoyChecker, m) -> None:
         # as Envoy: the typed_config's type chooses the filter; its name is only a name
         router = (isinstance(tc, dict) and tc.get("@type") == "type.googleapis.com/" + ROUTER
                   or tc is None and fname == "envoy.filters.http.router")
+        kind = filter_kind(tc)
+        if kind is not None and not router:
+            if disabled:
+                c.err(f.p("disabled"), f"{fname!r} disabled (to be enabled per route): "
+                      + NOT_YET)
+            elif kind in order:
+                c.err(ip, f"a second {kind} filter: {NOT_YET}")
+            else:
+                order.append(kind)
+                named[fname] = kind
+                kw[kind] = translate(c, kind, tc, f.p("typed_config"))
+            if routers:
+                c.err(ip, "after the router: the router must be the last HTTP filter")
+            continue
         if router:
             routers += 1
             if disabled:
@@ -319,6 +339,9 @@ def _http_filters(c: EnvoyChecker, m) -> None:
                                "to let fastmesh go without it)")
     if items and routers == 0:
         c.err(hp, "no envoy.filters.http.router: it must be the last HTTP filter")
+    if order:
+        kw["http_filters"] = tuple(order)
+    return named
 
 
 def _tcp_proxy(c: EnvoyChecker, raw, p: str, kw: dict, known_clusters: Optional[set]) -> None:

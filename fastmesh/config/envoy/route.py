@@ -9,6 +9,7 @@ from ..load import _domain
 from ..model import (DEFAULT_ROUTE_TIMEOUT_MS, DirectResponse, HashPolicy, HeaderMatch, Mirror,
                      RetryPolicy, Route, RouteMatch, RouteTable, VirtualHost, WeightedCluster)
 from ._common import _MISSING, NOT_YET, EnvoyChecker
+from .filters import filter_kind, translate
 
 _HEADERS_HERE = ("headers added or removed here apply to every route: " + NOT_YET
                  + " (put them on each route)")
@@ -39,7 +40,7 @@ _ROUTE_FIELDS = {
     "non_forwarding_action": "non_forwarding_action: " + NOT_YET,
     "response_headers_to_add": "response header changes: " + NOT_YET,
     "response_headers_to_remove": "response header changes: " + NOT_YET,
-    "typed_per_filter_config": "per-filter config: " + NOT_YET,
+    "typed_per_filter_config": None,
     "metadata": "route metadata: " + NOT_YET,
     "decorator": "tracing decorators: " + NOT_YET,
 }
@@ -87,7 +88,9 @@ _STRING_MATCHER_FIELDS = {
 
 
 def translate_route_config(c: EnvoyChecker, raw, path: str, table_name: str,
-                           known_clusters: Optional[set]) -> Optional[RouteTable]:
+                           known_clusters: Optional[set],
+                           filters: Optional[dict] = None) -> Optional[RouteTable]:
+    """filters: the listener's HTTP filters that take a per-route config, name -> kind."""
     m = c.message(raw, path, _CONFIG_FIELDS)
     if m is None:
         return None
@@ -103,7 +106,8 @@ def translate_route_config(c: EnvoyChecker, raw, path: str, table_name: str,
     vp = m.p("virtual_hosts")
     raw_vhosts = m.get("virtual_hosts", [])
     for i, item in enumerate(c.seq(raw_vhosts, vp)):
-        vh = _virtual_host(c, item, f"{vp}[{i}]", names, domains_seen, known_clusters)
+        vh = _virtual_host(c, item, f"{vp}[{i}]", names, domains_seen, known_clusters,
+                           filters or {})
         if vh is not None:
             vhosts.append(vh)
     if isinstance(raw_vhosts, list) and not raw_vhosts:
@@ -115,7 +119,7 @@ def translate_route_config(c: EnvoyChecker, raw, path: str, table_name: str,
 
 
 def _virtual_host(c: EnvoyChecker, raw, p: str, names: dict, domains_seen: dict,
-                  known_clusters: Optional[set]) -> Optional[VirtualHost]:
+                  known_clusters: Optional[set], filters: dict) -> Optional[VirtualHost]:
     m = c.message(raw, p, _VHOST_FIELDS)
     if m is None:
         return None
@@ -141,7 +145,7 @@ def _virtual_host(c: EnvoyChecker, raw, p: str, names: dict, domains_seen: dict,
     routes = []
     r_raw = m.get("routes", [])
     for i, item in enumerate(c.seq(r_raw, rp)):
-        r = _route(c, item, f"{rp}[{i}]", known_clusters)
+        r = _route(c, item, f"{rp}[{i}]", known_clusters, filters)
         if r is not None:
             if vh_retry is not None and r.retry_policy is None and r.direct_response is None:
                 r = dataclasses.replace(r, retry_policy=vh_retry)
@@ -153,7 +157,8 @@ def _virtual_host(c: EnvoyChecker, raw, p: str, names: dict, domains_seen: dict,
     return VirtualHost(name=name, domains=tuple(domains), routes=tuple(routes))
 
 
-def _route(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> Optional[Route]:
+def _route(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set],
+           filters: dict) -> Optional[Route]:
     m = c.message(raw, p, _ROUTE_FIELDS)
     if m is None:
         return None
@@ -172,6 +177,9 @@ def _route(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> Optio
         kw.update(_action(c, m.get("route"), m.p("route"), known_clusters))
     if "direct_response" in m:
         kw["direct_response"] = _direct(c, m.get("direct_response"), m.p("direct_response"))
+    if "typed_per_filter_config" in m:
+        kw.update(_per_filter(c, m.get("typed_per_filter_config"),
+                              m.p("typed_per_filter_config"), filters))
     if "request_headers_to_add" in m:
         kw["request_headers_to_add"] = _headers_to_add(c, m.get("request_headers_to_add"),
                                                        m.p("request_headers_to_add"))
@@ -353,6 +361,31 @@ def _mirrors(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> tup
         if name is not None:
             out.append(Mirror(cluster=name, per_million=per_million, host_suffix=suffix))
     return tuple(out)
+
+
+def _per_filter(c: EnvoyChecker, raw, p: str, filters: dict) -> dict:
+    """A route's typed_per_filter_config: {filter name: its config for this route}. For a
+    fault or local rate limit filter of the listener's chain, the route's own config; for
+    one of those types the chain does not have, nothing (Envoy does nothing with it
+    either); any other type is refused."""
+    out: dict = {}
+    if not isinstance(raw, dict):
+        c.err(p, "expected a mapping of filter name to config")
+        return out
+    for name, tc in raw.items():
+        path = f"{p}.{name}"
+        kind = filter_kind(tc)
+        if kind is None:
+            t = tc.get("@type") if isinstance(tc, dict) else None
+            c.err(path, f"per-route config of type {t!r}: {NOT_YET} (supported: "
+                        "HTTPFault, LocalRateLimit)")
+            continue
+        if filters.get(name) != kind:
+            continue
+        cfg = translate(c, kind, tc, path)
+        if cfg is not None:
+            out[kind] = cfg
+    return out
 
 
 def _hash_policies(c: EnvoyChecker, raw, p: str) -> tuple:
