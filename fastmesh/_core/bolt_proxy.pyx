@@ -23,6 +23,7 @@ from libc.stdint cimport int64_t, uint32_t
 cimport cython
 
 from fastmesh._core cimport debug
+from fastmesh._core.filters cimport TokenBucket
 from fastmesh._core.bolt cimport (
     FrameInfo, frame_peek, frame_set_id, bolt_error_reason, header_find, frame_headers_offset,
     encode_error_response, encode_heartbeat, encode_heartbeat_ack,
@@ -40,7 +41,7 @@ from fastmesh._core.stats cimport (
     Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL, LS_RQ_ACTIVE, LS_RSP_2XX, LS_RSP_5XX,
     LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_UPSTREAM_TIMEOUT,
     LS_ERR_UPSTREAM_RESET, LS_ERR_BUSY, LS_ERR_BAD_FRAME, LS_HEARTBEATS, LS_RX_BYTES,
-    LS_ERR_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW,
+    LS_ERR_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW, LS_RL_LIMITED,
     LS_CX_IDLE_CLOSED,
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RSP_2XX, CS_RSP_5XX, CS_CX_TOTAL,
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_BOLT_STATUS_OTHER, CS_HEARTBEAT_SENT,
@@ -243,6 +244,11 @@ cdef class BoltDownstream:
         if route is None or route.action == A_DIRECT:
             self.ctx.counters.v[LS_ERR_NO_ROUTE] += 1
             self._reply_error(fi, BOLT_STATUS_NO_PROCESSOR)
+            return None
+        if route.ratelimit is not None and not route.ratelimit.take(now_ms()):
+            # the route's (the service's) token bucket is empty: "server busy" at once
+            self.ctx.counters.v[LS_RL_LIMITED] += 1
+            self._reply_error(fi, BOLT_STATUS_SERVER_THREADPOOL_BUSY)
             return None
         cluster = route.pick_cluster()
         if cluster.counters.v[CS_RQ_ACTIVE] >= cluster.max_requests:

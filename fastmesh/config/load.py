@@ -909,9 +909,13 @@ def _with_http_filters(c: _Checker, lst: Listener, tables: dict) -> Listener:
             if getattr(lst, name) is not None or any(getattr(r, name) is not None
                                                      for r in routes)}
     if lst.protocol != "http1":
-        if used and lst.protocol == "bolt":
-            c.err(f"route_tables.{lst.route_table}", f"{', '.join(sorted(used))} on routes "
-                  f"of bolt listener {lst.name!r}: HTTP filters are for HTTP routes")
+        # a Bolt route may have its own token bucket (calls beyond it: status 4)
+        bad = used - {"local_rate_limit"} if getattr(lst, "local_rate_limit") is None \
+            else used
+        if bad and lst.protocol == "bolt":
+            c.err(f"route_tables.{lst.route_table}", f"{', '.join(sorted(bad))} on bolt "
+                  f"listener {lst.name!r} or its routes: HTTP filters are for HTTP (a Bolt "
+                  f"route may have a local_rate_limit)")
         return lst
     if lst.http_filters:
         for name in sorted(used - set(lst.http_filters)):

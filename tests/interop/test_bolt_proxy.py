@@ -489,3 +489,14 @@ def test_bolt_health_check_sends_heartbeats(server, start_fastmesh):
     assert all(r["ok"] for r in out), out
     st = fm.stats()["clusters"]["echo"]
     assert st["health_check_success"] >= 1 and st["health_check_failure"] >= 1
+
+
+def test_a_service_token_bucket_answers_server_busy(proxied):
+    """A Bolt route (a service) with its own token bucket: calls beyond it get status 4 at
+    once, from the proxy."""
+    fm = proxied(route={"local_rate_limit": {"max_tokens": 2, "fill_interval_ms": 60000}})
+    out = run_client(host_of(fm), [{"method": "echo", "args": [str(i)]} for i in range(4)])
+    assert [r["ok"] for r in out] == [True, True, False, False], out
+    assert all(r["ms"] < 1000 for r in out[2:]), out
+    assert lstat(fm, "local_rate_limit_rate_limited") == 2
+    assert cstat(fm, "upstream_rq_total") == 2
