@@ -77,7 +77,7 @@ def _route(r: model.Route, name: str, clusters: dict) -> Route:
             else 10 * rp.backoff_base_ms,
             previous_hosts=rp.previous_hosts,
             host_selection_attempts=rp.host_selection_retry_max_attempts,
-            status_codes=rp.retriable_status_codes)
+            status_codes=rp.retriable_status_codes, bolt_statuses=rp.bolt_statuses)
     route.attempt_count_header = r.attempt_count_header
     if r.fault is not None:
         route.fault = fault_policy(r.fault)

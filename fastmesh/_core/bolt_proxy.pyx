@@ -17,13 +17,15 @@ import os
 
 from fastmesh.ratelog import RateLimitedLog
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint32_t
 
 cimport cython
 
 from fastmesh._core cimport debug
 from fastmesh._core.filters cimport TokenBucket
+from fastmesh._core.retry cimport RetryPolicy
+from fastmesh._core.bolt import py_frame_set_id
 from fastmesh._core.bolt cimport (
     FrameInfo, frame_peek, frame_set_id, bolt_error_reason, header_find, frame_headers_offset,
     encode_error_response, encode_heartbeat, encode_heartbeat_ack,
@@ -41,7 +43,7 @@ from fastmesh._core.stats cimport (
     Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL, LS_RQ_ACTIVE, LS_RSP_2XX, LS_RSP_5XX,
     LS_ERR_NO_ROUTE, LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_UPSTREAM_TIMEOUT,
     LS_ERR_UPSTREAM_RESET, LS_ERR_BUSY, LS_ERR_BAD_FRAME, LS_HEARTBEATS, LS_RX_BYTES,
-    LS_ERR_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW, LS_RL_LIMITED,
+    LS_ERR_OVERFLOW, CS_RQ_ACTIVE_OVERFLOW, LS_RL_LIMITED, CS_RQ_RETRY, CS_RQ_RETRY_OVERFLOW,
     LS_CX_IDLE_CLOSED,
     CS_RQ_TOTAL, CS_RQ_ACTIVE, CS_RQ_TIMEOUT, CS_RSP_2XX, CS_RSP_5XX, CS_CX_TOTAL,
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_BOLT_STATUS_OTHER, CS_HEARTBEAT_SENT,
@@ -71,6 +73,57 @@ cdef class InFlight:
         uint32_t client_id          # the id the client chose; restored on the response
         int64_t deadline_ms         # 0 = none
         unsigned char proto, ver1, codec
+        # only when its route retries: what another try needs
+        RetryPolicy retry
+        bytes frame                 # the request as first forwarded
+        Cluster cluster
+        Endpoint ep                 # of the try in flight
+        int attempts
+        int64_t timeout_ms
+
+
+cdef bint _retry_call(InFlight e, int status):
+    # A try of a call on a retrying route ended with `status` (0x10 when its connection was
+    # lost, 7 when it timed out): send it again, to another endpoint when one is offered,
+    # if the policy retries that. The failed try's counters were already taken back.
+    cdef RetryPolicy rp = e.retry
+    cdef Cluster cl = e.cluster
+    cdef Endpoint ep
+    cdef BoltUpstream up
+    cdef uint32_t new_id
+    cdef int n
+    if e.attempts > rp.num_retries or e.ds.closed:
+        return False
+    if status == BOLT_STATUS_CONNECTION_CLOSED:
+        if not rp.retries_no_response(True):
+            return False
+    elif status not in rp.bolt_statuses:
+        return False
+    if cl.retries_active >= cl.max_retries:
+        cl.counters.v[CS_RQ_RETRY_OVERFLOW] += 1
+        return False
+    ep = cl.pick()
+    n = rp.host_selection_attempts
+    while rp.previous_hosts and ep is e.ep and n > 0:
+        ep = cl.pick()
+        n -= 1
+    if ep is None:
+        return False
+    up = _mux_for(e.ds.ctx, cl, ep, e.ds.affinity)
+    new_id = up.next_id()
+    frame = bytearray(e.frame)
+    py_frame_set_id(frame, new_id)
+    e.attempts += 1
+    e.ep = ep
+    e.deadline_ms = now_ms() + e.timeout_ms if e.timeout_ms > 0 else 0
+    up.inflight[new_id] = e
+    cl.counters.v[CS_RQ_RETRY] += 1
+    cl.counters.v[CS_RQ_TOTAL] += 1
+    cl.counters.v[CS_RQ_ACTIVE] += 1
+    ep.active_requests += 1
+    up.out.append(bytes(frame))
+    up.flush()                              # (a connection still being made sends on connect)
+    return True
 
 
 cdef inline void flush(object transport, list out):
@@ -275,6 +328,13 @@ cdef class BoltDownstream:
             e.proto = fi.proto
             e.ver1 = fi.ver1
             e.codec = fi.codec
+            if route.retry is not None:
+                e.retry = route.retry
+                e.frame = PyBytes_FromStringAndSize(<char *>p, fi.frame_len)
+                e.cluster = cluster
+                e.ep = ep
+                e.attempts = 1
+                e.timeout_ms = timeout_ms
             up.inflight[new_id] = e
             self.inflight += 1
             self.ctx.counters.v[LS_RQ_ACTIVE] += 1
@@ -532,9 +592,13 @@ cdef class BoltUpstream:
                         # a business exception included
                         self.cluster.observe(self.ep, 200 if fi.status == BOLT_STATUS_SUCCESS
                                              else 500)
-                    frame_set_id(p, &fi, e.client_id)
-                    ds = e.ds
-                    ds.answered(e, None, fi.status)
+                    if (e.retry is not None and fi.status != BOLT_STATUS_SUCCESS
+                            and _retry_call(e, fi.status)):
+                        pass                    # another try: this answer is dropped
+                    else:
+                        frame_set_id(p, &fi, e.client_id)
+                        ds = e.ds
+                        ds.answered(e, None, fi.status)
             if ds is not None and ds is run_ds:
                 run += r
                 pos += r
@@ -589,6 +653,8 @@ cdef class BoltUpstream:
         for e in entries:
             self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
             self.ep.active_requests -= 1
+            if e.retry is not None and _retry_call(e, BOLT_STATUS_CONNECTION_CLOSED):
+                continue
             e.ds.fail(e, BOLT_STATUS_CONNECTION_CLOSED, err_slot)
             if e.ds not in dirty:
                 dirty.append(e.ds)
@@ -621,6 +687,8 @@ cdef class BoltUpstream:
                 self.cluster.observe(self.ep, 504)      # a timeout: a gateway failure
             self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
             self.ep.active_requests -= 1
+            if e.retry is not None and _retry_call(e, BOLT_STATUS_TIMEOUT):
+                continue
             e.ds.fail(e, BOLT_STATUS_TIMEOUT, LS_ERR_UPSTREAM_TIMEOUT)
             if e.ds not in dirty:
                 dirty.append(e.ds)

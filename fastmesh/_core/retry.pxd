@@ -23,6 +23,7 @@ cdef class RetryPolicy:
         readonly bint previous_hosts        # prefer an endpoint not tried yet
         readonly int host_selection_attempts
         readonly frozenset status_codes     # retriable_status_codes
+        readonly frozenset bolt_statuses    # Bolt: response statuses retried (6, 7, ...)
 
     cdef bint retries_status(self, int status)
     cdef bint retries_no_response(self, bint connect_failure)

@@ -13,7 +13,7 @@ RETRY_ON = {"5xx": RETRY_5XX, "gateway-error": RETRY_GATEWAY_ERROR,
 cdef class RetryPolicy:
     def __init__(self, retry_on, int num_retries, int per_try_timeout_ms=0,
                  int backoff_base_ms=25, int backoff_max_ms=250, bint previous_hosts=False,
-                 int host_selection_attempts=1, status_codes=()):
+                 int host_selection_attempts=1, status_codes=(), bolt_statuses=()):
         cdef int bits = 0
         for name in retry_on:
             bits |= RETRY_ON[name]
@@ -25,6 +25,7 @@ cdef class RetryPolicy:
         self.previous_hosts = previous_hosts
         self.host_selection_attempts = host_selection_attempts
         self.status_codes = frozenset(status_codes)
+        self.bolt_statuses = frozenset(bolt_statuses)
 
     cdef bint retries_status(self, int status):
         cdef int on = self.retry_on

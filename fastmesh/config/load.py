@@ -167,13 +167,22 @@ def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = No
     listeners = [_with_http_filters(c, lst, route_tables) if lst is not None else lst
                  for lst in listeners]
     for lst in listeners:
-        # what only the HTTP/1 path does is refused where it would be ignored
-        table = route_tables.get(lst.route_table) if lst.protocol == "bolt" else None
+        # what only one protocol's path does is refused where it would be ignored
+        table = route_tables.get(lst.route_table) if lst is not None else None
         for vh in table.virtual_hosts if table is not None else ():
             for i, r in enumerate(vh.routes):
-                if r.retry_policy is not None:
-                    c.err(f"route_tables.{lst.route_table}.routes[{i}].retry_policy",
-                          f"used by bolt listener {lst.name!r}: retries are for HTTP routes")
+                rp = r.retry_policy if r is not None else None
+                if rp is None:
+                    continue
+                where = f"route_tables.{lst.route_table}.routes[{i}].retry_policy"
+                if lst.protocol == "http1" and rp.bolt_statuses:
+                    c.err(f"{where}.bolt_statuses", f"used by http1 listener {lst.name!r}: "
+                          "Bolt statuses are for Bolt routes")
+                if lst.protocol == "bolt" and (rp.retriable_status_codes or rp.per_try_timeout_ms
+                                               or rp.backoff_max_ms is not None):
+                    c.err(where, f"used by bolt listener {lst.name!r}: retriable_status_codes, "
+                          "per_try_timeout_ms and back-off are for HTTP routes (Bolt: "
+                          "bolt_statuses; a call is sent again at once)")
     prebuilt = clusters or {}
     clusters = _clusters(c, clusters_raw)
     for name, cl in prebuilt.items():
@@ -954,6 +963,12 @@ def _retry_policy(c: _Checker, raw: Any, p: str) -> Optional[RetryPolicy]:
             kw[name] = c.integer(m[name], f"{p}.{name}", lo=lo)
     if "previous_hosts" in m:
         kw["previous_hosts"] = c.boolean(m["previous_hosts"], f"{p}.previous_hosts")
+    if "bolt_statuses" in m:
+        kw["bolt_statuses"] = tuple(
+            c.integer(x, f"{p}.bolt_statuses[{i}]", lo=1, hi=255)
+            for i, x in enumerate(c.seq(m["bolt_statuses"], f"{p}.bolt_statuses")))
+        if None in kw["bolt_statuses"]:
+            return None
     if "retriable_status_codes" in m:
         kw["retriable_status_codes"] = tuple(
             c.integer(x, f"{p}.retriable_status_codes[{i}]", lo=100, hi=599)

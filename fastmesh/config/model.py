@@ -70,7 +70,8 @@ RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-4xx",
 @dataclass(frozen=True)
 class RetryPolicy:
     """Envoy's route.v3.RetryPolicy, for HTTP/1 requests without a body (their body is
-    streamed upstream, not kept, so they are never retried)."""
+    streamed upstream, not kept, so they are never retried); on a Bolt route, calls are
+    retried (a copy of each call is kept while it is in flight)."""
     retry_on: tuple[str, ...]                     # names from RETRY_ON
     num_retries: int = 1
     per_try_timeout_ms: int = 0                   # 0: the route timeout bounds each try
@@ -79,6 +80,9 @@ class RetryPolicy:
     backoff_max_ms: Optional[int] = None          # default 10 x base
     previous_hosts: bool = False                  # retry on an endpoint not tried yet
     host_selection_retry_max_attempts: int = 1
+    # Bolt routes: the response statuses retried (6 no processor, 7 timeout, ...); a lost
+    # connection is retried under reset / connect-failure / 5xx / gateway-error
+    bolt_statuses: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -500,3 +500,38 @@ def test_a_service_token_bucket_answers_server_busy(proxied):
     assert all(r["ms"] < 1000 for r in out[2:]), out
     assert lstat(fm, "local_rate_limit_rate_limited") == 2
     assert cstat(fm, "upstream_rq_total") == 2
+
+
+def test_calls_retried_on_another_endpoint_when_a_connection_dies(server, start_fastmesh):
+    """A route retrying on lost connections (the service is idempotent): of two endpoints,
+    one cannot speak Bolt (every call sent there dies with its connection); each such call is
+    sent again to the real server, and the client sees every call answered."""
+    from fmtest import Proc, _wait_line
+    http = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+                 "--name", "not-bolt"], name="not-bolt")
+    try:
+        port = int(_wait_line(http, b"READY", 15).split()[1])
+        fm = start_fastmesh(proxy_config(
+            [f"127.0.0.1:{port}", server.host],
+            route={"retry_policy": {"retry_on": ["reset"], "num_retries": 2,
+                                    "previous_hosts": True}}))
+        out = run_client(host_of(fm), [{"method": "echo", "args": [str(i)]}
+                                       for i in range(10)], timeout_ms=3000)
+        assert all(r["ok"] and r["result"] == str(i) for i, r in enumerate(out)), out
+        assert cstat(fm, "upstream_rq_retry") >= 1
+        assert lstat(fm, "error_upstream_reset") == 0
+    finally:
+        http.stop()
+
+
+def test_a_retried_status_is_sent_again_then_answered(proxied):
+    """bolt_statuses: a call answered with a listed status (boom(): a server exception, 2)
+    is sent again; when the retries are spent, the client gets that answer."""
+    fm = proxied(route={"retry_policy": {"retry_on": ["reset"], "num_retries": 1,
+                                         "bolt_statuses": [2]}})
+    out = run_client(host_of(fm), [{"method": "boom", "args": []},
+                                   {"method": "echo", "args": ["fine"]}])
+    assert not out[0]["ok"] and "boom" in out[0]["error"], out
+    assert out[1]["ok"] and out[1]["result"] == "fine", out
+    assert cstat(fm, "upstream_rq_retry") == 1
+    assert cstat(fm, "upstream_rq_total") == 3               # boom twice, echo once
