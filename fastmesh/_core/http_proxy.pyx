@@ -45,6 +45,7 @@ rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rat
 
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
+cdef Py_ssize_t MIRROR_BODY_MAX_BYTES = 1 << 20     # as Envoy's default buffer limit
 cdef bytes OVERFLOW_BODY = b"upstream overflow: the cluster's circuit breaker is open\n"
 cdef bytes CRLF = b"\r\n"
 cdef int64_t LINGER_MS = 2000
@@ -467,20 +468,44 @@ cdef class HttpDownstream:
         # request's usually is); a streamed one is not mirrored.
         cdef bytes body = b""
         cdef Cluster cl
+        head = build_request_head(h, self.client_ip, None, route.headers_to_add,
+                                  route.headers_to_remove, True)
         if h.body_kind == BODY_LENGTH and self.rbuf.size() >= h.content_length:
             body = PyBytes_FromStringAndSize(<char *>self.rbuf.head(),
                                              <Py_ssize_t>h.content_length)
         elif h.body_kind != BODY_NONE:
-            for cl, _, _ in route.mirrors:
-                cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
+            if h.body_kind == BODY_LENGTH and h.content_length > MIRROR_BODY_MAX_BYTES:
+                for cl, _, _ in route.mirrors:
+                    cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
+                return
+            # the body streams upstream: a copy of it is kept as it goes, and the mirrors
+            # leave once all of it has (_mirror_body_done)
+            self.mirror_head = head
+            self.mirror_body = []
+            self.mirror_bytes = 0
             return
-        head = build_request_head(h, self.client_ip, None, route.headers_to_add,
-                                  route.headers_to_remove, True)
+        self._send_mirrors(route, head, body)
+
+    cdef void _send_mirrors(self, Route route, bytes head, bytes body):
+        cdef Cluster cl
         for cl, per_million, host_suffix in route.mirrors:
             if per_million < 1000000 and <int>(fast_random() % 1000000) >= per_million:
                 continue
             send_shadow(self.ctx.loop, cl, shadow_head(head, host_suffix) + body,
-                        self.route.timeout_ms)
+                        route.timeout_ms)
+
+    cdef void _keep_for_mirrors(self, list pieces, Py_ssize_t first):
+        # a copy of the body bytes going upstream, for the mirrors (up to the limit)
+        cdef Cluster cl
+        for i in range(first, len(pieces)):
+            piece = bytes(pieces[i])
+            self.mirror_bytes += len(piece)
+            self.mirror_body.append(piece)
+        if self.mirror_bytes > MIRROR_BODY_MAX_BYTES:
+            for cl, _, _ in self.route.mirrors:
+                cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
+            self.mirror_body = None
+            self.mirror_head = None
 
     cdef void _end_retry(self):
         if self.retry_active:
@@ -631,7 +656,8 @@ cdef class HttpDownstream:
         cdef Head h = self.req
         if h.body_kind == BODY_LENGTH:
             n = <Py_ssize_t>min64(self.rbuf.size(), self.body_left)
-            if n and head is not None and n == self.body_left and n <= SMALL_BODY_BYTES:
+            if (n and head is not None and n == self.body_left and n <= SMALL_BODY_BYTES
+                    and self.mirror_body is None):
                 pieces[0] = join_head_body(head, self.rbuf.head(), n)   # whole small request
                 self.rbuf.consume(n)
                 self.body_left = 0
@@ -656,6 +682,8 @@ cdef class HttpDownstream:
                 pieces.append(self.rbuf.take_slice(pos))
             if self.chunker.state == CH_DONE:
                 self.req_done = True
+        if self.mirror_body is not None:
+            self._keep_for_mirrors(pieces, 1 if head is not None else 0)
         write_pieces(self.up.transport, pieces)
         if self.req_done:
             self._request_forwarded()
@@ -673,6 +701,10 @@ cdef class HttpDownstream:
     cdef void _request_forwarded(self):
         # The whole request is upstream: the response timeout runs until its head arrives.
         cdef int64_t timeout_ms
+        if self.mirror_body is not None:        # its mirrors, with the whole body now
+            self._send_mirrors(self.route, self.mirror_head, b"".join(self.mirror_body))
+            self.mirror_body = None
+            self.mirror_head = None
         if self.route is not None and not self.resp_started:
             timeout_ms = self.route.timeout_ms
             if self.retry is not None:
@@ -722,6 +754,9 @@ cdef class HttpDownstream:
             self._end_retry()
         if self.extra_rsp_headers is not None:
             self.extra_rsp_headers = None
+        if self.mirror_body is not None:        # the body never all went: no mirror
+            self.mirror_body = None
+            self.mirror_head = None
         self.req = None
         self.route = None
         self.cluster = None

@@ -298,6 +298,40 @@ def test_mirror_gets_a_copy_and_the_client_only_the_primary(side, ups):
     assert st["hosts"][-1] == "api.local-shadow:8080" and st["hosts"][-2] == "api.local-shadow"
 
 
+def test_a_streamed_body_is_mirrored_once_it_has_all_gone(side, ups):
+    """The body comes in two parts, the second after the request was routed: the mirror
+    still gets the whole of it (chunked and with a length)."""
+    import socket
+    before = _shadow_stats(ups)["requests"]
+    for framing in ("length", "chunked"):
+        s = socket.create_connection(("127.0.0.1", side.port), timeout=10)
+        try:
+            te = ("content-length: 20000\r\n" if framing == "length"
+                  else "transfer-encoding: chunked\r\n")
+            s.sendall(f"POST /mirror/x HTTP/1.1\r\nhost: api.local\r\n{te}"
+                      f"connection: close\r\n\r\n".encode())
+            time.sleep(0.2)
+            for _ in range(2):
+                part = b"a" * 10000
+                s.sendall(part if framing == "length" else b"%x\r\n%s\r\n" % (len(part), part))
+                time.sleep(0.1)
+            if framing == "chunked":
+                s.sendall(b"0\r\n\r\n")
+            data = b""
+            while True:
+                got = s.recv(65536)
+                if not got:
+                    break
+                data += got
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello from good\n")
+        finally:
+            s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _shadow_stats(ups)["requests"] < before + 2:
+        time.sleep(0.05)
+    assert _shadow_stats(ups)["requests"] == before + 2, side.who
+
+
 def test_a_failing_mirror_never_fails_the_primary(side):
     assert statuses(side, "/mirror-dead/", 10) == [200] * 10, side.who
 
