@@ -88,10 +88,11 @@ cdef class HttpDownstream:
         object delay_timer          # a fault delay holding the request
         object fault_active         # the FaultPolicy whose delay holds it
         int filter_pos              # the filter that delayed it
-        # mirrors of a request whose body streams (kept as it goes upstream)
-        list mirror_body
-        bytes mirror_head
-        Py_ssize_t mirror_bytes
+        # a copy of a streamed request body, for mirrors and retries (only when needed)
+        list body_copy
+        Py_ssize_t body_copy_bytes
+        bytes mirror_head           # mirrors waiting for the whole body
+        bytes retry_body            # the whole body, for another try
         bint sent_continue          # we answered Expect: 100-continue
         # timers
         int64_t deadline_ms         # 0 = none
@@ -116,7 +117,8 @@ cdef class HttpDownstream:
     cdef void _end_retry(self)
     cdef void _mirror(self, Head h, Route route)
     cdef void _send_mirrors(self, Route route, bytes head, bytes body)
-    cdef void _keep_for_mirrors(self, list pieces, Py_ssize_t first)
+    cdef void _keep_body_copy(self, list pieces, Py_ssize_t first)
+    cdef void _keep_body_for_retries(self, Head h)
     cdef void _route_on(self, Head h, Route route)
     cdef bint _run_filters(self, Head h, Route route, int start, bint after_delay)
     cdef bint _inject_fault(self, Head h, FaultPolicy fp, int pos, bint delayed)

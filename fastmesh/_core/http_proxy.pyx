@@ -45,7 +45,8 @@ rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rat
 
 cdef bytes CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes LAST_CHUNK = b"0\r\n\r\n"
-cdef Py_ssize_t MIRROR_BODY_MAX_BYTES = 1 << 20     # as Envoy's default buffer limit
+cdef Py_ssize_t BODY_COPY_MAX_BYTES = 1 << 20   # kept for mirrors and retries (Envoy's
+                                                # default buffer limit)
 cdef bytes OVERFLOW_BODY = b"upstream overflow: the cluster's circuit breaker is open\n"
 cdef bytes CRLF = b"\r\n"
 cdef int64_t LINGER_MS = 2000
@@ -272,6 +273,8 @@ cdef class HttpDownstream:
             self.attempts = 1
             self.tried = None
             self.rq_deadline_ms = now_ms() + route.timeout_ms if route.timeout_ms > 0 else 0
+            if h.body_kind != BODY_NONE:
+                self._keep_body_for_retries(h)
         if route.action == A_DIRECT:
             self._local_response(route.direct_status, None, route.direct_body, -1)
             return
@@ -474,17 +477,29 @@ cdef class HttpDownstream:
             body = PyBytes_FromStringAndSize(<char *>self.rbuf.head(),
                                              <Py_ssize_t>h.content_length)
         elif h.body_kind != BODY_NONE:
-            if h.body_kind == BODY_LENGTH and h.content_length > MIRROR_BODY_MAX_BYTES:
+            if h.body_kind == BODY_LENGTH and h.content_length > BODY_COPY_MAX_BYTES:
                 for cl, _, _ in route.mirrors:
                     cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
                 return
             # the body streams upstream: a copy of it is kept as it goes, and the mirrors
-            # leave once all of it has (_mirror_body_done)
+            # leave once all of it has (_request_forwarded)
             self.mirror_head = head
-            self.mirror_body = []
-            self.mirror_bytes = 0
+            if self.body_copy is None:
+                self.body_copy = []
+                self.body_copy_bytes = 0
             return
         self._send_mirrors(route, head, body)
+
+    cdef void _keep_body_for_retries(self, Head h):
+        # A retry sends the body again: it is kept (up to the limit) as it goes upstream,
+        # or taken at once when it is all here.
+        if h.body_kind == BODY_LENGTH and self.rbuf.size() >= h.content_length:
+            self.retry_body = PyBytes_FromStringAndSize(<char *>self.rbuf.head(),
+                                                        <Py_ssize_t>h.content_length)
+        elif h.body_kind == BODY_CHUNKED or h.content_length <= BODY_COPY_MAX_BYTES:
+            if self.body_copy is None:
+                self.body_copy = []
+                self.body_copy_bytes = 0
 
     cdef void _send_mirrors(self, Route route, bytes head, bytes body):
         cdef Cluster cl
@@ -494,17 +509,19 @@ cdef class HttpDownstream:
             send_shadow(self.ctx.loop, cl, shadow_head(head, host_suffix) + body,
                         route.timeout_ms)
 
-    cdef void _keep_for_mirrors(self, list pieces, Py_ssize_t first):
-        # a copy of the body bytes going upstream, for the mirrors (up to the limit)
+    cdef void _keep_body_copy(self, list pieces, Py_ssize_t first):
+        # A copy of the body bytes going upstream, for mirrors and retries, up to the limit
+        # (beyond it: no mirror, no retry).
         cdef Cluster cl
         for i in range(first, len(pieces)):
             piece = bytes(pieces[i])
-            self.mirror_bytes += len(piece)
-            self.mirror_body.append(piece)
-        if self.mirror_bytes > MIRROR_BODY_MAX_BYTES:
-            for cl, _, _ in self.route.mirrors:
-                cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
-            self.mirror_body = None
+            self.body_copy_bytes += len(piece)
+            self.body_copy.append(piece)
+        if self.body_copy_bytes > BODY_COPY_MAX_BYTES:
+            if self.mirror_head is not None:
+                for cl, _, _ in self.route.mirrors:
+                    cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
+            self.body_copy = None
             self.mirror_head = None
 
     cdef void _end_retry(self):
@@ -520,8 +537,9 @@ cdef class HttpDownstream:
         cdef Cluster cl = self.cluster
         cdef int64_t wait_ms
         if (self.attempts > rp.num_retries or self.resp_started or self.req is None
-                or self.req.body_kind != BODY_NONE):
-            return False
+                or (self.req.body_kind != BODY_NONE
+                    and (self.retry_body is None or not self.req_done))):
+            return False                # (a body not all kept cannot be sent twice)
         if no_response:
             if not rp.retries_no_response(connect_failure):
                 return False
@@ -640,7 +658,10 @@ cdef class HttpDownstream:
         if self.ctx.access_log is not None:
             self.rq_id = rid if rid is not None else client_request_id(self.req)
         if self.req_done:
-            up.transport.write(head)
+            if self.retry_body is not None and self.attempts > 1:
+                up.transport.write(head + self.retry_body)      # another try, body and all
+            else:
+                up.transport.write(head)
             self._request_forwarded()
         else:
             self._forward_body_with(head)
@@ -657,7 +678,7 @@ cdef class HttpDownstream:
         if h.body_kind == BODY_LENGTH:
             n = <Py_ssize_t>min64(self.rbuf.size(), self.body_left)
             if (n and head is not None and n == self.body_left and n <= SMALL_BODY_BYTES
-                    and self.mirror_body is None):
+                    and self.body_copy is None):
                 pieces[0] = join_head_body(head, self.rbuf.head(), n)   # whole small request
                 self.rbuf.consume(n)
                 self.body_left = 0
@@ -682,8 +703,8 @@ cdef class HttpDownstream:
                 pieces.append(self.rbuf.take_slice(pos))
             if self.chunker.state == CH_DONE:
                 self.req_done = True
-        if self.mirror_body is not None:
-            self._keep_for_mirrors(pieces, 1 if head is not None else 0)
+        if self.body_copy is not None:
+            self._keep_body_copy(pieces, 1 if head is not None else 0)
         write_pieces(self.up.transport, pieces)
         if self.req_done:
             self._request_forwarded()
@@ -701,10 +722,14 @@ cdef class HttpDownstream:
     cdef void _request_forwarded(self):
         # The whole request is upstream: the response timeout runs until its head arrives.
         cdef int64_t timeout_ms
-        if self.mirror_body is not None:        # its mirrors, with the whole body now
-            self._send_mirrors(self.route, self.mirror_head, b"".join(self.mirror_body))
-            self.mirror_body = None
-            self.mirror_head = None
+        if self.body_copy is not None:          # the whole body went: its copy is complete
+            body = b"".join(self.body_copy)
+            self.body_copy = None
+            if self.mirror_head is not None:
+                self._send_mirrors(self.route, self.mirror_head, body)
+                self.mirror_head = None
+            if self.retry is not None:
+                self.retry_body = body
         if self.route is not None and not self.resp_started:
             timeout_ms = self.route.timeout_ms
             if self.retry is not None:
@@ -754,9 +779,10 @@ cdef class HttpDownstream:
             self._end_retry()
         if self.extra_rsp_headers is not None:
             self.extra_rsp_headers = None
-        if self.mirror_body is not None:        # the body never all went: no mirror
-            self.mirror_body = None
+        if self.body_copy is not None or self.retry_body is not None:
+            self.body_copy = None               # (the body never all went: no mirror)
             self.mirror_head = None
+            self.retry_body = None
         self.req = None
         self.route = None
         self.cluster = None

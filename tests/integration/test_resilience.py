@@ -235,6 +235,36 @@ def test_retries_hide_a_failing_endpoint(side):
     assert side.counter("retry", "upstream_rq_retry") >= 9
 
 
+def test_requests_with_a_body_are_retried_with_it(side):
+    """The body, whole (all at hand, or streamed in parts after routing), goes with the
+    retry: the answer is the good endpoint's echo of it."""
+    import socket
+    payload = b"p" * 30000
+    for split in (False, True):
+        for _ in range(4):          # round robin: some first tries land on the failing one
+            s = socket.create_connection(("127.0.0.1", side.port), timeout=10)
+            try:
+                head = (f"POST /retry/echo HTTP/1.1\r\nhost: x\r\ncontent-length: "
+                        f"{len(payload)}\r\nconnection: close\r\n\r\n").encode()
+                if split:
+                    s.sendall(head + payload[:1000])
+                    time.sleep(0.1)
+                    s.sendall(payload[1000:])
+                else:
+                    s.sendall(head + payload)
+                data = b""
+                while True:
+                    got = s.recv(65536)
+                    if not got:
+                        break
+                    data += got
+            finally:
+                s.close()
+            assert data.startswith(b"HTTP/1.1 200"), (side.who, data[:200])
+            body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+            assert body["server"] == "good" and body["body_bytes"] == len(payload), side.who
+
+
 def test_connect_failure_is_retried_on_another_endpoint(side):
     assert statuses(side, "/dead/", 10) == [200] * 10, side.who
     assert side.counter("dead", "upstream_cx_connect_fail") >= 4
