@@ -252,12 +252,7 @@ def test_requests_with_a_body_are_retried_with_it(side):
                     s.sendall(payload[1000:])
                 else:
                     s.sendall(head + payload)
-                data = b""
-                while True:
-                    got = s.recv(65536)
-                    if not got:
-                        break
-                    data += got
+                data = _read_to_close(s)
             finally:
                 s.close()
             assert data.startswith(b"HTTP/1.1 200"), (side.who, data[:200])
@@ -305,6 +300,15 @@ def test_endpoint_weights_share_the_requests(side):
     assert b"hello from good\n" * 4 not in b"".join(bodies), (side.who, bodies)
 
 
+def _read_to_close(s) -> bytes:
+    data = b""
+    while True:
+        got = s.recv(65536)
+        if not got:
+            return data
+        data += got
+
+
 def _shadow_stats(ups):
     with urllib.request.urlopen(f"http://127.0.0.1:{ups['shadow']}/control/stats",
                                 timeout=5) as r:
@@ -347,12 +351,7 @@ def test_a_streamed_body_is_mirrored_once_it_has_all_gone(side, ups):
                 time.sleep(0.1)
             if framing == "chunked":
                 s.sendall(b"0\r\n\r\n")
-            data = b""
-            while True:
-                got = s.recv(65536)
-                if not got:
-                    break
-                data += got
+            data = _read_to_close(s)
             assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello from good\n")
         finally:
             s.close()

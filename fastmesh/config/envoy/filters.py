@@ -57,41 +57,39 @@ def translate_fault(c: EnvoyChecker, raw, path: str) -> Optional[Fault]:
     if m is None:
         return None
     kw: dict = {}
-    if "abort" in m:
-        a = c.message(m.get("abort"), m.p("abort"), {
-            "http_status": None, "header_abort": None, "percentage": None,
-            "grpc_status": "gRPC aborts: " + NOT_YET})
-        if a is not None:
-            if "http_status" in a:
-                kw["abort_status"] = c.uint(a.get("http_status"), a.p("http_status"), lo=200,
-                                            hi=599)
-            if "header_abort" in a:
-                c.message(a.get("header_abort"), a.p("header_abort"), {})
-                kw["abort_from_header"] = True
-            if "http_status" not in a and "header_abort" not in a:
-                c.err(a.p("http_status"), "missing required field (or header_abort)")
-            kw["abort_per_million"], kw["abort_header_unit"] = (
-                _percent(c, a.get("percentage"), a.p("percentage")) if "percentage" in a
-                else (0, 10000))
-    if "delay" in m:
-        d = c.message(m.get("delay"), m.p("delay"), {
-            "fixed_delay": None, "header_delay": None, "percentage": None})
-        if d is not None:
-            if "fixed_delay" in d:
-                kw["delay_ms"] = c.duration_ms(d.get("fixed_delay"), d.p("fixed_delay"))
-            if "header_delay" in d:
-                c.message(d.get("header_delay"), d.p("header_delay"), {})
-                kw["delay_from_header"] = True
-            if "fixed_delay" not in d and "header_delay" not in d:
-                c.err(d.p("fixed_delay"), "missing required field (or header_delay)")
-            kw["delay_per_million"], kw["delay_header_unit"] = (
-                _percent(c, d.get("percentage"), d.p("percentage")) if "percentage" in d
-                else (0, 10000))
+    for part, fixed in (("abort", "http_status"), ("delay", "fixed_delay")):
+        if part in m:
+            kw.update(_fault_part(c, m, part, fixed))
     if "max_active_faults" in m:
         kw["max_active_faults"] = c.uint(m.get("max_active_faults"), m.p("max_active_faults"))
     if any(v is None for v in kw.values()):
         return None
     return Fault(**kw)
+
+
+def _fault_part(c: EnvoyChecker, m, part: str, fixed: str) -> dict:
+    """A FaultAbort or FaultDelay: its fixed status / delay, whether a header chooses it, and
+    its share (Envoy: a percentage left out is 0%)."""
+    fields = {fixed: None, f"header_{part}": None, "percentage": None}
+    if part == "abort":
+        fields["grpc_status"] = "gRPC aborts: " + NOT_YET
+    a = c.message(m.get(part), m.p(part), fields)
+    if a is None:
+        return {}
+    kw: dict = {}
+    if fixed in a:
+        kw["abort_status" if part == "abort" else "delay_ms"] = (
+            c.uint(a.get(fixed), a.p(fixed), lo=200, hi=599) if part == "abort"
+            else c.duration_ms(a.get(fixed), a.p(fixed)))
+    if f"header_{part}" in a:
+        c.message(a.get(f"header_{part}"), a.p(f"header_{part}"), {})
+        kw[f"{part}_from_header"] = True
+    if fixed not in a and f"header_{part}" not in a:
+        c.err(a.p(fixed), f"missing required field (or header_{part})")
+    kw[f"{part}_per_million"], kw[f"{part}_header_unit"] = (
+        _percent(c, a.get("percentage"), a.p("percentage")) if "percentage" in a
+        else (0, 10000))
+    return kw
 
 
 def translate_local_rate_limit(c: EnvoyChecker, raw, path: str) -> Optional[LocalRateLimit]:
