@@ -153,7 +153,10 @@ def configure_health(cl: Cluster, c: model.Cluster) -> None:
             enforcing_5xx_pct=od.enforcing_consecutive_5xx_pct,
             enforcing_gateway_pct=od.enforcing_consecutive_gateway_failure_pct,
             interval_ms=od.interval_ms, base_ejection_ms=od.base_ejection_time_ms,
-            max_ejection_ms=od.max_ejection_time_ms, max_ejection_pct=od.max_ejection_pct)
+            max_ejection_ms=od.max_ejection_time_ms, max_ejection_pct=od.max_ejection_pct,
+            split=od.split_external_local_origin_errors,
+            consecutive_local=od.consecutive_local_origin_failure,
+            enforcing_local_pct=od.enforcing_consecutive_local_origin_failure_pct)
     cl.refresh_health()
 
 

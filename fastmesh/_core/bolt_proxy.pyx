@@ -684,7 +684,7 @@ cdef class BoltUpstream:
             e = self.inflight.pop(k)
             self.cluster.counters.v[CS_RQ_TIMEOUT] += 1
             if self.cluster.od_enabled:
-                self.cluster.observe(self.ep, 504)      # a timeout: a gateway failure
+                self.cluster.observe_local(self.ep, 504)    # a timeout of our making
             self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
             self.ep.active_requests -= 1
             if e.retry is not None and _retry_call(e, BOLT_STATUS_TIMEOUT):

@@ -613,7 +613,7 @@ cdef class HttpDownstream:
                 self.connect_task = None
                 self._leave_pending()
                 if self.cluster.od_enabled:
-                    self.cluster.observe(self.ep, 503)
+                    self.cluster.observe_local(self.ep, 503)
                 rlog.warning((self.cluster.name, "connect"),
                              "cluster %s: connect to %s:%s failed: %s", self.cluster.name,
                             self.ep.host, self.ep.port, exc)
@@ -625,6 +625,8 @@ cdef class HttpDownstream:
                 self._update_reading()
             return
         up = task.result()
+        if cl.od_split:
+            ep.consecutive_local = 0            # a local-origin success
         if self.connect_task is task and self.state == DS_CONNECTING:
             self.connect_task = None
             self._take_connection(up, False)
@@ -1058,7 +1060,7 @@ cdef class HttpDownstream:
                 self.connect_task = None
             self._leave_pending()
             if self.cluster.od_enabled:
-                self.cluster.observe(self.ep, 503)
+                self.cluster.observe_local(self.ep, 503)
             if self.retry is not None and self._try_retry(503, True, True):
                 self._flush()
                 self._update_reading()
@@ -1068,7 +1070,7 @@ cdef class HttpDownstream:
         elif kind == DL_RESPONSE:
             self.cluster.counters.v[CS_RQ_TIMEOUT] += 1
             if self.cluster.od_enabled:
-                self.cluster.observe(self.ep, 504)
+                self.cluster.observe_local(self.ep, 504)
             self._drop_upstream()
             if self.retry is not None and self._try_retry(504, True, False):
                 self._flush()

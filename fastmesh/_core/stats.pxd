@@ -73,7 +73,8 @@ cdef enum:  # ClusterSlot
     CS_RQ_ACTIVE_OVERFLOW   # requests refused at once (503): max_requests
     CS_RQ_RETRY_OVERFLOW    # retries not made: max_retries in flight
     CS_RQ_SHADOW            # copies of requests sent here by a route's mirror policy
-    CS_RQ_SHADOW_SKIPPED    # ... not sent: the body was not all at hand (streamed)
+    CS_RQ_SHADOW_SKIPPED    # ... not sent: the body was too large to keep
+    CS_OD_EJECTIONS_LOCAL   # outlier ejections by consecutive local-origin failures (split)
     CS_SLOTS
 
 cdef class Counters:

@@ -26,6 +26,7 @@ CLUSTER_SLOTS = (
     "outlier_ejections_active", "upstream_cx_overflow", "upstream_rq_pending_total",
     "upstream_rq_pending_active", "upstream_rq_pending_overflow", "upstream_rq_active_overflow",
     "upstream_rq_retry_overflow", "upstream_rq_shadow", "upstream_rq_shadow_skipped",
+    "outlier_ejections_enforced_consecutive_local_origin_failure",
 )
 # slots that describe the present (the rest only ever count up)
 GAUGE_SLOTS = frozenset(("downstream_cx_active", "downstream_rq_active", "upstream_rq_active",

@@ -32,6 +32,7 @@ cdef class Endpoint:
         # outlier detection (the data world observes results; see Cluster.observe)
         public int consecutive_5xx
         public int consecutive_gateway
+        public int consecutive_local        # local-origin failures (split mode)
         public int ejections        # how many times ejected: the ejection time grows with it
         public int64_t ejected_at_ms
 
@@ -70,6 +71,9 @@ cdef class Cluster:
         public int od_base_ejection_ms
         public int od_max_ejection_ms
         public int od_max_ejection_pct
+        public bint od_split                # split_external_local_origin_errors
+        public int od_consecutive_local
+        public int od_enforcing_local_pct
         int64_t od_next_tick_ms
         # circuit breakers (Envoy's DEFAULT-priority thresholds), applied in each worker
         public int64_t max_connections
@@ -96,4 +100,5 @@ cdef class Cluster:
     cdef void _build_hash_table(self) except *
     cpdef refresh_health(self)
     cdef void observe(self, Endpoint ep, int status)
+    cdef void observe_local(self, Endpoint ep, int status)
     cdef void _eject(self, Endpoint ep, int slot)

@@ -6,7 +6,8 @@ from libc.stdlib cimport free, malloc, qsort
 from fastmesh._core.clock cimport now_ms
 from fastmesh._core.stats cimport (
     Counters, CS_NO_HEALTHY, CS_LB_HEALTHY_PANIC, CS_OD_EJECTIONS, CS_OD_EJECTIONS_5XX,
-    CS_OD_EJECTIONS_GATEWAY, CS_OD_EJECTIONS_OVERFLOW, CS_OD_EJECTIONS_ACTIVE)
+    CS_OD_EJECTIONS_GATEWAY, CS_OD_EJECTIONS_OVERFLOW, CS_OD_EJECTIONS_ACTIVE,
+    CS_OD_EJECTIONS_LOCAL)
 from fastmesh._core.fastrand cimport fast_random
 from fastmesh._core.xxhash64 cimport xxh64
 
@@ -51,6 +52,7 @@ cdef class Endpoint:
         self.unhealthy = 0
         self.consecutive_5xx = 0
         self.consecutive_gateway = 0
+        self.consecutive_local = 0
         self.ejections = 0
         self.ejected_at_ms = 0
 
@@ -342,8 +344,11 @@ cdef class Cluster:
     def configure_outlier(self, int consecutive_5xx=0, int consecutive_gateway=0,
                           int enforcing_5xx_pct=100, int enforcing_gateway_pct=0,
                           int interval_ms=10000, int base_ejection_ms=30000,
-                          int max_ejection_ms=300000, int max_ejection_pct=10):
-        """Outlier detection (Envoy's names and defaults); both detectors 0: off."""
+                          int max_ejection_ms=300000, int max_ejection_pct=10,
+                          bint split=False, int consecutive_local=5,
+                          int enforcing_local_pct=100):
+        """Outlier detection (Envoy's names and defaults); all detectors 0: off. split:
+        local-origin failures (connect failures and timeouts) have their own detector."""
         self.od_consecutive_5xx = consecutive_5xx
         self.od_consecutive_gateway = consecutive_gateway
         self.od_enforcing_5xx_pct = enforcing_5xx_pct
@@ -352,7 +357,11 @@ cdef class Cluster:
         self.od_base_ejection_ms = base_ejection_ms
         self.od_max_ejection_ms = max_ejection_ms
         self.od_max_ejection_pct = max_ejection_pct
-        self.od_enabled = consecutive_5xx > 0 or consecutive_gateway > 0
+        self.od_split = split
+        self.od_consecutive_local = consecutive_local if split else 0
+        self.od_enforcing_local_pct = enforcing_local_pct
+        self.od_enabled = (consecutive_5xx > 0 or consecutive_gateway > 0
+                           or self.od_consecutive_local > 0)
         cdef Endpoint e
         if not self.od_enabled:
             for e in self.endpoints:            # detection off: nothing stays ejected
@@ -385,6 +394,21 @@ cdef class Cluster:
             ep.consecutive_5xx = 0
             if <int>(fast_random() % 100) < self.od_enforcing_5xx_pct:
                 self._eject(ep, CS_OD_EJECTIONS_5XX)
+
+    cdef void observe_local(self, Endpoint ep, int status):
+        # A failure of the proxy's own making (connect failure or timeout, response
+        # timeout): as the status the client gets, unless local-origin errors are split,
+        # when they count apart (a connection made resets the count: success_local).
+        if not self.od_split:
+            self.observe(ep, status)
+            return
+        ep.consecutive_local += 1
+        if ep.unhealthy & UNHEALTHY_EJECTED or ep.removed or not self.od_consecutive_local:
+            return
+        if ep.consecutive_local >= self.od_consecutive_local:
+            ep.consecutive_local = 0
+            if <int>(fast_random() % 100) < self.od_enforcing_local_pct:
+                self._eject(ep, CS_OD_EJECTIONS_LOCAL)
 
     cdef void _eject(self, Endpoint ep, int slot):
         cdef Py_ssize_t total = len(self.endpoints)

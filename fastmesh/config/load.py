@@ -1144,7 +1144,9 @@ def _outlier_detection(c: _Checker, raw: Any, p: str) -> Optional[OutlierDetecti
     for name in m:
         if name not in _OD_FIELDS:
             continue
-        if name.endswith("_pct"):
+        if name == "split_external_local_origin_errors":
+            kw[name] = c.boolean(m[name], f"{p}.{name}")
+        elif name.endswith("_pct"):
             kw[name] = c.integer(m[name], f"{p}.{name}", lo=0, hi=100)
         elif name.startswith("consecutive_"):
             kw[name] = c.integer(m[name], f"{p}.{name}", lo=0)      # 0: this detector off

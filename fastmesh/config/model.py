@@ -232,6 +232,10 @@ class OutlierDetection:
     base_ejection_time_ms: int = 30000
     max_ejection_time_ms: int = 300000
     max_ejection_pct: int = 10                    # of the endpoints, the one to eject included
+    # local-origin failures (connect failures and timeouts) counted apart from responses
+    split_external_local_origin_errors: bool = False
+    consecutive_local_origin_failure: int = 5
+    enforcing_consecutive_local_origin_failure_pct: int = 100
 
 
 @dataclass(frozen=True)

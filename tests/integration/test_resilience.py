@@ -55,6 +55,10 @@ def bootstrap(port, admin, ups):
         cluster("eject", [good, bad], outlier_detection=dict(OD, max_ejection_percent=50)),
         # the default max_ejection_percent (10%) ejects neither of two endpoints
         cluster("no_eject", [good, bad], outlier_detection=OD),
+        # local-origin failures (connection refused) counted apart, ejecting after 2
+        cluster("local", [good, ups["dead"]], outlier_detection=dict(
+            OD, max_ejection_percent=50, split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=2)),
         cluster("quota", [good], circuit_breakers={"thresholds": [{"max_requests": 3}]}),
         cluster("pending", [good], circuit_breakers={"thresholds": [
             {"max_connections": 2, "max_pending_requests": 100}]}),
@@ -184,6 +188,13 @@ def test_always_503_endpoint_is_ejected(side):
     assert 3 <= got.count(503) <= (5 if side.who == "envoy" else 3), (side.who, got)
     assert got[-30:] == [200] * 30, (side.who, got)
     assert side.counter("eject", "outlier_detection.ejections_enforced_total") == 1
+
+
+def test_local_origin_failures_eject_on_their_own_count(side):
+    got = statuses(side, "/local/", 20)
+    assert 2 <= got.count(503) <= (4 if side.who == "envoy" else 2), (side.who, got)
+    assert got[-10:] == [200] * 10, (side.who, got)
+    assert side.counter("local", "outlier_detection.ejections_enforced_total") == 1
 
 
 def test_max_ejection_percent_keeps_the_endpoint(side):

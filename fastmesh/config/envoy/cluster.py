@@ -160,7 +160,6 @@ def _outlier_detection(c: EnvoyChecker, raw, path: str) -> Optional[OutlierDetec
     # detectors fastmesh does not run: accepted only while they cannot eject
     for field, default in (("enforcing_success_rate", 100),
                            ("enforcing_failure_percentage", 0),
-                           ("enforcing_consecutive_local_origin_failure", 100),
                            ("enforcing_local_origin_success_rate", 100),
                            ("enforcing_failure_percentage_local_origin", 0)):
         value = c.uint(m.get(field), m.p(field), hi=100) if field in m else default
@@ -178,11 +177,17 @@ def _outlier_detection(c: EnvoyChecker, raw, path: str) -> Optional[OutlierDetec
         c.note(path, "Envoy also runs success-rate ejection by default (clusters of 5+ "
                      "hosts with 100+ requests per interval); fastmesh does not (set "
                      "enforcing_success_rate: 0 to say so)")
-    if "split_external_local_origin_errors" in m and \
-            c.boolean(m.get("split_external_local_origin_errors"),
-                      m.p("split_external_local_origin_errors")):
-        c.err(m.p("split_external_local_origin_errors"), "split local-origin errors: "
-              + NOT_YET + " (connect failures, resets and timeouts count as 503/502/504)")
+    if "split_external_local_origin_errors" in m:
+        kw["split_external_local_origin_errors"] = c.boolean(
+            m.get("split_external_local_origin_errors"),
+            m.p("split_external_local_origin_errors"))
+    if "consecutive_local_origin_failure" in m:
+        kw["consecutive_local_origin_failure"] = c.uint(
+            m.get("consecutive_local_origin_failure"), m.p("consecutive_local_origin_failure"))
+    if "enforcing_consecutive_local_origin_failure" in m:
+        kw["enforcing_consecutive_local_origin_failure_pct"] = c.uint(
+            m.get("enforcing_consecutive_local_origin_failure"),
+            m.p("enforcing_consecutive_local_origin_failure"), hi=100)
     if any(v is None for v in kw.values()):
         return None
     return OutlierDetection(**kw)
