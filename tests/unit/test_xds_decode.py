@@ -97,10 +97,18 @@ LISTENER = {
     (route_pb2.RouteConfiguration, ROUTES),
     (listener_pb2.Listener, LISTENER),
     (endpoint_pb2.ClusterLoadAssignment, CLUSTER["load_assignment"]),
+    (route_pb2.RouteConfiguration, {"name": "r", "virtual_hosts": [{
+        "name": "v", "domains": ["*"], "routes": [{
+            "match": {"prefix": "/"}, "route": {"cluster": "c"},
+            "typed_per_filter_config": {
+                "f": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3."
+                               "HTTPFault", "abort": {"http_status": 503}},
+                "rl": {"@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                "local_ratelimit.v3.LocalRateLimit", "stat_prefix": "x"}}}]}]}),
     (endpoint_pb2.ClusterLoadAssignment, {
         "cluster_name": "x", "policy": {"overprovisioning_factor": 140,
                                         "endpoint_stale_after": "315576000000s"}}),
-], ids=["cluster", "routes", "listener", "assignment", "policy"])
+], ids=["cluster", "routes", "listener", "assignment", "filters", "policy"])
 def test_same_as_json_format(cls, data):
     msg = json_format.ParseDict(data, cls())
     assert to_data(msg) == slow(msg)
