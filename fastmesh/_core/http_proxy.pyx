@@ -1,5 +1,6 @@
 """HTTP/1.1 proxy sessions. See http_proxy.pxd for the states and fields."""
 import asyncio
+import ipaddress
 import logging
 
 from fastmesh.ratelog import RateLimitedLog
@@ -13,7 +14,7 @@ from fastmesh._core.buffer cimport RecvBuffer, Slice
 from fastmesh._core.accesslog cimport AccessLog
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
-from fastmesh._core.sockio cimport unread_bytes
+from fastmesh._core.sockio cimport unread_bytes, local_dst
 from fastmesh._core.http1 cimport (
     Head, HeadParser, ChunkedFramer, build_request_head, build_response_head,
     error_response, make_request_id, has_request_id, client_request_id,
@@ -286,7 +287,9 @@ cdef class HttpDownstream:
             return
         if route.mirrors is not None:
             self._mirror(h, route)
-        if route.hash_policy is not None and cluster.lb_policy >= LB_RING_HASH:
+        if cluster.original_dst:
+            ep = self._pick_original(cluster, h)
+        elif route.hash_policy is not None and cluster.lb_policy >= LB_RING_HASH:
             ep = _pick_by_hash(cluster, route.hash_policy, h, self.client_ip)
         else:
             ep = cluster.pick()
@@ -582,9 +585,26 @@ cdef class HttpDownstream:
             log.exception("internal error retrying a request")
             self._abort()
 
+    cdef Endpoint _pick_original(self, Cluster cluster, Head h):
+        # ORIGINAL_DST: where the client addressed the connection, or (use_http_header) the
+        # "ip:port" a request header names; a header that is not one falls back
+        cdef bytes v
+        if cluster.origdst_header is not None:
+            v = h.header_value(cluster.origdst_header, len(cluster.origdst_header))
+            if v is not None:
+                dst = _parse_ip_port(v)
+                if dst is not None:
+                    return cluster.pick_original(dst)
+        if self.dst is None:
+            self.dst = local_dst(self.transport)
+        return cluster.pick_original(self.dst)
+
+    def set_original_dst(self, str host, int port):
+        self.dst = (host, port)
+
     cdef void _retry_now(self):
         cdef Cluster cl = self.cluster
-        cdef Endpoint ep = cl.pick()
+        cdef Endpoint ep = self._pick_original(cl, self.req) if cl.original_dst else cl.pick()
         cdef int n = self.retry.host_selection_attempts
         if self.tried is not None:
             while ep is not None and n > 0 and ep in self.tried:
@@ -1174,6 +1194,22 @@ cdef Endpoint _pick_by_hash(Cluster cluster, tuple policies, Head h, bytes clien
     if not have:
         return cluster.pick()
     return cluster.pick_hash(acc)
+
+
+cdef tuple _parse_ip_port(bytes v):
+    # "10.0.0.1:80" or "[::1]:80" -> (ip, port); None for anything else
+    cdef str text
+    try:
+        text = v.decode("ascii").strip()
+        host, _, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:len(host) - 1]
+        p = int(port)
+        if not 0 < p < 65536:
+            return None
+        return (str(ipaddress.ip_address(host)), p)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 cdef bytes _cookie_value(bytes header, bytes name):

@@ -16,3 +16,16 @@ cdef inline int unread_bytes(object transport) except -1:
     if ioctl(sock.fileno(), FIONREAD, &n) != 0:
         return 1
     return n
+
+
+cdef inline tuple local_dst(object transport):
+    # Where a connection was addressed, as far as the socket knows: its local address (an
+    # IPv4-mapped IPv6 address unmapped). A listener with the original_dst filter tells the
+    # session the address from before the REDIRECT instead (set_original_dst).
+    addr = transport.get_extra_info("sockname") if transport is not None else None
+    if not addr:
+        return None
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return (host, addr[1])

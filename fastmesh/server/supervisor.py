@@ -66,6 +66,12 @@ def _addr_key(a: model.Address) -> str:
     return str(a)
 
 
+def _bound(listeners) -> list:
+    """The listeners that have sockets of their own (bind_to_port; the others only take
+    connections handed over by a listener with use_original_dst)."""
+    return [lc for lc in listeners if lc.bind_to_port]
+
+
 def _close_groups(groups: dict) -> None:
     for group in groups.values():
         for s in group:
@@ -138,7 +144,7 @@ class Supervisor:
                 if self.cfg.xds is not None and xds_state:
                     self._inherit_xds(xds_state)
         try:
-            for lc in self.cfg.listeners:
+            for lc in _bound(self.cfg.listeners):
                 key = _addr_key(lc.address)
                 group = inherited.pop(key, None)
                 self.sockets[key] = (grow_socket_group(lc.address, group, self.nworkers)
@@ -236,7 +242,7 @@ class Supervisor:
         """The listening sockets worker i serves: its share of each address's group (one
         name per descriptor)."""
         names, fds = [], []
-        for lc in (self.cfg.listeners if listeners is None else listeners):
+        for lc in _bound(self.cfg.listeners if listeners is None else listeners):
             group = (self.sockets if sockets is None else sockets)[_addr_key(lc.address)]
             for j in range(i, len(group), self.nworkers):
                 names.append(lc.name)
@@ -412,7 +418,7 @@ class Supervisor:
             return False, errors
         new_socks = {}
         try:
-            for lc in cfg.listeners:
+            for lc in _bound(cfg.listeners):
                 key = _addr_key(lc.address)
                 if key not in self.sockets and key not in new_socks:
                     new_socks[key] = open_socket_group(lc.address, self.nworkers)
@@ -452,7 +458,7 @@ class Supervisor:
             _close_groups(new_socks)
             return False, [f"apply: {error}"]
         self.sockets.update(new_socks)
-        keep = {_addr_key(lc.address) for lc in cfg.listeners}
+        keep = {_addr_key(lc.address) for lc in _bound(cfg.listeners)}
         for key in list(self.sockets):
             if key not in keep:
                 # the workers have stopped it listening; they drain their own copies
@@ -566,14 +572,15 @@ class Supervisor:
         log.info("upgrade: handed over; exiting")
         self._finish()
 
-    async def adopt_connection(self, listener: str, fd: int, data: bytes) -> None:
+    async def adopt_connection(self, listener: str, fd: int, data: bytes,
+                               chain: str | None = None) -> None:
         live = [h for h in self.workers if h is not None and h.ready]
         if not live:
             raise RuntimeError("no worker to take the connection")
         self._rr += 1
         h = live[self._rr % len(live)]
-        reply, _ = await h.chan.request({"t": "adopt", "listener": listener, "data": data},
-                                        [fd], timeout_s=5)
+        reply, _ = await h.chan.request({"t": "adopt", "listener": listener, "data": data,
+                                         "chain": chain}, [fd], timeout_s=5)
         if not reply.get("ok"):
             raise RuntimeError(reply.get("error"))
 

@@ -381,7 +381,7 @@ def test_listener_address_conflicts_with_admin():
 
 def test_listener_protocol_unknown():
     assert error(with_listener(protocol="h2")) == \
-        "listeners[0].protocol: unknown protocol 'h2' (expected one of: http1, bolt, tcp)"
+        "listeners[0].protocol: unknown protocol 'h2' (expected one of: http1, bolt, tcp, auto)"
 
 
 @pytest.mark.parametrize("protocol", ["http1", "bolt"])
@@ -442,10 +442,10 @@ def test_listener_int_fields_known():
     assert set(LISTENER_INTS) == {
         "max_head_bytes", "max_headers", "max_request_body_bytes", "max_frame_bytes",
         "idle_timeout_ms", "request_head_timeout_ms", "stream_idle_timeout_ms",
-        "high_water_bytes", "low_water_bytes", "max_in_flight"}
+        "high_water_bytes", "low_water_bytes", "max_in_flight", "sniff_timeout_ms"}
 
 
-NON_NEGATIVE = ("max_request_body_bytes", "stream_idle_timeout_ms")
+NON_NEGATIVE = ("max_request_body_bytes", "stream_idle_timeout_ms", "sniff_timeout_ms")
 
 
 @pytest.mark.parametrize("field", LISTENER_INTS)
@@ -955,7 +955,7 @@ def test_all_errors_reported_together():
     expected = [
         "typo: unknown key",
         "listeners[0].adress: unknown key",
-        "listeners[0].protocol: unknown protocol 'http2' (expected one of: http1, bolt, tcp)",
+        "listeners[0].protocol: unknown protocol 'http2' (expected one of: http1, bolt, tcp, auto)",
         "route_tables.web.routes[1].match.prefix: must start with \"/\", got 'x'",
         "route_tables.web.routes[1].cluster: no cluster named 'nope'",
         "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, " \
