@@ -216,7 +216,7 @@ class Listener:
         d.default_factory = next((ch.factory for ch in new.values() if ch.cfg.default), None)
         d.original_dst = cfg.original_dst or cfg.use_original_dst
         d.inspect = inspect_bits(cfg.inspectors)
-        d.needs_bytes = any(m.needs_bytes for m in d.matches)
+        d.needs_bytes = bool(d.inspect)        # as Envoy: inspectors read before any match
         d.sniff_timeout_ms = cfg.sniff_timeout_ms
         d.continue_on_timeout = cfg.sniff_timeout_continue
 

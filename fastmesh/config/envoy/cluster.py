@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..model import Address, CircuitBreakers, Cluster, OutlierDetection
+from ..model import Address, CircuitBreakers, Cluster, OriginalDst, OutlierDetection
 from ._common import _MISSING, NOT_YET, EnvoyChecker, is_ip, is_ipv4
 from .health import translate_health_checks
 
@@ -36,6 +36,7 @@ _CLUSTER_FIELDS = {
     "typed_extension_protocol_options": "upstream protocol options: " + NOT_YET,
     "http2_protocol_options": "upstream HTTP/2: " + NOT_YET,
     "common_lb_config": None,
+    "original_dst_lb_config": None, "cleanup_interval": None,
     "load_balancing_policy": "load_balancing_policy: " + NOT_YET,
     "per_connection_buffer_limit_bytes": "per_connection_buffer_limit_bytes: " + NOT_YET,
 }
@@ -77,8 +78,6 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
         kind = c.enum(m.get("type"), m.p("type"), _TYPES, "cluster type")
         if kind == "EDS":
             c.err(m.p("type"), "EDS needs ADS (dynamic_resources): " + NOT_YET)
-        elif kind == "ORIGINAL_DST":
-            c.err(m.p("type"), "ORIGINAL_DST: " + NOT_YET)
     kw: dict = {"name": name, "idle_timeout_ms": ENVOY_UPSTREAM_IDLE_MS,
                 "connect_timeout_ms": ENVOY_CONNECT_TIMEOUT_MS,
                 "circuit_breakers": ENVOY_BREAKERS}
@@ -87,6 +86,11 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
         if ms == 0:
             c.err(m.p("connect_timeout"), "must be greater than 0s")
         kw["connect_timeout_ms"] = ms
+    if kind == "ORIGINAL_DST" or m.get("lb_policy") == "CLUSTER_PROVIDED":
+        return _original_dst_cluster(c, m, kind, kw)
+    for key in ("original_dst_lb_config", "cleanup_interval"):
+        if key in m:
+            c.err(m.p(key), "only for ORIGINAL_DST clusters")
     if "lb_policy" in m:
         lb = c.enum(m.get("lb_policy"), m.p("lb_policy"), _LB, "lb_policy")
         if lb is not None and lb not in _LB_MODEL:
@@ -288,6 +292,56 @@ def _common_lb_config(c: EnvoyChecker, raw, path: str, kw: dict) -> None:
         c.err(p.p("value"), f"{v}: fractional percentages: {NOT_YET}")
         return
     kw["healthy_panic_threshold_pct"] = int(v)
+
+
+ENVOY_ORIGINAL_DST_CLEANUP_MS = 5000       # Cluster.cleanup_interval default
+
+
+def _original_dst_cluster(c: EnvoyChecker, m, kind: Optional[str], kw: dict) -> Cluster:
+    """type ORIGINAL_DST with lb_policy CLUSTER_PROVIDED (Envoy accepts neither without the
+    other): each connection goes where its client addressed it."""
+    if kind != "ORIGINAL_DST":
+        c.err(m.p("lb_policy"), "CLUSTER_PROVIDED is only for cluster type ORIGINAL_DST")
+    elif m.get("lb_policy") != "CLUSTER_PROVIDED":
+        lb = m.get("lb_policy", "ROUND_ROBIN")
+        c.err(m.p("lb_policy"), f"{lb} is not valid for cluster type ORIGINAL_DST: only "
+                                f"CLUSTER_PROVIDED is")
+    if "load_assignment" in m:
+        c.err(m.p("load_assignment"), "ORIGINAL_DST clusters have no load assignment")
+    for key in ("health_checks", "outlier_detection", "ring_hash_lb_config",
+                "maglev_lb_config", "least_request_lb_config", "round_robin_lb_config",
+                "dns_refresh_rate"):
+        if key in m:
+            c.err(m.p(key), f"with an ORIGINAL_DST cluster: {NOT_YET}")
+    od: dict = {"cleanup_interval_ms": ENVOY_ORIGINAL_DST_CLEANUP_MS}
+    if "cleanup_interval" in m:
+        ms = c.duration_ms(m.get("cleanup_interval"), m.p("cleanup_interval"))
+        if ms == 0:
+            c.err(m.p("cleanup_interval"), "must be greater than 0s")
+        od["cleanup_interval_ms"] = ms
+    if "original_dst_lb_config" in m:
+        o = c.message(m.get("original_dst_lb_config"), m.p("original_dst_lb_config"), {
+            "use_http_header": None, "http_header_name": None, "upstream_port_override": None,
+            "metadata_key": "original_dst_lb_config.metadata_key: " + NOT_YET})
+        if o is not None:
+            if "use_http_header" in o:
+                od["use_http_header"] = c.boolean(o.get("use_http_header"),
+                                                  o.p("use_http_header"))
+            if "http_header_name" in o:
+                h = c.text(o.get("http_header_name"), o.p("http_header_name"))
+                if h:
+                    od["http_header_name"] = h.lower()
+            if "upstream_port_override" in o:
+                od["port_override"] = c.uint(o.get("upstream_port_override"),
+                                             o.p("upstream_port_override"), lo=1, hi=65535)
+    if "circuit_breakers" in m:
+        kw["circuit_breakers"] = _circuit_breakers(c, m.get("circuit_breakers"),
+                                                   m.p("circuit_breakers"))
+    if "common_lb_config" in m:
+        _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
+    kw["endpoints"] = ()
+    kw["original_dst"] = OriginalDst(**{k: v for k, v in od.items() if v is not None})
+    return Cluster(**kw)
 
 
 def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:
