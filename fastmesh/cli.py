@@ -126,6 +126,12 @@ def main(argv=None) -> int:
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("iptables", help="set up, remove or show the nat rules that send a "
+                                        "pod's traffic through the sidecar")
+    from fastmesh import iptables
+    iptables.add_arguments(p)
+    p.set_defaults(func=iptables.main)
+
     p = sub.add_parser("demo", help="run fastmesh in front of bundled demo upstreams")
     p.add_argument("--port", type=int, default=10000)
     p.add_argument("--admin-port", type=int, default=9901)
