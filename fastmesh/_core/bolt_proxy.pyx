@@ -437,6 +437,7 @@ cdef class BoltDownstream:
             flush(self.transport, self.out)
 
     cpdef void on_idle_check(self, int64_t now):
+        self.rbuf.release_if_empty()        # no partial frame: no receive memory held
         if (self.inflight == 0 and not self.closed and self.ctx.idle_timeout_ms > 0
                 and now - self.last_rx_ms >= self.ctx.idle_timeout_ms
                 and self.rbuf.size() == 0 and unread_bytes(self.transport) == 0):

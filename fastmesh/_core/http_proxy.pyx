@@ -85,7 +85,7 @@ cdef class HttpDownstream:
         self.ctx = ctx
         self.rbuf = RecvBuffer(16384, ctx.max_head_bytes + 65536)
         self.parser = HeadParser(True, ctx.max_head_bytes, ctx.max_headers)
-        self.chunker = ChunkedFramer()
+        self.chunker = None         # made by the first chunked request (most never see one)
         self.state = DS_HEAD
         self.out = []
         debug.count_alloc(debug.LEAK_DOWNSTREAM)
@@ -246,7 +246,10 @@ cdef class HttpDownstream:
         self.sent_continue = False
         self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0
         if h.body_kind == BODY_CHUNKED:
-            self.chunker.reset()
+            if self.chunker is None:
+                self.chunker = ChunkedFramer()
+            else:
+                self.chunker.reset()
         if (self.ctx.max_request_body_bytes and h.body_kind == BODY_LENGTH
                 and h.content_length > self.ctx.max_request_body_bytes):
             self._fail_and_linger(413, b"body_too_large", LS_ERR_BODY_TOO_LARGE)
@@ -1647,6 +1650,9 @@ class HttpUpstreamProtocol(HttpUpstream, asyncio.BufferedProtocol):
 def sweep_downstreams(ListenerCtx ctx, int64_t now):
     """Fire passed deadlines of a listener's connections (called every ~100 ms)."""
     cdef HttpDownstream ds
+    for ds in ctx.conns:
+        if ds.state == DS_HEAD:
+            ds.rbuf.release_if_empty()      # between requests: no receive memory held
     due = [ds for ds in ctx.conns if ds.deadline_ms and ds.deadline_ms <= now]
     for ds in due:
         try:
@@ -1663,6 +1669,8 @@ def sweep_idle_upstreams(Cluster cluster, int64_t now):
     cdef int64_t limit = cluster.idle_timeout_ms
     for ep in cluster.get_endpoints():
         if ep.http_idle:
+            for up in ep.http_idle:
+                up.rbuf.release_if_empty()
             stale = [up for up in ep.http_idle if now - up.idle_since_ms >= limit]
             for up in stale:
                 ep.http_idle.remove(up)

@@ -248,6 +248,10 @@ class TcpUpstreamProtocol(TcpPipe, asyncio.BufferedProtocol):
 def sweep_downstreams(ListenerCtx ctx, int64_t now):
     """Fire passed connect deadlines of a tcp listener's connections."""
     cdef TcpPipe p
+    for p in ctx.conns:                     # quiet connections hold no receive memory
+        p.rbuf.release_if_empty()
+        if p.peer is not None:
+            p.peer.rbuf.release_if_empty()
     due = [p for p in ctx.conns if p.deadline_ms and p.deadline_ms <= now]
     for p in due:
         p.on_deadline(now)

@@ -202,8 +202,9 @@ def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = No
         w = data["workers"]
         if w == "auto":
             kw["workers"] = os.cpu_count() or 1
-        elif isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            c.err("workers", f'expected a positive integer or "auto", got {_show(w)}')
+        elif isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            c.err("workers", f'expected a non-negative integer or "auto", got {_show(w)} '
+                             f'(0: one process serves everything, for sidecars)')
         else:
             kw["workers"] = w
     if "drain_timeout_ms" in data:

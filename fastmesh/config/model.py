@@ -356,7 +356,8 @@ class Config:
     listeners: tuple[Listener, ...]
     route_tables: dict = field(default_factory=dict)   # name -> RouteTable
     clusters: dict = field(default_factory=dict)       # name -> Cluster
-    workers: int = 1                              # worker processes; "auto" = CPU count
+    workers: int = 1                              # worker processes; "auto" = CPU count; 0:
+                                                  # the supervisor serves (one process)
     drain_timeout_ms: int = 30000                 # graceful drain limit (SIGTERM, upgrade)
     source: str = "<string>"                      # the file it came from, for messages
     xds: Optional[Xds] = None                     # a control plane (bootstrap files only)

@@ -15,7 +15,7 @@ import os
 import time
 
 from fastmesh import snapshot as snapshot_mod
-from fastmesh._core import http_proxy
+from fastmesh._core import buffer, http_proxy
 from fastmesh.cluster import ClusterResolver
 from fastmesh.config import model
 from fastmesh.listener import Listener, ListenerState
@@ -195,6 +195,8 @@ class DataPlane:
                     lst.close()
                     self.draining_listeners.remove(lst)
             n += 1
+            if n % POOL_SWEEP_EVERY == 0:
+                buffer.trim_if_worth()
             if n % POOL_SWEEP_EVERY == 0 and self.snapshot is not None:
                 for c in self.snapshot.clusters.values():
                     http_proxy.sweep_idle_upstreams(c, now)

@@ -204,9 +204,11 @@ def test_workers_and_drain():
     assert load_dict({"listeners": [], "workers": 4}).workers == 4
     assert load_dict({"listeners": [], "workers": "auto"}).workers == (os.cpu_count() or 1)
     assert load_dict({"listeners": [], "drain_timeout_ms": 0}).drain_timeout_ms == 0
-    for bad, shown in [(0, "0"), (True, "true"), ("many", "'many'"), (1.5, "1.5")]:
+    assert load_dict({"listeners": [], "workers": 0}).workers == 0     # one process
+    for bad, shown in [(-1, "-1"), (True, "true"), ("many", "'many'"), (1.5, "1.5")]:
         assert error({"listeners": [], "workers": bad}) == \
-            f'workers: expected a positive integer or "auto", got {shown}'
+            f'workers: expected a non-negative integer or "auto", got {shown} (0: one ' \
+            f'process serves everything, for sidecars)'
     assert error({"listeners": [], "drain_timeout_ms": -1}) == \
         "drain_timeout_ms: expected a non-negative integer, got -1"
 
@@ -948,7 +950,7 @@ def test_all_errors_reported_together():
     d["route_tables"]["web"]["routes"].append({"match": {"prefix": "x"}, "cluster": "nope"})
     d["clusters"][1]["lb_policy"] = "foo"
     d["clusters"].append({"name": "c", "endpoints": ["127.0.0.1:0"]})
-    d["workers"] = 0
+    d["workers"] = -1
     d["typo"] = 1
     with pytest.raises(ConfigError) as ei:
         load_dict(d)
@@ -961,7 +963,8 @@ def test_all_errors_reported_together():
         "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, " \
         "least_request, ring_hash, maglev)",
         "clusters[2].endpoints[0]: port 0 out of range (1..65535)",
-        'workers: expected a positive integer or "auto", got 0',
+        'workers: expected a non-negative integer or "auto", got -1 (0: one process serves '
+        'everything, for sidecars)',
     ]
     assert ei.value.errors == expected
     assert str(ei.value) == "\n".join(expected)
