@@ -133,13 +133,15 @@ def has_privilege() -> bool:
 
 
 class Runner:
-    def __init__(self, binary: str, dry_run: bool = False, out=sys.stdout):
+    def __init__(self, binary: str, dry_run: bool = False, out=None):
         self.binary = binary
         self.dry_run = dry_run
         self.out = out
 
     def tool(self, suffix: str = "") -> str:
         """iptables, iptables-restore, iptables-save (or the ip6tables ones)."""
+        if self.dry_run:
+            return self.binary + suffix
         path = shutil.which(self.binary + suffix)
         if path is None:
             raise IptablesError(f"{self.binary + suffix} not found on PATH (install the "
@@ -148,8 +150,9 @@ class Runner:
 
     def run(self, args: list, stdin: str | None = None, check=True) -> subprocess.CompletedProcess:
         if self.dry_run:
-            print(" ".join([self.binary] + args) if stdin is None else
-                  f"{self.binary}-restore --noflush <<EOF\n{stdin}EOF", file=self.out)
+            print(" ".join(args) if stdin is None else
+                  f"{self.binary}-restore --noflush <<EOF\n{stdin}EOF",
+                  file=self.out or sys.stdout)
             return subprocess.CompletedProcess(args, 0, "", "")
         r = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=30)
         if check and r.returncode != 0:

@@ -316,7 +316,7 @@ cdef class BoltDownstream:
             return None
         if cluster.original_dst:
             if self.dst is None:
-                self.dst = local_dst(self.transport)
+                self.dst = local_dst(self.transport) or (None, 0)   # not redirected
             ep = cluster.pick_original(self.dst)
         else:
             ep = cluster.pick()

@@ -262,6 +262,7 @@ cdef class Dispatch:
         str src_ip
         int src_port
         bint done
+        bint redirected             # the destination came from conntrack (not this socket)
         object proto                # the chain's protocol, once chosen
         object transport_after      # its transport, while an EOF may still be passed on
 
@@ -277,10 +278,12 @@ cdef class Dispatch:
         peer = transport.get_extra_info("peername")
         self.dst_ip, self.dst_port = _unmap(local)
         self.src_ip, self.src_port = _unmap(peer)
+        self.redirected = False
         if d.original_dst and sock is not None:
             od = original_dst_of(sock.fileno(), sock.family)
             if od is not None:
                 self.dst_ip, self.dst_port = od
+                self.redirected = True
                 d.counters["original_dst_restored"] += 1
         if d.hand_off is not None:
             target = d.hand_off((self.dst_ip, self.dst_port))
@@ -383,7 +386,8 @@ cdef class Dispatch:
             self.transport.abort()
             return
         proto = d.factories[i]() if i >= 0 else d.default_factory()
-        proto.set_original_dst(self.dst_ip, self.dst_port)
+        if self.redirected:
+            proto.set_original_dst(self.dst_ip, self.dst_port)
         transport = self.transport
         self.transport = None
         self.proto = proto

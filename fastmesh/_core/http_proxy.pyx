@@ -599,7 +599,7 @@ cdef class HttpDownstream:
                 if dst is not None:
                     return cluster.pick_original(dst)
         if self.dst is None:
-            self.dst = local_dst(self.transport)
+            self.dst = local_dst(self.transport) or (None, 0)   # not redirected
         return cluster.pick_original(self.dst)
 
     def set_original_dst(self, str host, int port):

@@ -71,7 +71,7 @@ cdef class TcpPipe:
             ep = None
         elif cluster.original_dst:
             if self.dst is None:
-                self.dst = local_dst(transport)
+                self.dst = local_dst(transport) or (None, 0)   # not redirected
             ep = cluster.pick_original(self.dst)
         else:
             ep = cluster.pick()

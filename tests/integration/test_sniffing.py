@@ -409,3 +409,25 @@ def test_original_dst_cluster_by_header(peers, start_fastmesh, loop_kind):
             break
         time.sleep(0.2)
     assert json.loads(fm.admin("/clusters")[1])["pass"] == []
+
+
+def test_original_dst_without_redirect_refuses_not_loops(peers, start_fastmesh):
+    """A connection that reached the listener directly (not through an iptables REDIRECT)
+    has this proxy as its destination: an ORIGINAL_DST cluster would connect back into the
+    proxy, again and again. It is refused at once and counted instead (Envoy would loop)."""
+    cfg = {
+        "listeners": [{"name": "out", "original_dst": True, "protocol": "auto",
+                       "route_table": "r", "cluster": "pass", "sniff_timeout_ms": 200}],
+        "route_tables": {"r": {"routes": [{"match": {"prefix": "/"}, "cluster": "pass"}]}},
+        "clusters": [{"name": "pass", "type": "original_dst"}],
+    }
+    fm = start_fastmesh(cfg)
+    t0 = time.monotonic()
+    assert tcp_call(fm.port, b"\x00raw\n", expect=1) == b""
+    rsp = http_call(fm.port, "/")
+    assert rsp.startswith(b"HTTP/1.1 503"), rsp[:100]
+    assert time.monotonic() - t0 < 5
+    st = fm.stats()
+    assert st["listeners"]["out"]["downstream_cx_total"] == 2         # no loop
+    assert st["clusters"]["pass"]["no_healthy_endpoint"] == 2
+    assert st["clusters"]["pass"]["upstream_cx_total"] == 0

@@ -175,9 +175,16 @@ def _listener_filters(c: EnvoyChecker, m, kw: dict) -> None:
             t = tc.get("@type") if isinstance(tc, dict) else None
             kind = _LISTENER_FILTER_TYPES.get(t[len("type.googleapis.com/"):]) \
                 if isinstance(t, str) and t.startswith("type.googleapis.com/") else None
-            if kind is None and t is None:
-                kind = fname if fname in (ORIGINAL_DST, HTTP_INSPECTOR, TLS_INSPECTOR,
-                                          BOLT_INSPECTOR) else None
+            if t is None:
+                if fname == BOLT_INSPECTOR:         # fastmesh's own: no config to carry
+                    kind = BOLT_INSPECTOR
+                elif fname is not None:
+                    # as Envoy 1.40: listener filters are found by their typed_config's type
+                    c.err(f.p("typed_config"), f"missing: Envoy finds listener filter "
+                          f"{fname!r} by its typed_config's @type (for {ORIGINAL_DST}: "
+                          f"type.googleapis.com/envoy.extensions.filters.listener."
+                          f"original_dst.v3.OriginalDst)")
+                    continue
             if kind is None:
                 c.err(f.p("typed_config") if t else f.p("name"),
                       f"listener filter {fname!r}{f' ({t})' if t else ''}: {NOT_YET} "
@@ -195,6 +202,9 @@ def _listener_filters(c: EnvoyChecker, m, kw: dict) -> None:
             elif _INSPECTOR[kind] not in inspectors:
                 inspectors.append(_INSPECTOR[kind])
     kw["inspectors"] = tuple(x for x in ("http", "tls", "bolt") if x in inspectors) or None
+    if not inspectors and "listener_filters_timeout" not in m and \
+            "continue_on_listener_filters_timeout" not in m:
+        return                  # nothing waits for bytes: the timeout has nothing to time
     timeout = ENVOY_LISTENER_FILTERS_TIMEOUT_MS
     if "listener_filters_timeout" in m:
         timeout = c.duration_ms(m.get("listener_filters_timeout"),
