@@ -312,15 +312,16 @@ cdef tuple original_dst_of(int fd, int family):
     cdef socklen_t sl = sizeof(sa)
     cdef char text[64]
     memset(sa, 0, sizeof(sa))
-    if family == AF_INET6:
-        if getsockopt(fd, SOL_IPV6, IP6T_SO_ORIGINAL_DST, sa, &sl) != 0:
-            return None
+    if family == AF_INET6 and getsockopt(fd, SOL_IPV6, IP6T_SO_ORIGINAL_DST, sa, &sl) == 0:
         if inet_ntop(AF_INET6, fm_sin6_addr(sa), text, sizeof(text)) == NULL:
             return None
         host = (<bytes>text).decode()
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
         return (host, ntohs(fm_sin6_port(sa)))
+    # IPv4 (on a dual-stack IPv6 socket too: an IPv4 client arrives v4-mapped, and
+    # conntrack holds its IPv4 original destination)
+    sl = sizeof(sa)
     if getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, sa, &sl) != 0:
         return None
     if inet_ntop(AF_INET, fm_sin_addr(sa), text, sizeof(text)) == NULL:
