@@ -72,8 +72,7 @@ cdef Py_ssize_t H2_PREFACE_LEN = 24
 
 
 cdef int _sniff_http(const unsigned char *p, Py_ssize_t n, bint eof, SniffResult r) except -1:
-    # An HTTP/1 request line: METHOD SP target SP HTTP/1.x CRLF (LF alone accepted, as
-    # the codec does). Returns SNIFF_HTTP1 / SNIFF_H2C / SNIFF_TCP / SNIFF_MORE; the
+    # An HTTP/1 request line: METHOD SP target SP HTTP/1.x CRLF. Returns SNIFF_HTTP1 / SNIFF_H2C / SNIFF_TCP / SNIFF_MORE; the
     # version goes in r.http_version.
     cdef Py_ssize_t i = 0, m, rest
     cdef unsigned char c
@@ -119,13 +118,12 @@ cdef int _sniff_http(const unsigned char *p, Py_ssize_t n, bint eof, SniffResult
         return SNIFF_TCP
     if rest < 9:
         return more
-    if p[i + 8] != b'\n':
-        if p[i + 8] != b'\r':
-            return SNIFF_TCP
-        if rest < 10:
-            return more
-        if p[i + 9] != b'\n':
-            return SNIFF_TCP
+    if p[i + 8] != b'\r':              # CRLF only, as llhttp and fastmesh's codec
+        return SNIFF_TCP
+    if rest < 10:
+        return more
+    if p[i + 9] != b'\n':
+        return SNIFF_TCP
     r.http_version = "http/1.0" if c == b'0' else "http/1.1"
     return SNIFF_HTTP1
 
