@@ -431,3 +431,27 @@ def test_original_dst_without_redirect_refuses_not_loops(peers, start_fastmesh):
     assert st["listeners"]["out"]["downstream_cx_total"] == 2         # no loop
     assert st["clusters"]["pass"]["no_healthy_endpoint"] == 2
     assert st["clusters"]["pass"]["upstream_cx_total"] == 0
+
+
+@pytest.mark.skipif(node_skip_reason() is not None, reason=str(node_skip_reason()))
+def test_bolt_frame_one_byte_at_a_time(peers, start_fastmesh):
+    """The captured SOFARPC request (sofa-rpc-node's echo("hello")) reaches the sniffing
+    listener a byte per segment; the real server's answer comes back whole."""
+    from fastmesh._core import bolt
+    from fmtest import BoltClient
+    frames = Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
+    req = bytes.fromhex((frames / "bolt_request.hex").read_text().strip())
+    with NodeServer("s1") as srv:
+        fm = start_fastmesh(auto_config(peers, bolt_port=srv.port))
+        c = BoltClient(fm.port)
+        try:
+            for b in req:
+                c.send(bytes([b]))
+                time.sleep(0.001)
+            rsp = c.read_frame()
+        finally:
+            c.sock.close()
+        sent = bolt.parse_frame(req)
+        assert rsp["request_id"] == sent["request_id"] and rsp["status"] == 0
+        assert b"hello" in rsp["content"]
+        assert fm.listener_stats("auto")["sniffed_bolt"] == 1
