@@ -78,6 +78,23 @@ CASES = [
         "name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
         "default_filter_chain": chain()}], "clusters": [OD]}}, True),
     ("bind-to-port-false", boot({"bind_to_port": False, "traffic_direction": "OUTBOUND"}), True),
+    # Istio's PassthroughCluster, as istiod sends it
+    ("istio-passthrough-cluster", boot(clusters=[dict(OD, connect_timeout="10s",
+        circuit_breakers={"thresholds": [{"max_connections": 4294967295,
+                                          "max_pending_requests": 4294967295,
+                                          "max_requests": 4294967295,
+                                          "max_retries": 4294967295}]},
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                         "HttpProtocolOptions",
+                "common_http_protocol_options": {"idle_timeout": "3600s"},
+                "use_downstream_protocol_config": {"http_protocol_options": {},
+                                                   "http2_protocol_options": {}}}})]), True),
+    ("protocol-options-wrong-type", boot(clusters=[dict(OD, typed_extension_protocol_options={
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.Nope"}})]),
+     False),
 ]
 
 

@@ -33,7 +33,7 @@ _CLUSTER_FIELDS = {
     "transport_socket_matches": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
     "eds_cluster_config": "EDS needs ADS: " + NOT_YET,
     "cluster_type": "custom cluster types: " + NOT_YET,
-    "typed_extension_protocol_options": "upstream protocol options: " + NOT_YET,
+    "typed_extension_protocol_options": None,
     "http2_protocol_options": "upstream HTTP/2: " + NOT_YET,
     "common_lb_config": None,
     "original_dst_lb_config": None, "cleanup_interval": None,
@@ -132,7 +132,85 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
                                                      m.p("outlier_detection"))
     if "common_lb_config" in m:
         _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
+    _protocol_options(c, m, kw)
     return Cluster(**kw)
+
+
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _protocol_options(c: EnvoyChecker, m, kw: dict) -> None:
+    """typed_extension_protocol_options: the upstream HTTP protocol options (Istio sets them
+    on every cluster). HTTP/1 upstreams only, for now: an explicit HTTP/1 config, or
+    use_downstream_protocol_config (fastmesh's downstream is HTTP/1, so the upstream is too);
+    common_http_protocol_options.idle_timeout is the pooled connections' idle timeout."""
+    if "typed_extension_protocol_options" not in m:
+        return
+    tp = m.p("typed_extension_protocol_options")
+    raw = m.get("typed_extension_protocol_options")
+    if not isinstance(raw, dict):
+        c.err(tp, "expected a mapping of extension name to options")
+        return
+    for name, opts in raw.items():
+        p = f"{tp}.{name}"
+        t = opts.get("@type") if isinstance(opts, dict) else None
+        if t != "type.googleapis.com/" + HTTP_OPTIONS:
+            c.err(p, f"protocol options {name!r}{f' ({t})' if t else ''}: {NOT_YET} (only "
+                     f"{HTTP_OPTIONS})")
+            continue
+        o = c.typed_config(opts, p, HTTP_OPTIONS, {
+            "common_http_protocol_options": None, "explicit_http_config": None,
+            "use_downstream_protocol_config": None,
+            "auto_config": "auto_config (ALPN-chosen upstream protocol): " + NOT_YET,
+            "upstream_http_protocol_options": "upstream_http_protocol_options: " + NOT_YET,
+            "http_filters": "upstream HTTP filters: " + NOT_YET,
+            "header_validation_config": "header_validation_config: " + NOT_YET,
+            "outlier_detection": "per-cluster HTTP outlier settings: " + NOT_YET})
+        if o is None:
+            continue
+        if "common_http_protocol_options" in o:
+            co = c.message(o.get("common_http_protocol_options"),
+                           o.p("common_http_protocol_options"), {
+                               "idle_timeout": None,
+                               "max_connection_duration": "max_connection_duration: " + NOT_YET,
+                               "max_requests_per_connection":
+                                   "max_requests_per_connection: " + NOT_YET,
+                               "max_headers_count": "upstream max_headers_count: " + NOT_YET,
+                               "max_stream_duration": "max_stream_duration: " + NOT_YET,
+                               "headers_with_underscores_action":
+                                   "headers_with_underscores_action: " + NOT_YET,
+                               "max_response_headers_kb": "max_response_headers_kb: " + NOT_YET})
+            if co is not None and "idle_timeout" in co:
+                ms = c.duration_ms(co.get("idle_timeout"), co.p("idle_timeout"))
+                if ms == 0:
+                    c.err(co.p("idle_timeout"), "0s (pooled connections never idle out): "
+                                                + NOT_YET)
+                elif ms is not None:
+                    kw["idle_timeout_ms"] = ms
+        if "explicit_http_config" in o:
+            ec = c.message(o.get("explicit_http_config"), o.p("explicit_http_config"), {
+                "http_protocol_options": None,
+                "http2_protocol_options": "upstream HTTP/2: " + NOT_YET,
+                "http3_protocol_options": "upstream HTTP/3: " + NOT_YET})
+            if ec is not None and "http_protocol_options" in ec:
+                _http1_options(c, ec.get("http_protocol_options"), ec.p("http_protocol_options"))
+        if "use_downstream_protocol_config" in o:
+            # fastmesh's listeners speak HTTP/1, so "the downstream's protocol" is HTTP/1
+            dc = c.message(o.get("use_downstream_protocol_config"),
+                           o.p("use_downstream_protocol_config"), {
+                               "http_protocol_options": None, "http2_protocol_options": None,
+                               "http3_protocol_options": None})
+            if dc is not None and "http_protocol_options" in dc:
+                _http1_options(c, dc.get("http_protocol_options"), dc.p("http_protocol_options"))
+
+
+def _http1_options(c: EnvoyChecker, raw, p: str) -> None:
+    c.message(raw, p, {"accept_http_10": None, "enable_trailers": None,
+                       "header_key_format": "header_key_format: " + NOT_YET,
+                       "allow_chunked_length": "allow_chunked_length: " + NOT_YET,
+                       "default_host_for_http_10": "default_host_for_http_10: " + NOT_YET,
+                       "override_stream_error_on_invalid_http_message":
+                           "override_stream_error_on_invalid_http_message: " + NOT_YET})
 
 
 def _outlier_detection(c: EnvoyChecker, raw, path: str) -> Optional[OutlierDetection]:
@@ -339,6 +417,7 @@ def _original_dst_cluster(c: EnvoyChecker, m, kind: Optional[str], kw: dict) -> 
                                                    m.p("circuit_breakers"))
     if "common_lb_config" in m:
         _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
+    _protocol_options(c, m, kw)
     kw["endpoints"] = ()
     kw["original_dst"] = OriginalDst(**{k: v for k, v in od.items() if v is not None})
     return Cluster(**kw)
