@@ -74,13 +74,11 @@ _HCM_FIELDS = {
     "http_protocol_options": None,
     "http2_protocol_options": "HTTP/2: " + NOT_YET,
     "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
-    "use_remote_address": "use_remote_address: " + NOT_YET,
-    "xff_num_trusted_hops": "xff_num_trusted_hops: " + NOT_YET,
+    "use_remote_address": None, "xff_num_trusted_hops": None,
     "server_name": "server_name: " + NOT_YET,
     "drain_timeout": "drain_timeout: " + NOT_YET,
     "delayed_close_timeout": "delayed_close_timeout: " + NOT_YET,
-    "path_with_escaped_slashes_action": "path_with_escaped_slashes_action: " + NOT_YET,
-    "strip_any_host_port": "strip_any_host_port: " + NOT_YET,
+    "path_with_escaped_slashes_action": None, "strip_any_host_port": None,
     "strip_matching_host_port": "strip_matching_host_port: " + NOT_YET,
 }
 _CODECS = {"AUTO": 0, "HTTP1": 1, "HTTP2": 2, "HTTP3": 3}
@@ -469,6 +467,27 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
         kb = c.uint(m.get("max_request_headers_kb"), m.p("max_request_headers_kb"), lo=1,
                     hi=8192)
         kw["max_head_bytes"] = None if kb is None else kb * 1024
+    # fields whose Envoy default is how fastmesh behaves: accepted at that default
+    if "use_remote_address" in m and c.boolean(m.get("use_remote_address"),
+                                               m.p("use_remote_address")):
+        c.err(m.p("use_remote_address"), "true: " + NOT_YET + " (fastmesh appends the peer to "
+              "x-forwarded-for and trusts nothing in it)")
+    if "xff_num_trusted_hops" in m and c.uint(m.get("xff_num_trusted_hops"),
+                                              m.p("xff_num_trusted_hops")):
+        c.err(m.p("xff_num_trusted_hops"), "trusted hops: " + NOT_YET)
+    if "path_with_escaped_slashes_action" in m:
+        a = c.enum(m.get("path_with_escaped_slashes_action"),
+                   m.p("path_with_escaped_slashes_action"),
+                   {"IMPLEMENTATION_SPECIFIC_DEFAULT": 0, "KEEP_UNCHANGED": 1,
+                    "REJECT_REQUEST": 2, "UNESCAPE_AND_REDIRECT": 3, "UNESCAPE_AND_FORWARD": 4},
+                   "path_with_escaped_slashes_action")
+        if a not in (None, "IMPLEMENTATION_SPECIFIC_DEFAULT", "KEEP_UNCHANGED"):
+            c.err(m.p("path_with_escaped_slashes_action"), f"{a}: {NOT_YET} (paths are kept "
+                                                           f"as sent)")
+    if "strip_any_host_port" in m and c.boolean(m.get("strip_any_host_port"),
+                                                m.p("strip_any_host_port")):
+        # Envoy also takes the port off the Host it forwards, which fastmesh does not
+        c.err(m.p("strip_any_host_port"), "true: " + NOT_YET)
     filters = _http_filters(c, m, kw)
     if "route_config" not in m:
         if "rds" not in m:
