@@ -49,6 +49,10 @@ def open_listening_socket(address: model.Address, reuse_port: bool = False,
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # IPv6 only, as Envoy binds "::" (ipv4_compat false): "0.0.0.0" and "::" on one
+            # port are two listeners, IPv4 and IPv6, as a sidecar's rules need them
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port if port is None else port))

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 UID = 1337
 POD, REMOTE = f"fmpod{os.getpid()}", f"fmrem{os.getpid()}"
 POD_IP, SVC_A, SVC_B, SVC_C = "10.231.0.1", "10.231.0.2", "10.231.0.3", "10.231.0.4"
+POD_IP6, SVC_A6 = "fd00:231::1", "fd00:231::2"
 ADMIN = 15000
 
 
@@ -169,6 +170,8 @@ def pod(tmp_path_factory):
         in_ns(POD, "ip", "addr", "add", f"{POD_IP}/24", "dev", vp)
         for ip in (SVC_A, SVC_B, SVC_C):
             in_ns(REMOTE, "ip", "addr", "add", f"{ip}/24", "dev", vr)
+        in_ns(POD, "ip", "-6", "addr", "add", f"{POD_IP6}/64", "dev", vp, "nodad")
+        in_ns(REMOTE, "ip", "-6", "addr", "add", f"{SVC_A6}/64", "dev", vr, "nodad")
         for ns, dev in ((POD, vp), (REMOTE, vr)):
             in_ns(ns, "ip", "link", "set", "lo", "up")
             in_ns(ns, "ip", "link", "set", dev, "up")
@@ -181,7 +184,7 @@ def pod(tmp_path_factory):
             assert line.startswith(b"READY"), f"{name}: {line!r} {b.log()}"
             return b
         # two HTTP services on one port, different addresses; TCP services beside them
-        for ip, name in ((SVC_A, "svc-a"), (SVC_B, "svc-b")):
+        for ip, name in ((SVC_A, "svc-a"), (SVC_B, "svc-b"), (f"[{SVC_A6}]", "svc-a6")):
             start(REMOTE, [py, "-P", "-m", "fastmesh.demo.upstream", "--listen", f"{ip}:80",
                            "--name", name], name)
         start(REMOTE, [py, "-c", ECHO_SERVER, SVC_C, "80", "raw-c", "0"], "raw-c")
@@ -190,7 +193,7 @@ def pod(tmp_path_factory):
         start(POD, [py, "-P", "-m", "fastmesh.demo.upstream", "--listen", f"{POD_IP}:8080",
                     "--name", "app"], "app")
         out = in_ns(POD, py, "-P", "-m", "fastmesh", "iptables", "apply", "--proxy-uid",
-                    str(UID), "--inbound-ports", "8080")
+                    str(UID), "--inbound-ports", "8080", "--ipv6")
         assert "rules in place" in out.stdout
         yield {"dir": _world_readable_dir(tmp_path_factory)}
     finally:
@@ -260,6 +263,17 @@ def envoy_bootstrap() -> dict:
                       "filters": [hcm("outbound_http", "PassthroughCluster",
                                       {"x-chain": "outbound-http"})]},
                      {"name": "tcp", "filters": [tcp("outbound_tcp", "PassthroughCluster")]}]},
+                {"name": "virtualOutbound6", "address": addr("::", 15001),
+                 "use_original_dst": True, "traffic_direction": "OUTBOUND",
+                 "listener_filters": [lf("original_dst", "OriginalDst"),
+                                      lf("http_inspector", "HttpInspector")],
+                 "listener_filters_timeout": "0.3s",
+                 "continue_on_listener_filters_timeout": True,
+                 "filter_chains": [
+                     {"name": "http", "filter_chain_match": http_match,
+                      "filters": [hcm("outbound_http6", "PassthroughCluster",
+                                      {"x-chain": "outbound-http6"})]},
+                     {"name": "tcp", "filters": [tcp("outbound_tcp6", "PassthroughCluster")]}]},
                 {"name": f"{SVC_B}_80", "address": addr(SVC_B, 80), "bind_to_port": False,
                  "traffic_direction": "OUTBOUND",
                  "listener_filters": [lf("http_inspector", "HttpInspector")],
@@ -307,6 +321,11 @@ def native_config() -> dict:
              "filter_chains": [
                  {"name": "http", "match": http, "route_table": "outbound"},
                  {"name": "tcp", "cluster": "PassthroughCluster"}]},
+            {"name": "virtualOutbound6", "address": "[::]:15001", "use_original_dst": True,
+             "inspectors": ["http"], "sniff_timeout_ms": 300,
+             "filter_chains": [
+                 {"name": "http", "match": http, "route_table": "outbound6"},
+                 {"name": "tcp", "cluster": "PassthroughCluster"}]},
             {"name": f"{SVC_B}_80", "address": f"{SVC_B}:80", "bind_to_port": False,
              "inspectors": ["http"], "sniff_timeout_ms": 300,
              "filter_chains": [
@@ -323,6 +342,7 @@ def native_config() -> dict:
             name: {"routes": [{"match": {"prefix": "/"}, "cluster": cluster,
                                "request_headers_to_add": [{"name": "x-chain", "value": chain}]}]}
             for name, cluster, chain in (("outbound", "PassthroughCluster", "outbound-http"),
+                                         ("outbound6", "PassthroughCluster", "outbound-http6"),
                                          ("svc-b", "svc-b", "svc-b-listener"),
                                          ("inbound", "InboundPassthrough", "inbound-http"))},
         "clusters": [
@@ -370,7 +390,7 @@ def proxy(request, pod):
 
 
 def curl_json(ns, url) -> dict:
-    r = in_ns(ns, "curl", "-sS", "--max-time", "10", url)
+    r = in_ns(ns, "curl", "-gsS", "--max-time", "10", url)
     return json.loads(r.stdout)
 
 
@@ -430,6 +450,11 @@ def test_sidecar_outbound_and_inbound(proxy):
     assert tcp_exchange(POD, SVC_C, 25, b"QUIT\n", greeting=True) == \
         "220 smtp-c ready\nsmtp-c:QUIT\n"      # (text mode: CRLF read as LF)
     assert time.monotonic() - t0 < 5
+    # IPv6: the same through the IPv6 listener (IP6T_SO_ORIGINAL_DST)
+    a6 = curl_json(POD, f"http://[{SVC_A6}]/echo")
+    assert a6["server"] == "svc-a6"
+    h6 = {k.lower(): v for k, v in a6["headers"]}
+    assert h6.get("x-chain") == "outbound-http6", (kind, h6)
     # inbound: a remote client reaches the application through the inbound listener
     app = curl_json(REMOTE, f"http://{POD_IP}:8080/echo")
     assert app["server"] == "app"
@@ -444,31 +469,35 @@ def test_sidecar_outbound_and_inbound(proxy):
 
 
 def test_iptables_rules_idempotent_and_reversible(pod, tmp_path):
-    """apply twice: the same rules; clean: none left; apply again: back; show prints them;
-    without privileges: refused with a clear message, nothing changed."""
+    """apply twice: the same rules; clean: none left (IPv4 and IPv6); apply again: back;
+    show prints them; without privileges: refused with a clear message, nothing changed."""
     py = sys.executable
-    before = in_ns(POD, "iptables-save", "-t", "nat").stdout
-    in_ns(POD, py, "-P", "-m", "fastmesh", "iptables", "apply", "--proxy-uid", str(UID),
-          "--inbound-ports", "8080")
-    again = in_ns(POD, "iptables-save", "-t", "nat").stdout
+    fm = (py, "-P", "-m", "fastmesh", "iptables")
+    apply = fm + ("apply", "--proxy-uid", str(UID), "--inbound-ports", "8080", "--ipv6")
+
+    def saved():
+        return (in_ns(POD, "iptables-save", "-t", "nat").stdout
+                + in_ns(POD, "ip6tables-save", "-t", "nat").stdout)
 
     def rules(text):
         return sorted(line for line in text.splitlines() if "FASTMESH" in line)
+    before = saved()
+    in_ns(POD, *apply)
+    again = saved()
     assert rules(before) == rules(again) and rules(again)
-    shown = in_ns(POD, py, "-P", "-m", "fastmesh", "iptables", "show").stdout
-    assert rules(shown) == rules(again)
+    assert any("::1/128" in r for r in rules(again))          # the IPv6 set is there
+    assert rules(in_ns(POD, *fm, "show").stdout) == rules(again)
     denied = in_ns(POD, "setpriv", "--reuid", str(UID), "--regid", str(UID), "--clear-groups",
-                   py, "-P", "-m", "fastmesh", "iptables", "clean", check=False)
+                   *fm, "clean", check=False)
     assert denied.returncode == 2
     assert "needs root or CAP_NET_ADMIN" in denied.stderr
-    assert rules(in_ns(POD, "iptables-save", "-t", "nat").stdout) == rules(again)
-    in_ns(POD, py, "-P", "-m", "fastmesh", "iptables", "clean")
-    assert rules(in_ns(POD, "iptables-save", "-t", "nat").stdout) == []
+    assert rules(saved()) == rules(again)
+    in_ns(POD, *fm, "clean")
+    assert rules(saved()) == []
     # with no rules, the application reaches services directly (no proxy running here)
     assert curl_json(POD, f"http://{SVC_A}/echo")["server"] == "svc-a"
-    in_ns(POD, py, "-P", "-m", "fastmesh", "iptables", "apply", "--proxy-uid", str(UID),
-          "--inbound-ports", "8080")
-    assert rules(in_ns(POD, "iptables-save", "-t", "nat").stdout) == rules(again)
+    in_ns(POD, *apply)
+    assert rules(saved()) == rules(again)
     # without a proxy, redirected connections are refused (not leaked around the proxy)
     r = in_ns(POD, "curl", "-sS", "--max-time", "5", f"http://{SVC_A}/echo", check=False)
     assert r.returncode != 0
