@@ -179,19 +179,16 @@ cdef int _sniff_tls(const unsigned char *p, Py_ssize_t n, bint eof, SniffResult 
         return SNIFF_TCP
     # gather the handshake bytes from consecutive handshake records
     cdef bytearray hs = bytearray()
-    cdef Py_ssize_t off = 0, rec_len, need = -1
+    cdef Py_ssize_t off = 0, rec_len, need = -1, end
     while off + 5 <= n:
         if p[off] != 22 or p[off + 1] != 3:
             return _tls_done(r, None)
         rec_len = _u16(p + off + 3)
         if rec_len == 0 or rec_len > 16384 + 2048:
             return _tls_done(r, None)
-        if off + 5 + rec_len > n:
-            hs += p[off + 5:n]
-            off = n
-            break
-        hs += p[off + 5:off + 5 + rec_len]
-        off += 5 + rec_len
+        end = off + 5 + rec_len if off + 5 + rec_len <= n else n
+        hs += p[off + 5:end]
+        off = end
         if need < 0 and len(hs) >= 4:
             if hs[0] != 1:                      # not a ClientHello
                 return _tls_done(r, None)
@@ -200,14 +197,6 @@ cdef int _sniff_tls(const unsigned char *p, Py_ssize_t n, bint eof, SniffResult 
                 return _tls_done(r, None)
         if need >= 0 and len(hs) >= need:
             return _tls_done(r, bytes(hs[:need]))
-    if need < 0 and len(hs) >= 4:
-        if hs[0] != 1:
-            return _tls_done(r, None)
-        need = 4 + _u24(<const unsigned char *>(<char *>hs) + 1)
-        if need > SNIFF_MAX_CLIENT_HELLO_BYTES:
-            return _tls_done(r, None)
-    if need >= 0 and len(hs) >= need:
-        return _tls_done(r, bytes(hs[:need]))
     if eof or n >= SNIFF_MAX_CLIENT_HELLO_BYTES + 1024:
         return _tls_done(r, None)
     return SNIFF_MORE

@@ -248,32 +248,26 @@ def envoy_bootstrap() -> dict:
         return {"socket_address": {"address": ip, "port_value": port}}
 
     http_match = {"application_protocols": ["http/1.0", "http/1.1"]}
+
+    def outbound(name, ip, suffix):
+        return {"name": name, "address": addr(ip, 15001),
+                "use_original_dst": True, "traffic_direction": "OUTBOUND",
+                "listener_filters": [lf("original_dst", "OriginalDst"),
+                                     lf("http_inspector", "HttpInspector")],
+                "listener_filters_timeout": "0.3s",
+                "continue_on_listener_filters_timeout": True,
+                "filter_chains": [
+                    {"name": "http", "filter_chain_match": http_match,
+                     "filters": [hcm(f"outbound_http{suffix}", "PassthroughCluster",
+                                     {"x-chain": f"outbound-http{suffix}"})]},
+                    {"name": "tcp", "filters": [tcp(f"outbound_tcp{suffix}",
+                                                    "PassthroughCluster")]}]}
     return {
         "admin": {"address": addr("127.0.0.1", ADMIN)},
         "static_resources": {
             "listeners": [
-                {"name": "virtualOutbound", "address": addr("0.0.0.0", 15001),
-                 "use_original_dst": True, "traffic_direction": "OUTBOUND",
-                 "listener_filters": [lf("original_dst", "OriginalDst"),
-                                      lf("http_inspector", "HttpInspector")],
-                 "listener_filters_timeout": "0.3s",
-                 "continue_on_listener_filters_timeout": True,
-                 "filter_chains": [
-                     {"name": "http", "filter_chain_match": http_match,
-                      "filters": [hcm("outbound_http", "PassthroughCluster",
-                                      {"x-chain": "outbound-http"})]},
-                     {"name": "tcp", "filters": [tcp("outbound_tcp", "PassthroughCluster")]}]},
-                {"name": "virtualOutbound6", "address": addr("::", 15001),
-                 "use_original_dst": True, "traffic_direction": "OUTBOUND",
-                 "listener_filters": [lf("original_dst", "OriginalDst"),
-                                      lf("http_inspector", "HttpInspector")],
-                 "listener_filters_timeout": "0.3s",
-                 "continue_on_listener_filters_timeout": True,
-                 "filter_chains": [
-                     {"name": "http", "filter_chain_match": http_match,
-                      "filters": [hcm("outbound_http6", "PassthroughCluster",
-                                      {"x-chain": "outbound-http6"})]},
-                     {"name": "tcp", "filters": [tcp("outbound_tcp6", "PassthroughCluster")]}]},
+                outbound("virtualOutbound", "0.0.0.0", ""),
+                outbound("virtualOutbound6", "::", "6"),
                 {"name": f"{SVC_B}_80", "address": addr(SVC_B, 80), "bind_to_port": False,
                  "traffic_direction": "OUTBOUND",
                  "listener_filters": [lf("http_inspector", "HttpInspector")],

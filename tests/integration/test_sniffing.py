@@ -28,13 +28,10 @@ pytestmark = pytest.mark.timeout(120)
 
 # ------------------------------------------------------------------------ real peers
 
-class EchoServer:
-    """TCP: echoes what it gets, the first bytes prefixed by its name (to tell backends
-    apart); greets first when given a greeting (a server-first protocol)."""
+class ThreadedServer:
+    """A listening socket on 127.0.0.1 served by threads, a thread per connection."""
 
-    def __init__(self, name: str, greeting: bytes = b""):
-        self.name = name.encode()
-        self.greeting = greeting
+    def __init__(self):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -54,6 +51,23 @@ class EchoServer:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self.stop_ev.set()
+        self.sock.close()
+
+
+class EchoServer(ThreadedServer):
+    """TCP: echoes what it gets, the first bytes prefixed by its name (to tell backends
+    apart); greets first when given a greeting (a server-first protocol)."""
+
+    def __init__(self, name: str, greeting: bytes = b""):
+        self.name = name.encode()
+        self.greeting = greeting
+        super().__init__()
+
+    def _handle(self, conn):
         with conn:
             if self.greeting:
                 conn.sendall(self.greeting)
@@ -68,12 +82,8 @@ class EchoServer:
                 conn.sendall(prefix + data)
                 prefix = b""
 
-    def close(self):
-        self.stop_ev.set()
-        self.sock.close()
 
-
-class TlsServer:
+class TlsServer(ThreadedServer):
     """A TLS server (OpenSSL, through Python's ssl) with its own self-signed certificate for
     `name`; answers each line with "<name>:<line>"."""
 
@@ -89,23 +99,7 @@ class TlsServer:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(cert), str(key))
         self.ctx.set_alpn_protocols(["h2", "http/1.1"])
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.stop_ev = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        self.sock.settimeout(0.2)
-        while not self.stop_ev.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _handle(self, conn):
         conn.settimeout(10)
@@ -116,10 +110,6 @@ class TlsServer:
                     tls.sendall(f"{self.name}:".encode() + line)
         except (OSError, ssl.SSLError):
             pass
-
-    def close(self):
-        self.stop_ev.set()
-        self.sock.close()
 
 
 def tls_call(port: int, server_name: str, cafile: str, alpn=("http/1.1",),

@@ -124,16 +124,22 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
         kw["health_check"] = translate_health_checks(c, m.get("health_checks"),
                                                      m.p("health_checks"))
     _lb_configs(c, m, kw.get("lb_policy"), kw)
-    if "circuit_breakers" in m:
-        kw["circuit_breakers"] = _circuit_breakers(c, m.get("circuit_breakers"),
-                                                   m.p("circuit_breakers"))
     if "outlier_detection" in m:
         kw["outlier_detection"] = _outlier_detection(c, m.get("outlier_detection"),
                                                      m.p("outlier_detection"))
+    _shared_options(c, m, kw)
+    return Cluster(**kw)
+
+
+def _shared_options(c: EnvoyChecker, m, kw: dict) -> None:
+    """What every cluster type reads alike: circuit breakers, common LB settings, upstream
+    protocol options."""
+    if "circuit_breakers" in m:
+        kw["circuit_breakers"] = _circuit_breakers(c, m.get("circuit_breakers"),
+                                                   m.p("circuit_breakers"))
     if "common_lb_config" in m:
         _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
     _protocol_options(c, m, kw)
-    return Cluster(**kw)
 
 
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -412,12 +418,7 @@ def _original_dst_cluster(c: EnvoyChecker, m, kind: Optional[str], kw: dict) -> 
             if "upstream_port_override" in o:
                 od["port_override"] = c.uint(o.get("upstream_port_override"),
                                              o.p("upstream_port_override"), lo=1, hi=65535)
-    if "circuit_breakers" in m:
-        kw["circuit_breakers"] = _circuit_breakers(c, m.get("circuit_breakers"),
-                                                   m.p("circuit_breakers"))
-    if "common_lb_config" in m:
-        _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
-    _protocol_options(c, m, kw)
+    _shared_options(c, m, kw)
     kw["endpoints"] = ()
     kw["original_dst"] = OriginalDst(**{k: v for k, v in od.items() if v is not None})
     return Cluster(**kw)
