@@ -121,6 +121,10 @@ cdef class TcpPipe:
         up.peer = self
         self.peer = up
         self._flush()
+        # a server-first upstream (SMTP, MySQL) may have spoken before this callback ran
+        # (asyncio reads the new socket before the connect task's callbacks): its greeting
+        # waits in its buffer and must go now, not with whatever it says next
+        up._flush()
         self._set_reading(True)
 
     def get_buffer(self, Py_ssize_t sizehint):
