@@ -35,7 +35,7 @@ from fastmesh._core.bolt cimport (
     BOLT_STATUS_CONNECTION_CLOSED,
 )
 from fastmesh._core.buffer cimport RecvBuffer
-from fastmesh._core.clock cimport now_ms
+from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.sockio cimport unread_bytes
 from fastmesh._core.router cimport RouteTable, VirtualHost, Route, HeaderMatcher, A_DIRECT
@@ -72,6 +72,7 @@ cdef class InFlight:
         BoltDownstream ds
         uint32_t client_id          # the id the client chose; restored on the response
         int64_t deadline_ms         # 0 = none
+        int64_t start_us            # when the request was forwarded (latency histograms)
         unsigned char proto, ver1, codec
         # only when its route retries: what another try needs
         RetryPolicy retry
@@ -121,6 +122,7 @@ cdef bint _retry_call(InFlight e, int status):
     cl.counters.v[CS_RQ_TOTAL] += 1
     cl.counters.v[CS_RQ_ACTIVE] += 1
     ep.active_requests += 1
+    ep.rq_total += 1
     up.out.append(bytes(frame))
     up.flush()                              # (a connection still being made sends on connect)
     return True
@@ -323,6 +325,7 @@ cdef class BoltDownstream:
             e = InFlight.__new__(InFlight)
             e.ds = self
             e.client_id = fi.request_id
+            e.start_us = now_us()
             timeout_ms = fi.timeout_ms if fi.timeout_ms > 0 else route.timeout_ms
             e.deadline_ms = now_ms() + timeout_ms if timeout_ms > 0 else 0
             e.proto = fi.proto
@@ -340,6 +343,7 @@ cdef class BoltDownstream:
             self.ctx.counters.v[LS_RQ_ACTIVE] += 1
             cluster.counters.v[CS_RQ_ACTIVE] += 1
             ep.active_requests += 1
+            ep.rq_total += 1
         return up
 
     cdef _reply_error(self, FrameInfo *fi, int status):
@@ -353,6 +357,7 @@ cdef class BoltDownstream:
         # A response (or a proxy-made error) for one of our requests.
         self.inflight -= 1
         self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+        self.ctx.counters.record_us(now_us() - e.start_us)
         if status == BOLT_STATUS_SUCCESS:
             self.ctx.counters.v[LS_RSP_2XX] += 1
         else:
@@ -505,6 +510,8 @@ cdef class BoltUpstream:
         self.connect_task = None
         if task.cancelled() or task.exception() is not None:
             self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            self.ep.cx_connect_fail += 1
+            self.ep.connect_failing = True
             if not task.cancelled():
                 rlog.warning((self.cluster.name, "connect"),
                              "cluster %s: connect to %s:%s failed: %s", self.cluster.name,
@@ -523,6 +530,7 @@ cdef class BoltUpstream:
         transport.set_write_buffer_limits(1 << 20, 256 << 10)
         self.state = UP_READY
         self.last_rx_ms = now_ms()
+        self.ep.connect_failing = False
         self.cluster.counters.v[CS_CX_ACTIVE] += 1
         if self.out:
             flush(transport, self.out)
@@ -583,10 +591,12 @@ cdef class BoltUpstream:
                 if e is not None:               # (None: late, timed out or unknown: dropped)
                     self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
                     self.ep.active_requests -= 1
+                    self.cluster.counters.record_us(now_us() - e.start_us)
                     if fi.status == BOLT_STATUS_SUCCESS:
                         self.cluster.counters.v[CS_RSP_2XX] += 1
                     else:
                         self.cluster.counters.v[CS_BOLT_STATUS_OTHER] += 1
+                        self.ep.rq_error += 1
                     if self.cluster.od_enabled:
                         # outlier detection: an error status is a failure (a 5xx),
                         # a business exception included

@@ -38,9 +38,30 @@ assert len(CLUSTER_SLOTS) == CS_SLOTS
 assert LS_SLOTS <= 48 and CS_SLOTS <= 48         # Counters.v
 
 
+def _bounds_us():
+    out = [1 << LAT_MIN_SHIFT]
+    for msb in range(LAT_MIN_SHIFT, LAT_MAX_SHIFT):
+        step = 1 << (msb - LAT_SUB_SHIFT)
+        out.extend((1 << msb) + step * (k + 1) for k in range(LAT_SUB))
+    return tuple(out)
+
+
+# upper bounds (exclusive, µs) of the latency buckets but the last (the overflow bucket)
+LAT_BOUNDS_US = _bounds_us()
+LATENCY_BUCKETS = LAT_BUCKETS
+assert len(LAT_BOUNDS_US) == LAT_BUCKETS - 1
+
+
+def latency_bucket(long long us):
+    """The bucket a latency of `us` µs falls in (for tests and the micro-benchmark)."""
+    return lat_bucket(us)
+
+
 cdef class Counters:
     def __cinit__(self, str kind):
         memset(self.v, 0, sizeof(self.v))
+        memset(self.lat, 0, sizeof(self.lat))
+        self.lat_sum_us = 0
         if kind == "listener":
             self.names = LISTENER_SLOTS
         elif kind == "cluster":
@@ -51,6 +72,14 @@ cdef class Counters:
 
     def to_dict(self):
         return {self.names[i]: self.v[i] for i in range(self.nslots)}
+
+    def histogram(self):
+        """The latency histogram: bucket counts (LAT_BOUNDS_US, then overflow) + [sum µs]."""
+        return [self.lat[i] for i in range(LAT_BUCKETS)] + [self.lat_sum_us]
+
+    def record_latency_us(self, long long us):
+        """Record one latency (tests, micro-benchmark; the data world calls record_us)."""
+        self.record_us(us)
 
     def get(self, str name):
         return self.v[self.names.index(name)]

@@ -234,7 +234,14 @@ class DataPlane:
             listeners.setdefault(lst.name, lst.ctx.counters.to_dict())
         clusters = {n: c.counters.to_dict() for n, c in self.snapshot.clusters.items()} \
             if self.snapshot else {}
+        # latency histograms (fastmesh._core.stats LAT_BOUNDS_US): bucket counts + [sum µs]
+        hl = {n: lst.ctx.counters.histogram() for n, lst in self.listeners.items()}
+        for lst in self.draining_listeners:
+            hl.setdefault(lst.name, lst.ctx.counters.histogram())
+        hc = {n: c.counters.histogram() for n, c in self.snapshot.clusters.items()} \
+            if self.snapshot else {}
         return {"pid": os.getpid(), "listeners": listeners, "clusters": clusters,
+                "histograms": {"listeners": hl, "clusters": hc},
                 "config_version": self.snapshot.version if self.snapshot else 0}
 
     def clusters_info(self) -> dict:
@@ -246,7 +253,10 @@ class DataPlane:
                        "multiplexed_connections": len(e.mux),
                        "health_check_failed": bool(e.unhealthy & UNHEALTHY_HC),
                        "ejected": bool(e.unhealthy & UNHEALTHY_EJECTED),
-                       "ejections": e.ejections}
+                       "ejections": e.ejections,
+                       "rq_total": e.rq_total, "rq_error": e.rq_error,
+                       "cx_connect_fail": e.cx_connect_fail,
+                       "connect_failing": bool(e.connect_failing)}
                       for e in c.get_endpoints()]
         return out
 

@@ -11,6 +11,7 @@ Messages it takes (each answered with ``{"t": "reply", "ok": ...}``):
               own, unchanged; health (optional): every active health check verdict, applied
               before the listeners serve this config
     stats     -> {"stats": {...}}
+    logging   {"levels": {logger name ("" = root): "debug" | "info" | ...}}: set log levels
     clusters  -> {"clusters": {...}}
     endpoints {"clusters": {name: ["host:port", ...] or {"endpoints": [...], "weights":
               [...]}}}: new endpoint sets for some clusters (EDS); pools to endpoints that
@@ -128,6 +129,13 @@ class Worker:
 
     async def _on_health(self, msg, fds):
         self.plane.set_health(msg["clusters"], replace_all=bool(msg.get("all")))
+        return {}
+
+    async def _on_logging(self, msg, fds):
+        """Admin POST /logging: {"levels": {logger name ("" = root): level name}}."""
+        for name, level in (msg.get("levels") or {}).items():
+            logging.getLogger(name or None).setLevel(str(level).upper())
+        log.debug("worker %d: log levels set: %s", self.index, msg.get("levels"))
         return {}
 
     async def _on_stats(self, msg, fds):
