@@ -112,7 +112,7 @@ class Listener:
             stream_idle_timeout_ms=cfg.stream_idle_timeout_ms,
             high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
             max_in_flight=cfg.max_in_flight, accept_http_10=cfg.accept_http_10)
-        self._set_access_log(cfg.access_log)
+        self._set_access_log(cfg.access_log, cfg.access_log_format, cfg.access_log_json)
         self._filter_cfgs: tuple = (None, None)     # what ctx.fault / ctx.ratelimit were made of
 
     # -- wiring --------------------------------------------------------------------
@@ -156,14 +156,16 @@ class Listener:
         from fastmesh._core import bolt_proxy       # built with the Bolt issue
         return lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
 
-    def _set_access_log(self, path: str | None) -> None:
+    def _set_access_log(self, path: str | None, fmt=None, json_fields=()) -> None:
         old = self.ctx.access_log
-        if old is not None and (path is None or path != old.path):
+        if old is not None and (path is None or path != old.path
+                                or (fmt, json_fields) != getattr(self, "_access_log_format", (None, ()))):
             old.close()
             self.ctx.access_log = None
+        self._access_log_format = (fmt, json_fields)
         if path is not None and self.ctx.access_log is None:
             try:
-                self.ctx.access_log = AccessLog(path)
+                self.ctx.access_log = AccessLog(path, fmt, json_fields or None)
             except OSError as exc:
                 raise RuntimeError(f"listener {self.cfg.name}: access log {path}: "
                                    f"{exc.strerror or exc}") from exc
@@ -284,7 +286,7 @@ class Listener:
         c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
         c.max_in_flight = cfg.max_in_flight
         c.accept_http_10 = cfg.accept_http_10
-        self._set_access_log(cfg.access_log)
+        self._set_access_log(cfg.access_log, cfg.access_log_format, cfg.access_log_json)
 
     @property
     def active_connections(self) -> int:

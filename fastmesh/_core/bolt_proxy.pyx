@@ -28,12 +28,14 @@ from fastmesh._core.retry cimport RetryPolicy
 from fastmesh._core.bolt import py_frame_set_id
 from fastmesh._core.bolt cimport (
     FrameInfo, frame_peek, frame_set_id, bolt_error_reason, header_find, frame_headers_offset,
+    header_lookup,
     encode_error_response, encode_heartbeat, encode_heartbeat_ack,
     BOLT_TYPE_RESPONSE, BOLT_TYPE_REQUEST, BOLT_TYPE_ONEWAY, BOLT_CMD_HEARTBEAT,
     BOLT_CMD_REQUEST, BOLT_CMD_RESPONSE, BOLT_STATUS_SUCCESS,
     BOLT_STATUS_SERVER_THREADPOOL_BUSY, BOLT_STATUS_NO_PROCESSOR, BOLT_STATUS_TIMEOUT,
     BOLT_STATUS_CONNECTION_CLOSED,
 )
+from fastmesh._core.accesslog cimport AccessLog
 from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
@@ -52,6 +54,7 @@ from fastmesh._core.stats cimport (
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
 from fastmesh._core.stats import Counters as PyCounters
+from fastmesh._core.accesslog import sofa_method_name
 
 log = logging.getLogger("fastmesh.bolt")
 rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
@@ -73,6 +76,7 @@ cdef class InFlight:
         uint32_t client_id          # the id the client chose; restored on the response
         int64_t deadline_ms         # 0 = none
         int64_t start_us            # when the request was forwarded (latency histograms)
+        bytes service, method       # only with an access log: its fields
         unsigned char proto, ver1, codec
         # only when its route retries: what another try needs
         RetryPolicy retry
@@ -150,6 +154,7 @@ cdef class BoltDownstream:
         bint held                   # reading paused for a congested upstream
         int64_t last_rx_ms
         unsigned int affinity       # picks the same mux connection index per client
+        bytes client_ip             # only with an access log
 
     def __init__(self, ListenerCtx ctx):
         self.ctx = ctx
@@ -168,6 +173,9 @@ cdef class BoltDownstream:
         self.ctx.counters.v[LS_CX_ACTIVE] += 1
         self.affinity = <unsigned int>((id(self) >> 4) & 0xFFFFFFFF)
         self.last_rx_ms = now_ms()
+        if self.ctx.access_log is not None:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = (peer[0] if peer else "unknown").encode()
 
     def get_buffer(self, Py_ssize_t sizehint):
         return self.rbuf.get_buffer(sizehint)
@@ -326,6 +334,19 @@ cdef class BoltDownstream:
             e.ds = self
             e.client_id = fi.request_id
             e.start_us = now_us()
+            if self.ctx.access_log is not None:
+                e.cluster = cluster
+                e.ep = ep
+                e.service = header_lookup(p, fi, b"service", 7)
+                if e.service is None:
+                    e.service = header_lookup(p, fi, b"sofa_head_target_service", 24)
+                e.method = header_lookup(p, fi, b"sofa_head_method_name", 21)
+                if e.method is None:
+                    e.method = header_lookup(p, fi, b"method", 6)
+                if e.method is None and fi.codec == 1:      # hessian2: from the body
+                    voff = frame_headers_offset(fi) + fi.header_len
+                    e.method = sofa_method_name(PyBytes_FromStringAndSize(
+                        <char *>p + voff, min(fi.content_len, 512)))
             timeout_ms = fi.timeout_ms if fi.timeout_ms > 0 else route.timeout_ms
             e.deadline_ms = now_ms() + timeout_ms if timeout_ms > 0 else 0
             e.proto = fi.proto
@@ -357,7 +378,15 @@ cdef class BoltDownstream:
         # A response (or a proxy-made error) for one of our requests.
         self.inflight -= 1
         self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
-        self.ctx.counters.record_us(now_us() - e.start_us)
+        cdef int64_t latency_us = now_us() - e.start_us
+        self.ctx.counters.record_us(latency_us)
+        if self.ctx.access_log is not None:
+            try:
+                (<AccessLog>self.ctx.access_log).add_bolt(
+                    latency_us, self.client_ip, e.service, e.method, status,
+                    e.cluster.name if e.cluster is not None else None, e.ep, e.client_id)
+            except Exception:
+                log.exception("listener %s: access log failed", self.ctx.name)
         if status == BOLT_STATUS_SUCCESS:
             self.ctx.counters.v[LS_RSP_2XX] += 1
         else:

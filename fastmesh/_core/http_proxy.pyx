@@ -1048,7 +1048,8 @@ cdef class HttpDownstream:
         try:
             (<AccessLog>self.ctx.access_log).add(
                 duration_us, self.client_ip, request_line, self.rsp_status, self.rsp_flag,
-                self.cluster.name if self.cluster is not None else None, self.ep, self.rq_id)
+                self.cluster.name if self.cluster is not None else None, self.ep, self.rq_id,
+                h.raw if h is not None else None)
         except Exception:
             log.exception("listener %s: access log failed", self.ctx.name)
 
