@@ -320,27 +320,33 @@ cdef class AccessLog:
                 return service.decode("utf-8", "replace") if service else None
             if op == "RPC_METHOD":
                 return method.decode("utf-8", "replace") if method else None
-            if op == "REQ":
-                name = arg.upper()
-                if is_http:
-                    if name == ":METHOD":
-                        return parts[0].decode() if len(parts) == 3 else None
-                    if name == ":PATH":
-                        return parts[1].decode("latin-1") if len(parts) == 3 else None
-                    if name == ":PROTOCOL":
-                        return parts[2].decode() if len(parts) == 3 else None
-                    if name in (":AUTHORITY", "HOST"):
-                        v = _req_header(head, "host")
-                    elif name == "X-REQUEST-ID" and request_id:
-                        return request_id.decode()
-                    else:
-                        v = _req_header(head, arg)
-                    return v.decode("latin-1") if v is not None else None
-                if name in ("SERVICE", "SOFA_HEAD_TARGET_SERVICE"):
-                    return service.decode("utf-8", "replace") if service else None
-                if name in ("METHOD", "SOFA_HEAD_METHOD_NAME", ":METHOD"):
-                    return method.decode("utf-8", "replace") if method else None
+            if op == "REQ":                    # X?Y: Y when X is absent (Envoy's syntax)
+                for alt in arg.split("?"):
+                    v = req(alt.strip().upper(), alt.strip())
+                    if v is not None:
+                        return v
                 return None
+            return None
+
+        def req(name, arg):
+            if is_http:
+                if name == ":METHOD":
+                    return parts[0].decode() if len(parts) == 3 else None
+                if name == ":PATH":
+                    return parts[1].decode("latin-1") if len(parts) == 3 else None
+                if name == ":PROTOCOL":
+                    return parts[2].decode() if len(parts) == 3 else None
+                if name in (":AUTHORITY", "HOST"):
+                    v = _req_header(head, "host")
+                elif name == "X-REQUEST-ID" and request_id:
+                    return request_id.decode()
+                else:
+                    v = _req_header(head, arg)
+                return v.decode("latin-1") if v is not None else None
+            if name in ("SERVICE", "SOFA_HEAD_TARGET_SERVICE"):
+                return service.decode("utf-8", "replace") if service else None
+            if name in ("METHOD", "SOFA_HEAD_METHOD_NAME", ":METHOD"):
+                return method.decode("utf-8", "replace") if method else None
             return None
 
         def render(ops):
