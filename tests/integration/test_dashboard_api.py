@@ -214,3 +214,47 @@ def test_admin_parser_errors(proxy):
             s.sendall(piece)
             time.sleep(0.02)
         assert s.recv(1000).startswith(b"HTTP/1.1 200")
+
+
+def test_health_words_hc_and_ejection(start_upstream, start_fastmesh, loop_kind):
+    """An endpoint failing its active health check is `unhealthy`, one ejected by outlier
+    detection `ejected`; the transitions are in the timeline."""
+    a, b = start_upstream("a", loop_kind), start_upstream("b", loop_kind)
+    c, d = start_upstream("c", loop_kind), start_upstream("d", loop_kind)
+    cfg = {
+        "listeners": [{"name": "in", "protocol": "http1", "route_table": "rt"}],
+        "route_tables": {"rt": {"routes": [
+            {"match": {"prefix": "/od"}, "cluster": "od"},
+            {"match": {"prefix": "/"}, "cluster": "hc"}]}},
+        "clusters": [
+            {"name": "hc", "endpoints": [a.address, b.address],
+             "health_check": {"type": "http", "path": "/healthz", "timeout_ms": 500,
+                              "interval_ms": 200, "no_traffic_interval_ms": 200}},
+            {"name": "od", "endpoints": [c.address, d.address],
+             "outlier_detection": {"consecutive_5xx": 2, "interval_ms": 100,
+                                   "max_ejection_pct": 50}}],
+    }
+    fm = start_fastmesh(cfg, loop=loop_kind)
+    _admin_json(fm, "/api/topology")    # watched from now: transitions are seen as they happen
+    time.sleep(0.5)
+    urllib.request.urlopen(f"http://{b.address}/control/health/fail", timeout=5).read()
+    urllib.request.urlopen(f"http://{d.address}/control/fail/500", timeout=5).read()
+
+    def health():
+        return {(c_["name"], e["address"]): e["health"]
+                for c_ in _admin_json(fm, "/api/topology")["clusters"] for e in c_["endpoints"]}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for _ in range(6):
+            _try_get(fm, "/od/x")
+        h = health()
+        if h[("hc", b.address)] == "unhealthy" and h[("od", d.address)] == "ejected":
+            break
+        time.sleep(0.2)
+    assert h[("hc", b.address)] == "unhealthy", h
+    assert h[("od", d.address)] == "ejected", h
+    assert h[("hc", a.address)] == "healthy" and h[("od", c.address)] == "healthy"
+    time.sleep(0.5)                     # a sample or two: transitions enter the timeline
+    events = _admin_json(fm, "/api/events")["events"]
+    got = {(e["name"], e["source"]) for e in events if e["action"] == "health"}
+    assert (f"od/{d.address}", "outlier detection") in got, events
