@@ -276,7 +276,12 @@ class Observatory:
     async def sample(self) -> None:
         sup = self.sup
         stats = await sup.stats()
-        per_worker = [r.get("clusters") or {} for r in await sup._gather("clusters")]
+        replies = await asyncio.gather(*[h.chan.request({"t": "clusters", "figures": True},
+                                                        timeout_s=5)
+                                         for h in sup._handles() if h.ready],
+                                       return_exceptions=True)
+        per_worker = [r[0].get("clusters") or {} for r in replies
+                      if not isinstance(r, BaseException) and r[0].get("ok")]
         now = time.monotonic()
         endpoints: dict = {}            # cluster -> host:port -> summed figures
         for wc in per_worker:

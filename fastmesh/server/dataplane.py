@@ -244,7 +244,9 @@ class DataPlane:
                 "histograms": {"listeners": hl, "clusters": hc},
                 "config_version": self.snapshot.version if self.snapshot else 0}
 
-    def clusters_info(self) -> dict:
+    def clusters_info(self, figures: bool = False) -> dict:
+        """figures: also each endpoint's request, error and connect-failure counts (the
+        dashboard's)."""
         out = {}
         for n, c in (self.snapshot.clusters.items() if self.snapshot else ()):
             out[n] = [{"address": f"{e.host}:{e.port}", "origin": e.origin,
@@ -253,11 +255,13 @@ class DataPlane:
                        "multiplexed_connections": len(e.mux),
                        "health_check_failed": bool(e.unhealthy & UNHEALTHY_HC),
                        "ejected": bool(e.unhealthy & UNHEALTHY_EJECTED),
-                       "ejections": e.ejections,
-                       "rq_total": e.rq_total, "rq_error": e.rq_error,
-                       "cx_connect_fail": e.cx_connect_fail,
-                       "connect_failing": bool(e.connect_failing)}
+                       "ejections": e.ejections}
                       for e in c.get_endpoints()]
+            if figures:
+                for d, e in zip(out[n], c.get_endpoints()):
+                    d.update(rq_total=e.rq_total, rq_error=e.rq_error,
+                             cx_connect_fail=e.cx_connect_fail,
+                             connect_failing=bool(e.connect_failing))
         return out
 
     def listeners_info(self) -> dict:

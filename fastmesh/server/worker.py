@@ -142,7 +142,7 @@ class Worker:
         return {"stats": dict(self.plane.stats(), index=self.index)}
 
     async def _on_clusters(self, msg, fds):
-        return {"clusters": self.plane.clusters_info()}
+        return {"clusters": self.plane.clusters_info(figures=bool(msg.get("figures")))}
 
     async def _on_drain(self, msg, fds):
         close = bool(msg.get("close_listeners"))
