@@ -77,8 +77,13 @@ cdef class Counters:
         return {self.names[i]: self.v[i] for i in range(self.nslots)}
 
     def histogram(self):
-        """The latency histogram: bucket counts (LAT_BOUNDS_US, then overflow) + [sum µs]."""
-        return [self.lat[i] for i in range(LAT_BUCKETS)] + [self.lat_sum_us]
+        """The latency histogram: bucket counts (LAT_BOUNDS_US, then overflow) + [sum µs];
+        None while nothing was recorded (idle clusters cost nothing to report)."""
+        cdef int i
+        for i in range(LAT_BUCKETS):
+            if self.lat[i]:
+                return [self.lat[j] for j in range(LAT_BUCKETS)] + [self.lat_sum_us]
+        return None
 
     def record_latency_us(self, long long us):
         """Record one latency (tests, micro-benchmark; the data world calls record_us)."""

@@ -235,11 +235,14 @@ class DataPlane:
         clusters = {n: c.counters.to_dict() for n, c in self.snapshot.clusters.items()} \
             if self.snapshot else {}
         # latency histograms (fastmesh._core.stats LAT_BOUNDS_US): bucket counts + [sum µs]
-        hl = {n: lst.ctx.counters.histogram() for n, lst in self.listeners.items()}
+        # (only those with a request recorded: a thousand idle clusters send nothing)
+        hl = {n: h for n, lst in self.listeners.items()
+              if (h := lst.ctx.counters.histogram()) is not None}
         for lst in self.draining_listeners:
-            hl.setdefault(lst.name, lst.ctx.counters.histogram())
-        hc = {n: c.counters.histogram() for n, c in self.snapshot.clusters.items()} \
-            if self.snapshot else {}
+            if lst.name not in hl and (h := lst.ctx.counters.histogram()) is not None:
+                hl[lst.name] = h
+        hc = {n: h for n, c in self.snapshot.clusters.items()
+              if (h := c.counters.histogram()) is not None} if self.snapshot else {}
         return {"pid": os.getpid(), "listeners": listeners, "clusters": clusters,
                 "histograms": {"listeners": hl, "clusters": hc},
                 "config_version": self.snapshot.version if self.snapshot else 0}
