@@ -168,7 +168,7 @@ class Listener:
         self.old_chains: list[Chain] = []    # removed by a reload, connections still open
         self.dispatcher = Dispatcher(cfg.name, loop)
         self._set_chains(cfg)
-        self._set_access_log(cfg.access_log)
+        self._set_access_log(cfg.access_log, cfg.access_log_format, cfg.access_log_json)
         self._filter_cfgs: tuple = (None, None)     # what ctx.fault / ctx.ratelimit were made of
 
     # -- wiring --------------------------------------------------------------------
@@ -257,14 +257,16 @@ class Listener:
             return self.dispatcher.protocol
         return next(iter(self.chains.values())).factory
 
-    def _set_access_log(self, path: str | None) -> None:
+    def _set_access_log(self, path: str | None, fmt=None, json_fields=()) -> None:
         old = self.ctx.access_log
-        if old is not None and (path is None or path != old.path):
+        if old is not None and (path is None or path != old.path
+                                or (fmt, json_fields) != getattr(self, "_access_log_format", (None, ()))):
             old.close()
             self.ctx.access_log = None
+        self._access_log_format = (fmt, json_fields)
         if path is not None and self.ctx.access_log is None:
             try:
-                self.ctx.access_log = AccessLog(path)
+                self.ctx.access_log = AccessLog(path, fmt, json_fields or None)
             except OSError as exc:
                 raise RuntimeError(f"listener {self.cfg.name}: access log {path}: "
                                    f"{exc.strerror or exc}") from exc
@@ -397,7 +399,7 @@ class Listener:
         self._set_chains(cfg)
         for c in self._ctxs():
             _set_limits(c, cfg)
-        self._set_access_log(cfg.access_log)
+        self._set_access_log(cfg.access_log, cfg.access_log_format, cfg.access_log_json)
 
     @property
     def active_connections(self) -> int:

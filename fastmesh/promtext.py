@@ -78,4 +78,36 @@ def render(stats: dict) -> str:
             for name in sorted(groups):
                 if slot in groups[name]:
                     out.append(f'{metric}{{{label}="{_label(name)}"}} {groups[name][slot]}')
+    _render_histograms(out, stats.get("latency_histograms") or {})
     return "\n".join(out) + "\n"
+
+
+def _le(bound_us: int) -> str:
+    return repr(bound_us / 1e6)
+
+
+def _render_histograms(out: list, hist: dict) -> None:
+    """Latency histograms: `fastmesh_listener_downstream_rq_time_seconds` and
+    `fastmesh_cluster_upstream_rq_time_seconds`, cumulative `_bucket{le=...}`, `_sum`,
+    `_count` (buckets: fastmesh._core.stats LAT_BOUNDS_US)."""
+    bounds = hist.get("bounds_us") or []
+    for kind, label, metric, what in (
+            ("listeners", "listener", "fastmesh_listener_downstream_rq_time_seconds",
+             "request latency, head received to response complete"),
+            ("clusters", "cluster", "fastmesh_cluster_upstream_rq_time_seconds",
+             "request latency of requests routed to the cluster")):
+        groups = hist.get(kind) or {}
+        if not groups:
+            continue
+        out.append(f"# HELP {metric} {what}")
+        out.append(f"# TYPE {metric} histogram")
+        for name in sorted(groups):
+            h = groups[name]
+            lab = f'{label}="{_label(name)}"'
+            acc = 0
+            for bound, count in zip(bounds, h["counts"]):
+                acc += count
+                out.append(f'{metric}_bucket{{{lab},le="{_le(bound)}"}} {acc}')
+            out.append(f'{metric}_bucket{{{lab},le="+Inf"}} {h["count"]}')
+            out.append(f"{metric}_sum{{{lab}}} {h['sum_us'] / 1e6}")
+            out.append(f"{metric}_count{{{lab}}} {h['count']}")

@@ -15,6 +15,21 @@ duration runs from the complete request head to the end, in milliseconds with mi
 digits; cluster, upstream and request id are `-` when there were none; a request line that
 never parsed is `"-"`.
 
+Bolt listeners log one line per call answered (or failed), the same way:
+
+    2026-11-26T05:20:01.123Z 127.0.0.1 "com.example.EchoService:1.0 echo" 0 - 1.204 rpc 10.0.0.5:12200 17
+
+    start  client  "service method"  status (Bolt response status, `-` if none)  flag
+    duration_ms  cluster  upstream  request_id (the client's Bolt request id)
+
+A listener may name its own format instead (`access_log: {path, format}`): Envoy's command
+operators (`%START_TIME%`, `%REQ(X)%` with `:METHOD`, `:PATH`, `:AUTHORITY` and `:PROTOCOL`,
+`%RESPONSE_CODE%`, `%RESPONSE_FLAGS%`, `%DURATION%`, `%UPSTREAM_HOST%`,
+`%UPSTREAM_CLUSTER%`, `%DOWNSTREAM_REMOTE_ADDRESS%`, `%PROTOCOL%`, `%REQUEST_ID%`, and for
+Bolt `%RPC_SERVICE%`, `%RPC_METHOD%`) between literal text, or `json_format` (a map of key ->
+operator: one JSON object per line). A configured format is rendered per request by Python
+code (a few µs); the default line stays in C.
+
 Lines are formatted in C into one pending buffer and written by the worker's sweeper every
 100 ms (and whenever 64 KiB are waiting, and at close) with one write() to a file opened
 O_APPEND, so several workers can share one file. A write that fails drops those lines and
@@ -35,6 +50,96 @@ log = logging.getLogger("fastmesh.accesslog")
 
 cdef Py_ssize_t FLUSH_BYTES = 65536
 
+# format operators: name -> takes an argument (REQ(X))
+OPERATORS = {
+    "START_TIME": False, "REQ": True, "RESPONSE_CODE": False, "RESPONSE_FLAGS": False,
+    "DURATION": False, "UPSTREAM_HOST": False, "UPSTREAM_CLUSTER": False,
+    "DOWNSTREAM_REMOTE_ADDRESS": False, "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": False,
+    "PROTOCOL": False, "REQUEST_ID": False, "RPC_SERVICE": False, "RPC_METHOD": False,
+}
+
+
+def compile_format(str text):
+    """A format string -> [literal str | (operator, argument)]. ValueError names what is
+    wrong (an unknown operator, an unclosed %)."""
+    import re
+    out = []
+    pos = 0
+    for m in re.finditer(r"%([A-Z_]+)(?:\(([^)]*)\))?(?::\d+)?%|%%", text):
+        if m.start() > pos:
+            out.append(text[pos:m.start()])
+        pos = m.end()
+        if m.group(0) == "%%":
+            out.append("%")
+            continue
+        op, arg = m.group(1), m.group(2)
+        if op not in OPERATORS:
+            raise ValueError(f"unknown operator %{op}% (known: "
+                             f"{', '.join('%' + k + '%' for k in sorted(OPERATORS))})")
+        if OPERATORS[op] and not arg:
+            raise ValueError(f"%{op}(...)% needs an argument, e.g. %REQ(USER-AGENT)%")
+        out.append((op, arg))
+    rest = text[pos:]
+    if "%" in rest:
+        raise ValueError(f"unclosed or unknown operator at {rest[rest.index('%'):][:30]!r}")
+    if rest:
+        out.append(rest)
+    return out
+
+
+def sofa_method_name(bytes content):
+    """The method of a SOFARPC hessian2 SofaRequest (its first field, `methodName`), read
+    from the start of the body when the peer does not send it as a header; None when the
+    body is not in that shape. Only called for the access log."""
+    cdef Py_ssize_t i = 0, n = len(content), ln, k, nfields
+    if n < 4 or content[0] not in (0x4f, 0x43):     # 'O' / 'C': a class definition
+        return None
+
+    def read_len(Py_ssize_t j):
+        b = content[j]
+        if b < 0x20:
+            return b, j + 1                             # short string
+        if 0x80 <= b <= 0xbf:
+            return b - 0x90, j + 1                      # compact int (a type's length)
+        if 0x30 <= b <= 0x33 and j + 1 < n:
+            return ((b - 0x30) << 8) | content[j + 1], j + 2
+        return -1, j
+    try:
+        ln, i = read_len(1)
+        if ln < 0:
+            return None
+        i += ln
+        nfields = content[i] - 0x90
+        i += 1
+        names = []
+        for k in range(nfields):
+            ln, i = read_len(i)
+            if ln < 0:
+                return None
+            names.append(content[i:i + ln])
+            i += ln
+        if not names or names[0] != b"methodName" or content[i] not in (0x6f, 0x4f):
+            return None
+        i += 2                                          # 'o' + the class reference
+        ln, i = read_len(i)
+        if ln < 0 or i + ln > n:
+            return None
+        return content[i:i + ln]
+    except IndexError:
+        return None
+
+
+cdef object _req_header(bytes head, str name):
+    # one request header's value from the raw head (first match, case-insensitive)
+    cdef bytes key = name.lower().encode("latin-1") + b":"
+    cdef Py_ssize_t klen = len(key)
+    if head is None:
+        return None
+    for line in head.split(b"\r\n")[1:]:
+        if len(line) >= klen and line[:klen].lower() == key:
+            return line[klen:].strip()
+    return None
+
 
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
@@ -51,8 +156,15 @@ cdef inline int put_bytes(Writer *w, bytes b) except -1:
 
 
 cdef class AccessLog:
-    def __cinit__(self, str path):
+    def __cinit__(self, str path, str fmt=None, object json_fields=None):
         self.path = path
+        self.ops = None
+        self.json_lines = False
+        if json_fields:
+            self.ops = [(k, compile_format(v)) for k, v in json_fields]
+            self.json_lines = True
+        elif fmt:
+            self.ops = compile_format(fmt if fmt.endswith("\n") else fmt + "\n")
         self.fd = -1
         w_init(&self.pending, 4096)
         self.second = -1
@@ -82,13 +194,18 @@ cdef class AccessLog:
 
     cdef int add(self, int64_t duration_us, bytes client, bytes request_line, int status,
                  bytes flag, object cluster_name, object endpoint,
-                 bytes request_id) except -1:
+                 bytes request_id, bytes head=None) except -1:
         cdef Writer *w = &self.pending
-        cdef int64_t start_us = wall_us() - duration_us
+        cdef int64_t start_us
         cdef time_t sec = <time_t>(start_us // 1000000)
         cdef tm t
         cdef char num[48]
         cdef int n
+        if self.ops is not None:
+            return self._add_formatted(duration_us, client, request_line, head, status, flag,
+                                       cluster_name, endpoint, request_id, b"HTTP/1.1")
+        start_us = wall_us() - duration_us
+        sec = <time_t>(start_us // 1000000)
         if sec != self.second:
             gmtime_r(&sec, &t)
             strftime(self.stamp, sizeof(self.stamp), "%Y-%m-%dT%H:%M:%S", &t)
@@ -119,6 +236,134 @@ cdef class AccessLog:
             self.flush()
         return 0
 
+    cdef int add_bolt(self, int64_t duration_us, bytes client, bytes service, bytes method,
+                      int status, object cluster_name, object endpoint,
+                      long long request_id) except -1:
+        # one Bolt call: the default line reuses the HTTP one, "service method" in quotes
+        cdef bytes rid = str(request_id).encode() if request_id >= 0 else None
+        cdef bytes line = (service or b"-") + (b" " + method if method else b"")
+        if self.ops is not None:
+            return self._add_formatted(duration_us, client, line, None, status, None,
+                                       cluster_name, endpoint, rid, b"bolt",
+                                       service, method)
+        # Bolt status 0 is success: logged as 0 (the field means "none" only when absent)
+        return self._add_default(duration_us, client, line, status, cluster_name, endpoint,
+                                 rid)
+
+    cdef int _add_default(self, int64_t duration_us, bytes client, bytes line, int status,
+                          object cluster_name, object endpoint, bytes rid) except -1:
+        cdef Writer *w = &self.pending
+        cdef int64_t start_us = wall_us() - duration_us
+        cdef time_t sec = <time_t>(start_us // 1000000)
+        cdef tm t
+        cdef char num[48]
+        cdef int n
+        if sec != self.second:
+            gmtime_r(&sec, &t)
+            strftime(self.stamp, sizeof(self.stamp), "%Y-%m-%dT%H:%M:%S", &t)
+            self.second = sec
+        w_put(w, self.stamp, 19)
+        n = snprintf(num, sizeof(num), ".%03dZ ", <int>((start_us // 1000) % 1000))
+        w_put(w, num, n)
+        put_bytes(w, client)
+        w_put(w, b" \"", 2)
+        put_bytes(w, line)
+        n = snprintf(num, sizeof(num), "\" %d - %lld.%03d ", status,
+                     <long long>(duration_us // 1000), <int>(duration_us % 1000))
+        w_put(w, num, n)
+        put_bytes(w, self._label(cluster_name) if cluster_name is not None else None)
+        w_put(w, b" ", 1)
+        put_bytes(w, self._label(endpoint) if endpoint is not None else None)
+        w_put(w, b" ", 1)
+        put_bytes(w, rid)
+        w_put(w, b"\n", 1)
+        if w.len >= FLUSH_BYTES:
+            self.flush()
+        return 0
+
+    cdef int _add_formatted(self, int64_t duration_us, bytes client, bytes request_line,
+                            bytes head, int status, bytes flag, object cluster_name,
+                            object endpoint, bytes request_id, bytes protocol,
+                            bytes service=None, bytes method=None) except -1:
+        cdef Writer *w = &self.pending
+        cdef bytes out
+        import json
+        start_us = wall_us() - duration_us
+        parts = (request_line or b"").split(b" ")
+        is_http = protocol != b"bolt"
+
+        def value(op, arg):
+            if op == "START_TIME":
+                import time as _t
+                sec = start_us // 1000000
+                return _t.strftime("%Y-%m-%dT%H:%M:%S", _t.gmtime(sec)) + \
+                    ".%03dZ" % ((start_us // 1000) % 1000)
+            if op == "DURATION":
+                return str(duration_us // 1000)
+            if op == "RESPONSE_CODE":
+                return str(status) if (status or not is_http) else "0"
+            if op == "RESPONSE_FLAGS":
+                return flag.decode() if flag else "-"
+            if op == "UPSTREAM_HOST":
+                return self._label(endpoint).decode() if endpoint is not None else None
+            if op == "UPSTREAM_CLUSTER":
+                return cluster_name if cluster_name is not None else None
+            if op in ("DOWNSTREAM_REMOTE_ADDRESS", "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT"):
+                return client.decode() if client else None
+            if op == "PROTOCOL":
+                if is_http:
+                    return parts[2].decode() if len(parts) == 3 else None
+                return "bolt"
+            if op == "REQUEST_ID":
+                return request_id.decode() if request_id else None
+            if op == "RPC_SERVICE":
+                return service.decode("utf-8", "replace") if service else None
+            if op == "RPC_METHOD":
+                return method.decode("utf-8", "replace") if method else None
+            if op == "REQ":                    # X?Y: Y when X is absent (Envoy's syntax)
+                for alt in arg.split("?"):
+                    v = req(alt.strip().upper(), alt.strip())
+                    if v is not None:
+                        return v
+                return None
+            return None
+
+        def req(name, arg):
+            if is_http:
+                if name == ":METHOD":
+                    return parts[0].decode() if len(parts) == 3 else None
+                if name == ":PATH":
+                    return parts[1].decode("latin-1") if len(parts) == 3 else None
+                if name == ":PROTOCOL":
+                    return parts[2].decode() if len(parts) == 3 else None
+                if name in (":AUTHORITY", "HOST"):
+                    v = _req_header(head, "host")
+                elif name == "X-REQUEST-ID" and request_id:
+                    return request_id.decode()
+                else:
+                    v = _req_header(head, arg)
+                return v.decode("latin-1") if v is not None else None
+            if name in ("SERVICE", "SOFA_HEAD_TARGET_SERVICE"):
+                return service.decode("utf-8", "replace") if service else None
+            if name in ("METHOD", "SOFA_HEAD_METHOD_NAME", ":METHOD"):
+                return method.decode("utf-8", "replace") if method else None
+            return None
+
+        def render(ops):
+            if len(ops) == 1 and isinstance(ops[0], tuple):
+                return value(*ops[0])           # a lone operator keeps its JSON null
+            return "".join(o if isinstance(o, str) else (value(*o) or "-") for o in ops)
+
+        if self.json_lines:
+            out = (json.dumps({k: render(ops) for k, ops in self.ops},
+                              separators=(",", ":")) + "\n").encode()
+        else:
+            out = render(self.ops).encode("utf-8", "replace")
+        w_put(w, PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out))
+        if w.len >= FLUSH_BYTES:
+            self.flush()
+        return 0
+
     def flush(self):
         """Write what is pending (one write(), more only if the kernel takes less)."""
         cdef Py_ssize_t off = 0
@@ -141,7 +386,13 @@ cdef class AccessLog:
             os.close(fd)
 
     def py_add(self, duration_us, client, request_line, status, flag, cluster_name=None,
-               endpoint=None, request_id=None):
+               endpoint=None, request_id=None, head=None):
         """add() for tests."""
         self.add(duration_us, client, request_line, status, flag, cluster_name, endpoint,
-                 request_id)
+                 request_id, head)
+
+    def py_add_bolt(self, duration_us, client, service, method, status, cluster_name=None,
+                    endpoint=None, request_id=-1):
+        """add_bolt() for tests."""
+        self.add_bolt(duration_us, client, service, method, status, cluster_name, endpoint,
+                      request_id)

@@ -28,14 +28,16 @@ from fastmesh._core.retry cimport RetryPolicy
 from fastmesh._core.bolt import py_frame_set_id
 from fastmesh._core.bolt cimport (
     FrameInfo, frame_peek, frame_set_id, bolt_error_reason, header_find, frame_headers_offset,
+    header_lookup,
     encode_error_response, encode_heartbeat, encode_heartbeat_ack,
     BOLT_TYPE_RESPONSE, BOLT_TYPE_REQUEST, BOLT_TYPE_ONEWAY, BOLT_CMD_HEARTBEAT,
     BOLT_CMD_REQUEST, BOLT_CMD_RESPONSE, BOLT_STATUS_SUCCESS,
     BOLT_STATUS_SERVER_THREADPOOL_BUSY, BOLT_STATUS_NO_PROCESSOR, BOLT_STATUS_TIMEOUT,
     BOLT_STATUS_CONNECTION_CLOSED,
 )
+from fastmesh._core.accesslog cimport AccessLog
 from fastmesh._core.buffer cimport RecvBuffer
-from fastmesh._core.clock cimport now_ms
+from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.sockio cimport unread_bytes, local_dst
 from fastmesh._core.router cimport RouteTable, VirtualHost, Route, HeaderMatcher, A_DIRECT
@@ -52,6 +54,7 @@ from fastmesh._core.stats cimport (
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
 from fastmesh._core.stats import Counters as PyCounters
+from fastmesh._core.accesslog import sofa_method_name
 
 log = logging.getLogger("fastmesh.bolt")
 rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
@@ -72,6 +75,8 @@ cdef class InFlight:
         BoltDownstream ds
         uint32_t client_id          # the id the client chose; restored on the response
         int64_t deadline_ms         # 0 = none
+        int64_t start_us            # when the request was forwarded (latency histograms)
+        bytes service, method       # only with an access log: its fields
         unsigned char proto, ver1, codec
         # only when its route retries: what another try needs
         RetryPolicy retry
@@ -121,6 +126,7 @@ cdef bint _retry_call(InFlight e, int status):
     cl.counters.v[CS_RQ_TOTAL] += 1
     cl.counters.v[CS_RQ_ACTIVE] += 1
     ep.active_requests += 1
+    ep.rq_total += 1
     up.out.append(bytes(frame))
     up.flush()                              # (a connection still being made sends on connect)
     return True
@@ -149,6 +155,7 @@ cdef class BoltDownstream:
         int64_t last_rx_ms
         unsigned int affinity       # picks the same mux connection index per client
         tuple dst                   # (host, port) the client addressed (ORIGINAL_DST)
+        bytes client_ip             # only with an access log
 
     def __init__(self, ListenerCtx ctx):
         self.ctx = ctx
@@ -167,6 +174,9 @@ cdef class BoltDownstream:
         self.ctx.counters.v[LS_CX_ACTIVE] += 1
         self.affinity = <unsigned int>((id(self) >> 4) & 0xFFFFFFFF)
         self.last_rx_ms = now_ms()
+        if self.ctx.access_log is not None:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = (peer[0] if peer else "unknown").encode()
 
     def set_original_dst(self, str host, int port):
         self.dst = (host, port)
@@ -332,6 +342,20 @@ cdef class BoltDownstream:
             e = InFlight.__new__(InFlight)
             e.ds = self
             e.client_id = fi.request_id
+            e.start_us = now_us()
+            if self.ctx.access_log is not None:
+                e.cluster = cluster
+                e.ep = ep
+                e.service = header_lookup(p, fi, b"service", 7)
+                if e.service is None:
+                    e.service = header_lookup(p, fi, b"sofa_head_target_service", 24)
+                e.method = header_lookup(p, fi, b"sofa_head_method_name", 21)
+                if e.method is None:
+                    e.method = header_lookup(p, fi, b"method", 6)
+                if e.method is None and fi.codec == 1:      # hessian2: from the body
+                    voff = frame_headers_offset(fi) + fi.header_len
+                    e.method = sofa_method_name(PyBytes_FromStringAndSize(
+                        <char *>p + voff, min(fi.content_len, 512)))
             timeout_ms = fi.timeout_ms if fi.timeout_ms > 0 else route.timeout_ms
             e.deadline_ms = now_ms() + timeout_ms if timeout_ms > 0 else 0
             e.proto = fi.proto
@@ -349,6 +373,7 @@ cdef class BoltDownstream:
             self.ctx.counters.v[LS_RQ_ACTIVE] += 1
             cluster.counters.v[CS_RQ_ACTIVE] += 1
             ep.active_requests += 1
+            ep.rq_total += 1
         return up
 
     cdef _reply_error(self, FrameInfo *fi, int status):
@@ -362,6 +387,15 @@ cdef class BoltDownstream:
         # A response (or a proxy-made error) for one of our requests.
         self.inflight -= 1
         self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+        cdef int64_t latency_us = now_us() - e.start_us
+        self.ctx.counters.record_us(latency_us)
+        if self.ctx.access_log is not None:
+            try:
+                (<AccessLog>self.ctx.access_log).add_bolt(
+                    latency_us, self.client_ip, e.service, e.method, status,
+                    e.cluster.name if e.cluster is not None else None, e.ep, e.client_id)
+            except Exception:
+                log.exception("listener %s: access log failed", self.ctx.name)
         if status == BOLT_STATUS_SUCCESS:
             self.ctx.counters.v[LS_RSP_2XX] += 1
         else:
@@ -515,6 +549,8 @@ cdef class BoltUpstream:
         self.connect_task = None
         if task.cancelled() or task.exception() is not None:
             self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            self.ep.cx_connect_fail += 1
+            self.ep.connect_failing = True
             if not task.cancelled():
                 rlog.warning((self.cluster.name, "connect"),
                              "cluster %s: connect to %s:%s failed: %s", self.cluster.name,
@@ -533,6 +569,7 @@ cdef class BoltUpstream:
         transport.set_write_buffer_limits(1 << 20, 256 << 10)
         self.state = UP_READY
         self.last_rx_ms = now_ms()
+        self.ep.connect_failing = False
         self.cluster.counters.v[CS_CX_ACTIVE] += 1
         if self.out:
             flush(transport, self.out)
@@ -593,10 +630,12 @@ cdef class BoltUpstream:
                 if e is not None:               # (None: late, timed out or unknown: dropped)
                     self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
                     self.ep.active_requests -= 1
+                    self.cluster.counters.record_us(now_us() - e.start_us)
                     if fi.status == BOLT_STATUS_SUCCESS:
                         self.cluster.counters.v[CS_RSP_2XX] += 1
                     else:
                         self.cluster.counters.v[CS_BOLT_STATUS_OTHER] += 1
+                        self.ep.rq_error += 1
                     if self.cluster.od_enabled:
                         # outlier detection: an error status is a failure (a 5xx),
                         # a business exception included

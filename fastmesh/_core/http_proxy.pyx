@@ -234,8 +234,8 @@ cdef class HttpDownstream:
         self.ctx.counters.v[LS_RQ_ACTIVE] += 1
         self.rsp_status = 0
         self.rsp_flag = None
+        self.rq_start_us = now_us()         # latency histogram (and access log)
         if self.ctx.access_log is not None:
-            self.rq_start_us = now_us()
             self.rq_id = None
         self.deadline_ms = 0
         self.deadline_kind = DL_NONE
@@ -626,11 +626,15 @@ cdef class HttpDownstream:
         cl.cx_connecting -= 1
         if task.cancelled():                # the connect timed out (DL_CONNECT)
             cl.counters.v[CS_CX_CONNECT_FAIL] += 1
+            ep.cx_connect_fail += 1
+            ep.connect_failing = True
             _wake_pending(cl, ep)           # the room of the connection it would have been
             return
         exc = task.exception()
         if exc is not None:
             cl.counters.v[CS_CX_CONNECT_FAIL] += 1
+            ep.cx_connect_fail += 1
+            ep.connect_failing = True
             _wake_pending(cl, ep)
             if self.connect_task is task and self.state == DS_CONNECTING:
                 self.connect_task = None
@@ -648,6 +652,7 @@ cdef class HttpDownstream:
                 self._update_reading()
             return
         up = task.result()
+        ep.connect_failing = False
         if cl.od_split:
             ep.consecutive_local = 0            # a local-origin success
         if self.connect_task is task and self.state == DS_CONNECTING:
@@ -664,6 +669,7 @@ cdef class HttpDownstream:
         self.cluster.counters.v[CS_RQ_TOTAL] += 1
         self.cluster.counters.v[CS_RQ_ACTIVE] += 1
         self.ep.active_requests += 1
+        self.ep.rq_total += 1
         if self.write_paused:
             up.pause_reading()
         # an id is generated only for a request that has none (in a mesh most carry one);
@@ -796,8 +802,13 @@ cdef class HttpDownstream:
 
     cdef void _finish_request(self):
         # The response is complete (and the request consumed): next request, or close.
+        cdef int64_t latency_us
         if self.req is not None:
             self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+            latency_us = now_us() - self.rq_start_us
+            self.ctx.counters.record_us(latency_us)
+            if self.cluster is not None:
+                self.cluster.counters.record_us(latency_us)
             if self.ctx.access_log is not None:
                 self._access_log()
         if self.cluster is not None:
@@ -1060,7 +1071,8 @@ cdef class HttpDownstream:
         try:
             (<AccessLog>self.ctx.access_log).add(
                 duration_us, self.client_ip, request_line, self.rsp_status, self.rsp_flag,
-                self.cluster.name if self.cluster is not None else None, self.ep, self.rq_id)
+                self.cluster.name if self.cluster is not None else None, self.ep, self.rq_id,
+                h.raw if h is not None else None)
         except Exception:
             log.exception("listener %s: access log failed", self.ctx.name)
 
@@ -1490,6 +1502,8 @@ cdef class HttpUpstream:
             ds._on_upstream_lost(True, False, LS_ERR_UPSTREAM_PROTOCOL)
             return False
         self.cluster.counters.v[status_class_slot(h.status, CS_RSP_1XX)] += 1
+        if h.status >= 500:
+            self.ep.rq_error += 1
         if self.cluster.od_enabled:
             self.cluster.observe(self.ep, h.status)
         if ds.retry is not None and ds._try_retry(h.status, False, False):

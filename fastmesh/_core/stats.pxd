@@ -77,14 +77,47 @@ cdef enum:  # ClusterSlot
     CS_OD_EJECTIONS_LOCAL   # outlier ejections by consecutive local-origin failures (split)
     CS_SLOTS
 
+# Latency histogram: fixed log-linear buckets over microseconds. Bucket 0 holds < 64 µs;
+# then each power of two from 2^6 to 2^23 µs is cut in LAT_SUB equal parts; the last
+# bucket holds >= 2^24 µs (16.8 s). Recording is a count-leading-zeros, two shifts and two
+# adds: no Python object, no branch beyond the range checks. Bounds: stats.pyx LAT_BOUNDS_US.
+cdef enum:
+    LAT_MIN_SHIFT = 6           # 64 µs: the first bucket's upper bound
+    LAT_MAX_SHIFT = 24          # 16.8 s: beyond it, the overflow bucket
+    LAT_SUB_SHIFT = 2
+    LAT_SUB = 4                 # linear parts per power of two
+    LAT_BUCKETS = 2 + (LAT_MAX_SHIFT - LAT_MIN_SHIFT) * LAT_SUB    # 74
+
+cdef extern from *:
+    int __builtin_clzll(unsigned long long) nogil
+
+cdef inline int lat_bucket(int64_t us) noexcept nogil:
+    cdef int msb
+    if us < (1 << LAT_MIN_SHIFT):
+        return 0
+    if us >= (1 << LAT_MAX_SHIFT):
+        return LAT_BUCKETS - 1
+    msb = 63 - __builtin_clzll(<unsigned long long>us)
+    return 1 + (msb - LAT_MIN_SHIFT) * LAT_SUB + \
+        <int>((us >> (msb - LAT_SUB_SHIFT)) & (LAT_SUB - 1))
+
 cdef class Counters:
     cdef:
         int64_t v[48]            # slot values; index by ListenerSlot or ClusterSlot
         tuple names              # slot names for export, in slot order
         int nslots
+        int64_t lat[LAT_BUCKETS] # request latency histogram (counts per bucket)
+        int64_t lat_sum_us       # sum of the latencies recorded, µs
 
     cdef inline void inc(self, int slot):
         self.v[slot] += 1
+
+    cdef inline void record_us(self, int64_t us) noexcept:
+        # one request's latency (request head received -> response complete)
+        if us < 0:
+            us = 0
+        self.lat[lat_bucket(us)] += 1
+        self.lat_sum_us += us
 
 cdef inline int status_class_slot(int status, int base_1xx):
     # slot of the 1xx..5xx counter for an HTTP status, given the slot of the 1xx counter

@@ -1,4 +1,7 @@
 from libc.string cimport memset
+from libc.stdint cimport int64_t
+
+from fastmesh._core.clock cimport now_us
 
 LISTENER_SLOTS = (
     "downstream_cx_total", "downstream_cx_active", "downstream_rq_total",
@@ -38,9 +41,30 @@ assert len(CLUSTER_SLOTS) == CS_SLOTS
 assert LS_SLOTS <= 48 and CS_SLOTS <= 48         # Counters.v
 
 
+def _bounds_us():
+    out = [1 << LAT_MIN_SHIFT]
+    for msb in range(LAT_MIN_SHIFT, LAT_MAX_SHIFT):
+        step = 1 << (msb - LAT_SUB_SHIFT)
+        out.extend((1 << msb) + step * (k + 1) for k in range(LAT_SUB))
+    return tuple(out)
+
+
+# upper bounds (exclusive, µs) of the latency buckets but the last (the overflow bucket)
+LAT_BOUNDS_US = _bounds_us()
+LATENCY_BUCKETS = LAT_BUCKETS
+assert len(LAT_BOUNDS_US) == LAT_BUCKETS - 1
+
+
+def latency_bucket(long long us):
+    """The bucket a latency of `us` µs falls in (for tests and the micro-benchmark)."""
+    return lat_bucket(us)
+
+
 cdef class Counters:
     def __cinit__(self, str kind):
         memset(self.v, 0, sizeof(self.v))
+        memset(self.lat, 0, sizeof(self.lat))
+        self.lat_sum_us = 0
         if kind == "listener":
             self.names = LISTENER_SLOTS
         elif kind == "cluster":
@@ -52,9 +76,40 @@ cdef class Counters:
     def to_dict(self):
         return {self.names[i]: self.v[i] for i in range(self.nslots)}
 
+    def histogram(self):
+        """The latency histogram: bucket counts (LAT_BOUNDS_US, then overflow) + [sum µs];
+        None while nothing was recorded (idle clusters cost nothing to report)."""
+        cdef int i
+        for i in range(LAT_BUCKETS):
+            if self.lat[i]:
+                return [self.lat[j] for j in range(LAT_BUCKETS)] + [self.lat_sum_us]
+        return None
+
+    def record_latency_us(self, long long us):
+        """Record one latency (tests, micro-benchmark; the data world calls record_us)."""
+        self.record_us(us)
+
     def get(self, str name):
         return self.v[self.names.index(name)]
 
     def add(self, str name, long long n):
         """Control world: adjust one slot by name (not for the data path)."""
         self.v[self.names.index(name)] += n
+
+
+def bench_record_ns(long long n, bint with_clock=True):
+    """Micro-benchmark: the cost of recording n latencies as the proxies do (with_clock:
+    the two clock reads a request pays too, its start and its end); ns per record."""
+    cdef Counters c = Counters("cluster")
+    cdef long long i
+    cdef int64_t t0, start, v = 0
+    t0 = now_us()
+    if with_clock:
+        for i in range(n):
+            start = now_us()
+            c.record_us(now_us() - start + (i & 4095) * 37)
+    else:
+        for i in range(n):
+            v = (i * <long long>40503) & 0xFFFFFF      # spread over every bucket
+            c.record_us(v)
+    return (now_us() - t0) * 1000.0 / n

@@ -84,6 +84,7 @@ cdef class TcpPipe:
         self.cluster.counters.v[CS_RQ_TOTAL] += 1
         self.cluster.counters.v[CS_RQ_ACTIVE] += 1
         self.ep.active_requests += 1
+        self.ep.rq_total += 1
         # client bytes wait in the buffer (reading pauses when it is full) until the upstream
         # is connected; pausing here would be lost: uvloop starts reading after this returns
         self.deadline_ms = now_ms() + cluster.connect_timeout_ms
@@ -105,6 +106,8 @@ cdef class TcpPipe:
         if task.cancelled() or task.exception() is not None:
             self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
             self.ctx.counters.v[LS_ERR_CONNECT_FAILED] += 1
+            self.ep.cx_connect_fail += 1
+            self.ep.connect_failing = True
             if not task.cancelled():
                 rlog.warning((self.ctx.name, "connect"),
                              "listener %s: connect to %s:%s failed: %s", self.ctx.name,
@@ -113,6 +116,7 @@ cdef class TcpPipe:
                 self.transport.abort()
             return
         up = task.result()
+        self.ep.connect_failing = False
         if self.closed:
             up.transport.close()
             return

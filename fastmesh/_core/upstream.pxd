@@ -36,6 +36,11 @@ cdef class Endpoint:
         public int ejections        # how many times ejected: the ejection time grows with it
         public int64_t ejected_at_ms
         public bint used            # ORIGINAL_DST: picked since the last cleanup
+        # dashboard figures (counted by the proxies; the supervisor takes rates from deltas)
+        public int64_t rq_total         # requests sent to it
+        public int64_t rq_error         # answered 5xx / a Bolt error status
+        public int64_t cx_connect_fail  # connection attempts that failed or timed out
+        public bint connect_failing     # the latest connection attempt failed
 
 
 cdef enum UnhealthyBits:

@@ -45,6 +45,10 @@ cdef class Endpoint:
         self.current_weight = 0
         self.origin = origin or f"{host}:{port}"
         self.active_requests = 0
+        self.rq_total = 0
+        self.rq_error = 0
+        self.cx_connect_fail = 0
+        self.connect_failing = False
         self.http_idle = []
         self.mux = []
         self.http_pending = []

@@ -266,6 +266,16 @@ def _plain(obj: Any) -> Any:
         else:
             d["endpoints"] = [str(a) for a in obj.endpoints]
         return d
+    if isinstance(obj, Listener) and (obj.access_log_format or obj.access_log_json):
+        d = _plain_fields(obj)
+        d.pop("access_log_format", None)
+        d.pop("access_log_json", None)
+        d["access_log"] = {"path": obj.access_log}
+        if obj.access_log_json:
+            d["access_log"]["json_format"] = dict(obj.access_log_json)
+        else:
+            d["access_log"]["format"] = obj.access_log_format
+        return d
     if isinstance(obj, Route):
         d = _plain_fields(obj)
         if obj.request_headers_to_add:
@@ -567,7 +577,8 @@ def _default_admin_address() -> Address:
     return Address(host.strip("[]"), int(port))
 
 
-_LISTENER_FIELDS = {f.name: f for f in dataclasses.fields(Listener)}
+_LISTENER_FIELDS = {f.name: f for f in dataclasses.fields(Listener)
+                    if f.name not in ("access_log_format", "access_log_json")}  # in access_log
 _LISTENER_INT_MIN = {"max_request_body_bytes": 0,    # every other int field: >= 1
                      "stream_idle_timeout_ms": 0, "sniff_timeout_ms": 0}
 _LISTENER_KEYS = set(_LISTENER_FIELDS) | {"bolt_route_table"}
@@ -624,13 +635,7 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
         chains = kw.get("filter_chains") or ()
         protocols = {ch.protocol for ch in chains} if chains else {protocol}
         if "access_log" in m:
-            path = c.text(m["access_log"], f"{p}.access_log")
-            if path is not None and "http1" not in protocols:
-                c.err(f"{p}.access_log", "only http1 listeners have an access log")
-            elif path is not None and "\0" in path:
-                c.err(f"{p}.access_log", "a path cannot contain a NUL byte")
-            else:
-                kw["access_log"] = path
+            _access_log(c, m["access_log"], f"{p}.access_log", protocols, kw)
         if "accept_http_10" in m:
             kw["accept_http_10"] = c.boolean(m["accept_http_10"], f"{p}.accept_http_10")
         for name, parse in (("fault", _fault), ("local_rate_limit", _local_rate_limit)):
@@ -1440,3 +1445,56 @@ def _clusters(c: _Checker, raw: Any) -> dict:
         if name is not None and name not in out:
             out[name] = cl
     return out
+
+
+def _access_log(c, v, p: str, protocols: set, kw: dict) -> None:
+    """`access_log: PATH`, or `{path: PATH, format: "%START_TIME% ..."}` or
+    `{path: PATH, json_format: {key: "%OPERATOR%", ...}}` (fastmesh._core.accesslog)."""
+    from fastmesh._core.accesslog import compile_format
+    fmt = json_fields = None
+    if isinstance(v, dict):
+        for k in v:
+            if k not in ("path", "format", "json_format"):
+                c.err(f"{p}.{k}", "unknown key (path, format, json_format)")
+        if "path" not in v:
+            c.err(f"{p}.path", "missing required key")
+            return
+        path = c.text(v["path"], f"{p}.path")
+        if "format" in v and "json_format" in v:
+            c.err(p, "format and json_format: one or the other")
+        if "format" in v:
+            fmt = c.text(v["format"], f"{p}.format")
+            if fmt is not None:
+                try:
+                    compile_format(fmt)
+                except ValueError as exc:
+                    c.err(f"{p}.format", str(exc))
+        if "json_format" in v:
+            jf = v["json_format"]
+            if not isinstance(jf, dict) or not jf:
+                c.err(f"{p}.json_format", "a non-empty map of key -> operator text")
+            else:
+                json_fields = []
+                for key, text in jf.items():
+                    t = c.text(text, f"{p}.json_format.{key}")
+                    if t is None:
+                        continue
+                    try:
+                        compile_format(t)
+                    except ValueError as exc:
+                        c.err(f"{p}.json_format.{key}", str(exc))
+                    json_fields.append((str(key), t))
+    else:
+        path = c.text(v, p)
+    if path is None:
+        return
+    if not protocols & {"http1", "bolt"}:
+        c.err(p, "only http1 and bolt listeners have an access log")
+    elif "\0" in path:
+        c.err(p, "a path cannot contain a NUL byte")
+    else:
+        kw["access_log"] = path
+        if fmt is not None:
+            kw["access_log_format"] = fmt
+        if json_fields:
+            kw["access_log_json"] = tuple(json_fields)

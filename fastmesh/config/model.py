@@ -217,7 +217,9 @@ class Listener:
     high_water_bytes: int = 262144                # pause the other side above this many queued
     low_water_bytes: int = 65536                  # ... and resume below this
     max_in_flight: int = 10000                    # Bolt requests in flight per connection (busy)
-    access_log: Optional[str] = None              # HTTP/1: append a line per request to this file
+    access_log: Optional[str] = None              # HTTP/1, Bolt: append a line per request to this file
+    access_log_format: Optional[str] = None       # Envoy-style %OPERATOR% text (None: the default line)
+    access_log_json: tuple[tuple[str, str], ...] = ()   # JSON lines: (key, operator text) pairs
     accept_http_10: bool = True                   # HTTP/1: serve HTTP/1.0 requests; False
                                                   # answers them 426 (Envoy's default)
     http_filters: tuple[str, ...] = ()            # HTTP/1: HTTP_FILTERS in chain order

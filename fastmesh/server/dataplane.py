@@ -256,10 +256,22 @@ class DataPlane:
             listeners.setdefault(lst.name, lst.counters())
         clusters = {n: c.counters.to_dict() for n, c in self.snapshot.clusters.items()} \
             if self.snapshot else {}
+        # latency histograms (fastmesh._core.stats LAT_BOUNDS_US): bucket counts + [sum µs]
+        # (only those with a request recorded: a thousand idle clusters send nothing)
+        hl = {n: h for n, lst in self.listeners.items()
+              if (h := lst.ctx.counters.histogram()) is not None}
+        for lst in self.draining_listeners:
+            if lst.name not in hl and (h := lst.ctx.counters.histogram()) is not None:
+                hl[lst.name] = h
+        hc = {n: h for n, c in self.snapshot.clusters.items()
+              if (h := c.counters.histogram()) is not None} if self.snapshot else {}
         return {"pid": os.getpid(), "listeners": listeners, "clusters": clusters,
+                "histograms": {"listeners": hl, "clusters": hc},
                 "config_version": self.snapshot.version if self.snapshot else 0}
 
-    def clusters_info(self) -> dict:
+    def clusters_info(self, figures: bool = False) -> dict:
+        """figures: also each endpoint's request, error and connect-failure counts (the
+        dashboard's)."""
         out = {}
         for n, c in (self.snapshot.clusters.items() if self.snapshot else ()):
             out[n] = [{"address": f"{e.host}:{e.port}", "origin": e.origin,
@@ -270,6 +282,11 @@ class DataPlane:
                        "ejected": bool(e.unhealthy & UNHEALTHY_EJECTED),
                        "ejections": e.ejections}
                       for e in c.get_endpoints()]
+            if figures:
+                for d, e in zip(out[n], c.get_endpoints()):
+                    d.update(rq_total=e.rq_total, rq_error=e.rq_error,
+                             cx_connect_fail=e.cx_connect_fail,
+                             connect_failing=bool(e.connect_failing))
         return out
 
     def listeners_info(self) -> dict:

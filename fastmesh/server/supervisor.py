@@ -55,6 +55,34 @@ def add_counters(dst: dict, src: dict, skip=GAUGE_SLOTS) -> None:
             for k, v in counters.items():
                 if k not in skip:
                     d[k] = d.get(k, 0) + v
+    add_histograms(dst, src)
+
+
+def add_histograms(dst: dict, src: dict) -> None:
+    """Latency histograms (bucket counts + [sum µs]) add bucket by bucket."""
+    hist = src.get("histograms")
+    if not hist:
+        return
+    acc = dst.setdefault("histograms", {})
+    for kind in ("listeners", "clusters"):
+        per = acc.setdefault(kind, {})
+        for name, h in (hist.get(kind) or {}).items():
+            d = per.get(name)
+            if d is None or len(d) != len(h):
+                per[name] = list(h)
+            else:
+                per[name] = [a + b for a, b in zip(d, h)]
+
+
+def latency_histograms(hist: dict) -> dict:
+    """/stats form of the summed histograms: per listener and cluster the bucket counts
+    (upper bounds in `bounds_us`, then the overflow bucket), count and sum."""
+    from fastmesh._core.stats import LAT_BOUNDS_US
+    out: dict = {"bounds_us": list(LAT_BOUNDS_US)}
+    for kind in ("listeners", "clusters"):
+        out[kind] = {name: {"counts": h[:-1], "count": sum(h[:-1]), "sum_us": h[-1]}
+                     for name, h in (hist.get(kind) or {}).items()}
+    return out
 
 
 def default_upgrade_path(config_path: str) -> str:
@@ -166,6 +194,10 @@ class Supervisor:
         self.bootstrap_doc = None           # the Envoy bootstrap as read (for config dumps)
         # active health checks: one prober for the whole proxy; verdicts go to every worker
         self.health = HealthChecker(loop, self._send_health, self._cluster_has_traffic)
+        # the dashboard and its JSON API (fastmesh.dashboard): change timeline, live rates
+        from fastmesh.dashboard import Observatory
+        self.observatory = Observatory(self)
+        self.change_source: str | None = None    # who asked for the config change under way
 
     # ------------------------------------------------------------------ start
 
@@ -237,6 +269,7 @@ class Supervisor:
             if self.admin is not None:
                 self.admin.register("GET", "/xds", self._admin_xds)
         self.started = True
+        self.observatory.started()
         log.info("fastmesh %s: generation %d serving (%d listeners, %d clusters, %d workers, "
                  "pid %d, main pid %d)", __version__, self.generation, len(self.cfg.listeners),
                  len(self.cfg.clusters), self.nworkers, os.getpid(), mainproc.main_pid())
@@ -398,6 +431,13 @@ class Supervisor:
         """Re-read the config file and apply it. On any error nothing changes."""
         if self.config_path is None:
             return False, ["no config file to reload (started without -c)"]
+        self.change_source = "file reload"
+        try:
+            return await self._reload_file()
+        finally:
+            self.change_source = None
+
+    async def _reload_file(self) -> tuple[bool, list]:
         try:
             cfg = load_file(self.config_path)
         except ConfigError as exc:
@@ -443,8 +483,9 @@ class Supervisor:
             error = await self._on_every_worker(endpoints_for)
             if error is not None:
                 return False, [f"apply: {error}"]
-            self.cfg = cfg
+            old_cfg, self.cfg = self.cfg, cfg
             self.version += 1
+            self.observatory.config_changed(old_cfg, cfg)
             self._follow_health(health_version)
             return True, []
 
@@ -503,9 +544,10 @@ class Supervisor:
             if key not in keep:
                 # the workers have stopped it listening; they drain their own copies
                 _close_groups({key: self.sockets.pop(key)})
-        self.cfg = cfg
+        old_cfg, self.cfg = self.cfg, cfg
         self.version += 1
         self.reloads += 1
+        self.observatory.config_changed(old_cfg, cfg)
         self._follow_health(health_version)
         if self.xds is None:
             self._read_bootstrap()
@@ -555,6 +597,16 @@ class Supervisor:
             if c and (c.get("upstream_cx_total") or c.get("upstream_rq_total")):
                 return True
         return False
+
+    async def set_log_levels(self, levels: dict) -> str | None:
+        """Admin POST /logging: here, then in every worker (and in those started later)."""
+        for name, level in levels.items():
+            logging.getLogger(name or None).setLevel(level.upper())
+        if "" in levels:
+            self.log_level = levels[""]
+        log.debug("log levels set: %s", levels)
+        return await self._on_every_worker(
+            lambda h: h.chan.request({"t": "logging", "levels": levels}, timeout_s=5))
 
     async def _admin_xds(self, body: bytes):
         import json
@@ -691,6 +743,7 @@ class Supervisor:
             self.xds.stop()
 
     def _finish(self) -> None:
+        self.observatory.stop()
         self._stop_xds()
         self.health.stop()
         if self._monitor is not None:
@@ -735,7 +788,7 @@ class Supervisor:
                            "downstream_cx_total": sum(c.get("downstream_cx_total", 0) for c in ls),
                            "downstream_cx_active": sum(c.get("downstream_cx_active", 0)
                                                        for c in ls)})
-        return {
+        out = {
             "server": {"version": __version__, "pid": mainproc.main_pid(),
                        "supervisor_pid": os.getpid(), "generation": self.generation,
                        "uptime_s": round(time.time() - self.started_at, 3),
@@ -748,6 +801,8 @@ class Supervisor:
             "listeners": listeners,
             "clusters": clusters,
         }
+        out["latency_histograms"] = latency_histograms(totals.get("histograms") or {})
+        return out
 
     def listeners_info(self) -> dict:
         out = {}

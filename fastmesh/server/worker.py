@@ -11,6 +11,7 @@ Messages it takes (each answered with ``{"t": "reply", "ok": ...}``):
               own, unchanged; health (optional): every active health check verdict, applied
               before the listeners serve this config
     stats     -> {"stats": {...}}
+    logging   {"levels": {logger name ("" = root): "debug" | "info" | ...}}: set log levels
     clusters  -> {"clusters": {...}}
     endpoints {"clusters": {name: ["host:port", ...] or {"endpoints": [...], "weights":
               [...]}}}: new endpoint sets for some clusters (EDS); pools to endpoints that
@@ -130,11 +131,18 @@ class Worker:
         self.plane.set_health(msg["clusters"], replace_all=bool(msg.get("all")))
         return {}
 
+    async def _on_logging(self, msg, fds):
+        """Admin POST /logging: {"levels": {logger name ("" = root): level name}}."""
+        for name, level in (msg.get("levels") or {}).items():
+            logging.getLogger(name or None).setLevel(str(level).upper())
+        log.debug("worker %d: log levels set: %s", self.index, msg.get("levels"))
+        return {}
+
     async def _on_stats(self, msg, fds):
         return {"stats": dict(self.plane.stats(), index=self.index)}
 
     async def _on_clusters(self, msg, fds):
-        return {"clusters": self.plane.clusters_info()}
+        return {"clusters": self.plane.clusters_info(figures=bool(msg.get("figures")))}
 
     async def _on_drain(self, msg, fds):
         close = bool(msg.get("close_listeners"))

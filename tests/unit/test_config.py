@@ -1059,8 +1059,15 @@ def test_listener_access_log():
         "listeners[0].access_log: expected a string, got 5 (quote it)"
     assert error(with_listener(access_log="")) == \
         "listeners[0].access_log: expected a non-empty string"
-    assert error(with_listener(protocol="bolt", access_log="/tmp/a.log")) == \
-        "listeners[0].access_log: only http1 listeners have an access log"
+    # Bolt listeners have one too now (issue 13); tcp listeners do not
+    assert load_dict(with_listener(protocol="bolt", access_log="/tmp/a.log")) \
+        .listeners[0].access_log == "/tmp/a.log"
+    assert load_dict(with_listener(access_log={"path": "/tmp/a.log", "format": "%DURATION%"})) \
+        .listeners[0].access_log_format == "%DURATION%"
+    assert error(with_listener(access_log={"path": "/tmp/a.log", "format": "%NOPE%"})) \
+        .startswith("listeners[0].access_log.format: unknown operator %NOPE%")
+    assert error(with_listener(access_log={"format": "%DURATION%"})) == \
+        "listeners[0].access_log.path: missing required key"
 
 
 def test_route_retries_hashing_mirrors_and_endpoint_weights():

@@ -80,6 +80,31 @@ def bootstrap():
     }
 
 
+FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+
+
+def _file_log(log_format, path="/tmp/fm-access.log"):
+    tc = {"@type": FILE_LOG_TYPE, "path": path}
+    if log_format is not None:
+        tc["log_format"] = log_format
+    return {"name": "envoy.access_loggers.file", "typed_config": tc}
+
+
+def test_file_access_log_formats():
+    b = bootstrap()
+    fmt = '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE%\n'
+    hcm(b)["access_log"] = [_file_log({"text_format_source": {"inline_string": fmt}})]
+    lst = load_bootstrap(b, "test.yaml").listeners[0]
+    assert lst.access_log == "/tmp/fm-access.log" and lst.access_log_format == fmt
+    hcm(b)["access_log"] = [_file_log({"json_format": {"code": "%RESPONSE_CODE%",
+                                                        "path": "%REQ(:PATH)%"}})]
+    lst = load_bootstrap(b, "test.yaml").listeners[0]
+    assert lst.access_log_json == (("code", "%RESPONSE_CODE%"), ("path", "%REQ(:PATH)%"))
+    hcm(b)["access_log"] = [_file_log(None)]
+    lst = load_bootstrap(b, "test.yaml").listeners[0]
+    assert lst.access_log == "/tmp/fm-access.log" and lst.access_log_format is None
+
+
 def hcm(b):
     return b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"]
@@ -303,7 +328,12 @@ LISTENER_REFUSALS = [
      "a whole-request timeout: not supported yet"),
     (lambda b: hcm(b).update(common_http_protocol_options={"idle_timeout": "0s"}),
      f"{HCM}.common_http_protocol_options.idle_timeout", "0s (no idle timeout)"),
-    (lambda b: hcm(b).update(access_log=[]), f"{HCM}.access_log", "Envoy access logs"),
+    (lambda b: hcm(b).update(access_log=[_file_log({"text_format_source": {
+        "inline_string": "%BYTES_SENT%"}})]),
+     f"{HCM}.access_log[0].typed_config.log_format.text_format_source.inline_string",
+     "unknown operator %BYTES_SENT%"),
+    (lambda b: hcm(b).update(access_log=[dict(_file_log(None), filter={})]),
+     f"{HCM}.access_log[0].filter", "access log filters"),
     (lambda b: hcm(b).update(merge_slashes=True), f"{HCM}.merge_slashes", "not supported yet"),
     (lambda b: hcm(b).update(http_protocol_options={"allow_absolute_url": True}),
      f"{HCM}.http_protocol_options.allow_absolute_url", "unknown field"),

@@ -69,7 +69,7 @@ _HCM_FIELDS = {
     "max_request_headers_kb": None, "normalize_path": None, "merge_slashes": None,
     "rds": "RDS needs dynamic_resources/ADS: " + NOT_YET,
     "scoped_routes": "scoped routes need dynamic_resources/ADS: " + NOT_YET,
-    "access_log": "Envoy access logs: " + NOT_YET,
+    "access_log": None,
     "tracing": "tracing: " + NOT_YET,
     "http_protocol_options": None,
     "http2_protocol_options": "HTTP/2: " + NOT_YET,
@@ -423,6 +423,8 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
               max_head_bytes=ENVOY_MAX_REQUEST_HEADERS_KB * 1024,
               max_headers=ENVOY_MAX_HEADERS_COUNT)
     c.text(c.need(m, "stat_prefix"), m.p("stat_prefix"), nonempty=False)
+    if "access_log" in m:
+        _access_logs(c, m.get("access_log"), m.p("access_log"), kw)
     if "codec_type" in m:
         codec = c.enum(m.get("codec_type"), m.p("codec_type"), _CODECS, "codec_type")
         if codec in ("HTTP2", "HTTP3"):
@@ -622,3 +624,78 @@ def _integral(x):
     if isinstance(x, list):
         return [_integral(v) for v in x]
     return x
+
+
+FILE_ACCESS_LOG = "envoy.extensions.access_loggers.file.v3.FileAccessLog"
+
+
+def _access_logs(c: EnvoyChecker, raw, p: str, kw: dict) -> None:
+    """HCM access_log: one file access log, its log_format's text_format_source
+    (inline_string) or json_format translated to fastmesh's format (the same %OPERATOR%
+    names; fastmesh._core.accesslog lists those it renders)."""
+    from fastmesh._core.accesslog import compile_format
+    items = c.seq(raw, p, nonempty=False) or []
+    if len(items) > 1:
+        c.err(p, f"{len(items)} access logs: one per listener is supported ({NOT_YET})")
+        return
+    for i, item in enumerate(items):
+        ip = f"{p}[{i}]"
+        a = c.message(item, ip, {"name": None, "typed_config": None,
+                                 "filter": "access log filters: " + NOT_YET})
+        if a is None or c.need(a, "typed_config") is _MISSING:
+            return
+        f = c.typed_config(a.get("typed_config"), a.p("typed_config"), FILE_ACCESS_LOG, {
+            "path": None, "log_format": None,
+            "format": "the deprecated format field: use log_format",
+            "json_format": "the deprecated json_format field: use log_format",
+            "typed_json_format": "typed_json_format: " + NOT_YET})
+        if f is None:
+            return
+        path = c.text(c.need(f, "path"), f.p("path"))
+        if path is None:
+            return
+        kw["access_log"] = path
+        if "log_format" not in f:
+            c.note(f.p("path"), "no log_format: Envoy's default line counts bytes fastmesh "
+                                "does not keep per request; fastmesh's default line is written")
+            return
+        lf = c.message(f.get("log_format"), f.p("log_format"), {
+            "text_format_source": None, "json_format": None,
+            "text_format": "the deprecated text_format: use text_format_source",
+            "omit_empty_values": "omit_empty_values: " + NOT_YET,
+            "content_type": None, "formatters": "formatter extensions: " + NOT_YET,
+            "json_format_options": "json_format_options: " + NOT_YET})
+        if lf is None:
+            return
+
+        def check(text: str, where: str) -> bool:
+            try:
+                compile_format(text)
+                return True
+            except ValueError as exc:
+                c.err(where, str(exc))
+                return False
+        if "text_format_source" in lf:
+            src = c.message(lf.get("text_format_source"), lf.p("text_format_source"),
+                            {"inline_string": None,
+                             "filename": "a format from a file: " + NOT_YET,
+                             "inline_bytes": "inline_bytes: " + NOT_YET,
+                             "environment_variable": "environment_variable: " + NOT_YET})
+            if src is None:
+                return
+            text = c.text(c.need(src, "inline_string"), src.p("inline_string"))
+            if text is not None and check(text, src.p("inline_string")):
+                kw["access_log_format"] = text
+        elif "json_format" in lf:
+            jf = lf.get("json_format")
+            if not isinstance(jf, dict) or not jf:
+                c.err(lf.p("json_format"), "expected a non-empty mapping of key -> operator")
+                return
+            fields = []
+            for k, v in jf.items():
+                if not isinstance(v, str):
+                    c.err(f"{lf.p('json_format')}.{k}", "nested or non-string values: " + NOT_YET)
+                    continue
+                if check(v, f"{lf.p('json_format')}.{k}"):
+                    fields.append((str(k), v))
+            kw["access_log_json"] = tuple(fields)
