@@ -121,6 +121,8 @@ class Supervisor:
         self.xds = None                     # fastmesh.xds.source.XdsSource, when configured
         self._xds_inherited: dict | None = None
         self.bootstrap_doc = None           # the Envoy bootstrap as read (for config dumps)
+        self.registry = None                # fastmesh.registry.source.RegistrySource
+        self._registry_stop: asyncio.Task | None = None
         # active health checks: one prober for the whole proxy; verdicts go to every worker
         self.health = HealthChecker(loop, self._send_health, self._cluster_has_traffic)
 
@@ -129,14 +131,22 @@ class Supervisor:
     async def start(self) -> None:
         inherited = {}
         old_chan = None
+        registry_state = None
         if self.upgrade_path:
             got = await upgrade.fetch_sockets(self.upgrade_path, self.loop)
             if got is not None:
-                old_chan, inherited, self.generation, xds_state = got
+                old_chan, inherited, self.generation, xds_state, registry_state = got
                 log.info("upgrade: took %d listening sockets from the running generation",
                          sum(len(g) for g in inherited.values()))
                 if self.cfg.xds is not None and xds_state:
                     self._inherit_xds(xds_state)
+        if self._uses_registry(self.cfg) or registry_state:
+            # providers from ZooKeeper: the first lists (or those the previous generation
+            # served) fill the clusters before any worker serves
+            from fastmesh.registry.source import RegistrySource
+            self.registry = RegistrySource(self, inherited=registry_state)
+            await self.registry.prepare(self.cfg)
+            self.cfg = self.registry.fill(self.cfg)
         try:
             for lc in self.cfg.listeners:
                 key = _addr_key(lc.address)
@@ -165,10 +175,15 @@ class Supervisor:
                 await self.admin.start(None, None, sock=self.admin_sock.dup())
         except BaseException:
             self.health.stop()
+            if self.registry is not None:
+                await self.registry.stop()
             if old_chan is not None:
                 old_chan.close()            # the old generation goes on serving
             self._kill_workers()
             raise
+        if self.registry is not None:
+            # published before the old generation (if any) withdraws its own
+            self.registry.publish(self.cfg, self._bound_addresses())
         if old_chan is not None:
             migrate_path = self.upgrade_path + ".migrate"
             self.migrate_server = upgrade.MigrateServer(self, migrate_path, self.loop)
@@ -193,6 +208,8 @@ class Supervisor:
             self.xds.start()
             if self.admin is not None:
                 self.admin.register("GET", "/xds", self._admin_xds)
+        if self.admin is not None:
+            self.admin.register("GET", "/registry", self._admin_registry)
         self.started = True
         log.info("fastmesh %s: generation %d serving (%d listeners, %d clusters, %d workers, "
                  "pid %d, main pid %d)", __version__, self.generation, len(self.cfg.listeners),
@@ -402,7 +419,36 @@ class Supervisor:
             self._follow_health(health_version)
             return True, []
 
+    @staticmethod
+    def _uses_registry(cfg: model.Config) -> bool:
+        return any(c.discovery is not None for c in cfg.clusters.values()) or any(
+            lc.publish is not None for lc in cfg.listeners)
+
+    def _bound_addresses(self) -> dict:
+        """listener name -> (host, port) it is bound to (port 0 resolved)."""
+        out = {}
+        for lc in self.cfg.listeners:
+            group = self.sockets.get(_addr_key(lc.address))
+            if group:
+                out[lc.name] = group[0].getsockname()[:2]
+        return out
+
     async def _apply_config(self, cfg: model.Config) -> tuple[bool, list]:
+        if self.registry is None and self._uses_registry(cfg):
+            from fastmesh.registry.source import RegistrySource
+            self.registry = RegistrySource(self)
+        if self.registry is not None:
+            # a new or changed discovery block is read before the config applies
+            await self.registry.prepare(cfg)
+            cfg = self.registry.fill(cfg)
+        ok, errors = await self._apply_config_filled(cfg)
+        if self.registry is not None:
+            self.registry.sync(self.cfg)
+            if not self._stopping:
+                self.registry.publish(self.cfg, self._bound_addresses())
+        return ok, errors
+
+    async def _apply_config_filled(self, cfg: model.Config) -> tuple[bool, list]:
         errors = []
         if (cfg.admin.address if cfg.admin else None) != \
                 (self.cfg.admin.address if self.cfg.admin else None):
@@ -515,6 +561,11 @@ class Supervisor:
         out = dict(self.xds.status(), last_apply=self.last_apply)
         return 200, "application/json", (json.dumps(out, indent=2) + "\n").encode()
 
+    async def _admin_registry(self, body: bytes):
+        import json
+        out = self.registry.status() if self.registry is not None else {}
+        return 200, "application/json", (json.dumps(out, indent=2) + "\n").encode()
+
     async def _admin_reload(self, body: bytes):
         import json
         ok, errors = await self.reload()
@@ -540,6 +591,8 @@ class Supervisor:
         self._stopping = True
         self._stop_xds()
         self.health.stop()
+        if self.registry is not None:
+            await self.registry.unpublish()
         if self.admin is not None:
             self.admin.close()
         await asyncio.gather(*[
@@ -585,6 +638,9 @@ class Supervisor:
         self._stopping = True
         self._stop_xds()
         self.health.stop()
+        if self.registry is not None:
+            # callers that find us in the registry stop picking us before we stop listening
+            await self.registry.unpublish()
         log.info("draining (up to %d ms); listeners closed to new connections",
                  self.cfg.drain_timeout_ms)
         if self.upgrade_server is not None:
@@ -646,6 +702,9 @@ class Supervisor:
     def _finish(self) -> None:
         self._stop_xds()
         self.health.stop()
+        if self.registry is not None:
+            registry, self.registry = self.registry, None
+            self._registry_stop = self.loop.create_task(registry.stop())
         if self._monitor is not None:
             self._monitor.cancel()
         if self.admin is not None:
@@ -659,6 +718,9 @@ class Supervisor:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+        if self._registry_stop is not None:
+            # the registry sessions end (their ephemeral nodes with them), bounded
+            await asyncio.wait([self._registry_stop], timeout=5)
 
     # ------------------------------------------------------------------ admin answers
 
@@ -680,6 +742,9 @@ class Supervisor:
         listeners, clusters = totals["listeners"], totals["clusters"]
         for name, hc in self.health.stats().items():
             clusters.setdefault(name, {}).update(hc)
+        if self.registry is not None:
+            for name, rc in self.registry.stats().items():
+                clusters.setdefault(name, {}).update(rc)
         # how the kernel spread connections over this generation's live workers
         spread = []
         for st in per_worker:
@@ -714,10 +779,15 @@ class Supervisor:
 
     async def clusters_info(self) -> dict:
         per_worker = [r["clusters"] for r in await self._gather("clusters")]
+        from fastmesh.registry.report import annotate_clusters
+        for info in per_worker:
+            annotate_clusters(self, info)
         return per_worker[0] if len(per_worker) == 1 else {"workers": per_worker}
 
     def config_dump(self) -> dict:
-        return {"version": self.version, "source": self.cfg.source, "config": to_dict(self.cfg)}
+        from fastmesh.registry.report import endpoint_sources
+        return {"version": self.version, "source": self.cfg.source, "config": to_dict(self.cfg),
+                "endpoint_sources": endpoint_sources(self)}
 
     def envoy_config_dump(self) -> dict | None:
         """Envoy's ConfigDump shape, for a proxy configured by an Envoy bootstrap."""
