@@ -52,6 +52,11 @@ const zkWithTimeout = Object.assign({}, zookeeper, {
 });
 
 class LoopbackRpcServer extends RpcServer {
+  // the weight goes in the published URL itself (publish() waits until it sees that URL)
+  get params() {
+    return Object.assign(super.params, { weight });
+  }
+
   _startServer(listenPort) {
     const server = net.createServer();
     server.once('error', err => { this.emit('error', err); });
@@ -69,7 +74,7 @@ server.on('error', err => logger.warn('server error: ' + (err && err.message)));
 registry.on('error', err => logger.warn('registry error: ' + (err && err.message)));
 
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
-server.addService({ interfaceName, version, group: 'SOFA', customMeta: { weight } }, {
+server.addService({ interfaceName, version, group: 'SOFA' }, {
   async echo(s) { return s; },
   async whoami() { return id; },
   async slow(ms) { await sleep(Number(ms) || 0); return 'slow-done'; },
