@@ -489,3 +489,30 @@ def test_reload_changes_the_discovered_service(zk, peers, start_fastmesh):
     caller.wait_for(lambda: caller.ok_by().get("b2"), 5, "calls to the 2.0 provider")
     totals = caller.finish()
     assert totals["fail"] == 0 and set(totals["ok"]) == {"b2"}
+
+
+def test_unregistered_provider_finishes_its_calls(zk, kz, peers, start_fastmesh):
+    """A provider whose node goes while it still lives (unregistered by hand): the call in
+    flight to it is answered, then fastmesh closes its idle connection to it."""
+    from bolt_peers import client_command
+    fm = start_fastmesh(registry_config(zk))
+    p = peers.provider(zk, "u1")
+    wait_until(lambda: cluster_addresses(fm) == [p.address], 5, "the provider")
+    slow = subprocess.Popen(client_command(f"127.0.0.1:{fm.port}",
+                                           [{"method": "slow", "args": [1500]}], 5000),
+                            cwd=NODE_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: fm.cluster_stats("echo").get("upstream_rq_active"), 5,
+                   "the slow call in flight")
+        for child in kz.get_children(PROVIDERS):
+            if f"%3A{p.port}%3F" in child or f":{p.port}?" in child:
+                kz.delete(f"{PROVIDERS}/{child}")
+        wait_until(lambda: cluster_addresses(fm) == [], 5, "the endpoint removed")
+        out, _ = slow.communicate(timeout=10)
+    finally:
+        stop_process(slow)
+    (result,) = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    assert result["ok"] and result["result"] == "slow-done", result
+    wait_until(lambda: fm.cluster_stats("echo")["upstream_cx_active"] == 0, 5,
+               "the connection to the removed provider closed")
