@@ -160,8 +160,8 @@ def matches(p: Provider, spec: ServiceSpec) -> bool:
     if spec.unique_id and q.get("uniqueId", "") != spec.unique_id:
         return False
     if spec.protocol:
-        proto = q.get("protocol") or p.scheme
-        if proto != spec.protocol and p.scheme != spec.protocol:
+        # the `protocol` parameter when set (sofa-rpc-node leaves it empty), else the scheme
+        if (q.get("protocol") or p.scheme) != spec.protocol:
             return False
     return True
 
