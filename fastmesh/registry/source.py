@@ -286,6 +286,16 @@ class RegistrySource:
             pub.start()
         self._close_unused_clients()
 
+    async def wait_published(self, timeout_s: float = 2.0) -> bool:
+        """Until every publication's node exists (a hot restart publishes the new
+        generation before the old one withdraws), bounded; False at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while any(p[0].created == 0 for p in self.pubs.values()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     async def unpublish(self, timeout_s: float = 2.0) -> None:
         """Withdraw every publication (drain, hand-over): callers stop picking this proxy."""
         pubs = [p[0] for p in self.pubs.values()]

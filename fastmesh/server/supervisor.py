@@ -184,6 +184,9 @@ class Supervisor:
         if self.registry is not None:
             # published before the old generation (if any) withdraws its own
             self.registry.publish(self.cfg, self._bound_addresses())
+            if old_chan is not None and not await self.registry.wait_published():
+                log.warning("upgrade: this generation's services are not published yet "
+                            "(registry unreachable); the previous generation withdraws its own")
         if old_chan is not None:
             migrate_path = self.upgrade_path + ".migrate"
             self.migrate_server = upgrade.MigrateServer(self, migrate_path, self.loop)

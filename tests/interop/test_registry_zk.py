@@ -516,3 +516,61 @@ def test_unregistered_provider_finishes_its_calls(zk, kz, peers, start_fastmesh)
     assert result["ok"] and result["result"] == "slow-done", result
     wait_until(lambda: fm.cluster_stats("echo")["upstream_cx_active"] == 0, 5,
                "the connection to the removed provider closed")
+
+
+def test_hot_restart_resubscribes_and_republishes(zk, kz, peers, deployment):
+    """A hot restart: the new generation serves the providers at once (the old one hands
+    over its lists, so even with ZooKeeper down), subscribes again, publishes its listener
+    before the old generation withdraws its own; 0 failed calls throughout."""
+    from fmtest import supervisor_pid, wait_gone, wait_new_generation
+    cfg = registry_config(zk)
+    cfg["admin"] = {"address": f"127.0.0.1:{free_port()}"}
+    cfg["drain_timeout_ms"] = 5000
+    port = free_port()
+    cfg["listeners"][0]["address"] = f"127.0.0.1:{port}"
+    cfg["listeners"][0]["publish"] = {"zookeeper": {"servers": zk.servers,
+                                                    "services": ["com.example.Front:1.0"]}}
+    d = deployment(cfg)
+    d.start()
+    front = "/sofa-rpc/com.example.Front/providers"
+    p1 = peers.provider(zk, "h1")
+    # one call at a time with pauses: the connection is idle often enough to be migrated
+    # (a connection that always has a call in flight drains until drain_timeout_ms instead)
+    caller = peers.caller(f"127.0.0.1:{port}", concurrent=1, interval_ms=10)
+    caller.wait_for(lambda: caller.ok_by().get("h1"), 10, "calls to h1")
+    wait_until(lambda: kz.exists(front) and len(kz.get_children(front)) == 1, 5, "published")
+    (first_child,) = kz.get_children(front)
+
+    old = supervisor_pid(d.admin_port)
+    d.hup()
+    new = wait_new_generation(d.admin_port, old)
+    wait_gone(old, 15)
+    wait_until(lambda: len(kz.get_children(front)) == 1 and kz.get_children(front) != [first_child],
+               5, "only the new generation's registration")
+    reg = get_admin(d.admin_port, "/registry")
+    assert reg["subscriptions"]["echo"]["providers"] == [p1.address]
+
+    # ZooKeeper down across a hot restart: the lists handed over serve
+    zk.stop()
+    t_down = time.monotonic()
+    d.hup()
+    newer = wait_new_generation(d.admin_port, new)
+    wait_gone(new, 15)
+    time.sleep(1.0)
+    assert caller.ok_by(since=time.monotonic() - 0.8).get("h1"), "no calls after the restart"
+    zk.start()
+    wait_until(lambda: get_admin(d.admin_port, "/registry")["sessions"][0]["state"] ==
+               "connected", 10, "the newest generation to connect")
+    wait_until(lambda: kz.exists(front) and len(kz.get_children(front)) >= 1, 10,
+               "the newest generation's registration")
+    totals = caller.finish()
+    report("hot restart", generations=3, zk_down_restart_s=round(time.monotonic() - t_down, 1),
+           calls=sum(totals["ok"].values()), failed=totals["fail"])
+    assert totals["fail"] == 0, totals["errors"]
+    assert newer != new
+
+
+def get_admin(port, path):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read())
