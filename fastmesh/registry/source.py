@@ -216,27 +216,33 @@ class RegistrySource:
                 await asyncio.sleep(0.05)       # the first config is filled at start
                 continue
             names, self._pending = self._pending, set()
-            cfg = self.sup.cfg
-            models = {}
-            for name in names:
-                sub = self.subs.get(name)
-                c = cfg.clusters.get(name)
-                if sub is None or c is None or c.discovery is None or sub.selection is None \
-                        or c.discovery.zookeeper != sub.discovery:
-                    continue
-                m = self._with_selection(c, sub.selection)
-                if (m.endpoints, m.weights) != (c.endpoints, c.weights):
-                    models[name] = m
-            if not models:
-                continue
-            new_cfg = dataclasses.replace(cfg, clusters=dict(cfg.clusters, **models))
-            updates = {n: {"endpoints": [str(a) for a in m.endpoints],
-                           "weights": list(m.weights) or [1] * len(m.endpoints)}
-                       for n, m in models.items()}
+            applied: dict = {}
+
+            def make(cfg):
+                # under the supervisor's apply lock: against the config current now
+                for name in names:
+                    sub = self.subs.get(name)
+                    c = cfg.clusters.get(name)
+                    if sub is None or c is None or c.discovery is None \
+                            or sub.selection is None or c.discovery.zookeeper != sub.discovery:
+                        continue
+                    m = self._with_selection(c, sub.selection)
+                    if (m.endpoints, m.weights) != (c.endpoints, c.weights):
+                        applied[name] = m
+                if not applied:
+                    return None
+                updates = {n: ({"endpoints": [str(a) for a in m.endpoints],
+                                "weights": list(m.weights)} if m.weights
+                               else [str(a) for a in m.endpoints])
+                           for n, m in applied.items()}
+                return dataclasses.replace(cfg, clusters=dict(cfg.clusters, **applied)), updates
             try:
-                ok, errors = await self.sup.apply_endpoints(new_cfg, updates)
+                ok, errors = await self.sup.apply_endpoints_from(make)
             except Exception as exc:            # a worker link broke mid-way
                 ok, errors = False, [str(exc)]
+            models = applied
+            if not models:
+                continue
             if ok:
                 now = time.time()
                 for n, m in models.items():

@@ -404,23 +404,37 @@ class Supervisor:
         """Only some clusters' endpoints change (EDS): each worker replaces those endpoint
         sets in place; nothing else is rebuilt. `cfg` is the config with them changed."""
         async with self._apply_lock:
-            health_version = self.health.version
-            msg = {"t": "endpoints", "clusters": updates}
-            if any(cfg.clusters[n].health_check is not None for n in updates):
-                msg["health"] = self.health.preview(cfg)
+            return await self._apply_endpoints_locked(cfg, updates)
 
-            async def endpoints_for(h):
-                reply = await h.chan.request(msg, timeout_s=10)
-                if reply[0].get("ok"):
-                    h.clusters = dict(h.clusters, **{n: cfg.clusters[n] for n in updates})
-                return reply
-            error = await self._on_every_worker(endpoints_for)
-            if error is not None:
-                return False, [f"apply: {error}"]
-            self.cfg = cfg
-            self.version += 1
-            self._follow_health(health_version)
-            return True, []
+    async def apply_endpoints_from(self, make) -> tuple[bool, list]:
+        """As apply_endpoints, the change computed under the apply lock from the config
+        current then (a reload may have changed it while this waited): make(cfg) ->
+        (cfg, updates), or None when there is nothing to change."""
+        async with self._apply_lock:
+            got = make(self.cfg)
+            if got is None:
+                return True, []
+            return await self._apply_endpoints_locked(*got)
+
+    async def _apply_endpoints_locked(self, cfg: model.Config,
+                                      updates: dict) -> tuple[bool, list]:
+        health_version = self.health.version
+        msg = {"t": "endpoints", "clusters": updates}
+        if any(cfg.clusters[n].health_check is not None for n in updates):
+            msg["health"] = self.health.preview(cfg)
+
+        async def endpoints_for(h):
+            reply = await h.chan.request(msg, timeout_s=10)
+            if reply[0].get("ok"):
+                h.clusters = dict(h.clusters, **{n: cfg.clusters[n] for n in updates})
+            return reply
+        error = await self._on_every_worker(endpoints_for)
+        if error is not None:
+            return False, [f"apply: {error}"]
+        self.cfg = cfg
+        self.version += 1
+        self._follow_health(health_version)
+        return True, []
 
     @staticmethod
     def _uses_registry(cfg: model.Config) -> bool:

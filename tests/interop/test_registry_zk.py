@@ -346,9 +346,10 @@ def test_join_leave_other_version_and_clusters_view(zk, peers, start_fastmesh):
     assert stats["registry_providers"] == 2 and stats["registry_skipped"] >= 1
 
     t_leave = time.monotonic()
-    p1.leave()
+    p1.proc.send_signal(signal.SIGTERM)         # unpublish, wait 1.5 s, close
     wait_until(lambda: cluster_addresses(fm) == [p2.address], 5, "p1 gone from /clusters")
     gone_s = time.monotonic() - t_leave
+    p1.proc.wait(10)
     caller.wait_for(lambda: caller.ok_by(since=time.monotonic()).get("p2") is not None
                     or caller.ok_by(since=t_leave + 2.0).get("p2"), 5, "calls after p1 left")
     totals = caller.finish()
