@@ -185,7 +185,7 @@ class ZookeeperPublish:
     advertise_port: int = 0                       # 0: the listener's bound port
     weight: int = 100
     app_name: str = ""
-    session_timeout_ms: int = 10000
+    session_timeout_ms: int = 5000
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,9 @@ class ZookeeperDiscovery:
     group: str = "SOFA"
     root: str = "/sofa-rpc"
     protocol: str = "bolt"                        # providers of another protocol are skipped
-    session_timeout_ms: int = 10000
+    # also bounds kazoo's wait for a session handshake (a server half started after a
+    # restart can leave one unanswered)
+    session_timeout_ms: int = 5000
     initial_fetch_timeout_ms: int = 3000          # start/reload waits this long for the list
 
 

@@ -25,6 +25,32 @@ READ_TIMEOUT_S = 10.0
 RETRY_AFTER_ERROR_S = 1.0
 
 
+class _RateLimit(logging.Filter):
+    """kazoo logs every failed reconnect attempt (one a second while ZooKeeper is down): at
+    most `burst` records per message kind per `interval_s` get through."""
+
+    def __init__(self, interval_s: float = 10.0, burst: int = 3):
+        super().__init__()
+        self.interval_s, self.burst = interval_s, burst
+        self._windows: dict = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import time
+        key = str(record.msg)[:40]
+        now = time.monotonic()
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= self.interval_s:
+            if len(self._windows) > 256:
+                self._windows.clear()
+            w = self._windows[key] = [now, 0]
+        w[1] += 1
+        return w[1] <= self.burst
+
+
+_kazoo_log = logging.getLogger("fastmesh.registry.kazoo")
+_kazoo_log.addFilter(_RateLimit())
+
+
 class ZkClient:
     def __init__(self, loop, servers: str, session_timeout_ms: int, on_error):
         from kazoo.client import KazooClient
@@ -35,7 +61,7 @@ class ZkClient:
             hosts=servers, timeout=session_timeout_ms / 1000.0,
             connection_retry=dict(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.2,
                                   max_delay=RECONNECT_MAX_DELAY_S),
-            command_retry=dict(max_tries=0))
+            command_retry=dict(max_tries=0), logger=_kazoo_log)
         self.state = "connecting"           # connecting | connected | suspended | lost
         self.connects = 0                   # sessions (re)established
         self.sessions_lost = 0

@@ -149,7 +149,7 @@ def test_config_round_trip():
                                                 "services": ["a.B:1.0", "c.D:2"]}}))
     z = cfg.clusters["echo"].discovery.zookeeper
     assert (z.servers, z.group, z.root, z.session_timeout_ms) == \
-        ("127.0.0.1:2181,h2:2182", "G", "/sofa-rpc", 10000)
+        ("127.0.0.1:2181,h2:2182", "G", "/sofa-rpc", 5000)
     assert cfg.clusters["echo"].endpoints == ()
     assert cfg.listeners[0].publish.zookeeper.services == ("a.B:1.0", "c.D:2")
     assert load_dict(to_dict(cfg)) == cfg
