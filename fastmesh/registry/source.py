@@ -27,6 +27,7 @@ log = logging.getLogger("fastmesh.registry")
 rlog = RateLimitedLog(log)
 
 APPLY_RETRY_S = 1.0
+EMPTY_HOLD_S = 1.0
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class _Sub:
     errors: int = 0
     updated_at: float | None = None
     warm_timer: object = None
+    hold_timer: object = None            # an empty list waits (EMPTY_HOLD_S) before applying
 
 
 def _watch_key(z) -> str:
@@ -145,8 +147,9 @@ class RegistrySource:
 
     def _drop_sub(self, name: str) -> None:
         sub = self.subs.pop(name)
-        if sub.warm_timer is not None:
-            sub.warm_timer.cancel()
+        for t in (sub.warm_timer, sub.hold_timer):
+            if t is not None:
+                t.cancel()
         self._pending.discard(name)
 
     def _error(self, what: str, exc: BaseException) -> None:
@@ -177,6 +180,21 @@ class RegistrySource:
         if sel.next_change_ms is not None:      # a warm-up ends: its weight changes then
             delay_s = max(0.0, sel.next_change_ms / 1000.0 - time.time()) + 0.01
             sub.warm_timer = self.loop.call_later(delay_s, self._select, sub)
+        current = self.sup.cfg.clusters.get(sub.cluster) if self.sup.started else None
+        if not sel.providers and current is not None and current.endpoints:
+            # every provider gone at once: a sofa-rpc-node provider deletes and re-creates
+            # its node each time its ZooKeeper client reconnects (after a ZooKeeper restart
+            # they all do); the last ones are kept EMPTY_HOLD_S in case they come back
+            if sub.hold_timer is None:
+                def release():
+                    sub.hold_timer = None
+                    self._pending.add(sub.cluster)
+                    self._kick()
+                sub.hold_timer = self.loop.call_later(EMPTY_HOLD_S, release)
+            return
+        if sub.hold_timer is not None:
+            sub.hold_timer.cancel()
+            sub.hold_timer = None
         self._pending.add(sub.cluster)
         self._kick()
 
@@ -323,8 +341,9 @@ class RegistrySource:
         for p in self.pubs.values():
             p[0].stop()
         for sub in self.subs.values():
-            if sub.warm_timer is not None:
-                sub.warm_timer.cancel()
+            for t in (sub.warm_timer, sub.hold_timer):
+                if t is not None:
+                    t.cancel()
         if self._apply_task is not None:
             self._apply_task.cancel()
         clients, self.clients = list(self.clients.values()), {}
