@@ -53,7 +53,11 @@ _kazoo_log.addFilter(_RateLimit())
 
 class ZkClient:
     def __init__(self, loop, servers: str, session_timeout_ms: int, on_error):
-        from kazoo.client import KazooClient
+        try:
+            from kazoo.client import KazooClient
+        except ImportError:
+            raise RuntimeError("a ZooKeeper registry (discovery.zookeeper, publish.zookeeper) "
+                               "needs the kazoo package: pip install kazoo") from None
         self.loop = loop
         self.servers = servers
         self.on_error = on_error            # (what, exception) -> None

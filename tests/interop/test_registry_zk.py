@@ -479,7 +479,8 @@ def test_reload_changes_the_discovered_service(zk, peers, start_fastmesh):
     cfg = registry_config(zk, discovery={"service": "com.example.EchoService:2.0"})
     cfg["route_tables"]["rpc"]["routes"][0]["match"]["headers"][0]["exact"] = \
         "com.example.EchoService:2.0"
-    cfg["admin"], cfg["listeners"][0]["address"] = fm.cfg["admin"], fm.cfg["listeners"][0]["address"]
+    cfg["admin"] = fm.cfg["admin"]
+    cfg["listeners"][0]["address"] = fm.cfg["listeners"][0]["address"]
     import yaml
     fm.path.write_text(yaml.safe_dump(cfg))
     import urllib.request
