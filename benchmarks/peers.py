@@ -163,6 +163,18 @@ class FastmeshResilient(Fastmesh):
         return yaml.safe_dump(cfg, sort_keys=False)
 
 
+class FastmeshSidecar(Fastmesh):
+    """fastmesh as a sidecar runs it: `workers: 0`, one process serving the data plane
+    itself (no main process, no worker process). For the footprint comparison with Envoy
+    --concurrency 1 (`--peers fastmesh-sidecar,envoy,haproxy --scenarios idle-conns`)."""
+    name = "fastmesh-sidecar"
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        cfg = yaml.safe_load(super().config(mode, port, upstream_port, workdir, **kw))
+        cfg["workers"] = 0
+        return yaml.safe_dump(cfg, sort_keys=False)
+
+
 # -- Envoy ------------------------------------------------------------------------------------
 
 class Envoy(Peer):
@@ -442,8 +454,9 @@ class Nginx(Peer):
 
 
 PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, FastmeshTcp,
-                             FastmeshResilient)}
-DEFAULT_PEERS = [name for name in PEERS if name not in ("fastmesh-tcp", "fastmesh-resilient")]
+                             FastmeshResilient, FastmeshSidecar)}
+DEFAULT_PEERS = [name for name in PEERS if name not in ("fastmesh-tcp", "fastmesh-resilient",
+                                                        "fastmesh-sidecar")]
 
 
 def install_missing(names: list[str]) -> list[str]:

@@ -45,12 +45,28 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _workers_in(path: str):
+    """The config file's `workers`, read cheaply before anything starts (None: not given or
+    unreadable; the generation reports config errors)."""
+    try:
+        import yaml
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+        return data.get("workers") if isinstance(data, dict) else None
+    except Exception:
+        return None
+
+
 def cmd_run(args, early_signals=None) -> int:
     _setup_logging(args.log_level)
     from fastmesh.server import mainproc
-    if not mainproc.is_generation():
+    single = args.workers == 0 or args.workers is None and _workers_in(args.config) == 0
+    if not mainproc.is_generation() and not single:
         # the main process: the PID that stays while generations come and go
         return mainproc.MainProcess(mainproc.generation_argv(), early_signals).run()
+    # a generation; or, with workers: 0 (a sidecar's footprint), the one process there is:
+    # no main process to keep a PID across SIGHUP hot restarts (a second `fastmesh run`
+    # with the same upgrade socket still takes over)
     cfg, err = _load(args.config)
     if err is not None:
         for line in err.errors:
@@ -125,6 +141,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("validate", help="check a config file; print every problem")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("iptables", help="set up, remove or show the nat rules that send a "
+                                        "pod's traffic through the sidecar")
+    from fastmesh import iptables
+    iptables.add_arguments(p)
+    p.set_defaults(func=iptables.main)
 
     p = sub.add_parser("demo", help="run fastmesh in front of bundled demo upstreams")
     p.add_argument("--port", type=int, default=10000)

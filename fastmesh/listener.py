@@ -26,7 +26,8 @@ import socket
 
 from fastmesh._core.accesslog import AccessLog
 from fastmesh._core.context import ListenerCtx
-from fastmesh._core import http_proxy, tcp_proxy
+from fastmesh._core import http_proxy, sniff, tcp_proxy
+from fastmesh._core.dispatch import ChainMatch, Dispatcher
 from fastmesh._core.http_proxy import py_now_ms as now_ms
 from fastmesh.config import model
 
@@ -48,6 +49,10 @@ def open_listening_socket(address: model.Address, reuse_port: bool = False,
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # IPv6 only, as Envoy binds "::" (ipv4_compat false): "0.0.0.0" and "::" on one
+            # port are two listeners, IPv4 and IPv6, as a sidecar's rules need them
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port if port is None else port))
@@ -94,6 +99,60 @@ def stop_listening(sock: socket.socket) -> None:
         pass
 
 
+def _ctx_for(cfg: model.Listener, loop, counters=None) -> ListenerCtx:
+    return ListenerCtx(
+        cfg.name, loop, counters=counters,
+        max_head_bytes=cfg.max_head_bytes, max_headers=cfg.max_headers,
+        max_request_body_bytes=cfg.max_request_body_bytes,
+        max_frame_bytes=cfg.max_frame_bytes, idle_timeout_ms=cfg.idle_timeout_ms,
+        request_head_timeout_ms=cfg.request_head_timeout_ms,
+        stream_idle_timeout_ms=cfg.stream_idle_timeout_ms,
+        high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
+        max_in_flight=cfg.max_in_flight, accept_http_10=cfg.accept_http_10)
+
+
+def _set_limits(c: ListenerCtx, cfg: model.Listener) -> None:
+    c.max_head_bytes, c.max_headers = cfg.max_head_bytes, cfg.max_headers
+    c.max_request_body_bytes = cfg.max_request_body_bytes
+    c.max_frame_bytes, c.idle_timeout_ms = cfg.max_frame_bytes, cfg.idle_timeout_ms
+    c.request_head_timeout_ms = cfg.request_head_timeout_ms
+    c.stream_idle_timeout_ms = cfg.stream_idle_timeout_ms
+    c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
+    c.max_in_flight = cfg.max_in_flight
+    c.accept_http_10 = cfg.accept_http_10
+
+
+_SWEEPS = {"http1": http_proxy.sweep_downstreams, "tcp": tcp_proxy.sweep_downstreams}
+
+
+class Chain:
+    """One filter chain at run time: its protocol, and the context its connections share
+    (the listener's counters; its own route table or cluster)."""
+
+    def __init__(self, cfg: model.FilterChain, ctx: ListenerCtx):
+        self.cfg = cfg
+        self.ctx = ctx
+        ctx = self.ctx
+        if cfg.protocol == "http1":
+            self.factory = lambda: http_proxy.HttpDownstreamProtocol(ctx)
+        elif cfg.protocol == "tcp":
+            self.factory = lambda: tcp_proxy.TcpDownstreamProtocol(ctx)
+        else:
+            from fastmesh._core import bolt_proxy
+            self.factory = lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
+
+    @property
+    def protocol(self) -> str:
+        return self.cfg.protocol
+
+    def sweep(self, now: int) -> None:
+        fn = _SWEEPS.get(self.cfg.protocol)
+        if fn is None:
+            from fastmesh._core import bolt_proxy
+            fn = bolt_proxy.sweep_downstreams
+        fn(self.ctx, now)
+
+
 class Listener:
     def __init__(self, cfg: model.Listener, loop):
         self.cfg = cfg
@@ -103,15 +162,12 @@ class Listener:
         self.socks: list = []                # listening sockets this worker serves
         self.servers: list = []
         self.pending_accepts = 0             # accepted in stop_listening, not yet connected
-        self.ctx = ListenerCtx(
-            cfg.name, loop,
-            max_head_bytes=cfg.max_head_bytes, max_headers=cfg.max_headers,
-            max_request_body_bytes=cfg.max_request_body_bytes,
-            max_frame_bytes=cfg.max_frame_bytes, idle_timeout_ms=cfg.idle_timeout_ms,
-            request_head_timeout_ms=cfg.request_head_timeout_ms,
-            stream_idle_timeout_ms=cfg.stream_idle_timeout_ms,
-            high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
-            max_in_flight=cfg.max_in_flight, accept_http_10=cfg.accept_http_10)
+        # the first chain's context owns the counters (and the access log) all chains share
+        self.ctx = _ctx_for(cfg, loop)
+        self.chains: dict[str, Chain] = {}
+        self.old_chains: list[Chain] = []    # removed by a reload, connections still open
+        self.dispatcher = Dispatcher(cfg.name, loop)
+        self._set_chains(cfg)
         self._set_access_log(cfg.access_log)
         self._filter_cfgs: tuple = (None, None)     # what ctx.fault / ctx.ratelimit were made of
 
@@ -125,12 +181,56 @@ class Listener:
     def bound_address(self) -> tuple:
         return self.socks[0].getsockname() if self.socks else None
 
+    @property
+    def dispatched(self) -> bool:
+        """Whether connections go through the dispatcher (chains chosen per connection)
+        rather than straight to the one chain's protocol."""
+        cfg = self.cfg
+        return bool(cfg.filter_chains or cfg.original_dst or cfg.use_original_dst
+                    or cfg.inspectors)
+
+    def _ctxs(self) -> list:
+        return [ch.ctx for ch in list(self.chains.values()) + self.old_chains]
+
+    def _set_chains(self, cfg: model.Listener) -> None:
+        """Chains by name: a chain that stays keeps its context (its connections); a
+        removed one is kept aside until its connections are gone."""
+        new: dict[str, Chain] = {}
+        for i, fc in enumerate(cfg.chains()):
+            old = self.chains.pop(fc.name, None)
+            if old is not None and old.cfg.protocol == fc.protocol:
+                old.cfg = fc
+                new[fc.name] = old
+                continue
+            if old is not None:
+                self.old_chains.append(old)
+            # the main context serves the first chain made, for the chain's whole life
+            in_use = any(ch.ctx is self.ctx for ch in
+                         list(new.values()) + list(self.chains.values()) + self.old_chains)
+            ctx = _ctx_for(cfg, self.loop, self.ctx.counters) if in_use else self.ctx
+            ctx.access_log = self.ctx.access_log
+            ctx.draining = self.ctx.draining
+            new[fc.name] = Chain(fc, ctx)
+        self.old_chains.extend(self.chains.values())
+        self.chains = new
+        d = self.dispatcher
+        chains = [ch for ch in new.values() if not ch.cfg.default]
+        d.matches = tuple(_chain_match(ch.cfg.match) for ch in chains)
+        d.factories = tuple(ch.factory for ch in chains)
+        d.default_factory = next((ch.factory for ch in new.values() if ch.cfg.default), None)
+        d.original_dst = cfg.original_dst or cfg.use_original_dst
+        d.inspect = inspect_bits(cfg.inspectors)
+        d.needs_bytes = bool(d.inspect)        # as Envoy: inspectors read before any match
+        d.sniff_timeout_ms = cfg.sniff_timeout_ms
+        d.continue_on_timeout = cfg.sniff_timeout_continue
+
     def apply_snapshot(self, snap) -> None:
-        """Point new requests at the snapshot's route table / cluster."""
-        if self.cfg.protocol in ("http1", "bolt"):
-            self.ctx.route_table = snap.route_tables[self.cfg.route_table]
-        else:
-            self.ctx.tcp_cluster = snap.clusters[self.cfg.cluster]
+        """Point new requests at the snapshot's route tables / clusters."""
+        for ch in self.chains.values():
+            if ch.protocol in ("http1", "bolt"):
+                ch.ctx.route_table = snap.route_tables[ch.cfg.route_table]
+            else:
+                ch.ctx.tcp_cluster = snap.clusters[ch.cfg.cluster]
         self._apply_http_filters()
 
     def _apply_http_filters(self) -> None:
@@ -146,15 +246,16 @@ class Listener:
             ctx.ratelimit = snapshot_mod.token_bucket(cfg.local_rate_limit) \
                 if cfg.local_rate_limit else None
         self._filter_cfgs = (cfg.fault, cfg.local_rate_limit)
+        for c in self._ctxs():
+            if c is not ctx:
+                c.http_filters, c.fault, c.ratelimit = ctx.http_filters, ctx.fault, ctx.ratelimit
 
-    def protocol_factory(self):
-        ctx = self.ctx
-        if self.cfg.protocol == "http1":
-            return lambda: http_proxy.HttpDownstreamProtocol(ctx)
-        if self.cfg.protocol == "tcp":
-            return lambda: tcp_proxy.TcpDownstreamProtocol(ctx)
-        from fastmesh._core import bolt_proxy       # built with the Bolt issue
-        return lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
+    def protocol_factory(self, chain: str | None = None):
+        if chain is not None and chain in self.chains:
+            return self.chains[chain].factory
+        if self.dispatched:
+            return self.dispatcher.protocol
+        return next(iter(self.chains.values())).factory
 
     def _set_access_log(self, path: str | None) -> None:
         old = self.ctx.access_log
@@ -167,23 +268,33 @@ class Listener:
             except OSError as exc:
                 raise RuntimeError(f"listener {self.cfg.name}: access log {path}: "
                                    f"{exc.strerror or exc}") from exc
+        for c in self._ctxs():
+            c.access_log = self.ctx.access_log
 
     def sweep(self, now_ms: int) -> None:
         if self.ctx.access_log is not None:
             self.ctx.access_log.flush()
-        if self.cfg.protocol == "http1":
-            http_proxy.sweep_downstreams(self.ctx, now_ms)
-        elif self.cfg.protocol == "tcp":
-            tcp_proxy.sweep_downstreams(self.ctx, now_ms)
-        else:
-            from fastmesh._core import bolt_proxy
-            bolt_proxy.sweep_downstreams(self.ctx, now_ms)
+        for ch in list(self.chains.values()) + self.old_chains:
+            ch.sweep(now_ms)
+        if self.old_chains:
+            self.old_chains = [ch for ch in self.old_chains if ch.ctx.conns]
+
+    def counters(self) -> dict:
+        """The listener's counters, the dispatcher's (sniffing, chain matching) included
+        when it has a dispatcher."""
+        out = self.ctx.counters.to_dict()
+        if self.dispatched:
+            out.update(self.dispatcher.counters)
+        return out
 
     # -- lifecycle -------------------------------------------------------------------
 
     def bind(self, socks: list | None = None) -> None:
         if self.state is not ListenerState.INITIALISED:
             raise RuntimeError(f"listener {self.name}: bind() in state {self.state.value}")
+        if not self.cfg.bind_to_port:
+            self.socks = []
+            return
         self.socks = list(socks) if socks else [open_listening_socket(self.cfg.address)]
 
     async def start(self) -> None:
@@ -191,6 +302,12 @@ class Listener:
             return
         if self.state is ListenerState.CLOSED:
             raise RuntimeError(f"listener {self.name}: closed")
+        if not self.cfg.bind_to_port:
+            # serves only the connections another listener hands over (use_original_dst)
+            self.state = ListenerState.RUNNING
+            log.info("listener %s: serving %s hand-offs (not bound)", self.name,
+                     self.cfg.address)
+            return
         if not self.socks:
             self.bind()
         try:
@@ -260,7 +377,8 @@ class Listener:
         """Ask connections to finish: each HTTP/1 response from now on carries
         `Connection: close`; connections idle past the drain grace are closed by the sweep."""
         if not self.ctx.draining:
-            self.ctx.draining = True
+            for c in self._ctxs():
+                c.draining = True
             self.drain_started_ms = now_ms()
 
     def close_idle_for(self, now: int, idle_ms: int) -> None:
@@ -268,27 +386,23 @@ class Listener:
         start: a client gets idle_ms after the drain began to send its next request."""
         if now - self.drain_started_ms < idle_ms:
             return
-        for conn in list(self.ctx.conns):
-            conn.close_if_idle_for(now, idle_ms)
+        for c in self._ctxs():
+            for conn in list(c.conns):
+                conn.close_if_idle_for(now, idle_ms)
 
     def update(self, cfg: model.Listener) -> None:
         """Same name and address, other settings changed: new limits apply to new requests
-        (buffer caps to new connections)."""
+        (buffer caps to new connections); chains are matched by name."""
         self.cfg = cfg
-        c = self.ctx
-        c.max_head_bytes, c.max_headers = cfg.max_head_bytes, cfg.max_headers
-        c.max_request_body_bytes = cfg.max_request_body_bytes
-        c.max_frame_bytes, c.idle_timeout_ms = cfg.max_frame_bytes, cfg.idle_timeout_ms
-        c.request_head_timeout_ms = cfg.request_head_timeout_ms
-        c.stream_idle_timeout_ms = cfg.stream_idle_timeout_ms
-        c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
-        c.max_in_flight = cfg.max_in_flight
-        c.accept_http_10 = cfg.accept_http_10
+        self._set_chains(cfg)
+        for c in self._ctxs():
+            _set_limits(c, cfg)
         self._set_access_log(cfg.access_log)
 
     @property
     def active_connections(self) -> int:
-        return len(self.ctx.conns) + self.pending_accepts
+        return (sum(len(c.conns) for c in self._ctxs()) + self.pending_accepts
+                + len(self.dispatcher.pending))
 
     def close(self) -> None:
         self.stop_accepting()
@@ -299,8 +413,25 @@ class Listener:
         self.state = ListenerState.CLOSED
 
     def abort_connections(self) -> None:
-        for conn in list(self.ctx.conns):
-            conn.abort()
+        for c in self._ctxs():
+            for conn in list(c.conns):
+                conn.abort()
+        self.dispatcher.abort_pending()
+
+
+def _chain_match(m: model.ChainMatch) -> ChainMatch:
+    return ChainMatch(destination_port=m.destination_port,
+                      destination_cidrs=m.destination_cidrs, server_names=m.server_names,
+                      transport_protocol=m.transport_protocol,
+                      application_protocols=m.application_protocols,
+                      source_cidrs=m.source_cidrs, source_ports=m.source_ports)
+
+
+def inspect_bits(inspectors) -> int:
+    bits = 0
+    for name in inspectors:
+        bits |= {"http": sniff.HTTP, "tls": sniff.TLS, "bolt": sniff.BOLT}[name]
+    return bits
 
 
 def _fmt(addr) -> str:

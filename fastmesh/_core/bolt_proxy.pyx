@@ -37,7 +37,7 @@ from fastmesh._core.bolt cimport (
 from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.clock cimport now_ms
 from fastmesh._core.context cimport ListenerCtx
-from fastmesh._core.sockio cimport unread_bytes
+from fastmesh._core.sockio cimport unread_bytes, local_dst
 from fastmesh._core.router cimport RouteTable, VirtualHost, Route, HeaderMatcher, A_DIRECT
 from fastmesh._core.stats cimport (
     Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL, LS_RQ_ACTIVE, LS_RSP_2XX, LS_RSP_5XX,
@@ -102,9 +102,9 @@ cdef bint _retry_call(InFlight e, int status):
     if cl.retries_active >= cl.max_retries:
         cl.counters.v[CS_RQ_RETRY_OVERFLOW] += 1
         return False
-    ep = cl.pick()
+    ep = cl.pick_original(e.ep.address) if cl.original_dst else cl.pick()
     n = rp.host_selection_attempts
-    while rp.previous_hosts and ep is e.ep and n > 0:
+    while rp.previous_hosts and ep is e.ep and n > 0 and not cl.original_dst:
         ep = cl.pick()
         n -= 1
     if ep is None:
@@ -148,6 +148,7 @@ cdef class BoltDownstream:
         bint held                   # reading paused for a congested upstream
         int64_t last_rx_ms
         unsigned int affinity       # picks the same mux connection index per client
+        tuple dst                   # (host, port) the client addressed (ORIGINAL_DST)
 
     def __init__(self, ListenerCtx ctx):
         self.ctx = ctx
@@ -166,6 +167,9 @@ cdef class BoltDownstream:
         self.ctx.counters.v[LS_CX_ACTIVE] += 1
         self.affinity = <unsigned int>((id(self) >> 4) & 0xFFFFFFFF)
         self.last_rx_ms = now_ms()
+
+    def set_original_dst(self, str host, int port):
+        self.dst = (host, port)
 
     def get_buffer(self, Py_ssize_t sizehint):
         return self.rbuf.get_buffer(sizehint)
@@ -310,7 +314,12 @@ cdef class BoltDownstream:
             self.ctx.counters.v[LS_ERR_OVERFLOW] += 1
             self._reply_error(fi, BOLT_STATUS_SERVER_THREADPOOL_BUSY)
             return None
-        ep = cluster.pick()
+        if cluster.original_dst:
+            if self.dst is None:
+                self.dst = local_dst(self.transport) or (None, 0)   # not redirected
+            ep = cluster.pick_original(self.dst)
+        else:
+            ep = cluster.pick()
         if ep is None:
             self.ctx.counters.v[LS_ERR_NO_HEALTHY_UPSTREAM] += 1
             self._reply_error(fi, BOLT_STATUS_NO_PROCESSOR)
@@ -428,6 +437,7 @@ cdef class BoltDownstream:
             flush(self.transport, self.out)
 
     cpdef void on_idle_check(self, int64_t now):
+        self.rbuf.release_if_empty()        # no partial frame: no receive memory held
         if (self.inflight == 0 and not self.closed and self.ctx.idle_timeout_ms > 0
                 and now - self.last_rx_ms >= self.ctx.idle_timeout_ms
                 and self.rbuf.size() == 0 and unread_bytes(self.transport) == 0):

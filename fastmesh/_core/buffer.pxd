@@ -63,3 +63,4 @@ cdef class RecvBuffer:
     cdef int _move_to(self, Py_ssize_t new_capacity) except -1
     cpdef object get_buffer(self, Py_ssize_t sizehint)  # the free tail, for the transport
     cpdef void advance(self, Py_ssize_t nbytes)         # the kernel wrote nbytes at end
+    cdef bint release_if_empty(self)            # idle: give the Block back (to the pool)

@@ -23,6 +23,10 @@ cdef char *_pool_16k[POOL_MAX]
 cdef char *_pool_64k[POOL_MAX]
 cdef char *_pool_256k[POOL_MAX_256K]
 cdef int _n_16k = 0
+cdef Py_ssize_t _freed_bytes = 0      # given back to malloc since the last trim
+
+cdef extern from "<malloc.h>" nogil:
+    int malloc_trim(size_t pad)
 cdef int _n_64k = 0
 cdef int _n_256k = 0
 
@@ -42,7 +46,7 @@ cdef char *block_memory(Py_ssize_t capacity) noexcept:
 
 
 cdef void block_release(char *data, Py_ssize_t capacity) noexcept:
-    global _n_16k, _n_64k, _n_256k
+    global _n_16k, _n_64k, _n_256k, _freed_bytes
     if capacity == 16384 and _n_16k < POOL_MAX:
         _pool_16k[_n_16k] = data
         _n_16k += 1
@@ -54,6 +58,20 @@ cdef void block_release(char *data, Py_ssize_t capacity) noexcept:
         _n_256k += 1
     else:
         free(data)
+        _freed_bytes += capacity
+
+
+def trim_if_worth(Py_ssize_t min_freed_bytes=4 << 20):
+    """Give freed receive memory back to the kernel once enough of it was freed (a burst of
+    connections that came and went): malloc keeps freed chunks resident otherwise, and an
+    idle sidecar should not carry its busiest moment's footprint. Called from the worker's
+    1 s sweep; returns whether it trimmed."""
+    global _freed_bytes
+    if _freed_bytes < min_freed_bytes:
+        return False
+    _freed_bytes = 0
+    malloc_trim(0)
+    return True
 
 
 @cython.freelist(64)
@@ -193,6 +211,19 @@ cdef class RecvBuffer:
 
     cpdef void advance(self, Py_ssize_t nbytes):
         self.end += nbytes
+
+    cdef bint release_if_empty(self):
+        # An idle connection holds no receive memory: with nothing unread and the loop not
+        # reading into it, the Block goes (to the pool, or to the slices still holding it);
+        # the next read takes one again.
+        if self.block is None or self.exports or self.end != self.start:
+            return False
+        self.block = None
+        self.start = self.end = 0
+        return True
+
+    def py_release_if_empty(self):
+        return self.release_if_empty()
 
     def __len__(self):
         if self.block is None:

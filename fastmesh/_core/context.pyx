@@ -9,10 +9,11 @@ cdef class ListenerCtx:
                  int idle_timeout_ms=60000, int request_head_timeout_ms=10000,
                  int stream_idle_timeout_ms=300000,
                  int high_water_bytes=262144, int low_water_bytes=65536,
-                 int max_in_flight=10000, bint accept_http_10=True):
+                 int max_in_flight=10000, bint accept_http_10=True, Counters counters=None):
         self.name = name
         self.loop = loop
-        self.counters = Counters("listener")
+        # a listener's filter chains each have a context; they share the listener's counters
+        self.counters = counters if counters is not None else Counters("listener")
         self.route_table = route_table
         self.tcp_cluster = tcp_cluster
         self.conns = set()

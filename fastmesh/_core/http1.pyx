@@ -246,6 +246,7 @@ cdef class HeadParser:
     cdef void reset(self):
         self.scanned = 0
         self.error_reason = NULL
+        self.head = None        # taken by the caller: an idle connection keeps no old head
 
     cdef Py_ssize_t feed(self, const unsigned char *p, Py_ssize_t n) except -3:
         # Find the blank line ending the head, line by line from where the last call
@@ -570,8 +571,10 @@ cdef class HeadParser:
             reason = self.error_reason.decode()
             self.reset()
             raise ValueError(reason, "too_large" if r == PARSE_TOO_LARGE else "bad")
+        h = self.head
         self.reset()
-        return r, self.head.as_dict()
+        self.head = h           # (Python callers read it after: py_build_*_head)
+        return r, h.as_dict()
 
     property expect_head_response:
         def __set__(self, value):

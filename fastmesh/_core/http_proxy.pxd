@@ -54,6 +54,7 @@ cdef class HttpDownstream:
         HeadParser parser
         ChunkedFramer chunker       # request body framing (chunked requests)
         bytes client_ip             # for x-forwarded-for
+        tuple dst                   # (host, port) the client addressed (ORIGINAL_DST)
         int state                   # DsState
         int pause_mask              # PauseReason bits; reading paused while non-zero
         bint reading_paused         # what we last told the transport
@@ -125,6 +126,7 @@ cdef class HttpDownstream:
     cdef bint _rate_limited(self, TokenBucket tb)
     cdef bint _try_retry(self, int status, bint no_response, bint connect_failure)
     cdef void _retry_now(self)
+    cdef Endpoint _pick_original(self, Cluster cluster, Head h)
     cdef void _bind(self, HttpUpstream up)
     cdef void _forward_body(self)
     cdef _forward_body_with(self, bytes head)

@@ -1,5 +1,6 @@
 """HTTP/1.1 proxy sessions. See http_proxy.pxd for the states and fields."""
 import asyncio
+import ipaddress
 import logging
 
 from fastmesh.ratelog import RateLimitedLog
@@ -13,7 +14,7 @@ from fastmesh._core.buffer cimport RecvBuffer, Slice
 from fastmesh._core.accesslog cimport AccessLog
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
-from fastmesh._core.sockio cimport unread_bytes
+from fastmesh._core.sockio cimport unread_bytes, local_dst
 from fastmesh._core.http1 cimport (
     Head, HeadParser, ChunkedFramer, build_request_head, build_response_head,
     error_response, make_request_id, has_request_id, client_request_id,
@@ -84,7 +85,7 @@ cdef class HttpDownstream:
         self.ctx = ctx
         self.rbuf = RecvBuffer(16384, ctx.max_head_bytes + 65536)
         self.parser = HeadParser(True, ctx.max_head_bytes, ctx.max_headers)
-        self.chunker = ChunkedFramer()
+        self.chunker = None         # made by the first chunked request (most never see one)
         self.state = DS_HEAD
         self.out = []
         debug.count_alloc(debug.LEAK_DOWNSTREAM)
@@ -245,7 +246,10 @@ cdef class HttpDownstream:
         self.sent_continue = False
         self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0
         if h.body_kind == BODY_CHUNKED:
-            self.chunker.reset()
+            if self.chunker is None:
+                self.chunker = ChunkedFramer()
+            else:
+                self.chunker.reset()
         if (self.ctx.max_request_body_bytes and h.body_kind == BODY_LENGTH
                 and h.content_length > self.ctx.max_request_body_bytes):
             self._fail_and_linger(413, b"body_too_large", LS_ERR_BODY_TOO_LARGE)
@@ -286,7 +290,9 @@ cdef class HttpDownstream:
             return
         if route.mirrors is not None:
             self._mirror(h, route)
-        if route.hash_policy is not None and cluster.lb_policy >= LB_RING_HASH:
+        if cluster.original_dst:
+            ep = self._pick_original(cluster, h)
+        elif route.hash_policy is not None and cluster.lb_policy >= LB_RING_HASH:
             ep = _pick_by_hash(cluster, route.hash_policy, h, self.client_ip)
         else:
             ep = cluster.pick()
@@ -582,9 +588,26 @@ cdef class HttpDownstream:
             log.exception("internal error retrying a request")
             self._abort()
 
+    cdef Endpoint _pick_original(self, Cluster cluster, Head h):
+        # ORIGINAL_DST: where the client addressed the connection, or (use_http_header) the
+        # "ip:port" a request header names; a header that is not one falls back
+        cdef bytes v
+        if cluster.origdst_header is not None:
+            v = h.header_value(cluster.origdst_header, len(cluster.origdst_header))
+            if v is not None:
+                dst = _parse_ip_port(v)
+                if dst is not None:
+                    return cluster.pick_original(dst)
+        if self.dst is None:
+            self.dst = local_dst(self.transport) or (None, 0)   # not redirected
+        return cluster.pick_original(self.dst)
+
+    def set_original_dst(self, str host, int port):
+        self.dst = (host, port)
+
     cdef void _retry_now(self):
         cdef Cluster cl = self.cluster
-        cdef Endpoint ep = cl.pick()
+        cdef Endpoint ep = self._pick_original(cl, self.req) if cl.original_dst else cl.pick()
         cdef int n = self.retry.host_selection_attempts
         if self.tried is not None:
             while ep is not None and n > 0 and ep in self.tried:
@@ -1176,6 +1199,22 @@ cdef Endpoint _pick_by_hash(Cluster cluster, tuple policies, Head h, bytes clien
     return cluster.pick_hash(acc)
 
 
+cdef tuple _parse_ip_port(bytes v):
+    # "10.0.0.1:80" or "[::1]:80" -> (ip, port); None for anything else
+    cdef str text
+    try:
+        text = v.decode("ascii").strip()
+        host, _, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:len(host) - 1]
+        p = int(port)
+        if not 0 < p < 65536:
+            return None
+        return (str(ipaddress.ip_address(host)), p)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 cdef bytes _cookie_value(bytes header, bytes name):
     if header is None:
         return None
@@ -1611,6 +1650,9 @@ class HttpUpstreamProtocol(HttpUpstream, asyncio.BufferedProtocol):
 def sweep_downstreams(ListenerCtx ctx, int64_t now):
     """Fire passed deadlines of a listener's connections (called every ~100 ms)."""
     cdef HttpDownstream ds
+    for ds in ctx.conns:
+        if ds.state == DS_HEAD:
+            ds.rbuf.release_if_empty()      # between requests: no receive memory held
     due = [ds for ds in ctx.conns if ds.deadline_ms and ds.deadline_ms <= now]
     for ds in due:
         try:
@@ -1627,6 +1669,8 @@ def sweep_idle_upstreams(Cluster cluster, int64_t now):
     cdef int64_t limit = cluster.idle_timeout_ms
     for ep in cluster.get_endpoints():
         if ep.http_idle:
+            for up in ep.http_idle:
+                up.rbuf.release_if_empty()
             stale = [up for up in ep.http_idle if now - up.idle_since_ms >= limit]
             for up in stale:
                 ep.http_idle.remove(up)

@@ -1,4 +1,7 @@
-# Socket facts the sessions need outside the hot path (drain and idle closes).
+# Socket facts the sessions need outside the hot path (drain and idle closes, original
+# destinations).
+
+from fastmesh._core.sniff cimport original_dst_of
 
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
@@ -16,3 +19,16 @@ cdef inline int unread_bytes(object transport) except -1:
     if ioctl(sock.fileno(), FIONREAD, &n) != 0:
         return 1
     return n
+
+
+cdef inline tuple local_dst(object transport):
+    # Where a connection was going before an iptables REDIRECT sent it here (conntrack's
+    # SO_ORIGINAL_DST), for a session whose listener did not say (a single-chain listener,
+    # or a connection adopted in a hot restart). None when it was not redirected: its
+    # destination is this proxy itself, and an ORIGINAL_DST cluster would loop back into it
+    # (Envoy would; fastmesh refuses: no endpoint, counted).
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    return original_dst_of(sock.fileno(), sock.family)
+

@@ -19,6 +19,7 @@ from fastmesh._core.stats cimport (
     CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_RQ_TOTAL, CS_RQ_ACTIVE,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint
+from fastmesh._core.sockio cimport local_dst
 
 log = logging.getLogger("fastmesh.tcp")
 rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
@@ -43,6 +44,7 @@ cdef class TcpPipe:
         Cluster cluster
         Endpoint ep
         object connect_task
+        tuple dst                   # (host, port) the client addressed (ORIGINAL_DST)
         public int64_t deadline_ms
         int64_t last_io_ms          # last byte read on this side
 
@@ -65,7 +67,14 @@ cdef class TcpPipe:
         self.ctx.counters.v[LS_CX_TOTAL] += 1
         self.ctx.counters.v[LS_CX_ACTIVE] += 1
         cluster = self.ctx.tcp_cluster
-        ep = cluster.pick() if cluster is not None else None
+        if cluster is None:
+            ep = None
+        elif cluster.original_dst:
+            if self.dst is None:
+                self.dst = local_dst(transport) or (None, 0)   # not redirected
+            ep = cluster.pick_original(self.dst)
+        else:
+            ep = cluster.pick()
         if ep is None:
             self.ctx.counters.v[LS_ERR_NO_HEALTHY_UPSTREAM] += 1
             transport.abort()
@@ -112,6 +121,10 @@ cdef class TcpPipe:
         up.peer = self
         self.peer = up
         self._flush()
+        # a server-first upstream (SMTP, MySQL) may have spoken before this callback ran
+        # (asyncio reads the new socket before the connect task's callbacks): its greeting
+        # waits in its buffer and must go now, not with whatever it says next
+        up._flush()
         self._set_reading(True)
 
     def get_buffer(self, Py_ssize_t sizehint):
@@ -208,6 +221,9 @@ cdef class TcpPipe:
         self.transport.abort()              # our descriptor only: the connection lives on
         return fd, b""
 
+    def set_original_dst(self, str host, int port):
+        self.dst = (host, port)
+
     def adopt_bytes(self, data):
         if data:
             self.rbuf.py_feed(data)
@@ -236,6 +252,10 @@ class TcpUpstreamProtocol(TcpPipe, asyncio.BufferedProtocol):
 def sweep_downstreams(ListenerCtx ctx, int64_t now):
     """Fire passed connect deadlines of a tcp listener's connections."""
     cdef TcpPipe p
+    for p in ctx.conns:                     # quiet connections hold no receive memory
+        p.rbuf.release_if_empty()
+        if p.peer is not None:
+            p.peer.rbuf.release_if_empty()
     due = [p for p in ctx.conns if p.deadline_ms and p.deadline_ms <= now]
     for p in due:
         p.on_deadline(now)

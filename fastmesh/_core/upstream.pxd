@@ -35,6 +35,7 @@ cdef class Endpoint:
         public int consecutive_local        # local-origin failures (split mode)
         public int ejections        # how many times ejected: the ejection time grows with it
         public int64_t ejected_at_ms
+        public bint used            # ORIGINAL_DST: picked since the last cleanup
 
 
 cdef enum UnhealthyBits:
@@ -92,8 +93,17 @@ cdef class Cluster:
         int *ring_slots
         Py_ssize_t ring_len
         int *maglev                 # maglev_table_size entries: index in hash_hosts
+        # ORIGINAL_DST (Envoy's cluster type with CLUSTER_PROVIDED balancing): an endpoint per
+        # original destination, made on first use, dropped when unused for a cleanup interval
+        readonly bint original_dst
+        public bytes origdst_header         # this request header ("host:port") chooses, or None
+        public int origdst_port_override    # 0: the destination's own port
+        public int origdst_cleanup_ms
+        dict origdst_hosts                  # (host, port) -> Endpoint
+        int64_t origdst_next_cleanup_ms
 
     cdef Endpoint pick(self)        # None when there is no endpoint
+    cdef Endpoint pick_original(self, tuple dst)    # ORIGINAL_DST; dst: (host, port) or None
     cdef Endpoint _pick_weighted(self, tuple eps, Py_ssize_t n)
     cdef Endpoint _draw_by_weight(self, tuple eps)
     cdef Endpoint pick_hash(self, uint64_t h)   # by a request's hash (hash policies)

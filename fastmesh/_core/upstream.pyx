@@ -55,6 +55,7 @@ cdef class Endpoint:
         self.consecutive_local = 0
         self.ejections = 0
         self.ejected_at_ms = 0
+        self.used = False
 
     @property
     def address(self):
@@ -99,6 +100,12 @@ cdef class Cluster:
         self.max_ring_size = max_ring_size
         self.maglev_table_size = maglev_table_size
         self.hash_hosts = ()
+        self.original_dst = False
+        self.origdst_header = None
+        self.origdst_port_override = 0
+        self.origdst_cleanup_ms = 5000
+        self.origdst_hosts = {}
+        self.origdst_next_cleanup_ms = 0
 
     def __dealloc__(self):
         free(self.ring_hashes)
@@ -481,7 +488,54 @@ cdef class Cluster:
              "active_requests": e.active_requests} for e in self.endpoints]}
 
     def get_endpoints(self):
+        if self.original_dst:
+            return tuple(self.origdst_hosts.values())
         return self.endpoints
+
+    # -- ORIGINAL_DST ------------------------------------------------------------------
+
+    def configure_original_dst(self, header=None, int port_override=0,
+                               int cleanup_interval_ms=5000):
+        """Make this an ORIGINAL_DST cluster: each connection (or request, by `header`) goes
+        to where it was addressed."""
+        self.original_dst = True
+        self.origdst_header = header.lower().encode() if header else None
+        self.origdst_port_override = port_override
+        self.origdst_cleanup_ms = cleanup_interval_ms
+
+    cdef Endpoint pick_original(self, tuple dst):
+        cdef Endpoint ep
+        if dst is None or dst[0] is None:
+            self.counters.v[CS_NO_HEALTHY] += 1
+            return None
+        if self.origdst_port_override:
+            dst = (dst[0], self.origdst_port_override)
+        ep = self.origdst_hosts.get(dst)
+        if ep is None:
+            ep = Endpoint(dst[0], dst[1])
+            self.origdst_hosts[dst] = ep
+        ep.used = True
+        return ep
+
+    def py_pick_original(self, dst):
+        return self.pick_original(tuple(dst) if dst is not None else None)
+
+    def origdst_cleanup(self, int64_t now):
+        """Drop the destinations not picked since the last cleanup and idle now; returns
+        them (their pooled connections are closed by the caller)."""
+        cdef Endpoint e
+        if not self.original_dst or now < self.origdst_next_cleanup_ms:
+            return ()
+        self.origdst_next_cleanup_ms = now + self.origdst_cleanup_ms
+        gone = []
+        for key, e in list(self.origdst_hosts.items()):
+            if e.used or e.active_requests or e.http_pending:
+                e.used = False
+                continue
+            del self.origdst_hosts[key]
+            e.removed = True
+            gone.append(e)
+        return gone
 
     def py_pick(self):
         return self.pick()

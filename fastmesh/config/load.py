@@ -30,7 +30,13 @@ import yaml
 from .model import (
     DEFAULT_ADMIN_ADDRESS,
     LB_POLICIES,
+    INSPECTORS,
+    LISTENER_PROTOCOLS,
     PROTOCOLS,
+    TRANSPORT_PROTOCOLS,
+    ChainMatch,
+    FilterChain,
+    OriginalDst,
     Address,
     Admin,
     Cluster,
@@ -170,20 +176,20 @@ def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = No
     route_tables = _route_tables(c, tables_raw, known_clusters)
     listeners = [_with_http_filters(c, lst, route_tables) if lst is not None else lst
                  for lst in listeners]
-    for lst in listeners:
+    for lst, ch in [(lst, ch) for lst in listeners if lst is not None for ch in lst.chains()]:
         # what only one protocol's path does is refused where it would be ignored
-        table = route_tables.get(lst.route_table) if lst is not None else None
+        table = route_tables.get(ch.route_table) if ch.route_table else None
         for vh in table.virtual_hosts if table is not None else ():
             for i, r in enumerate(vh.routes):
                 rp = r.retry_policy if r is not None else None
                 if rp is None:
                     continue
-                where = f"route_tables.{lst.route_table}.routes[{i}].retry_policy"
-                if lst.protocol == "http1" and rp.bolt_statuses:
+                where = f"route_tables.{ch.route_table}.routes[{i}].retry_policy"
+                if ch.protocol == "http1" and rp.bolt_statuses:
                     c.err(f"{where}.bolt_statuses", f"used by http1 listener {lst.name!r}: "
                           "Bolt statuses are for Bolt routes")
-                if lst.protocol == "bolt" and (rp.retriable_status_codes or rp.per_try_timeout_ms
-                                               or rp.backoff_max_ms is not None):
+                if ch.protocol == "bolt" and (rp.retriable_status_codes or rp.per_try_timeout_ms
+                                              or rp.backoff_max_ms is not None):
                     c.err(where, f"used by bolt listener {lst.name!r}: retriable_status_codes, "
                           "per_try_timeout_ms and back-off are for HTTP routes (Bolt: "
                           "bolt_statuses; a call is sent again at once)")
@@ -200,8 +206,9 @@ def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = No
         w = data["workers"]
         if w == "auto":
             kw["workers"] = os.cpu_count() or 1
-        elif isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            c.err("workers", f'expected a positive integer or "auto", got {_show(w)}')
+        elif isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            c.err("workers", f'expected a non-negative integer or "auto", got {_show(w)} '
+                             f'(0: one process serves everything, for sidecars)')
         else:
             kw["workers"] = w
     if "drain_timeout_ms" in data:
@@ -566,7 +573,8 @@ def _default_admin_address() -> Address:
 
 _LISTENER_FIELDS = {f.name: f for f in dataclasses.fields(Listener)}
 _LISTENER_INT_MIN = {"max_request_body_bytes": 0,    # every other int field: >= 1
-                     "stream_idle_timeout_ms": 0}
+                     "stream_idle_timeout_ms": 0, "sniff_timeout_ms": 0}
+_LISTENER_KEYS = set(_LISTENER_FIELDS) | {"bolt_route_table"}
 
 
 def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
@@ -578,7 +586,7 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
         addrs[_addr_key(admin.address)] = "admin.address"
     for i, item in enumerate(c.seq(raw, "listeners")):
         p = f"listeners[{i}]"
-        m = c.mapping(item, p, _LISTENER_FIELDS)
+        m = c.mapping(item, p, _LISTENER_KEYS)
         if m is None:
             continue
         kw: dict[str, Any] = {}
@@ -595,29 +603,33 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
 
         protocol = _LISTENER_FIELDS["protocol"].default
         if "protocol" in m:
-            protocol = c.choice(m["protocol"], f"{p}.protocol", "protocol", PROTOCOLS)
+            protocol = c.choice(m["protocol"], f"{p}.protocol", "protocol",
+                                LISTENER_PROTOCOLS)
             kw["protocol"] = protocol
-        if protocol == "tcp":
-            if "route_table" in m:
-                c.err(f"{p}.route_table", "not allowed for tcp listeners")
-            cl = c.text(c.required(m, p, "cluster"), f"{p}.cluster")
-            if cl is not None and known_clusters is not None and cl not in known_clusters:
-                c.err(f"{p}.cluster", f"no cluster named {cl!r}")
-            kw["cluster"] = cl
-        elif protocol is not None:
-            if "cluster" in m:
-                c.err(f"{p}.cluster", f"not allowed for {protocol} listeners (only tcp)")
-            if "route_table" not in m:
-                c.err(f"{p}.route_table", f"missing required key (for {protocol} listeners)")
-            else:
-                rt = c.text(m["route_table"], f"{p}.route_table")
-                if rt is not None and known_tables is not None and rt not in known_tables:
-                    c.err(f"{p}.route_table", f"no route table named {rt!r}")
-                kw["route_table"] = rt
-
+        if "filter_chains" in m:
+            if "protocol" in m and protocol != "auto":
+                c.err(f"{p}.protocol", "with filter_chains: the chain chooses the protocol "
+                                       "(leave protocol out, or say auto)")
+            for key in ("route_table", "cluster", "bolt_route_table"):
+                if key in m:
+                    c.err(f"{p}.{key}", "with filter_chains: set it on each chain")
+            kw["protocol"] = protocol = "auto"
+            kw["filter_chains"] = _filter_chains(c, m["filter_chains"], f"{p}.filter_chains",
+                                                 known_tables, known_clusters)
+        elif protocol == "auto":
+            kw["filter_chains"] = _sniffed_chains(c, m, p, kw["name"], known_tables,
+                                                  known_clusters)
+        else:
+            if "bolt_route_table" in m:
+                c.err(f"{p}.bolt_route_table", "only with protocol: auto")
+            kw["route_table"], kw["cluster"] = _chain_target(c, m, p, protocol, known_tables,
+                                                             known_clusters)
+        _interception(c, m, p, kw)
+        chains = kw.get("filter_chains") or ()
+        protocols = {ch.protocol for ch in chains} if chains else {protocol}
         if "access_log" in m:
             path = c.text(m["access_log"], f"{p}.access_log")
-            if path is not None and protocol != "http1":
+            if path is not None and "http1" not in protocols:
                 c.err(f"{p}.access_log", "only http1 listeners have an access log")
             elif path is not None and "\0" in path:
                 c.err(f"{p}.access_log", "a path cannot contain a NUL byte")
@@ -627,7 +639,7 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
             kw["accept_http_10"] = c.boolean(m["accept_http_10"], f"{p}.accept_http_10")
         for name, parse in (("fault", _fault), ("local_rate_limit", _local_rate_limit)):
             if m.get(name) is not None:
-                if protocol != "http1":
+                if "http1" not in protocols:
                     c.err(f"{p}.{name}", "only http1 listeners have HTTP filters")
                 kw[name] = parse(c, m[name], f"{p}.{name}")
         if m.get("http_filters"):
@@ -652,6 +664,154 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
                   f"must be less than high_water_bytes ({low} >= {high})")
         out.append(Listener(**kw))
     return out
+
+
+def _chain_target(c: _Checker, m: dict, p: str, protocol: Optional[str],
+                  known_tables: Optional[set], known_clusters: Optional[set]) -> tuple:
+    """(route_table, cluster) of one protocol's chain: tcp needs a cluster, http1 and bolt a
+    route table."""
+    rt = cl = None
+    if protocol == "tcp":
+        if "route_table" in m:
+            c.err(f"{p}.route_table", "not allowed for tcp listeners")
+        cl = c.text(c.required(m, p, "cluster"), f"{p}.cluster")
+        if cl is not None and known_clusters is not None and cl not in known_clusters:
+            c.err(f"{p}.cluster", f"no cluster named {cl!r}")
+    elif protocol is not None:
+        if "cluster" in m:
+            c.err(f"{p}.cluster", f"not allowed for {protocol} listeners (only tcp)")
+        if "route_table" not in m:
+            c.err(f"{p}.route_table", f"missing required key (for {protocol} listeners)")
+        else:
+            rt = c.text(m["route_table"], f"{p}.route_table")
+            if rt is not None and known_tables is not None and rt not in known_tables:
+                c.err(f"{p}.route_table", f"no route table named {rt!r}")
+    return rt, cl
+
+
+def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
+                    known_tables: Optional[set], known_clusters: Optional[set]) -> tuple:
+    """protocol: auto, the short form: HTTP/1 requests to route_table, Bolt calls to
+    bolt_route_table, anything else (TLS included, passed through) to cluster."""
+    chains = []
+    name = name or "listener"
+    if "route_table" in m:
+        rt, _ = _chain_target(c, {"route_table": m["route_table"]}, p, "http1", known_tables,
+                              known_clusters)
+        chains.append(FilterChain(name=f"{name}/http1", protocol="http1", route_table=rt,
+                                  match=ChainMatch(application_protocols=HTTP1_PROTOCOLS)))
+    if "bolt_route_table" in m:
+        rt, _ = _chain_target(c, {"route_table": m["bolt_route_table"]}, p, "bolt",
+                              known_tables, known_clusters)
+        chains.append(FilterChain(name=f"{name}/bolt", protocol="bolt", route_table=rt,
+                                  match=ChainMatch(application_protocols=("bolt",))))
+    if "cluster" in m:
+        _, cl = _chain_target(c, {"cluster": m["cluster"]}, p, "tcp", known_tables,
+                              known_clusters)
+        chains.append(FilterChain(name=f"{name}/tcp", protocol="tcp", cluster=cl, default=True))
+    if not chains:
+        c.err(p, "protocol: auto needs at least one of route_table (HTTP/1), bolt_route_table "
+                 "(Bolt) and cluster (anything else, as TCP)")
+    return tuple(chains)
+
+
+HTTP1_PROTOCOLS = ("http/1.0", "http/1.1")
+_CHAIN_KEYS = ("name", "match", "protocol", "route_table", "cluster", "default")
+_MATCH_FIELDS = {f.name: f for f in dataclasses.fields(ChainMatch)}
+
+
+def _filter_chains(c: _Checker, raw: Any, p: str, known_tables: Optional[set],
+                   known_clusters: Optional[set]) -> tuple:
+    out = []
+    names: dict = {}
+    seen: dict = {}
+    defaults = 0
+    for i, item in enumerate(c.seq(raw, p, nonempty=True)):
+        ip = f"{p}[{i}]"
+        m = c.mapping(item, ip, _CHAIN_KEYS)
+        if m is None:
+            continue
+        name = f"chain_{i}"
+        if "name" in m:
+            name = c.unique_name(m["name"], f"{ip}.name", "filter chain", names) or name
+        protocol = c.choice(c.required(m, ip, "protocol"), f"{ip}.protocol", "protocol",
+                            PROTOCOLS) if "protocol" in m else \
+            ("tcp" if "cluster" in m else "http1")
+        rt, cl = _chain_target(c, m, ip, protocol, known_tables, known_clusters)
+        match = _chain_match(c, m.get("match") or {}, f"{ip}.match")
+        default = bool(m.get("default")) and c.boolean(m["default"], f"{ip}.default")
+        if default:
+            defaults += 1
+            if defaults > 1:
+                c.err(f"{ip}.default", "only one chain can be the default")
+        elif match in seen:
+            c.err(f"{ip}.match", f"the same match as filter_chains[{seen[match]}]: a "
+                                 "connection could not choose between them")
+        else:
+            seen[match] = i
+        out.append(FilterChain(name=name, protocol=protocol or "http1", match=match,
+                               route_table=rt, cluster=cl, default=default))
+    return tuple(out)
+
+
+def _chain_match(c: _Checker, raw: Any, p: str) -> ChainMatch:
+    m = c.mapping(raw, p, _MATCH_FIELDS)
+    if m is None:
+        return ChainMatch()
+    kw: dict = {}
+    if "destination_port" in m:
+        kw["destination_port"] = c.integer(m["destination_port"], f"{p}.destination_port",
+                                           lo=0, hi=65535)
+    for key in ("destination_cidrs", "source_cidrs"):
+        if key in m:
+            cidrs = []
+            for j, x in enumerate(c.seq(m[key], f"{p}.{key}")):
+                t = c.text(x, f"{p}.{key}[{j}]")
+                if t is None:
+                    continue
+                try:
+                    cidrs.append(str(ipaddress.ip_network(t, strict=False)))
+                except ValueError:
+                    c.err(f"{p}.{key}[{j}]", f"{t!r} is not an IP address or CIDR")
+            kw[key] = tuple(cidrs)
+    if "server_names" in m:
+        kw["server_names"] = tuple(
+            t.lower() for j, x in enumerate(c.seq(m["server_names"], f"{p}.server_names"))
+            if (t := c.text(x, f"{p}.server_names[{j}]")) is not None)
+    if "transport_protocol" in m:
+        kw["transport_protocol"] = c.choice(m["transport_protocol"], f"{p}.transport_protocol",
+                                            "transport protocol", TRANSPORT_PROTOCOLS)
+    if "application_protocols" in m:
+        kw["application_protocols"] = tuple(
+            t for j, x in enumerate(c.seq(m["application_protocols"],
+                                          f"{p}.application_protocols"))
+            if (t := c.text(x, f"{p}.application_protocols[{j}]")) is not None)
+    if "source_ports" in m:
+        kw["source_ports"] = tuple(
+            v for j, x in enumerate(c.seq(m["source_ports"], f"{p}.source_ports"))
+            if (v := c.integer(x, f"{p}.source_ports[{j}]", lo=1, hi=65535)) is not None)
+    return ChainMatch(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _interception(c: _Checker, m: dict, p: str, kw: dict) -> None:
+    """original_dst, use_original_dst, bind_to_port, the inspectors and their timeout."""
+    for key in ("original_dst", "use_original_dst", "bind_to_port", "sniff_timeout_continue"):
+        if key in m:
+            kw[key] = c.boolean(m[key], f"{p}.{key}")
+    if kw.get("use_original_dst"):
+        kw["original_dst"] = True           # as Envoy: hand-off needs the original address
+    chains = kw.get("filter_chains") or ()
+    needs = any(ch.match.server_names or ch.match.transport_protocol
+                or ch.match.application_protocols for ch in chains)
+    if "inspectors" in m:
+        ins = [c.choice(x, f"{p}.inspectors[{j}]", "inspector", INSPECTORS)
+               for j, x in enumerate(c.seq(m["inspectors"], f"{p}.inspectors"))]
+        kw["inspectors"] = tuple(x for x in INSPECTORS if x in ins)
+    elif needs:
+        kw["inspectors"] = INSPECTORS
+    if kw.get("bind_to_port") is False and not any(
+            k in m for k in ("filter_chains", "protocol", "route_table", "cluster")):
+        c.err(p, "bind_to_port: false: the listener still needs what it serves")
 
 
 def _route_tables(c: _Checker, raw: Any, known_clusters: Optional[set]) -> dict:
@@ -916,24 +1076,27 @@ def _local_rate_limit(c: _Checker, raw: Any, p: str) -> Optional[LocalRateLimit]
 
 
 def _with_http_filters(c: _Checker, lst: Listener, tables: dict) -> Listener:
-    """An http1 listener runs the HTTP filters that it or its routes configure (in the
-    order of its `http_filters`, else fault before local_rate_limit); a route's filter
+    """An http1 listener (chain) runs the HTTP filters that it or its routes configure (in
+    the order of its `http_filters`, else fault before local_rate_limit); a route's filter
     config needs its listener to run that filter."""
-    table = tables.get(lst.route_table) if lst.route_table else None
-    routes = [r for vh in (table.virtual_hosts if table else ()) if vh is not None
-              for r in vh.routes if r is not None]
-    used = {name for name in HTTP_FILTERS
-            if getattr(lst, name) is not None or any(getattr(r, name) is not None
-                                                     for r in routes)}
-    if lst.protocol != "http1":
-        # a Bolt route may have its own token bucket (calls beyond it: status 4)
-        bad = used - {"local_rate_limit"} if getattr(lst, "local_rate_limit") is None \
-            else used
-        if bad and lst.protocol == "bolt":
-            c.err(f"route_tables.{lst.route_table}", f"{', '.join(sorted(bad))} on bolt "
-                  f"listener {lst.name!r} or its routes: HTTP filters are for HTTP (a Bolt "
-                  f"route may have a local_rate_limit)")
-        return lst
+    used: set = set()
+    for ch in lst.chains():
+        table = tables.get(ch.route_table) if ch.route_table else None
+        routes = [r for vh in (table.virtual_hosts if table else ()) if vh is not None
+                  for r in vh.routes if r is not None]
+        here = {name for name in HTTP_FILTERS
+                if getattr(lst, name) is not None or any(getattr(r, name) is not None
+                                                         for r in routes)}
+        if ch.protocol == "http1":
+            used |= here
+        elif ch.protocol == "bolt":
+            # a Bolt route may have its own token bucket (calls beyond it: status 4)
+            bad = here - {"local_rate_limit"} if getattr(lst, "local_rate_limit") is None \
+                else here
+            if bad:
+                c.err(f"route_tables.{ch.route_table}", f"{', '.join(sorted(bad))} on bolt "
+                      f"listener {lst.name!r} or its routes: HTTP filters are for HTTP (a "
+                      f"Bolt route may have a local_rate_limit)")
     if lst.http_filters:
         for name in sorted(used - set(lst.http_filters)):
             c.err(f"listeners.{lst.name}.http_filters", f"{name} is configured (on the "
@@ -1169,6 +1332,8 @@ _ZK_PUBLISH_FIELDS = {f.name for f in dataclasses.fields(ZookeeperPublish)}
 
 # (weights are given with the endpoints: {address, weight})
 _CLUSTER_FIELDS = {f.name: f for f in dataclasses.fields(Cluster) if f.name != "weights"}
+_CLUSTER_KEYS = set(_CLUSTER_FIELDS) | {"type"}
+CLUSTER_TYPES = ("static", "original_dst")
 
 
 _HC_FIELDS = {f.name: f for f in dataclasses.fields(HealthCheck)}
@@ -1266,6 +1431,28 @@ def _outlier_detection(c: _Checker, raw: Any, p: str) -> Optional[OutlierDetecti
     return OutlierDetection(**kw)
 
 
+NOT_YET = "not supported yet"
+
+
+def _original_dst(c: _Checker, raw: Any, p: str) -> Optional[OriginalDst]:
+    m = c.mapping(raw, p, {f.name for f in dataclasses.fields(OriginalDst)})
+    if m is None:
+        return None
+    kw: dict = {}
+    if "use_http_header" in m:
+        kw["use_http_header"] = c.boolean(m["use_http_header"], f"{p}.use_http_header")
+    if "http_header_name" in m:
+        h = c.text(m["http_header_name"], f"{p}.http_header_name")
+        kw["http_header_name"] = h.lower() if h else h
+    if "port_override" in m:
+        kw["port_override"] = c.integer(m["port_override"], f"{p}.port_override", lo=0,
+                                        hi=65535)
+    if "cleanup_interval_ms" in m:
+        kw["cleanup_interval_ms"] = c.integer(m["cleanup_interval_ms"],
+                                              f"{p}.cleanup_interval_ms", lo=1)
+    return OriginalDst(**{k: v for k, v in kw.items() if v is not None})
+
+
 def _clusters(c: _Checker, raw: Any) -> dict:
     out: dict = {}
     names: dict = {}
@@ -1274,15 +1461,32 @@ def _clusters(c: _Checker, raw: Any) -> dict:
         return out
     for i, item in enumerate(raw):
         p = f"clusters[{i}]"
-        m = c.mapping(item, p, _CLUSTER_FIELDS)
+        m = c.mapping(item, p, _CLUSTER_KEYS)
         if m is None:
             continue
         kw: dict[str, Any] = {}
         name = c.unique_name(c.required(m, p, "name"), f"{p}.name", "cluster", names)
         kw["name"] = name
         ep = f"{p}.endpoints"
-        if m.get("discovery") is not None:
+        ctype = c.choice(m["type"], f"{p}.type", "cluster type", CLUSTER_TYPES) \
+            if "type" in m else ("original_dst" if m.get("original_dst") is not None
+                                 else "static")
+        if ctype == "original_dst":
+            kw["original_dst"] = _original_dst(c, m.get("original_dst") or {},
+                                               f"{p}.original_dst")
+            if m.get("endpoints"):
+                c.err(ep, "an original_dst cluster has no endpoints: each connection goes "
+                          "where its client addressed it")
+            for key in ("health_check", "outlier_detection", "discovery"):
+                if m.get(key) is not None:
+                    c.err(f"{p}.{key}", f"not for original_dst clusters: {NOT_YET}")
+            if m.get("lb_policy") not in (None, "round_robin"):
+                c.err(f"{p}.lb_policy", "an original_dst cluster balances by destination")
+        elif m.get("original_dst") is not None:
+            c.err(f"{p}.original_dst", "only for type: original_dst")
+        if m.get("discovery") is not None and ctype != "original_dst":
             kw["discovery"] = _discovery(c, m["discovery"], f"{p}.discovery")
+        if ctype == "original_dst" or "discovery" in kw:
             e_raw = m.get("endpoints", [])   # with a registry: the providers last known
         else:
             e_raw = c.required(m, p, "endpoints")

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 PROTOCOLS = ("http1", "bolt", "tcp")
+LISTENER_PROTOCOLS = PROTOCOLS + ("auto",)         # auto: sniffed per connection
+INSPECTORS = ("http", "tls", "bolt")               # what a listener reads first bytes for
+TRANSPORT_PROTOCOLS = ("raw_buffer", "tls")
 LB_POLICIES = ("round_robin", "random", "least_request", "ring_hash", "maglev")
 HASH_POLICY_KINDS = ("header", "cookie", "source_ip", "query_parameter")
 
@@ -194,6 +197,31 @@ class Publish:
 
 
 @dataclass(frozen=True)
+class ChainMatch:
+    """Which connections a filter chain takes (Envoy's filter_chain_match): every field set
+    must match; at each field in this order the most specific match wins, and chains that do
+    not set it are the fallback."""
+    destination_port: int = 0                     # 0: any (the original port after REDIRECT)
+    destination_cidrs: tuple[str, ...] = ()       # "10.0.0.0/8", "10.1.2.3/32", "fd00::/8"
+    server_names: tuple[str, ...] = ()            # TLS SNI: "host" or "*.suffix"
+    transport_protocol: Optional[str] = None      # raw_buffer | tls (needs the tls inspector)
+    application_protocols: tuple[str, ...] = ()   # http/1.0, http/1.1, h2c, bolt, TLS ALPN
+    source_cidrs: tuple[str, ...] = ()
+    source_ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class FilterChain:
+    """One way a listener serves a connection: a protocol and where it goes."""
+    name: str
+    protocol: str                                 # http1 | bolt | tcp
+    match: ChainMatch = ChainMatch()
+    route_table: Optional[str] = None             # http1 and bolt
+    cluster: Optional[str] = None                 # tcp
+    default: bool = False                         # takes what no chain matches
+
+
+@dataclass(frozen=True)
 class Listener:
     name: str
     address: Address
@@ -218,6 +246,23 @@ class Listener:
     fault: Optional[Fault] = None                 # the listener's configs for them (routes
     local_rate_limit: Optional[LocalRateLimit] = None   # may carry their own)
     publish: Optional[Publish] = None             # Bolt: register its services (registry)
+    # sidecar interception (protocol "auto", or filter_chains set: the chain is chosen per
+    # connection; protocol/route_table/cluster above then describe no chain)
+    filter_chains: tuple[FilterChain, ...] = ()
+    original_dst: bool = False                    # read the pre-REDIRECT destination
+    use_original_dst: bool = False                # hand each connection to the listener bound
+                                                  # to its original destination, if any
+    bind_to_port: bool = True                     # False: only takes handed-off connections
+    inspectors: tuple[str, ...] = ()              # INSPECTORS run on the first bytes
+    sniff_timeout_ms: int = 1000                  # inspectors wait this long for bytes (0: for
+    sniff_timeout_continue: bool = True           # ever), then go on as raw TCP (False: close)
+
+    def chains(self) -> tuple[FilterChain, ...]:
+        """The filter chains connections are served by (a plain listener has one)."""
+        if self.filter_chains:
+            return self.filter_chains
+        return (FilterChain(name=self.name, protocol=self.protocol,
+                            route_table=self.route_table, cluster=self.cluster),)
 
 
 @dataclass(frozen=True)
@@ -292,6 +337,17 @@ class Discovery:
 
 
 @dataclass(frozen=True)
+class OriginalDst:
+    """An ORIGINAL_DST cluster (Envoy's, with CLUSTER_PROVIDED balancing): each connection
+    goes where its client addressed it (the listener's original_dst filter restores that
+    after an iptables REDIRECT); destinations unused for cleanup_interval_ms are forgotten."""
+    use_http_header: bool = False                 # HTTP: this header's "ip:port" chooses
+    http_header_name: str = "x-envoy-original-dst-host"
+    port_override: int = 0                        # 0: the destination's own port
+    cleanup_interval_ms: int = 5000
+
+
+@dataclass(frozen=True)
 class Cluster:
     name: str
     endpoints: tuple[Address, ...]
@@ -317,6 +373,7 @@ class Cluster:
     maglev_table_size: int = 65537                # a prime
     # endpoints from a registry (endpoints then holds the providers last known)
     discovery: Optional[Discovery] = None
+    original_dst: Optional[OriginalDst] = None    # type original_dst: no endpoints listed
 
 
 @dataclass(frozen=True)
@@ -344,7 +401,8 @@ class Config:
     listeners: tuple[Listener, ...]
     route_tables: dict = field(default_factory=dict)   # name -> RouteTable
     clusters: dict = field(default_factory=dict)       # name -> Cluster
-    workers: int = 1                              # worker processes; "auto" = CPU count
+    workers: int = 1                              # worker processes; "auto" = CPU count; 0:
+                                                  # the supervisor serves (one process)
     drain_timeout_ms: int = 30000                 # graceful drain limit (SIGTERM, upgrade)
     source: str = "<string>"                      # the file it came from, for messages
     xds: Optional[Xds] = None                     # a control plane (bootstrap files only)

@@ -295,6 +295,7 @@ def main(argv=None) -> int:
                     help="answer every request (but /healthz) with this status")
     args = ap.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") else host       # "[v6]:port"
     if args.loop == "uvloop":
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -15,7 +15,7 @@ import os
 import time
 
 from fastmesh import snapshot as snapshot_mod
-from fastmesh._core import http_proxy
+from fastmesh._core import buffer, http_proxy
 from fastmesh.cluster import ClusterResolver
 from fastmesh.config import model
 from fastmesh.listener import Listener, ListenerState
@@ -77,7 +77,7 @@ class DataPlane:
                 lst = self.listeners.get(lc.name)
                 if lst is None:
                     lst = Listener(lc, self.loop)
-                    lst.bind(sockets[lc.name])
+                    lst.bind(sockets[lc.name] if lc.bind_to_port else [])
                     lst.apply_snapshot(snap)
                     await lst.start()
                     started.append(lst)
@@ -92,8 +92,25 @@ class DataPlane:
             raise
         self.cfg = cfg
         self.snapshot = snap
+        self._index_addresses()
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    def _index_addresses(self) -> None:
+        """Listeners by address, for use_original_dst: a connection redirected to one
+        listener is handed to the listener bound to where it was going."""
+        self.by_address = {(lst.cfg.address.host, lst.cfg.address.port): lst.dispatcher
+                           for lst in self.listeners.values()}
+        for lst in self.listeners.values():
+            lst.dispatcher.hand_off = self._hand_off if lst.cfg.use_original_dst else None
+
+    def _hand_off(self, dst: tuple):
+        """The dispatcher of the listener for this original destination: the one on that
+        exact address, else the one on the wildcard address with its port; None: none."""
+        d = self.by_address.get(dst)
+        if d is None:
+            d = self.by_address.get(("::" if ":" in dst[0] else "0.0.0.0", dst[1]))
+        return d
 
     def update_endpoints(self, updates: dict) -> None:
         """New endpoint sets for some clusters (EDS), in place: the Cluster objects, their
@@ -178,9 +195,14 @@ class DataPlane:
                     lst.close()
                     self.draining_listeners.remove(lst)
             n += 1
+            if n % POOL_SWEEP_EVERY == 0:
+                buffer.trim_if_worth()
             if n % POOL_SWEEP_EVERY == 0 and self.snapshot is not None:
                 for c in self.snapshot.clusters.values():
                     http_proxy.sweep_idle_upstreams(c, now)
+                    if c.original_dst:
+                        for ep in c.origdst_cleanup(now):   # destinations unused a while
+                            http_proxy.drain_endpoint(ep)
 
     # -- drain and stop --------------------------------------------------------------
 
@@ -229,9 +251,9 @@ class DataPlane:
             l.state is ListenerState.RUNNING for l in self.listeners.values())
 
     def stats(self) -> dict:
-        listeners = {n: lst.ctx.counters.to_dict() for n, lst in self.listeners.items()}
+        listeners = {n: lst.counters() for n, lst in self.listeners.items()}
         for lst in self.draining_listeners:
-            listeners.setdefault(lst.name, lst.ctx.counters.to_dict())
+            listeners.setdefault(lst.name, lst.counters())
         clusters = {n: c.counters.to_dict() for n, c in self.snapshot.clusters.items()} \
             if self.snapshot else {}
         return {"pid": os.getpid(), "listeners": listeners, "clusters": clusters,

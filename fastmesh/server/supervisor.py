@@ -66,10 +66,49 @@ def _addr_key(a: model.Address) -> str:
     return str(a)
 
 
+def _bound(listeners) -> list:
+    """The listeners that have sockets of their own (bind_to_port; the others only take
+    connections handed over by a listener with use_original_dst)."""
+    return [lc for lc in listeners if lc.bind_to_port]
+
+
 def _close_groups(groups: dict) -> None:
     for group in groups.values():
         for s in group:
             s.close()
+
+
+class InProcessWorker:
+    """workers: 0: the data plane in the supervisor's own process and loop, driven over a
+    socket pair exactly as a worker process is; this stands for the process (poll, signals,
+    wait) where the supervisor expects one."""
+
+    def __init__(self, loop, ctrl: socket.socket, index: int):
+        from fastmesh.server.worker import Worker
+        self.worker = Worker(loop, ctrl, index)
+        self.worker.start()
+        self.pid = os.getpid()
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and self.worker.done.is_set():
+            self.returncode = 0
+        return self.returncode
+
+    def send_signal(self, sig) -> None:
+        if sig == signal.SIGTERM:
+            self.worker.on_sigterm()
+        else:
+            self.worker._finish()
+
+    def kill(self) -> None:
+        self.worker._finish()
+
+    def wait(self, timeout=None):
+        if self.poll() is None:
+            # its drain runs on this very loop: it cannot be waited for here
+            raise subprocess.TimeoutExpired("in-process worker", timeout)
+        return self.returncode
 
 
 class WorkerHandle:
@@ -91,7 +130,11 @@ class Supervisor:
         self.loop = loop
         self.config_path = config_path
         self.loop_kind = loop_kind
-        self.nworkers = workers or cfg.workers
+        self.nworkers = workers if workers is not None else cfg.workers
+        # workers: 0 (a sidecar's single process): the supervisor runs the data plane itself,
+        # as worker 0 over the same message link; one socket per listener
+        self.in_process = self.nworkers == 0
+        self.nslots = max(1, self.nworkers)
         self.upgrade_path = upgrade_path
         self.log_level = log_level
         self.last_apply: dict = {}      # what the last config change sent the workers
@@ -148,11 +191,11 @@ class Supervisor:
             await self.registry.prepare(self.cfg)
             self.cfg = self.registry.fill(self.cfg)
         try:
-            for lc in self.cfg.listeners:
+            for lc in _bound(self.cfg.listeners):
                 key = _addr_key(lc.address)
                 group = inherited.pop(key, None)
-                self.sockets[key] = (grow_socket_group(lc.address, group, self.nworkers)
-                                     if group else open_socket_group(lc.address, self.nworkers))
+                self.sockets[key] = (grow_socket_group(lc.address, group, self.nslots)
+                                     if group else open_socket_group(lc.address, self.nslots))
             if self.cfg.admin is not None:
                 key = _addr_key(self.cfg.admin.address)
                 group = inherited.pop(key, None)
@@ -166,7 +209,7 @@ class Supervisor:
             # as Envoy's start-up: the first round of health checks decides before serving
             self.health.sync(self.cfg)
             await self.health.first_round()
-            for i in range(self.nworkers):
+            for i in range(self.nslots):
                 self.workers.append(None)
                 await self._start_worker(i)
             if self.admin_sock is not None:
@@ -256,22 +299,25 @@ class Supervisor:
         """The listening sockets worker i serves: its share of each address's group (one
         name per descriptor)."""
         names, fds = [], []
-        for lc in (self.cfg.listeners if listeners is None else listeners):
+        for lc in _bound(self.cfg.listeners if listeners is None else listeners):
             group = (self.sockets if sockets is None else sockets)[_addr_key(lc.address)]
-            for j in range(i, len(group), self.nworkers):
+            for j in range(i, len(group), self.nslots):
                 names.append(lc.name)
                 fds.append(group[j].fileno())
         return names, fds
 
     async def _start_worker(self, i: int) -> None:
         parent, child = ipc.socketpair()
-        # -P: never import fastmesh from the working directory (a source checkout there
-        # would shadow the installed, compiled package)
-        cmd = [sys.executable, "-P", "-m", "fastmesh.server.worker",
-               "--ctrl-fd", str(child.fileno()), "--index", str(i), "--loop", self.loop_kind,
-               "--log-level", self.log_level]
-        proc = subprocess.Popen(cmd, pass_fds=[child.fileno()])
-        child.close()
+        if self.in_process:
+            proc = InProcessWorker(self.loop, child, i)
+        else:
+            # -P: never import fastmesh from the working directory (a source checkout there
+            # would shadow the installed, compiled package)
+            cmd = [sys.executable, "-P", "-m", "fastmesh.server.worker",
+                   "--ctrl-fd", str(child.fileno()), "--index", str(i), "--loop",
+                   self.loop_kind, "--log-level", self.log_level]
+            proc = subprocess.Popen(cmd, pass_fds=[child.fileno()])
+            child.close()
         chan = ipc.Channel(parent, self.loop)
         h = WorkerHandle(i, proc, chan)
         chan.on_message = lambda msg, fds: self._on_worker_message(h, msg, fds)
@@ -475,10 +521,10 @@ class Supervisor:
             return False, errors
         new_socks = {}
         try:
-            for lc in cfg.listeners:
+            for lc in _bound(cfg.listeners):
                 key = _addr_key(lc.address)
                 if key not in self.sockets and key not in new_socks:
-                    new_socks[key] = open_socket_group(lc.address, self.nworkers)
+                    new_socks[key] = open_socket_group(lc.address, self.nslots)
         except OSError as exc:
             _close_groups(new_socks)
             self.reload_failures += 1
@@ -515,7 +561,7 @@ class Supervisor:
             _close_groups(new_socks)
             return False, [f"apply: {error}"]
         self.sockets.update(new_socks)
-        keep = {_addr_key(lc.address) for lc in cfg.listeners}
+        keep = {_addr_key(lc.address) for lc in _bound(cfg.listeners)}
         for key in list(self.sockets):
             if key not in keep:
                 # the workers have stopped it listening; they drain their own copies
@@ -636,14 +682,15 @@ class Supervisor:
         log.info("upgrade: handed over; exiting")
         self._finish()
 
-    async def adopt_connection(self, listener: str, fd: int, data: bytes) -> None:
+    async def adopt_connection(self, listener: str, fd: int, data: bytes,
+                               chain: str | None = None) -> None:
         live = [h for h in self.workers if h is not None and h.ready]
         if not live:
             raise RuntimeError("no worker to take the connection")
         self._rr += 1
         h = live[self._rr % len(live)]
-        reply, _ = await h.chan.request({"t": "adopt", "listener": listener, "data": data},
-                                        [fd], timeout_s=5)
+        reply, _ = await h.chan.request({"t": "adopt", "listener": listener, "data": data,
+                                         "chain": chain}, [fd], timeout_s=5)
         if not reply.get("ok"):
             raise RuntimeError(reply.get("error"))
 

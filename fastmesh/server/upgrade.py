@@ -208,7 +208,8 @@ class MigrateServer(_SeqpacketServer):
         try:
             if msg.get("t") != "migrate" or len(fds) != 1:
                 raise ValueError(f"bad migrate message {msg.get('t')!r} with {len(fds)} fds")
-            await self.sup.adopt_connection(msg["listener"], fds[0], msg.get("data", b""))
+            await self.sup.adopt_connection(msg["listener"], fds[0], msg.get("data", b""),
+                                            msg.get("chain"))
             self.migrated += 1
             chan.reply(msg, ipc.reply_msg(ok=True))
         except Exception as exc:
@@ -234,10 +235,11 @@ async def migrate_out(plane, path: str, timeout_ms: int) -> int:
     chan = None
     sent = 0
     while time.monotonic() < deadline:
-        for lst in list(plane.listeners.values()):
-            if lst.cfg.protocol not in ("bolt", "tcp"):
+        for lst, chain in [(lst, ch) for lst in list(plane.listeners.values())
+                           for ch in list(lst.chains.values())]:
+            if chain.protocol not in ("bolt", "tcp"):
                 continue
-            for conn in list(lst.ctx.conns):
+            for conn in list(chain.ctx.conns):
                 if chan is None:
                     try:
                         s = connect_seqpacket(path)
@@ -253,14 +255,15 @@ async def migrate_out(plane, path: str, timeout_ms: int) -> int:
                 fd, data = detached
                 try:
                     reply, _ = await chan.request(
-                        {"t": "migrate", "listener": lst.name, "data": data}, [fd],
+                        {"t": "migrate", "listener": lst.name, "chain": chain.cfg.name,
+                         "data": data}, [fd],
                         timeout_s=MIGRATE_REPLY_TIMEOUT_S)
                     if not reply.get("ok"):
                         raise RuntimeError(reply.get("error"))
                     sent += 1
                 except Exception as exc:
                     log.error("migrate: hand-over failed (%s); keeping the connection", exc)
-                    await adopt(plane, lst.name, os.dup(fd), data)
+                    await adopt(plane, lst.name, os.dup(fd), data, chain.cfg.name)
                 finally:
                     os.close(fd)
         if plane.active_connections() == 0:
@@ -273,7 +276,7 @@ async def migrate_out(plane, path: str, timeout_ms: int) -> int:
     return plane.active_connections()
 
 
-async def adopt(plane, listener: str, fd: int, data: bytes) -> None:
+async def adopt(plane, listener: str, fd: int, data: bytes, chain: str | None = None) -> None:
     """New worker: continue a connection handed over by the old generation."""
     lst = plane.listeners.get(listener)
     if lst is None:
@@ -282,7 +285,11 @@ async def adopt(plane, listener: str, fd: int, data: bytes) -> None:
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
-    _, proto = await loop.connect_accepted_socket(lst.protocol_factory(), sock)
+    # the chain it was served by (a listener of one chain: that one); the connection keeps
+    # its socket, so an original destination is read again from it when needed
+    factory = lst.protocol_factory(chain) if chain in lst.chains else \
+        next(iter(lst.chains.values())).factory
+    _, proto = await loop.connect_accepted_socket(factory, sock)
     # accepted, and counted, by an earlier generation whose counters carry over
     lst.ctx.counters.add("downstream_cx_total", -1)
     if data:

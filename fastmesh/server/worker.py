@@ -174,7 +174,8 @@ class Worker:
 
     async def _on_adopt(self, msg, fds):
         from fastmesh.server import upgrade
-        await upgrade.adopt(self.plane, msg["listener"], fds[0], msg.get("data", b""))
+        await upgrade.adopt(self.plane, msg["listener"], fds[0], msg.get("data", b""),
+                            msg.get("chain"))
         return {}
 
     # -- exit --

@@ -434,3 +434,61 @@ def test_tcp_connection_migrates_when_quiet(deployment, upstream, loop_kind):
         assert c.read_response().body == b"hello from up\n"
     st = get_json(d.admin_port, "/stats")
     assert st["listeners"]["raw"]["downstream_cx_total"] == 1
+
+
+def test_sniffed_tcp_connection_migrates_to_its_chain(deployment, upstream, loop_kind):
+    """A listener that chooses chains per connection: a connection the sniffer sent to the
+    TCP chain (its first bytes are not HTTP) is handed over in a hot restart and continues
+    on the new generation's TCP chain, not sniffed again (its next bytes are HTTP)."""
+    import socket as _socket
+    import threading
+    echo = _socket.socket()
+    echo.bind(("127.0.0.1", 0))
+    echo.listen(4)
+
+    def handle(conn):
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+
+    def serve():                        # the new generation connects a new upstream
+        while True:
+            try:
+                conn, _ = echo.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    cfg = {
+        "admin": {"address": f"127.0.0.1:{free_port()}"},
+        "drain_timeout_ms": 5000,
+        "listeners": [{"name": "auto", "address": f"127.0.0.1:{free_port()}",
+                       "protocol": "auto", "route_table": "web", "cluster": "echo"}],
+        "route_tables": {"web": {"routes": [{"match": {"prefix": "/"}, "cluster": "up"}]}},
+        "clusters": [{"name": "up", "endpoints": [upstream]},
+                     {"name": "echo", "endpoints": [f"127.0.0.1:{echo.getsockname()[1]}"]}],
+    }
+    d = deployment(cfg, loop=loop_kind)
+    d.start()
+    try:
+        with _socket.create_connection(("127.0.0.1", _port(cfg)), timeout=10) as c:
+            c.sendall(b"\x00ping\n")
+            assert c.recv(100) == b"\x00ping\n"
+            time.sleep(0.7)                            # quiet both ways: migratable
+            old = supervisor_pid(d.admin_port)
+            d.hup()
+            wait_new_generation(d.admin_port, old)
+            wait_gone(old)
+            line = b"GET / HTTP/1.1\r\n\r\n"          # HTTP now: still the TCP chain's
+            c.sendall(line)
+            got = b""
+            while len(got) < len(line):
+                got += c.recv(100)
+            assert got == line
+        st = get_json(d.admin_port, "/stats")["listeners"]["auto"]
+        assert st["downstream_cx_total"] == 1 and st["downstream_rq_total"] == 0
+    finally:
+        echo.close()

@@ -116,3 +116,35 @@ def test_client_bytes_wait_for_a_slow_upstream_connect(start_fastmesh, loop_kind
     s.close()
     srv.close()
     assert len(got) == len(data) and hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+def test_server_first_greeting_arrives_at_once(start_fastmesh, loop_kind):
+    """A server-first protocol (SMTP, MySQL): the upstream speaks as soon as it accepts, and
+    its greeting reaches the silent client at once, every time (on asyncio the greeting
+    could be read before the upstream was linked to its client, and then waited for the
+    upstream's next bytes)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.sendall(b"220 ready\r\n")
+            threading.Thread(target=lambda c=conn: (c.recv(100), c.close()), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        fm = start_fastmesh(_cfg(srv.getsockname()[1]), loop=loop_kind)
+        for _ in range(30):
+            with socket.create_connection(("127.0.0.1", fm.port), timeout=5) as c:
+                assert c.recv(100) == b"220 ready\r\n"
+    finally:
+        stop.set()
+        srv.close()

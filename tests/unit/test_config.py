@@ -204,9 +204,11 @@ def test_workers_and_drain():
     assert load_dict({"listeners": [], "workers": 4}).workers == 4
     assert load_dict({"listeners": [], "workers": "auto"}).workers == (os.cpu_count() or 1)
     assert load_dict({"listeners": [], "drain_timeout_ms": 0}).drain_timeout_ms == 0
-    for bad, shown in [(0, "0"), (True, "true"), ("many", "'many'"), (1.5, "1.5")]:
+    assert load_dict({"listeners": [], "workers": 0}).workers == 0     # one process
+    for bad, shown in [(-1, "-1"), (True, "true"), ("many", "'many'"), (1.5, "1.5")]:
         assert error({"listeners": [], "workers": bad}) == \
-            f'workers: expected a positive integer or "auto", got {shown}'
+            f'workers: expected a non-negative integer or "auto", got {shown} (0: one ' \
+            f'process serves everything, for sidecars)'
     assert error({"listeners": [], "drain_timeout_ms": -1}) == \
         "drain_timeout_ms: expected a non-negative integer, got -1"
 
@@ -381,7 +383,7 @@ def test_listener_address_conflicts_with_admin():
 
 def test_listener_protocol_unknown():
     assert error(with_listener(protocol="h2")) == \
-        "listeners[0].protocol: unknown protocol 'h2' (expected one of: http1, bolt, tcp)"
+        "listeners[0].protocol: unknown protocol 'h2' (expected one of: http1, bolt, tcp, auto)"
 
 
 @pytest.mark.parametrize("protocol", ["http1", "bolt"])
@@ -442,10 +444,10 @@ def test_listener_int_fields_known():
     assert set(LISTENER_INTS) == {
         "max_head_bytes", "max_headers", "max_request_body_bytes", "max_frame_bytes",
         "idle_timeout_ms", "request_head_timeout_ms", "stream_idle_timeout_ms",
-        "high_water_bytes", "low_water_bytes", "max_in_flight"}
+        "high_water_bytes", "low_water_bytes", "max_in_flight", "sniff_timeout_ms"}
 
 
-NON_NEGATIVE = ("max_request_body_bytes", "stream_idle_timeout_ms")
+NON_NEGATIVE = ("max_request_body_bytes", "stream_idle_timeout_ms", "sniff_timeout_ms")
 
 
 @pytest.mark.parametrize("field", LISTENER_INTS)
@@ -948,20 +950,21 @@ def test_all_errors_reported_together():
     d["route_tables"]["web"]["routes"].append({"match": {"prefix": "x"}, "cluster": "nope"})
     d["clusters"][1]["lb_policy"] = "foo"
     d["clusters"].append({"name": "c", "endpoints": ["127.0.0.1:0"]})
-    d["workers"] = 0
+    d["workers"] = -1
     d["typo"] = 1
     with pytest.raises(ConfigError) as ei:
         load_dict(d)
     expected = [
         "typo: unknown key",
         "listeners[0].adress: unknown key",
-        "listeners[0].protocol: unknown protocol 'http2' (expected one of: http1, bolt, tcp)",
+        "listeners[0].protocol: unknown protocol 'http2' (expected one of: http1, bolt, tcp, auto)",
         "route_tables.web.routes[1].match.prefix: must start with \"/\", got 'x'",
         "route_tables.web.routes[1].cluster: no cluster named 'nope'",
         "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, " \
         "least_request, ring_hash, maglev)",
         "clusters[2].endpoints[0]: port 0 out of range (1..65535)",
-        'workers: expected a positive integer or "auto", got 0',
+        'workers: expected a non-negative integer or "auto", got -1 (0: one process serves '
+        'everything, for sidecars)',
     ]
     assert ei.value.errors == expected
     assert str(ei.value) == "\n".join(expected)

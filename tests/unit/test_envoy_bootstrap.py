@@ -311,12 +311,12 @@ LISTENER_REFUSALS = [
      "expected an integer in 1..8192"),
     (lambda b: hcm(b).pop("stat_prefix"), f"{HCM}.stat_prefix", "missing required field"),
     (lambda b: b["static_resources"]["listeners"][0]["filter_chains"][0].update(
-        filter_chain_match={"server_names": ["a"]}),
-     "static_resources.listeners[0].filter_chains[0].filter_chain_match",
-     "filter_chain_match: not supported yet (one filter chain"),
+        filter_chain_match={"direct_source_prefix_ranges": []}),
+     "static_resources.listeners[0].filter_chains[0].filter_chain_match."
+     "direct_source_prefix_ranges", "direct_source_prefix_ranges: not supported yet"),
     (lambda b: b["static_resources"]["listeners"][0]["filter_chains"].append(
-        {"filters": []}), "static_resources.listeners[0].filter_chains",
-     "2 filter chains: exactly one"),
+        {"filters": []}), "static_resources.listeners[0].filter_chains[1].filters",
+     "expected a non-empty list"),
     (lambda b: b["static_resources"]["listeners"][0]["filter_chains"][0].update(
         transport_socket={"name": "tls"}),
      "static_resources.listeners[0].filter_chains[0].transport_socket", "TLS"),
@@ -330,8 +330,12 @@ LISTENER_REFUSALS = [
      "static_resources.listeners[0].filter_chains[0].filters[0].typed_config",
      "network filter 'envoy.filters.network.redis_proxy' (type.googleapis.com/envoy."
      "extensions.filters.network.redis_proxy.v3.RedisProxy): not supported"),
-    (lambda b: b["static_resources"]["listeners"][0].update(listener_filters=[]),
-     "static_resources.listeners[0].listener_filters", "listener filters"),
+    (lambda b: b["static_resources"]["listeners"][0].update(listener_filters=[{
+        "name": "envoy.filters.listener.proxy_protocol", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3."
+                     "ProxyProtocol"}}]),
+     "static_resources.listeners[0].listener_filters[0].typed_config",
+     "listener filter 'envoy.filters.listener.proxy_protocol'"),
     (lambda b: b["static_resources"]["listeners"][0].update(bogus=1),
      "static_resources.listeners[0].bogus", "unknown field"),
     (lambda b: b["static_resources"]["listeners"][0]["address"]["socket_address"].update(
@@ -650,9 +654,10 @@ def test_clusters_translation(caplog):
 
 CLUSTER_REFUSALS = [
     (lambda c: c.update(type="EDS"), f"{CL0}.type", "EDS needs ADS"),
-    (lambda c: c.update(type="ORIGINAL_DST"), f"{CL0}.type", "ORIGINAL_DST: not supported"),
+    (lambda c: c.update(type="ORIGINAL_DST"), f"{CL0}.lb_policy",
+     "ROUND_ROBIN is not valid for cluster type ORIGINAL_DST"),
     (lambda c: c.update(lb_policy="CLUSTER_PROVIDED"), f"{CL0}.lb_policy",
-     "CLUSTER_PROVIDED: not supported"),
+     "CLUSTER_PROVIDED is only for cluster type ORIGINAL_DST"),
     (lambda c: c.update(lb_policy="RING_HASH", ring_hash_lb_config={
         "hash_function": "MURMUR_HASH_2"}), f"{CL0}.ring_hash_lb_config.hash_function",
      "MURMUR_HASH_2"),

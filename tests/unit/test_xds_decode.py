@@ -108,7 +108,17 @@ LISTENER = {
     (endpoint_pb2.ClusterLoadAssignment, {
         "cluster_name": "x", "policy": {"overprovisioning_factor": 140,
                                         "endpoint_stale_after": "315576000000s"}}),
-], ids=["cluster", "routes", "listener", "assignment", "filters", "policy"])
+    (listener_pb2.Listener, dict(LISTENER, use_original_dst=True, listener_filters=[
+        {"name": n, "typed_config": {"@type": f"type.googleapis.com/envoy.extensions.filters."
+                                              f"listener.{n}.v3.{t}"}}
+        for n, t in (("original_dst", "OriginalDst"), ("http_inspector", "HttpInspector"),
+                     ("tls_inspector", "TlsInspector"))],
+        listener_filters_timeout="0.1s")),
+    (cluster_pb2.Cluster, {"name": "pass", "type": "ORIGINAL_DST",
+                           "lb_policy": "CLUSTER_PROVIDED", "cleanup_interval": "3s",
+                           "original_dst_lb_config": {"use_http_header": True}}),
+], ids=["cluster", "routes", "listener", "assignment", "filters", "policy",
+        "listener-filters", "original-dst"])
 def test_same_as_json_format(cls, data):
     msg = json_format.ParseDict(data, cls())
     assert to_data(msg) == slow(msg)

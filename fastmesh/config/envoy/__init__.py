@@ -129,8 +129,9 @@ def translate_composed(data: Any, source: str = "<string>",
             lp = sr.p("listeners")
             for i, item in enumerate(c.seq(sr.get("listeners", []), lp)):
                 p = f"{lp}[{i}]"
-                lst, table = translate_listener(c, item, p, i, lnames, known, set(tables))
-                if table is not None:
+                lst, chain_tables = translate_listener(c, item, p, i, lnames, known,
+                                                       set(tables))
+                for table in chain_tables:
                     tables[table.name] = table
                 if lst is None:
                     continue

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..model import Address, CircuitBreakers, Cluster, OutlierDetection
+from ..model import Address, CircuitBreakers, Cluster, OriginalDst, OutlierDetection
 from ._common import _MISSING, NOT_YET, EnvoyChecker, is_ip, is_ipv4
 from .health import translate_health_checks
 
@@ -33,9 +33,10 @@ _CLUSTER_FIELDS = {
     "transport_socket_matches": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
     "eds_cluster_config": "EDS needs ADS: " + NOT_YET,
     "cluster_type": "custom cluster types: " + NOT_YET,
-    "typed_extension_protocol_options": "upstream protocol options: " + NOT_YET,
+    "typed_extension_protocol_options": None,
     "http2_protocol_options": "upstream HTTP/2: " + NOT_YET,
     "common_lb_config": None,
+    "original_dst_lb_config": None, "cleanup_interval": None,
     "load_balancing_policy": "load_balancing_policy: " + NOT_YET,
     "per_connection_buffer_limit_bytes": "per_connection_buffer_limit_bytes: " + NOT_YET,
 }
@@ -77,8 +78,6 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
         kind = c.enum(m.get("type"), m.p("type"), _TYPES, "cluster type")
         if kind == "EDS":
             c.err(m.p("type"), "EDS needs ADS (dynamic_resources): " + NOT_YET)
-        elif kind == "ORIGINAL_DST":
-            c.err(m.p("type"), "ORIGINAL_DST: " + NOT_YET)
     kw: dict = {"name": name, "idle_timeout_ms": ENVOY_UPSTREAM_IDLE_MS,
                 "connect_timeout_ms": ENVOY_CONNECT_TIMEOUT_MS,
                 "circuit_breakers": ENVOY_BREAKERS}
@@ -87,6 +86,11 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
         if ms == 0:
             c.err(m.p("connect_timeout"), "must be greater than 0s")
         kw["connect_timeout_ms"] = ms
+    if kind == "ORIGINAL_DST" or m.get("lb_policy") == "CLUSTER_PROVIDED":
+        return _original_dst_cluster(c, m, kind, kw)
+    for key in ("original_dst_lb_config", "cleanup_interval"):
+        if key in m:
+            c.err(m.p(key), "only for ORIGINAL_DST clusters")
     if "lb_policy" in m:
         lb = c.enum(m.get("lb_policy"), m.p("lb_policy"), _LB, "lb_policy")
         if lb is not None and lb not in _LB_MODEL:
@@ -120,15 +124,99 @@ def translate_cluster(c: EnvoyChecker, raw, path: str, names: dict) -> Optional[
         kw["health_check"] = translate_health_checks(c, m.get("health_checks"),
                                                      m.p("health_checks"))
     _lb_configs(c, m, kw.get("lb_policy"), kw)
-    if "circuit_breakers" in m:
-        kw["circuit_breakers"] = _circuit_breakers(c, m.get("circuit_breakers"),
-                                                   m.p("circuit_breakers"))
     if "outlier_detection" in m:
         kw["outlier_detection"] = _outlier_detection(c, m.get("outlier_detection"),
                                                      m.p("outlier_detection"))
+    _shared_options(c, m, kw)
+    return Cluster(**kw)
+
+
+def _shared_options(c: EnvoyChecker, m, kw: dict) -> None:
+    """What every cluster type reads alike: circuit breakers, common LB settings, upstream
+    protocol options."""
+    if "circuit_breakers" in m:
+        kw["circuit_breakers"] = _circuit_breakers(c, m.get("circuit_breakers"),
+                                                   m.p("circuit_breakers"))
     if "common_lb_config" in m:
         _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
-    return Cluster(**kw)
+    _protocol_options(c, m, kw)
+
+
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _protocol_options(c: EnvoyChecker, m, kw: dict) -> None:
+    """typed_extension_protocol_options: the upstream HTTP protocol options (Istio sets them
+    on every cluster). HTTP/1 upstreams only, for now: an explicit HTTP/1 config, or
+    use_downstream_protocol_config (fastmesh's downstream is HTTP/1, so the upstream is too);
+    common_http_protocol_options.idle_timeout is the pooled connections' idle timeout."""
+    if "typed_extension_protocol_options" not in m:
+        return
+    tp = m.p("typed_extension_protocol_options")
+    raw = m.get("typed_extension_protocol_options")
+    if not isinstance(raw, dict):
+        c.err(tp, "expected a mapping of extension name to options")
+        return
+    for name, opts in raw.items():
+        p = f"{tp}.{name}"
+        t = opts.get("@type") if isinstance(opts, dict) else None
+        if t != "type.googleapis.com/" + HTTP_OPTIONS:
+            c.err(p, f"protocol options {name!r}{f' ({t})' if t else ''}: {NOT_YET} (only "
+                     f"{HTTP_OPTIONS})")
+            continue
+        o = c.typed_config(opts, p, HTTP_OPTIONS, {
+            "common_http_protocol_options": None, "explicit_http_config": None,
+            "use_downstream_protocol_config": None,
+            "auto_config": "auto_config (ALPN-chosen upstream protocol): " + NOT_YET,
+            "upstream_http_protocol_options": "upstream_http_protocol_options: " + NOT_YET,
+            "http_filters": "upstream HTTP filters: " + NOT_YET,
+            "header_validation_config": "header_validation_config: " + NOT_YET,
+            "outlier_detection": "per-cluster HTTP outlier settings: " + NOT_YET})
+        if o is None:
+            continue
+        if "common_http_protocol_options" in o:
+            co = c.message(o.get("common_http_protocol_options"),
+                           o.p("common_http_protocol_options"), {
+                               "idle_timeout": None,
+                               "max_connection_duration": "max_connection_duration: " + NOT_YET,
+                               "max_requests_per_connection":
+                                   "max_requests_per_connection: " + NOT_YET,
+                               "max_headers_count": "upstream max_headers_count: " + NOT_YET,
+                               "max_stream_duration": "max_stream_duration: " + NOT_YET,
+                               "headers_with_underscores_action":
+                                   "headers_with_underscores_action: " + NOT_YET,
+                               "max_response_headers_kb": "max_response_headers_kb: " + NOT_YET})
+            if co is not None and "idle_timeout" in co:
+                ms = c.duration_ms(co.get("idle_timeout"), co.p("idle_timeout"))
+                if ms == 0:
+                    c.err(co.p("idle_timeout"), "0s (pooled connections never idle out): "
+                                                + NOT_YET)
+                elif ms is not None:
+                    kw["idle_timeout_ms"] = ms
+        if "explicit_http_config" in o:
+            ec = c.message(o.get("explicit_http_config"), o.p("explicit_http_config"), {
+                "http_protocol_options": None,
+                "http2_protocol_options": "upstream HTTP/2: " + NOT_YET,
+                "http3_protocol_options": "upstream HTTP/3: " + NOT_YET})
+            if ec is not None and "http_protocol_options" in ec:
+                _http1_options(c, ec.get("http_protocol_options"), ec.p("http_protocol_options"))
+        if "use_downstream_protocol_config" in o:
+            # fastmesh's listeners speak HTTP/1, so "the downstream's protocol" is HTTP/1
+            dc = c.message(o.get("use_downstream_protocol_config"),
+                           o.p("use_downstream_protocol_config"), {
+                               "http_protocol_options": None, "http2_protocol_options": None,
+                               "http3_protocol_options": None})
+            if dc is not None and "http_protocol_options" in dc:
+                _http1_options(c, dc.get("http_protocol_options"), dc.p("http_protocol_options"))
+
+
+def _http1_options(c: EnvoyChecker, raw, p: str) -> None:
+    c.message(raw, p, {"accept_http_10": None, "enable_trailers": None,
+                       "header_key_format": "header_key_format: " + NOT_YET,
+                       "allow_chunked_length": "allow_chunked_length: " + NOT_YET,
+                       "default_host_for_http_10": "default_host_for_http_10: " + NOT_YET,
+                       "override_stream_error_on_invalid_http_message":
+                           "override_stream_error_on_invalid_http_message: " + NOT_YET})
 
 
 def _outlier_detection(c: EnvoyChecker, raw, path: str) -> Optional[OutlierDetection]:
@@ -288,6 +376,52 @@ def _common_lb_config(c: EnvoyChecker, raw, path: str, kw: dict) -> None:
         c.err(p.p("value"), f"{v}: fractional percentages: {NOT_YET}")
         return
     kw["healthy_panic_threshold_pct"] = int(v)
+
+
+ENVOY_ORIGINAL_DST_CLEANUP_MS = 5000       # Cluster.cleanup_interval default
+
+
+def _original_dst_cluster(c: EnvoyChecker, m, kind: Optional[str], kw: dict) -> Cluster:
+    """type ORIGINAL_DST with lb_policy CLUSTER_PROVIDED (Envoy accepts neither without the
+    other): each connection goes where its client addressed it."""
+    if kind != "ORIGINAL_DST":
+        c.err(m.p("lb_policy"), "CLUSTER_PROVIDED is only for cluster type ORIGINAL_DST")
+    elif m.get("lb_policy") != "CLUSTER_PROVIDED":
+        lb = m.get("lb_policy", "ROUND_ROBIN")
+        c.err(m.p("lb_policy"), f"{lb} is not valid for cluster type ORIGINAL_DST: only "
+                                f"CLUSTER_PROVIDED is")
+    if "load_assignment" in m:
+        c.err(m.p("load_assignment"), "ORIGINAL_DST clusters have no load assignment")
+    for key in ("health_checks", "outlier_detection", "ring_hash_lb_config",
+                "maglev_lb_config", "least_request_lb_config", "round_robin_lb_config",
+                "dns_refresh_rate"):
+        if key in m:
+            c.err(m.p(key), f"with an ORIGINAL_DST cluster: {NOT_YET}")
+    od: dict = {"cleanup_interval_ms": ENVOY_ORIGINAL_DST_CLEANUP_MS}
+    if "cleanup_interval" in m:
+        ms = c.duration_ms(m.get("cleanup_interval"), m.p("cleanup_interval"))
+        if ms == 0:
+            c.err(m.p("cleanup_interval"), "must be greater than 0s")
+        od["cleanup_interval_ms"] = ms
+    if "original_dst_lb_config" in m:
+        o = c.message(m.get("original_dst_lb_config"), m.p("original_dst_lb_config"), {
+            "use_http_header": None, "http_header_name": None, "upstream_port_override": None,
+            "metadata_key": "original_dst_lb_config.metadata_key: " + NOT_YET})
+        if o is not None:
+            if "use_http_header" in o:
+                od["use_http_header"] = c.boolean(o.get("use_http_header"),
+                                                  o.p("use_http_header"))
+            if "http_header_name" in o:
+                h = c.text(o.get("http_header_name"), o.p("http_header_name"))
+                if h:
+                    od["http_header_name"] = h.lower()
+            if "upstream_port_override" in o:
+                od["port_override"] = c.uint(o.get("upstream_port_override"),
+                                             o.p("upstream_port_override"), lo=1, hi=65535)
+    _shared_options(c, m, kw)
+    kw["endpoints"] = ()
+    kw["original_dst"] = OriginalDst(**{k: v for k, v in od.items() if v is not None})
+    return Cluster(**kw)
 
 
 def _endpoints(c: EnvoyChecker, m, kind: Optional[str]) -> tuple:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..model import Listener, RouteTable, VirtualHost
+import ipaddress
+
+from ..model import ChainMatch, FilterChain, Listener, RouteTable, VirtualHost
 from ._common import _MISSING, NOT_YET, EnvoyChecker
 from .filters import filter_kind, translate
 from .route import translate_route_config
@@ -20,29 +22,46 @@ ENVOY_MAX_HEADERS_COUNT = 100             # common_http_protocol_options.max_hea
 
 _LISTENER_FIELDS = {
     "name": None, "address": None, "filter_chains": None, "stat_prefix": None,
-    "listener_filters": "listener filters: " + NOT_YET,
-    "default_filter_chain": "default_filter_chain: " + NOT_YET,
-    "filter_chain_matcher": "filter chain matchers: " + NOT_YET,
+    "listener_filters": None, "default_filter_chain": None, "use_original_dst": None,
+    "bind_to_port": None, "listener_filters_timeout": None,
+    "continue_on_listener_filters_timeout": None,
+    "traffic_direction": None,                       # informational (stats, tracing)
+    "filter_chain_matcher": "filter chain matchers (unified matcher API): " + NOT_YET
+                            + " (filter_chain_match on each chain is supported)",
     "additional_addresses": "additional addresses: " + NOT_YET,
     "per_connection_buffer_limit_bytes": "per_connection_buffer_limit_bytes: " + NOT_YET,
     "socket_options": "socket options: " + NOT_YET,
-    "transparent": "transparent listeners: " + NOT_YET,
+    "transparent": "transparent listeners (TPROXY): " + NOT_YET
+                   + " (iptables REDIRECT with original_dst is supported)",
     "freebind": "freebind: " + NOT_YET,
     "access_log": "listener access logs: " + NOT_YET,
     "connection_balance_config": "connection balancing: " + NOT_YET,
     "drain_type": "drain_type: " + NOT_YET,
-    "traffic_direction": "traffic_direction: " + NOT_YET,
-    "use_original_dst": "use_original_dst: " + NOT_YET,
 }
 _CHAIN_FIELDS = {
-    "filters": None, "name": None,
-    "filter_chain_match": ("filter_chain_match: " + NOT_YET + " (one filter chain that "
-                           "takes every connection is supported; matching on SNI, ports or "
-                           "addresses needs TLS and original-destination work first)"),
+    "filters": None, "name": None, "filter_chain_match": None,
     "transport_socket": "downstream TLS / transport sockets: a separate issue: " + NOT_YET,
     "transport_socket_connect_timeout": "transport sockets: " + NOT_YET,
     "use_proxy_proto": "PROXY protocol: " + NOT_YET,
 }
+_MATCH_FIELDS = {
+    "destination_port": None, "prefix_ranges": None, "server_names": None,
+    "transport_protocol": None, "application_protocols": None,
+    "source_prefix_ranges": None, "source_ports": None, "source_type": None,
+    "direct_source_prefix_ranges": "direct_source_prefix_ranges: " + NOT_YET,
+    "address_suffix": "address_suffix: " + NOT_YET, "suffix_len": "suffix_len: " + NOT_YET,
+}
+ORIGINAL_DST = "envoy.filters.listener.original_dst"
+HTTP_INSPECTOR = "envoy.filters.listener.http_inspector"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
+BOLT_INSPECTOR = "fastmesh.filters.listener.bolt_inspector"
+_LISTENER_FILTER_TYPES = {
+    "envoy.extensions.filters.listener.original_dst.v3.OriginalDst": ORIGINAL_DST,
+    "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector": HTTP_INSPECTOR,
+    "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector": TLS_INSPECTOR,
+}
+_INSPECTOR = {HTTP_INSPECTOR: "http", TLS_INSPECTOR: "tls", BOLT_INSPECTOR: "bolt"}
+ENVOY_LISTENER_FILTERS_TIMEOUT_MS = 15000      # Listener.listener_filters_timeout default
 _HCM_FIELDS = {
     "stat_prefix": None, "codec_type": None, "route_config": None, "http_filters": None,
     "common_http_protocol_options": None, "stream_idle_timeout": None,
@@ -55,13 +74,11 @@ _HCM_FIELDS = {
     "http_protocol_options": None,
     "http2_protocol_options": "HTTP/2: " + NOT_YET,
     "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
-    "use_remote_address": "use_remote_address: " + NOT_YET,
-    "xff_num_trusted_hops": "xff_num_trusted_hops: " + NOT_YET,
+    "use_remote_address": None, "xff_num_trusted_hops": None,
     "server_name": "server_name: " + NOT_YET,
     "drain_timeout": "drain_timeout: " + NOT_YET,
     "delayed_close_timeout": "delayed_close_timeout: " + NOT_YET,
-    "path_with_escaped_slashes_action": "path_with_escaped_slashes_action: " + NOT_YET,
-    "strip_any_host_port": "strip_any_host_port: " + NOT_YET,
+    "path_with_escaped_slashes_action": None, "strip_any_host_port": None,
     "strip_matching_host_port": "strip_matching_host_port: " + NOT_YET,
 }
 _CODECS = {"AUTO": 0, "HTTP1": 1, "HTTP2": 2, "HTTP3": 3}
@@ -69,10 +86,11 @@ _CODECS = {"AUTO": 0, "HTTP1": 1, "HTTP2": 2, "HTTP3": 3}
 
 def translate_listener(c: EnvoyChecker, raw, path: str, index: int, names: dict,
                        known_clusters: Optional[set],
-                       table_names: set) -> tuple[Optional[Listener], Optional[RouteTable]]:
+                       table_names: set) -> tuple[Optional[Listener], list]:
+    """-> (the listener, the route tables its chains carry inline)."""
     m = c.message(raw, path, _LISTENER_FIELDS)
     if m is None:
-        return None, None
+        return None, []
     if "name" in m:
         name = c.unique_name(m.get("name"), m.p("name"), "listener", names)
     else:                                    # Envoy makes up a name; so do we
@@ -84,36 +102,229 @@ def translate_listener(c: EnvoyChecker, raw, path: str, index: int, names: dict,
     addr = None if addr_raw is _MISSING else c.socket_address(addr_raw, m.p("address"),
                                                               min_port=0)
     kw: dict = {"name": name, "address": addr}
-    table = None
-    chains = c.need(m, "filter_chains")
-    if chains is _MISSING:
-        return None, None
+    if "traffic_direction" in m:
+        c.enum(m.get("traffic_direction"), m.p("traffic_direction"),
+               {"UNSPECIFIED": 0, "INBOUND": 1, "OUTBOUND": 2}, "traffic_direction")
+    _listener_filters(c, m, kw)
+    if "bind_to_port" in m:
+        kw["bind_to_port"] = c.boolean(m.get("bind_to_port"), m.p("bind_to_port"))
+    if "use_original_dst" in m and c.boolean(m.get("use_original_dst"),
+                                             m.p("use_original_dst")):
+        # as Envoy: the hand-off implies the original_dst listener filter
+        kw["use_original_dst"] = kw["original_dst"] = True
+    tables: list = []
+    chains: list = []
+    raw_chains = m.get("filter_chains", _MISSING)
     cp = m.p("filter_chains")
-    chains = c.seq(chains, cp, nonempty=True)
-    if len(chains) > 1:
-        c.err(cp, f"{len(chains)} filter chains: exactly one is supported yet (choosing "
-                  "between chains needs filter_chain_match)")
-    for i, ch_raw in enumerate(chains):
-        chp = f"{cp}[{i}]"
-        ch = c.message(ch_raw, chp, _CHAIN_FIELDS)
-        if ch is None or i > 0:
+    items = [] if raw_chains is _MISSING else c.seq(raw_chains, cp)
+    if not items and "default_filter_chain" not in m:
+        c.err(cp, "missing required field (a listener needs filter_chains or a "
+                  "default_filter_chain)")
+        return None, []
+    multi = len(items) + ("default_filter_chain" in m) > 1
+    chain_names: dict = {}
+    chain_set: dict = {}            # listener-wide setting -> the chain that set it
+    seen_matches: dict = {}
+    for i, ch_raw in enumerate(items):
+        ch = _chain(c, ch_raw, f"{cp}[{i}]", i, kw, name, multi, known_clusters, table_names,
+                    tables, chain_names, default=False, chain_set=chain_set)
+        if ch is None:
             continue
-        if "name" in ch:
-            c.text(ch.get("name"), ch.p("name"), nonempty=False)
-        filters = c.need(ch, "filters")
-        if filters is _MISSING:
-            continue
-        fp = ch.p("filters")
-        filters = c.seq(filters, fp, nonempty=True)
-        if len(filters) > 1:
-            c.err(fp, f"{len(filters)} network filters: exactly one (http_connection_manager "
-                      "or tcp_proxy) is supported yet")
-        if filters:
-            table = _network_filter(c, filters[0], f"{fp}[0]", kw, name, known_clusters,
-                                    table_names)
-    if "protocol" not in kw:
-        return None, table
-    return Listener(**kw), table
+        if ch.match in seen_matches:
+            c.err(f"{cp}[{i}].filter_chain_match", f"the same match as filter_chains"
+                  f"[{seen_matches[ch.match]}]: Envoy refuses two chains with one match")
+        else:
+            seen_matches[ch.match] = i
+        chains.append(ch)
+    if "default_filter_chain" in m:
+        ch = _chain(c, m.get("default_filter_chain"), m.p("default_filter_chain"), len(items),
+                    kw, name, multi, known_clusters, table_names, tables, chain_names,
+                    default=True, chain_set=chain_set)
+        if ch is not None:
+            chains.append(ch)
+    if not chains:
+        return None, tables
+    plain = (len(chains) == 1 and chains[0].match == ChainMatch() and not chains[0].default
+             and not kw.get("original_dst") and not kw.get("inspectors"))
+    if plain:
+        ch = chains[0]
+        kw.update(protocol=ch.protocol, route_table=ch.route_table, cluster=ch.cluster)
+    else:
+        kw.update(protocol="auto", filter_chains=tuple(chains))
+    if kw.get("inspectors") is None:
+        kw.pop("inspectors", None)
+    return Listener(**kw), tables
+
+
+def _listener_filters(c: EnvoyChecker, m, kw: dict) -> None:
+    inspectors = []
+    if "listener_filters" in m:
+        lp = m.p("listener_filters")
+        for i, item in enumerate(c.seq(m.get("listener_filters"), lp)):
+            ip = f"{lp}[{i}]"
+            f = c.message(item, ip, {
+                "name": None, "typed_config": None,
+                "filter_disabled": "listener filter_disabled: " + NOT_YET,
+                "config_discovery": "listener filter config discovery: " + NOT_YET})
+            if f is None:
+                continue
+            fname = c.text(c.need(f, "name"), f.p("name"))
+            tc = f.get("typed_config")
+            t = tc.get("@type") if isinstance(tc, dict) else None
+            kind = _LISTENER_FILTER_TYPES.get(t[len("type.googleapis.com/"):]) \
+                if isinstance(t, str) and t.startswith("type.googleapis.com/") else None
+            if t is None:
+                if fname == BOLT_INSPECTOR:         # fastmesh's own: no config to carry
+                    kind = BOLT_INSPECTOR
+                elif fname is not None:
+                    # as Envoy 1.40: listener filters are found by their typed_config's type
+                    c.err(f.p("typed_config"), f"missing: Envoy finds listener filter "
+                          f"{fname!r} by its typed_config's @type (for {ORIGINAL_DST}: "
+                          f"type.googleapis.com/envoy.extensions.filters.listener."
+                          f"original_dst.v3.OriginalDst)")
+                    continue
+            if kind is None:
+                c.err(f.p("typed_config") if t else f.p("name"),
+                      f"listener filter {fname!r}{f' ({t})' if t else ''}: {NOT_YET} "
+                      f"(supported: {ORIGINAL_DST}, {HTTP_INSPECTOR}, {TLS_INSPECTOR})")
+                continue
+            if t is not None and kind != BOLT_INSPECTOR:
+                # their configs have nothing fastmesh uses (http_inspector, tls_inspector's
+                # JA3 fingerprinting and buffer size are refused when set)
+                _, body = t, {k: v for k, v in tc.items() if k != "@type"}
+                for k in body:
+                    if not (kind == TLS_INSPECTOR and k == "initial_read_buffer_size"):
+                        c.err(f"{f.p('typed_config')}.{k}", f"{k}: {NOT_YET}")
+            if kind == ORIGINAL_DST:
+                kw["original_dst"] = True
+            elif _INSPECTOR[kind] not in inspectors:
+                inspectors.append(_INSPECTOR[kind])
+    kw["inspectors"] = tuple(x for x in ("http", "tls", "bolt") if x in inspectors) or None
+    if not inspectors and "listener_filters_timeout" not in m and \
+            "continue_on_listener_filters_timeout" not in m:
+        return                  # nothing waits for bytes: the timeout has nothing to time
+    timeout = ENVOY_LISTENER_FILTERS_TIMEOUT_MS
+    if "listener_filters_timeout" in m:
+        timeout = c.duration_ms(m.get("listener_filters_timeout"),
+                                m.p("listener_filters_timeout"))
+    kw["sniff_timeout_ms"] = timeout
+    kw["sniff_timeout_continue"] = False
+    if "continue_on_listener_filters_timeout" in m:
+        kw["sniff_timeout_continue"] = c.boolean(m.get("continue_on_listener_filters_timeout"),
+                                                 m.p("continue_on_listener_filters_timeout"))
+
+
+def _chain(c: EnvoyChecker, raw, chp: str, i: int, kw: dict, listener_name: str, multi: bool,
+           known_clusters: Optional[set], table_names: set, tables: list,
+           chain_names: dict, default: bool, chain_set: dict) -> Optional[FilterChain]:
+    ch = c.message(raw, chp, _CHAIN_FIELDS)
+    if ch is None:
+        return None
+    cname = f"chain_{i}" if not default else "default"
+    if "name" in ch:
+        cname = c.text(ch.get("name"), ch.p("name"), nonempty=False) or cname
+    if cname in chain_names:
+        cname = f"{cname}#{i}"
+    chain_names[cname] = chp
+    match = ChainMatch()
+    if "filter_chain_match" in ch:
+        if default:
+            c.err(ch.p("filter_chain_match"), "the default filter chain has no match")
+        else:
+            match = _filter_chain_match(c, ch.get("filter_chain_match"),
+                                        ch.p("filter_chain_match"))
+    filters = c.need(ch, "filters")
+    if filters is _MISSING:
+        return None
+    fp = ch.p("filters")
+    filters = c.seq(filters, fp, nonempty=True)
+    if len(filters) > 1:
+        c.err(fp, f"{len(filters)} network filters: exactly one (http_connection_manager, "
+                  "tcp_proxy or the Bolt proxy) is supported yet")
+    if not filters:
+        return None
+    ckw: dict = {}
+    base = f"{listener_name}/{cname}" if multi else listener_name
+    table = _network_filter(c, filters[0], f"{fp}[0]", ckw, base, known_clusters,
+                            table_names)
+    if table is not None:
+        table_names.add(table.name)
+        tables.append(table)
+    if "protocol" not in ckw:
+        return None
+    protocol = ckw.pop("protocol")
+    rt, cl = ckw.pop("route_table", None), ckw.pop("cluster", None)
+    # the rest are listener-wide in fastmesh: chains must agree on them
+    for key, value in ckw.items():
+        if key in chain_set and kw[key] != value:
+            c.err(fp, f"{key}: differs from {chain_set[key]}'s: {NOT_YET} (fastmesh keeps "
+                      f"one per listener)")
+        kw[key] = value
+        chain_set.setdefault(key, chp)
+    return FilterChain(name=cname, protocol=protocol, match=match, route_table=rt,
+                       cluster=cl, default=default)
+
+
+def _filter_chain_match(c: EnvoyChecker, raw, p: str) -> ChainMatch:
+    m = c.message(raw, p, _MATCH_FIELDS)
+    if m is None:
+        return ChainMatch()
+    kw: dict = {}
+    if "destination_port" in m:
+        kw["destination_port"] = c.uint(m.get("destination_port"), m.p("destination_port"),
+                                        lo=1, hi=65535)
+    for key, out in (("prefix_ranges", "destination_cidrs"),
+                     ("source_prefix_ranges", "source_cidrs")):
+        if key in m:
+            cidrs = []
+            for j, r in enumerate(c.seq(m.get(key), m.p(key))):
+                cidr = _cidr(c, r, f"{m.p(key)}[{j}]")
+                if cidr is not None:
+                    cidrs.append(cidr)
+            kw[out] = tuple(cidrs)
+    if "server_names" in m:
+        kw["server_names"] = tuple(
+            t.lower() for j, x in enumerate(c.seq(m.get("server_names"), m.p("server_names")))
+            if (t := c.text(x, f"{m.p('server_names')}[{j}]")) is not None)
+    if "transport_protocol" in m:
+        t = c.text(m.get("transport_protocol"), m.p("transport_protocol"), nonempty=False)
+        if t:
+            kw["transport_protocol"] = t
+    if "application_protocols" in m:
+        kw["application_protocols"] = tuple(
+            t for j, x in enumerate(c.seq(m.get("application_protocols"),
+                                          m.p("application_protocols")))
+            if (t := c.text(x, f"{m.p('application_protocols')}[{j}]")) is not None)
+    if "source_ports" in m:
+        kw["source_ports"] = tuple(
+            v for j, x in enumerate(c.seq(m.get("source_ports"), m.p("source_ports")))
+            if (v := c.uint(x, f"{m.p('source_ports')}[{j}]", lo=1, hi=65535)) is not None)
+    if "source_type" in m:
+        st = c.enum(m.get("source_type"), m.p("source_type"),
+                    {"ANY": 0, "SAME_IP_OR_LOOPBACK": 1, "EXTERNAL": 2}, "source_type")
+        if st not in (None, "ANY"):
+            c.err(m.p("source_type"), f"{st}: {NOT_YET}")
+    return ChainMatch(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _cidr(c: EnvoyChecker, raw, p: str) -> Optional[str]:
+    r = c.message(raw, p, {"address_prefix": None, "prefix_len": None})
+    if r is None:
+        return None
+    ip = c.text(c.need(r, "address_prefix"), r.p("address_prefix"))
+    if ip is None:
+        return None
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        c.err(r.p("address_prefix"), f"{ip!r} is not an IP address")
+        return None
+    plen = addr.max_prefixlen
+    if "prefix_len" in r:
+        plen = c.uint(r.get("prefix_len"), r.p("prefix_len"), lo=0, hi=addr.max_prefixlen)
+        if plen is None:
+            return None
+    return str(ipaddress.ip_network(f"{ip}/{plen}", strict=False))
 
 
 def _network_filter(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
@@ -193,6 +404,10 @@ def _bolt_proxy(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
         if key in v:
             kw[key] = c.integer(v.get(key), v.p(key), lo=1)
     table = listener_name if listener_name not in table_names else f"{listener_name}/bolt"
+    n = 2
+    while table in table_names:
+        table = f"{listener_name}/bolt#{n}"
+        n += 1
     kw["route_table"] = table
     return RouteTable(name=table, virtual_hosts=(
         VirtualHost(name="default", domains=("*",), routes=routes),))
@@ -252,6 +467,27 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
         kb = c.uint(m.get("max_request_headers_kb"), m.p("max_request_headers_kb"), lo=1,
                     hi=8192)
         kw["max_head_bytes"] = None if kb is None else kb * 1024
+    # fields whose Envoy default is how fastmesh behaves: accepted at that default
+    if "use_remote_address" in m and c.boolean(m.get("use_remote_address"),
+                                               m.p("use_remote_address")):
+        c.err(m.p("use_remote_address"), "true: " + NOT_YET + " (fastmesh appends the peer to "
+              "x-forwarded-for and trusts nothing in it)")
+    if "xff_num_trusted_hops" in m and c.uint(m.get("xff_num_trusted_hops"),
+                                              m.p("xff_num_trusted_hops")):
+        c.err(m.p("xff_num_trusted_hops"), "trusted hops: " + NOT_YET)
+    if "path_with_escaped_slashes_action" in m:
+        a = c.enum(m.get("path_with_escaped_slashes_action"),
+                   m.p("path_with_escaped_slashes_action"),
+                   {"IMPLEMENTATION_SPECIFIC_DEFAULT": 0, "KEEP_UNCHANGED": 1,
+                    "REJECT_REQUEST": 2, "UNESCAPE_AND_REDIRECT": 3, "UNESCAPE_AND_FORWARD": 4},
+                   "path_with_escaped_slashes_action")
+        if a not in (None, "IMPLEMENTATION_SPECIFIC_DEFAULT", "KEEP_UNCHANGED"):
+            c.err(m.p("path_with_escaped_slashes_action"), f"{a}: {NOT_YET} (paths are kept "
+                                                           f"as sent)")
+    if "strip_any_host_port" in m and c.boolean(m.get("strip_any_host_port"),
+                                                m.p("strip_any_host_port")):
+        # Envoy also takes the port off the Host it forwards, which fastmesh does not
+        c.err(m.p("strip_any_host_port"), "true: " + NOT_YET)
     filters = _http_filters(c, m, kw)
     if "route_config" not in m:
         if "rds" not in m:
