@@ -583,3 +583,16 @@ def get_admin(port, path):
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
         return json.loads(r.read())
+
+
+def test_single_process_mode(zk, peers, start_fastmesh):
+    """workers: 0 (the sidecar's one process): the registry feeds the in-process plane."""
+    cfg = registry_config(zk)
+    cfg["workers"] = 0
+    fm = start_fastmesh(cfg)
+    p = peers.provider(zk, "s1")
+    caller = peers.caller(f"127.0.0.1:{fm.port}")
+    caller.wait_for(lambda: caller.ok_by().get("s1"), 5, "calls to s1")
+    assert cluster_addresses(fm) == [p.address]
+    totals = caller.finish()
+    assert totals["fail"] == 0, totals["errors"]
