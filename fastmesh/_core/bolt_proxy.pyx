@@ -753,6 +753,11 @@ cdef class BoltUpstream:
             return
         if self.state != UP_READY:
             return
+        if self.ep.removed and not self.inflight:
+            # the endpoint left its cluster (registry, EDS, DNS) and its last call is
+            # answered: nothing will be sent here again
+            self.transport.close()
+            return
         if self.heartbeat_id:
             if now - self.heartbeat_sent_ms >= self.cluster.heartbeat_interval_ms:
                 self.cluster.counters.v[CS_HEARTBEAT_MISSED] += 1

@@ -53,6 +53,10 @@ from .model import (
     RetryPolicy,
     Config,
     DirectResponse,
+    Discovery,
+    Publish,
+    ZookeeperDiscovery,
+    ZookeeperPublish,
     HeaderMatch,
     Listener,
     Route,
@@ -650,6 +654,10 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
             if len(set(chain)) != len(chain):
                 c.err(fp, "each filter at most once")
             kw["http_filters"] = tuple(n for n in chain if n is not None)
+        if m.get("publish") is not None:
+            if protocol != "bolt":
+                c.err(f"{p}.publish", "only bolt listeners publish SOFARPC services")
+            kw["publish"] = _publish(c, m["publish"], f"{p}.publish", addr)
         for f in _LISTENER_FIELDS.values():
             if f.type == "int" and f.name in m:
                 lo = _LISTENER_INT_MIN.get(f.name, 1)
@@ -1226,6 +1234,107 @@ def _header_match(c: _Checker, raw: Any, p: str) -> Optional[HeaderMatch]:
     return HeaderMatch(name=name.lower() if name is not None else None, **kw)
 
 
+def _zk_common(c: _Checker, m: dict, p: str, kw: dict) -> None:
+    """servers, group, root, session_timeout_ms: shared by discovery and publish."""
+    servers = c.text(c.required(m, p, "servers"), f"{p}.servers")
+    if servers is not None:
+        parts = [s.strip() for s in servers.split(",")]
+        for s in parts:
+            if c.address(s, f"{p}.servers", min_port=1) is None:
+                break
+        servers = ",".join(parts)
+    kw["servers"] = servers
+    if "group" in m:
+        kw["group"] = c.text(m["group"], f"{p}.group")
+    if "root" in m:
+        root = c.text(m["root"], f"{p}.root")
+        if root is not None and (not root.startswith("/") or root.endswith("/") and root != "/"
+                                 or "//" in root):
+            c.err(f"{p}.root", f'expected an absolute ZooKeeper path like "/sofa-rpc", '
+                  f"got {_show(root)}")
+        kw["root"] = root
+    if "session_timeout_ms" in m:
+        kw["session_timeout_ms"] = c.integer(m["session_timeout_ms"], f"{p}.session_timeout_ms",
+                                             lo=1000, hi=600000)
+
+
+def _service_id(c: _Checker, v: Any, path: str) -> Optional[str]:
+    s = c.text(v, path)
+    if s is None:
+        return None
+    iface, sep, version = s.partition(":")
+    if not sep or not iface or not version or "/" in iface or any(ch.isspace() for ch in s):
+        c.err(path, f'expected a SOFARPC service id "interface:version", got {_show(s)}')
+        return None
+    return s
+
+
+def _discovery(c: _Checker, raw: Any, p: str) -> Optional[Discovery]:
+    m = c.mapping(raw, p, ("zookeeper",))
+    if m is None:
+        return None
+    if "zookeeper" not in m:
+        c.err(p, "expected a registry: zookeeper")
+        return None
+    zp = f"{p}.zookeeper"
+    z = c.mapping(m["zookeeper"], zp, _ZK_DISCOVERY_FIELDS)
+    if z is None:
+        return None
+    kw: dict[str, Any] = {}
+    _zk_common(c, z, zp, kw)
+    kw["service"] = _service_id(c, c.required(z, zp, "service"), f"{zp}.service")
+    if "protocol" in z:
+        kw["protocol"] = c.text(z["protocol"], f"{zp}.protocol")
+    if "initial_fetch_timeout_ms" in z:
+        kw["initial_fetch_timeout_ms"] = c.integer(z["initial_fetch_timeout_ms"],
+                                                   f"{zp}.initial_fetch_timeout_ms", lo=0,
+                                                   hi=600000)
+    if any(v is None for v in kw.values()):
+        return None
+    return Discovery(ZookeeperDiscovery(**kw))
+
+
+def _publish(c: _Checker, raw: Any, p: str, addr: Optional[Address]) -> Optional[Publish]:
+    m = c.mapping(raw, p, ("zookeeper",))
+    if m is None:
+        return None
+    if "zookeeper" not in m:
+        c.err(p, "expected a registry: zookeeper")
+        return None
+    zp = f"{p}.zookeeper"
+    z = c.mapping(m["zookeeper"], zp, _ZK_PUBLISH_FIELDS)
+    if z is None:
+        return None
+    kw: dict[str, Any] = {}
+    _zk_common(c, z, zp, kw)
+    services = c.required(z, zp, "services")
+    services = [] if services is _MISSING else c.seq(services, f"{zp}.services", nonempty=True)
+    kw["services"] = tuple(_service_id(c, s, f"{zp}.services[{i}]")
+                           for i, s in enumerate(services))
+    if "advertise_host" in z:
+        host = c.text(z["advertise_host"], f"{zp}.advertise_host")
+        if host is not None and not (_valid_hostname(host) or _valid_ipv6(host)):
+            c.err(f"{zp}.advertise_host", f"invalid host {host!r}")
+        kw["advertise_host"] = host
+    elif addr is not None and _canonical_host(addr.host) in ("0.0.0.0", "::"):
+        c.err(f"{zp}.advertise_host", "required when the listener listens on every address "
+              "(the address callers are to use)")
+    if "advertise_port" in z:
+        kw["advertise_port"] = c.integer(z["advertise_port"], f"{zp}.advertise_port", lo=0,
+                                         hi=65535)
+    if "weight" in z:
+        kw["weight"] = c.integer(z["weight"], f"{zp}.weight", lo=1, hi=2**31 - 1)
+    if "app_name" in z:
+        kw["app_name"] = c.text(z["app_name"], f"{zp}.app_name", nonempty=False)
+    if any(v is None for v in kw.values()) or None in kw["services"]:
+        return None
+    return Publish(ZookeeperPublish(**kw))
+
+
+_ZK_DISCOVERY_FIELDS = {f.name for f in dataclasses.fields(ZookeeperDiscovery)}
+_ZK_PUBLISH_FIELDS = {f.name for f in dataclasses.fields(ZookeeperPublish)}
+
+
 # (weights are given with the endpoints: {address, weight})
 _CLUSTER_FIELDS = {f.name: f for f in dataclasses.fields(Cluster) if f.name != "weights"}
 _CLUSTER_KEYS = set(_CLUSTER_FIELDS) | {"type"}
@@ -1373,15 +1482,19 @@ def _clusters(c: _Checker, raw: Any) -> dict:
             if m.get("endpoints"):
                 c.err(ep, "an original_dst cluster has no endpoints: each connection goes "
                           "where its client addressed it")
-            for key in ("health_check", "outlier_detection"):
+            for key in ("health_check", "outlier_detection", "discovery"):
                 if m.get(key) is not None:
                     c.err(f"{p}.{key}", f"not for original_dst clusters: {NOT_YET}")
             if m.get("lb_policy") not in (None, "round_robin"):
                 c.err(f"{p}.lb_policy", "an original_dst cluster balances by destination")
         elif m.get("original_dst") is not None:
             c.err(f"{p}.original_dst", "only for type: original_dst")
-        e_raw = m.get("endpoints", []) if ctype == "original_dst" else \
-            c.required(m, p, "endpoints")
+        if m.get("discovery") is not None and ctype != "original_dst":
+            kw["discovery"] = _discovery(c, m["discovery"], f"{p}.discovery")
+        if ctype == "original_dst" or "discovery" in kw:
+            e_raw = m.get("endpoints", [])   # with a registry: the providers last known
+        else:
+            e_raw = c.required(m, p, "endpoints")
         endpoints = []
         seen: dict = {}
         # an empty list is allowed: the cluster answers 503 no_healthy_upstream until it has

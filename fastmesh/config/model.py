@@ -175,6 +175,28 @@ class RouteTable:
 
 
 @dataclass(frozen=True)
+class ZookeeperPublish:
+    """SOFARPC services this (Bolt) listener serves, registered in ZooKeeper as
+    sofa-rpc-node providers do: an ephemeral node under <root>/<interface>/providers named
+    by the URL-encoded provider URL, pointing at this listener; removed on drain/stop."""
+    servers: str                                  # "host:port[,host:port...]"
+    services: tuple[str, ...]                     # "interface:version" each
+    group: str = "SOFA"
+    root: str = "/sofa-rpc"
+    advertise_host: Optional[str] = None          # default: the listener's host (required
+                                                  # when it listens on every address)
+    advertise_port: int = 0                       # 0: the listener's bound port
+    weight: int = 100
+    app_name: str = ""
+    session_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class Publish:
+    zookeeper: ZookeeperPublish
+
+
+@dataclass(frozen=True)
 class ChainMatch:
     """Which connections a filter chain takes (Envoy's filter_chain_match): every field set
     must match; at each field in this order the most specific match wins, and chains that do
@@ -225,6 +247,7 @@ class Listener:
     http_filters: tuple[str, ...] = ()            # HTTP/1: HTTP_FILTERS in chain order
     fault: Optional[Fault] = None                 # the listener's configs for them (routes
     local_rate_limit: Optional[LocalRateLimit] = None   # may carry their own)
+    publish: Optional[Publish] = None             # Bolt: register its services (registry)
     # sidecar interception (protocol "auto", or filter_chains set: the chain is chosen per
     # connection; protocol/route_table/cluster above then describe no chain)
     filter_chains: tuple[FilterChain, ...] = ()
@@ -296,6 +319,26 @@ class CircuitBreakers:
 
 
 @dataclass(frozen=True)
+class ZookeeperDiscovery:
+    """Endpoints from a ZooKeeper registry as SOFARPC providers publish them: the children
+    of <root>/<interface>/providers, each a URL-encoded provider URL (fastmesh.registry)."""
+    servers: str                                  # "host:port[,host:port...]"
+    service: str                                  # "interface:version" (Bolt `service` header)
+    group: str = "SOFA"
+    root: str = "/sofa-rpc"
+    protocol: str = "bolt"                        # providers of another protocol are skipped
+    # also bounds kazoo's wait for a session handshake (a server half started after a
+    # restart can leave one unanswered)
+    session_timeout_ms: int = 5000
+    initial_fetch_timeout_ms: int = 3000          # start/reload waits this long for the list
+
+
+@dataclass(frozen=True)
+class Discovery:
+    zookeeper: ZookeeperDiscovery
+
+
+@dataclass(frozen=True)
 class OriginalDst:
     """An ORIGINAL_DST cluster (Envoy's, with CLUSTER_PROVIDED balancing): each connection
     goes where its client addressed it (the listener's original_dst filter restores that
@@ -330,6 +373,8 @@ class Cluster:
     min_ring_size: int = 1024
     max_ring_size: int = 8388608
     maglev_table_size: int = 65537                # a prime
+    # endpoints from a registry (endpoints then holds the providers last known)
+    discovery: Optional[Discovery] = None
     original_dst: Optional[OriginalDst] = None    # type original_dst: no endpoints listed
 
 

@@ -192,6 +192,8 @@ class Supervisor:
         self.xds = None                     # fastmesh.xds.source.XdsSource, when configured
         self._xds_inherited: dict | None = None
         self.bootstrap_doc = None           # the Envoy bootstrap as read (for config dumps)
+        self.registry = None                # fastmesh.registry.source.RegistrySource
+        self._registry_stop: asyncio.Task | None = None
         # active health checks: one prober for the whole proxy; verdicts go to every worker
         self.health = HealthChecker(loop, self._send_health, self._cluster_has_traffic)
         # the dashboard and its JSON API (fastmesh.dashboard): change timeline, live rates
@@ -204,14 +206,22 @@ class Supervisor:
     async def start(self) -> None:
         inherited = {}
         old_chan = None
+        registry_state = None
         if self.upgrade_path:
             got = await upgrade.fetch_sockets(self.upgrade_path, self.loop)
             if got is not None:
-                old_chan, inherited, self.generation, xds_state = got
+                old_chan, inherited, self.generation, xds_state, registry_state = got
                 log.info("upgrade: took %d listening sockets from the running generation",
                          sum(len(g) for g in inherited.values()))
                 if self.cfg.xds is not None and xds_state:
                     self._inherit_xds(xds_state)
+        if self._uses_registry(self.cfg) or registry_state:
+            # providers from ZooKeeper: the first lists (or those the previous generation
+            # served) fill the clusters before any worker serves
+            from fastmesh.registry.source import RegistrySource
+            self.registry = RegistrySource(self, inherited=registry_state)
+            await self.registry.prepare(self.cfg)
+            self.cfg = self.registry.fill(self.cfg)
         try:
             for lc in _bound(self.cfg.listeners):
                 key = _addr_key(lc.address)
@@ -240,10 +250,18 @@ class Supervisor:
                 await self.admin.start(None, None, sock=self.admin_sock.dup())
         except BaseException:
             self.health.stop()
+            if self.registry is not None:
+                await self.registry.stop()
             if old_chan is not None:
                 old_chan.close()            # the old generation goes on serving
             self._kill_workers()
             raise
+        if self.registry is not None:
+            # published before the old generation (if any) withdraws its own
+            self.registry.publish(self.cfg, self._bound_addresses())
+            if old_chan is not None and not await self.registry.wait_published():
+                log.warning("upgrade: this generation's services are not published yet "
+                            "(registry unreachable); the previous generation withdraws its own")
         if old_chan is not None:
             migrate_path = self.upgrade_path + ".migrate"
             self.migrate_server = upgrade.MigrateServer(self, migrate_path, self.loop)
@@ -268,6 +286,8 @@ class Supervisor:
             self.xds.start()
             if self.admin is not None:
                 self.admin.register("GET", "/xds", self._admin_xds)
+        if self.admin is not None:
+            self.admin.register("GET", "/registry", self._admin_registry)
         self.started = True
         self.observatory.started()
         log.info("fastmesh %s: generation %d serving (%d listeners, %d clusters, %d workers, "
@@ -470,26 +490,69 @@ class Supervisor:
         """Only some clusters' endpoints change (EDS): each worker replaces those endpoint
         sets in place; nothing else is rebuilt. `cfg` is the config with them changed."""
         async with self._apply_lock:
-            health_version = self.health.version
-            msg = {"t": "endpoints", "clusters": updates}
-            if any(cfg.clusters[n].health_check is not None for n in updates):
-                msg["health"] = self.health.preview(cfg)
+            return await self._apply_endpoints_locked(cfg, updates)
 
-            async def endpoints_for(h):
-                reply = await h.chan.request(msg, timeout_s=10)
-                if reply[0].get("ok"):
-                    h.clusters = dict(h.clusters, **{n: cfg.clusters[n] for n in updates})
-                return reply
-            error = await self._on_every_worker(endpoints_for)
-            if error is not None:
-                return False, [f"apply: {error}"]
-            old_cfg, self.cfg = self.cfg, cfg
-            self.version += 1
-            self.observatory.config_changed(old_cfg, cfg)
-            self._follow_health(health_version)
-            return True, []
+    async def apply_endpoints_from(self, make) -> tuple[bool, list]:
+        """As apply_endpoints, the change computed under the apply lock from the config
+        current then (a reload may have changed it while this waited): make(cfg) ->
+        (cfg, updates), or None when there is nothing to change."""
+        async with self._apply_lock:
+            got = make(self.cfg)
+            if got is None:
+                return True, []
+            return await self._apply_endpoints_locked(*got)
+
+    async def _apply_endpoints_locked(self, cfg: model.Config,
+                                      updates: dict) -> tuple[bool, list]:
+        health_version = self.health.version
+        msg = {"t": "endpoints", "clusters": updates}
+        if any(cfg.clusters[n].health_check is not None for n in updates):
+            msg["health"] = self.health.preview(cfg)
+
+        async def endpoints_for(h):
+            reply = await h.chan.request(msg, timeout_s=10)
+            if reply[0].get("ok"):
+                h.clusters = dict(h.clusters, **{n: cfg.clusters[n] for n in updates})
+            return reply
+        error = await self._on_every_worker(endpoints_for)
+        if error is not None:
+            return False, [f"apply: {error}"]
+        old_cfg, self.cfg = self.cfg, cfg
+        self.version += 1
+        self.observatory.config_changed(old_cfg, cfg)
+        self._follow_health(health_version)
+        return True, []
+
+    @staticmethod
+    def _uses_registry(cfg: model.Config) -> bool:
+        return any(c.discovery is not None for c in cfg.clusters.values()) or any(
+            lc.publish is not None for lc in cfg.listeners)
+
+    def _bound_addresses(self) -> dict:
+        """listener name -> (host, port) it is bound to (port 0 resolved)."""
+        out = {}
+        for lc in self.cfg.listeners:
+            group = self.sockets.get(_addr_key(lc.address))
+            if group:
+                out[lc.name] = group[0].getsockname()[:2]
+        return out
 
     async def _apply_config(self, cfg: model.Config) -> tuple[bool, list]:
+        if self.registry is None and self._uses_registry(cfg):
+            from fastmesh.registry.source import RegistrySource
+            self.registry = RegistrySource(self)
+        if self.registry is not None:
+            # a new or changed discovery block is read before the config applies
+            await self.registry.prepare(cfg)
+            cfg = self.registry.fill(cfg)
+        ok, errors = await self._apply_config_filled(cfg)
+        if self.registry is not None:
+            self.registry.sync(self.cfg)
+            if not self._stopping:
+                self.registry.publish(self.cfg, self._bound_addresses())
+        return ok, errors
+
+    async def _apply_config_filled(self, cfg: model.Config) -> tuple[bool, list]:
         errors = []
         if (cfg.admin.address if cfg.admin else None) != \
                 (self.cfg.admin.address if self.cfg.admin else None):
@@ -613,6 +676,11 @@ class Supervisor:
         out = dict(self.xds.status(), last_apply=self.last_apply)
         return 200, "application/json", (json.dumps(out, indent=2) + "\n").encode()
 
+    async def _admin_registry(self, body: bytes):
+        import json
+        out = self.registry.status() if self.registry is not None else {}
+        return 200, "application/json", (json.dumps(out, indent=2) + "\n").encode()
+
     async def _admin_reload(self, body: bytes):
         import json
         ok, errors = await self.reload()
@@ -638,6 +706,8 @@ class Supervisor:
         self._stopping = True
         self._stop_xds()
         self.health.stop()
+        if self.registry is not None:
+            await self.registry.unpublish()
         if self.admin is not None:
             self.admin.close()
         await asyncio.gather(*[
@@ -684,6 +754,9 @@ class Supervisor:
         self._stopping = True
         self._stop_xds()
         self.health.stop()
+        if self.registry is not None:
+            # callers that find us in the registry stop picking us before we stop listening
+            await self.registry.unpublish()
         log.info("draining (up to %d ms); listeners closed to new connections",
                  self.cfg.drain_timeout_ms)
         if self.upgrade_server is not None:
@@ -746,6 +819,9 @@ class Supervisor:
         self.observatory.stop()
         self._stop_xds()
         self.health.stop()
+        if self.registry is not None:
+            registry, self.registry = self.registry, None
+            self._registry_stop = self.loop.create_task(registry.stop())
         if self._monitor is not None:
             self._monitor.cancel()
         if self.admin is not None:
@@ -759,6 +835,9 @@ class Supervisor:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+        if self._registry_stop is not None:
+            # the registry sessions end (their ephemeral nodes with them), bounded
+            await asyncio.wait([self._registry_stop], timeout=5)
 
     # ------------------------------------------------------------------ admin answers
 
@@ -780,6 +859,9 @@ class Supervisor:
         listeners, clusters = totals["listeners"], totals["clusters"]
         for name, hc in self.health.stats().items():
             clusters.setdefault(name, {}).update(hc)
+        if self.registry is not None:
+            for name, rc in self.registry.stats().items():
+                clusters.setdefault(name, {}).update(rc)
         # how the kernel spread connections over this generation's live workers
         spread = []
         for st in per_worker:
@@ -816,10 +898,15 @@ class Supervisor:
 
     async def clusters_info(self) -> dict:
         per_worker = [r["clusters"] for r in await self._gather("clusters")]
+        from fastmesh.registry.report import annotate_clusters
+        for info in per_worker:
+            annotate_clusters(self, info)
         return per_worker[0] if len(per_worker) == 1 else {"workers": per_worker}
 
     def config_dump(self) -> dict:
-        return {"version": self.version, "source": self.cfg.source, "config": to_dict(self.cfg)}
+        from fastmesh.registry.report import endpoint_sources
+        return {"version": self.version, "source": self.cfg.source, "config": to_dict(self.cfg),
+                "endpoint_sources": endpoint_sources(self)}
 
     def envoy_config_dump(self) -> dict | None:
         """Envoy's ConfigDump shape, for a proxy configured by an Envoy bootstrap."""

@@ -9,7 +9,8 @@ Two unix SEQPACKET sockets, both msgpack messages (fastmesh.server.ipc):
       old -> new   {"t": "listeners", "addresses": [...], "generation": N, "xds": {...}} +
                    the listening fds (admin last; an address repeats once per socket of its
                    SO_REUSEPORT group); "xds": the control plane's resources and versions it
-                   serves, so the new generation serves them from its first moment
+                   serves, so the new generation serves them from its first moment; and
+                   "registry": the provider lists it last read from ZooKeeper (same reason)
       new          starts its workers on those sockets (both generations now accept)
       new -> old   {"t": "accepting", "migrate_path": P}
       old          stops accepting, tells its workers to hand over, exits when drained
@@ -98,7 +99,8 @@ async def fetch_sockets(path: str, loop) -> tuple[ipc.Channel, dict, int, dict] 
         sk = socket.socket(fileno=fd)
         sk.setblocking(False)
         socks.setdefault(addr, []).append(sk)
-    return chan, socks, int(msg.get("generation") or 1) + 1, msg.get("xds") or {}
+    return (chan, socks, int(msg.get("generation") or 1) + 1, msg.get("xds") or {},
+            msg.get("registry") or {})
 
 
 class _SeqpacketServer:
@@ -166,7 +168,9 @@ class UpgradeServer(_SeqpacketServer):
             t0 = time.monotonic()
             chan.send({"t": "listeners", "version": VERSION, "addresses": addrs,
                        "generation": self.sup.generation,
-                       "xds": self.sup.xds.handover() if self.sup.xds is not None else {}},
+                       "xds": self.sup.xds.handover() if self.sup.xds is not None else {},
+                       "registry": (self.sup.registry.handover()
+                                    if self.sup.registry is not None else {})},
                       [s.fileno() for s in socks])
             log.info("upgrade: sent %d listening sockets to the new generation", len(socks))
             msg, fds = await chan.recv(timeout_s=ACCEPTING_TIMEOUT_S)

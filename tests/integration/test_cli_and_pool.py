@@ -176,7 +176,7 @@ def test_hostname_endpoints_are_resolved(start_fastmesh, start_upstream, loop_ki
     assert eps == [{"address": f"127.0.0.1:{up.port}", "origin": f"localhost:{up.port}",
                     "active_requests": 0, "idle_connections": 0,
                     "multiplexed_connections": 0, "health_check_failed": False,
-                    "ejected": False, "ejections": 0}]
+                    "ejected": False, "ejections": 0, "source": "dns"}]
     for _ in range(5):
         with RawClient(fm.port) as c:
             c.request(path="/")
