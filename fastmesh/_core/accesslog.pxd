@@ -23,6 +23,7 @@ cdef class AccessLog:
     cdef int add_bolt(self, int64_t duration_us, bytes client, bytes service, bytes method,
                       int status, object cluster_name, object endpoint,
                       long long request_id) except -1
+    cdef void _put_start(self, Writer *w, int64_t start_us, bytes client)
     cdef int _add_default(self, int64_t duration_us, bytes client, bytes line, int status,
                           object cluster_name, object endpoint, bytes rid) except -1
     cdef int _add_formatted(self, int64_t duration_us, bytes client, bytes request_line,

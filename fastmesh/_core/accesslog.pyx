@@ -196,25 +196,12 @@ cdef class AccessLog:
                  bytes flag, object cluster_name, object endpoint,
                  bytes request_id, bytes head=None) except -1:
         cdef Writer *w = &self.pending
-        cdef int64_t start_us
-        cdef time_t sec = <time_t>(start_us // 1000000)
-        cdef tm t
         cdef char num[48]
         cdef int n
         if self.ops is not None:
             return self._add_formatted(duration_us, client, request_line, head, status, flag,
                                        cluster_name, endpoint, request_id, b"HTTP/1.1")
-        start_us = wall_us() - duration_us
-        sec = <time_t>(start_us // 1000000)
-        if sec != self.second:
-            gmtime_r(&sec, &t)
-            strftime(self.stamp, sizeof(self.stamp), "%Y-%m-%dT%H:%M:%S", &t)
-            self.second = sec
-        w_put(w, self.stamp, 19)
-        n = snprintf(num, sizeof(num), ".%03dZ ", <int>((start_us // 1000) % 1000))
-        w_put(w, num, n)
-        put_bytes(w, client)
-        w_put(w, b" \"", 2)
+        self._put_start(w, wall_us() - duration_us, client)
         put_bytes(w, request_line)
         w_put(w, b"\" ", 2)
         if status:
@@ -250,13 +237,12 @@ cdef class AccessLog:
         return self._add_default(duration_us, client, line, status, cluster_name, endpoint,
                                  rid)
 
-    cdef int _add_default(self, int64_t duration_us, bytes client, bytes line, int status,
-                          object cluster_name, object endpoint, bytes rid) except -1:
-        cdef Writer *w = &self.pending
-        cdef int64_t start_us = wall_us() - duration_us
+    cdef void _put_start(self, Writer *w, int64_t start_us, bytes client):
+        # a line's start: the request's start time (UTC, ms; the second's text is cached),
+        # the client, and the quote opening the request field
         cdef time_t sec = <time_t>(start_us // 1000000)
         cdef tm t
-        cdef char num[48]
+        cdef char num[16]
         cdef int n
         if sec != self.second:
             gmtime_r(&sec, &t)
@@ -267,6 +253,13 @@ cdef class AccessLog:
         w_put(w, num, n)
         put_bytes(w, client)
         w_put(w, b" \"", 2)
+
+    cdef int _add_default(self, int64_t duration_us, bytes client, bytes line, int status,
+                          object cluster_name, object endpoint, bytes rid) except -1:
+        cdef Writer *w = &self.pending
+        cdef char num[48]
+        cdef int n
+        self._put_start(w, wall_us() - duration_us, client)
         put_bytes(w, line)
         n = snprintf(num, sizeof(num), "\" %d - %lld.%03d ", status,
                      <long long>(duration_us // 1000), <int>(duration_us % 1000))

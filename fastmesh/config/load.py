@@ -1269,15 +1269,21 @@ def _service_id(c: _Checker, v: Any, path: str) -> Optional[str]:
     return s
 
 
-def _discovery(c: _Checker, raw: Any, p: str) -> Optional[Discovery]:
+def _zookeeper_block(c: _Checker, raw: Any, p: str, fields) -> tuple:
+    """`{zookeeper: {...}}` (the only registry so far) -> (its mapping, its path), or
+    (None, path) after reporting what is wrong."""
+    zp = f"{p}.zookeeper"
     m = c.mapping(raw, p, ("zookeeper",))
     if m is None:
-        return None
+        return None, zp
     if "zookeeper" not in m:
         c.err(p, "expected a registry: zookeeper")
-        return None
-    zp = f"{p}.zookeeper"
-    z = c.mapping(m["zookeeper"], zp, _ZK_DISCOVERY_FIELDS)
+        return None, zp
+    return c.mapping(m["zookeeper"], zp, fields), zp
+
+
+def _discovery(c: _Checker, raw: Any, p: str) -> Optional[Discovery]:
+    z, zp = _zookeeper_block(c, raw, p, _ZK_DISCOVERY_FIELDS)
     if z is None:
         return None
     kw: dict[str, Any] = {}
@@ -1295,14 +1301,7 @@ def _discovery(c: _Checker, raw: Any, p: str) -> Optional[Discovery]:
 
 
 def _publish(c: _Checker, raw: Any, p: str, addr: Optional[Address]) -> Optional[Publish]:
-    m = c.mapping(raw, p, ("zookeeper",))
-    if m is None:
-        return None
-    if "zookeeper" not in m:
-        c.err(p, "expected a registry: zookeeper")
-        return None
-    zp = f"{p}.zookeeper"
-    z = c.mapping(m["zookeeper"], zp, _ZK_PUBLISH_FIELDS)
+    z, zp = _zookeeper_block(c, raw, p, _ZK_PUBLISH_FIELDS)
     if z is None:
         return None
     kw: dict[str, Any] = {}
