@@ -51,7 +51,7 @@ from fastmesh._core.stats cimport (
     CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_BOLT_STATUS_OTHER, CS_HEARTBEAT_SENT,
     CS_HEARTBEAT_MISSED,
 )
-from fastmesh._core.upstream cimport Cluster, Endpoint
+from fastmesh._core.upstream cimport Cluster, Endpoint, endpoint_latency_us
 
 from fastmesh._core.stats import Counters as PyCounters
 from fastmesh._core.accesslog import sofa_method_name
@@ -597,6 +597,7 @@ cdef class BoltUpstream:
         cdef Py_ssize_t r, pos = 0, run = 0, size
         cdef unsigned char *p
         cdef InFlight e
+        cdef int64_t latency_us
         cdef BoltDownstream ds, run_ds = None
         while True:
             size = self.rbuf.size()
@@ -630,7 +631,9 @@ cdef class BoltUpstream:
                 if e is not None:               # (None: late, timed out or unknown: dropped)
                     self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
                     self.ep.active_requests -= 1
-                    self.cluster.counters.record_us(now_us() - e.start_us)
+                    latency_us = now_us() - e.start_us
+                    self.cluster.counters.record_us(latency_us)
+                    endpoint_latency_us(self.ep, latency_us)
                     if fi.status == BOLT_STATUS_SUCCESS:
                         self.cluster.counters.v[CS_RSP_2XX] += 1
                     else:

@@ -36,7 +36,7 @@ from fastmesh._core.stats cimport (
     CS_RQ_SHADOW, CS_RQ_SHADOW_SKIPPED, LS_FAULT_ABORTS, LS_FAULT_DELAYS, LS_RL_ENABLED,
     LS_RL_ENFORCED, LS_RL_LIMITED, LS_RL_OK,
 )
-from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH
+from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH, endpoint_latency_us
 from fastmesh._core.xxhash64 cimport xxh64
 from fastmesh._core.fastrand cimport fast_random
 from fastmesh._core.filters cimport FaultPolicy, TokenBucket, F_FAULT
@@ -855,6 +855,8 @@ cdef class HttpDownstream:
         self.up = None
         self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
         self.ep.active_requests -= 1
+        # the endpoint's own latency: only what it answered (not local 503s on its behalf)
+        endpoint_latency_us(self.ep, now_us() - self.rq_start_us)
         if not self.req_done:
             # answered before the request body was all here: cannot resynchronise
             self.close_after = True

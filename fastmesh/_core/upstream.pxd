@@ -41,6 +41,15 @@ cdef class Endpoint:
         public int64_t rq_error         # answered 5xx / a Bolt error status
         public int64_t cx_connect_fail  # connection attempts that failed or timed out
         public bint connect_failing     # the latest connection attempt failed
+        public Counters latency         # its latency histogram, made by its first answer
+                                        # (endpoints that never served one cost nothing)
+
+
+cdef inline void endpoint_latency_us(Endpoint ep, int64_t us) except *:
+    # the endpoint's share of the latency histograms (the dashboard's p50/p99 per endpoint)
+    if ep.latency is None:
+        ep.latency = Counters("cluster")
+    ep.latency.record_us(us)
 
 
 cdef enum UnhealthyBits:

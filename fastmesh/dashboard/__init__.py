@@ -296,6 +296,11 @@ class Observatory:
                         d[k] += e.get(k, 0)
                     for k in ("connect_failing", "ejected", "health_check_failed"):
                         d[k] = d[k] or bool(e.get(k))
+                    lat = e.get("latency")
+                    if lat:                     # bucket counts + [sum]: added up by worker
+                        have = d.get("latency")
+                        d["latency"] = list(lat) if have is None else \
+                            [a + b for a, b in zip(have, lat)]
         self.samples.append({"t": now, "stats": stats, "endpoints": endpoints})
         self.rates = self._compute_rates()
         self._note_health_changes()
@@ -333,21 +338,31 @@ class Observatory:
         def per_s(n: float) -> float:
             return round(n / dt, 2) if dt > 0 else 0.0
 
-        def lat(kind: str, name: str) -> dict:
-            h = (hist.get(kind) or {}).get(name)
-            if h is None:
-                return {"p50_ms": None, "p99_ms": None}
-            hb = (bhist.get(kind) or {}).get(name)
-            counts = h["counts"]
-            if hb is not None and base is not None and len(hb["counts"]) == len(counts):
-                d = [max(a - b, 0) for a, b in zip(counts, hb["counts"])]
+        def from_counts(counts, before) -> dict:
+            # percentiles of what was recorded over the window (bucket count deltas)
+            if before is not None and base is not None and len(before) == len(counts):
+                d = [max(a - b, 0) for a, b in zip(counts, before)]
             elif base is None:
                 d = [0] * len(counts)
             else:
                 d = counts
             return {"p50_ms": percentile_ms(d, LAT_BOUNDS_US, 0.5),
-                    "p99_ms": percentile_ms(d, LAT_BOUNDS_US, 0.99),
-                    "latency_count": h["count"]}
+                    "p99_ms": percentile_ms(d, LAT_BOUNDS_US, 0.99)}
+
+        def lat(kind: str, name: str) -> dict:
+            h = (hist.get(kind) or {}).get(name)
+            if h is None:
+                return {"p50_ms": None, "p99_ms": None}
+            hb = (bhist.get(kind) or {}).get(name)
+            return dict(from_counts(h["counts"], hb["counts"] if hb is not None else None),
+                        latency_count=h["count"])
+
+        def endpoint_lat(e: dict, b: dict | None) -> dict:
+            counts = (e.get("latency") or [])[:-1]          # (the last slot is the sum)
+            if not counts:
+                return {"p50_ms": None, "p99_ms": None}
+            before = (b.get("latency") or [])[:-1] if b else None
+            return from_counts(counts, before or None)
 
         out = {"time": round(time.time(), 3), "window_s": round(dt, 3),
                "config_version": self.sup.version, "generation": self.sup.generation,
@@ -383,7 +398,8 @@ class Observatory:
                              "errors_per_s": per_s(errs),
                              "active_requests": e["active_requests"],
                              "rq_total": e["rq_total"], "cx_connect_fail": e["cx_connect_fail"],
-                             "health": self._health_word(cname, addr, e)}
+                             "health": self._health_word(cname, addr, e),
+                             **endpoint_lat(e, b)}
         return out
 
     def _health_word(self, cluster: str, addr: str, e: dict | None) -> str:

@@ -287,6 +287,8 @@ class DataPlane:
                     d.update(rq_total=e.rq_total, rq_error=e.rq_error,
                              cx_connect_fail=e.cx_connect_fail,
                              connect_failing=bool(e.connect_failing))
+                    if e.latency is not None:
+                        d["latency"] = e.latency.histogram()
         return out
 
     def listeners_info(self) -> dict:

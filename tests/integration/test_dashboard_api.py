@@ -159,6 +159,10 @@ def test_topology_rates_events(proxy):
     assert rates["listeners"]["ingress"]["rq_per_s"] > 0
     assert "connections" in rates["listeners"]["ingress"]
     assert set(rates["endpoints"]["api"]) >= {proxy.dead}
+    # each endpoint has its own percentiles (from its own histogram)
+    web_ep = next(iter(rates["endpoints"]["web"].values()))
+    assert web_ep["p50_ms"] is not None and web_ep["p99_ms"] >= web_ep["p50_ms"]
+    assert rates["endpoints"]["api"][proxy.dead]["p50_ms"] is None      # never answered
 
     ev = _admin_json(proxy, "/api/events")
     assert ev["events"][0]["kind"] == "server" and ev["events"][0]["source"] == "start"

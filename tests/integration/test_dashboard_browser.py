@@ -156,6 +156,8 @@ def test_figures_move_under_load(env):
         assert _figure(page, '.listener[data-name="edge-http"]', "connections") != "–"
         ep_rate = _figure(page, f'.endpoint[data-address="{env["web"]}"]', "rq_per_s")
         assert float(ep_rate) > 0
+        ep_p99 = _figure(page, f'.endpoint[data-address="{env["web"]}"]', "p99_ms")
+        assert ep_p99.endswith(" ms"), ep_p99
     finally:
         wrk.wait(20)
     after = _figure(page, '.cluster[data-name="web-cluster"]', "upstream_rq_total")
