@@ -61,6 +61,14 @@ cdef void block_release(char *data, Py_ssize_t capacity) noexcept:
         _freed_bytes += capacity
 
 
+def trim_now():
+    """Give the heap's free pages back to the kernel (once, after start-up: parsing the
+    config and importing leave freed memory resident)."""
+    global _freed_bytes
+    _freed_bytes = 0
+    malloc_trim(0)
+
+
 def trim_if_worth(Py_ssize_t min_freed_bytes=4 << 20):
     """Give freed receive memory back to the kernel once enough of it was freed (a burst of
     connections that came and went): malloc keeps freed chunks resident otherwise, and an

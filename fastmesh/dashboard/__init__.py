@@ -20,7 +20,6 @@ import collections
 import json
 import logging
 import time
-from importlib import resources
 
 log = logging.getLogger("fastmesh.dashboard")
 
@@ -491,6 +490,8 @@ class Observatory:
 
     async def _page(self, body: bytes):
         self.watch()
+        from importlib import resources        # (only when the page is asked for: it
+        #                                           pulls in zipfile & co, ~0.7 MB resident)
         html = resources.files("fastmesh.dashboard").joinpath("page.html").read_bytes()
         return 200, "text/html; charset=utf-8", html
 

@@ -27,7 +27,6 @@ run as PID 1 in a container.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -76,6 +75,7 @@ class MainProcess:
         self.restart_pending = False
         self.exit_code = 0
         self.early = pending_signals if pending_signals is not None else []
+        import ctypes           # the main process only: a generation never pays for it
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._notify_addr = os.environ.pop("NOTIFY_SOCKET", None)
         self._wake_r, self._wake_w = os.pipe()

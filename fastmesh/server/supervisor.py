@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import os
 import signal
@@ -86,6 +85,7 @@ def latency_histograms(hist: dict) -> dict:
 
 
 def default_upgrade_path(config_path: str) -> str:
+    import hashlib
     digest = hashlib.sha1(os.path.abspath(config_path).encode()).hexdigest()[:12]
     return f"/tmp/fastmesh-{digest}.upgrade.sock"
 
@@ -290,6 +290,11 @@ class Supervisor:
             self.admin.register("GET", "/registry", self._admin_registry)
         self.started = True
         self.observatory.started()
+        # start-up garbage (config parsing, imports) collected, and its pages given back
+        import gc
+        from fastmesh._core import buffer
+        gc.collect()
+        buffer.trim_now()
         log.info("fastmesh %s: generation %d serving (%d listeners, %d clusters, %d workers, "
                  "pid %d, main pid %d)", __version__, self.generation, len(self.cfg.listeners),
                  len(self.cfg.clusters), self.nworkers, os.getpid(), mainproc.main_pid())
