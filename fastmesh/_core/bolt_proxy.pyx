@@ -39,7 +39,7 @@ from fastmesh._core.accesslog cimport AccessLog
 from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
-from fastmesh._core.sockio cimport unread_bytes, local_dst
+from fastmesh._core.sockio cimport unread_bytes, redirected_dst
 from fastmesh._core.router cimport RouteTable, VirtualHost, Route, HeaderMatcher, A_DIRECT
 from fastmesh._core.stats cimport (
     Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL, LS_RQ_ACTIVE, LS_RSP_2XX, LS_RSP_5XX,
@@ -326,7 +326,7 @@ cdef class BoltDownstream:
             return None
         if cluster.original_dst:
             if self.dst is None:
-                self.dst = local_dst(self.transport) or (None, 0)   # not redirected
+                self.dst = redirected_dst(self.transport)
             ep = cluster.pick_original(self.dst)
         else:
             ep = cluster.pick()

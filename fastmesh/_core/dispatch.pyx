@@ -299,10 +299,9 @@ cdef class Dispatch:
             self.timer = d.loop.call_later(d.sniff_timeout_ms / 1000.0, self._on_timeout)
 
     def get_buffer(self, Py_ssize_t sizehint):
+        # grows by doubling up to the cap; _try decides once the cap is full, so a read
+        # always has room
         if self.n == len(self.buf):
-            if len(self.buf) >= SNIFF_BUFFER_BYTES:
-                self._decide(None)          # cannot happen: sniff decides within the cap
-                return bytearray(1)
             self.buf.extend(bytes(min(len(self.buf), SNIFF_BUFFER_BYTES - len(self.buf))))
         return memoryview(self.buf)[self.n:]
 

@@ -14,7 +14,7 @@ from fastmesh._core.buffer cimport RecvBuffer, Slice
 from fastmesh._core.accesslog cimport AccessLog
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
-from fastmesh._core.sockio cimport unread_bytes, local_dst
+from fastmesh._core.sockio cimport unread_bytes, redirected_dst
 from fastmesh._core.http1 cimport (
     Head, HeadParser, ChunkedFramer, build_request_head, build_response_head,
     error_response, make_request_id, has_request_id, client_request_id,
@@ -599,7 +599,7 @@ cdef class HttpDownstream:
                 if dst is not None:
                     return cluster.pick_original(dst)
         if self.dst is None:
-            self.dst = local_dst(self.transport) or (None, 0)   # not redirected
+            self.dst = redirected_dst(self.transport)
         return cluster.pick_original(self.dst)
 
     def set_original_dst(self, str host, int port):

@@ -21,14 +21,13 @@ cdef inline int unread_bytes(object transport) except -1:
     return n
 
 
-cdef inline tuple local_dst(object transport):
+cdef inline tuple redirected_dst(object transport):
     # Where a connection was going before an iptables REDIRECT sent it here (conntrack's
     # SO_ORIGINAL_DST), for a session whose listener did not say (a single-chain listener,
-    # or a connection adopted in a hot restart). None when it was not redirected: its
+    # or a connection adopted in a hot restart). (None, 0) when it was not redirected: its
     # destination is this proxy itself, and an ORIGINAL_DST cluster would loop back into it
-    # (Envoy would; fastmesh refuses: no endpoint, counted).
+    # (Envoy would; fastmesh refuses: no endpoint, counted). Cached by the caller, so the
+    # lookup is made once per connection.
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return None
-    return original_dst_of(sock.fileno(), sock.family)
-
+    dst = original_dst_of(sock.fileno(), sock.family) if sock is not None else None
+    return dst if dst is not None else (None, 0)

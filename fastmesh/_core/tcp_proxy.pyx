@@ -19,7 +19,7 @@ from fastmesh._core.stats cimport (
     CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_RQ_TOTAL, CS_RQ_ACTIVE,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint
-from fastmesh._core.sockio cimport local_dst
+from fastmesh._core.sockio cimport redirected_dst
 
 log = logging.getLogger("fastmesh.tcp")
 rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
@@ -71,7 +71,7 @@ cdef class TcpPipe:
             ep = None
         elif cluster.original_dst:
             if self.dst is None:
-                self.dst = local_dst(transport) or (None, 0)   # not redirected
+                self.dst = redirected_dst(transport)
             ep = cluster.pick_original(self.dst)
         else:
             ep = cluster.pick()
