@@ -29,10 +29,20 @@ REPO = HERE.parent
 START_TIMEOUT_S = 15
 
 
+_HANDED_OUT_PORTS: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now and that this test process has not handed out before:
+    the kernel may give a just-closed port again, and two roles in one test (say a listener
+    and a deliberately dead endpoint) must never share one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT_PORTS:
+            _HANDED_OUT_PORTS.add(port)
+            return port
 
 
 class Proc:
