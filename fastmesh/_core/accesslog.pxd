@@ -5,6 +5,16 @@ from libc.stdint cimport int64_t
 
 from fastmesh._core.http1 cimport Writer
 
+cdef class Exchange:
+    # What only a configured format reads, gathered by the proxy when the log has one:
+    # body bytes each way (Envoy's BYTES_RECEIVED / BYTES_SENT: HTTP bodies as decoded,
+    # Bolt whole frames), the response head as sent (RESP(X)), the client's port
+    cdef public int64_t bytes_received
+    cdef public int64_t bytes_sent
+    cdef public bytes rsp_head
+    cdef public int client_port
+
+
 cdef class AccessLog:
     cdef:
         readonly str path
@@ -16,18 +26,19 @@ cdef class AccessLog:
         public int64_t write_errors
         list ops                    # a configured format, compiled (None: the default line)
         bint json_lines             # ops render a JSON object per line
+        readonly bint wants_exchange    # ops read an Exchange (bytes, RESP, client port)
 
     cdef int add(self, int64_t duration_us, bytes client, bytes request_line, int status,
                  bytes flag, object cluster_name, object endpoint, bytes request_id,
-                 bytes head=*) except -1
+                 bytes head=*, Exchange ex=*) except -1
     cdef int add_bolt(self, int64_t duration_us, bytes client, bytes service, bytes method,
                       int status, object cluster_name, object endpoint,
-                      long long request_id) except -1
+                      long long request_id, Exchange ex=*) except -1
     cdef void _put_start(self, Writer *w, int64_t start_us, bytes client)
     cdef int _add_default(self, int64_t duration_us, bytes client, bytes line, int status,
                           object cluster_name, object endpoint, bytes rid) except -1
     cdef int _add_formatted(self, int64_t duration_us, bytes client, bytes request_line,
                             bytes head, int status, bytes flag, object cluster_name,
                             object endpoint, bytes request_id, bytes protocol,
-                            bytes service=*, bytes method=*) except -1
+                            bytes service=*, bytes method=*, Exchange ex=*) except -1
     cdef bytes _label(self, object key)

@@ -24,11 +24,16 @@ Bolt listeners log one line per call answered (or failed), the same way:
 
 A listener may name its own format instead (`access_log: {path, format}`): Envoy's command
 operators (`%START_TIME%`, `%REQ(X)%` with `:METHOD`, `:PATH`, `:AUTHORITY` and `:PROTOCOL`,
-`%RESPONSE_CODE%`, `%RESPONSE_FLAGS%`, `%DURATION%`, `%UPSTREAM_HOST%`,
-`%UPSTREAM_CLUSTER%`, `%DOWNSTREAM_REMOTE_ADDRESS%`, `%PROTOCOL%`, `%REQUEST_ID%`, and for
-Bolt `%RPC_SERVICE%`, `%RPC_METHOD%`) between literal text, or `json_format` (a map of key ->
-operator: one JSON object per line). A configured format is rendered per request by Python
-code (a few µs); the default line stays in C.
+`%RESP(X)%`, `%RESPONSE_CODE%`, `%RESPONSE_FLAGS%` (Envoy's codes: UH, UF, NR, ...),
+`%RESPONSE_FLAGS_LONG%`, `%RESPONSE_CODE_DETAILS%` (fastmesh's reason word, or
+via_upstream), `%BYTES_RECEIVED%`, `%BYTES_SENT%` (HTTP: body bytes, as Envoy counts them;
+Bolt: whole frames), `%DURATION%`, `%UPSTREAM_HOST%`, `%UPSTREAM_CLUSTER%`,
+`%DOWNSTREAM_REMOTE_ADDRESS%` (ip:port) and `..._WITHOUT_PORT`, `%PROTOCOL%`,
+`%REQUEST_ID%`, `%HOSTNAME%`, and for Bolt `%RPC_SERVICE%`, `%RPC_METHOD%`) between literal
+text, or `json_format` (a map of key -> operator: one JSON object per line). A configured
+format is rendered per request by Python code (a few µs); the default line stays in C. The
+byte counts, response head and client port reach the log in an `Exchange` the proxy fills
+only for a format that reads them.
 
 Lines are formatted in C into one pending buffer and written by the worker's sweeper every
 100 ms (and whenever 64 KiB are waiting, and at close) with one write() to a file opened
@@ -52,10 +57,44 @@ cdef Py_ssize_t FLUSH_BYTES = 65536
 
 # format operators: name -> takes an argument (REQ(X))
 OPERATORS = {
-    "START_TIME": False, "REQ": True, "RESPONSE_CODE": False, "RESPONSE_FLAGS": False,
+    "START_TIME": False, "REQ": True, "RESP": True, "RESPONSE_CODE": False,
+    "RESPONSE_FLAGS": False, "RESPONSE_FLAGS_LONG": False, "RESPONSE_CODE_DETAILS": False,
+    "BYTES_RECEIVED": False, "BYTES_SENT": False,
     "DURATION": False, "UPSTREAM_HOST": False, "UPSTREAM_CLUSTER": False,
     "DOWNSTREAM_REMOTE_ADDRESS": False, "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": False,
     "PROTOCOL": False, "REQUEST_ID": False, "RPC_SERVICE": False, "RPC_METHOD": False,
+    "HOSTNAME": False,
+}
+# the operators that read an Exchange: the proxy gathers one only for formats using them
+EXCHANGE_OPERATORS = frozenset(("RESP", "BYTES_RECEIVED", "BYTES_SENT",
+                                "DOWNSTREAM_REMOTE_ADDRESS"))
+
+# Envoy's default access-log line, written for an Envoy bootstrap's file access log that
+# names no format (RESP(X-ENVOY-UPSTREAM-SERVICE-TIME) is `-`: fastmesh does not add it)
+ENVOY_DEFAULT_FORMAT = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
+    '%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
+    '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" '
+    '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"\n')
+
+# fastmesh's reason word (the x-fastmesh-error header, the default line's flag) -> Envoy's
+# response flag, short and long; reasons Envoy marks with no flag map to none
+RESPONSE_FLAGS = {
+    b"no_route": ("NR", "NoRouteFound"),
+    b"no_healthy_upstream": ("UH", "NoHealthyUpstream"),
+    b"connect_failed": ("UF", "UpstreamConnectionFailure"),
+    b"connect_timeout": ("UF", "UpstreamConnectionFailure"),
+    b"upstream_timeout": ("UT", "UpstreamRequestTimeout"),
+    b"upstream_reset": ("UC", "UpstreamConnectionTermination"),
+    b"reset_mid_response": ("UC", "UpstreamConnectionTermination"),
+    b"upstream_protocol": ("UPE", "UpstreamProtocolError"),
+    b"downstream_reset": ("DC", "DownstreamConnectionTermination"),
+    b"overflow": ("UO", "UpstreamOverflow"),
+    b"local_rate_limited": ("RL", "RateLimited"),
+    b"fault_abort": ("FI", "FaultInjected"),
+    b"stream_idle_timeout": ("SI", "StreamIdleTimeout"),
+    b"bad_request": ("DPE", "DownstreamProtocolError"),
+    b"head_too_large": ("DPE", "DownstreamProtocolError"),
 }
 
 
@@ -130,6 +169,7 @@ def sofa_method_name(bytes content):
 
 
 cdef object _req_header(bytes head, str name):
+    # (also a response header from a response head: the first line is skipped either way)
     # one request header's value from the raw head (first match, case-insensitive)
     cdef bytes key = name.lower().encode("latin-1") + b":"
     cdef Py_ssize_t klen = len(key)
@@ -160,11 +200,17 @@ cdef class AccessLog:
         self.path = path
         self.ops = None
         self.json_lines = False
+        self.wants_exchange = False
         if json_fields:
             self.ops = [(k, compile_format(v)) for k, v in json_fields]
             self.json_lines = True
+            used = [o for _, ops in self.ops for o in ops]
         elif fmt:
             self.ops = compile_format(fmt if fmt.endswith("\n") else fmt + "\n")
+            used = self.ops
+        if self.ops is not None:
+            self.wants_exchange = any(isinstance(o, tuple) and o[0] in EXCHANGE_OPERATORS
+                                      for o in used)
         self.fd = -1
         w_init(&self.pending, 4096)
         self.second = -1
@@ -194,13 +240,14 @@ cdef class AccessLog:
 
     cdef int add(self, int64_t duration_us, bytes client, bytes request_line, int status,
                  bytes flag, object cluster_name, object endpoint,
-                 bytes request_id, bytes head=None) except -1:
+                 bytes request_id, bytes head=None, Exchange ex=None) except -1:
         cdef Writer *w = &self.pending
         cdef char num[48]
         cdef int n
         if self.ops is not None:
             return self._add_formatted(duration_us, client, request_line, head, status, flag,
-                                       cluster_name, endpoint, request_id, b"HTTP/1.1")
+                                       cluster_name, endpoint, request_id, b"HTTP/1.1",
+                                       None, None, ex)
         self._put_start(w, wall_us() - duration_us, client)
         put_bytes(w, request_line)
         w_put(w, b"\" ", 2)
@@ -225,14 +272,14 @@ cdef class AccessLog:
 
     cdef int add_bolt(self, int64_t duration_us, bytes client, bytes service, bytes method,
                       int status, object cluster_name, object endpoint,
-                      long long request_id) except -1:
+                      long long request_id, Exchange ex=None) except -1:
         # one Bolt call: the default line reuses the HTTP one, "service method" in quotes
         cdef bytes rid = str(request_id).encode() if request_id >= 0 else None
         cdef bytes line = (service or b"-") + (b" " + method if method else b"")
         if self.ops is not None:
             return self._add_formatted(duration_us, client, line, None, status, None,
                                        cluster_name, endpoint, rid, b"bolt",
-                                       service, method)
+                                       service, method, ex)
         # Bolt status 0 is success: logged as 0 (the field means "none" only when absent)
         return self._add_default(duration_us, client, line, status, cluster_name, endpoint,
                                  rid)
@@ -277,7 +324,8 @@ cdef class AccessLog:
     cdef int _add_formatted(self, int64_t duration_us, bytes client, bytes request_line,
                             bytes head, int status, bytes flag, object cluster_name,
                             object endpoint, bytes request_id, bytes protocol,
-                            bytes service=None, bytes method=None) except -1:
+                            bytes service=None, bytes method=None,
+                            Exchange ex=None) except -1:
         cdef Writer *w = &self.pending
         cdef bytes out
         import json
@@ -295,13 +343,40 @@ cdef class AccessLog:
                 return str(duration_us // 1000)
             if op == "RESPONSE_CODE":
                 return str(status) if (status or not is_http) else "0"
-            if op == "RESPONSE_FLAGS":
-                return flag.decode() if flag else "-"
+            if op in ("RESPONSE_FLAGS", "RESPONSE_FLAGS_LONG"):
+                envoy = RESPONSE_FLAGS.get(flag) if flag else None
+                return envoy[op == "RESPONSE_FLAGS_LONG"] if envoy is not None else "-"
+            if op == "RESPONSE_CODE_DETAILS":
+                if flag:
+                    return flag.decode()
+                return "via_upstream" if status and endpoint is not None else None
+            if op in ("BYTES_RECEIVED", "BYTES_SENT"):
+                if ex is None:
+                    return "0"
+                return str(ex.bytes_received if op == "BYTES_RECEIVED" else ex.bytes_sent)
+            if op == "RESP":
+                if ex is None or ex.rsp_head is None:
+                    return None
+                for alt in arg.split("?"):
+                    v = _req_header(ex.rsp_head, alt.strip())
+                    if v is not None:
+                        return v.decode("latin-1")
+                return None
+            if op == "HOSTNAME":
+                import socket
+                return socket.gethostname()
             if op == "UPSTREAM_HOST":
                 return self._label(endpoint).decode() if endpoint is not None else None
             if op == "UPSTREAM_CLUSTER":
                 return cluster_name if cluster_name is not None else None
-            if op in ("DOWNSTREAM_REMOTE_ADDRESS", "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT"):
+            if op == "DOWNSTREAM_REMOTE_ADDRESS":     # ip:port ([ip]:port for IPv6)
+                if not client:
+                    return None
+                ip = client.decode()
+                if ex is None or not ex.client_port:
+                    return ip
+                return f"[{ip}]:{ex.client_port}" if ":" in ip else f"{ip}:{ex.client_port}"
+            if op == "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT":
                 return client.decode() if client else None
             if op == "PROTOCOL":
                 if is_http:

@@ -35,7 +35,7 @@ from fastmesh._core.bolt cimport (
     BOLT_STATUS_SERVER_THREADPOOL_BUSY, BOLT_STATUS_NO_PROCESSOR, BOLT_STATUS_TIMEOUT,
     BOLT_STATUS_CONNECTION_CLOSED,
 )
-from fastmesh._core.accesslog cimport AccessLog
+from fastmesh._core.accesslog cimport AccessLog, Exchange
 from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
@@ -77,6 +77,7 @@ cdef class InFlight:
         int64_t deadline_ms         # 0 = none
         int64_t start_us            # when the request was forwarded (latency histograms)
         bytes service, method       # only with an access log: its fields
+        int64_t rq_bytes, rsp_bytes # ... and the frames' sizes (BYTES_RECEIVED / _SENT)
         unsigned char proto, ver1, codec
         # only when its route retries: what another try needs
         RetryPolicy retry
@@ -156,6 +157,7 @@ cdef class BoltDownstream:
         unsigned int affinity       # picks the same mux connection index per client
         tuple dst                   # (host, port) the client addressed (ORIGINAL_DST)
         bytes client_ip             # only with an access log
+        int client_port
 
     def __init__(self, ListenerCtx ctx):
         self.ctx = ctx
@@ -177,6 +179,7 @@ cdef class BoltDownstream:
         if self.ctx.access_log is not None:
             peer = transport.get_extra_info("peername")
             self.client_ip = (peer[0] if peer else "unknown").encode()
+            self.client_port = peer[1] if peer else 0
 
     def set_original_dst(self, str host, int port):
         self.dst = (host, port)
@@ -346,6 +349,7 @@ cdef class BoltDownstream:
             if self.ctx.access_log is not None:
                 e.cluster = cluster
                 e.ep = ep
+                e.rq_bytes = fi.frame_len
                 e.service = header_lookup(p, fi, b"service", 7)
                 if e.service is None:
                     e.service = header_lookup(p, fi, b"sofa_head_target_service", 24)
@@ -389,11 +393,19 @@ cdef class BoltDownstream:
         self.ctx.counters.v[LS_RQ_ACTIVE] -= 1
         cdef int64_t latency_us = now_us() - e.start_us
         self.ctx.counters.record_us(latency_us)
-        if self.ctx.access_log is not None:
+        cdef AccessLog alog = <AccessLog>self.ctx.access_log
+        cdef Exchange ex = None
+        if alog is not None:
+            if alog.wants_exchange:
+                ex = Exchange.__new__(Exchange)
+                ex.client_port = self.client_port
+                ex.bytes_received = e.rq_bytes
+                ex.bytes_sent = len(frame) if frame is not None else e.rsp_bytes
             try:
-                (<AccessLog>self.ctx.access_log).add_bolt(
+                alog.add_bolt(
                     latency_us, self.client_ip, e.service, e.method, status,
-                    e.cluster.name if e.cluster is not None else None, e.ep, e.client_id)
+                    e.cluster.name if e.cluster is not None else None, e.ep, e.client_id,
+                    ex)
             except Exception:
                 log.exception("listener %s: access log failed", self.ctx.name)
         if status == BOLT_STATUS_SUCCESS:
@@ -650,6 +662,7 @@ cdef class BoltUpstream:
                     else:
                         frame_set_id(p, &fi, e.client_id)
                         ds = e.ds
+                        e.rsp_bytes = fi.frame_len
                         ds.answered(e, None, fi.status)
             if ds is not None and ds is run_ds:
                 run += r

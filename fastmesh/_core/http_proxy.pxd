@@ -103,6 +103,9 @@ cdef class HttpDownstream:
         int rsp_status              # status sent to the client, 0 = none yet
         bytes rsp_flag              # the proxy's reason when it answered or cut it, or None
         bytes rq_id                 # x-request-id as forwarded
+        bytes rsp_head              # the response head as sent (a format's RESP(X))
+        int64_t rsp_body_bytes      # response body bytes sent, decoded (BYTES_SENT)
+        int client_port
         uint64_t reads              # read events on this exchange's two connections ...
         uint64_t reads_seen         # ... when the stream-idle deadline was last armed
 
@@ -153,6 +156,7 @@ cdef class HttpDownstream:
     cdef void _on_stream_idle(self)
     cdef void _update_reading(self)
     cdef void _count_response(self, int status)
+    cdef void _note_local_response(self, bytes resp)
     cdef void _access_log(self)
     cpdef void on_deadline(self, int64_t now)
 

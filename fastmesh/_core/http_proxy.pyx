@@ -11,7 +11,7 @@ from libc.string cimport memcpy
 
 from fastmesh._core cimport debug
 from fastmesh._core.buffer cimport RecvBuffer, Slice
-from fastmesh._core.accesslog cimport AccessLog
+from fastmesh._core.accesslog cimport AccessLog, Exchange
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.sockio cimport unread_bytes, redirected_dst
@@ -99,6 +99,8 @@ cdef class HttpDownstream:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = (peer[0] if peer else "unknown").encode()
+        if self.ctx.access_log is not None and peer:
+            self.client_port = peer[1]
         transport.set_write_buffer_limits(self.ctx.high_water_bytes, self.ctx.low_water_bytes)
         self.ctx.conns.add(self)
         self.ctx.counters.v[LS_CX_TOTAL] += 1
@@ -237,6 +239,8 @@ cdef class HttpDownstream:
         self.rq_start_us = now_us()         # latency histogram (and access log)
         if self.ctx.access_log is not None:
             self.rq_id = None
+            self.rsp_head = None
+        self.rsp_body_bytes = 0
         self.deadline_ms = 0
         self.deadline_kind = DL_NONE
         self.close_after = h.conn_close or self.ctx.draining
@@ -846,6 +850,8 @@ cdef class HttpDownstream:
         self.resp_started = True
         if self.deadline_kind == DL_RESPONSE:
             self._arm_stream_idle()
+        if self.ctx.access_log is not None:
+            self.rsp_head = head
         self.out.append(head)
 
     cdef void _on_response_body(self, list pieces):
@@ -920,6 +926,8 @@ cdef class HttpDownstream:
             resp = resp.replace(b"\r\n\r\n", b"\r\nx-envoy-overloaded: true\r\n\r\n", 1)
         if self.extra_rsp_headers is not None:  # from the HTTP filters (rate limit)
             resp = resp.replace(b"\r\n\r\n", b"\r\n" + self.extra_rsp_headers + b"\r\n", 1)
+        if self.ctx.access_log is not None:
+            self._note_local_response(resp)
         self.out.append(resp)
         if self.close_after and not self.req_done:
             self._linger()
@@ -934,9 +942,12 @@ cdef class HttpDownstream:
         self._count_response(status)
         self.rsp_flag = reason
         self.resp_started = True
-        self.out.append(error_response(status, reason, b"", True))
-        if self.req is None and self.ctx.access_log is not None:
-            self._access_log()              # a head that never parsed: logged as "-"
+        resp = error_response(status, reason, b"", True)
+        self.out.append(resp)
+        if self.ctx.access_log is not None:
+            self._note_local_response(resp)
+            if self.req is None:
+                self._access_log()          # a head that never parsed: logged as "-"
         self._linger()
 
     cdef _linger(self):
@@ -1059,22 +1070,40 @@ cdef class HttpDownstream:
         self.ctx.counters.v[status_class_slot(status, LS_RSP_1XX)] += 1
         self.rsp_status = status
 
+    cdef void _note_local_response(self, bytes resp):
+        # for the access log: a response the proxy made, head and body in one piece
+        cdef Py_ssize_t end = resp.find(b"\r\n\r\n") + 4
+        self.rsp_head = resp[:end]
+        self.rsp_body_bytes = len(resp) - end
+
     cdef void _access_log(self):
         # One line for the request that ends now (the format: fastmesh/_core/accesslog.pyx).
+        cdef AccessLog alog = <AccessLog>self.ctx.access_log
         cdef Head h = self.req
         cdef bytes request_line = None
         cdef Py_ssize_t eol
         cdef int64_t duration_us = 0
+        cdef Exchange ex = None
         if h is not None:
             eol = h.raw.find(b"\r\n")
             if eol >= 0:
                 request_line = h.raw[:eol]
             duration_us = now_us() - self.rq_start_us
+        if alog.wants_exchange:
+            ex = Exchange.__new__(Exchange)
+            ex.client_port = self.client_port
+            ex.rsp_head = self.rsp_head
+            ex.bytes_sent = self.rsp_body_bytes
+            if h is not None:
+                if h.body_kind == BODY_LENGTH:
+                    ex.bytes_received = h.content_length - self.body_left
+                elif h.body_kind == BODY_CHUNKED and self.chunker is not None:
+                    ex.bytes_received = self.chunker.body_bytes
         try:
-            (<AccessLog>self.ctx.access_log).add(
+            alog.add(
                 duration_us, self.client_ip, request_line, self.rsp_status, self.rsp_flag,
                 self.cluster.name if self.cluster is not None else None, self.ep, self.rq_id,
-                h.raw if h is not None else None)
+                h.raw if h is not None else None, ex)
         except Exception:
             log.exception("listener %s: access log failed", self.ctx.name)
 
@@ -1552,6 +1581,7 @@ cdef class HttpUpstream:
             done = True
         elif self.body_kind == BODY_LENGTH:
             n = <Py_ssize_t>min64(size, self.body_left)
+            ds.rsp_body_bytes += n
             last = len(ds.out) - 1                  # (no negative indexing: wraparound off)
             if (n and n == self.body_left and n <= SMALL_BODY_BYTES and last >= 0
                     and type(ds.out[last]) is bytes):
@@ -1592,9 +1622,11 @@ cdef class HttpUpstream:
                 self.rbuf.consume(pos)
             elif pos:
                 pieces.append(self.rbuf.take_slice(pos))
+            ds.rsp_body_bytes = self.chunker.body_bytes
             done = self.chunker.state == CH_DONE
         else:
             if size:
+                ds.rsp_body_bytes += size
                 if self.te_mode == TE_ADD_CHUNKED:
                     pieces.append(b"%x\r\n" % size)
                     pieces.append(self.rbuf.take_slice(size))

@@ -31,7 +31,7 @@ def test_text_format_operators(start_upstream, start_fastmesh, tmp_path, loop_ki
     path = tmp_path / "a.log"
     fmt = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%" %RESPONSE_CODE% '
            '%RESPONSE_FLAGS% %DURATION% ua=%REQ(USER-AGENT)% host=%REQ(:AUTHORITY)% '
-           '%UPSTREAM_CLUSTER% %UPSTREAM_HOST% %DOWNSTREAM_REMOTE_ADDRESS% '
+           '%UPSTREAM_CLUSTER% %UPSTREAM_HOST% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% '
            'rid=%REQ(X-REQUEST-ID)% missing=%REQ(X-NOPE)% 100%%')
     fm = start_fastmesh(_cfg(up, {"path": str(path), "format": fmt}), loop=loop_kind)
     req = urllib.request.Request(fm.url("/a/b?c=1"), headers={"User-Agent": "probe/1",
@@ -44,6 +44,73 @@ def test_text_format_operators(start_upstream, start_fastmesh, tmp_path, loop_ki
     assert "ua=probe/1" in line and f"host=127.0.0.1:{fm.port}" in line
     assert f" up {up.address} 127.0.0.1 " in line
     assert "rid=rid-42" in line and "missing=-" in line and line.endswith(" 100%")
+
+
+def test_bytes_response_headers_and_envoy_flags(start_upstream, start_fastmesh, tmp_path,
+                                                loop_kind):
+    """BYTES_RECEIVED / BYTES_SENT count bodies as decoded (chunked framing not counted),
+    RESP(X) reads the response head as sent, RESPONSE_FLAGS are Envoy's codes."""
+    import http.client
+    import socket as _socket
+    from fmtest import free_port
+    up = start_upstream("u", loop_kind)
+    path = tmp_path / "a.jsonl"
+    cfg = _cfg(up, {"path": str(path), "json_format": {
+        "id": "%REQ(X-REQUEST-ID)%", "rx": "%BYTES_RECEIVED%", "tx": "%BYTES_SENT%",
+        "len": "%RESP(CONTENT-LENGTH)%", "te": "%RESP(X-NOPE?TRANSFER-ENCODING)%",
+        "flags": "%RESPONSE_FLAGS%", "long": "%RESPONSE_FLAGS_LONG%",
+        "details": "%RESPONSE_CODE_DETAILS%", "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        "host": "%HOSTNAME%", "code": "%RESPONSE_CODE%"}})
+    cfg["route_tables"]["rt"]["routes"].insert(
+        0, {"match": {"prefix": "/dead/"}, "cluster": "dead"})
+    cfg["route_tables"]["rt"]["routes"].insert(
+        0, {"match": {"prefix": "/none/"}, "direct_response": {"status": 404}})
+    cfg["clusters"].append({"name": "dead", "endpoints": [f"127.0.0.1:{free_port()}"]})
+    fm = start_fastmesh(cfg, loop=loop_kind)
+    ports = {}
+
+    def go(rid, method, p, body=None, chunked=False):
+        conn = http.client.HTTPConnection("127.0.0.1", fm.port, timeout=10)
+        conn.connect()
+        ports[rid] = conn.sock.getsockname()[1]
+        conn.request(method, p, body=iter(body) if chunked else body,
+                     headers={"X-Request-Id": rid}, encode_chunked=chunked)
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        return r.status, data
+
+    st, body = go("len", "POST", "/bytes/777", b"z" * 123)
+    assert st == 200 and len(body) == 777
+    assert go("chunked", "POST", "/chunked/20000", [b"a" * 70, b"b" * 30], True)[0] == 200
+    st, dead_body = go("dead", "GET", "/dead/x")
+    assert st == 503
+    # a client that goes away mid-response: DC
+    with _socket.create_connection(("127.0.0.1", fm.port), timeout=5) as s:
+        s.sendall(b"GET /drip/0/3000/10 HTTP/1.1\r\nHost: x\r\nX-Request-Id: gone\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or got.endswith(b"\r\n\r\n"):
+            got += s.recv(100)             # the head and some of the body (10-byte pieces)
+    recs = {}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(recs) < 4:
+        recs = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())} \
+            if path.exists() else {}
+        time.sleep(0.05)
+    r = recs["len"]
+    assert (r["rx"], r["tx"], r["len"], r["te"], r["flags"], r["details"], r["code"]) == \
+        ("123", "777", "777", None, "-", "via_upstream", "200"), r
+    assert r["client"] == f"127.0.0.1:{ports['len']}" and r["host"]
+    r = recs["chunked"]
+    assert (r["rx"], r["tx"], r["len"], r["te"]) == ("100", "20000", None, "chunked"), r
+    r = recs["dead"]
+    assert (r["flags"], r["long"], r["details"], r["code"]) == \
+        ("UF", "UpstreamConnectionFailure", "connect_failed", "503"), r
+    assert r["tx"] == str(len(dead_body)) and r["len"] == str(len(dead_body)), r
+    r = recs["gone"]
+    assert (r["flags"], r["long"], r["code"]) == ("DC", "DownstreamConnectionTermination",
+                                                  "200"), r
+    assert 10 <= int(r["tx"]) < 100, r
 
 
 def test_json_format(start_upstream, start_fastmesh, tmp_path):
@@ -80,10 +147,10 @@ def test_config_errors_name_the_path():
     base["listeners"][0].update(protocol="http1", route_table="rt", cluster=None)
     del base["listeners"][0]["cluster"]
     base["route_tables"] = {"rt": {"routes": [{"match": {"prefix": "/"}, "cluster": "c"}]}}
-    base["listeners"][0]["access_log"] = {"path": "/tmp/x", "format": "%BYTES_SENT%"}
+    base["listeners"][0]["access_log"] = {"path": "/tmp/x", "format": "%UPSTREAM_TRANSPORT_FAILURE_REASON%"}
     with pytest.raises(ConfigError) as e:
         load_dict(base)
-    assert any("listeners[0].access_log.format" in x and "BYTES_SENT" in x
+    assert any("listeners[0].access_log.format" in x and "UPSTREAM_TRANSPORT_FAILURE_REASON" in x
                for x in e.value.errors), e.value.errors
     base["listeners"][0]["access_log"] = {"path": "/tmp/x", "format": "%DURATION%"}
     cfg = load_dict(base)

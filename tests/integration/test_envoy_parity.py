@@ -13,9 +13,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -39,7 +41,10 @@ def sock(port):
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port):
+FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+
+
+def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port, access_log_path):
     def cl(name, port):
         return {"name": name, "type": "STATIC", "connect_timeout": "1s",
                 "lb_policy": "ROUND_ROBIN",
@@ -85,6 +90,9 @@ def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port):
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
                         "@type": HCM_TYPE, "stat_prefix": "http", "codec_type": "HTTP1",
+                        # no log_format: each writes Envoy's default line
+                        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+                            "@type": FILE_LOG_TYPE, "path": access_log_path}}],
                         "route_config": {"name": "routes", "virtual_hosts": [
                             {"name": "api", "domains": ["api.local"], "routes": routes_api},
                             {"name": "any", "domains": ["*"], "routes": routes_any}]},
@@ -101,8 +109,10 @@ def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port):
 
 
 class Side:
-    def __init__(self, name, http_port, tcp_port):
+    def __init__(self, name, http_port, tcp_port, access_log, upstreams, admin_port):
         self.name, self.http_port, self.tcp_port = name, http_port, tcp_port
+        self.admin_port = admin_port
+        self.access_log, self.upstreams = access_log, upstreams
 
     def request(self, path, host="www.local", headers=None):
         conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
@@ -135,8 +145,10 @@ def sides(tmp_path_factory):
         for who in ("envoy", "fastmesh"):
             http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
             path = tmp / f"{who}.yaml"
+            log_path = tmp / f"{who}-access.log"
             path.write_text(yaml.safe_dump(bootstrap(http_port, tcp_port, admin_port,
-                                                     ups["alpha"], ups["beta"])))
+                                                     ups["alpha"], ups["beta"],
+                                                     str(log_path))))
             if who == "envoy":
                 p = Proc([ENVOY, "-c", str(path), "--base-id", str(40000 + os.getpid() % 20000),
                           "--concurrency", "1", "-l", "warning"], name="envoy")
@@ -147,7 +159,7 @@ def sides(tmp_path_factory):
                           "--log-level", "warning"], name="fastmesh")
                 procs.append(p)
                 wait_ready(admin_port, p)
-            out[who] = Side(who, http_port, tcp_port)
+            out[who] = Side(who, http_port, tcp_port, log_path, ups, admin_port)
         yield out
     finally:
         for p in reversed(procs):
@@ -234,6 +246,91 @@ def test_tcp_proxy_reaches_the_same_cluster(sides):
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), (who, head)
         assert json.loads(body)["server"] == "beta", who
+
+
+# Envoy's default access-log line (a file access log with no log_format), both sides
+DEFAULT_LINE = re.compile(
+    r'^\[(?P<start>\S+)\] "(?P<method>\S+) (?P<path>\S+) (?P<protocol>\S+)" (?P<code>\d+) '
+    r'(?P<flags>\S+) (?P<rx>\d+) (?P<tx>\d+) (?P<ms>\d+) (?P<svc_ms>\S+) "(?P<xff>[^"]*)" '
+    r'"(?P<ua>[^"]*)" "(?P<rid>[^"]*)" "(?P<authority>[^"]*)" "(?P<upstream>[^"]*)"$')
+
+
+def _log_records(side, rids, timeout=8.0):
+    # fastmesh writes its access logs every 100 ms; Envoy buffers them for longer, but
+    # flushes when its admin is asked to reopen them
+    deadline = time.monotonic() + timeout
+    recs = {}
+    if side.name == "envoy":
+        conn = http.client.HTTPConnection("127.0.0.1", side.admin_port, timeout=10)
+        conn.request("POST", "/reopen_logs")
+        assert conn.getresponse().status == 200
+        conn.close()
+    while time.monotonic() < deadline:
+        lines = side.access_log.read_text().splitlines() if side.access_log.exists() else []
+        recs = {}
+        for line in lines:
+            m = DEFAULT_LINE.match(line)
+            assert m, (side.name, line)
+            recs[m["rid"]] = m.groupdict()
+        if all(r in recs for r in rids):
+            break
+        time.sleep(0.1)
+    return recs
+
+
+def test_default_access_log_line_matches_envoys(sides):
+    """The same requests through both proxies: Envoy's default line, field by field (but
+    the start time, the duration and Envoy's x-envoy-upstream-service-time)."""
+    sent = []
+
+    def go(side, rid, method, path, host="www.local", body=None, chunked=False):
+        conn = http.client.HTTPConnection("127.0.0.1", side.http_port, timeout=10)
+        try:
+            headers = {"Host": host, "User-Agent": "parity/1.0", "X-Request-Id": rid,
+                       "X-Forwarded-For": "10.9.8.7"}
+            if chunked:
+                conn.request(method, path, body=iter(body), headers=headers,
+                             encode_chunked=True)
+            else:
+                conn.request(method, path, body=body, headers=headers)
+            r = conn.getresponse()
+            r.read()
+            return r.status
+        finally:
+            conn.close()
+
+    cases = [
+        ("rid-get", "GET", "/only/_/bytes/1234", {}),                       # 200, 1234 out
+        ("rid-post", "POST", "/only/_/bytes/10", {"body": b"x" * 300}),    # 300 in
+        ("rid-chunked", "POST", "/only/_/chunked/20000",                    # chunked both ways
+         {"body": [b"a" * 100, b"b" * 50], "chunked": True}),
+        ("rid-status", "GET", "/only/_/status/503", {}),                   # upstream's 503
+        ("rid-noroute", "GET", "/nothing", {"host": "api.local"}),         # 404 NR
+    ]
+    for who, side in sides.items():
+        for rid, method, path, kw in cases:
+            sent.append((who, rid, go(side, rid, method, path, **kw)))
+    assert {(rid, st) for who, rid, st in sent if who == "envoy"} == \
+        {(rid, st) for who, rid, st in sent if who == "fastmesh"}
+    rids = [c[0] for c in cases]
+    recs = {who: _log_records(side, rids) for who, side in sides.items()}
+    beta = f"127.0.0.1:{sides['envoy'].upstreams['beta']}"
+    for rid in rids:
+        e, f = recs["envoy"].get(rid), recs["fastmesh"].get(rid)
+        assert e is not None and f is not None, (rid, {w: sorted(r) for w, r in recs.items()})
+        fields = ["method", "path", "protocol", "code", "flags", "rx", "xff", "ua", "rid",
+                  "authority", "upstream"]
+        if f["upstream"] != "-":
+            fields.append("tx")     # local replies: each proxy's own text (fastmesh's names
+        for field in fields:        # the reason), so body sizes differ
+            assert e[field] == f[field], (rid, field, e[field], f[field])
+        assert f["start"].endswith("Z") and len(f["start"]) == len(e["start"]), (e, f)
+    assert recs["fastmesh"]["rid-get"]["tx"] == "1234"
+    assert recs["fastmesh"]["rid-post"]["rx"] == "300"
+    assert recs["fastmesh"]["rid-chunked"]["rx"] == "150"
+    assert recs["fastmesh"]["rid-chunked"]["tx"] == "20000"
+    assert recs["fastmesh"]["rid-get"]["upstream"] == beta
+    assert recs["fastmesh"]["rid-noroute"]["flags"] == "NR"
 
 
 # -- the unit tests' accepted bootstraps are valid for Envoy too ---------------------------------

@@ -69,10 +69,15 @@ def test_bolt_json_lines(server, start_fastmesh, tmp_path):
     fm = start_fastmesh(_config(server, {"path": str(log_path), "json_format": {
         "service": "%RPC_SERVICE%", "method": "%REQ(sofa_head_method_name)%",
         "status": "%RESPONSE_CODE%", "ms": "%DURATION%", "upstream": "%UPSTREAM_HOST%",
-        "cluster": "%UPSTREAM_CLUSTER%", "id": "%REQUEST_ID%", "proto": "%PROTOCOL%"}}))
+        "cluster": "%UPSTREAM_CLUSTER%", "id": "%REQUEST_ID%", "proto": "%PROTOCOL%",
+        "rx": "%BYTES_RECEIVED%", "tx": "%BYTES_SENT%", "client": "%DOWNSTREAM_REMOTE_ADDRESS%"}}))
     run_client(f"127.0.0.1:{fm.port}", [{"method": "echo", "args": ["hi"]}])
     rec = json.loads(_lines(log_path, 1)[0])
     assert rec["service"] == SERVICE and rec["method"] == "echo"
     assert rec["status"] == "0" and rec["upstream"] == server.host
     assert rec["cluster"] == "echo" and rec["proto"] == "bolt" and rec["id"].isdigit()
     assert int(rec["ms"]) >= 0
+    # whole frames: a request's fixed part is 22 bytes (v1), a response's 20, plus
+    # class name, headers and content
+    assert int(rec["rx"]) > 22 + len(SERVICE) and int(rec["tx"]) > 20, rec
+    assert rec["client"].startswith("127.0.0.1:") and rec["client"] != "127.0.0.1:0", rec

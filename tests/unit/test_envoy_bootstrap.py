@@ -102,7 +102,10 @@ def test_file_access_log_formats():
     assert lst.access_log_json == (("code", "%RESPONSE_CODE%"), ("path", "%REQ(:PATH)%"))
     hcm(b)["access_log"] = [_file_log(None)]
     lst = load_bootstrap(b, "test.yaml").listeners[0]
-    assert lst.access_log == "/tmp/fm-access.log" and lst.access_log_format is None
+    # no log_format: Envoy's default line, as Envoy writes it
+    from fastmesh._core.accesslog import ENVOY_DEFAULT_FORMAT
+    assert lst.access_log == "/tmp/fm-access.log"
+    assert lst.access_log_format == ENVOY_DEFAULT_FORMAT
 
 
 def hcm(b):
@@ -329,9 +332,9 @@ LISTENER_REFUSALS = [
     (lambda b: hcm(b).update(common_http_protocol_options={"idle_timeout": "0s"}),
      f"{HCM}.common_http_protocol_options.idle_timeout", "0s (no idle timeout)"),
     (lambda b: hcm(b).update(access_log=[_file_log({"text_format_source": {
-        "inline_string": "%BYTES_SENT%"}})]),
+        "inline_string": "%UPSTREAM_TRANSPORT_FAILURE_REASON%"}})]),
      f"{HCM}.access_log[0].typed_config.log_format.text_format_source.inline_string",
-     "unknown operator %BYTES_SENT%"),
+     "unknown operator %UPSTREAM_TRANSPORT_FAILURE_REASON%"),
     (lambda b: hcm(b).update(access_log=[dict(_file_log(None), filter={})]),
      f"{HCM}.access_log[0].filter", "access log filters"),
     (lambda b: hcm(b).update(merge_slashes=True), f"{HCM}.merge_slashes", "not supported yet"),
