@@ -382,9 +382,10 @@ def print_human(r):
 # -- echo server --------------------------------------------------------------------------
 
 class EchoConnection(asyncio.BufferedProtocol):
-    def __init__(self, max_frame_bytes):
+    def __init__(self, max_frame_bytes, delay_ms=0.0):
         self.arena = Arena()
         self.max_frame_bytes = max_frame_bytes
+        self.delay_s = delay_ms / 1000.0
         self.transport = None
 
     def connection_made(self, transport):
@@ -419,7 +420,14 @@ class EchoConnection(asyncio.BufferedProtocol):
             return
         arena.reset_if_empty()
         if out:
-            self.transport.write(b"".join(out))
+            if self.delay_s:                      # a slow service: each read answered later
+                asyncio.get_running_loop().call_later(self.delay_s, self._late, b"".join(out))
+            else:
+                self.transport.write(b"".join(out))
+
+    def _late(self, data):
+        if not self.transport.is_closing():
+            self.transport.write(data)
 
     @staticmethod
     def reply(f, cmdcode, cls, body):
@@ -431,8 +439,8 @@ class EchoConnection(asyncio.BufferedProtocol):
 async def run_echo_server(args):
     host, port = parse_hostport(args.listen)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: EchoConnection(args.max_frame_bytes), host, port,
-                                      backlog=1024)
+    server = await loop.create_server(
+        lambda: EchoConnection(args.max_frame_bytes, args.delay_ms), host, port, backlog=1024)
     real_port = server.sockets[0].getsockname()[1]
     print(f"READY {real_port}", flush=True)
     stop = loop.create_future()
@@ -496,6 +504,8 @@ def main(argv=None):
     e = sub.add_parser("echo-server", help="a fast Bolt echo upstream")
     e.add_argument("--listen", default="127.0.0.1:12200", help="HOST:PORT (port 0: any)")
     e.add_argument("--max-frame-bytes", type=int, default=MAX_FRAME_BYTES)
+    e.add_argument("--delay-ms", type=float, default=0.0,
+                   help="answer each batch of requests this much later (a slow service)")
     e.add_argument("--duration-s", type=float, default=0.0, help="exit after this (0: never)")
     e.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
 

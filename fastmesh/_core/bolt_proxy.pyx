@@ -457,9 +457,19 @@ cdef class BoltDownstream:
 
     def detach_for_migration(self):
         """If nothing is in flight or queued, give up this connection without closing the
-        TCP connection: returns (dup'd fd, unread bytes) for the new generation, else None."""
-        if (self.closed or self.inflight or self.out
-                or self.transport.get_write_buffer_size()):
+        TCP connection: returns (dup'd fd, unread bytes) for the new generation, else None.
+
+        A client that always has a call in flight would never be idle: the first refusal
+        stops reading from it, so the calls in flight finish while its next requests wait
+        in the kernel and go to the new generation with the connection (a new call waits
+        at most as long as the slowest one in flight)."""
+        if self.closed:
+            return None
+        if self.inflight or self.out or self.transport.get_write_buffer_size():
+            if not self.reading_paused:
+                self.reading_paused = True      # (never resumed: this connection leaves)
+                if not self.held:
+                    self.transport.pause_reading()
             return None
         sock = self.transport.get_extra_info("socket")
         if sock is None:
@@ -470,6 +480,14 @@ cdef class BoltDownstream:
         self.transport.pause_reading()
         self.transport.abort()              # closes our descriptor only: no FIN, no RST
         return fd, data
+
+    def cancel_migration(self):
+        """The new generation cannot take connections: read again (the connection drains
+        here instead)."""
+        if self.reading_paused and not self.closed and not self.rbuf.is_full():
+            self.reading_paused = False
+            if not self.held:
+                self.transport.resume_reading()
 
     def adopt_bytes(self, data):
         """Continue a migrated connection: bytes the old generation had read but not used."""

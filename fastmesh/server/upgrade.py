@@ -247,6 +247,7 @@ async def migrate_out(plane, path: str, timeout_ms: int) -> int:
                         s = None
                     if s is None:
                         log.error("migrate: %s unreachable; connections drain instead", path)
+                        _cancel_migrations(plane)
                         return await plane.drain(max(0, int((deadline - time.monotonic()) * 1000)))
                     chan = ipc.Channel(s, loop)
                 detached = conn.detach_for_migration()
@@ -274,6 +275,16 @@ async def migrate_out(plane, path: str, timeout_ms: int) -> int:
     if sent:
         log.info("migrate: handed %d connections to the new generation", sent)
     return plane.active_connections()
+
+
+def _cancel_migrations(plane) -> None:
+    # connections that stopped reading to become migratable read again
+    for lst in list(plane.listeners.values()):
+        for chain in list(lst.chains.values()):
+            for conn in list(chain.ctx.conns):
+                cancel = getattr(conn, "cancel_migration", None)
+                if cancel is not None:
+                    cancel()
 
 
 async def adopt(plane, listener: str, fd: int, data: bytes, chain: str | None = None) -> None:

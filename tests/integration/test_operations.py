@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fmtest import (REPO, BoltClient, Proc, RawClient, free_port, get_json,
+from fmtest import (REPO, BoltClient, Proc, RawClient, free_port, get_json, pid_alive,
                     post_json, supervisor_pid, wait_gone, wait_new_generation, wrk_result, wrk_start)
 
 FRAMES = Path(__file__).resolve().parents[1] / "data" / "bolt-frames"
@@ -337,10 +337,11 @@ def _frame(name: str) -> bytes:
     return bytes.fromhex((FRAMES / name).read_text().strip())
 
 
-def _start_bolt_echo(procs) -> int:
+def _start_bolt_echo(procs, delay_ms=0) -> int:
     echo_port = free_port()
     echo = Proc([sys.executable, "-m", "benchmarks.boltload", "echo-server", "--listen",
-                 f"127.0.0.1:{echo_port}"], name="bolt echo", cwd=str(REPO))
+                 f"127.0.0.1:{echo_port}", "--delay-ms", str(delay_ms)], name="bolt echo",
+                cwd=str(REPO))
     procs.append(echo)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -408,6 +409,74 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs, peer, loop_
         call(n)
         n += 1
     client.close()
+    st = get_json(d.admin_port, "/stats")
+    assert st["listeners"]["rpc"]["downstream_cx_total"] == 1     # adopted, not reconnected
+
+
+def test_busy_bolt_connection_migrates(deployment, procs, loop_kind):
+    """A client that always has calls in flight (a window of 8 on one connection) is never
+    idle: the old generation stops reading from it, lets the calls in flight finish and
+    hands it over with the requests waiting in the kernel. Every call is answered, the
+    connection is never closed, and the old generation leaves long before its drain
+    timeout."""
+    from fastmesh._core import bolt
+    echo_port = _start_bolt_echo(procs, delay_ms=40)    # a slow service: 40 ms a call
+    cfg = {
+        "admin": {"address": f"127.0.0.1:{free_port()}"},
+        "drain_timeout_ms": 30000,
+        "listeners": [{"name": "rpc", "address": f"127.0.0.1:{free_port()}",
+                       "protocol": "bolt", "route_table": "rpc"}],
+        "route_tables": {"rpc": {"routes": [
+            {"match": {"headers": [{"name": "service", "present": True}]}, "cluster": "echo"}]}},
+        "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{echo_port}"]}],
+    }
+    d = deployment(cfg, loop=loop_kind)
+    d.start()
+    req = bytearray(_frame("bolt_request.hex"))
+    client = BoltClient(_port(cfg))
+    outstanding: set = set()
+    state = {"next": 1, "answered": 0}
+
+    def send_one():
+        frame = bytearray(req)
+        bolt.py_frame_set_id(frame, state["next"])
+        client.send(frame)
+        outstanding.add(state["next"])
+        state["next"] += 1
+
+    def fill():
+        while len(outstanding) < 8:
+            send_one()
+
+    def step():
+        f = client.read_frame()
+        assert f["status"] == 0 and f["request_id"] in outstanding, f
+        outstanding.remove(f["request_id"])
+        state["answered"] += 1
+        fill()
+
+    for _ in range(8):                      # staggered: one answer every ~5 ms, so at no
+        send_one()                          # moment is nothing in flight
+        time.sleep(0.005)
+    for _ in range(100):
+        step()
+    old = supervisor_pid(d.admin_port)
+    d.hup()
+    t0 = time.monotonic()
+    while pid_alive(old) and time.monotonic() - t0 < 20:
+        step()                                  # the window stays full throughout
+    left_after_s = time.monotonic() - t0
+    assert not pid_alive(old)
+    assert left_after_s < 10, left_after_s      # not the drain timeout (30 s): migrated
+    for _ in range(100):
+        step()
+    while outstanding:
+        f = client.read_frame()
+        assert f["status"] == 0
+        outstanding.remove(f["request_id"])
+        state["answered"] += 1
+    client.close()
+    assert state["answered"] == state["next"] - 1
     st = get_json(d.admin_port, "/stats")
     assert st["listeners"]["rpc"]["downstream_cx_total"] == 1     # adopted, not reconnected
 
