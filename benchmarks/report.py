@@ -82,6 +82,9 @@ def scenario_table(scn: dict) -> tuple[list[str], list[list[str]]]:
                 f"fastmesh/peer {info['unit']}", "fastmesh/peer CPU"]
         if open_loop:
             head.insert(6, "gen. late p99 µs")
+        if any((f.get("median") or {}).get("syscalls_per_unit") is not None
+               for f in scn["proxies"].values()):
+            head.insert(head.index("kernel %"), f"syscalls/{info['cost_unit']}")
     rows = []
     for peer, fig in scn["proxies"].items():
         m = fig.get("median") or {}
@@ -109,6 +112,9 @@ def scenario_table(scn: dict) -> tuple[list[str], list[list[str]]]:
                          "" if peer == "fastmesh" else ratio(r.get("cpu_us_per_unit"))])
             if open_loop:
                 rows[-1].insert(6, nice((m.get("send_lateness_us") or {}).get("p99")))
+            if f"syscalls/{info['cost_unit']}" in head:
+                rows[-1].insert(head.index(f"syscalls/{info['cost_unit']}"),
+                                nice(m.get("syscalls_per_unit")))
     return head, rows
 
 

@@ -37,6 +37,7 @@ class Settings:
     rate: float | None = None        # latency-fixed-rate: None = the scenario's
     idle_conns: int | None = None    # idle-conns: None = the scenario's
     charts: bool = True
+    syscalls: bool = False           # also count system calls per unit (an strace pass)
 
 
 # -- machine ----------------------------------------------------------------------------------
@@ -183,6 +184,12 @@ def run_round(ctx: Context, scn: Scenario, peer: Peer, up, rnd: int) -> dict:
                 c1 = measure.cpu_sample(proc.pid)
                 cpu = measure.cpu_delta(c0, c1)
                 out.update(figures(load, cpu, measure.memory(proc.pid)))
+                if st.syscalls:
+                    # a separate pass: strace slows the proxy, so its CPU is not this one's
+                    calls, traced = measure.count_syscalls(
+                        proc.pid, lambda: run_load(ctx, scn, port, up, min(st.duration_s, 3.0)))
+                    if calls is not None and traced["units"]:
+                        out["syscalls_per_unit"] = round(calls / traced["units"], 2)
         except (LoadError, ProcError) as exc:
             return dict(out, status="load_failed", error=str(exc))
         if not proc.alive():
@@ -268,7 +275,9 @@ def round_summary(r: dict, scn: Scenario) -> str:
         p99 = (r.get("latency_us") or {}).get("p99")
         s = (f"{report.nice(r['throughput'])} {scn.unit}, "
              + (f"p99 {report.nice(p99)} µs, " if p99 is not None else "")
-             + f"{report.nice(r['cpu_us_per_unit'])} CPU µs/{scn.cost_unit}")
+             + f"{report.nice(r['cpu_us_per_unit'])} CPU µs/{scn.cost_unit}"
+             + (f", {r['syscalls_per_unit']} syscalls/{scn.cost_unit}"
+                if r.get("syscalls_per_unit") is not None else ""))
     if r.get("errors_total"):
         s += f"  ERRORS {r['errors']}"
     return s
@@ -294,7 +303,7 @@ def summarize(scn: Scenario, rounds: list[dict]) -> dict:
         return out
     m = out["median"]
     for key in ("throughput", "cpu_us_per_unit", "cpu_util", "cpu_sys_share", "rss_kib",
-                "rss_peak_kib",
+                "rss_peak_kib", "syscalls_per_unit",
                 "rss_delta_kib", "bytes_per_conn"):
         vals = [r.get(key) for r in ok]
         if any(v is not None for v in vals):
