@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ class LoadGen:
                     "-s", str(WRK_SCRIPT)]
             if scn.close:
                 argv += ["-H", "Connection: close"]
-            argv.append(f"http://127.0.0.1:{port}{path}")
+            argv.append(f"{'https' if scn.tls else 'http'}://127.0.0.1:{port}{path}")
             env = dict(os.environ, WRK_METHOD=method, WRK_BODY_BYTES=str(body))
             rc, out, err = self._run("wrk", argv, secs + 60, env)
             line = next((l for l in out.splitlines() if l.startswith("WRK_JSON ")), None)
@@ -78,6 +79,8 @@ class LoadGen:
             raw = json.loads(line[len("WRK_JSON "):])
             tool = "wrk"
         else:
+            if scn.tls:
+                raise LoadError("the TLS scenarios need wrk (apt-get install wrk)")
             argv = [sys.executable, "-m", "benchmarks.httpload", "closed", "--target",
                     f"127.0.0.1:{port}", "--path", path, "--connections", str(scn.connections),
                     "--duration-s", f"{duration_s:g}", "--method", method, "--body-bytes",
@@ -106,6 +109,26 @@ class LoadGen:
                 "service_latency_us": raw["service_latency_us"],
                 "send_lateness_us": raw["send_lateness_us"], "errors": errors,
                 "errors_total": sum(errors.values()), "raw": raw}
+
+    # -- TLS handshakes ------------------------------------------------------------------
+
+    def tls_handshakes(self, port: int, duration_s: float, clients: int = 4) -> dict:
+        """Full TLS handshakes (no session resumption: wrk resumes, so it cannot measure
+        these), as fast as `clients` parallel `openssl s_time -new` loops make them; each
+        connection is closed once its handshake is done."""
+        secs = max(1, int(round(duration_s)))
+        one = f"openssl s_time -connect 127.0.0.1:{port} -new -time {secs}"
+        argv = ["sh", "-c", " & ".join([one] * clients) + " & wait"]
+        rc, out, err = self._run("s_time", argv, secs + 60)
+        counts = re.findall(r"(\d+) connections in (\d+) real seconds", out)
+        if len(counts) < clients:
+            raise LoadError(f"openssl s_time failed (rc {rc}): {(err or out)[-500:]}")
+        total = sum(int(n) for n, _ in counts)
+        failed = len(re.findall(r"(?im)^.*(?:error|failed).*$", out + err))
+        errors = {"handshake_errors": failed} if failed else {}
+        return {"tool": "openssl s_time", "throughput": round(total / secs, 1),
+                "units": total, "duration_s": secs, "latency_us": {}, "errors": errors,
+                "errors_total": failed, "raw": {"counts": counts, "clients": clients}}
 
     # -- TCP bulk ------------------------------------------------------------------------
 

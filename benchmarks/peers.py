@@ -49,6 +49,7 @@ class Peer:
     """A proxy. Subclasses fill in how to find it and what to write for it."""
     name = "?"
     config_name = "config"
+    tls_capable = False             # can terminate TLS on its listener (the https scenarios)
 
     def __init__(self):
         self.path: str | None = None
@@ -76,10 +77,10 @@ class Peer:
         return path
 
     def wait_ready(self, proc: Proc, port: int, mode: str, probe_path: str,
-                   timeout_s: float = 20.0) -> None:
+                   timeout_s: float = 20.0, tls: bool = False) -> None:
         wait_port(port, timeout_s, proc)
         if mode == "http":
-            http_probe(port, probe_path, timeout_s, proc)
+            http_probe(port, probe_path, timeout_s, proc, tls=tls)
 
 
 # -- fastmesh ---------------------------------------------------------------------------------
@@ -87,6 +88,7 @@ class Peer:
 class Fastmesh(Peer):
     name = "fastmesh"
     config_name = "fastmesh.yaml"
+    tls_capable = True
 
     def find(self) -> bool:
         try:
@@ -110,6 +112,9 @@ class Fastmesh(Peer):
             cfg["route_tables"] = {"web": {"routes": [{"match": {"prefix": "/"},
                                                         "cluster": "up"}]}}
             cfg["clusters"] = [{"name": "up", "endpoints": up}]
+            if kw.get("tls"):
+                cert, key, _ = kw["tls"]
+                listener["tls"] = {"cert_chain_file": cert, "private_key_file": key}
         elif mode == "tcp":
             listener.update(protocol="tcp", cluster="up")
             cfg["clusters"] = [{"name": "up", "endpoints": up}]
@@ -132,6 +137,7 @@ class FastmeshTcp(Fastmesh):
     uvloop plus the Cython byte relay cost with no protocol work, the floor for any codec
     on this event loop. Not in the default set (`--peers ...,fastmesh-tcp`)."""
     name = "fastmesh-tcp"
+    tls_capable = False
 
     def supports(self, mode, kind=""):
         return "idle connections of a byte relay are not an HTTP figure" if kind == "idle" \
@@ -182,6 +188,7 @@ class FastmeshSidecar(Fastmesh):
 class Envoy(Peer):
     name = "envoy"
     config_name = "envoy.yaml"
+    tls_capable = True
 
     def find(self) -> bool:
         candidates = []
@@ -231,11 +238,20 @@ class Envoy(Peer):
                          "TcpProxy",
                 "stat_prefix": "tcp", "cluster": "up"}}
         big = 1_000_000_000
+        chain = {"filters": [filt]}
+        if kw.get("tls"):
+            cert, key, _ = kw["tls"]
+            chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                         "DownstreamTlsContext",
+                "common_tls_context": {"tls_certificates": [{
+                    "certificate_chain": {"filename": cert},
+                    "private_key": {"filename": key}}]}}}
         cfg = {
             "admin": {"address": addr(free_port())},
             "static_resources": {
                 "listeners": [{"name": "ingress", "address": addr(port),
-                               "filter_chains": [{"filters": [filt]}]}],
+                               "filter_chains": [chain]}],
                 "clusters": [{
                     "name": "up", "type": "STATIC", "connect_timeout": "5s",
                     # the default limits (1024 connections/requests) would cap idle-conns
@@ -259,6 +275,7 @@ class Envoy(Peer):
 class Haproxy(Peer):
     name = "haproxy"
     config_name = "haproxy.cfg"
+    tls_capable = True
 
     def find(self) -> bool:
         for path in (os.environ.get("FASTMESH_BENCH_HAPROXY"), "/usr/sbin/haproxy",
@@ -293,7 +310,7 @@ class Haproxy(Peer):
         lines += [
             "",
             "frontend fe",
-            f"    bind 127.0.0.1:{port}",
+            f"    bind 127.0.0.1:{port}" + (f" ssl crt {kw['tls'][2]}" if kw.get("tls") else ""),
             f"    maxconn {maxconn}",
             "    default_backend be",
             "",
@@ -411,6 +428,7 @@ def nginx_http_common(workdir: Path) -> list[str]:
 class Nginx(Peer):
     name = "nginx"
     config_name = "nginx.conf"
+    tls_capable = True
 
     def find(self) -> bool:
         self.path, self.version = find_nginx()
@@ -449,7 +467,10 @@ class Nginx(Peer):
                 "        keepalive_timeout 300s;",
                 "    }",
                 "    server {",
-                f"        listen 127.0.0.1:{port} backlog=4096;",
+                f"        listen 127.0.0.1:{port} backlog=4096"
+                + (" ssl;" if kw.get("tls") else ";"),
+                *((f"        ssl_certificate {kw['tls'][0]};",
+                   f"        ssl_certificate_key {kw['tls'][1]};") if kw.get("tls") else ()),
                 "        location / {",
                 "            proxy_pass http://up;",
                 "            proxy_http_version 1.1;",

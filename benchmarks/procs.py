@@ -174,16 +174,28 @@ def wait_port(port: int, timeout_s: float, proc: Proc | None = None) -> None:
 
 
 def http_probe(port: int, path: str = "/", timeout_s: float = 10.0,
-               proc: Proc | None = None) -> int:
-    """GET path on 127.0.0.1:port until it answers 2xx; the status. ProcError otherwise."""
+               proc: Proc | None = None, tls: bool = False) -> int:
+    """GET path on 127.0.0.1:port (over TLS, certificate unchecked, with tls) until it
+    answers 2xx; the status. ProcError otherwise."""
+    import contextlib
+    import ssl
     deadline = time.monotonic() + timeout_s
     last = "no answer"
+    tls_ctx = None
+    if tls:
+        tls_ctx = ssl.create_default_context()
+        tls_ctx.check_hostname = False
+        tls_ctx.verify_mode = ssl.CERT_NONE
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
             raise ProcError(f"{proc.name}: exited with code {proc.popen.returncode}"
                             f"{proc._stderr_hint()}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(socket.create_connection(("127.0.0.1", port),
+                                                                 timeout=2))
+                if tls_ctx is not None:
+                    s = stack.enter_context(tls_ctx.wrap_socket(s, server_hostname="localhost"))
                 s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
                           .encode())
                 data = b""

@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import signal
+import subprocess
 import statistics
 import sys
 import time
@@ -136,6 +137,23 @@ class Context:
     commands: dict = field(default_factory=dict)
 
 
+def tls_files(st: Settings, kind: str) -> tuple[str, str, str]:
+    """A self-signed certificate for CN=localhost (made once per run with the openssl
+    command): (certificate, key, both in one file for HAProxy)."""
+    d = st.out_dir / "certs"
+    cert, key, both = d / f"{kind}.crt", d / f"{kind}.key", d / f"{kind}.pem"
+    if not both.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        newkey = (["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+                  if kind == "ec" else ["-newkey", "rsa:2048"])
+        subprocess.run(["openssl", "req", "-x509", *newkey, "-nodes", "-keyout", str(key),
+                        "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+        both.write_bytes(cert.read_bytes() + key.read_bytes())
+    return str(cert), str(key), str(both)
+
+
 def idle_count(st: Settings, scn: Scenario) -> int:
     return (st.idle_conns or scn.connections) if scn.kind == "idle" else 0
 
@@ -154,6 +172,8 @@ def run_load(ctx: Context, scn: Scenario, port: int, up, duration_s: float) -> d
         return ctx.load.tcp_bulk(port, up.proc, duration_s)
     if scn.kind == "bolt":
         return ctx.load.bolt(port, scn, duration_s)
+    if scn.kind == "tls-handshake":
+        return ctx.load.tls_handshakes(port, duration_s, scn.connections)
     raise ValueError(scn.kind)
 
 
@@ -162,7 +182,8 @@ def run_round(ctx: Context, scn: Scenario, peer: Peer, up, rnd: int) -> dict:
     port = free_port()
     workdir = st.out_dir / "configs" / scn.name / peer.name
     cfg = peer.write_config(scn.mode, port, up.port, workdir,
-                            maxconn=max(4096, idle_count(st, scn) + 1000))
+                            maxconn=max(4096, idle_count(st, scn) + 1000),
+                            tls=tls_files(st, scn.tls) if scn.tls else None)
     argv = peer.argv(cfg, workdir)
     ctx.commands.setdefault(peer.name, argv)
     proc = ctx.procs.start(f"{scn.name}-{peer.name}-r{rnd}", argv, ctx.cpus["proxy"],
@@ -170,7 +191,7 @@ def run_round(ctx: Context, scn: Scenario, peer: Peer, up, rnd: int) -> dict:
     out = {"round": rnd, "command": argv, "config": str(cfg)}
     try:
         try:
-            peer.wait_ready(proc, port, scn.mode, probe_path(scn, up))
+            peer.wait_ready(proc, port, scn.mode, probe_path(scn, up), tls=bool(scn.tls))
         except ProcError as exc:
             return dict(out, status="start_failed", error=str(exc))
         try:
@@ -455,6 +476,8 @@ def run_scenario(st, scn, peers, order, cpus, log_dir, load, progress, results) 
     skip: dict[str, str] = {}
     for p in order:
         why = peers[p].supports(scn.mode, scn.kind)
+        if not why and scn.tls and not peers[p].tls_capable:
+            why = "does not terminate TLS"
         if why:
             skip[p] = why
     if scn.kind == "idle" and results["settings"]["nofile_limit"] < idle_count(st, scn) + 512:

@@ -7,6 +7,7 @@ http-open   httpload open-loop at a fixed rate HTTP                p99 / p99.9 l
 idle        httpload idle: N idle keep-alives  HTTP                RSS of the proxy
 tcp         tcpbulk source, one stream         tcpbulk sink        MB/s
 bolt        boltload client                    boltload echo       calls/s
+tls-handshake  openssl s_time -new (x4)         HTTP (unused)       handshakes/s
 
 `mode` is what the proxy is configured as: "http" (an HTTP/1 proxy with one route to the
 upstream), "tcp" (a byte pipe), or "bolt" (fastmesh's Bolt listener; the peers have no Bolt
@@ -32,6 +33,8 @@ class Scenario:
     rate: int = 0                   # http-open: requests per second (--rate overrides)
     inflight: int = 16              # bolt: requests outstanding per connection
     payload_bytes: int = 1024       # bolt payload / http POST body
+    tls: str = ""                   # http: the proxy terminates TLS with an "ec" (P-256)
+                                    # or "rsa" (2048) certificate; "" = plain
     extra: dict = field(default_factory=dict)
 
 
@@ -50,6 +53,18 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "GET with `Connection: close`: a new downstream connection per request, "
              "50 concurrent", "req/s", "request", "throughput", resource="small",
              connections=50, close=True),
+    Scenario("https-small", "http", "http",
+             "keep-alive GET over TLS (the proxy terminates it, ECDSA P-256 certificate), "
+             "~20-byte response body, 50 connections", "req/s", "request", "throughput",
+             resource="small", connections=50, tls="ec"),
+    Scenario("tls-handshake-ec", "tls-handshake", "http",
+             "full TLS handshakes (no resumption), ECDSA P-256 certificate: 4 `openssl "
+             "s_time -new` loops, each connection closed after its handshake",
+             "handshakes/s", "handshake", "throughput", connections=4, tls="ec"),
+    Scenario("tls-handshake-rsa", "tls-handshake", "http",
+             "full TLS handshakes (no resumption), RSA 2048 certificate: 4 `openssl "
+             "s_time -new` loops, each connection closed after its handshake",
+             "handshakes/s", "handshake", "throughput", connections=4, tls="rsa"),
     Scenario("tcp-bulk", "tcp", "tcp",
              "one TCP stream pushed through the proxy to a sink as fast as it goes",
              "MB/s", "MB", "throughput", connections=1),
