@@ -110,6 +110,44 @@ class LoadGen:
                 "send_lateness_us": raw["send_lateness_us"], "errors": errors,
                 "errors_total": sum(errors.values()), "raw": raw}
 
+    # -- HTTP/2 --------------------------------------------------------------------------
+
+    def h2load(self, port: int, path: str, scn, duration_s: float) -> dict:
+        """h2load (nghttp2-client) with prior knowledge: scn.connections connections with
+        scn.inflight streams each, for duration_s; latency percentiles from its per-request
+        log."""
+        import tempfile
+        h2load = shutil.which("h2load")
+        if h2load is None:
+            raise LoadError("h2load not found (apt-get install nghttp2-client)")
+        secs = max(1, int(round(duration_s)))
+        with tempfile.NamedTemporaryFile(prefix="fm-h2load-", suffix=".tsv") as logf:
+            argv = [h2load, "-D", str(secs), "-c", str(scn.connections), "-m",
+                    str(scn.inflight), "-t", "1", "--log-file", logf.name,
+                    f"http://127.0.0.1:{port}{path}"]
+            rc, out, err = self._run("h2load", argv, secs + 60)
+            lat = sorted(int(line.split("\t")[2]) for line in open(logf.name)
+                         if line.count("\t") >= 2 and line.split("\t")[1] == "200")
+        m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                      r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+        if rc != 0 or m is None:
+            raise LoadError(f"h2load failed (rc {rc}): {(err or out)[-500:]}")
+        done, ok, failed, errored, timeout = (int(m.group(i)) for i in (3, 4, 5, 6, 7))
+        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+        errors = {k: v for k, v in (("failed", failed), ("errored", errored),
+                                    ("timeout", timeout),
+                                    ("non_2xx", ok - int(codes.group(1)) if codes else 0))
+                  if v}
+
+        def pct(q):
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+        return {"tool": "h2load", "throughput": round(ok / secs, 1), "units": ok,
+                "duration_s": secs,
+                "latency_us": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+                               "p99.9": pct(0.999), "max": lat[-1] if lat else None},
+                "errors": errors, "errors_total": sum(errors.values()),
+                "raw": {"summary": out[-1500:]}}
+
     # -- TLS handshakes ------------------------------------------------------------------
 
     def tls_handshakes(self, port: int, duration_s: float, clients: int = 4) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from .procs import Proc, free_port, http_probe, wait_port
+from .procs import Proc, free_port, h2_probe, http_probe, wait_port
 
 NGINX_STREAM_MODULES = ("/usr/lib/nginx/modules/ngx_stream_module.so",
                         "/usr/share/nginx/modules/ngx_stream_module.so")
@@ -50,6 +50,7 @@ class Peer:
     name = "?"
     config_name = "config"
     tls_capable = False             # can terminate TLS on its listener (the https scenarios)
+    h2_capable = False              # can serve HTTP/2 with prior knowledge (the h2 scenarios)
 
     def __init__(self):
         self.path: str | None = None
@@ -77,9 +78,11 @@ class Peer:
         return path
 
     def wait_ready(self, proc: Proc, port: int, mode: str, probe_path: str,
-                   timeout_s: float = 20.0, tls: bool = False) -> None:
+                   timeout_s: float = 20.0, tls: bool = False, h2: bool = False) -> None:
         wait_port(port, timeout_s, proc)
-        if mode == "http":
+        if mode == "http" and h2:
+            h2_probe(port, probe_path, timeout_s, proc)
+        elif mode == "http":
             http_probe(port, probe_path, timeout_s, proc, tls=tls)
 
 
@@ -89,6 +92,7 @@ class Fastmesh(Peer):
     name = "fastmesh"
     config_name = "fastmesh.yaml"
     tls_capable = True
+    h2_capable = True
 
     def find(self) -> bool:
         try:
@@ -115,6 +119,8 @@ class Fastmesh(Peer):
             if kw.get("tls"):
                 cert, key, _ = kw["tls"]
                 listener["tls"] = {"cert_chain_file": cert, "private_key_file": key}
+            if kw.get("h2"):
+                listener["protocol"] = "http2"
         elif mode == "tcp":
             listener.update(protocol="tcp", cluster="up")
             cfg["clusters"] = [{"name": "up", "endpoints": up}]
@@ -138,6 +144,7 @@ class FastmeshTcp(Fastmesh):
     on this event loop. Not in the default set (`--peers ...,fastmesh-tcp`)."""
     name = "fastmesh-tcp"
     tls_capable = False
+    h2_capable = False
 
     def supports(self, mode, kind=""):
         return "idle connections of a byte relay are not an HTTP figure" if kind == "idle" \
@@ -189,6 +196,7 @@ class Envoy(Peer):
     name = "envoy"
     config_name = "envoy.yaml"
     tls_capable = True
+    h2_capable = True
 
     def find(self) -> bool:
         candidates = []
@@ -224,7 +232,7 @@ class Envoy(Peer):
                     "@type": "type.googleapis.com/envoy.extensions.filters.network."
                              "http_connection_manager.v3.HttpConnectionManager",
                     "stat_prefix": "ingress",
-                    "codec_type": "HTTP1",
+                    "codec_type": "HTTP2" if kw.get("h2") else "HTTP1",
                     "route_config": {"name": "local", "virtual_hosts": [
                         {"name": "all", "domains": ["*"],
                          "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}]},
@@ -276,6 +284,7 @@ class Haproxy(Peer):
     name = "haproxy"
     config_name = "haproxy.cfg"
     tls_capable = True
+    h2_capable = True
 
     def find(self) -> bool:
         for path in (os.environ.get("FASTMESH_BENCH_HAPROXY"), "/usr/sbin/haproxy",
@@ -310,7 +319,8 @@ class Haproxy(Peer):
         lines += [
             "",
             "frontend fe",
-            f"    bind 127.0.0.1:{port}" + (f" ssl crt {kw['tls'][2]}" if kw.get("tls") else ""),
+            f"    bind 127.0.0.1:{port}" + (f" ssl crt {kw['tls'][2]}" if kw.get("tls") else "")
+            + (" proto h2" if kw.get("h2") else ""),
             f"    maxconn {maxconn}",
             "    default_backend be",
             "",
@@ -429,6 +439,7 @@ class Nginx(Peer):
     name = "nginx"
     config_name = "nginx.conf"
     tls_capable = True
+    h2_capable = True
 
     def find(self) -> bool:
         self.path, self.version = find_nginx()
@@ -468,7 +479,7 @@ class Nginx(Peer):
                 "    }",
                 "    server {",
                 f"        listen 127.0.0.1:{port} backlog=4096"
-                + (" ssl;" if kw.get("tls") else ";"),
+                + (" ssl" if kw.get("tls") else "") + (" http2" if kw.get("h2") else "") + ";",
                 *((f"        ssl_certificate {kw['tls'][0]};",
                    f"        ssl_certificate_key {kw['tls'][1]};") if kw.get("tls") else ()),
                 "        location / {",

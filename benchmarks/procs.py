@@ -219,6 +219,31 @@ def http_probe(port: int, path: str = "/", timeout_s: float = 10.0,
     raise ProcError(f"GET {path} on port {port}: {last}{hint}")
 
 
+def h2_probe(port: int, path: str = "/", timeout_s: float = 10.0,
+             proc: Proc | None = None) -> int:
+    """GET path over HTTP/2 with prior knowledge (curl) until it answers 2xx."""
+    import shutil
+    import subprocess
+    curl = shutil.which("curl")
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise ProcError(f"{proc.name}: exited with code {proc.popen.returncode}"
+                            f"{proc._stderr_hint()}")
+        if curl is None:
+            raise ProcError("curl is needed to probe an HTTP/2 listener")
+        out = subprocess.run([curl, "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w",
+                              "%{http_code}", f"http://127.0.0.1:{port}{path}"],
+                             capture_output=True, text=True, timeout=5).stdout
+        if out.isdigit() and 200 <= int(out) < 300:
+            return int(out)
+        last = f"status {out or 'none'}"
+        time.sleep(0.1)
+    hint = proc._stderr_hint() if proc is not None else ""
+    raise ProcError(f"h2c GET {path} on port {port}: {last}{hint}")
+
+
 def run_once(name: str, argv: list[str], cpu: int | None, timeout_s: float, log_dir: Path,
              env: dict | None = None, cwd: str | None = None) -> tuple[int, str, str]:
     """Run a program to its end (pinned, own process group); (exit code, stdout, stderr tail).

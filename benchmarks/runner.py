@@ -174,6 +174,8 @@ def run_load(ctx: Context, scn: Scenario, port: int, up, duration_s: float) -> d
         return ctx.load.bolt(port, scn, duration_s)
     if scn.kind == "tls-handshake":
         return ctx.load.tls_handshakes(port, duration_s, scn.connections)
+    if scn.kind == "h2":
+        return ctx.load.h2load(port, probe_path(scn, up), scn, duration_s)
     raise ValueError(scn.kind)
 
 
@@ -183,7 +185,7 @@ def run_round(ctx: Context, scn: Scenario, peer: Peer, up, rnd: int) -> dict:
     workdir = st.out_dir / "configs" / scn.name / peer.name
     cfg = peer.write_config(scn.mode, port, up.port, workdir,
                             maxconn=max(4096, idle_count(st, scn) + 1000),
-                            tls=tls_files(st, scn.tls) if scn.tls else None)
+                            tls=tls_files(st, scn.tls) if scn.tls else None, h2=scn.h2)
     argv = peer.argv(cfg, workdir)
     ctx.commands.setdefault(peer.name, argv)
     proc = ctx.procs.start(f"{scn.name}-{peer.name}-r{rnd}", argv, ctx.cpus["proxy"],
@@ -191,7 +193,8 @@ def run_round(ctx: Context, scn: Scenario, peer: Peer, up, rnd: int) -> dict:
     out = {"round": rnd, "command": argv, "config": str(cfg)}
     try:
         try:
-            peer.wait_ready(proc, port, scn.mode, probe_path(scn, up), tls=bool(scn.tls))
+            peer.wait_ready(proc, port, scn.mode, probe_path(scn, up), tls=bool(scn.tls),
+                            h2=scn.h2)
         except ProcError as exc:
             return dict(out, status="start_failed", error=str(exc))
         try:
@@ -478,6 +481,8 @@ def run_scenario(st, scn, peers, order, cpus, log_dir, load, progress, results) 
         why = peers[p].supports(scn.mode, scn.kind)
         if not why and scn.tls and not peers[p].tls_capable:
             why = "does not terminate TLS"
+        if not why and scn.h2 and not peers[p].h2_capable:
+            why = "does not serve HTTP/2"
         if why:
             skip[p] = why
     if scn.kind == "idle" and results["settings"]["nofile_limit"] < idle_count(st, scn) + 512:

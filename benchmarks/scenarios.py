@@ -8,6 +8,7 @@ idle        httpload idle: N idle keep-alives  HTTP                RSS of the pr
 tcp         tcpbulk source, one stream         tcpbulk sink        MB/s
 bolt        boltload client                    boltload echo       calls/s
 tls-handshake  openssl s_time -new (x4)         HTTP (unused)       handshakes/s
+h2          h2load (h2c), N conns x M streams  HTTP                requests/s
 
 `mode` is what the proxy is configured as: "http" (an HTTP/1 proxy with one route to the
 upstream), "tcp" (a byte pipe), or "bolt" (fastmesh's Bolt listener; the peers have no Bolt
@@ -33,6 +34,7 @@ class Scenario:
     rate: int = 0                   # http-open: requests per second (--rate overrides)
     inflight: int = 16              # bolt: requests outstanding per connection
     payload_bytes: int = 1024       # bolt payload / http POST body
+    h2: bool = False                # the proxy serves HTTP/2 (h2c) to the load generator
     tls: str = ""                   # http: the proxy terminates TLS with an "ec" (P-256)
                                     # or "rsa" (2048) certificate; "" = plain
     extra: dict = field(default_factory=dict)
@@ -53,6 +55,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "GET with `Connection: close`: a new downstream connection per request, "
              "50 concurrent", "req/s", "request", "throughput", resource="small",
              connections=50, close=True),
+    Scenario("h2-small", "h2", "http",
+             "h2load over HTTP/2 with prior knowledge (h2c), 10 connections x 10 streams, "
+             "GET with a ~20-byte body; the proxies speak HTTP/1.1 to the upstream",
+             "req/s", "request", "throughput", resource="small", connections=10,
+             inflight=10, h2=True),
     Scenario("https-small", "http", "http",
              "keep-alive GET over TLS (the proxy terminates it, ECDSA P-256 certificate), "
              "~20-byte response body, 50 connections", "req/s", "request", "throughput",
