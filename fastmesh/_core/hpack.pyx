@@ -384,6 +384,10 @@ cdef class HeaderList:
         return self.list_bytes
 
     @property
+    def buffer_bytes(self):
+        return self.buf_cap
+
+    @property
     def was_truncated(self):
         return self.truncated
 
@@ -626,7 +630,6 @@ cdef class Decoder:
         cdef unsigned char b
         cdef bint fields_started = False
         cdef uint32_t flags
-        cdef int updates = 0
         out.reset()
         self.blocks += 1
         if self.size_update_due and (n == 0 or (p[0] & 0xe0) != 0x20):
@@ -642,13 +645,12 @@ cdef class Decoder:
                 fields_started = True
                 continue
             if (b & 0xe0) == 0x20:                         # dynamic table size update (§6.3)
-                if fields_started or updates == 2:
+                if fields_started:
                     return self._fail("hpack: size update after a field")
                 if read_int(p, n, &pos, 5, &new_max) < 0 or new_max > self.settings_table_bytes:
                     return self._fail("hpack: size update past SETTINGS_HEADER_TABLE_SIZE")
                 self.table.set_max(new_max)
                 self.size_update_due = False
-                updates += 1
                 continue
             fields_started = True
             # literal (§6.2): 01 incremental indexing, 0000 without, 0001 never indexed
