@@ -67,6 +67,8 @@ cdef struct DynEntry:
     uint32_t off                     # first byte in the byte ring (name, then value)
     uint32_t name_len
     uint32_t value_len
+    uint32_t name_hash               # encoder tables only (lookups compare these first)
+    uint32_t value_hash
 
 
 cdef class DynTable:
@@ -80,11 +82,16 @@ cdef class DynTable:
         Py_ssize_t count             # live entries
         Py_ssize_t size_bytes        # RFC 7541 size of the live entries
         Py_ssize_t max_bytes         # current maximum size (after size updates)
+        uint32_t inserted            # entries ever inserted: entry number k (1-based)
+                                     # lives in slot k & entries_mask while
+                                     # inserted - k < count
 
     cdef void set_max(self, Py_ssize_t max_bytes) noexcept    # evicts to fit; <= limit_bytes
     cdef void evict_oldest(self) noexcept
     cdef void insert(self, const char *name, Py_ssize_t name_len,
                      const char *value, Py_ssize_t value_len) noexcept
+    cdef void insert_hashed(self, const char *name, Py_ssize_t name_len, uint32_t name_hash,
+                            const char *value, Py_ssize_t value_len, uint32_t value_hash) noexcept
     cdef DynEntry *get(self, Py_ssize_t index) noexcept        # 1 = newest; NULL if absent
     cdef void copy_out(self, char *dst, Py_ssize_t off, Py_ssize_t n) noexcept  # ring → flat
     cdef bint equals(self, Py_ssize_t off, const char *s, Py_ssize_t n) noexcept
@@ -120,10 +127,16 @@ cdef class Encoder:
         bint size_update_due              # emit size update(s) at the next block's start
         bint huffman                      # Huffman-code strings when shorter
         Py_ssize_t max_indexed_value_bytes   # longer values are not indexed
+        # lookup caches over the dynamic table (direct-mapped, a collision only costs
+        # compression): hash → entry number (DynTable.inserted numbering), 0 = empty
+        uint32_t *by_field           # hash(name, value)
+        uint32_t *by_name            # hash(name)
+        uint32_t cache_mask
 
     cdef void set_peer_table_bytes(self, Py_ssize_t table_bytes) noexcept
     cdef int begin_block(self, OutBuf *out) except -1   # emits pending size updates
     cdef int _put_string(self, OutBuf *out, const char *s, Py_ssize_t n) except -1
+    cdef Py_ssize_t _live_index(self, uint32_t number) noexcept   # dynamic index or 0
     cdef int encode_field(self, OutBuf *out, const char *name, Py_ssize_t name_len,
                           const char *value, Py_ssize_t value_len, uint32_t flags) except -1
     cdef int encode_list(self, OutBuf *out, HeaderList headers) except -1
@@ -136,6 +149,13 @@ cdef class Encoder:
 cdef int put_int(OutBuf *out, uint8_t first_bits, int prefix_bits, uint64_t value) except -1
 cdef int read_int(const unsigned char *p, Py_ssize_t n, Py_ssize_t *pos, int prefix_bits,
                   Py_ssize_t *value) noexcept                # 0 or -1 (truncated / too big)
+cdef inline uint32_t fnv1a(const char *s, Py_ssize_t n) noexcept:
+    cdef uint32_t h = 2166136261u
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ <unsigned char>s[i]) * 16777619u
+    return h
+
 cdef Py_ssize_t huffman_encoded_bytes(const unsigned char *s, Py_ssize_t n) noexcept
 cdef int huffman_encode(OutBuf *out, const unsigned char *s, Py_ssize_t n) except -1
 cdef Py_ssize_t huffman_decode(const unsigned char *src, Py_ssize_t n,

@@ -1,7 +1,7 @@
 """HPACK (RFC 7541): decoder, encoder, Huffman code. See hpack.pxd."""
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memcmp
 
 cimport cython
@@ -417,6 +417,7 @@ cdef class DynTable:
         self.count = 0
         self.size_bytes = 0
         self.max_bytes = limit_bytes
+        self.inserted = 0
 
     def __dealloc__(self):
         free(self.ring)
@@ -438,6 +439,10 @@ cdef class DynTable:
 
     cdef void insert(self, const char *name, Py_ssize_t name_len,
                      const char *value, Py_ssize_t value_len) noexcept:
+        self.insert_hashed(name, name_len, 0, value, value_len, 0)
+
+    cdef void insert_hashed(self, const char *name, Py_ssize_t name_len, uint32_t name_hash,
+                            const char *value, Py_ssize_t value_len, uint32_t value_hash) noexcept:
         # RFC 7541 §4.4: evict until it fits; an entry larger than the table empties it.
         # name/value must not point into the ring (the decoder copies them out first).
         cdef Py_ssize_t size = name_len + value_len + HPACK_ENTRY_OVERHEAD_BYTES
@@ -463,11 +468,14 @@ cdef class DynTable:
         else:
             memcpy(self.ring + off, value, first)
             memcpy(self.ring, value + first, value_len - first)
-        self.newest = (self.newest + 1) & self.entries_mask
+        self.inserted += 1
+        self.newest = self.inserted & self.entries_mask
         e = &self.entries[self.newest]
         e.off = <uint32_t>self.write_off
         e.name_len = <uint32_t>name_len
         e.value_len = <uint32_t>value_len
+        e.name_hash = name_hash
+        e.value_hash = value_hash
         self.write_off = (off + value_len) % self.limit_bytes
         self.count += 1
         self.size_bytes += size
@@ -751,6 +759,24 @@ cdef class Encoder:
         self.size_update_due = self.table.max_bytes != HPACK_DEFAULT_TABLE_BYTES
         self.huffman = huffman
         self.max_indexed_value_bytes = 1024
+        self.cache_mask = <uint32_t>(4 * (self.table.entries_mask + 1) - 1)
+        self.by_field = <uint32_t *>calloc(self.cache_mask + 1, sizeof(uint32_t))
+        self.by_name = <uint32_t *>calloc(self.cache_mask + 1, sizeof(uint32_t))
+        if self.by_field is NULL or self.by_name is NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.by_field)
+        free(self.by_name)
+
+    cdef Py_ssize_t _live_index(self, uint32_t number) noexcept:
+        cdef uint32_t age
+        if number == 0:
+            return 0
+        age = self.table.inserted - number
+        if age >= <uint32_t>self.table.count:
+            return 0
+        return age + 1
 
     cdef void set_peer_table_bytes(self, Py_ssize_t table_bytes) noexcept:
         # the peer's SETTINGS_HEADER_TABLE_SIZE: we use min(it, our limit)
@@ -788,6 +814,7 @@ cdef class Encoder:
         cdef int si
         cdef DynEntry *e
         cdef bint never = (flags & HF_NEVER_INDEX) or _is_credential(name, name_len, value_len)
+        cdef uint32_t nh = 0, vh = 0, number
         # static table: same-name entries are adjacent, STATIC_BY_LEN holds the first
         if name_len < 32:
             for k in range(STATIC_BY_LEN_N[name_len]):
@@ -803,16 +830,24 @@ cdef class Encoder:
                             return put_int(out, 0x80, 7, si)
                         si += 1
                 break
-        # dynamic table, newest first
-        if not never:
-            for i in range(1, self.table.count + 1):
+        # dynamic table, through the caches
+        if not never and self.table.count:
+            nh = fnv1a(name, name_len)
+            vh = fnv1a(value, value_len) ^ (nh * 0x9e3779b1u)
+            i = self._live_index(self.by_field[vh & self.cache_mask])
+            if i:
                 e = self.table.get(i)
-                if e.name_len != name_len or not self.table.equals(e.off, name, name_len):
-                    continue
-                if e.value_len == value_len and self.table.equals(e.off + name_len, value, value_len):
+                if (e.value_hash == vh and e.name_len == name_len and e.value_len == value_len
+                        and self.table.equals(e.off, name, name_len)
+                        and self.table.equals(e.off + name_len, value, value_len)):
                     return put_int(out, 0x80, 7, HPACK_STATIC_COUNT + i)
-                if name_index == 0:
-                    name_index = HPACK_STATIC_COUNT + i
+            if name_index == 0:
+                i = self._live_index(self.by_name[nh & self.cache_mask])
+                if i:
+                    e = self.table.get(i)
+                    if (e.name_hash == nh and e.name_len == name_len and
+                            self.table.equals(e.off, name, name_len)):
+                        name_index = HPACK_STATIC_COUNT + i
         if never:
             put_int(out, 0x10, 4, name_index)
         elif (value_len <= self.max_indexed_value_bytes and
@@ -821,7 +856,14 @@ cdef class Encoder:
             if name_index == 0:
                 self._put_string(out, name, name_len)
             self._put_string(out, value, value_len)
-            self.table.insert(name, name_len, value, value_len)
+            if nh == 0 and vh == 0:                     # the caches were skipped above
+                nh = fnv1a(name, name_len)
+                vh = fnv1a(value, value_len) ^ (nh * 0x9e3779b1u)
+            number = self.table.inserted
+            self.table.insert_hashed(name, name_len, nh, value, value_len, vh)
+            if self.table.inserted != number:           # not too big for the table
+                self.by_field[vh & self.cache_mask] = self.table.inserted
+                self.by_name[nh & self.cache_mask] = self.table.inserted
             return 0
         else:
             put_int(out, 0x00, 4, name_index)
