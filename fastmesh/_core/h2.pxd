@@ -150,7 +150,9 @@ cdef class H2Consumer:
                                     # request (server) or response, 1xx included (client)
     cpdef on_data(self, uint32_t stream_id, object data, bint end_stream)
                                     # data: memoryview over the receive buffer; call
-                                    # H2Connection.consumed() once done with its bytes
+                                    # H2Connection.consumed() once done with its bytes,
+                                    # even if the stream was reset meanwhile (the
+                                    # connection window counts them until then)
     cpdef on_trailers(self, uint32_t stream_id, HeaderList trailers)     # END_STREAM implied
     cpdef on_reset(self, uint32_t stream_id, uint32_t error_code, bint remote)
                                     # stream gone: RST_STREAM in (remote) or a stream error /
@@ -279,4 +281,10 @@ cdef class H2Connection:
     cdef int ping(self, bytes payload) except -1
     cdef int goaway(self, uint32_t code, bytes debug_data) except -1
     cdef list take_output(self)     # for transport.writelines; [] when nothing to send
+                                    # (a session that cannot write must not take it: the
+                                    # control-flood bound counts what waits here)
+    cdef list stalled_streams(self, int64_t blocked_before_ms)
+                                    # zero-window stalls: ids of streams send_data has been
+                                    # unable to finish since before this time (the session's
+                                    # sweeper resets them: a stall is bounded by its timeout)
     cdef int _flush_out(self) except -1

@@ -1138,6 +1138,15 @@ cdef class H2Connection:
         self.chunks = []
         return chunks
 
+    cdef list stalled_streams(self, int64_t blocked_before_ms):
+        cdef list out = []
+        cdef H2Stream s
+        for sid in self.blocked:
+            s = self.streams.get(sid)
+            if s is not None and s.blocked_since_ms and s.blocked_since_ms < blocked_before_ms:
+                out.append(sid)
+        return out
+
     # ============================================================== Python API
     # (tests, tools, the demo server; the proxy calls the cdef methods)
 
@@ -1184,6 +1193,15 @@ cdef class H2Connection:
 
     def py_goaway(self, uint32_t code=H2_NO_ERROR, bytes debug_data=b""):
         self.goaway(code, debug_data)
+
+    def py_stalled_streams(self, int64_t stalled_ms, now=None):
+        """Streams waiting for a window longer than stalled_ms (monotonic ms clock)."""
+        return self.stalled_streams((now_ms() if now is None else now) - stalled_ms)
+
+    @property
+    def settings_acked(self):
+        """Our SETTINGS acknowledged (a session times this out: SETTINGS_TIMEOUT)."""
+        return self.local_acked
 
     def stream(self, uint32_t stream_id):
         return self.streams.get(stream_id)

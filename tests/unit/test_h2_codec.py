@@ -635,3 +635,18 @@ def test_random_input_after_handshake_never_crashes(data, step):
         c.feed(data[i:i + step])
     c.data_to_send()
     assert c.active_streams <= 100
+
+
+def test_zero_window_stall_is_reported_for_the_sweeper():
+    c, r = server()
+    c.feed(PREFACE + settings_frame(window=0))
+    c.feed(frame(HEADERS, END_HEADERS | END_STREAM, 1, block(REQ)))
+    assert c.settings_acked is False
+    c.py_send_headers(1, [(b":status", b"200")], False)
+    assert c.py_send_data(1, b"x" * 10, True) == 0
+    assert c.py_stalled_streams(0, now=10 ** 15) == [1]      # blocked since before "now"
+    assert c.py_stalled_streams(10 ** 15) == []               # not for that long
+    c.py_reset_stream(1, CANCEL)                              # what the sweeper does
+    assert c.py_stalled_streams(0, now=10 ** 15) == []
+    c.feed(frame(SETTINGS, ACK, 0))
+    assert c.settings_acked is True
