@@ -251,10 +251,20 @@ cdef struct NgState:
     int requests
     nghttp2_nv *response
     size_t nresponse
+    bint copy_headers               # a wrapper's minimum: each name/value copied out
+    char *arena                     # (into one buffer, as our HeaderList holds them)
+    size_t arena_len
 
 cdef int ng_on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name,
                       size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
                       void *user) noexcept nogil:
+    cdef NgState *st = <NgState *>user
+    if st.copy_headers:
+        if st.arena_len + namelen + valuelen > 65536:
+            st.arena_len = 0
+        memcpy(st.arena + st.arena_len, name, namelen)
+        memcpy(st.arena + st.arena_len + namelen, value, valuelen)
+        st.arena_len += namelen + valuelen
     return 0
 
 cdef int ng_on_data(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data,
@@ -269,7 +279,7 @@ cdef int ng_on_frame(nghttp2_session *s, const nghttp2_frame *f, void *user) noe
     return 0
 
 
-def ng_session(list bursts, int rounds):
+def ng_session(list bursts, int rounds, bint copy_headers=False):
     cdef double t0, total = 0
     cdef nghttp2_session_callbacks *cbs
     cdef NgState st
@@ -293,6 +303,9 @@ def ng_session(list bursts, int rounds):
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, ng_on_frame)
     for r in range(rounds):
         st.requests = 0
+        st.copy_headers = copy_headers
+        st.arena = <char *>malloc(65536)
+        st.arena_len = 0
         st.response = resp
         st.nresponse = 3
         nghttp2_session_server_new(&st.session, cbs, &st)
@@ -311,6 +324,7 @@ def ng_session(list bursts, int rounds):
                 out_bytes += rv
         total += now_ns() - t0
         nghttp2_session_del(st.session)
+        free(st.arena)
         requests += st.requests
     nghttp2_session_callbacks_del(cbs)
     return total / rounds, requests // rounds, out_bytes // rounds

@@ -118,6 +118,7 @@ def main():
         rows.append((name, ours, ng, info, ng_info))
     ours_t, ours_info = median_of(hb.ours_session, bursts, rounds=a.rounds)
     ng_t, ng_info = median_of(hb.ng_session, bursts, rounds=a.rounds)
+    ngc_t = statistics.median(hb.ng_session(bursts, 1, True)[0] for _ in range(a.rounds))
     py_t = h2_session(bursts, max(3, a.rounds // 10))
     nreq = 10000
     print(f"{'measure':44s} {'fastmesh':>10s} {'nghttp2':>10s} {'ratio':>7s}")
@@ -125,6 +126,7 @@ def main():
         print(f"{name:44s} {o:10.0f} {n:10.0f} {o / n:7.2f}   ({i1} / {i2})")
     print(f"{'session: ns per request (in+out)':44s} {ours_t / nreq:10.0f} {ng_t / nreq:10.0f} {ours_t / ng_t:7.2f}"
           f"   (requests, out bytes: {ours_info} / {ng_info})")
+    print(f"{'  nghttp2 + copying header fields out':44s} {'':10s} {ngc_t / nreq:10.0f} {ours_t / ngc_t:7.2f}")
     print(f"{'session: ns per frame received':44s} {ours_t / frames_in:10.0f} {ng_t / frames_in:10.0f}")
     print(f"{'python h2 package: ns per request':44s} {py_t / nreq:10.0f}")
 

@@ -669,7 +669,9 @@ cdef class H2Connection:
                     return self._connection_error(H2_PROTOCOL_ERROR, "h2: HEADERS on an idle stream of ours")
                 if self._recently_reset(stream_id):
                     return 0
-                return self._connection_error(H2_STREAM_CLOSED, "h2: HEADERS on a closed stream")
+                # RFC 9113 §5.1 allows a connection error; a stream error is kinder to a
+                # peer whose trailers crossed a reset older than our recent-resets memory
+                return self._stream_error(stream_id, H2_STREAM_CLOSED)
             if self.is_client:
                 return self._connection_error(H2_PROTOCOL_ERROR, "h2: server opened a stream")
             # the peer opens a stream

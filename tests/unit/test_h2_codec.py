@@ -319,8 +319,6 @@ CASES = [
      + frame(DATA, PADDED, 1, bytes([5]) + b"abcd"), PROTOCOL_ERROR, True),
     ("HEADERS padding too long", frame(HEADERS, END_HEADERS | PADDED, 1, bytes([200]) + block(REQ)),
      PROTOCOL_ERROR, True),
-    ("HEADERS on a closed stream", frame(HEADERS, END_HEADERS, 3, block(REQ))
-     + frame(HEADERS, END_HEADERS | END_STREAM, 1, block(REQ)), STREAM_CLOSED, True),
     ("connection window exceeded", frame(HEADERS, END_HEADERS, 1, block(POST))
      + frame(DATA, 0, 1, b"\0" * 16384) * 70, FLOW_CONTROL_ERROR, True),
 ]
@@ -422,6 +420,16 @@ def test_data_after_end_stream_is_stream_closed():
     c, r = opened_server()
     c.feed(frame(HEADERS, END_HEADERS | END_STREAM, 1, block(REQ)) + frame(DATA, 0, 1, b"x"))
     assert rst_codes(c.data_to_send()) == [(1, STREAM_CLOSED)]
+
+
+def test_headers_on_a_closed_stream_is_a_stream_error():
+    c, r = opened_server()
+    enc = hpack.Encoder()
+    c.feed(frame(HEADERS, END_HEADERS | END_STREAM, 3, block(REQ, enc))
+           + frame(HEADERS, END_HEADERS | END_STREAM, 1, block(REQ, enc)))
+    assert rst_codes(c.data_to_send()) == [(1, STREAM_CLOSED)] and not c.closed
+    c.feed(frame(HEADERS, END_HEADERS | END_STREAM, 5, block(REQ, enc)))   # HPACK still in step
+    assert r.events[-1] == ("headers", 5, REQ, True)
 
 
 def test_late_frames_on_a_stream_we_reset_are_ignored():
