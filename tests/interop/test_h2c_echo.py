@@ -129,3 +129,19 @@ def test_hostile_peer_gets_goaway_and_server_survives(echo):
     out = subprocess.run([curl, "-sS", "--http2-prior-knowledge", f"http://127.0.0.1:{echo}/again"],
                          capture_output=True, timeout=30)
     assert out.stdout == b"GET /again\n"
+
+
+def test_grpcio_client(echo):
+    """gRPC C core (chttp2, via grpcio: already a fastmesh dependency) as the client: unary
+    calls, 300 concurrent, a 3 MB message through flow control, and a bidi stream. The echo
+    server answers the framed gRPC messages back with grpc-status 0 trailers."""
+    grpc = pytest.importorskip("grpc")
+    with grpc.insecure_channel(f"127.0.0.1:{echo}") as ch:
+        say = ch.unary_unary("/echo.Echo/Say")
+        assert say(b"hello grpc", timeout=10) == b"hello grpc"
+        futs = [say.future(os.urandom(i * 100)) for i in range(300)]
+        assert [len(f.result(timeout=30)) for f in futs] == [i * 100 for i in range(300)]
+        big = os.urandom(3_000_000)
+        assert say(big, timeout=30) == big
+        chat = ch.stream_stream("/echo.Echo/Chat")
+        assert list(chat(iter([b"a", b"bb", b"ccc"]), timeout=10)) == [b"a", b"bb", b"ccc"]
