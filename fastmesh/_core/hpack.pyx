@@ -314,8 +314,8 @@ cdef class HeaderList:
     cdef int reserve(self, Py_ssize_t extra_bytes) except -1:
         cdef Py_ssize_t cap = self.buf_cap if self.buf_cap else 512
         cdef char *p
-        if self.buf_len + extra_bytes <= self.buf_cap:
-            return 0
+        if self.buf_len + extra_bytes <= self.buf_cap and self.buf is not NULL:
+            return 0                                   # (memcpy of 0 bytes needs a pointer too)
         while cap < self.buf_len + extra_bytes:
             cap *= 2
         p = <char *>realloc(self.buf, cap)

@@ -26,6 +26,8 @@ cdef inline int ob_reserve(OutBuf *b, Py_ssize_t extra_bytes) except -1:
     return 0
 
 cdef inline int ob_put(OutBuf *b, const void *src, Py_ssize_t n) except -1:
+    if n == 0:
+        return 0
     if b.len + n > b.cap:
         ob_reserve(b, n)
     memcpy(b.data + b.len, src, n)
