@@ -73,7 +73,8 @@ cdef struct DynEntry:
 
 cdef class DynTable:
     cdef:
-        char *ring                   # limit_bytes bytes: entries' names and values
+        char *ring                   # limit_bytes bytes: entries' names and values (NULL
+                                     # until the first insert)
         Py_ssize_t limit_bytes       # hard cap on max_bytes (the ring's capacity)
         Py_ssize_t write_off         # where the next entry's bytes go in the ring
         DynEntry *entries            # ring of entries_cap (power of two)
@@ -88,10 +89,12 @@ cdef class DynTable:
 
     cdef void set_max(self, Py_ssize_t max_bytes) noexcept    # evicts to fit; <= limit_bytes
     cdef void evict_oldest(self) noexcept
-    cdef void insert(self, const char *name, Py_ssize_t name_len,
-                     const char *value, Py_ssize_t value_len) noexcept
-    cdef void insert_hashed(self, const char *name, Py_ssize_t name_len, uint32_t name_hash,
-                            const char *value, Py_ssize_t value_len, uint32_t value_hash) noexcept
+    cdef int insert(self, const char *name, Py_ssize_t name_len,
+                    const char *value, Py_ssize_t value_len) except -1
+    cdef int insert_hashed(self, const char *name, Py_ssize_t name_len, uint32_t name_hash,
+                           const char *value, Py_ssize_t value_len, uint32_t value_hash) except -1
+    cdef int _allocate(self) except -1      # ring and entries, at the first insert: an idle
+                                            # connection's tables cost nothing
     cdef DynEntry *get(self, Py_ssize_t index) noexcept        # 1 = newest; NULL if absent
     cdef void copy_out(self, char *dst, Py_ssize_t off, Py_ssize_t n) noexcept  # ring → flat
     cdef bint equals(self, Py_ssize_t off, const char *s, Py_ssize_t n) noexcept
@@ -131,7 +134,7 @@ cdef class Encoder:
         # compression): hash → entry number (DynTable.inserted numbering), 0 = empty
         uint32_t *by_field           # hash(name, value)
         uint32_t *by_name            # hash(name)
-        uint32_t cache_mask
+        uint32_t cache_mask          # (both allocated at the first insert)
 
     cdef void set_peer_table_bytes(self, Py_ssize_t table_bytes) noexcept
     cdef int begin_block(self, OutBuf *out) except -1   # emits pending size updates

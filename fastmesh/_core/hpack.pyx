@@ -406,10 +406,8 @@ cdef class DynTable:
             raise ValueError("hpack table limit out of range")
         while cap < limit_bytes // HPACK_ENTRY_OVERHEAD_BYTES + 1:
             cap *= 2
-        self.ring = <char *>malloc(limit_bytes if limit_bytes else 1)
-        self.entries = <DynEntry *>malloc(cap * sizeof(DynEntry))
-        if self.ring is NULL or self.entries is NULL:
-            raise MemoryError()
+        self.ring = NULL
+        self.entries = NULL
         self.limit_bytes = limit_bytes
         self.entries_mask = cap - 1
         self.write_off = 0
@@ -422,6 +420,13 @@ cdef class DynTable:
     def __dealloc__(self):
         free(self.ring)
         free(self.entries)
+
+    cdef int _allocate(self) except -1:
+        self.ring = <char *>malloc(self.limit_bytes if self.limit_bytes else 1)
+        self.entries = <DynEntry *>malloc((self.entries_mask + 1) * sizeof(DynEntry))
+        if self.ring is NULL or self.entries is NULL:
+            raise MemoryError()
+        return 0
 
     cdef void evict_oldest(self) noexcept:
         cdef DynEntry *e = &self.entries[(self.newest - self.count + 1) & self.entries_mask]
@@ -437,12 +442,12 @@ cdef class DynTable:
         while self.size_bytes > max_bytes:
             self.evict_oldest()
 
-    cdef void insert(self, const char *name, Py_ssize_t name_len,
-                     const char *value, Py_ssize_t value_len) noexcept:
-        self.insert_hashed(name, name_len, 0, value, value_len, 0)
+    cdef int insert(self, const char *name, Py_ssize_t name_len,
+                    const char *value, Py_ssize_t value_len) except -1:
+        return self.insert_hashed(name, name_len, 0, value, value_len, 0)
 
-    cdef void insert_hashed(self, const char *name, Py_ssize_t name_len, uint32_t name_hash,
-                            const char *value, Py_ssize_t value_len, uint32_t value_hash) noexcept:
+    cdef int insert_hashed(self, const char *name, Py_ssize_t name_len, uint32_t name_hash,
+                           const char *value, Py_ssize_t value_len, uint32_t value_hash) except -1:
         # RFC 7541 §4.4: evict until it fits; an entry larger than the table empties it.
         # name/value must not point into the ring (the decoder copies them out first).
         cdef Py_ssize_t size = name_len + value_len + HPACK_ENTRY_OVERHEAD_BYTES
@@ -451,7 +456,9 @@ cdef class DynTable:
         while self.count and self.size_bytes + size > self.max_bytes:
             self.evict_oldest()
         if size > self.max_bytes:
-            return
+            return 0
+        if self.ring is NULL:
+            self._allocate()
         # the raw bytes of all entries are < size_bytes <= max_bytes <= limit_bytes, so the
         # new bytes never overwrite a live entry's
         off = self.write_off
@@ -479,6 +486,7 @@ cdef class DynTable:
         self.write_off = (off + value_len) % self.limit_bytes
         self.count += 1
         self.size_bytes += size
+        return 0
 
     cdef DynEntry *get(self, Py_ssize_t index) noexcept:
         if index < 1 or index > self.count:
@@ -759,11 +767,9 @@ cdef class Encoder:
         self.size_update_due = self.table.max_bytes != HPACK_DEFAULT_TABLE_BYTES
         self.huffman = huffman
         self.max_indexed_value_bytes = 1024
-        self.cache_mask = <uint32_t>(4 * (self.table.entries_mask + 1) - 1)
-        self.by_field = <uint32_t *>calloc(self.cache_mask + 1, sizeof(uint32_t))
-        self.by_name = <uint32_t *>calloc(self.cache_mask + 1, sizeof(uint32_t))
-        if self.by_field is NULL or self.by_name is NULL:
-            raise MemoryError()
+        self.cache_mask = <uint32_t>(2 * (self.table.entries_mask + 1) - 1)
+        self.by_field = NULL
+        self.by_name = NULL
 
     def __dealloc__(self):
         free(self.by_field)
@@ -862,6 +868,11 @@ cdef class Encoder:
             number = self.table.inserted
             self.table.insert_hashed(name, name_len, nh, value, value_len, vh)
             if self.table.inserted != number:           # not too big for the table
+                if self.by_field is NULL:
+                    self.by_field = <uint32_t *>calloc(self.cache_mask + 1, sizeof(uint32_t))
+                    self.by_name = <uint32_t *>calloc(self.cache_mask + 1, sizeof(uint32_t))
+                    if self.by_field is NULL or self.by_name is NULL:
+                        raise MemoryError()
                 self.by_field[vh & self.cache_mask] = self.table.inserted
                 self.by_name[nh & self.cache_mask] = self.table.inserted
             return 0
