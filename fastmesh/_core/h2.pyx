@@ -2,7 +2,7 @@
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memcmp
+from libc.string cimport memcpy, memcmp, strlen
 
 cimport cython
 
@@ -245,6 +245,7 @@ cdef class H2Connection:
                   max_header_block_bytes=None, int max_continuation_frames=64,
                   int max_pending_control_frames=1000, int max_empty_data_frames=100,
                   int reset_burst=200, int reset_per_second=100):
+        cdef int i
         if not (H2_MIN_MAX_FRAME_BYTES <= max_frame_bytes <= H2_MAX_MAX_FRAME_BYTES):
             raise ValueError("max_frame_bytes out of range (RFC 9113 §6.5.2)")
         if initial_window_bytes > H2_MAX_WINDOW_BYTES or not (
@@ -482,7 +483,7 @@ cdef class H2Connection:
     cdef int _connection_error(self, uint32_t code, const char *reason) except -1:
         # GOAWAY(last peer stream, code, reason) and no more input
         cdef unsigned char b[8]
-        cdef Py_ssize_t rlen = len(<bytes>reason) if reason is not NULL else 0
+        cdef Py_ssize_t rlen = strlen(reason) if reason is not NULL else 0
         if self.state == H2_CLOSED:
             return 1
         self.state = H2_CLOSED
