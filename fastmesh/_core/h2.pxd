@@ -110,8 +110,8 @@ cdef struct H2Limits:               # protections (ours; never sent)
     int max_continuation_frames     # CONTINUATION frames in one block
     int max_pending_control_frames  # acks/RSTs we owe and the session has not taken yet
     int max_empty_data_frames       # consecutive DATA frames with no bytes and no END_STREAM
-    int reset_burst                 # rapid reset: peer RST_STREAMs allowed in a burst...
-    int reset_per_second            # ...and refilled at this rate (a token bucket)
+    int reset_burst                 # rapid reset: resets of live peer streams (theirs, or ours
+    int reset_per_second            # provoked by bad frames) in a burst, refilled at this rate
 
 cdef struct H2Counters:
     uint64_t frames_in
@@ -263,6 +263,7 @@ cdef class H2Connection:
     cdef int _connection_error(self, uint32_t code, const char *reason) except -1
     cdef int _stream_error(self, uint32_t stream_id, uint32_t code) except -1
     cdef int _control_queued(self) except -1                # the control-flood bound
+    cdef int _reset_token(self) except -1   # rapid-reset bucket: 1 (and GOAWAY) when empty
 
     # -- output (what the consumer asks for) --
     cdef int _frame_header(self, uint32_t length, uint8_t ftype, uint8_t flags,

@@ -515,7 +515,24 @@ cdef class H2Connection:
             return 1
         if tell:
             self.consumer.on_reset(stream_id, code, False)
+            if not self.is_client and self._reset_token():
+                return 1                                # a live request cancelled by us
         return self._control_queued()
+
+    cdef int _reset_token(self) except -1:
+        # Rapid reset (CVE-2023-44487): streams the peer opens and cancels cost us work it
+        # does not wait for. The same goes for streams it makes us reset with bad frames
+        # (MadeYouReset, CVE-2025-8671). One token bucket bounds both.
+        cdef int64_t t = now_ms()
+        self.reset_tokens += (t - self.reset_refill_ms) * self.limits.reset_per_second / 1000.0
+        self.reset_refill_ms = t
+        if self.reset_tokens > self.limits.reset_burst:
+            self.reset_tokens = self.limits.reset_burst
+        self.reset_tokens -= 1
+        if self.reset_tokens < 0:
+            self.counters.rapid_reset_trips += 1
+            return self._connection_error(H2_ENHANCE_YOUR_CALM, "h2: rapid reset")
+        return 0
 
     cdef int _control_queued(self) except -1:
         # a frame we owe the peer in answer to its input: bounded until the session takes
@@ -755,20 +772,9 @@ cdef class H2Connection:
         if s is None:
             return 0
         code = be32(p)
-        # rapid reset (CVE-2023-44487): streams the peer opens and cancels cost us work it
-        # does not wait for; a token bucket bounds the rate
-        if not self.is_client:
-            t = now_ms()
-            self.reset_tokens += (t - self.reset_refill_ms) * self.limits.reset_per_second / 1000.0
-            self.reset_refill_ms = t
-            if self.reset_tokens > self.limits.reset_burst:
-                self.reset_tokens = self.limits.reset_burst
-            self.reset_tokens -= 1
-            if self.reset_tokens < 0:
-                self.counters.rapid_reset_trips += 1
-                self._close_stream(s)
-                return self._connection_error(H2_ENHANCE_YOUR_CALM, "h2: rapid reset")
         self._close_stream(s)
+        if not self.is_client and self._reset_token():
+            return 1
         if s.delivered:
             self.consumer.on_reset(stream_id, code, True)
         return 0

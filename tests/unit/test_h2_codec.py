@@ -594,6 +594,20 @@ def test_rapid_reset():
     assert c.counters["rst_in"] <= 52
 
 
+def test_provoked_resets_count_as_rapid_reset():
+    # MadeYouReset (CVE-2025-8671): the peer makes *us* reset live streams with bad frames;
+    # it reads everything we send, so the control-frame bound never trips
+    c, r = opened_server(reset_burst=50, reset_per_second=10)
+    enc = hpack.Encoder()
+    for sid in range(1, 400, 2):
+        c.feed(frame(HEADERS, END_HEADERS, sid, block(POST, enc)) + frame(WINDOW, 0, sid, b"\0\0\0\0"))
+        c.data_to_send()
+        if c.closed:
+            break
+    assert c.closed and c.last_error[0] == ENHANCE_YOUR_CALM
+    assert c.counters["rapid_reset_trips"] == 1 and c.counters["stream_errors"] <= 52
+
+
 def test_continuation_flood_frames():
     c, r = opened_server(max_continuation_frames=64)
     c.feed(frame(HEADERS, 0, 1, block(REQ)) + frame(CONT, 0, 1, b"") * 100)
