@@ -279,6 +279,9 @@ cdef class H2Connection:
                                     # bytes sent (≤ len(data)), or -1 (no such stream)
     cdef int reset_stream(self, uint32_t stream_id, uint32_t code) except -1
     cdef int consumed(self, uint32_t stream_id, int64_t nbytes) except -1
+    cdef int set_max_concurrent_streams(self, uint32_t n) except -1
+                                    # a SETTINGS frame; enforced at once (streams over it
+                                    # before the peer's ack get REFUSED_STREAM: retry-safe)
     cdef int ping(self, bytes payload) except -1
     cdef int goaway(self, uint32_t code, bytes debug_data) except -1
     cdef list take_output(self)     # for transport.writelines; [] when nothing to send

@@ -1108,6 +1108,18 @@ cdef class H2Connection:
             s.recv_unacked = 0
         return 0
 
+    cdef int set_max_concurrent_streams(self, uint32_t n) except -1:
+        cdef unsigned char entry[6]
+        if self.state == H2_CLOSED:
+            return 0
+        self.local.max_concurrent_streams = n
+        self._frame_header(6, H2_SETTINGS, 0, 0)
+        entry[0] = 0
+        entry[1] = H2_SETTINGS_MAX_CONCURRENT_STREAMS
+        put_be32(entry + 2, n)
+        ob_put(&self.out, entry, 6)
+        return 0
+
     cdef int ping(self, bytes payload) except -1:
         if len(payload) != 8:
             raise ValueError("PING payload is 8 bytes")
@@ -1196,6 +1208,9 @@ cdef class H2Connection:
 
     def py_consumed(self, uint32_t stream_id, int64_t nbytes):
         self.consumed(stream_id, nbytes)
+
+    def py_set_max_concurrent_streams(self, uint32_t n):
+        self.set_max_concurrent_streams(n)
 
     def py_ping(self, bytes payload):
         self.ping(payload)

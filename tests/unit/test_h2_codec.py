@@ -479,6 +479,17 @@ def test_max_concurrent_streams_refuses():
     assert rst_codes(c.data_to_send()) == []
 
 
+def test_lowering_max_concurrent_streams_at_runtime():
+    c, r = opened_server()
+    enc = hpack.Encoder()
+    c.feed(frame(HEADERS, END_HEADERS, 1, block(POST, enc)))
+    c.py_set_max_concurrent_streams(1)                       # overload: no more for now
+    out = parse(c.data_to_send())
+    assert out[0].type == SETTINGS and out[0].settings == {3: 1}
+    c.feed(frame(HEADERS, END_HEADERS, 3, block(POST, enc)))
+    assert rst_codes(c.data_to_send()) == [(3, REFUSED_STREAM)]
+
+
 def test_header_list_too_large_answers_431():
     c, r = opened_server(max_header_list_bytes=200)
     c.feed(frame(HEADERS, END_HEADERS | END_STREAM, 1, block(REQ + [(b"x-big", b"v" * 300)])))
