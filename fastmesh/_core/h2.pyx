@@ -673,7 +673,7 @@ cdef class H2Connection:
         cdef HeaderList h = HeaderList.__new__(HeaderList)
         cdef int r, kind, status = 0
         cdef int64_t content_length = -1
-        cdef bint is_connect = False, new = False, ours
+        cdef bint is_connect = False, ours
         cdef H2Stream s
         # HPACK first, whatever becomes of the stream: the tables must stay in step
         r = self.decoder.decode(p, n, h)
@@ -705,7 +705,6 @@ cdef class H2Connection:
             self.streams[stream_id] = s
             self.peer_streams += 1
             self.counters.streams_opened += 1
-            new = True
         elif s.state == H2S_HALF_CLOSED_REMOTE or s.state == H2S_CLOSED:
             return self._stream_error(stream_id, H2_STREAM_CLOSED)
         if r == HPACK_LIST_TOO_LARGE:
@@ -743,9 +742,7 @@ cdef class H2Connection:
             return 0
         s.headers_in = True
         if kind == MSG_RESPONSE and (s.request_was_head or status == 204 or status == 304):
-            content_length = -1 if status == 204 else (0 if s.request_was_head else -1)
-            if s.request_was_head:
-                s.content_length = 0
+            s.content_length = 0                        # no content, whatever the headers say
         else:
             s.content_length = content_length
         if end_stream:

@@ -250,6 +250,26 @@ def test_client_talks_to_h2_server():
     assert c.py_start_request(REQ, True) == -1
 
 
+def test_client_checks_response_content():
+    # content the response may not have (HEAD, 204) or shorter than its content-length:
+    # a stream error each, never passed off as a complete response
+    c = H2Connection(Recorder(), client=True)
+    c.py_start_request([(b":method", b"HEAD")] + REQ[1:], True)
+    c.py_start_request(REQ, True)
+    c.py_start_request(REQ, True)
+    c.data_to_send()
+    enc = hpack.Encoder()
+    c.feed(frame(SETTINGS, 0, 0)
+           + frame(HEADERS, END_HEADERS, 1, block([(b":status", b"200"), (b"content-length", b"10")], enc))
+           + frame(DATA, END_STREAM, 1, b"x")
+           + frame(HEADERS, END_HEADERS, 3, block([(b":status", b"204")], enc))
+           + frame(DATA, END_STREAM, 3, b"y")
+           + frame(HEADERS, END_HEADERS, 5, block([(b":status", b"200"), (b"content-length", b"5")], enc))
+           + frame(DATA, END_STREAM, 5, b"abc"))
+    assert rst_codes(c.data_to_send()) == [(1, PROTOCOL_ERROR), (3, PROTOCOL_ERROR), (5, PROTOCOL_ERROR)]
+    assert not c.closed and c.counters["malformed_headers"] == 3
+
+
 def test_own_client_and_server_many_streams():
     rs, rc = Recorder(), Recorder()
     s = H2Connection(rs, max_concurrent_streams=1000)
