@@ -137,6 +137,9 @@ class Chain:
             self.factory = lambda: http_proxy.HttpDownstreamProtocol(ctx)
         elif cfg.protocol == "tcp":
             self.factory = lambda: tcp_proxy.TcpDownstreamProtocol(ctx)
+        elif cfg.protocol == "http2":
+            from fastmesh._core import h2_proxy
+            self.factory = lambda: h2_proxy.H2DownstreamProtocol(ctx)
         else:
             from fastmesh._core import bolt_proxy
             self.factory = lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
@@ -148,8 +151,11 @@ class Chain:
     def sweep(self, now: int) -> None:
         fn = _SWEEPS.get(self.cfg.protocol)
         if fn is None:
-            from fastmesh._core import bolt_proxy
-            fn = bolt_proxy.sweep_downstreams
+            if self.cfg.protocol == "http2":
+                from fastmesh._core import h2_proxy as mod
+            else:
+                from fastmesh._core import bolt_proxy as mod
+            fn = mod.sweep_downstreams
         fn(self.ctx, now)
 
 
@@ -227,7 +233,7 @@ class Listener:
     def apply_snapshot(self, snap) -> None:
         """Point new requests at the snapshot's route tables / clusters."""
         for ch in self.chains.values():
-            if ch.protocol in ("http1", "bolt"):
+            if ch.protocol in ("http1", "http2", "bolt"):
                 ch.ctx.route_table = snap.route_tables[ch.cfg.route_table]
             else:
                 ch.ctx.tcp_cluster = snap.clusters[ch.cfg.cluster]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-PROTOCOLS = ("http1", "bolt", "tcp")
+PROTOCOLS = ("http1", "http2", "bolt", "tcp")   # http2: h2c with prior knowledge
 LISTENER_PROTOCOLS = PROTOCOLS + ("auto",)         # auto: sniffed per connection
 INSPECTORS = ("http", "tls", "bolt")               # what a listener reads first bytes for
 TRANSPORT_PROTOCOLS = ("raw_buffer", "tls")
@@ -214,7 +214,7 @@ class ChainMatch:
 class FilterChain:
     """One way a listener serves a connection: a protocol and where it goes."""
     name: str
-    protocol: str                                 # http1 | bolt | tcp
+    protocol: str                                 # http1 | http2 | bolt | tcp
     match: ChainMatch = ChainMatch()
     route_table: Optional[str] = None             # http1 and bolt
     cluster: Optional[str] = None                 # tcp
@@ -225,8 +225,8 @@ class FilterChain:
 class Listener:
     name: str
     address: Address
-    protocol: str = "http1"                       # http1 | bolt | tcp
-    route_table: Optional[str] = None             # http1 and bolt: required
+    protocol: str = "http1"                       # http1 | http2 | bolt | tcp
+    route_table: Optional[str] = None             # http1, http2 and bolt: required
     cluster: Optional[str] = None                 # tcp: required (where bytes go)
     max_head_bytes: int = 65536                   # HTTP/1 request head limit (431 above)
     max_headers: int = 100                        # HTTP/1 header count limit (431 above)
