@@ -35,9 +35,10 @@ from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TO
                                    LS_RQ_ACTIVE, LS_RSP_1XX, LS_ERR_NO_ROUTE,
                                    LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_CONNECT_FAILED,
                                    LS_ERR_UPSTREAM_TIMEOUT, LS_ERR_UPSTREAM_RESET,
-                                   LS_ERR_BAD_REQUEST, LS_RX_BYTES, CS_RQ_TOTAL, CS_RQ_ACTIVE,
+                                   LS_ERR_BAD_REQUEST, LS_RX_BYTES, LS_CX_IDLE_CLOSED, CS_RQ_TOTAL, CS_RQ_ACTIVE,
                                    CS_RSP_1XX, CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL,
-                                   CS_NO_HEALTHY, CS_RQ_TIMEOUT, status_class_slot)
+                                   CS_NO_HEALTHY, CS_RQ_TIMEOUT, CS_CX_IDLE_CLOSED,
+                                   status_class_slot)
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
 log = logging.getLogger("fastmesh.h2")
@@ -178,10 +179,14 @@ cdef class ProxyStream:
         self.done = True
         self.ds.ctx.counters.v[LS_RQ_ACTIVE] -= 1
         self.ds.streams.pop(self.ds_id, None)
+        if not self.ds.streams:
+            self.ds.idle_since_ms = now_ms()
         if self.up is not None and self.us_id >= 0:
             if self.up.streams.pop(self.us_id, None) is not None:
                 self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
                 self.ep.active_requests -= 1
+            if not self.up.streams:
+                self.up.idle_since_ms = now_ms()
             self.up.open_waiting()
         elif self.up is not None and self in self.up.waiting:
             self.up.waiting.remove(self)
@@ -277,6 +282,10 @@ cdef class H2Downstream(H2Consumer):
         cdef ProxyStream ps
         if self.ctx.draining:
             self.begin_drain()
+        elif (not self.streams and self.ctx.idle_timeout_ms > 0
+                and now - self.idle_since_ms >= self.ctx.idle_timeout_ms):
+            self.ctx.counters.v[LS_CX_IDLE_CLOSED] += 1
+            self.begin_drain()              # GOAWAY; no stream open: closed at once
         for ps in list(self.streams.values()):
             if ps.deadline_ms and now >= ps.deadline_ms and not ps.response_started:
                 ps.deadline_ms = 0
@@ -565,6 +574,17 @@ cdef class H2Upstream(H2Consumer):
         if self.codec.closed:
             self.transport.close()
 
+    def retire(self):
+        """Out of the pool; GOAWAY, then closed."""
+        if _pool.get(self.ep) is self:
+            del _pool[self.ep]
+        if self.connected and not self.closed:
+            self.cluster.counters.v[CS_CX_IDLE_CLOSED] += 1
+            self.codec.goaway(H2_NO_ERROR, b"idle")
+            self.flush()
+            self.closed = True
+            self.transport.close()
+
     cdef void open_waiting(self) except *:
         cdef ProxyStream ps
         if not self.connected:
@@ -704,8 +724,24 @@ class H2UpstreamProtocol(H2Upstream, asyncio.BufferedProtocol):
     pass
 
 
+cdef int64_t _last_upstream_sweep_ms = 0
+
+
 def sweep_downstreams(ListenerCtx ctx, int64_t now):
-    """Per-tick work of an http2 listener: drains (GOAWAY) and response timeouts."""
+    """Per-tick work of an http2 listener: drains (GOAWAY) and response timeouts; once per
+    tick for all listeners, upstream connections with no stream for the cluster's idle
+    timeout, or to an endpoint no longer in its cluster, are closed (GOAWAY first)."""
+    global _last_upstream_sweep_ms
     cdef H2Downstream ds
+    cdef H2Upstream up
     for ds in list(ctx.conns):
         ds.on_idle_check(now)
+    if now == _last_upstream_sweep_ms:
+        return
+    _last_upstream_sweep_ms = now
+    for up in list(_pool.values()):
+        if up.streams or up.waiting or not up.connected:
+            continue
+        if up.ep.removed or (up.cluster.idle_timeout_ms > 0 and
+                             now - up.idle_since_ms >= up.cluster.idle_timeout_ms):
+            up.retire()

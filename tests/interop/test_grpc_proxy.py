@@ -26,6 +26,9 @@ OPTIONS = [("grpc.max_receive_message_length", 16 * MB),
 class Echo:
     """The upstream service."""
 
+    def __init__(self):
+        self.cancelled = threading.Event()     # a slow stream saw its call cancelled
+
     def unary(self, request, context):
         md = dict(context.invocation_metadata())
         if request == b"fail":
@@ -39,7 +42,13 @@ class Echo:
         return request
 
     def server_stream(self, request, context):
-        for i in range(int(request)):
+        count, _, gap_ms = request.partition(b"/")
+        for i in range(int(count)):
+            if gap_ms:
+                time.sleep(int(gap_ms) / 1000)
+                if not context.is_active():
+                    self.cancelled.set()
+                    return
             yield b"msg-%d" % i
 
     def client_stream(self, request_iterator, context):
@@ -74,9 +83,14 @@ def h2_echo():
 
 
 @pytest.fixture(scope="module")
-def grpc_server():
+def service():
+    return Echo()
+
+
+@pytest.fixture(scope="module")
+def grpc_server(service):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=OPTIONS)
-    server.add_generic_rpc_handlers((_handlers(Echo()),))
+    server.add_generic_rpc_handlers((_handlers(service),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield port
@@ -220,3 +234,93 @@ def test_curl_prior_knowledge(proxy):
                           f"http://127.0.0.1:{proxy.port}/nothing"],
                          capture_output=True, text=True, timeout=30).stdout
     assert out == "404 2", out
+
+
+def test_client_cancel_reaches_the_upstream(channel, service):
+    service.cancelled.clear()
+    call = channel.unary_stream("/echo.Echo/ServerStream")(b"200/20", timeout=30)
+    it = iter(call)
+    assert next(it) == b"msg-0"
+    call.cancel()                       # RST_STREAM(CANCEL) to the proxy, then upstream
+    assert service.cancelled.wait(5)
+
+
+def test_stream_in_progress_finishes_through_a_drain(grpc_server, h2_echo, start_fastmesh):
+    """SIGTERM while a call streams: the proxy sends GOAWAY, the call goes on to its end,
+    then the proxy exits."""
+    import signal
+    fm = start_fastmesh(_config(grpc_server, free_port(), h2_echo))
+    ch = grpc.insecure_channel(f"127.0.0.1:{fm.port}", options=OPTIONS)
+    try:
+        call = ch.unary_stream("/echo.Echo/ServerStream")(b"20/50", timeout=30)
+        it = iter(call)
+        assert next(it) == b"msg-0"
+        fm.proc.popen.send_signal(signal.SIGTERM)
+        rest = list(it)
+        assert rest == [b"msg-%d" % i for i in range(1, 20)]
+        assert call.code() == grpc.StatusCode.OK
+        assert fm.proc.popen.wait(10) == 0
+    finally:
+        ch.close()
+
+
+def test_upstream_gone_mid_stream_is_an_error_not_a_hang(start_fastmesh, h2_echo):
+    """The upstream process dies while a call streams: the client gets an error at once."""
+    import sys
+    from pathlib import Path
+    from fmtest import Proc, START_TIMEOUT_S, _wait_line
+    code = (
+        "import grpc, time, sys\n"
+        "from concurrent import futures\n"
+        "def slow(req, ctx):\n"
+        "    for i in range(1000):\n"
+        "        yield b'x%d' % i\n"
+        "        time.sleep(0.05)\n"
+        "s = grpc.server(futures.ThreadPoolExecutor(4))\n"
+        "s.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('echo.Echo', "
+        "{'ServerStream': grpc.unary_stream_rpc_method_handler(slow)}),))\n"
+        "p = s.add_insecure_port('127.0.0.1:0'); s.start(); print('READY', p, flush=True)\n"
+        "time.sleep(60)\n")
+    up = Proc([sys.executable, "-c", code], name="dying grpc server")
+    try:
+        port = int(_wait_line(up, b"READY", START_TIMEOUT_S).split()[1])
+        fm = start_fastmesh(_config(port, free_port(), h2_echo))
+        ch = grpc.insecure_channel(f"127.0.0.1:{fm.port}", options=OPTIONS)
+        call = ch.unary_stream("/echo.Echo/ServerStream")(b"", timeout=30)
+        it = iter(call)
+        assert next(it) == b"x0"
+        up.popen.kill()
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            list(it)
+        assert time.monotonic() - t0 < 5
+        assert e.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+                                  grpc.StatusCode.UNKNOWN), e.value
+        ch.close()
+    finally:
+        up.stop()
+
+
+def test_idle_connections_close_both_sides(grpc_server, h2_echo, start_fastmesh):
+    """A client connection with no stream for the listener's idle timeout gets GOAWAY and
+    is closed; so is the upstream connection after the cluster's idle timeout."""
+    import socket
+    cfg = _config(grpc_server, free_port(), h2_echo)
+    cfg["listeners"][0]["idle_timeout_ms"] = 500
+    cfg["clusters"][0]["idle_timeout_ms"] = 500
+    fm = start_fastmesh(cfg)
+    ch = grpc.insecure_channel(f"127.0.0.1:{fm.port}", options=OPTIONS)
+    try:
+        assert ch.unary_unary("/echo.Echo/Unary")(b"x", timeout=10) == b"x"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ls, cl = fm.listener_stats("grpc"), fm.cluster_stats("echo")
+            if ls["downstream_cx_active"] == 0 and cl["upstream_cx_active"] == 0:
+                break
+            time.sleep(0.1)
+        assert ls["downstream_cx_idle_closed"] >= 1 and ls["downstream_cx_active"] == 0, ls
+        assert cl["upstream_cx_idle_closed"] == 1 and cl["upstream_cx_active"] == 0, cl
+        # the channel reconnects for the next call
+        assert ch.unary_unary("/echo.Echo/Unary")(b"y", timeout=10) == b"y"
+    finally:
+        ch.close()
