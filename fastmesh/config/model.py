@@ -362,6 +362,7 @@ class Cluster:
     max_idle_per_endpoint: int = 64               # HTTP/1 idle pooled connections kept
     idle_timeout_ms: int = 60000                  # close a pooled upstream connection idle this long
     connections_per_endpoint: int = 1             # Bolt: multiplexed connections per endpoint
+    http_protocol: str = "http1"                  # HTTP to the endpoints: http1 | http2 (h2c)
     heartbeat_interval_ms: int = 15000            # Bolt: heartbeat an idle upstream this often
     heartbeat_max_missed: int = 3                 # Bolt: close the upstream after this many misses
     health_check: Optional[HealthCheck] = None

@@ -105,10 +105,12 @@ def _config(upstream_port: int, dead_port: int, plain_port: int) -> dict:
             {"match": {"prefix": "/dead.Service/"}, "cluster": "dead"},
             {"match": {"prefix": "/plain/"}, "cluster": "plain"},
         ]}},
-        "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{upstream_port}"]},
-                     {"name": "plain", "endpoints": [f"127.0.0.1:{plain_port}"]},
+        "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{upstream_port}"],
+                      "http_protocol": "http2"},
+                     {"name": "plain", "endpoints": [f"127.0.0.1:{plain_port}"],
+                      "http_protocol": "http2"},
                      {"name": "dead", "endpoints": [f"127.0.0.1:{dead_port}"],
-                      "connect_timeout_ms": 500}],
+                      "connect_timeout_ms": 500, "http_protocol": "http2"}],
     }
 
 
@@ -324,3 +326,18 @@ def test_idle_connections_close_both_sides(grpc_server, h2_echo, start_fastmesh)
         assert ch.unary_unary("/echo.Echo/Unary")(b"y", timeout=10) == b"y"
     finally:
         ch.close()
+
+
+def test_config_refuses_http2_to_an_http1_cluster():
+    from fastmesh.config.load import ConfigError, load_dict
+    cfg = _config(1, 2, 3)
+    cfg["listeners"][0]["address"] = "127.0.0.1:1"
+    cfg["clusters"][0]["http_protocol"] = "http1"
+    with pytest.raises(ConfigError) as e:
+        load_dict(cfg)
+    assert any("route_tables.rt.routes[0]" in x and "http_protocol: http2" in x
+               for x in e.value.errors), e.value.errors
+    cfg["clusters"][0]["http_protocol"] = "h3"
+    with pytest.raises(ConfigError) as e:
+        load_dict(cfg)
+    assert any("clusters[0].http_protocol" in x for x in e.value.errors), e.value.errors
