@@ -10,6 +10,7 @@ from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.h2 cimport H2Connection, H2Consumer
 from fastmesh._core.hpack cimport HeaderList
+from fastmesh._core.http1 cimport HeadParser, ChunkedFramer
 from fastmesh._core.router cimport Route
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
@@ -19,7 +20,8 @@ cdef class ProxyStream:
     cdef:
         H2Downstream ds
         uint32_t ds_id
-        H2Upstream up               # None until an endpoint is chosen
+        H2Upstream up               # None until an endpoint is chosen (HTTP/2 clusters)
+        H1Upstream h1up             # ... or the HTTP/1 connection carrying it (HTTP/1 ones)
         int64_t us_id               # -1 until the upstream stream is open
         Cluster cluster
         Endpoint ep
@@ -62,6 +64,44 @@ cdef class H2Downstream(H2Consumer):
                             bytes reason) except *
     cdef void maybe_done(self, ProxyStream ps) except *
     cdef void begin_drain(self) except *
+
+
+cdef class H1Upstream:
+    # An HTTP/1.1 connection to an endpoint carrying one translated stream at a time:
+    # the request head is made from the HTTP/2 headers, the body goes with its
+    # content-length or chunked (trailers in the last chunk), the response head becomes
+    # HTTP/2 headers (connection-specific fields dropped) and its body DATA, de-chunked.
+    cdef:
+        Cluster cluster
+        Endpoint ep
+        object loop
+        object transport
+        RecvBuffer rbuf
+        HeadParser parser
+        ChunkedFramer chunker
+        ProxyStream ps              # the stream it carries, or None (idle)
+        int body_kind               # BodyKind of the response
+        int64_t body_left
+        bint head_done
+        bint response_done
+        bint request_done
+        bint chunked_request        # the request body goes chunked
+        bint connected
+        bint closed
+        bint reusable
+        bint write_paused
+        bint reading_paused
+        int64_t uncredited          # request bytes written while the socket was full
+        int64_t idle_since_ms
+
+    cdef void begin(self, ProxyStream ps) except *
+    cdef void write_body(self, object data, bint end) except *
+    cdef void write_trailers(self, list trailers) except *
+    cdef void process(self) except *
+    cdef bint response_head(self) except *
+    cdef void response_body(self) except *
+    cdef void maybe_release(self) except *
+    cdef void set_reading(self, bint on) except *
 
 
 cdef class H2Upstream(H2Consumer):

@@ -29,7 +29,9 @@ from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.h2 cimport (H2Connection, H2Consumer, H2Stream, H2_NO_ERROR, H2_CANCEL,
                                  H2_REFUSED_STREAM, H2_INTERNAL_ERROR, H2S_HALF_CLOSED_LOCAL)
 from fastmesh._core.hpack cimport HeaderList
-from fastmesh._core.http1 cimport Head, HeadParser
+from fastmesh._core.http1 cimport (Head, HeadParser, ChunkedFramer, BODY_NONE, BODY_LENGTH,
+                                   BODY_CHUNKED, BODY_CLOSE, PARSE_INCOMPLETE, CH_DONE,
+                                   CH_ERROR)
 from fastmesh._core.router cimport Route, RouteTable, A_DIRECT
 from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL,
                                    LS_RQ_ACTIVE, LS_RSP_1XX, LS_ERR_NO_ROUTE,
@@ -54,6 +56,8 @@ cdef dict GRPC_STATUS = {400: b"13", 401: b"16", 403: b"7", 404: b"12", 429: b"1
 
 # the endpoints' HTTP/2 connections in this worker: Endpoint -> H2Upstream
 cdef dict _pool = {}
+# idle HTTP/1 connections (translated streams), per endpoint: Endpoint -> [H1Upstream]
+cdef dict _h1_idle = {}
 # connections with output waiting, flushed once per read event of any of them
 cdef set _dirty_up = set()
 cdef set _dirty_ds = set()
@@ -119,6 +123,14 @@ cdef class ProxyStream:
     cdef void pump_up(self) except *:
         # request DATA / trailers to the upstream, as far as its windows allow
         cdef H2Upstream up = self.up
+        if self.h1up is not None:
+            while self.to_up and self.h1up.ps is self:
+                item = self.to_up.pop(0)
+                if isinstance(item, list):
+                    self.h1up.write_trailers(item)
+                else:
+                    self.h1up.write_body(item[0], item[1])
+            return
         cdef int64_t sent
         cdef Py_ssize_t n
         cdef bint last
@@ -169,8 +181,10 @@ cdef class ProxyStream:
                 _dirty_up.add(self.up)
             if sent < n:
                 self.to_down[0] = (data[sent:], end)
-                return
+                break
             self.to_down.pop(0)
+        if self.h1up is not None and self.h1up.ps is self:
+            self.h1up.set_reading(not self.to_down)     # the client's window is the limit
 
     cdef void finish(self) except *:
         # the exchange is over (both ends closed, or reset): counters and the maps
@@ -190,6 +204,16 @@ cdef class ProxyStream:
             self.up.open_waiting()
         elif self.up is not None and self in self.up.waiting:
             self.up.waiting.remove(self)
+        if self.h1up is not None and self.h1up.ps is self:
+            if self.h1up.response_done and self.h1up.request_done:
+                self.h1up.maybe_release()
+            else:
+                self.h1up.ps = None         # cut short: the connection is out of step
+                self.h1up.closed = True
+                if self.h1up.connected:
+                    self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+                    self.ep.active_requests -= 1
+                    self.h1up.transport.abort()
 
 
 cdef class H2Downstream(H2Consumer):
@@ -357,6 +381,9 @@ cdef class H2Downstream(H2Consumer):
             self.local_reply(ps, 503, b"no_healthy_upstream")
             return
         ps.ep = ep
+        if not cluster.http2:
+            self.forward_h1(ps)
+            return
         up = _pool.get(ep)
         if up is None or up.closed:
             up = H2UpstreamProtocol(cluster, ep, self.ctx.loop)
@@ -368,6 +395,21 @@ cdef class H2Downstream(H2Consumer):
             _dirty_up.add(up)
         else:
             up.waiting.append(ps)
+
+    def forward_h1(self, ProxyStream ps):
+        # an HTTP/1 connection of the endpoint: an idle pooled one, else a new one
+        cdef H1Upstream h1
+        cdef list idle = _h1_idle.get(ps.ep)
+        while idle:
+            h1 = idle.pop()
+            if not h1.closed and not h1.transport.is_closing():
+                ps.h1up = h1
+                h1.begin(ps)
+                return
+        h1 = H1UpstreamProtocol(ps.cluster, ps.ep, self.ctx.loop)
+        ps.h1up = h1
+        h1.ps = ps
+        h1.connect()
 
     cdef void route_again(self, ProxyStream ps) except *:
         # the upstream refused the stream or went away before processing it: another
@@ -453,6 +495,8 @@ cdef class H2Downstream(H2Consumer):
         if ps.us_id >= 0:
             ps.pump_up()
             _dirty_up.add(ps.up)
+        elif ps.h1up is not None and ps.h1up.ps is ps and ps.h1up.connected:
+            ps.pump_up()
         self.maybe_done(ps)
 
     cpdef on_trailers(self, uint32_t stream_id, HeaderList trailers):
@@ -464,6 +508,8 @@ cdef class H2Downstream(H2Consumer):
         if ps.us_id >= 0:
             ps.pump_up()
             _dirty_up.add(ps.up)
+        elif ps.h1up is not None and ps.h1up.ps is ps and ps.h1up.connected:
+            ps.pump_up()
         self.maybe_done(ps)
 
     cpdef on_reset(self, uint32_t stream_id, uint32_t error_code, bint remote):
@@ -486,6 +532,317 @@ cdef class H2Downstream(H2Consumer):
 
     cpdef on_ping_ack(self, bytes payload):
         pass
+
+
+# connection-specific fields: never carried between HTTP/1 and HTTP/2 (RFC 9113 §8.2.2)
+cdef frozenset HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                       b"transfer-encoding", b"upgrade", b"te", b"host"))
+
+
+cdef class H1Upstream:
+    def __init__(self, Cluster cluster, Endpoint ep, loop):
+        self.cluster = cluster
+        self.ep = ep
+        self.loop = loop
+        self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, RECV_BUFFER_CAP_BYTES)
+        self.parser = HeadParser(False)
+        self.chunker = ChunkedFramer()
+
+    def connect(self):
+        self.cluster.counters.v[CS_CX_TOTAL] += 1
+        task = self.loop.create_task(self.loop.create_connection(lambda: self, self.ep.host,
+                                                                 self.ep.port))
+        task.add_done_callback(self._connected)
+        timeout_s = self.cluster.connect_timeout_ms / 1000.0
+        if timeout_s > 0:
+            self.loop.call_later(timeout_s, _cancel_if_pending, task)
+
+    def _connected(self, task):
+        cdef ProxyStream ps
+        if task.cancelled() or task.exception() is not None:
+            self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            self.ep.cx_connect_fail += 1
+            self.ep.connect_failing = True
+            self.closed = True
+            ps = self.ps
+            self.ps = None
+            if ps is not None and not ps.done:
+                ps.ds.ctx.counters.v[LS_ERR_CONNECT_FAILED] += 1
+                ps.ds.local_reply(ps, 503, b"connect_failed")
+            flush_dirty()
+
+    def connection_made(self, transport):
+        cdef ProxyStream ps = self.ps
+        self.transport = transport
+        self.connected = True
+        self.ep.connect_failing = False
+        self.cluster.counters.v[CS_CX_ACTIVE] += 1
+        transport.set_write_buffer_limits(65536, 16384)
+        if ps is None or ps.done:           # the stream ended while this was connecting
+            self.ps = None
+            self.closed = True
+            transport.close()
+            return
+        self.begin(ps)
+        flush_dirty()
+
+    cdef void begin(self, ProxyStream ps) except *:
+        # the request head, then whatever of the body is here
+        cdef list lines = []
+        cdef bytes method = b"GET", path = b"/", authority = None, name
+        cdef bint has_length = False
+        self.ps = ps
+        self.head_done = self.response_done = self.request_done = False
+        self.reusable = True
+        self.uncredited = 0
+        self.parser.reset()
+        for name, value in ps.request_headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if name in HOP_BY_HOP and not (name == b"te" and value == TE_TRAILERS):
+                if name != b"host" or authority is not None:
+                    continue
+            if name == b"content-length":
+                has_length = True
+            lines.append(name + b": " + value)
+        if authority is not None:
+            lines.insert(0, b"host: " + authority)
+        self.parser.request_was_head = method == b"HEAD"
+        self.chunked_request = not ps.request_ended and not has_length
+        if self.chunked_request:
+            lines.append(b"transfer-encoding: chunked")
+        self.transport.write(method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines)
+                             + (b"\r\n\r\n" if lines else b"\r\n"))
+        ps.cluster.counters.v[CS_RQ_TOTAL] += 1
+        ps.cluster.counters.v[CS_RQ_ACTIVE] += 1
+        self.ep.active_requests += 1
+        self.ep.rq_total += 1
+        if ps.request_ended and not ps.to_up:
+            self.request_done = True
+        ps.pump_up()
+
+    cdef void write_body(self, object data, bint end) except *:
+        cdef Py_ssize_t n = len(data)
+        cdef ProxyStream ps = self.ps
+        if n:
+            if self.chunked_request:
+                self.transport.writelines([b"%x\r\n" % n, data, b"\r\n"])
+            else:
+                self.transport.write(data)
+            ps.body_sent = True
+            if self.write_paused:
+                self.uncredited += n        # given back to the client when the socket drains
+            else:
+                ps.ds.codec.consumed(ps.ds_id, n)
+                _dirty_ds.add(ps.ds)
+        if end:
+            if self.chunked_request:
+                self.transport.write(b"0\r\n\r\n")
+            self.request_done = True
+            self.maybe_release()
+
+    cdef void write_trailers(self, list trailers) except *:
+        # HTTP/2 request trailers: in the last chunk when the body is chunked, else dropped
+        cdef list lines = []
+        if self.chunked_request:
+            for name, value in trailers:
+                lines.append(name + b": " + value + b"\r\n")
+            self.transport.write(b"0\r\n" + b"".join(lines) + b"\r\n")
+        self.request_done = True
+        self.maybe_release()
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rbuf.advance(nbytes)
+        try:
+            self.process()
+            flush_dirty()
+        except BaseException:
+            log.exception("cluster %s: internal error on a translated HTTP/1 upstream",
+                          self.cluster.name)
+            self.transport.abort()
+
+    def eof_received(self):
+        cdef ProxyStream ps = self.ps
+        if ps is not None and self.head_done and self.body_kind == BODY_CLOSE \
+                and not self.response_done:
+            self.response_done = True       # the end of a close-delimited body
+            self.reusable = False
+            ps.to_down.append((b"", True))
+            ps.pump_down()
+            ps.ds.maybe_done(ps)
+            flush_dirty()
+        return False
+
+    def connection_lost(self, exc):
+        cdef ProxyStream ps = self.ps
+        was = self.connected
+        self.closed = True
+        self.connected = False
+        if was:
+            self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        self.ps = None
+        if ps is not None and was:
+            ps.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            ps.h1up = None
+            if not ps.done and not self.response_done:
+                ps.ds.ctx.counters.v[LS_ERR_UPSTREAM_RESET] += 1
+                ps.ds.local_reply(ps, 502, b"upstream_reset")   # (a reset once it started)
+            flush_dirty()
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        cdef ProxyStream ps = self.ps
+        self.write_paused = False
+        if ps is not None and self.uncredited and not ps.done:
+            ps.ds.codec.consumed(ps.ds_id, self.uncredited)
+            _dirty_ds.add(ps.ds)
+            flush_dirty()
+        self.uncredited = 0
+
+    cdef void set_reading(self, bint on) except *:
+        if self.transport is None or self.closed or on != self.reading_paused:
+            return
+        self.reading_paused = not on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    cdef void process(self) except *:
+        if self.ps is None:
+            if self.rbuf.size():                # bytes nobody asked for: out of step
+                self.closed = True
+                self.transport.abort()
+            return
+        if not self.head_done and not self.response_head():
+            return
+        self.response_body()
+
+    cdef bint response_head(self) except *:
+        cdef ProxyStream ps = self.ps
+        cdef Py_ssize_t r
+        cdef Head h
+        cdef list pairs
+        cdef int i
+        cdef bytes name
+        while True:
+            r = self.parser.feed(self.rbuf.head(), self.rbuf.size())
+            if r == PARSE_INCOMPLETE:
+                return False
+            if r < 0:
+                log.warning("cluster %s: bad response from %s:%s: %s", self.cluster.name,
+                            self.ep.host, self.ep.port, self.parser.error_reason.decode())
+                self.reusable = False
+                self.closed = True
+                self.transport.abort()          # connection_lost answers the stream (502)
+                return False
+            self.rbuf.consume(r)
+            h = self.parser.head
+            self.parser.reset()
+            if h.status >= 200:
+                break                           # 1xx: not relayed (as for HTTP/2 upstreams)
+        pairs = [(b":status", str(h.status).encode())]
+        for i in range(h.nfields):
+            if h.fields[i].drop:
+                continue
+            name = h.raw[h.fields[i].name_off:h.fields[i].name_off + h.fields[i].name_len].lower()
+            if name in HOP_BY_HOP:
+                continue
+            pairs.append((name, h.raw[h.fields[i].value_off:
+                                      h.fields[i].value_off + h.fields[i].value_len]))
+        self.head_done = True
+        self.body_kind = h.body_kind
+        self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0
+        self.reusable = not h.conn_close and h.body_kind != BODY_CLOSE
+        if h.body_kind == BODY_CHUNKED:
+            self.chunker.reset()
+        ps.response_started = True
+        ps.status = h.status
+        ps.deadline_ms = 0
+        self.cluster.counters.v[status_class_slot(h.status, CS_RSP_1XX)] += 1
+        ps.ds.ctx.counters.v[status_class_slot(h.status, LS_RSP_1XX)] += 1
+        if h.status >= 500:
+            self.ep.rq_error += 1
+        ps.ds.codec.send_headers(ps.ds_id, pairs, h.body_kind == BODY_NONE)
+        _dirty_ds.add(ps.ds)
+        if h.body_kind == BODY_NONE:
+            self.response_done = True
+            self.maybe_release()
+            ps.ds.maybe_done(ps)
+        return True
+
+    cdef void response_body(self) except *:
+        cdef ProxyStream ps = self.ps
+        cdef Py_ssize_t n, used, off, ln, size
+        if ps is None or self.response_done:
+            return
+        size = self.rbuf.size()
+        if self.body_kind == BODY_LENGTH:
+            n = <Py_ssize_t>min(size, self.body_left)
+            if n:
+                self.body_left -= n
+                ps.to_down.append((self.rbuf.take_slice(n), self.body_left == 0))
+            elif self.body_left == 0:
+                ps.to_down.append((b"", True))
+            self.response_done = self.body_left == 0
+        elif self.body_kind == BODY_CHUNKED:
+            while self.rbuf.size() and self.chunker.state != CH_DONE:
+                used = self.chunker.feed(self.rbuf.head(), self.rbuf.size(), &off, &ln)
+                if self.chunker.state == CH_ERROR:
+                    log.warning("cluster %s: bad chunked body from %s:%s", self.cluster.name,
+                                self.ep.host, self.ep.port)
+                    self.closed = True
+                    self.reusable = False
+                    self.transport.abort()
+                    return
+                if ln:
+                    self.rbuf.consume(off)
+                    ps.to_down.append((self.rbuf.take_slice(ln), False))
+                    self.rbuf.consume(used - off - ln)
+                else:
+                    self.rbuf.consume(used)
+            if self.chunker.state == CH_DONE:
+                ps.to_down.append((b"", True))
+                self.response_done = True
+        elif size:                              # BODY_CLOSE: until the connection ends
+            ps.to_down.append((self.rbuf.take_slice(size), False))
+        ps.pump_down()
+        if self.response_done:
+            if self.rbuf.size():
+                self.reusable = False
+            self.maybe_release()
+            ps.ds.maybe_done(ps)
+
+    cdef void maybe_release(self) except *:
+        # both directions done: back to the endpoint's idle list (or closed)
+        cdef ProxyStream ps = self.ps
+        if not (self.response_done and self.request_done):
+            return
+        if ps is not None:
+            ps.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            self.ps = None
+        if not self.connected or self.closed:
+            return
+        if not self.reusable or self.ep.removed:
+            self.closed = True
+            self.transport.close()
+            return
+        self.set_reading(True)
+        self.idle_since_ms = now_ms()
+        _h1_idle.setdefault(self.ep, []).append(self)
 
 
 cdef class H2Upstream(H2Consumer):
@@ -721,6 +1078,10 @@ class H2DownstreamProtocol(H2Downstream, asyncio.BufferedProtocol):
 
 
 class H2UpstreamProtocol(H2Upstream, asyncio.BufferedProtocol):
+    pass
+
+
+class H1UpstreamProtocol(H1Upstream, asyncio.BufferedProtocol):
     pass
 
 

@@ -201,23 +201,6 @@ def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = No
         else:
             clusters[name] = cl
 
-    for lst, ch in [(lst, ch) for lst in listeners if lst is not None for ch in lst.chains()]:
-        # an http2 listener speaks HTTP/2 to its clusters (no HTTP/2 -> HTTP/1 translation yet)
-        table = route_tables.get(ch.route_table) if ch.route_table else None
-        if ch.protocol != "http2" or table is None:
-            continue
-        for vh in table.virtual_hosts:
-            for i, r in enumerate(vh.routes if vh is not None else ()):
-                names = ([r.cluster] if r is not None and r.cluster else []) + \
-                    [w.cluster for w in (r.weighted_clusters if r is not None else ())]
-                for n in names:
-                    cl = clusters.get(n)
-                    if cl is not None and cl.http_protocol != "http2":
-                        c.err(f"route_tables.{ch.route_table}.routes[{i}]",
-                              f"http2 listener {lst.name!r} routes to cluster {n!r}, which "
-                              "speaks HTTP/1 (HTTP/2 to HTTP/1 is not supported yet): give it "
-                              "http_protocol: http2")
-
     kw: dict[str, Any] = {}
     if "workers" in data:
         w = data["workers"]
