@@ -696,8 +696,9 @@ def _chain_target(c: _Checker, m: dict, p: str, protocol: Optional[str],
 
 def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
                     known_tables: Optional[set], known_clusters: Optional[set]) -> tuple:
-    """protocol: auto, the short form: HTTP/1 requests to route_table, Bolt calls to
-    bolt_route_table, anything else (TLS included, passed through) to cluster."""
+    """protocol: auto, the short form: HTTP requests (HTTP/1, or HTTP/2 with prior
+    knowledge: Envoy's codec_type AUTO) to route_table, Bolt calls to bolt_route_table,
+    anything else (TLS included, passed through) to cluster."""
     chains = []
     name = name or "listener"
     if "route_table" in m:
@@ -705,6 +706,8 @@ def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
                               known_clusters)
         chains.append(FilterChain(name=f"{name}/http1", protocol="http1", route_table=rt,
                                   match=ChainMatch(application_protocols=HTTP1_PROTOCOLS)))
+        chains.append(FilterChain(name=f"{name}/http2", protocol="http2", route_table=rt,
+                                  match=ChainMatch(application_protocols=("h2c",))))
     if "bolt_route_table" in m:
         rt, _ = _chain_target(c, {"route_table": m["bolt_route_table"]}, p, "bolt",
                               known_tables, known_clusters)
@@ -715,7 +718,7 @@ def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
                               known_clusters)
         chains.append(FilterChain(name=f"{name}/tcp", protocol="tcp", cluster=cl, default=True))
     if not chains:
-        c.err(p, "protocol: auto needs at least one of route_table (HTTP/1), bolt_route_table "
+        c.err(p, "protocol: auto needs at least one of route_table (HTTP), bolt_route_table "
                  "(Bolt) and cluster (anything else, as TCP)")
     return tuple(chains)
 
