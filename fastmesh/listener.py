@@ -100,7 +100,7 @@ def stop_listening(sock: socket.socket) -> None:
 
 
 def _ctx_for(cfg: model.Listener, loop, counters=None) -> ListenerCtx:
-    return ListenerCtx(
+    ctx = ListenerCtx(
         cfg.name, loop, counters=counters,
         max_head_bytes=cfg.max_head_bytes, max_headers=cfg.max_headers,
         max_request_body_bytes=cfg.max_request_body_bytes,
@@ -109,6 +109,8 @@ def _ctx_for(cfg: model.Listener, loop, counters=None) -> ListenerCtx:
         stream_idle_timeout_ms=cfg.stream_idle_timeout_ms,
         high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
         max_in_flight=cfg.max_in_flight, accept_http_10=cfg.accept_http_10)
+    ctx.accept_h2c = cfg.codec == "auto"
+    return ctx
 
 
 def _set_limits(c: ListenerCtx, cfg: model.Listener) -> None:
@@ -120,6 +122,7 @@ def _set_limits(c: ListenerCtx, cfg: model.Listener) -> None:
     c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
     c.max_in_flight = cfg.max_in_flight
     c.accept_http_10 = cfg.accept_http_10
+    c.accept_h2c = cfg.codec == "auto"
 
 
 _SWEEPS = {"http1": http_proxy.sweep_downstreams, "tcp": tcp_proxy.sweep_downstreams}

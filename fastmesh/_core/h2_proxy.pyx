@@ -1085,6 +1085,22 @@ class H1UpstreamProtocol(H1Upstream, asyncio.BufferedProtocol):
     pass
 
 
+def take_over(ListenerCtx ctx, transport, bytes data):
+    """An HTTP/1 connection opened with the HTTP/2 preface (codec: auto): an HTTP/2 session
+    takes the transport and the bytes read so far."""
+    cdef H2Downstream ds = H2DownstreamProtocol(ctx)
+    transport.set_protocol(ds)
+    ds.connection_made(transport)
+    ds.rbuf.py_feed(data)
+    try:
+        ds.codec.receive(ds.rbuf)
+        ds.flush()
+        flush_dirty()
+    except BaseException:
+        log.exception("listener %s: internal error on an HTTP/2 connection", ctx.name)
+        transport.abort()
+
+
 cdef int64_t _last_upstream_sweep_ms = 0
 
 

@@ -642,6 +642,10 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
             _access_log(c, m["access_log"], f"{p}.access_log", protocols, kw)
         if "accept_http_10" in m:
             kw["accept_http_10"] = c.boolean(m["accept_http_10"], f"{p}.accept_http_10")
+        if "codec" in m:
+            kw["codec"] = c.choice(m["codec"], f"{p}.codec", "codec", ("http1", "auto"))
+            if kw["codec"] == "auto" and protocol != "http1":
+                c.err(f"{p}.codec", "only http1 listeners have a codec choice")
         for name, parse in (("fault", _fault), ("local_rate_limit", _local_rate_limit)):
             if m.get(name) is not None:
                 if "http1" not in protocols:

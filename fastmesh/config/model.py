@@ -242,6 +242,8 @@ class Listener:
     access_log: Optional[str] = None              # HTTP/1, Bolt: append a line per request to this file
     access_log_format: Optional[str] = None       # Envoy-style %OPERATOR% text (None: the default line)
     access_log_json: tuple[tuple[str, str], ...] = ()   # JSON lines: (key, operator text) pairs
+    codec: str = "http1"                          # http1 listeners: http1 | auto (HTTP/2 with
+                                                  # prior knowledge too, by its preface)
     accept_http_10: bool = True                   # HTTP/1: serve HTTP/1.0 requests; False
                                                   # answers them 426 (Envoy's default)
     http_filters: tuple[str, ...] = ()            # HTTP/1: HTTP_FILTERS in chain order

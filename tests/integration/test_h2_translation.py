@@ -130,3 +130,22 @@ def test_slow_client_window_holds_the_upstream(proxy):
     rss_kib = int(open(f"/proc/{proxy.pid}/status").read().split("VmRSS:")[1].split()[0])
     assert rss_kib < 200 * 1024                       # the 20 MB body is not in the proxy
     s.close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_http1_listener_with_codec_auto_serves_h2c(start_upstream, start_fastmesh, loop):
+    """codec: auto on an http1 listener: a connection that opens with the HTTP/2 preface is
+    served as HTTP/2 (Envoy's codec_type AUTO); HTTP/1.1 is unchanged."""
+    up = start_upstream("web", loop)
+    cfg = _cfg(up)
+    cfg["listeners"][0].update(protocol="http1", codec="auto")
+    fm = start_fastmesh(cfg, loop=loop)
+    assert curl(fm, "/bytes/70000")[:3] == (200, "2", 0)
+    assert curl(fm, "/bytes/70000", "--http1.1")[:3] == (200, "1.1", 0)
+    st = fm.listener_stats("h2")
+    assert st["downstream_cx_total"] == 2 and st["downstream_rsp_2xx"] == 2
+    # without codec: auto the preface is a bad HTTP/1 request
+    cfg["listeners"][0]["codec"] = "http1"
+    fm2 = start_fastmesh(cfg, loop=loop)
+    code, _, rc, _ = curl(fm2, "/")
+    assert rc != 0
