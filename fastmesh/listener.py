@@ -100,7 +100,7 @@ def stop_listening(sock: socket.socket) -> None:
 
 
 def _ctx_for(cfg: model.Listener, loop, counters=None) -> ListenerCtx:
-    return ListenerCtx(
+    ctx = ListenerCtx(
         cfg.name, loop, counters=counters,
         max_head_bytes=cfg.max_head_bytes, max_headers=cfg.max_headers,
         max_request_body_bytes=cfg.max_request_body_bytes,
@@ -109,6 +109,8 @@ def _ctx_for(cfg: model.Listener, loop, counters=None) -> ListenerCtx:
         stream_idle_timeout_ms=cfg.stream_idle_timeout_ms,
         high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
         max_in_flight=cfg.max_in_flight, accept_http_10=cfg.accept_http_10)
+    ctx.accept_h2c = cfg.codec == "auto"
+    return ctx
 
 
 def _set_limits(c: ListenerCtx, cfg: model.Listener) -> None:
@@ -120,6 +122,7 @@ def _set_limits(c: ListenerCtx, cfg: model.Listener) -> None:
     c.high_water_bytes, c.low_water_bytes = cfg.high_water_bytes, cfg.low_water_bytes
     c.max_in_flight = cfg.max_in_flight
     c.accept_http_10 = cfg.accept_http_10
+    c.accept_h2c = cfg.codec == "auto"
 
 
 _SWEEPS = {"http1": http_proxy.sweep_downstreams, "tcp": tcp_proxy.sweep_downstreams}
@@ -137,6 +140,9 @@ class Chain:
             self.factory = lambda: http_proxy.HttpDownstreamProtocol(ctx)
         elif cfg.protocol == "tcp":
             self.factory = lambda: tcp_proxy.TcpDownstreamProtocol(ctx)
+        elif cfg.protocol == "http2":
+            from fastmesh._core import h2_proxy
+            self.factory = lambda: h2_proxy.H2DownstreamProtocol(ctx)
         else:
             from fastmesh._core import bolt_proxy
             self.factory = lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
@@ -148,8 +154,11 @@ class Chain:
     def sweep(self, now: int) -> None:
         fn = _SWEEPS.get(self.cfg.protocol)
         if fn is None:
-            from fastmesh._core import bolt_proxy
-            fn = bolt_proxy.sweep_downstreams
+            if self.cfg.protocol == "http2":
+                from fastmesh._core import h2_proxy as mod
+            else:
+                from fastmesh._core import bolt_proxy as mod
+            fn = mod.sweep_downstreams
         fn(self.ctx, now)
 
 
@@ -227,7 +236,7 @@ class Listener:
     def apply_snapshot(self, snap) -> None:
         """Point new requests at the snapshot's route tables / clusters."""
         for ch in self.chains.values():
-            if ch.protocol in ("http1", "bolt"):
+            if ch.protocol in ("http1", "http2", "bolt"):
                 ch.ctx.route_table = snap.route_tables[ch.cfg.route_table]
             else:
                 ch.ctx.tcp_cluster = snap.clusters[ch.cfg.cluster]

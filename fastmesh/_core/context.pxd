@@ -29,6 +29,8 @@ cdef class ListenerCtx:
         public int low_water_bytes
         public int max_in_flight
         public bint accept_http_10        # HTTP/1: False answers HTTP/1.0 requests 426
+        public bint accept_h2c            # HTTP/1: the HTTP/2 preface hands the connection
+                                          # to the HTTP/2 session (codec: auto)
         # HTTP filters in chain order (FilterKind), None when the listener has none
         public tuple http_filters
         public FaultPolicy fault          # the listener's own configs (routes may replace)

@@ -60,6 +60,7 @@ cdef class HttpDownstream:
         bint reading_paused         # what we last told the transport
         bint write_paused           # client's write buffer above high water
         bint in_process             # inside the head loop (no re-entry)
+        bint served                 # a request was started on this connection
         list out                    # bytes for the client, written once per event (_flush)
         bint closing_flush          # _close() flushes before closing
         # the request in progress
@@ -113,6 +114,7 @@ cdef class HttpDownstream:
     #    connection_lost, pause_writing, resume_writing
     # -- request lifecycle
     cdef void _process(self)
+    cdef void _to_http2(self)
     cdef void _start_request(self)
     cdef void _acquire_upstream(self)
     cdef void _open_connection(self)

@@ -7,7 +7,7 @@ from fastmesh.ratelog import RateLimitedLog
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from fastmesh._core cimport debug
 from fastmesh._core.buffer cimport RecvBuffer, Slice
@@ -200,6 +200,10 @@ cdef class HttpDownstream:
                             self._set_deadline(DL_HEAD, self.ctx.request_head_timeout_ms)
                         return
                     if r < 0:
+                        if (self.ctx.accept_h2c and not self.served and self.rbuf.size() >= 18
+                                and memcmp(self.rbuf.head(), b"PRI * HTTP/2.0\r\n\r\n", 18) == 0):
+                            self._to_http2()        # the HTTP/2 preface (codec: auto)
+                            return
                         if r == PARSE_TOO_LARGE:
                             self._fail_and_linger(431, b"head_too_large", LS_ERR_HEAD_TOO_LARGE)
                         else:
@@ -226,12 +230,27 @@ cdef class HttpDownstream:
         finally:
             self.in_process = False
 
+    cdef void _to_http2(self):
+        # Hand this connection, and what it sent, to the HTTP/2 session: it counts the
+        # connection from now on
+        from fastmesh._core import h2_proxy
+        data = self.rbuf.py_peek()
+        self.rbuf.consume(self.rbuf.size())
+        self.state = DS_CLOSED
+        self.deadline_ms = 0
+        self.ctx.conns.discard(self)
+        self.ctx.counters.v[LS_CX_ACTIVE] -= 1
+        self.ctx.counters.v[LS_CX_TOTAL] -= 1
+        h2_proxy.take_over(self.ctx, self.transport, data)
+        self.transport = None
+
     cdef void _start_request(self):
         cdef Head h = self.req
         cdef RouteTable table = self.ctx.route_table
         cdef Route route
         cdef Cluster cluster
         cdef Endpoint ep
+        self.served = True
         self.ctx.counters.v[LS_RQ_TOTAL] += 1
         self.ctx.counters.v[LS_RQ_ACTIVE] += 1
         self.rsp_status = 0

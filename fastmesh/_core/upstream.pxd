@@ -68,6 +68,7 @@ cdef class Cluster:
         readonly int max_idle_per_endpoint
         readonly int idle_timeout_ms
         readonly int connections_per_endpoint
+        public bint http2           # HTTP/2 (h2c, prior knowledge) to the endpoints
         readonly int heartbeat_interval_ms
         readonly int heartbeat_max_missed
         # health

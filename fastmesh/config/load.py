@@ -642,6 +642,10 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
             _access_log(c, m["access_log"], f"{p}.access_log", protocols, kw)
         if "accept_http_10" in m:
             kw["accept_http_10"] = c.boolean(m["accept_http_10"], f"{p}.accept_http_10")
+        if "codec" in m:
+            kw["codec"] = c.choice(m["codec"], f"{p}.codec", "codec", ("http1", "auto"))
+            if kw["codec"] == "auto" and protocol != "http1":
+                c.err(f"{p}.codec", "only http1 listeners have a codec choice")
         for name, parse in (("fault", _fault), ("local_rate_limit", _local_rate_limit)):
             if m.get(name) is not None:
                 if "http1" not in protocols:
@@ -696,8 +700,9 @@ def _chain_target(c: _Checker, m: dict, p: str, protocol: Optional[str],
 
 def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
                     known_tables: Optional[set], known_clusters: Optional[set]) -> tuple:
-    """protocol: auto, the short form: HTTP/1 requests to route_table, Bolt calls to
-    bolt_route_table, anything else (TLS included, passed through) to cluster."""
+    """protocol: auto, the short form: HTTP requests (HTTP/1, or HTTP/2 with prior
+    knowledge: Envoy's codec_type AUTO) to route_table, Bolt calls to bolt_route_table,
+    anything else (TLS included, passed through) to cluster."""
     chains = []
     name = name or "listener"
     if "route_table" in m:
@@ -705,6 +710,8 @@ def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
                               known_clusters)
         chains.append(FilterChain(name=f"{name}/http1", protocol="http1", route_table=rt,
                                   match=ChainMatch(application_protocols=HTTP1_PROTOCOLS)))
+        chains.append(FilterChain(name=f"{name}/http2", protocol="http2", route_table=rt,
+                                  match=ChainMatch(application_protocols=("h2c",))))
     if "bolt_route_table" in m:
         rt, _ = _chain_target(c, {"route_table": m["bolt_route_table"]}, p, "bolt",
                               known_tables, known_clusters)
@@ -715,7 +722,7 @@ def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
                               known_clusters)
         chains.append(FilterChain(name=f"{name}/tcp", protocol="tcp", cluster=cl, default=True))
     if not chains:
-        c.err(p, "protocol: auto needs at least one of route_table (HTTP/1), bolt_route_table "
+        c.err(p, "protocol: auto needs at least one of route_table (HTTP), bolt_route_table "
                  "(Bolt) and cluster (anything else, as TCP)")
     return tuple(chains)
 
@@ -1527,6 +1534,9 @@ def _clusters(c: _Checker, raw: Any) -> dict:
                 c.err(ep, "unequal weights with maglev: " + "not supported yet")
         if "lb_policy" in m:
             kw["lb_policy"] = c.choice(m["lb_policy"], f"{p}.lb_policy", "policy", LB_POLICIES)
+        if "http_protocol" in m:
+            kw["http_protocol"] = c.choice(m["http_protocol"], f"{p}.http_protocol",
+                                           "HTTP protocol", ("http1", "http2"))
         for f in _CLUSTER_FIELDS.values():
             if f.type == "int" and f.name in m and f.name != "healthy_panic_threshold_pct":
                 kw[f.name] = c.integer(m[f.name], f"{p}.{f.name}", lo=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-PROTOCOLS = ("http1", "bolt", "tcp")
+PROTOCOLS = ("http1", "http2", "bolt", "tcp")   # http2: h2c with prior knowledge
 LISTENER_PROTOCOLS = PROTOCOLS + ("auto",)         # auto: sniffed per connection
 INSPECTORS = ("http", "tls", "bolt")               # what a listener reads first bytes for
 TRANSPORT_PROTOCOLS = ("raw_buffer", "tls")
@@ -214,7 +214,7 @@ class ChainMatch:
 class FilterChain:
     """One way a listener serves a connection: a protocol and where it goes."""
     name: str
-    protocol: str                                 # http1 | bolt | tcp
+    protocol: str                                 # http1 | http2 | bolt | tcp
     match: ChainMatch = ChainMatch()
     route_table: Optional[str] = None             # http1 and bolt
     cluster: Optional[str] = None                 # tcp
@@ -225,8 +225,8 @@ class FilterChain:
 class Listener:
     name: str
     address: Address
-    protocol: str = "http1"                       # http1 | bolt | tcp
-    route_table: Optional[str] = None             # http1 and bolt: required
+    protocol: str = "http1"                       # http1 | http2 | bolt | tcp
+    route_table: Optional[str] = None             # http1, http2 and bolt: required
     cluster: Optional[str] = None                 # tcp: required (where bytes go)
     max_head_bytes: int = 65536                   # HTTP/1 request head limit (431 above)
     max_headers: int = 100                        # HTTP/1 header count limit (431 above)
@@ -242,6 +242,8 @@ class Listener:
     access_log: Optional[str] = None              # HTTP/1, Bolt: append a line per request to this file
     access_log_format: Optional[str] = None       # Envoy-style %OPERATOR% text (None: the default line)
     access_log_json: tuple[tuple[str, str], ...] = ()   # JSON lines: (key, operator text) pairs
+    codec: str = "http1"                          # http1 listeners: http1 | auto (HTTP/2 with
+                                                  # prior knowledge too, by its preface)
     accept_http_10: bool = True                   # HTTP/1: serve HTTP/1.0 requests; False
                                                   # answers them 426 (Envoy's default)
     http_filters: tuple[str, ...] = ()            # HTTP/1: HTTP_FILTERS in chain order
@@ -362,6 +364,7 @@ class Cluster:
     max_idle_per_endpoint: int = 64               # HTTP/1 idle pooled connections kept
     idle_timeout_ms: int = 60000                  # close a pooled upstream connection idle this long
     connections_per_endpoint: int = 1             # Bolt: multiplexed connections per endpoint
+    http_protocol: str = "http1"                  # HTTP to the endpoints: http1 | http2 (h2c)
     heartbeat_interval_ms: int = 15000            # Bolt: heartbeat an idle upstream this often
     heartbeat_max_missed: int = 3                 # Bolt: close the upstream after this many misses
     health_check: Optional[HealthCheck] = None

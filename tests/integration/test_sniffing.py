@@ -8,6 +8,7 @@ Interception with iptables in network namespaces is in test_sidecar_netns.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -342,12 +343,28 @@ def test_sniff_timeout_close_when_told(peers, start_fastmesh):
     assert fm.listener_stats("auto")["sniff_timeout"] == 1
 
 
-def test_h2c_preface_is_not_http1(peers, start_fastmesh):
+def test_h2c_preface_goes_to_http2(peers, start_fastmesh):
+    """The HTTP/2 preface is neither HTTP/1 nor TCP: the listener's HTTP/2 chain answers it
+    with its SETTINGS (Envoy's codec_type AUTO)."""
     fm = start_fastmesh(auto_config(peers))
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-    assert tcp_call(fm.port, preface, expect=len(preface) + 5) == b"echo:" + preface
+    out = tcp_call(fm.port, preface + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", expect=9)
+    assert out[3] == 4 and out[4] == 0, out          # a SETTINGS frame (not an ack)
     st = fm.listener_stats("auto")
     assert st["sniffed_h2c"] == 1
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl missing")
+def test_http1_and_h2c_on_one_port(peers, start_fastmesh, loop_kind):
+    fm = start_fastmesh(auto_config(peers), loop=loop_kind)
+    for flag, version in (("--http1.1", "1.1"), ("--http2-prior-knowledge", "2")):
+        out = subprocess.run(["curl", "-s", flag, "-o", "/dev/null", "-w",
+                              "%{http_code} %{http_version}",
+                              f"http://127.0.0.1:{fm.port}/hello/echo"],
+                             capture_output=True, text=True, timeout=30).stdout
+        assert out == f"200 {version}", (flag, out)
+    st = fm.listener_stats("auto")
+    assert st["sniffed_h2c"] == 1 and st["sniffed_http1"] == 1
 
 
 def test_client_half_close_while_sniffing(peers, start_fastmesh):

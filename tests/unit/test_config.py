@@ -383,7 +383,7 @@ def test_listener_address_conflicts_with_admin():
 
 def test_listener_protocol_unknown():
     assert error(with_listener(protocol="h2")) == \
-        "listeners[0].protocol: unknown protocol 'h2' (expected one of: http1, bolt, tcp, auto)"
+        "listeners[0].protocol: unknown protocol 'h2' (expected one of: http1, http2, bolt, tcp, auto)"
 
 
 @pytest.mark.parametrize("protocol", ["http1", "bolt"])
@@ -946,7 +946,7 @@ def test_broken_cluster_still_counts_for_references():
 def test_all_errors_reported_together():
     d = base()
     d["listeners"][0]["adress"] = "127.0.0.1:1"
-    d["listeners"][0]["protocol"] = "http2"
+    d["listeners"][0]["protocol"] = "http3"
     d["route_tables"]["web"]["routes"].append({"match": {"prefix": "x"}, "cluster": "nope"})
     d["clusters"][1]["lb_policy"] = "foo"
     d["clusters"].append({"name": "c", "endpoints": ["127.0.0.1:0"]})
@@ -957,7 +957,7 @@ def test_all_errors_reported_together():
     expected = [
         "typo: unknown key",
         "listeners[0].adress: unknown key",
-        "listeners[0].protocol: unknown protocol 'http2' (expected one of: http1, bolt, tcp, auto)",
+        "listeners[0].protocol: unknown protocol 'http3' (expected one of: http1, http2, bolt, tcp, auto)",
         "route_tables.web.routes[1].match.prefix: must start with \"/\", got 'x'",
         "route_tables.web.routes[1].cluster: no cluster named 'nope'",
         "clusters[1].lb_policy: unknown policy 'foo' (expected one of: round_robin, random, " \

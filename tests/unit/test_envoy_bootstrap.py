@@ -217,7 +217,7 @@ def test_http_listener_defaults_are_envoys():
     assert lst == Listener(name="http", address=Address("127.0.0.1", 10000), protocol="http1",
                            route_table="web", max_head_bytes=60 * 1024, max_headers=100,
                            idle_timeout_ms=3600000, stream_idle_timeout_ms=300000,
-                           accept_http_10=False)
+                           accept_http_10=False, codec="auto")   # codec_type AUTO: h2c too
 
 
 def sample_listener_options():
@@ -232,6 +232,24 @@ def sample_listener_options():
     h["normalize_path"] = False
     h["http_protocol_options"] = {"accept_http_10": True}
     return b
+
+
+def test_http2_codecs_and_clusters():
+    b = bootstrap()
+    hcm(b)["codec_type"] = "HTTP2"
+    hcm(b)["http2_protocol_options"] = {"max_concurrent_streams": 50}
+    cl = b["static_resources"]["clusters"][0]
+    cl["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
+    cfg = load_bootstrap(b)
+    assert cfg.listeners[0].protocol == "http2"
+    assert cfg.clusters[cl["name"]].http_protocol == "http2"
+    hcm(b)["codec_type"] = "HTTP1"
+    assert load_bootstrap(b).listeners[0].codec == "http1"
+    hcm(b)["http2_protocol_options"] = {"allow_connect": True}
+    assert any("allow_connect" in e and "not supported yet" in e for e in errors_of(b))
 
 
 def test_http_listener_options():
@@ -312,7 +330,7 @@ def test_optional_and_disabled_http_filters_are_skipped_with_a_note(caplog):
 
 
 LISTENER_REFUSALS = [
-    (lambda b: hcm(b).update(codec_type="HTTP2"), f"{HCM}.codec_type", "HTTP2: not supported"),
+    (lambda b: hcm(b).update(codec_type="HTTP3"), f"{HCM}.codec_type", "HTTP3: not supported"),
     (lambda b: hcm(b).update(codec_type="SPDY"), f"{HCM}.codec_type", "unknown codec_type"),
     (lambda b: (hcm(b).pop("route_config"),
                 hcm(b).update(rds={"route_config_name": "x", "config_source": {"ads": {}}})),
@@ -815,7 +833,7 @@ def test_top_level_refusals(change, path, msg):
 
 def test_all_errors_are_collected():
     b = bootstrap()
-    hcm(b)["codec_type"] = "HTTP2"
+    hcm(b)["codec_type"] = "HTTP3"
     route0(b)["route"]["prefix_rewrite"] = "/"
     b["static_resources"]["clusters"][0]["type"] = "EDS"
     b["static_resources"]["clusters"][1]["outlier_detection"] = {"enforcing_success_rate": 9}
@@ -829,11 +847,11 @@ def test_all_errors_are_collected():
 
 def test_camel_case_paths_are_reported_as_written():
     b = camel(bootstrap())
-    hcm_of(b)["codecType"] = "HTTP2"
+    hcm_of(b)["codecType"] = "HTTP3"
     b["staticResources"]["clusters"][0]["lbPolicy"] = "CLUSTER_PROVIDED"
     errs = errors_of(b)
     assert any(e.startswith("staticResources.listeners[0].filterChains[0].filters[0]."
-                            "typedConfig.codecType: HTTP2") for e in errs), errs
+                            "typedConfig.codecType: HTTP3") for e in errs), errs
     assert any(e.startswith("staticResources.clusters[0].lbPolicy: CLUSTER_PROVIDED")
                for e in errs)
 
@@ -865,13 +883,13 @@ def test_cli_validate_accepts_a_bootstrap(tmp_path):
 
 def test_cli_validate_lists_every_refusal(tmp_path):
     b = bootstrap()
-    hcm(b)["codec_type"] = "HTTP2"
+    hcm(b)["codec_type"] = "HTTP3"
     b["static_resources"]["clusters"][0]["type"] = "EDS"
     f = tmp_path / "envoy.yaml"
     f.write_text(yaml.safe_dump(b))
     r = _validate(f)
     assert r.returncode == 1
-    assert f"{f}: {HCM}.codec_type: HTTP2: not supported yet" in r.stderr
+    assert f"{f}: {HCM}.codec_type: HTTP3: not supported yet" in r.stderr
     assert f"{f}: {CL0}.type: EDS needs ADS" in r.stderr
     assert "2 problem(s)" in r.stderr
 

@@ -149,7 +149,7 @@ def test_native_errors_are_clear():
             load_dict(d)
         return ei.value.errors
     assert err({"protocol": "auto"}) == [
-        "listeners[0]: protocol: auto needs at least one of route_table (HTTP/1), "
+        "listeners[0]: protocol: auto needs at least one of route_table (HTTP), "
         "bolt_route_table (Bolt) and cluster (anything else, as TCP)"]
     assert err({"filter_chains": [{"match": {"destination_port": 80}, "cluster": "c"},
                                   {"match": {"destination_port": 80}, "cluster": "c"}]}) == [

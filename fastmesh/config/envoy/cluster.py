@@ -34,7 +34,7 @@ _CLUSTER_FIELDS = {
     "eds_cluster_config": "EDS needs ADS: " + NOT_YET,
     "cluster_type": "custom cluster types: " + NOT_YET,
     "typed_extension_protocol_options": None,
-    "http2_protocol_options": "upstream HTTP/2: " + NOT_YET,
+    "http2_protocol_options": None,             # deprecated: HTTP/2 to the endpoints
     "common_lb_config": None,
     "original_dst_lb_config": None, "cleanup_interval": None,
     "load_balancing_policy": "load_balancing_policy: " + NOT_YET,
@@ -140,6 +140,41 @@ def _shared_options(c: EnvoyChecker, m, kw: dict) -> None:
     if "common_lb_config" in m:
         _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
     _protocol_options(c, m, kw)
+    if "http2_protocol_options" in m:           # the deprecated cluster field: HTTP/2 too
+        _http2_options(c, m.get("http2_protocol_options"), m.p("http2_protocol_options"))
+        kw["http_protocol"] = "http2"
+
+
+# HTTP/2 protocol options fastmesh reads; the settings it does not apply yet are noted
+_HTTP2_FIELDS = {
+    "hpack_table_size": None, "max_concurrent_streams": None,
+    "initial_stream_window_size": None, "initial_connection_window_size": None,
+    "max_outbound_frames": None, "max_outbound_control_frames": None,
+    "max_consecutive_inbound_frames_with_empty_payload": None,
+    "max_inbound_priority_frames_per_stream": None,
+    "max_inbound_window_update_frames_per_data_frame_sent": None,
+    "stream_error_on_invalid_http_messaging": None,
+    "override_stream_error_on_invalid_http_message": None,
+    "allow_connect": "extended CONNECT: " + NOT_YET,
+    "allow_metadata": "METADATA frames: " + NOT_YET,
+    "custom_settings_parameters": "custom SETTINGS: " + NOT_YET,
+    "connection_keepalive": "HTTP/2 PING keepalive: " + NOT_YET,
+    "use_oghttp2_codec": None,
+    "max_metadata_size": "METADATA frames: " + NOT_YET,
+    "enable_huffman_encoding_for_headers": None,
+}
+
+
+def _http2_options(c: EnvoyChecker, raw, p: str) -> None:
+    o = c.message(raw if raw is not None else {}, p, _HTTP2_FIELDS)
+    if o is None:
+        return
+    tuned = [k for k in ("hpack_table_size", "max_concurrent_streams",
+                         "initial_stream_window_size", "initial_connection_window_size")
+             if k in o]
+    if tuned:
+        c.note(p, f"{', '.join(tuned)}: fastmesh's HTTP/2 defaults apply for now (100 "
+                  "streams, 256 KiB stream and 1 MiB connection windows, 4096-byte HPACK table)")
 
 
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -196,10 +231,14 @@ def _protocol_options(c: EnvoyChecker, m, kw: dict) -> None:
         if "explicit_http_config" in o:
             ec = c.message(o.get("explicit_http_config"), o.p("explicit_http_config"), {
                 "http_protocol_options": None,
-                "http2_protocol_options": "upstream HTTP/2: " + NOT_YET,
+                "http2_protocol_options": None,
                 "http3_protocol_options": "upstream HTTP/3: " + NOT_YET})
             if ec is not None and "http_protocol_options" in ec:
                 _http1_options(c, ec.get("http_protocol_options"), ec.p("http_protocol_options"))
+            if ec is not None and "http2_protocol_options" in ec:
+                _http2_options(c, ec.get("http2_protocol_options"),
+                               ec.p("http2_protocol_options"))
+                kw["http_protocol"] = "http2"
         if "use_downstream_protocol_config" in o:
             # fastmesh's listeners speak HTTP/1, so "the downstream's protocol" is HTTP/1
             dc = c.message(o.get("use_downstream_protocol_config"),
@@ -208,6 +247,11 @@ def _protocol_options(c: EnvoyChecker, m, kw: dict) -> None:
                                "http3_protocol_options": None})
             if dc is not None and "http_protocol_options" in dc:
                 _http1_options(c, dc.get("http_protocol_options"), dc.p("http_protocol_options"))
+            if dc is not None and "http2_protocol_options" in dc:
+                _http2_options(c, dc.get("http2_protocol_options"),
+                               dc.p("http2_protocol_options"))
+                c.note(dc.p("http2_protocol_options"), "the downstream's protocol is not "
+                       "followed yet: HTTP/2 clients reach this cluster over HTTP/1.1")
 
 
 def _http1_options(c: EnvoyChecker, raw, p: str) -> None:

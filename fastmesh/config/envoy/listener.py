@@ -72,7 +72,7 @@ _HCM_FIELDS = {
     "access_log": None,
     "tracing": "tracing: " + NOT_YET,
     "http_protocol_options": None,
-    "http2_protocol_options": "HTTP/2: " + NOT_YET,
+    "http2_protocol_options": None,
     "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
     "use_remote_address": None, "xff_num_trusted_hops": None,
     "server_name": "server_name: " + NOT_YET,
@@ -425,10 +425,17 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
     c.text(c.need(m, "stat_prefix"), m.p("stat_prefix"), nonempty=False)
     if "access_log" in m:
         _access_logs(c, m.get("access_log"), m.p("access_log"), kw)
-    if "codec_type" in m:
-        codec = c.enum(m.get("codec_type"), m.p("codec_type"), _CODECS, "codec_type")
-        if codec in ("HTTP2", "HTTP3"):
-            c.err(m.p("codec_type"), f"{codec}: {NOT_YET} (fastmesh listeners speak HTTP/1)")
+    codec = c.enum(m.get("codec_type"), m.p("codec_type"), _CODECS, "codec_type") \
+        if "codec_type" in m else "AUTO"
+    if codec == "HTTP3":
+        c.err(m.p("codec_type"), f"HTTP3: {NOT_YET}")
+    elif codec == "HTTP2":
+        kw["protocol"] = "http2"
+    elif codec == "AUTO":
+        kw["codec"] = "auto"                # HTTP/1, and HTTP/2 with prior knowledge
+    if "http2_protocol_options" in m:
+        from fastmesh.config.envoy.cluster import _http2_options
+        _http2_options(c, m.get("http2_protocol_options"), m.p("http2_protocol_options"))
     for flag in ("normalize_path", "merge_slashes"):
         if flag in m and c.boolean(m.get(flag), m.p(flag)) is True:
             c.err(m.p(flag), f"{flag}: true: {NOT_YET}")

@@ -1,0 +1,123 @@
+# HTTP/2 proxying (gRPC's way): an HTTP/2 client connection whose streams are routed like
+# HTTP/1 requests, each forwarded as a stream over an HTTP/2 connection to an endpoint of
+# the chosen cluster (prior knowledge, many streams per connection). Messages go through as
+# they come (DATA frames are slices of the receive buffers), flow control is end to end:
+# bytes are given back to the sender's window only once the other side took them.
+
+from libc.stdint cimport int64_t, uint32_t
+
+from fastmesh._core.buffer cimport RecvBuffer
+from fastmesh._core.context cimport ListenerCtx
+from fastmesh._core.h2 cimport H2Connection, H2Consumer
+from fastmesh._core.hpack cimport HeaderList
+from fastmesh._core.http1 cimport HeadParser, ChunkedFramer
+from fastmesh._core.router cimport Route
+from fastmesh._core.upstream cimport Cluster, Endpoint
+
+
+cdef class ProxyStream:
+    # one request/response exchange: a downstream stream and the upstream stream it became
+    cdef:
+        H2Downstream ds
+        uint32_t ds_id
+        H2Upstream up               # None until an endpoint is chosen (HTTP/2 clusters)
+        H1Upstream h1up             # ... or the HTTP/1 connection carrying it (HTTP/1 ones)
+        int64_t us_id               # -1 until the upstream stream is open
+        Cluster cluster
+        Endpoint ep
+        Route route
+        list request_headers        # (name, value) pairs sent upstream
+        bint body_sent              # request DATA went upstream (it cannot be sent again)
+        bint request_ended          # the client sent END_STREAM (or its trailers)
+        list to_up                  # request DATA (and trailers) waiting for the upstream
+        list to_down                # response DATA (and trailers) waiting for the client
+        bint response_started       # response headers went to the client
+        bint grpc                   # content-type application/grpc*: local replies are gRPC
+        int status                  # the response status sent to the client (0: none)
+        int64_t start_ms
+        int64_t deadline_ms         # until the response headers: the route timeout (0: none)
+        bint done
+
+    cdef void start_upstream(self) except *
+    cdef void pump_up(self) except *
+    cdef void pump_down(self) except *
+    cdef void finish(self) except *
+
+
+cdef class H2Downstream(H2Consumer):
+    cdef:
+        ListenerCtx ctx
+        object transport
+        RecvBuffer rbuf
+        H2Connection codec
+        dict streams                # downstream stream id -> ProxyStream
+        bint closed
+        bint goaway_sent
+        int64_t idle_since_ms
+
+    cdef void flush(self) except *
+    cdef void route_stream(self, ProxyStream ps, HeaderList headers) except *
+    cdef void forward(self, ProxyStream ps) except *      # to an endpoint of ps.cluster
+    cdef void route_again(self, ProxyStream ps) except *  # its upstream did not process it
+    cdef void local_reply(self, ProxyStream ps, int status, bytes reason) except *
+    cdef void respond_local(self, ProxyStream ps, int status, bytes body,
+                            bytes reason) except *
+    cdef void maybe_done(self, ProxyStream ps) except *
+    cdef void begin_drain(self) except *
+
+
+cdef class H1Upstream:
+    # An HTTP/1.1 connection to an endpoint carrying one translated stream at a time:
+    # the request head is made from the HTTP/2 headers, the body goes with its
+    # content-length or chunked (trailers in the last chunk), the response head becomes
+    # HTTP/2 headers (connection-specific fields dropped) and its body DATA, de-chunked.
+    cdef:
+        Cluster cluster
+        Endpoint ep
+        object loop
+        object transport
+        RecvBuffer rbuf
+        HeadParser parser
+        ChunkedFramer chunker
+        ProxyStream ps              # the stream it carries, or None (idle)
+        int body_kind               # BodyKind of the response
+        int64_t body_left
+        bint head_done
+        bint response_done
+        bint request_done
+        bint chunked_request        # the request body goes chunked
+        bint connected
+        bint closed
+        bint reusable
+        bint write_paused
+        bint reading_paused
+        int64_t uncredited          # request bytes written while the socket was full
+        int64_t idle_since_ms
+
+    cdef void begin(self, ProxyStream ps) except *
+    cdef void write_body(self, object data, bint end) except *
+    cdef void write_trailers(self, list trailers) except *
+    cdef void process(self) except *
+    cdef bint response_head(self) except *
+    cdef void response_body(self) except *
+    cdef void maybe_release(self) except *
+    cdef void set_reading(self, bint on) except *
+
+
+cdef class H2Upstream(H2Consumer):
+    cdef:
+        Cluster cluster
+        Endpoint ep
+        object loop
+        object transport
+        RecvBuffer rbuf
+        H2Connection codec
+        dict streams                # upstream stream id -> ProxyStream
+        list waiting                # ProxyStreams waiting for the connection or a free stream
+        bint connected
+        bint closed
+        int64_t idle_since_ms
+
+    cdef void flush(self) except *
+    cdef void open_waiting(self) except *
+    cdef void fail_all(self, int status, bytes reason) except *

@@ -1,0 +1,1124 @@
+"""HTTP/2 proxying: see h2_proxy.pxd.
+
+A stream's life: the client's HEADERS are routed by the listener's route table exactly as an
+HTTP/1 request would be (the same Route objects; the pseudo-headers stand for the request
+line and Host); the cluster picks an endpoint; the endpoint's HTTP/2 connection (made on
+first use, shared by every stream to it from this worker) opens a stream with the same
+headers (the route's additions and removals applied); DATA and trailers follow both ways as
+they arrive. Each direction moves only what the receiving side's windows allow: the rest
+waits (as views of the receive buffer, never copied) and the sender's window is given back
+only for what was passed on, so a slow reader slows the writer down end to end.
+
+Answers the proxy makes itself (no route, no healthy endpoint, connect failure, timeout,
+upstream reset before the response) are HTTP answers with `x-fastmesh-error`, or for a gRPC
+request (content-type application/grpc...) a trailers-only gRPC answer (HTTP 200 with
+grpc-status and grpc-message) carrying Envoy's mapping of the HTTP status: 404 ->
+UNIMPLEMENTED (12), 429/502/503/504 -> UNAVAILABLE (14), 400 -> INTERNAL (13), else UNKNOWN.
+
+A drain sends GOAWAY (graceful: streams already open finish) and closes the connection once
+its streams are done.
+"""
+import asyncio
+import logging
+
+from libc.stdint cimport int64_t, uint32_t
+
+from fastmesh._core.buffer cimport RecvBuffer
+from fastmesh._core.clock cimport now_ms
+from fastmesh._core.context cimport ListenerCtx
+from fastmesh._core.h2 cimport (H2Connection, H2Consumer, H2Stream, H2_NO_ERROR, H2_CANCEL,
+                                 H2_REFUSED_STREAM, H2_INTERNAL_ERROR, H2S_HALF_CLOSED_LOCAL)
+from fastmesh._core.hpack cimport HeaderList
+from fastmesh._core.http1 cimport (Head, HeadParser, ChunkedFramer, BODY_NONE, BODY_LENGTH,
+                                   BODY_CHUNKED, BODY_CLOSE, PARSE_INCOMPLETE, CH_DONE,
+                                   CH_ERROR)
+from fastmesh._core.router cimport Route, RouteTable, A_DIRECT
+from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL,
+                                   LS_RQ_ACTIVE, LS_RSP_1XX, LS_ERR_NO_ROUTE,
+                                   LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_CONNECT_FAILED,
+                                   LS_ERR_UPSTREAM_TIMEOUT, LS_ERR_UPSTREAM_RESET,
+                                   LS_ERR_BAD_REQUEST, LS_RX_BYTES, LS_CX_IDLE_CLOSED, CS_RQ_TOTAL, CS_RQ_ACTIVE,
+                                   CS_RSP_1XX, CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL,
+                                   CS_NO_HEALTHY, CS_RQ_TIMEOUT, CS_CX_IDLE_CLOSED,
+                                   status_class_slot)
+from fastmesh._core.upstream cimport Cluster, Endpoint
+
+log = logging.getLogger("fastmesh.h2")
+
+cdef int RECV_BUFFER_BYTES = 65536
+cdef int RECV_BUFFER_CAP_BYTES = 1 << 20
+cdef int MAX_CONCURRENT_STREAMS = 100
+cdef bytes TE_TRAILERS = b"trailers"
+
+# HTTP status of a local answer -> gRPC status (Envoy's mapping)
+cdef dict GRPC_STATUS = {400: b"13", 401: b"16", 403: b"7", 404: b"12", 429: b"14",
+                         502: b"14", 503: b"14", 504: b"14"}
+
+# the endpoints' HTTP/2 connections in this worker: Endpoint -> H2Upstream
+cdef dict _pool = {}
+# idle HTTP/1 connections (translated streams), per endpoint: Endpoint -> [H1Upstream]
+cdef dict _h1_idle = {}
+# connections with output waiting, flushed once per read event of any of them
+cdef set _dirty_up = set()
+cdef set _dirty_ds = set()
+
+
+cdef list header_pairs(HeaderList h):
+    cdef int i
+    return [(h.name(i), h.value(i)) for i in range(h.count)]
+
+
+cdef Head routing_head(HeaderList h, HeadParser parser):
+    """The request as an HTTP/1 head, so that the listener's routes (compiled for Head) match
+    it exactly as they match HTTP/1 requests; None if the pseudo-headers are unusable."""
+    cdef int i
+    cdef bytes name
+    cdef bytes method = None, path = None, authority = None
+    cdef list lines = []
+    for i in range(h.count):
+        name = h.name(i)
+        if name[:1] == b":":
+            if name == b":method":
+                method = h.value(i)
+            elif name == b":path":
+                path = h.value(i)
+            elif name == b":authority":
+                authority = h.value(i)
+        elif name != b"host" or authority is None:
+            lines.append(name + b": " + h.value(i))
+    if method is None or path is None:
+        return None
+    if authority is not None:
+        lines.insert(0, b"host: " + authority)
+    raw = method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
+    parser.reset()
+    if parser.feed(raw, len(raw)) <= 0:
+        return None
+    return parser.head
+
+
+cdef class ProxyStream:
+    def __cinit__(self):
+        self.us_id = -1
+        self.to_up = []
+        self.to_down = []
+
+    cdef void start_upstream(self) except *:
+        # open the upstream stream (the connection is up and has a free stream)
+        cdef H2Upstream up = self.up
+        cdef int64_t sid
+        sid = up.codec.start_request(self.request_headers,
+                                     self.request_ended and not self.to_up)
+        if sid < 0:
+            up.waiting.append(self)
+            return
+        self.us_id = sid
+        up.streams[sid] = self
+        self.cluster.counters.v[CS_RQ_TOTAL] += 1
+        self.cluster.counters.v[CS_RQ_ACTIVE] += 1
+        self.ep.active_requests += 1
+        self.ep.rq_total += 1
+        self.pump_up()
+
+    cdef void pump_up(self) except *:
+        # request DATA / trailers to the upstream, as far as its windows allow
+        cdef H2Upstream up = self.up
+        if self.h1up is not None:
+            while self.to_up and self.h1up.ps is self:
+                item = self.to_up.pop(0)
+                if isinstance(item, list):
+                    self.h1up.write_trailers(item)
+                else:
+                    self.h1up.write_body(item[0], item[1])
+            return
+        cdef int64_t sent
+        cdef Py_ssize_t n
+        cdef bint last
+        if up is not None:
+            _dirty_up.add(up)
+        while self.to_up and self.us_id >= 0:
+            item = self.to_up[0]
+            if isinstance(item, list):                      # trailers
+                up.codec.send_headers(<uint32_t>self.us_id, item, True)
+                self.to_up.pop(0)
+                continue
+            data, end = item
+            n = len(data)
+            last = end and len(self.to_up) == 1
+            sent = up.codec.send_data(<uint32_t>self.us_id, data, last)
+            if sent < 0:
+                self.to_up.clear()
+                return
+            if sent:
+                self.body_sent = True
+                self.ds.codec.consumed(self.ds_id, sent)   # the client may send as much again
+                _dirty_ds.add(self.ds)
+            if sent < n:
+                self.to_up[0] = (data[sent:], end)
+                return                                      # on_window_open resumes
+            self.to_up.pop(0)
+
+    cdef void pump_down(self) except *:
+        # response DATA / trailers to the client, as far as its windows allow
+        cdef H2Downstream ds = self.ds
+        cdef int64_t sent
+        cdef Py_ssize_t n
+        _dirty_ds.add(ds)
+        while self.to_down:
+            item = self.to_down[0]
+            if isinstance(item, HeaderList):                # trailers
+                ds.codec.send_header_list(self.ds_id, <HeaderList>item, True)
+                self.to_down.pop(0)
+                continue
+            data, end = item
+            n = len(data)
+            sent = ds.codec.send_data(self.ds_id, data, end and len(self.to_down) == 1)
+            if sent < 0:
+                self.to_down.clear()
+                return
+            if sent and self.up is not None and self.us_id >= 0:
+                self.up.codec.consumed(<uint32_t>self.us_id, sent)
+                _dirty_up.add(self.up)
+            if sent < n:
+                self.to_down[0] = (data[sent:], end)
+                break
+            self.to_down.pop(0)
+        if self.h1up is not None and self.h1up.ps is self:
+            self.h1up.set_reading(not self.to_down)     # the client's window is the limit
+
+    cdef void finish(self) except *:
+        # the exchange is over (both ends closed, or reset): counters and the maps
+        if self.done:
+            return
+        self.done = True
+        self.ds.ctx.counters.v[LS_RQ_ACTIVE] -= 1
+        self.ds.streams.pop(self.ds_id, None)
+        if not self.ds.streams:
+            self.ds.idle_since_ms = now_ms()
+        if self.up is not None and self.us_id >= 0:
+            if self.up.streams.pop(self.us_id, None) is not None:
+                self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+                self.ep.active_requests -= 1
+            if not self.up.streams:
+                self.up.idle_since_ms = now_ms()
+            self.up.open_waiting()
+        elif self.up is not None and self in self.up.waiting:
+            self.up.waiting.remove(self)
+        if self.h1up is not None and self.h1up.ps is self:
+            if self.h1up.response_done and self.h1up.request_done:
+                self.h1up.maybe_release()
+            else:
+                self.h1up.ps = None         # cut short: the connection is out of step
+                self.h1up.closed = True
+                if self.h1up.connected:
+                    self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+                    self.ep.active_requests -= 1
+                    self.h1up.transport.abort()
+
+
+cdef class H2Downstream(H2Consumer):
+    def __init__(self, ListenerCtx ctx):
+        self.ctx = ctx
+        self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, RECV_BUFFER_CAP_BYTES)
+        self.streams = {}
+
+    # -- loop callbacks --
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.codec = H2Connection(self, False, max_concurrent_streams=MAX_CONCURRENT_STREAMS,
+                                  max_header_list_bytes=max(self.ctx.max_head_bytes, 16384))
+        transport.set_write_buffer_limits(self.ctx.high_water_bytes, self.ctx.low_water_bytes)
+        self.ctx.conns.add(self)
+        self.ctx.counters.v[LS_CX_TOTAL] += 1
+        self.ctx.counters.v[LS_CX_ACTIVE] += 1
+        self.idle_since_ms = now_ms()
+        if self.ctx.draining:
+            self.begin_drain()
+        self.flush()
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rbuf.advance(nbytes)
+        self.ctx.counters.v[LS_RX_BYTES] += nbytes
+        try:
+            self.codec.receive(self.rbuf)
+            if self.codec.callback_error is not None:
+                log.error("listener %s: HTTP/2 session failed: %r", self.ctx.name,
+                          self.codec.callback_error)
+                self.codec.callback_error = None
+            self.flush()
+            flush_dirty()
+        except BaseException:
+            log.exception("listener %s: internal error on an HTTP/2 connection", self.ctx.name)
+            self.transport.abort()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        cdef ProxyStream ps
+        self.closed = True
+        self.ctx.conns.discard(self)
+        self.ctx.counters.v[LS_CX_ACTIVE] -= 1
+        for ps in list(self.streams.values()):
+            if ps.up is not None and ps.us_id >= 0:
+                ps.up.codec.reset_stream(<uint32_t>ps.us_id, H2_CANCEL)
+                _dirty_up.add(ps.up)
+            ps.finish()
+        flush_dirty()
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+    cdef void flush(self) except *:
+        if self.closed or self.codec is None:
+            return
+        out = self.codec.take_output()
+        if out:
+            self.transport.writelines(out)
+        if self.codec.closed or (self.goaway_sent and not self.streams):
+            self.closed = True
+            self.transport.close()
+
+    # -- drain and timeouts (the listener's sweeps) --
+
+    cdef void begin_drain(self) except *:
+        # GOAWAY, graceful: the streams already open finish, then the connection closes
+        if not self.goaway_sent and self.codec is not None and not self.closed:
+            self.goaway_sent = True
+            self.codec.goaway(H2_NO_ERROR, b"draining")
+            self.flush()
+
+    def close_if_idle_for(self, int64_t now, int64_t idle_ms):
+        self.begin_drain()
+
+    def abort(self):
+        if not self.closed:
+            self.transport.abort()
+
+    def on_idle_check(self, int64_t now):
+        cdef ProxyStream ps
+        if self.ctx.draining:
+            self.begin_drain()
+        elif (not self.streams and self.ctx.idle_timeout_ms > 0
+                and now - self.idle_since_ms >= self.ctx.idle_timeout_ms):
+            self.ctx.counters.v[LS_CX_IDLE_CLOSED] += 1
+            self.begin_drain()              # GOAWAY; no stream open: closed at once
+        for ps in list(self.streams.values()):
+            if ps.deadline_ms and now >= ps.deadline_ms and not ps.response_started:
+                ps.deadline_ms = 0
+                if ps.cluster is not None:
+                    ps.cluster.counters.v[CS_RQ_TIMEOUT] += 1
+                if ps.up is not None and ps.us_id >= 0:
+                    ps.up.codec.reset_stream(<uint32_t>ps.us_id, H2_CANCEL)
+                    _dirty_up.add(ps.up)
+                self.ctx.counters.v[LS_ERR_UPSTREAM_TIMEOUT] += 1
+                self.local_reply(ps, 504, b"upstream_timeout")
+        self.flush()
+        flush_dirty()
+
+    # -- the codec's callbacks --
+
+    cpdef on_headers(self, uint32_t stream_id, HeaderList headers, bint end_stream):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        if ps is not None:                  # a client sends no 1xx; trailers come elsewhere
+            return
+        ps = ProxyStream.__new__(ProxyStream)
+        ps.ds = self
+        ps.ds_id = stream_id
+        ps.request_ended = end_stream
+        ps.start_ms = now_ms()
+        ctype = headers.get(b"content-type")
+        ps.grpc = ctype is not None and ctype[:16] == b"application/grpc"
+        self.streams[stream_id] = ps
+        self.ctx.counters.v[LS_RQ_TOTAL] += 1
+        self.ctx.counters.v[LS_RQ_ACTIVE] += 1
+        self.route_stream(ps, headers)
+
+    cdef void route_stream(self, ProxyStream ps, HeaderList headers) except *:
+        cdef RouteTable table = self.ctx.route_table
+        cdef Route route
+        cdef Head h = routing_head(headers, HeadParser(True, max(self.ctx.max_head_bytes,
+                                                                 65536), 1000))
+        if h is None:
+            self.ctx.counters.v[LS_ERR_BAD_REQUEST] += 1
+            self.local_reply(ps, 400, b"bad_request")
+            return
+        route = table.route_http(h) if table is not None else None
+        if route is None:
+            self.ctx.counters.v[LS_ERR_NO_ROUTE] += 1
+            self.local_reply(ps, 404, b"no_route")
+            return
+        ps.route = route
+        if route.action == A_DIRECT:
+            self.respond_local(ps, route.direct_status, route.direct_body or b"", None)
+            return
+        ps.cluster = route.pick_cluster()
+        pairs = header_pairs(headers)
+        if route.headers_to_remove:
+            pairs = [p for p in pairs if p[0] not in route.headers_to_remove]
+        if route.headers_to_add:
+            pairs.extend(route.headers_to_add)
+        ps.request_headers = pairs
+        if route.timeout_ms > 0:
+            ps.deadline_ms = ps.start_ms + route.timeout_ms
+        self.forward(ps)
+
+    cdef void forward(self, ProxyStream ps) except *:
+        cdef Cluster cluster = ps.cluster
+        cdef Endpoint ep = cluster.pick() if cluster is not None else None
+        cdef H2Upstream up
+        if ep is None:
+            if cluster is not None:
+                cluster.counters.v[CS_NO_HEALTHY] += 1
+            self.ctx.counters.v[LS_ERR_NO_HEALTHY_UPSTREAM] += 1
+            self.local_reply(ps, 503, b"no_healthy_upstream")
+            return
+        ps.ep = ep
+        if not cluster.http2:
+            self.forward_h1(ps)
+            return
+        up = _pool.get(ep)
+        if up is None or up.closed:
+            up = H2UpstreamProtocol(cluster, ep, self.ctx.loop)
+            _pool[ep] = up
+            up.connect()
+        ps.up = up
+        if up.connected:
+            ps.start_upstream()
+            _dirty_up.add(up)
+        else:
+            up.waiting.append(ps)
+
+    def forward_h1(self, ProxyStream ps):
+        # an HTTP/1 connection of the endpoint: an idle pooled one, else a new one
+        cdef H1Upstream h1
+        cdef list idle = _h1_idle.get(ps.ep)
+        while idle:
+            h1 = idle.pop()
+            if not h1.closed and not h1.transport.is_closing():
+                ps.h1up = h1
+                h1.begin(ps)
+                return
+        h1 = H1UpstreamProtocol(ps.cluster, ps.ep, self.ctx.loop)
+        ps.h1up = h1
+        h1.ps = ps
+        h1.connect()
+
+    cdef void route_again(self, ProxyStream ps) except *:
+        # the upstream refused the stream or went away before processing it: another
+        # connection may take it, unless part of its body already went (the client may
+        # retry it then: REFUSED_STREAM says it was not processed)
+        ps.up = None
+        ps.us_id = -1
+        if ps.done:
+            return
+        if ps.body_sent or ps.response_started:
+            self.codec.reset_stream(ps.ds_id, H2_REFUSED_STREAM)
+            ps.finish()
+            _dirty_ds.add(self)
+            return
+        self.forward(ps)
+
+    cdef void local_reply(self, ProxyStream ps, int status, bytes reason) except *:
+        self.respond_local(ps, status, reason + b"\n", reason)
+
+    cdef void respond_local(self, ProxyStream ps, int status, bytes body,
+                            bytes reason) except *:
+        cdef list hdrs
+        _dirty_ds.add(self)
+        if ps.done:
+            return
+        if ps.response_started:             # a response is under way: it can only be cut
+            self.codec.reset_stream(ps.ds_id, H2_INTERNAL_ERROR)
+            ps.finish()
+            return
+        ps.response_started = True
+        if ps.grpc and reason is not None:
+            hdrs = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                    (b"grpc-status", GRPC_STATUS.get(status, b"2")),
+                    (b"grpc-message", reason), (b"x-fastmesh-error", reason)]
+            ps.status = 200
+            self.codec.send_headers(ps.ds_id, hdrs, True)
+        else:
+            hdrs = [(b":status", str(status).encode()), (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode())]
+            if reason is not None:
+                hdrs.append((b"x-fastmesh-error", reason))
+            ps.status = status
+            self.codec.send_headers(ps.ds_id, hdrs, not body)
+            if body:
+                ps.to_down.append((body, True))
+                ps.pump_down()
+        self.ctx.counters.v[status_class_slot(ps.status, LS_RSP_1XX)] += 1
+        ps.to_up.clear()
+        if not ps.request_ended:
+            # the rest of the request is not wanted (RFC 9113 §8.1: NO_ERROR after a
+            # complete response)
+            self.codec.reset_stream(ps.ds_id, H2_NO_ERROR)
+        ps.finish()
+
+    cdef void maybe_done(self, ProxyStream ps) except *:
+        # the exchange is over once the response is all sent; a client still sending is
+        # told to stop (NO_ERROR), and the upstream stream, if still open, is cancelled
+        cdef H2Stream s
+        if ps.done or not ps.response_started or ps.to_down:
+            return
+        s = self.codec.streams.get(ps.ds_id)
+        if s is not None and s.state != H2S_HALF_CLOSED_LOCAL:
+            return                          # the response has not ended yet
+        if s is not None:
+            if ps.request_ended and ps.to_up:
+                return                      # the request's end is still on its way up
+            self.codec.reset_stream(ps.ds_id, H2_NO_ERROR)
+            if ps.up is not None and ps.us_id >= 0 and ps.us_id in ps.up.codec.streams:
+                ps.up.codec.reset_stream(<uint32_t>ps.us_id, H2_CANCEL)
+                _dirty_up.add(ps.up)
+        _dirty_ds.add(self)
+        ps.finish()
+
+    cpdef on_data(self, uint32_t stream_id, object data, bint end_stream):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        if ps is None or ps.done:
+            self.codec.consumed(stream_id, len(data))       # nobody takes it: give it back
+            return
+        if end_stream:
+            ps.request_ended = True
+        if len(data) or end_stream:
+            ps.to_up.append((data, end_stream))
+        if ps.us_id >= 0:
+            ps.pump_up()
+            _dirty_up.add(ps.up)
+        elif ps.h1up is not None and ps.h1up.ps is ps and ps.h1up.connected:
+            ps.pump_up()
+        self.maybe_done(ps)
+
+    cpdef on_trailers(self, uint32_t stream_id, HeaderList trailers):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        if ps is None or ps.done:
+            return
+        ps.request_ended = True
+        ps.to_up.append(header_pairs(trailers))
+        if ps.us_id >= 0:
+            ps.pump_up()
+            _dirty_up.add(ps.up)
+        elif ps.h1up is not None and ps.h1up.ps is ps and ps.h1up.connected:
+            ps.pump_up()
+        self.maybe_done(ps)
+
+    cpdef on_reset(self, uint32_t stream_id, uint32_t error_code, bint remote):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        if ps is None:
+            return
+        if ps.up is not None and ps.us_id >= 0:
+            ps.up.codec.reset_stream(<uint32_t>ps.us_id, H2_CANCEL)
+            _dirty_up.add(ps.up)
+        ps.finish()
+
+    cpdef on_goaway(self, uint32_t last_stream_id, uint32_t error_code, bytes debug_data):
+        self.goaway_sent = True             # the client leaves: close once its streams end
+
+    cpdef on_window_open(self, uint32_t stream_id):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        if ps is not None:
+            ps.pump_down()
+            self.maybe_done(ps)
+
+    cpdef on_ping_ack(self, bytes payload):
+        pass
+
+
+# connection-specific fields: never carried between HTTP/1 and HTTP/2 (RFC 9113 §8.2.2)
+cdef frozenset HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                       b"transfer-encoding", b"upgrade", b"te", b"host"))
+
+
+cdef class H1Upstream:
+    def __init__(self, Cluster cluster, Endpoint ep, loop):
+        self.cluster = cluster
+        self.ep = ep
+        self.loop = loop
+        self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, RECV_BUFFER_CAP_BYTES)
+        self.parser = HeadParser(False)
+        self.chunker = ChunkedFramer()
+
+    def connect(self):
+        self.cluster.counters.v[CS_CX_TOTAL] += 1
+        task = self.loop.create_task(self.loop.create_connection(lambda: self, self.ep.host,
+                                                                 self.ep.port))
+        task.add_done_callback(self._connected)
+        timeout_s = self.cluster.connect_timeout_ms / 1000.0
+        if timeout_s > 0:
+            self.loop.call_later(timeout_s, _cancel_if_pending, task)
+
+    def _connected(self, task):
+        cdef ProxyStream ps
+        if task.cancelled() or task.exception() is not None:
+            self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            self.ep.cx_connect_fail += 1
+            self.ep.connect_failing = True
+            self.closed = True
+            ps = self.ps
+            self.ps = None
+            if ps is not None and not ps.done:
+                ps.ds.ctx.counters.v[LS_ERR_CONNECT_FAILED] += 1
+                ps.ds.local_reply(ps, 503, b"connect_failed")
+            flush_dirty()
+
+    def connection_made(self, transport):
+        cdef ProxyStream ps = self.ps
+        self.transport = transport
+        self.connected = True
+        self.ep.connect_failing = False
+        self.cluster.counters.v[CS_CX_ACTIVE] += 1
+        transport.set_write_buffer_limits(65536, 16384)
+        if ps is None or ps.done:           # the stream ended while this was connecting
+            self.ps = None
+            self.closed = True
+            transport.close()
+            return
+        self.begin(ps)
+        flush_dirty()
+
+    cdef void begin(self, ProxyStream ps) except *:
+        # the request head, then whatever of the body is here
+        cdef list lines = []
+        cdef bytes method = b"GET", path = b"/", authority = None, name
+        cdef bint has_length = False
+        self.ps = ps
+        self.head_done = self.response_done = self.request_done = False
+        self.reusable = True
+        self.uncredited = 0
+        self.parser.reset()
+        for name, value in ps.request_headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if name in HOP_BY_HOP and not (name == b"te" and value == TE_TRAILERS):
+                if name != b"host" or authority is not None:
+                    continue
+            if name == b"content-length":
+                has_length = True
+            lines.append(name + b": " + value)
+        if authority is not None:
+            lines.insert(0, b"host: " + authority)
+        self.parser.request_was_head = method == b"HEAD"
+        self.chunked_request = not ps.request_ended and not has_length
+        if self.chunked_request:
+            lines.append(b"transfer-encoding: chunked")
+        self.transport.write(method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines)
+                             + (b"\r\n\r\n" if lines else b"\r\n"))
+        ps.cluster.counters.v[CS_RQ_TOTAL] += 1
+        ps.cluster.counters.v[CS_RQ_ACTIVE] += 1
+        self.ep.active_requests += 1
+        self.ep.rq_total += 1
+        if ps.request_ended and not ps.to_up:
+            self.request_done = True
+        ps.pump_up()
+
+    cdef void write_body(self, object data, bint end) except *:
+        cdef Py_ssize_t n = len(data)
+        cdef ProxyStream ps = self.ps
+        if n:
+            if self.chunked_request:
+                self.transport.writelines([b"%x\r\n" % n, data, b"\r\n"])
+            else:
+                self.transport.write(data)
+            ps.body_sent = True
+            if self.write_paused:
+                self.uncredited += n        # given back to the client when the socket drains
+            else:
+                ps.ds.codec.consumed(ps.ds_id, n)
+                _dirty_ds.add(ps.ds)
+        if end:
+            if self.chunked_request:
+                self.transport.write(b"0\r\n\r\n")
+            self.request_done = True
+            self.maybe_release()
+
+    cdef void write_trailers(self, list trailers) except *:
+        # HTTP/2 request trailers: in the last chunk when the body is chunked, else dropped
+        cdef list lines = []
+        if self.chunked_request:
+            for name, value in trailers:
+                lines.append(name + b": " + value + b"\r\n")
+            self.transport.write(b"0\r\n" + b"".join(lines) + b"\r\n")
+        self.request_done = True
+        self.maybe_release()
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rbuf.advance(nbytes)
+        try:
+            self.process()
+            flush_dirty()
+        except BaseException:
+            log.exception("cluster %s: internal error on a translated HTTP/1 upstream",
+                          self.cluster.name)
+            self.transport.abort()
+
+    def eof_received(self):
+        cdef ProxyStream ps = self.ps
+        if ps is not None and self.head_done and self.body_kind == BODY_CLOSE \
+                and not self.response_done:
+            self.response_done = True       # the end of a close-delimited body
+            self.reusable = False
+            ps.to_down.append((b"", True))
+            ps.pump_down()
+            ps.ds.maybe_done(ps)
+            flush_dirty()
+        return False
+
+    def connection_lost(self, exc):
+        cdef ProxyStream ps = self.ps
+        was = self.connected
+        self.closed = True
+        self.connected = False
+        if was:
+            self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        self.ps = None
+        if ps is not None and was:
+            ps.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            ps.h1up = None
+            if not ps.done and not self.response_done:
+                ps.ds.ctx.counters.v[LS_ERR_UPSTREAM_RESET] += 1
+                ps.ds.local_reply(ps, 502, b"upstream_reset")   # (a reset once it started)
+            flush_dirty()
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        cdef ProxyStream ps = self.ps
+        self.write_paused = False
+        if ps is not None and self.uncredited and not ps.done:
+            ps.ds.codec.consumed(ps.ds_id, self.uncredited)
+            _dirty_ds.add(ps.ds)
+            flush_dirty()
+        self.uncredited = 0
+
+    cdef void set_reading(self, bint on) except *:
+        if self.transport is None or self.closed or on != self.reading_paused:
+            return
+        self.reading_paused = not on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    cdef void process(self) except *:
+        if self.ps is None:
+            if self.rbuf.size():                # bytes nobody asked for: out of step
+                self.closed = True
+                self.transport.abort()
+            return
+        if not self.head_done and not self.response_head():
+            return
+        self.response_body()
+
+    cdef bint response_head(self) except *:
+        cdef ProxyStream ps = self.ps
+        cdef Py_ssize_t r
+        cdef Head h
+        cdef list pairs
+        cdef int i
+        cdef bytes name
+        while True:
+            r = self.parser.feed(self.rbuf.head(), self.rbuf.size())
+            if r == PARSE_INCOMPLETE:
+                return False
+            if r < 0:
+                log.warning("cluster %s: bad response from %s:%s: %s", self.cluster.name,
+                            self.ep.host, self.ep.port, self.parser.error_reason.decode())
+                self.reusable = False
+                self.closed = True
+                self.transport.abort()          # connection_lost answers the stream (502)
+                return False
+            self.rbuf.consume(r)
+            h = self.parser.head
+            self.parser.reset()
+            if h.status >= 200:
+                break                           # 1xx: not relayed (as for HTTP/2 upstreams)
+        pairs = [(b":status", str(h.status).encode())]
+        for i in range(h.nfields):
+            if h.fields[i].drop:
+                continue
+            name = h.raw[h.fields[i].name_off:h.fields[i].name_off + h.fields[i].name_len].lower()
+            if name in HOP_BY_HOP:
+                continue
+            pairs.append((name, h.raw[h.fields[i].value_off:
+                                      h.fields[i].value_off + h.fields[i].value_len]))
+        self.head_done = True
+        self.body_kind = h.body_kind
+        self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0
+        self.reusable = not h.conn_close and h.body_kind != BODY_CLOSE
+        if h.body_kind == BODY_CHUNKED:
+            self.chunker.reset()
+        ps.response_started = True
+        ps.status = h.status
+        ps.deadline_ms = 0
+        self.cluster.counters.v[status_class_slot(h.status, CS_RSP_1XX)] += 1
+        ps.ds.ctx.counters.v[status_class_slot(h.status, LS_RSP_1XX)] += 1
+        if h.status >= 500:
+            self.ep.rq_error += 1
+        ps.ds.codec.send_headers(ps.ds_id, pairs, h.body_kind == BODY_NONE)
+        _dirty_ds.add(ps.ds)
+        if h.body_kind == BODY_NONE:
+            self.response_done = True
+            self.maybe_release()
+            ps.ds.maybe_done(ps)
+        return True
+
+    cdef void response_body(self) except *:
+        cdef ProxyStream ps = self.ps
+        cdef Py_ssize_t n, used, off, ln, size
+        if ps is None or self.response_done:
+            return
+        size = self.rbuf.size()
+        if self.body_kind == BODY_LENGTH:
+            n = <Py_ssize_t>min(size, self.body_left)
+            if n:
+                self.body_left -= n
+                ps.to_down.append((self.rbuf.take_slice(n), self.body_left == 0))
+            elif self.body_left == 0:
+                ps.to_down.append((b"", True))
+            self.response_done = self.body_left == 0
+        elif self.body_kind == BODY_CHUNKED:
+            while self.rbuf.size() and self.chunker.state != CH_DONE:
+                used = self.chunker.feed(self.rbuf.head(), self.rbuf.size(), &off, &ln)
+                if self.chunker.state == CH_ERROR:
+                    log.warning("cluster %s: bad chunked body from %s:%s", self.cluster.name,
+                                self.ep.host, self.ep.port)
+                    self.closed = True
+                    self.reusable = False
+                    self.transport.abort()
+                    return
+                if ln:
+                    self.rbuf.consume(off)
+                    ps.to_down.append((self.rbuf.take_slice(ln), False))
+                    self.rbuf.consume(used - off - ln)
+                else:
+                    self.rbuf.consume(used)
+            if self.chunker.state == CH_DONE:
+                ps.to_down.append((b"", True))
+                self.response_done = True
+        elif size:                              # BODY_CLOSE: until the connection ends
+            ps.to_down.append((self.rbuf.take_slice(size), False))
+        ps.pump_down()
+        if self.response_done:
+            if self.rbuf.size():
+                self.reusable = False
+            self.maybe_release()
+            ps.ds.maybe_done(ps)
+
+    cdef void maybe_release(self) except *:
+        # both directions done: back to the endpoint's idle list (or closed)
+        cdef ProxyStream ps = self.ps
+        if not (self.response_done and self.request_done):
+            return
+        if ps is not None:
+            ps.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            self.ps = None
+        if not self.connected or self.closed:
+            return
+        if not self.reusable or self.ep.removed:
+            self.closed = True
+            self.transport.close()
+            return
+        self.set_reading(True)
+        self.idle_since_ms = now_ms()
+        _h1_idle.setdefault(self.ep, []).append(self)
+
+
+cdef class H2Upstream(H2Consumer):
+    def __init__(self, Cluster cluster, Endpoint ep, loop):
+        self.cluster = cluster
+        self.ep = ep
+        self.loop = loop
+        self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, RECV_BUFFER_CAP_BYTES)
+        self.streams = {}
+        self.waiting = []
+        self.codec = H2Connection(self, True)
+
+    def connect(self):
+        self.cluster.counters.v[CS_CX_TOTAL] += 1
+        task = self.loop.create_task(self.loop.create_connection(lambda: self, self.ep.host,
+                                                                 self.ep.port))
+        task.add_done_callback(self._connected)
+        timeout_s = self.cluster.connect_timeout_ms / 1000.0
+        if timeout_s > 0:
+            self.loop.call_later(timeout_s, _cancel_if_pending, task)
+
+    def _connected(self, task):
+        if task.cancelled() or task.exception() is not None:
+            self.cluster.counters.v[CS_CX_CONNECT_FAIL] += 1
+            self.ep.cx_connect_fail += 1
+            self.ep.connect_failing = True
+            self.closed = True
+            if _pool.get(self.ep) is self:
+                del _pool[self.ep]
+            self.fail_all(503, b"connect_failed")
+            flush_dirty()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.connected = True
+        self.ep.connect_failing = False
+        self.cluster.counters.v[CS_CX_ACTIVE] += 1
+        self.idle_since_ms = now_ms()
+        self.open_waiting()
+        self.flush()
+        flush_dirty()
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.rbuf.advance(nbytes)
+        try:
+            self.codec.receive(self.rbuf)
+            if self.codec.callback_error is not None:
+                log.error("cluster %s: HTTP/2 upstream session failed: %r", self.cluster.name,
+                          self.codec.callback_error)
+                self.codec.callback_error = None
+            self.flush()
+            flush_dirty()
+        except BaseException:
+            log.exception("cluster %s: internal error on an HTTP/2 upstream", self.cluster.name)
+            self.transport.abort()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        was_connected = self.connected
+        self.closed = True
+        self.connected = False
+        if _pool.get(self.ep) is self:
+            del _pool[self.ep]
+        if was_connected:
+            self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        self.fail_all(502, b"upstream_reset")
+        flush_dirty()
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+    cdef void flush(self) except *:
+        if not self.connected or self.closed:
+            return
+        out = self.codec.take_output()
+        if out:
+            self.transport.writelines(out)
+        if self.codec.closed:
+            self.transport.close()
+
+    def retire(self):
+        """Out of the pool; GOAWAY, then closed."""
+        if _pool.get(self.ep) is self:
+            del _pool[self.ep]
+        if self.connected and not self.closed:
+            self.cluster.counters.v[CS_CX_IDLE_CLOSED] += 1
+            self.codec.goaway(H2_NO_ERROR, b"idle")
+            self.flush()
+            self.closed = True
+            self.transport.close()
+
+    cdef void open_waiting(self) except *:
+        cdef ProxyStream ps
+        if not self.connected:
+            return
+        while self.waiting:
+            ps = self.waiting.pop(0)
+            if ps.done:
+                continue
+            n = len(self.waiting)
+            ps.start_upstream()
+            if len(self.waiting) > n:        # no free stream: it went back to the queue
+                break
+
+    cdef void fail_all(self, int status, bytes reason) except *:
+        # the connection is gone: streams without a response get a local answer, the others
+        # are reset (their response was cut short)
+        cdef ProxyStream ps
+        cdef int slot = LS_ERR_CONNECT_FAILED if status == 503 else LS_ERR_UPSTREAM_RESET
+        for ps in list(self.streams.values()) + self.waiting:
+            if ps.done:
+                continue
+            ps.ds.ctx.counters.v[slot] += 1
+            ps.ds.local_reply(ps, status, reason)
+        self.streams.clear()
+        self.waiting = []
+
+    # -- the codec's callbacks --
+
+    cpdef on_headers(self, uint32_t stream_id, HeaderList headers, bint end_stream):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        cdef int status
+        if ps is None or ps.done:
+            return
+        st = headers.get(b":status")
+        status = int(st) if st is not None and st.isdigit() else 0
+        if 100 <= status < 200:
+            return                              # informational: not relayed
+        ps.response_started = True
+        ps.status = status
+        ps.deadline_ms = 0
+        self.cluster.counters.v[status_class_slot(status, CS_RSP_1XX)] += 1
+        ps.ds.ctx.counters.v[status_class_slot(status, LS_RSP_1XX)] += 1
+        if status >= 500:
+            self.ep.rq_error += 1
+        ps.ds.codec.send_header_list(ps.ds_id, headers, end_stream)
+        _dirty_ds.add(ps.ds)
+        if end_stream:
+            ps.ds.maybe_done(ps)
+
+    cpdef on_data(self, uint32_t stream_id, object data, bint end_stream):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        if ps is None or ps.done:
+            self.codec.consumed(stream_id, len(data))
+            return
+        if len(data) or end_stream:
+            ps.to_down.append((data, end_stream))
+        ps.pump_down()
+        if end_stream:
+            ps.ds.maybe_done(ps)
+
+    cpdef on_trailers(self, uint32_t stream_id, HeaderList trailers):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        if ps is None or ps.done:
+            return
+        ps.to_down.append(trailers)
+        ps.pump_down()
+        ps.ds.maybe_done(ps)
+
+    cpdef on_reset(self, uint32_t stream_id, uint32_t error_code, bint remote):
+        cdef ProxyStream ps = self.streams.pop(stream_id, None)
+        if ps is None or ps.done:
+            return
+        self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+        self.ep.active_requests -= 1
+        ps.us_id = -1
+        if error_code == H2_REFUSED_STREAM and not ps.response_started:
+            ps.ds.route_again(ps)           # not processed: it may go again elsewhere
+        elif not ps.response_started:
+            ps.ds.ctx.counters.v[LS_ERR_UPSTREAM_RESET] += 1
+            ps.ds.local_reply(ps, 502, b"upstream_reset")
+        else:
+            ps.ds.codec.reset_stream(ps.ds_id, error_code)
+            _dirty_ds.add(ps.ds)
+            ps.finish()
+        self.open_waiting()
+
+    cpdef on_goaway(self, uint32_t last_stream_id, uint32_t error_code, bytes debug_data):
+        # no new streams here; those above last_stream_id were not processed: they go again
+        cdef ProxyStream ps
+        if _pool.get(self.ep) is self:
+            del _pool[self.ep]
+        for sid in [s for s in self.streams if s > last_stream_id]:
+            ps = self.streams.pop(sid)
+            self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+            self.ep.active_requests -= 1
+            if not ps.done:
+                ps.ds.route_again(ps)
+        waiting, self.waiting = self.waiting, []
+        for ps in waiting:
+            if not ps.done:
+                ps.ds.route_again(ps)
+
+    cpdef on_window_open(self, uint32_t stream_id):
+        cdef ProxyStream ps = self.streams.get(stream_id)
+        if ps is not None:
+            ps.pump_up()
+            ps.ds.maybe_done(ps)
+
+    cpdef on_ping_ack(self, bytes payload):
+        pass
+
+
+def _cancel_if_pending(task):
+    if not task.done():
+        task.cancel()
+
+
+
+
+cdef void flush_dirty() except *:
+    cdef H2Upstream up
+    cdef H2Downstream ds
+    while _dirty_up or _dirty_ds:
+        while _dirty_up:
+            up = _dirty_up.pop()
+            up.flush()
+        while _dirty_ds:
+            ds = _dirty_ds.pop()
+            ds.flush()
+
+
+class H2DownstreamProtocol(H2Downstream, asyncio.BufferedProtocol):
+    """The loop's protocol object (asyncio recognises buffered protocols by class)."""
+
+
+class H2UpstreamProtocol(H2Upstream, asyncio.BufferedProtocol):
+    pass
+
+
+class H1UpstreamProtocol(H1Upstream, asyncio.BufferedProtocol):
+    pass
+
+
+def take_over(ListenerCtx ctx, transport, bytes data):
+    """An HTTP/1 connection opened with the HTTP/2 preface (codec: auto): an HTTP/2 session
+    takes the transport and the bytes read so far."""
+    cdef H2Downstream ds = H2DownstreamProtocol(ctx)
+    transport.set_protocol(ds)
+    ds.connection_made(transport)
+    ds.rbuf.py_feed(data)
+    try:
+        ds.codec.receive(ds.rbuf)
+        ds.flush()
+        flush_dirty()
+    except BaseException:
+        log.exception("listener %s: internal error on an HTTP/2 connection", ctx.name)
+        transport.abort()
+
+
+cdef int64_t _last_upstream_sweep_ms = 0
+
+
+def sweep_downstreams(ListenerCtx ctx, int64_t now):
+    """Per-tick work of an http2 listener: drains (GOAWAY) and response timeouts; once per
+    tick for all listeners, upstream connections with no stream for the cluster's idle
+    timeout, or to an endpoint no longer in its cluster, are closed (GOAWAY first)."""
+    global _last_upstream_sweep_ms
+    cdef H2Downstream ds
+    cdef H2Upstream up
+    for ds in list(ctx.conns):
+        ds.on_idle_check(now)
+    if now == _last_upstream_sweep_ms:
+        return
+    _last_upstream_sweep_ms = now
+    for up in list(_pool.values()):
+        if up.streams or up.waiting or not up.connected:
+            continue
+        if up.ep.removed or (up.cluster.idle_timeout_ms > 0 and
+                             now - up.idle_since_ms >= up.cluster.idle_timeout_ms):
+            up.retire()

@@ -1,0 +1,151 @@
+"""HTTP/2 clients to HTTP/1.1 upstreams: an http2 listener routing to an `http_protocol:
+http1` cluster (the demo upstream, parsed by httptools). Heads are translated both ways,
+bodies go with their length or chunked, chunked responses become DATA frames, and a broken
+upstream is a reset stream, never a hang. Real clients: curl (HTTP/2 prior knowledge),
+h2load, and the `h2` package for what curl cannot show."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+CURL = shutil.which("curl")
+pytestmark = pytest.mark.skipif(CURL is None, reason="curl missing")
+
+
+def _cfg(up) -> dict:
+    return {"listeners": [{"name": "h2", "protocol": "http2", "route_table": "rt"}],
+            "route_tables": {"rt": {"routes": [{"match": {"prefix": "/"}, "cluster": "web",
+                                                "timeout_ms": 5000}]}},
+            "clusters": [{"name": "web", "endpoints": [up.address]}]}
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def proxy(request, start_upstream, start_fastmesh):
+    up = start_upstream("web", request.param)
+    return start_fastmesh(_cfg(up), loop=request.param)
+
+
+def curl(fm, path, *args, timeout=30):
+    out = subprocess.run([CURL, "-s", "--http2-prior-knowledge", "-o", "-", "-w",
+                          "\n%{http_code} %{http_version} %{exitcode}", *args,
+                          f"http://127.0.0.1:{fm.port}{path}"],
+                         capture_output=True, timeout=timeout)
+    body, _, tail = out.stdout.rpartition(b"\n")
+    code, version, exitcode = tail.decode().split()
+    return int(code), version, int(exitcode), body
+
+
+def test_request_head_translated(proxy):
+    code, version, rc, body = curl(proxy, "/echo?x=1", "-H", "x-custom: v1", "-H",
+                                   "te: trailers")
+    assert (code, version, rc) == (200, "2", 0)
+    seen = json.loads(body)
+    names = {k.lower(): v for k, v in seen["headers"]}
+    assert seen["method"] == "GET" and seen["url"] == "/echo?x=1"
+    assert names["host"] == f"127.0.0.1:{proxy.port}"         # from :authority
+    assert names["x-custom"] == "v1"
+    assert names.get("te") == "trailers"                       # the one te value allowed
+
+
+def test_bodies_both_ways(proxy, tmp_path):
+    data = bytes(range(256)) * 12000                           # ~3 MB
+    f = tmp_path / "up.bin"
+    f.write_bytes(data)
+    code, _, rc, body = curl(proxy, "/echo", "--data-binary", f"@{f}")
+    assert (code, rc) == (200, 0)
+    assert json.loads(body)["body_bytes"] == len(data)
+    # no content-length (curl -T from a pipe): chunked to the HTTP/1 upstream
+    p = subprocess.run([CURL, "-s", "--http2-prior-knowledge", "-T", "-", "-X", "POST",
+                        f"http://127.0.0.1:{proxy.port}/echo"], input=data[:100000],
+                       capture_output=True, timeout=30)
+    assert json.loads(p.stdout)["body_bytes"] == 100000
+    for path, n in (("/bytes/3000000", 3000000), ("/chunked/200000", 200000),
+                    ("/close/50000", 50000)):
+        code, _, rc, body = curl(proxy, path)
+        assert (code, rc, len(body)) == (200, 0, n), path
+
+
+def test_statuses_without_bodies_and_head(proxy):
+    for st in (204, 304, 404, 503):
+        code, _, rc, _ = curl(proxy, f"/status/{st}")
+        assert (code, rc) == (st, 0)
+    code, _, rc, body = curl(proxy, "/bytes/100", "-I")
+    assert (code, rc) == (200, 0) and b"content-length: 100" in body.lower()
+
+
+def test_upstream_reset_mid_response_resets_the_stream(proxy):
+    code, _, rc, body = curl(proxy, "/reset-mid")
+    assert code == 200 and rc != 0 and len(body) < 100        # cut: not passed off as whole
+    code, _, rc, _ = curl(proxy, "/reset")
+    assert (code, rc) == (502, 0)
+    st = proxy.listener_stats("h2")
+    assert st["error_upstream_reset"] >= 2
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) missing")
+def test_h2load_many_streams_over_pooled_http1_connections(proxy):
+    out = subprocess.run(["h2load", "-n", "3000", "-c", "10", "-m", "10",
+                          f"http://127.0.0.1:{proxy.port}/"],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "3000 succeeded, 0 failed, 0 errored" in out and "3000 2xx" in out, out
+    cl = proxy.cluster_stats("web")
+    assert cl["upstream_rq_total"] >= 3000
+    assert cl["upstream_cx_total"] <= 200          # pooled: not a connection per request
+
+
+def test_slow_client_window_holds_the_upstream(proxy):
+    """A client with a tiny window that stops reading: the proxy stops reading the upstream
+    instead of buffering the whole response."""
+    h2 = pytest.importorskip("h2.connection")
+    import h2.config
+    import h2.events
+    import h2.settings
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16384})
+    s.sendall(conn.data_to_send())
+    conn.send_headers(1, [(":method", "GET"), (":path", "/bytes/20000000"),
+                          (":scheme", "http"), (":authority", "x")], end_stream=True)
+    s.sendall(conn.data_to_send())
+    got = 0
+    import time
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        s.settimeout(0.3)
+        try:
+            data = s.recv(65536)
+        except socket.timeout:
+            continue
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.DataReceived):
+                got += len(ev.data)                   # never acknowledged: no window back
+        s.sendall(conn.data_to_send())
+    assert got <= 16384 + 65535                       # what the windows allowed, no more
+    import os
+    rss_kib = int(open(f"/proc/{proxy.pid}/status").read().split("VmRSS:")[1].split()[0])
+    assert rss_kib < 200 * 1024                       # the 20 MB body is not in the proxy
+    s.close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_http1_listener_with_codec_auto_serves_h2c(start_upstream, start_fastmesh, loop):
+    """codec: auto on an http1 listener: a connection that opens with the HTTP/2 preface is
+    served as HTTP/2 (Envoy's codec_type AUTO); HTTP/1.1 is unchanged."""
+    up = start_upstream("web", loop)
+    cfg = _cfg(up)
+    cfg["listeners"][0].update(protocol="http1", codec="auto")
+    fm = start_fastmesh(cfg, loop=loop)
+    assert curl(fm, "/bytes/70000")[:3] == (200, "2", 0)
+    assert curl(fm, "/bytes/70000", "--http1.1")[:3] == (200, "1.1", 0)
+    st = fm.listener_stats("h2")
+    assert st["downstream_cx_total"] == 2 and st["downstream_rsp_2xx"] == 2
+    # without codec: auto the preface is a bad HTTP/1 request
+    cfg["listeners"][0]["codec"] = "http1"
+    fm2 = start_fastmesh(cfg, loop=loop)
+    code, _, rc, _ = curl(fm2, "/")
+    assert rc != 0
