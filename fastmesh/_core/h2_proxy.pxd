@@ -37,6 +37,12 @@ cdef class ProxyStream:
         int64_t start_ms
         int64_t deadline_ms         # until the response headers: the route timeout (0: none)
         bint done
+        # retries (only when the route has a retry policy): the request body so far, kept
+        # while it is small enough to send again (None: too large, no more tries)
+        int attempts
+        list body_copy
+        Py_ssize_t body_copy_bytes
+        list tried                  # endpoints tried
 
     cdef void start_upstream(self) except *
     cdef void pump_up(self) except *
@@ -63,6 +69,8 @@ cdef class H2Downstream(H2Consumer):
     cdef void respond_local(self, ProxyStream ps, int status, bytes body,
                             bytes reason) except *
     cdef void maybe_done(self, ProxyStream ps) except *
+    cdef bint try_again(self, ProxyStream ps, int status, bint no_response,
+                        bint connect_failure) except *
     cdef void begin_drain(self) except *
 
 

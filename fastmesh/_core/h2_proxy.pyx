@@ -33,6 +33,8 @@ from fastmesh._core.http1 cimport (Head, HeadParser, ChunkedFramer, BODY_NONE, B
                                    BODY_CHUNKED, BODY_CLOSE, PARSE_INCOMPLETE, CH_DONE,
                                    CH_ERROR)
 from fastmesh._core.router cimport Route, RouteTable, A_DIRECT
+from fastmesh._core.retry cimport RetryPolicy
+from fastmesh._core.http1 cimport make_request_id
 from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL,
                                    LS_RQ_ACTIVE, LS_RSP_1XX, LS_ERR_NO_ROUTE,
                                    LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_CONNECT_FAILED,
@@ -40,6 +42,8 @@ from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TO
                                    LS_ERR_BAD_REQUEST, LS_RX_BYTES, LS_CX_IDLE_CLOSED, CS_RQ_TOTAL, CS_RQ_ACTIVE,
                                    CS_RSP_1XX, CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL,
                                    CS_NO_HEALTHY, CS_RQ_TIMEOUT, CS_CX_IDLE_CLOSED,
+                                   CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY, CS_RQ_RETRY_OVERFLOW,
+                                   LS_ERR_OVERFLOW,
                                    status_class_slot)
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
@@ -48,6 +52,7 @@ log = logging.getLogger("fastmesh.h2")
 cdef int RECV_BUFFER_BYTES = 65536
 cdef int RECV_BUFFER_CAP_BYTES = 1 << 20
 cdef int MAX_CONCURRENT_STREAMS = 100
+cdef Py_ssize_t RETRY_BODY_BYTES = 65536  # a request body kept for retries up to this size
 cdef bytes TE_TRAILERS = b"trailers"
 
 # HTTP status of a local answer -> gRPC status (Envoy's mapping)
@@ -151,6 +156,8 @@ cdef class ProxyStream:
                 return
             if sent:
                 self.body_sent = True
+                if self.body_copy is not None:
+                    self.keep_copy(data[:sent])
                 self.ds.codec.consumed(self.ds_id, sent)   # the client may send as much again
                 _dirty_ds.add(self.ds)
             if sent < n:
@@ -185,6 +192,14 @@ cdef class ProxyStream:
             self.to_down.pop(0)
         if self.h1up is not None and self.h1up.ps is self:
             self.h1up.set_reading(not self.to_down)     # the client's window is the limit
+
+    def keep_copy(self, data):
+        # a copy of request bytes sent upstream, for another try (bounded)
+        self.body_copy_bytes += len(data)
+        if self.body_copy_bytes > RETRY_BODY_BYTES:
+            self.body_copy = None
+        else:
+            self.body_copy.append(bytes(data))
 
     cdef void finish(self) except *:
         # the exchange is over (both ends closed, or reset): counters and the maps
@@ -365,15 +380,35 @@ cdef class H2Downstream(H2Consumer):
             pairs = [p for p in pairs if p[0] not in route.headers_to_remove]
         if route.headers_to_add:
             pairs.extend(route.headers_to_add)
+        if headers.find(b"x-request-id", 12) < 0:
+            pairs.append((b"x-request-id", make_request_id()))     # as Envoy generates one
         ps.request_headers = pairs
+        ps.attempts = 1
+        if route.retry is not None:
+            ps.body_copy = []
+            ps.tried = []
         if route.timeout_ms > 0:
             ps.deadline_ms = ps.start_ms + route.timeout_ms
         self.forward(ps)
 
     cdef void forward(self, ProxyStream ps) except *:
         cdef Cluster cluster = ps.cluster
-        cdef Endpoint ep = cluster.pick() if cluster is not None else None
+        cdef Endpoint ep = None
         cdef H2Upstream up
+        cdef int n
+        if cluster is not None and \
+                cluster.counters.v[CS_RQ_ACTIVE] + cluster.pending >= cluster.max_requests:
+            cluster.counters.v[CS_RQ_ACTIVE_OVERFLOW] += 1     # the circuit breaker
+            self.ctx.counters.v[LS_ERR_OVERFLOW] += 1
+            self.local_reply(ps, 503, b"overflow")
+            return
+        if cluster is not None:
+            ep = cluster.pick()
+            if ps.tried and ep is not None and ep in ps.tried and ps.route.retry is not None:
+                for n in range(ps.route.retry.host_selection_attempts):
+                    ep = cluster.pick()     # another try: prefer an endpoint not tried yet
+                    if ep is None or ep not in ps.tried:
+                        break
         if ep is None:
             if cluster is not None:
                 cluster.counters.v[CS_NO_HEALTHY] += 1
@@ -381,6 +416,8 @@ cdef class H2Downstream(H2Consumer):
             self.local_reply(ps, 503, b"no_healthy_upstream")
             return
         ps.ep = ep
+        if ps.tried is not None:
+            ps.tried.append(ep)
         if not cluster.http2:
             self.forward_h1(ps)
             return
@@ -425,6 +462,62 @@ cdef class H2Downstream(H2Consumer):
             _dirty_ds.add(self)
             return
         self.forward(ps)
+
+    cdef bint try_again(self, ProxyStream ps, int status, bint no_response,
+                        bint connect_failure) except *:
+        # A try failed before anything of its answer went to the client: go again if the
+        # route's retry policy says so and the request can be sent whole again (its body,
+        # if any, was kept). True when another try is under way.
+        cdef RetryPolicy rp = ps.route.retry if ps.route is not None else None
+        cdef Cluster cl = ps.cluster
+        if rp is None or ps.done or ps.response_started or ps.attempts > rp.num_retries:
+            return False
+        if ps.body_sent and ps.body_copy is None:
+            return False                    # too much of the body went: it cannot be resent
+        if no_response:
+            if not rp.retries_no_response(connect_failure):
+                return False
+        elif not rp.retries_status(status):
+            return False
+        if cl.retries_active >= cl.max_retries:
+            cl.counters.v[CS_RQ_RETRY_OVERFLOW] += 1
+            return False
+        cl.counters.v[CS_RQ_RETRY] += 1
+        ps.attempts += 1
+        if ps.body_copy:                    # what went with the last try goes first
+            ps.to_up[:0] = [(b, False) for b in ps.body_copy]
+            last = ps.to_up[len(ps.to_up) - 1]      # (no negative indexing: wraparound off)
+            if ps.request_ended and not isinstance(last, list) and not last[1]:
+                ps.to_up.append((b"", True))
+            ps.body_copy = []
+            ps.body_copy_bytes = 0
+        ps.body_sent = False
+        ps.up = None
+        ps.h1up = None
+        ps.us_id = -1
+        self.forward(ps)
+        return True
+
+    def try_again_after(self, ProxyStream ps, int status):
+        # a response head that the route retries: the try is abandoned (not counted in
+        # flight any more) and another one made; False to relay the answer
+        cdef H1Upstream h1 = ps.h1up
+        cdef H2Upstream up = ps.up
+        cdef int64_t sid = ps.us_id
+        cdef RetryPolicy rp = ps.route.retry
+        if ps.done or ps.attempts > rp.num_retries or not rp.retries_status(status) or \
+                (ps.body_sent and ps.body_copy is None) or \
+                ps.cluster.retries_active >= ps.cluster.max_retries:
+            return False
+        ps.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+        ps.ep.active_requests -= 1
+        if up is not None and sid >= 0:
+            up.streams.pop(sid, None)
+        if h1 is not None:
+            h1.ps = None
+        if not self.try_again(ps, status, False, False):
+            return False        # (not reached: the same checks passed) pragma: no cover
+        return True
 
     cdef void local_reply(self, ProxyStream ps, int status, bytes reason) except *:
         self.respond_local(ps, status, reason + b"\n", reason)
@@ -566,7 +659,9 @@ cdef class H1Upstream:
             self.closed = True
             ps = self.ps
             self.ps = None
-            if ps is not None and not ps.done:
+            if self.cluster.od_enabled:
+                self.cluster.observe_local(self.ep, 503)
+            if ps is not None and not ps.done and not ps.ds.try_again(ps, 503, True, True):
                 ps.ds.ctx.counters.v[LS_ERR_CONNECT_FAILED] += 1
                 ps.ds.local_reply(ps, 503, b"connect_failed")
             flush_dirty()
@@ -636,6 +731,8 @@ cdef class H1Upstream:
             else:
                 self.transport.write(data)
             ps.body_sent = True
+            if ps.body_copy is not None:
+                ps.keep_copy(data)
             if self.write_paused:
                 self.uncredited += n        # given back to the client when the socket drains
             else:
@@ -694,7 +791,8 @@ cdef class H1Upstream:
             ps.cluster.counters.v[CS_RQ_ACTIVE] -= 1
             self.ep.active_requests -= 1
             ps.h1up = None
-            if not ps.done and not self.response_done:
+            if not ps.done and not self.response_done and \
+                    not ps.ds.try_again(ps, 502, True, False):
                 ps.ds.ctx.counters.v[LS_ERR_UPSTREAM_RESET] += 1
                 ps.ds.local_reply(ps, 502, b"upstream_reset")   # (a reset once it started)
             flush_dirty()
@@ -753,6 +851,13 @@ cdef class H1Upstream:
             self.parser.reset()
             if h.status >= 200:
                 break                           # 1xx: not relayed (as for HTTP/2 upstreams)
+        if self.cluster.od_enabled:
+            self.cluster.observe(self.ep, h.status)
+        if ps.route is not None and ps.route.retry is not None and \
+                ps.ds.try_again_after(ps, h.status):
+            self.closed = True                  # its answer is not read: out of step
+            self.transport.abort()
+            return False
         pairs = [(b":status", str(h.status).encode())]
         for i in range(h.nfields):
             if h.fields[i].drop:
@@ -959,14 +1064,24 @@ cdef class H2Upstream(H2Consumer):
         # the connection is gone: streams without a response get a local answer, the others
         # are reset (their response was cut short)
         cdef ProxyStream ps
-        cdef int slot = LS_ERR_CONNECT_FAILED if status == 503 else LS_ERR_UPSTREAM_RESET
-        for ps in list(self.streams.values()) + self.waiting:
+        cdef bint connect_failure = status == 503
+        cdef int slot = LS_ERR_CONNECT_FAILED if connect_failure else LS_ERR_UPSTREAM_RESET
+        streams = list(self.streams.values()) + self.waiting
+        self.streams.clear()
+        self.waiting = []
+        if connect_failure and self.cluster.od_enabled:
+            self.cluster.observe_local(self.ep, 503)
+        for ps in streams:
             if ps.done:
+                continue
+            if ps.us_id >= 0:               # it was counted in flight here
+                ps.cluster.counters.v[CS_RQ_ACTIVE] -= 1
+                self.ep.active_requests -= 1
+                ps.us_id = -1
+            if ps.ds.try_again(ps, status, True, connect_failure):
                 continue
             ps.ds.ctx.counters.v[slot] += 1
             ps.ds.local_reply(ps, status, reason)
-        self.streams.clear()
-        self.waiting = []
 
     # -- the codec's callbacks --
 
@@ -979,6 +1094,12 @@ cdef class H2Upstream(H2Consumer):
         status = int(st) if st is not None and st.isdigit() else 0
         if 100 <= status < 200:
             return                              # informational: not relayed
+        if self.cluster.od_enabled:
+            self.cluster.observe(self.ep, status)
+        if ps.route is not None and ps.route.retry is not None and \
+                ps.ds.try_again_after(ps, status):
+            self.codec.reset_stream(stream_id, H2_CANCEL)
+            return
         ps.response_started = True
         ps.status = status
         ps.deadline_ms = 0
@@ -1019,6 +1140,8 @@ cdef class H2Upstream(H2Consumer):
         ps.us_id = -1
         if error_code == H2_REFUSED_STREAM and not ps.response_started:
             ps.ds.route_again(ps)           # not processed: it may go again elsewhere
+        elif not ps.response_started and ps.ds.try_again(ps, 502, True, False):
+            pass
         elif not ps.response_started:
             ps.ds.ctx.counters.v[LS_ERR_UPSTREAM_RESET] += 1
             ps.ds.local_reply(ps, 502, b"upstream_reset")

@@ -149,3 +149,44 @@ def test_http1_listener_with_codec_auto_serves_h2c(start_upstream, start_fastmes
     fm2 = start_fastmesh(cfg, loop=loop)
     code, _, rc, _ = curl(fm2, "/")
     assert rc != 0
+
+
+def test_retries_outliers_and_circuit_breaker(start_upstream, start_fastmesh):
+    """The HTTP/1 path's resilience applies to HTTP/2 streams: a dead endpoint is retried
+    past (connect-failure), a failing one's 503 is retried on another (5xx) and it gets
+    ejected (consecutive_5xx); each request carries an x-request-id upstream."""
+    import urllib.request
+    from fmtest import free_port
+    good, bad = start_upstream("good"), start_upstream("bad")
+    urllib.request.urlopen(f"http://{bad.address}/control/fail/503", timeout=5).read()
+    cfg = {"listeners": [{"name": "h2", "protocol": "http2", "route_table": "rt"}],
+           "route_tables": {"rt": {"routes": [
+               {"match": {"prefix": "/dead/"}, "cluster": "withdead",
+                "retry_policy": {"retry_on": ["connect-failure"], "num_retries": 2,
+                                 "previous_hosts": True}},
+               {"match": {"prefix": "/"}, "cluster": "web",
+                "retry_policy": {"retry_on": ["5xx"], "num_retries": 2,
+                                 "previous_hosts": True}}]}},
+           "clusters": [
+               {"name": "withdead", "endpoints": [f"127.0.0.1:{free_port()}", good.address],
+                "connect_timeout_ms": 500},
+               {"name": "web", "endpoints": [bad.address, good.address],
+                "outlier_detection": {"consecutive_5xx": 3, "interval_ms": 100,
+                                      "max_ejection_pct": 50,
+                                      "base_ejection_time_ms": 30000}}]}
+    fm = start_fastmesh(cfg)
+    for i in range(6):
+        code, _, rc, body = curl(fm, "/dead/echo")
+        assert (code, rc) == (200, 0), (i, body, fm.proc.stderr_text()[-2000:])
+        seen = json.loads(body)
+        assert seen["server"] == "good"
+        assert any(k.lower() == "x-request-id" for k, _ in seen["headers"])
+    for i in range(10):
+        code, _, rc, body = curl(fm, "/echo", "--data-binary", "payload-%d" % i)
+        assert (code, rc) == (200, 0), (i, body, fm.proc.stderr_text()[-2000:])
+        assert json.loads(body)["server"] == "good"      # the 503s were retried
+        assert json.loads(body)["body_bytes"] == len("payload-%d" % i)   # the body again
+    cl = fm.cluster_stats("web")
+    assert cl["upstream_rq_retry"] >= 1
+    assert cl["outlier_ejections_enforced_consecutive_5xx"] >= 1, {k: v for k, v in cl.items() if v}
+    assert fm.cluster_stats("withdead")["upstream_cx_connect_fail"] >= 1
