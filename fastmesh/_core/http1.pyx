@@ -798,6 +798,39 @@ cdef bint _named_in(const char *raw, HeaderField *f, tuple names):
     return False
 
 
+cdef int head_hide_header(Head h, const char *lname, Py_ssize_t lname_len):
+    cdef int i, n = 0
+    cdef const unsigned char *raw = <const unsigned char *>PyBytes_AS_STRING(h.raw)
+    for i in range(h.nfields):
+        if (h.fields[i].name_len == lname_len
+                and ieq(raw + h.fields[i].name_off, lname, lname_len)):
+            h.fields[i].drop = 1
+            h.fields[i].name_len = 0
+            n += 1
+    return n
+
+
+cdef int head_append_header(Head h, bytes name, bytes value) except -1:
+    # the head ends in CRLF CRLF: the new field goes before the last CRLF, so the offsets of
+    # the fields already parsed stay valid
+    cdef Py_ssize_t base = PyBytes_GET_SIZE(h.raw) - 2
+    cdef HeaderField *f
+    fields = <HeaderField *>realloc(h.fields, (h.nfields + 1) * sizeof(HeaderField))
+    if fields is NULL:
+        raise MemoryError()
+    h.fields = fields
+    h.raw = h.raw[:base] + name + b": " + value + b"\r\n\r\n"
+    f = &h.fields[h.nfields]
+    f.name_off = <int>base
+    f.name_len = <int>len(name)
+    f.value_off = <int>(base + len(name) + 2)
+    f.value_len = <int>len(value)
+    f.kind = HK_OTHER
+    f.drop = 0
+    h.nfields += 1
+    return 0
+
+
 cdef bytes build_request_head(Head h, bytes client_ip, bytes request_id,
                               tuple headers_to_add, tuple headers_to_remove,
                               bint strip_expect):
@@ -834,7 +867,10 @@ cdef bytes build_request_head(Head h, bytes client_ip, bytes request_id,
                     w_put(&w, raw + f.value_off, f.value_len)
                     w_put(&w, b", ", 2)
         w_bytes(&w, client_ip)
-        w_put(&w, b"\r\nx-forwarded-proto: http\r\n", 27)
+        if h.https:
+            w_put(&w, b"\r\nx-forwarded-proto: https\r\n", 28)
+        else:
+            w_put(&w, b"\r\nx-forwarded-proto: http\r\n", 27)
         # absent, or dropped because Connection named it: the upstream still gets an id
         if not has_request_id(h) and request_id is not None:
             w_put(&w, b"x-request-id: ", 14)
