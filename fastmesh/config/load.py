@@ -884,7 +884,7 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
         kw["handshake_timeout_ms"] = c.integer(m["handshake_timeout_ms"],
                                                f"{p}.handshake_timeout_ms", lo=0)
     if "forward_client_cert" in m:
-        if protocol not in (None, "http1"):
+        if protocol not in (None, "http1") and m["forward_client_cert"] != "sanitize":
             c.err(f"{p}.forward_client_cert", "only http1 chains carry headers")
         kw["forward_client_cert"] = c.choice(m["forward_client_cert"],
                                              f"{p}.forward_client_cert", "mode", XFCC_MODES)
