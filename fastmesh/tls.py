@@ -32,10 +32,14 @@ def build_context(t: model.TlsContext) -> ssl.SSLContext:
     ctx.minimum_version = _VERSIONS[t.min_version]
     ctx.maximum_version = _VERSIONS[t.max_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    try:
-        ctx.set_ciphers(":".join(t.ciphers))
-    except ssl.SSLError as exc:
-        raise TlsConfigError(f"ciphers {':'.join(t.ciphers)!r}: none usable ({exc.reason})")
+    # as Envoy: every name must be a cipher suite (OpenSSL alone skips unknown ones)
+    for name in t.ciphers:
+        try:
+            ctx.set_ciphers(name)
+        except ssl.SSLError:
+            raise TlsConfigError(f"cipher suite {name!r}: unknown (OpenSSL names, such as "
+                                 f"ECDHE-ECDSA-AES128-GCM-SHA256)")
+    ctx.set_ciphers(":".join(t.ciphers))
     if t.ecdh_curve:
         try:
             ctx.set_ecdh_curve(t.ecdh_curve)
@@ -56,7 +60,7 @@ def build_context(t: model.TlsContext) -> ssl.SSLContext:
         except FileNotFoundError:
             raise TlsConfigError(f"{t.trusted_ca_file}: no such file")
         except ssl.SSLError as exc:
-            raise TlsConfigError(f"trusted CA {t.trusted_ca_file}: {exc.reason or exc}")
+            raise TlsConfigError(f"trusted CA {t.trusted_ca_file}: {getattr(exc, 'reason', None) or exc}")
         ctx.verify_mode = ssl.CERT_REQUIRED if t.require_client_certificate \
             else ssl.CERT_OPTIONAL
         if t.crl_file:
@@ -65,7 +69,7 @@ def build_context(t: model.TlsContext) -> ssl.SSLContext:
             except FileNotFoundError:
                 raise TlsConfigError(f"{t.crl_file}: no such file")
             except ssl.SSLError as exc:
-                raise TlsConfigError(f"CRL {t.crl_file}: {exc.reason or exc}")
+                raise TlsConfigError(f"CRL {t.crl_file}: {getattr(exc, 'reason', None) or exc}")
             ctx.verify_flags |= (ssl.VERIFY_CRL_CHECK_LEAF if t.crl_leaf_only
                                  else ssl.VERIFY_CRL_CHECK_CHAIN)
     else:

@@ -134,8 +134,8 @@ def _downstream(c: EnvoyChecker, raw, p: str, protocol) -> Optional[TlsContext]:
     if "tls_certificates" not in cm:
         pass                                        # need() reported it
     elif len(certs) > 1:
-        c.err(cm.p("tls_certificates"), f"{len(certs)} certificates: one per filter chain is "
-              f"supported yet (choose certificates by SNI with one chain per name)")
+        c.err(cm.p("tls_certificates"), f"{len(certs)} certificates: {NOT_YET} (one per filter "
+              f"chain: choose certificates by SNI with a chain per name)")
     if certs:
         cp = f"{cm.p('tls_certificates')}[0]"
         cert = c.message(certs[0], cp, _CERT_FIELDS)
