@@ -94,8 +94,12 @@ def translate_transport_socket(c: EnvoyChecker, raw, p: str,
     if t == "type.googleapis.com/" + RAW_BUFFER or (tc is _MISSING and name in (
             "envoy.transport_sockets.raw_buffer", "raw_buffer")):
         return None
+    if tc is _MISSING:
+        c.err(p, f"typed_config missing: Envoy finds a transport socket by its @type (for "
+                 f"TLS: type.googleapis.com/{DOWNSTREAM_TLS})")
+        return None
     if t != "type.googleapis.com/" + DOWNSTREAM_TLS:
-        c.err(m.p("typed_config") if tc is not _MISSING else m.p("name"),
+        c.err(m.p("typed_config"),
               f"transport socket {name!r}{f' ({t})' if t else ''}: {NOT_YET} (supported: "
               f"envoy.transport_sockets.tls with a {DOWNSTREAM_TLS}, and raw_buffer)")
         return None
