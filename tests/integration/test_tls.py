@@ -16,6 +16,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 
@@ -500,3 +501,70 @@ def test_tcp_over_tls(pki, start_fastmesh, loop_kind):
         assert fm.listener_stats("raw")["ssl.handshake"] == 1
     finally:
         lsock.close()
+
+
+# ------------------------------------------------------------------------ hot restart
+
+def test_hot_restart_drains_tls_connections(pki, deployment, procs, loop_kind):
+    """A TLS session lives in its process: a hot restart does not migrate TLS connections.
+    HTTP: the next response on an old connection says `connection: close`; TCP: the old
+    generation keeps serving the connection until it ends (or the drain timeout)."""
+    from fmtest import Proc, START_TIMEOUT_S, _wait_line, pid_alive, supervisor_pid, \
+        wait_gone, wait_new_generation
+    up = Proc([sys.executable, "-m", "fastmesh.demo.upstream", "--listen", "127.0.0.1:0",
+               "--name", "up"], name="upstream")
+    procs.append(up)
+    up_addr = f"127.0.0.1:{int(_wait_line(up, b'READY', START_TIMEOUT_S).split()[1])}"
+    echo = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                c, _ = echo.accept()
+            except OSError:
+                return
+
+            def run(c=c):
+                with c:
+                    while (d := c.recv(65536)):
+                        c.sendall(d)
+            threading.Thread(target=run, daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    http_port, tcp_port = free_port(), free_port()
+    cfg = {
+        "admin": {"address": f"127.0.0.1:{free_port()}"},
+        "drain_timeout_ms": 8000,
+        "listeners": [
+            {"name": "web", "address": f"127.0.0.1:{http_port}", "route_table": "rt",
+             "tls": tls_block(pki)},
+            {"name": "raw", "address": f"127.0.0.1:{tcp_port}", "protocol": "tcp",
+             "cluster": "echo", "tls": tls_block(pki)}],
+        "route_tables": {"rt": {"routes": [{"match": {"prefix": "/"}, "cluster": "up"}]}},
+        "clusters": [{"name": "up", "endpoints": [up_addr]},
+                     {"name": "echo", "endpoints": [f"127.0.0.1:{echo.getsockname()[1]}"]}],
+    }
+    try:
+        d = deployment(cfg, loop=loop_kind)
+        d.start()
+        h = connect(http_port, pki)
+        t = connect(tcp_port, pki)
+        assert get(h, "/")[0] == 200
+        t.sendall(b"before")
+        assert t.recv(100) == b"before"
+        time.sleep(0.7)                     # quiet: a plain TCP connection would migrate now
+        old = supervisor_pid(d.admin_port)
+        d.hup()
+        wait_new_generation(d.admin_port, old)
+        status, hdrs, _ = get(h, "/")       # served by the old generation, told to go
+        assert status == 200 and hdrs.get("connection") == "close"
+        h.close()
+        t.sendall(b"after")                 # still the old generation's session
+        assert t.recv(100) == b"after"
+        assert pid_alive(old)
+        t.close()
+        assert wait_gone(old) < 8
+        with connect(tcp_port, pki) as t2:   # the new generation serves new connections
+            t2.sendall(b"new")
+            assert t2.recv(100) == b"new"
+    finally:
+        echo.close()
