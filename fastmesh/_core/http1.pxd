@@ -86,8 +86,8 @@ cdef class Head:
 
 
 # Edits of a parsed request head before routing (downstream TLS: forward_client_cert)
-cdef int head_hide_header(Head h, const char *lname, Py_ssize_t lname_len)
-# every field of that name: not forwarded, and invisible to header lookups; -> how many
+cdef int head_hide_header(Head h, const char *lname, Py_ssize_t lname_len) except -1
+# every field of that name, out of the raw head: not forwarded, not seen by lookups; -> how many
 cdef int head_append_header(Head h, bytes name, bytes value) except -1
 # one more field (at the end of the head), seen by routing and forwarded
 

@@ -798,15 +798,37 @@ cdef bint _named_in(const char *raw, HeaderField *f, tuple names):
     return False
 
 
-cdef int head_hide_header(Head h, const char *lname, Py_ssize_t lname_len):
+cdef int head_hide_header(Head h, const char *lname, Py_ssize_t lname_len) except -1:
+    # The lines go from the raw head too (so nothing reading it, the access log's %REQ()%
+    # included, sees them); their field entries stay, empty and dropped, so that indices
+    # such as host_idx keep pointing at the same fields.
     cdef int i, n = 0
-    cdef const unsigned char *raw = <const unsigned char *>PyBytes_AS_STRING(h.raw)
+    cdef Py_ssize_t pos = 0, shift = 0, ls, le
+    cdef HeaderField *f
+    cdef bytes raw = h.raw
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(raw)
+    pieces = []
     for i in range(h.nfields):
-        if (h.fields[i].name_len == lname_len
-                and ieq(raw + h.fields[i].name_off, lname, lname_len)):
-            h.fields[i].drop = 1
-            h.fields[i].name_len = 0
+        f = &h.fields[i]
+        if f.name_len == 0:
+            continue
+        if f.name_len == lname_len and ieq(p + f.name_off, lname, lname_len):
+            ls = f.name_off
+            le = raw.find(b"\r\n", f.value_off + f.value_len) + 2
+            pieces.append(raw[pos:ls])
+            pos = le
+            shift += le - ls
+            f.drop = 1
+            f.name_len = 0
+            f.value_len = 0
+            f.name_off = f.value_off = 0
             n += 1
+        elif shift:
+            f.name_off -= <int>shift
+            f.value_off -= <int>shift
+    if n:
+        pieces.append(raw[pos:])
+        h.raw = b"".join(pieces)
     return n
 
 

@@ -568,3 +568,29 @@ def test_hot_restart_drains_tls_connections(pki, deployment, procs, loop_kind):
             assert t2.recv(100) == b"new"
     finally:
         echo.close()
+
+
+def test_peer_identity_in_access_log(pki, start_upstream, start_fastmesh, tmp_path, loop_kind):
+    """The verified identity reaches the access log through the header the proxy set
+    (%REQ(X-FORWARDED-CLIENT-CERT)%); a spoofed one sent by the client is gone from the
+    request before anything reads it, the log included."""
+    up = start_upstream()
+    log = tmp_path / "access.log"
+    cfg = http_cfg(up, mtls_block(pki, forward_client_cert="sanitize_set",
+                                  forward_client_cert_details=["uri"]))
+    cfg["listeners"][0]["access_log"] = {
+        "path": str(log), "format": "%RESPONSE_CODE% %REQ(X-FORWARDED-CLIENT-CERT)%\n"}
+    fm = start_fastmesh(cfg, loop=loop_kind)
+    with connect(fm.port, pki, cert="client") as s:
+        status, _, body = get(s, "/echo", extra="X-Forwarded-Client-Cert: URI=spiffe://evil\r\n"
+                                                "x-keep: 1\r\n")
+        assert status == 200
+        seen = [(k.lower(), v) for k, v in json.loads(body)["headers"]]
+        assert [v for k, v in seen if k == "x-forwarded-client-cert"] == [
+            seen_xfcc := [v for k, v in seen if k == "x-forwarded-client-cert"][0]]
+        assert "evil" not in seen_xfcc and seen_xfcc.endswith(f";URI={SPIFFE}client")
+        assert ("x-keep", "1") in seen
+    assert wait_for(lambda: log.exists() and log.read_text().strip() != "")
+    line = log.read_text().strip()
+    assert line.startswith("200 By=") and line.endswith(f";URI={SPIFFE}client"), line
+    assert "evil" not in line
