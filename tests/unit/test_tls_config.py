@@ -196,3 +196,25 @@ def test_native_tls_block(pki):
     assert "unknown" in err(dict(base, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256:NOPE"))
     # a key that is not the certificate's
     assert "listeners[0].tls" in err(dict(base, private_key_file=pki["api_key"]))
+
+
+def test_xds_listener_with_tls_decodes_and_translates(pki):
+    """Over xDS a Listener's transport_socket arrives as an Any: its type is registered, so
+    the resource decodes to the same plain data a bootstrap holds, and translates the same."""
+    from google.protobuf import any_pb2, json_format
+    from envoy.config.listener.v3 import listener_pb2
+    from fastmesh.xds.resources import LISTENER, decode
+    doc = boot(ts(pki, validation(pki, match_typed_subject_alt_names=[
+        {"san_type": "URI", "matcher": {"exact": SPIFFE + "client"}}]),
+        require_client_certificate=True))
+    lst = doc["static_resources"]["listeners"][0]
+    msg = json_format.ParseDict(lst, listener_pb2.Listener())
+    a = any_pb2.Any()
+    a.Pack(msg)
+    name, data = decode(LISTENER, a)
+    assert name == "l"
+    again = copy.deepcopy(doc)
+    again["static_resources"]["listeners"] = [data]
+    t = load_dict(again).listeners[0].tls
+    assert t == load_dict(doc).listeners[0].tls
+    assert t.require_client_certificate and t.match_subject_alt_names[0].value == SPIFFE + "client"
