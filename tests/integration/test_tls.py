@@ -353,6 +353,14 @@ def closed_within(s, seconds) -> bool:
 def test_bad_handshakes_counted_and_closed(pki, start_upstream, start_fastmesh, loop_kind):
     up = start_upstream()
     fm = start_fastmesh(http_cfg(up, tls_block(pki, handshake_timeout_ms=400)), loop=loop_kind)
+    worker = fm.worker_pids()[0]
+
+    def fds():
+        return len(os.listdir(f"/proc/{worker}/fd"))
+    with connect(fm.port, pki) as s:        # warm: the upstream pool's connection is made
+        assert get(s, "/")[0] == 200
+    assert wait_for(lambda: lstats(fm)["downstream_cx_active"] == 0)
+    baseline = fds()
     # garbage after a ClientHello
     with socket.create_connection(("127.0.0.1", fm.port), timeout=5) as s:
         s.sendall(client_hello() + os.urandom(300))
@@ -374,12 +382,20 @@ def test_bad_handshakes_counted_and_closed(pki, start_upstream, start_fastmesh, 
         s.shutdown(socket.SHUT_WR)
         assert closed_within(s, 5)
     assert wait_for(lambda: lstats(fm)["ssl.connection_error"] == 2)
+    # many clients that never finish, at once: each timed out, none left open
+    socks = [socket.create_connection(("127.0.0.1", fm.port), timeout=5) for _ in range(30)]
+    for s in socks:
+        s.sendall(client_hello())
+    for s in socks:
+        assert closed_within(s, 5)
+        s.close()
+    assert wait_for(lambda: lstats(fm)["downstream_cx_transport_socket_connect_timeout"] == 32)
     # and the listener still serves
     with connect(fm.port, pki) as s:
         assert get(s, "/")[0] == 200
-    st = lstats(fm)
     assert wait_for(lambda: lstats(fm)["downstream_cx_active"] == 0)
-    assert st["ssl.handshake"] == 1
+    assert lstats(fm)["ssl.handshake"] == 2
+    assert wait_for(lambda: fds() <= baseline), (fds(), baseline)     # no descriptor leaked
 
 
 # ------------------------------------------------------------------------ Bolt and TCP

@@ -100,7 +100,7 @@ def cases(pki):
         ("tls-1.1", boot(ts(pki, {"tls_params": {"tls_minimum_protocol_version": "TLSv1_1"}})),
          True, False),
         ("require-sni", boot(ts(pki, require_sni=True)), True, False),
-        ("alpn-h2", boot(ts(pki, {"alpn_protocols": ["h2", "http/1.1"]})), True, False),
+        ("alpn-h2", boot(ts(pki, {"alpn_protocols": ["h2", "http/1.1"]})), True, True),
         ("sds", sds_boot(pki), True, False),
         ("spki-pin", boot(ts(pki, validation(pki, verify_certificate_spki=[
             "NvqYIYSbgK2vCJpQhObf77vv+bQWtc5ek5RIOwPiC9A="]))), True, False),
@@ -154,6 +154,9 @@ def test_envoy_translation(pki):
     assert t.alpn == ("http/1.1",) and t.handshake_timeout_ms == 1500
     assert [(m.san_type, m.kind, m.value, m.ignore_case) for m in t.match_subject_alt_names] \
         == [("uri", "prefix", SPIFFE, False), ("dns", "suffix", ".SVC", True)]
+    # h2 is not offered until HTTP/2 is served: the rest of the list is, with a note
+    h2 = load_dict(boot(ts(pki, {"alpn_protocols": ["h2", "http/1.1"]}))).listeners[0].tls
+    assert h2.alpn == ("http/1.1",)
 
 
 def test_native_tls_block(pki):

@@ -152,11 +152,13 @@ def _downstream(c: EnvoyChecker, raw, p: str, protocol) -> Optional[TlsContext]:
         ap = cm.p("alpn_protocols")
         alpn = tuple(t for j, x in enumerate(c.seq(cm.get("alpn_protocols"), ap))
                      if (t := c.text(x, f"{ap}[{j}]")) is not None)
-        for j, a in enumerate(alpn):
-            if a in ("h2", "h3"):
-                c.err(f"{ap}[{j}]", f"{a!r}: HTTP/2 and HTTP/3 are not served yet: "
-                                    f"{NOT_YET} (offer http/1.1)")
-        kw["alpn"] = alpn
+        served = tuple(a for a in alpn if a not in ("h2", "h3"))
+        if served != alpn:
+            # Istio and most Envoy configs offer "h2,http/1.1": the chain still serves its
+            # HTTP/1 clients, and an h2-capable client negotiates http/1.1 instead of h2
+            c.note(ap, f"{[a for a in alpn if a not in served]} not offered: HTTP/2 and HTTP/3 "
+                       f"are not served yet (offered: {list(served) or 'no ALPN'})")
+        kw["alpn"] = served
     if "validation_context" in cm:
         _validation(c, cm.get("validation_context"), cm.p("validation_context"), kw)
     if kw.get("require_client_certificate") and not kw.get("trusted_ca_file"):
