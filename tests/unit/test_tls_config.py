@@ -100,6 +100,8 @@ def cases(pki):
         ("tls-1.1", boot(ts(pki, {"tls_params": {"tls_minimum_protocol_version": "TLSv1_1"}})),
          True, False),
         ("require-sni", boot(ts(pki, require_sni=True)), True, False),
+        # Envoy then takes any certificate unverified; Python's ssl has no verify callback
+        ("require-cert-no-ca", boot(ts(pki, require_client_certificate=True)), True, False),
         ("alpn-h2", boot(ts(pki, {"alpn_protocols": ["h2", "http/1.1"]})), True, True),
         ("sds", sds_boot(pki), True, False),
         ("spki-pin", boot(ts(pki, validation(pki, verify_certificate_spki=[
