@@ -99,6 +99,12 @@ def bootstrap(pki, port, admin_port, up_port):
                     {"name": "api", "filter_chain_match": {"server_names": ["api.example.com"]},
                      "transport_socket": tls_socket(pki, "api", alpn=["http/1.1"]),
                      "filters": [hcm("api", api_routes)]},
+                    # TLS 1.2 only, one cipher suite; a wildcard name
+                    {"name": "old", "filter_chain_match": {"server_names": ["*.old.example.com"]},
+                     "transport_socket": tls_socket(pki, "server", params={
+                         "tls_maximum_protocol_version": "TLSv1_2",
+                         "cipher_suites": ["ECDHE-ECDSA-AES256-GCM-SHA384"]}),
+                     "filters": [hcm("old", [{"match": {"prefix": "/"}, **direct(200, "old")}])]},
                 ]}],
             "clusters": [{"name": "up", "type": "STATIC", "connect_timeout": "1s",
                           "load_assignment": {"cluster_name": "up", "endpoints": [
@@ -224,6 +230,31 @@ CASES = [
 def test_same_outcome(sides, pki, kw, expected):
     got = both(sides, pki, **kw)
     assert got["envoy"] == got["fastmesh"] == expected, got
+
+
+def test_tls_params_same_version_and_cipher(sides, pki):
+    got = {}
+    for who, (port, _) in sides.items():
+        ctx = client_ctx(pki)
+        ctx.check_hostname = False          # the certificate does not name the wildcard host
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname="a.old.example.com") as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a.old.example.com\r\nConnection: close\r\n\r\n")
+            data = b""
+            while (chunk := s.recv(65536)):
+                data += chunk
+            got[who] = (s.version(), s.cipher()[0], data.split(b"\r\n")[0], data[-3:])
+    assert got["envoy"] == got["fastmesh"] == (
+        "TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", b"HTTP/1.1 200 OK", b"old"), got
+    # a client that insists on TLS 1.3 is refused by both (a protocol version alert)
+    for who, (port, _) in sides.items():
+        ctx = client_ctx(pki, version="1.3")
+        ctx.check_hostname = False
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with pytest.raises(ssl.SSLError) as ei:
+            ctx.wrap_socket(raw, server_hostname="b.old.example.com")
+        raw.close()
+        assert "VERSION" in str(ei.value).upper(), (who, ei.value)
 
 
 def test_unknown_sni_refused_by_both(sides, pki):
