@@ -62,6 +62,7 @@ cdef class TlsTransport:
         int state                       # TlsState
         bint inner_paused               # the inner protocol paused reading
         bint eof                        # the peer closed its side (TCP FIN)
+        bint got_bytes                  # the peer sent something (else an EOF is a probe)
         object timer                    # the handshake timeout, while handshaking
         object original_dst             # (host, port) from the dispatcher, for the inner
         readonly object peer_cert       # the verified peer's certificate (dict), or None
@@ -71,6 +72,7 @@ cdef class TlsTransport:
     # handshake
     cdef void _handshake(self) except *
     cdef void _refuse(self, str reason, str detail) except *
+    cdef void _close_quietly(self) except *
     cdef void _established(self) except *
     # data
     cdef void _decrypt(self) except *

@@ -129,6 +129,7 @@ cdef class TlsTransport:
         return self.rview
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        self.got_bytes = True
         try:
             self.incoming.write(self.rview[:nbytes])
             if self.state == TLS_HANDSHAKE:
@@ -143,7 +144,10 @@ cdef class TlsTransport:
     def eof_received(self):
         self.eof = True
         if self.state == TLS_HANDSHAKE:
-            self._refuse("ssl.connection_error", "the peer closed during the handshake")
+            if self.got_bytes:
+                self._refuse("ssl.connection_error", "the peer closed during the handshake")
+            else:                       # a TCP connect-and-close (a port probe): no TLS error
+                self._close_quietly()
             return False
         if self.state != TLS_OPEN or self.inner is None:
             return False
@@ -225,6 +229,13 @@ cdef class TlsTransport:
             self.timer = None
         self.state = TLS_CLOSED
         self.raw.close()                # what is queued (an alert) goes out, then FIN
+
+    cdef void _close_quietly(self) except *:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.state = TLS_CLOSED
+        self.raw.close()
 
     cdef void _established(self) except *:
         if self.timer is not None:

@@ -376,6 +376,8 @@ def test_bad_handshakes_counted_and_closed(pki, start_upstream, start_fastmesh, 
     with socket.create_connection(("127.0.0.1", fm.port), timeout=5) as s:
         assert closed_within(s, 5)
     assert wait_for(lambda: lstats(fm)["downstream_cx_transport_socket_connect_timeout"] == 2)
+    # connect and close (a port probe): no TLS error
+    socket.create_connection(("127.0.0.1", fm.port), timeout=5).close()
     # a truncated ClientHello then EOF
     with socket.create_connection(("127.0.0.1", fm.port), timeout=5) as s:
         s.sendall(client_hello()[:20])
@@ -582,6 +584,10 @@ def test_hot_restart_drains_tls_connections(pki, deployment, procs, loop_kind):
         with connect(tcp_port, pki) as t2:   # the new generation serves new connections
             t2.sendall(b"new")
             assert t2.recv(100) == b"new"
+        # TLS counters carry over from the old generation, as the others do
+        from fmtest import get_json
+        st = get_json(d.admin_port, "/stats")["listeners"]
+        assert st["raw"]["ssl.handshake"] == 2 and st["web"]["ssl.handshake"] == 1, st
     finally:
         echo.close()
 
