@@ -6,7 +6,8 @@
 # into `incoming`, plaintext is decrypted straight into the inner protocol's own receive
 # buffer; plaintext written by the inner protocol is encrypted into `outgoing`, which is
 # flushed to the socket once per write call. The bytes the tls_inspector already read (the
-# ClientHello) are fed first, through the same get_buffer/buffer_updated path.
+# ClientHello) are fed first, through the same get_buffer/buffer_updated path. The raw
+# transport reads into one buffer shared by all connections (copied into `incoming` at once).
 #
 # `TlsServerConfig` is one filter chain's TLS, built once by the control world
 # (fastmesh.tls): the SSLContext, the subject-alt-name matchers applied after the handshake,
@@ -57,8 +58,6 @@ cdef class TlsTransport:
         object sslobj                   # ssl.SSLObject
         object incoming                 # ssl.MemoryBIO: ciphertext from the peer
         object outgoing                 # ssl.MemoryBIO: ciphertext to the peer
-        bytearray rbuf                  # what the raw transport reads into
-        object rview                    # memoryview of rbuf (made once)
         int state                       # TlsState
         bint inner_paused               # the inner protocol paused reading
         bint eof                        # the peer closed its side (TCP FIN)

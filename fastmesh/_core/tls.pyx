@@ -28,6 +28,11 @@ TLS_COUNTERS = ("ssl.handshake", "ssl.connection_error", "ssl.fail_verify_no_cer
                 "downstream_cx_transport_socket_connect_timeout")
 
 cdef Py_ssize_t RECV_BYTES = 65536          # ciphertext read per read event, at most
+# One receive buffer for every connection of this process: the loop reads into it and calls
+# buffer_updated at once, which copies it into the connection's incoming BIO before the loop
+# reads anything else; so no connection keeps a receive buffer of its own while idle.
+cdef bytearray _RECV_BUF = bytearray(RECV_BYTES)
+cdef object _RECV_VIEW = memoryview(_RECV_BUF)
 cdef Py_ssize_t READ_CHUNK_BYTES = 65536    # plaintext asked of SSL_read per call, at most
 
 _SSLWantRead = ssl.SSLWantReadError
@@ -116,8 +121,6 @@ cdef class TlsTransport:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.sslobj = self.cfg.context.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self.rbuf = bytearray(RECV_BYTES)
-        self.rview = memoryview(self.rbuf)
         if self.cfg.handshake_timeout_ms > 0:
             self.timer = _asyncio.get_running_loop().call_later(self.cfg.handshake_timeout_ms / 1000.0,
                                          self._on_handshake_timeout)
@@ -126,12 +129,12 @@ cdef class TlsTransport:
         self.original_dst = (host, port)
 
     def get_buffer(self, Py_ssize_t sizehint):
-        return self.rview
+        return _RECV_VIEW
 
     def buffer_updated(self, Py_ssize_t nbytes):
         self.got_bytes = True
         try:
-            self.incoming.write(self.rview[:nbytes])
+            self.incoming.write(_RECV_VIEW[:nbytes])
             if self.state == TLS_HANDSHAKE:
                 self._handshake()
             if self.state == TLS_OPEN:
