@@ -28,6 +28,7 @@ from fastmesh._core.accesslog import AccessLog
 from fastmesh._core.context import ListenerCtx
 from fastmesh._core import http_proxy, sniff, tcp_proxy
 from fastmesh._core.dispatch import ChainMatch, Dispatcher
+from fastmesh._core.tls import new_counters as new_tls_counters
 from fastmesh._core.http_proxy import py_now_ms as now_ms
 from fastmesh.config import model
 
@@ -132,20 +133,35 @@ class Chain:
     """One filter chain at run time: its protocol, and the context its connections share
     (the listener's counters; its own route table or cluster)."""
 
-    def __init__(self, cfg: model.FilterChain, ctx: ListenerCtx):
+    def __init__(self, cfg: model.FilterChain, ctx: ListenerCtx, tls_counters: dict):
         self.cfg = cfg
         self.ctx = ctx
-        ctx = self.ctx
+        self.tls_counters = tls_counters
         if cfg.protocol == "http1":
-            self.factory = lambda: http_proxy.HttpDownstreamProtocol(ctx)
+            self.plain_factory = lambda: http_proxy.HttpDownstreamProtocol(ctx)
         elif cfg.protocol == "tcp":
-            self.factory = lambda: tcp_proxy.TcpDownstreamProtocol(ctx)
+            self.plain_factory = lambda: tcp_proxy.TcpDownstreamProtocol(ctx)
         elif cfg.protocol == "http2":
             from fastmesh._core import h2_proxy
-            self.factory = lambda: h2_proxy.H2DownstreamProtocol(ctx)
+            self.plain_factory = lambda: h2_proxy.H2DownstreamProtocol(ctx)
         else:
             from fastmesh._core import bolt_proxy
-            self.factory = lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
+            self.plain_factory = lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
+        self.tls = None
+        self.factory = self.plain_factory
+        self.set_tls(cfg.tls)
+
+    def set_tls(self, t) -> None:
+        """(Re)build the chain's TLS from its config: new connections use it; connections
+        already open keep the context they were made with."""
+        if t is None:
+            self.tls, self.factory = None, self.plain_factory
+            self.ctx.tls_http = None
+            return
+        from fastmesh import tls as tls_mod
+        self.tls = tls_mod.server_config(t, self.cfg.name, self.tls_counters)
+        self.factory = self.tls.factory(self.plain_factory)
+        self.ctx.tls_http = tls_mod.http_hook(t) if self.cfg.protocol == "http1" else None
 
     @property
     def protocol(self) -> str:
@@ -176,6 +192,7 @@ class Listener:
         self.chains: dict[str, Chain] = {}
         self.old_chains: list[Chain] = []    # removed by a reload, connections still open
         self.dispatcher = Dispatcher(cfg.name, loop)
+        self.tls_counters = new_tls_counters()   # "ssl.*": the listener's TLS chains share
         self._set_chains(cfg)
         self._set_access_log(cfg.access_log, cfg.access_log_format, cfg.access_log_json)
         self._filter_cfgs: tuple = (None, None)     # what ctx.fault / ctx.ratelimit were made of
@@ -208,7 +225,10 @@ class Listener:
         for i, fc in enumerate(cfg.chains()):
             old = self.chains.pop(fc.name, None)
             if old is not None and old.cfg.protocol == fc.protocol:
+                tls_changed = old.cfg.tls != fc.tls
                 old.cfg = fc
+                if tls_changed:
+                    old.set_tls(fc.tls)
                 new[fc.name] = old
                 continue
             if old is not None:
@@ -219,7 +239,7 @@ class Listener:
             ctx = _ctx_for(cfg, self.loop, self.ctx.counters) if in_use else self.ctx
             ctx.access_log = self.ctx.access_log
             ctx.draining = self.ctx.draining
-            new[fc.name] = Chain(fc, ctx)
+            new[fc.name] = Chain(fc, ctx, self.tls_counters)
         self.old_chains.extend(self.chains.values())
         self.chains = new
         d = self.dispatcher
@@ -296,6 +316,9 @@ class Listener:
         out = self.ctx.counters.to_dict()
         if self.dispatched:
             out.update(self.dispatcher.counters)
+        if any(ch.cfg.tls is not None for ch in self.chains.values()) or any(
+                self.tls_counters.values()):
+            out.update(self.tls_counters)
         return out
 
     # -- lifecycle -------------------------------------------------------------------

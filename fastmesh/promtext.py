@@ -70,7 +70,8 @@ def render(stats: dict) -> str:
                     slots.append(k)
         for slot in slots:
             gauge = slot in GAUGES
-            metric = f"fastmesh_{label}_{slot}"
+            # Envoy's dotted names ("ssl.handshake") are not Prometheus names: dots become _
+            metric = f"fastmesh_{label}_{slot.replace('.', '_')}"
             if not gauge and not metric.endswith("_total"):
                 metric += "_total"
             out.append(f"# HELP {metric} {label} {slot.replace('_', ' ')}")

@@ -35,3 +35,6 @@ cdef class ListenerCtx:
         public tuple http_filters
         public FaultPolicy fault          # the listener's own configs (routes may replace)
         public TokenBucket ratelimit
+        # HTTP/1 over downstream TLS: fastmesh._core.tls.TlsHttpHook (x-forwarded-proto,
+        # x-forwarded-client-cert), called on each request head before routing; else None
+        public object tls_http

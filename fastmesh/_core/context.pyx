@@ -19,6 +19,7 @@ cdef class ListenerCtx:
         self.conns = set()
         self.access_log = None
         self.draining = False
+        self.tls_http = None
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
         self.max_request_body_bytes = max_request_body_bytes

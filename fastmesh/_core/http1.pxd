@@ -76,12 +76,20 @@ cdef class Head:
         bint conn_keep_alive     # Connection: keep-alive (meaningful for HTTP/1.0)
         bint expect_continue     # Expect: 100-continue
         bint has_upgrade         # Upgrade header present (never honoured: stripped)
+        bint https               # came over downstream TLS: x-forwarded-proto: https
 
     cdef bytes header_value(self, const char *lname, Py_ssize_t lname_len)  # first match or None
     cdef bint has_header(self, const char *lname, Py_ssize_t lname_len)
     cdef bytes method(self)
     cdef bytes path(self)        # target up to '?'
     cdef bytes host(self)        # Host value (port kept), lower-cased; b"" when absent
+
+
+# Edits of a parsed request head before routing (downstream TLS: forward_client_cert)
+cdef int head_hide_header(Head h, const char *lname, Py_ssize_t lname_len) except -1
+# every field of that name, out of the raw head: not forwarded, not seen by lookups; -> how many
+cdef int head_append_header(Head h, bytes name, bytes value) except -1
+# one more field (at the end of the head), seen by routing and forwarded
 
 
 cdef class HeadParser:

@@ -798,6 +798,61 @@ cdef bint _named_in(const char *raw, HeaderField *f, tuple names):
     return False
 
 
+cdef int head_hide_header(Head h, const char *lname, Py_ssize_t lname_len) except -1:
+    # The lines go from the raw head too (so nothing reading it, the access log's %REQ()%
+    # included, sees them); their field entries stay, empty and dropped, so that indices
+    # such as host_idx keep pointing at the same fields.
+    cdef int i, n = 0
+    cdef Py_ssize_t pos = 0, shift = 0, ls, le
+    cdef HeaderField *f
+    cdef bytes raw = h.raw
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(raw)
+    pieces = []
+    for i in range(h.nfields):
+        f = &h.fields[i]
+        if f.name_len == 0:
+            continue
+        if f.name_len == lname_len and ieq(p + f.name_off, lname, lname_len):
+            ls = f.name_off
+            le = raw.find(b"\r\n", f.value_off + f.value_len) + 2
+            pieces.append(raw[pos:ls])
+            pos = le
+            shift += le - ls
+            f.drop = 1
+            f.name_len = 0
+            f.value_len = 0
+            f.name_off = f.value_off = 0
+            n += 1
+        elif shift:
+            f.name_off -= <int>shift
+            f.value_off -= <int>shift
+    if n:
+        pieces.append(raw[pos:])
+        h.raw = b"".join(pieces)
+    return n
+
+
+cdef int head_append_header(Head h, bytes name, bytes value) except -1:
+    # the head ends in CRLF CRLF: the new field goes before the last CRLF, so the offsets of
+    # the fields already parsed stay valid
+    cdef Py_ssize_t base = PyBytes_GET_SIZE(h.raw) - 2
+    cdef HeaderField *f
+    fields = <HeaderField *>realloc(h.fields, (h.nfields + 1) * sizeof(HeaderField))
+    if fields is NULL:
+        raise MemoryError()
+    h.fields = fields
+    h.raw = h.raw[:base] + name + b": " + value + b"\r\n\r\n"
+    f = &h.fields[h.nfields]
+    f.name_off = <int>base
+    f.name_len = <int>len(name)
+    f.value_off = <int>(base + len(name) + 2)
+    f.value_len = <int>len(value)
+    f.kind = HK_OTHER
+    f.drop = 0
+    h.nfields += 1
+    return 0
+
+
 cdef bytes build_request_head(Head h, bytes client_ip, bytes request_id,
                               tuple headers_to_add, tuple headers_to_remove,
                               bint strip_expect):
@@ -834,7 +889,10 @@ cdef bytes build_request_head(Head h, bytes client_ip, bytes request_id,
                     w_put(&w, raw + f.value_off, f.value_len)
                     w_put(&w, b", ", 2)
         w_bytes(&w, client_ip)
-        w_put(&w, b"\r\nx-forwarded-proto: http\r\n", 27)
+        if h.https:
+            w_put(&w, b"\r\nx-forwarded-proto: https\r\n", 28)
+        else:
+            w_put(&w, b"\r\nx-forwarded-proto: http\r\n", 27)
         # absent, or dropped because Connection named it: the upstream still gets an id
         if not has_request_id(h) and request_id is not None:
             w_put(&w, b"x-request-id: ", 14)

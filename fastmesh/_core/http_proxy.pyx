@@ -212,6 +212,8 @@ cdef class HttpDownstream:
                     self.rbuf.consume(r)
                     self.req = self.parser.head
                     self.parser.reset()
+                    if self.ctx.tls_http is not None:      # downstream TLS (tls.pyx)
+                        self.ctx.tls_http.on_request(self.req, self.transport)
                     self._start_request()
                 elif self.state == DS_FORWARDING:
                     if not self.req_done:

@@ -28,6 +28,13 @@ from typing import Any, Optional
 import yaml
 
 from .model import (
+    SAN_TYPES,
+    STRING_MATCH_KINDS,
+    TLS_VERSIONS,
+    XFCC_DETAILS,
+    XFCC_MODES,
+    SanMatch,
+    TlsContext,
     DEFAULT_ADMIN_ADDRESS,
     LB_POLICIES,
     INSPECTORS,
@@ -280,6 +287,11 @@ def _plain(obj: Any) -> Any:
         else:
             d["access_log"]["format"] = obj.access_log_format
         return d
+    if isinstance(obj, SanMatch):
+        m = {obj.kind: obj.value}
+        if obj.ignore_case:
+            m["ignore_case"] = True
+        return {obj.san_type: m}
     if isinstance(obj, Route):
         d = _plain_fields(obj)
         if obj.request_headers_to_add:
@@ -635,6 +647,12 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
                 c.err(f"{p}.bolt_route_table", "only with protocol: auto")
             kw["route_table"], kw["cluster"] = _chain_target(c, m, p, protocol, known_tables,
                                                              known_clusters)
+        if m.get("tls") is not None:
+            if kw.get("filter_chains"):
+                c.err(f"{p}.tls", "with filter_chains (or protocol: auto): set tls on each "
+                                  "chain (the chain chooses its certificate)")
+            else:
+                kw["tls"] = _tls(c, m["tls"], f"{p}.tls", protocol)
         _interception(c, m, p, kw)
         chains = kw.get("filter_chains") or ()
         protocols = {ch.protocol for ch in chains} if chains else {protocol}
@@ -728,7 +746,7 @@ def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
 
 
 HTTP1_PROTOCOLS = ("http/1.0", "http/1.1")
-_CHAIN_KEYS = ("name", "match", "protocol", "route_table", "cluster", "default")
+_CHAIN_KEYS = ("name", "match", "protocol", "route_table", "cluster", "default", "tls")
 _MATCH_FIELDS = {f.name: f for f in dataclasses.fields(ChainMatch)}
 
 
@@ -761,8 +779,9 @@ def _filter_chains(c: _Checker, raw: Any, p: str, known_tables: Optional[set],
                                  "connection could not choose between them")
         else:
             seen[match] = i
+        tls = _tls(c, m["tls"], f"{ip}.tls", protocol) if m.get("tls") is not None else None
         out.append(FilterChain(name=name, protocol=protocol or "http1", match=match,
-                               route_table=rt, cluster=cl, default=default))
+                               route_table=rt, cluster=cl, default=default, tls=tls))
     return tuple(out)
 
 
@@ -803,6 +822,125 @@ def _chain_match(c: _Checker, raw: Any, p: str) -> ChainMatch:
             v for j, x in enumerate(c.seq(m["source_ports"], f"{p}.source_ports"))
             if (v := c.integer(x, f"{p}.source_ports[{j}]", lo=1, hi=65535)) is not None)
     return ChainMatch(**{k: v for k, v in kw.items() if v is not None})
+
+
+_TLS_KEYS = tuple(f.name for f in dataclasses.fields(TlsContext))
+
+
+def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[TlsContext]:
+    """A listener's or chain's ``tls:``: certificate and key files, versions, ciphers, ALPN,
+    client certificates (trusted CA, CRL, SAN matchers), the client-cert header (HTTP)."""
+    m = c.mapping(raw, p, _TLS_KEYS)
+    if m is None:
+        return None
+    kw: dict = {}
+    for key in ("cert_chain_file", "private_key_file"):
+        kw[key] = c.text(c.required(m, p, key), f"{p}.{key}")
+    for key in ("trusted_ca_file", "crl_file", "ecdh_curve"):
+        if m.get(key) is not None:
+            kw[key] = c.text(m[key], f"{p}.{key}")
+    for key in ("min_version", "max_version"):
+        if key in m:
+            v = m[key]
+            v = str(v) if isinstance(v, float) else v      # min_version: 1.2 unquoted
+            kw[key] = c.choice(v, f"{p}.{key}", "TLS version", TLS_VERSIONS)
+    if kw.get("min_version") and kw.get("max_version") and \
+            TLS_VERSIONS.index(kw["min_version"]) > TLS_VERSIONS.index(kw["max_version"]):
+        c.err(f"{p}.min_version", f"above max_version ({kw['min_version']} > "
+                                  f"{kw['max_version']})")
+    if "ciphers" in m:
+        v = m["ciphers"]
+        names = v.split(":") if isinstance(v, str) else [
+            c.text(x, f"{p}.ciphers[{j}]") for j, x in enumerate(c.seq(v, f"{p}.ciphers"))]
+        names = [n for n in names if n]
+        if not names:
+            c.err(f"{p}.ciphers", "expected at least one cipher suite")
+        kw["ciphers"] = tuple(names)
+    if "alpn" in m:
+        alpn = tuple(t for j, x in enumerate(c.seq(m["alpn"], f"{p}.alpn"))
+                     if (t := c.text(x, f"{p}.alpn[{j}]")) is not None)
+        allowed = {"http1": ("http/1.1", "http/1.0"), "bolt": ("bolt",), "tcp": None}
+        ok = allowed.get(protocol or "http1")
+        for j, a in enumerate(alpn):
+            if a in ("h2", "h2c", "h3"):
+                c.err(f"{p}.alpn[{j}]", f"{a!r}: HTTP/2 is not served yet (its clients would "
+                                        "then speak it): offer http/1.1")
+            elif ok is not None and a not in ok:
+                c.err(f"{p}.alpn[{j}]", f"{a!r}: a {protocol} chain speaks "
+                                        f"{' or '.join(ok)}")
+        kw["alpn"] = alpn
+    for key in ("require_client_certificate", "crl_leaf_only"):
+        if key in m:
+            kw[key] = c.boolean(m[key], f"{p}.{key}")
+    if kw.get("require_client_certificate") and not kw.get("trusted_ca_file"):
+        c.err(f"{p}.require_client_certificate", "needs trusted_ca_file (the CAs a client "
+                                                 "certificate must chain to)")
+    if kw.get("crl_file") and not kw.get("trusted_ca_file"):
+        c.err(f"{p}.crl_file", "needs trusted_ca_file")
+    if "match_subject_alt_names" in m:
+        mp = f"{p}.match_subject_alt_names"
+        out = []
+        for j, item in enumerate(c.seq(m["match_subject_alt_names"], mp)):
+            sm = _san_match(c, item, f"{mp}[{j}]")
+            if sm is not None:
+                out.append(sm)
+        if out and not kw.get("trusted_ca_file"):
+            c.err(mp, "needs trusted_ca_file (names are checked on verified certificates)")
+        kw["match_subject_alt_names"] = tuple(out)
+    if "handshake_timeout_ms" in m:
+        kw["handshake_timeout_ms"] = c.integer(m["handshake_timeout_ms"],
+                                               f"{p}.handshake_timeout_ms", lo=0)
+    if "forward_client_cert" in m:
+        if protocol not in (None, "http1") and m["forward_client_cert"] != "sanitize":
+            c.err(f"{p}.forward_client_cert", "only http1 chains carry headers")
+        kw["forward_client_cert"] = c.choice(m["forward_client_cert"],
+                                             f"{p}.forward_client_cert", "mode", XFCC_MODES)
+    if "forward_client_cert_details" in m:
+        dp = f"{p}.forward_client_cert_details"
+        kw["forward_client_cert_details"] = tuple(
+            d for j, x in enumerate(c.seq(m["forward_client_cert_details"], dp))
+            if (d := c.choice(x, f"{dp}[{j}]", "detail", XFCC_DETAILS)) is not None)
+    if any(v is None for v in kw.values()):
+        return None
+    t = TlsContext(**kw)
+    check_tls(c, t, p)
+    return t
+
+
+def _san_match(c: _Checker, raw: Any, p: str) -> Optional[SanMatch]:
+    """{uri: {exact: spiffe://...}} / {dns: {suffix: .example.com, ignore_case: true}}"""
+    m = c.mapping(raw, p, SAN_TYPES)
+    if m is None:
+        return None
+    if len(m) != 1:
+        c.err(p, f"expected exactly one of {', '.join(SAN_TYPES)}")
+        return None
+    (typ, spec), = m.items()
+    sp = f"{p}.{typ}"
+    sm = c.mapping(spec, sp, STRING_MATCH_KINDS + ("ignore_case",))
+    if sm is None:
+        return None
+    kinds = [k for k in STRING_MATCH_KINDS if k in sm]
+    if len(kinds) != 1:
+        c.err(sp, f"expected exactly one of {', '.join(STRING_MATCH_KINDS)}")
+        return None
+    kind = kinds[0]
+    value = c.regex(sm[kind], f"{sp}.{kind}") if kind == "regex" else \
+        c.text(sm[kind], f"{sp}.{kind}")
+    ic = c.boolean(sm["ignore_case"], f"{sp}.ignore_case") if "ignore_case" in sm else False
+    if value is None or ic is None:
+        return None
+    return SanMatch(san_type=typ, kind=kind, value=value, ignore_case=ic)
+
+
+def check_tls(c: _Checker, t: TlsContext, p: str) -> None:
+    """Build the context once now, so that a bad file or setting is an error at its path
+    rather than at the first connection."""
+    from fastmesh.tls import TlsConfigError, build_context
+    try:
+        build_context(t)
+    except TlsConfigError as exc:
+        c.err(p, str(exc))
 
 
 def _interception(c: _Checker, m: dict, p: str, kw: dict) -> None:

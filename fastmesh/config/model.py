@@ -196,6 +196,47 @@ class Publish:
     zookeeper: ZookeeperPublish
 
 
+TLS_VERSIONS = ("1.2", "1.3")
+SAN_TYPES = ("uri", "dns", "email", "ip")               # subject alt name kinds matched
+STRING_MATCH_KINDS = ("exact", "prefix", "suffix", "contains", "regex")
+XFCC_MODES = ("sanitize", "forward_only", "append_forward", "sanitize_set",
+              "always_forward_only")
+XFCC_DETAILS = ("subject", "uri", "dns", "cert", "chain")
+# Envoy's TLS 1.2 defaults (TLS 1.3 suites are not configurable, as in Envoy)
+DEFAULT_TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305",
+                         "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305",
+                         "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384")
+
+
+@dataclass(frozen=True)
+class SanMatch:
+    """One subject-alt-name matcher of a peer certificate (Envoy's SubjectAltNameMatcher)."""
+    san_type: str                      # SAN_TYPES
+    kind: str                          # STRING_MATCH_KINDS
+    value: str                         # regex: Python `re` syntax, full match
+    ignore_case: bool = False
+
+
+@dataclass(frozen=True)
+class TlsContext:
+    """Downstream TLS of a listener or filter chain (Envoy's DownstreamTlsContext)."""
+    cert_chain_file: str               # PEM: the certificate, then its intermediates
+    private_key_file: str              # PEM
+    min_version: str = "1.2"           # TLS_VERSIONS
+    max_version: str = "1.3"
+    ciphers: tuple[str, ...] = DEFAULT_TLS12_CIPHERS   # TLS 1.2 suites, OpenSSL names
+    ecdh_curve: Optional[str] = None   # one curve (None: OpenSSL's defaults, X25519 first)
+    alpn: tuple[str, ...] = ()         # offered by the server in its order; () = no ALPN
+    require_client_certificate: bool = False
+    trusted_ca_file: Optional[str] = None     # PEM CAs a client certificate must chain to
+    crl_file: Optional[str] = None            # PEM CRLs (every CA of the chain needs one)
+    crl_leaf_only: bool = False               # only the leaf's CRL is checked
+    match_subject_alt_names: tuple[SanMatch, ...] = ()  # any matching: accepted
+    handshake_timeout_ms: int = 10000         # 0: none (Envoy: transport_socket_connect_timeout)
+    forward_client_cert: str = "sanitize"     # HTTP: XFCC_MODES (Envoy's default)
+    forward_client_cert_details: tuple[str, ...] = ()   # XFCC_DETAILS in the element
+
+
 @dataclass(frozen=True)
 class ChainMatch:
     """Which connections a filter chain takes (Envoy's filter_chain_match): every field set
@@ -219,6 +260,7 @@ class FilterChain:
     route_table: Optional[str] = None             # http1 and bolt
     cluster: Optional[str] = None                 # tcp
     default: bool = False                         # takes what no chain matches
+    tls: Optional[TlsContext] = None              # terminate TLS on this chain
 
 
 @dataclass(frozen=True)
@@ -260,13 +302,14 @@ class Listener:
     inspectors: tuple[str, ...] = ()              # INSPECTORS run on the first bytes
     sniff_timeout_ms: int = 1000                  # inspectors wait this long for bytes (0: for
     sniff_timeout_continue: bool = True           # ever), then go on as raw TCP (False: close)
+    tls: Optional[TlsContext] = None              # terminate TLS (a plain listener's chain)
 
     def chains(self) -> tuple[FilterChain, ...]:
         """The filter chains connections are served by (a plain listener has one)."""
         if self.filter_chains:
             return self.filter_chains
         return (FilterChain(name=self.name, protocol=self.protocol,
-                            route_table=self.route_table, cluster=self.cluster),)
+                            route_table=self.route_table, cluster=self.cluster, tls=self.tls),)
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ class MigrateServer(_SeqpacketServer):
 async def migrate_out(plane, path: str, timeout_ms: int) -> int:
     """Old worker: hand each Bolt connection with nothing in flight, and each TCP connection
     quiet in both directions, to the new generation (fd + unread bytes); HTTP connections
-    drain. Returns connections left at the timeout."""
+    and TLS connections (their session is in this process) drain. Returns connections left at the timeout."""
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout_ms / 1000.0
     chan = None
@@ -237,7 +237,9 @@ async def migrate_out(plane, path: str, timeout_ms: int) -> int:
     while time.monotonic() < deadline:
         for lst, chain in [(lst, ch) for lst in list(plane.listeners.values())
                            for ch in list(lst.chains.values())]:
-            if chain.protocol not in ("bolt", "tcp"):
+            if chain.protocol not in ("bolt", "tcp") or chain.tls is not None:
+                # a TLS session lives in this process: it cannot move with its fd, so
+                # the connection is served here until it ends or the drain times out
                 continue
             for conn in list(chain.ctx.conns):
                 if chan is None:

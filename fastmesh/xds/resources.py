@@ -26,6 +26,9 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2)
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+# downstream TLS on a filter chain's transport_socket (and plain raw_buffer)
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 # a cluster's HTTP/2 protocol options (Istio sends them): readable, so the translator can say
 # what it refuses, rather than the resource being undecodable
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401

@@ -53,3 +53,13 @@ def test_every_listener_and_cluster_figure_is_exposed():
     n = sum(len(c) for c in STATS["listeners"].values()) + \
         sum(len(c) for c in STATS["clusters"].values())
     assert len([k for k in got if k[0].startswith(("fastmesh_listener_", "fastmesh_cluster_"))]) == n
+
+
+def test_envoy_dotted_tls_counters_become_valid_names():
+    stats = {"server": {}, "listeners": {"tls": {"ssl.handshake": 3,
+                                                 "ssl.fail_verify_san": 1}}}
+    got = parsed(promtext.render(stats))
+    assert got[("fastmesh_listener_ssl_handshake_total", (("listener", "tls"),))] == \
+        ("counter", 3.0)
+    assert got[("fastmesh_listener_ssl_fail_verify_san_total", (("listener", "tls"),))] == \
+        ("counter", 1.0)

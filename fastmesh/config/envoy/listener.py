@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import dataclasses
 import ipaddress
 
 from ..model import ChainMatch, FilterChain, Listener, RouteTable, VirtualHost
 from ._common import _MISSING, NOT_YET, EnvoyChecker
 from .filters import filter_kind, translate
 from .route import translate_route_config
+from .tls import translate_transport_socket, translate_xfcc
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 TCP_PROXY = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -40,8 +42,7 @@ _LISTENER_FIELDS = {
 }
 _CHAIN_FIELDS = {
     "filters": None, "name": None, "filter_chain_match": None,
-    "transport_socket": "downstream TLS / transport sockets: a separate issue: " + NOT_YET,
-    "transport_socket_connect_timeout": "transport sockets: " + NOT_YET,
+    "transport_socket": None, "transport_socket_connect_timeout": None,
     "use_proxy_proto": "PROXY protocol: " + NOT_YET,
 }
 _MATCH_FIELDS = {
@@ -75,6 +76,7 @@ _HCM_FIELDS = {
     "http2_protocol_options": None,
     "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
     "use_remote_address": None, "xff_num_trusted_hops": None,
+    "forward_client_cert_details": None, "set_current_client_cert_details": None,
     "server_name": "server_name: " + NOT_YET,
     "drain_timeout": "drain_timeout: " + NOT_YET,
     "delayed_close_timeout": "delayed_close_timeout: " + NOT_YET,
@@ -148,7 +150,8 @@ def translate_listener(c: EnvoyChecker, raw, path: str, index: int, names: dict,
              and not kw.get("original_dst") and not kw.get("inspectors"))
     if plain:
         ch = chains[0]
-        kw.update(protocol=ch.protocol, route_table=ch.route_table, cluster=ch.cluster)
+        kw.update(protocol=ch.protocol, route_table=ch.route_table, cluster=ch.cluster,
+                  tls=ch.tls)
     else:
         kw.update(protocol="auto", filter_chains=tuple(chains))
     if kw.get("inspectors") is None:
@@ -254,6 +257,27 @@ def _chain(c: EnvoyChecker, raw, chp: str, i: int, kw: dict, listener_name: str,
         return None
     protocol = ckw.pop("protocol")
     rt, cl = ckw.pop("route_table", None), ckw.pop("cluster", None)
+    tls = None
+    xfcc = ckw.pop("xfcc", None)
+    if "transport_socket" in ch:
+        tls = translate_transport_socket(c, ch.get("transport_socket"), ch.p("transport_socket"),
+                                         protocol)
+    if tls is not None and "transport_socket_connect_timeout" in ch:
+        ms = c.duration_ms(ch.get("transport_socket_connect_timeout"),
+                           ch.p("transport_socket_connect_timeout"))
+        if ms is not None:
+            tls = dataclasses.replace(tls, handshake_timeout_ms=ms)
+    elif "transport_socket_connect_timeout" in ch:
+        c.duration_ms(ch.get("transport_socket_connect_timeout"),
+                      ch.p("transport_socket_connect_timeout"))
+    if xfcc is not None:
+        if tls is not None:
+            tls = dataclasses.replace(tls, forward_client_cert=xfcc[0],
+                                      forward_client_cert_details=xfcc[1])
+        elif xfcc[0] != "always_forward_only":
+            c.note(fp, "forward_client_cert_details on a chain without TLS: fastmesh passes "
+                       "x-forwarded-client-cert on as received on plain connections (Envoy "
+                       "removes it unless ALWAYS_FORWARD_ONLY)")
     # the rest are listener-wide in fastmesh: chains must agree on them
     for key, value in ckw.items():
         if key in chain_set and kw[key] != value:
@@ -262,7 +286,7 @@ def _chain(c: EnvoyChecker, raw, chp: str, i: int, kw: dict, listener_name: str,
         kw[key] = value
         chain_set.setdefault(key, chp)
     return FilterChain(name=cname, protocol=protocol, match=match, route_table=rt,
-                       cluster=cl, default=default)
+                       cluster=cl, default=default, tls=tls)
 
 
 def _filter_chain_match(c: EnvoyChecker, raw, p: str) -> ChainMatch:
@@ -497,6 +521,7 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
                                                 m.p("strip_any_host_port")):
         # Envoy also takes the port off the Host it forwards, which fastmesh does not
         c.err(m.p("strip_any_host_port"), "true: " + NOT_YET)
+    translate_xfcc(c, m, kw)
     filters = _http_filters(c, m, kw)
     if "route_config" not in m:
         if "rds" not in m:

@@ -1,0 +1,333 @@
+"""Envoy ``transport_socket`` on a filter chain -> model ``TlsContext``:
+``envoy.transport_sockets.tls`` with an ``extensions.transport_sockets.tls.v3.
+DownstreamTlsContext`` (``raw_buffer`` means plain). Every field fastmesh does not implement
+the way Envoy means it is refused at its path."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..load import check_tls
+from ..model import DEFAULT_TLS12_CIPHERS, SanMatch, TlsContext
+from ._common import _MISSING, NOT_YET, EnvoyChecker
+from .route import _regex
+
+DOWNSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+RAW_BUFFER = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+SDS = "SDS (secrets from a control plane or files it watches): a later issue: " + NOT_YET
+
+_DOWNSTREAM_FIELDS = {
+    "common_tls_context": None, "require_client_certificate": None, "require_sni": None,
+    "session_ticket_keys": "session_ticket_keys: " + NOT_YET,
+    "session_ticket_keys_sds_secret_config": SDS,
+    "disable_stateless_session_resumption": None,
+    "disable_stateful_session_resumption": None,
+    "session_timeout": "session_timeout: " + NOT_YET,
+    "ocsp_staple_policy": None,
+    "full_scan_certs_on_sni_mismatch": None,
+    "prefer_client_ciphers": None,
+    "tls_session_ticket_keys": "session ticket keys: " + NOT_YET,
+}
+_COMMON_FIELDS = {
+    "tls_params": None, "tls_certificates": None, "validation_context": None,
+    "alpn_protocols": None,
+    "tls_certificate_sds_secret_configs": SDS,
+    "validation_context_sds_secret_config": SDS,
+    "combined_validation_context": "combined_validation_context (SDS): " + NOT_YET,
+    "tls_certificate_provider_instance": "certificate provider instances: " + NOT_YET,
+    "tls_certificate_certificate_provider": "certificate providers: " + NOT_YET,
+    "tls_certificate_certificate_provider_instance": "certificate providers: " + NOT_YET,
+    "validation_context_certificate_provider": "certificate providers: " + NOT_YET,
+    "validation_context_certificate_provider_instance": "certificate providers: " + NOT_YET,
+    "custom_handshaker": "custom handshakers: " + NOT_YET,
+    "key_log": "TLS key logging: " + NOT_YET,
+    "custom_tls_certificate_selector": "custom certificate selectors: " + NOT_YET,
+}
+_PARAMS_FIELDS = {
+    "tls_minimum_protocol_version": None, "tls_maximum_protocol_version": None,
+    "cipher_suites": None, "ecdh_curves": None,
+    "signature_algorithms": "signature_algorithms: " + NOT_YET,
+    "compliance_policies": "compliance_policies: " + NOT_YET,
+}
+_CERT_FIELDS = {
+    "certificate_chain": None, "private_key": None,
+    "password": "encrypted private keys: " + NOT_YET,
+    "ocsp_staple": "OCSP stapling: " + NOT_YET,
+    "signed_certificate_timestamp": "signed certificate timestamps: " + NOT_YET,
+    "private_key_provider": "private key providers: " + NOT_YET,
+    "watched_directory": "watched directories (rotation): a later issue: " + NOT_YET,
+    "pkcs12": "PKCS#12 bundles: " + NOT_YET + " (use certificate_chain and private_key)",
+}
+_VALIDATION_FIELDS = {
+    "trusted_ca": None, "match_typed_subject_alt_names": None,
+    "match_subject_alt_names": None, "crl": None, "only_verify_leaf_cert_crl": None,
+    "allow_expired_certificate": None, "trust_chain_verification": None,
+    "verify_certificate_spki": "verify_certificate_spki: " + NOT_YET,
+    "verify_certificate_hash": "verify_certificate_hash: " + NOT_YET,
+    "custom_validator_config": "custom certificate validators: " + NOT_YET,
+    "max_verify_depth": "max_verify_depth: " + NOT_YET,
+    "watched_directory": "watched directories (rotation): a later issue: " + NOT_YET,
+    "system_root_certs": "system_root_certs: " + NOT_YET,
+    "ca_certificate_provider_instance": "certificate providers: " + NOT_YET,
+    "custom_validator": "custom certificate validators: " + NOT_YET,
+}
+_VERSIONS = {"TLS_AUTO": 0, "TLSv1_0": 1, "TLSv1_1": 2, "TLSv1_2": 3, "TLSv1_3": 4}
+_SAN_TYPES = {"SAN_TYPE_UNSPECIFIED": 0, "EMAIL": 1, "DNS": 2, "URI": 3, "IP_ADDRESS": 4,
+              "OTHER_NAME": 5}
+_SAN_NATIVE = {"EMAIL": "email", "DNS": "dns", "URI": "uri", "IP_ADDRESS": "ip"}
+# Envoy's curve names -> OpenSSL's
+_CURVES = {"P-256": "prime256v1", "P-384": "secp384r1", "P-521": "secp521r1",
+           "X25519": "X25519"}
+ENVOY_DEFAULT_CURVES = ("X25519", "P-256")
+XFCC_ENUM = {"SANITIZE": 0, "FORWARD_ONLY": 1, "APPEND_FORWARD": 2, "SANITIZE_SET": 3,
+             "ALWAYS_FORWARD_ONLY": 4}
+
+
+def translate_transport_socket(c: EnvoyChecker, raw, p: str,
+                               protocol: Optional[str]) -> Optional[TlsContext]:
+    """-> the chain's TlsContext, or None (plain: raw_buffer, or an error reported)."""
+    m = c.message(raw, p, {"name": None, "typed_config": None})
+    if m is None:
+        return None
+    name = c.text(m.get("name", ""), m.p("name"), nonempty=False) if "name" in m else ""
+    tc = m.get("typed_config", _MISSING)
+    t = tc.get("@type") if isinstance(tc, dict) else None
+    if t == "type.googleapis.com/" + RAW_BUFFER or (tc is _MISSING and name in (
+            "envoy.transport_sockets.raw_buffer", "raw_buffer")):
+        return None
+    if tc is _MISSING:
+        c.err(p, f"typed_config missing: Envoy finds a transport socket by its @type (for "
+                 f"TLS: type.googleapis.com/{DOWNSTREAM_TLS})")
+        return None
+    if t != "type.googleapis.com/" + DOWNSTREAM_TLS:
+        c.err(m.p("typed_config"),
+              f"transport socket {name!r}{f' ({t})' if t else ''}: {NOT_YET} (supported: "
+              f"envoy.transport_sockets.tls with a {DOWNSTREAM_TLS}, and raw_buffer)")
+        return None
+    return _downstream(c, tc, m.p("typed_config"), protocol)
+
+
+def _downstream(c: EnvoyChecker, raw, p: str, protocol) -> Optional[TlsContext]:
+    m = c.typed_config(raw, p, DOWNSTREAM_TLS, _DOWNSTREAM_FIELDS)
+    if m is None:
+        return None
+    kw: dict = {}
+    if "require_client_certificate" in m:
+        kw["require_client_certificate"] = bool(_bool(c, m, "require_client_certificate"))
+    if _bool(c, m, "require_sni"):
+        c.err(m.p("require_sni"), "true: " + NOT_YET)
+    for flag in ("disable_stateless_session_resumption", "disable_stateful_session_resumption",
+                 "full_scan_certs_on_sni_mismatch", "prefer_client_ciphers"):
+        if _bool(c, m, flag):
+            c.err(m.p(flag), "true: " + NOT_YET)
+    if "ocsp_staple_policy" in m:
+        pol = c.enum(m.get("ocsp_staple_policy"), m.p("ocsp_staple_policy"),
+                     {"LENIENT_STAPLING": 0, "STRICT_STAPLING": 1, "MUST_STAPLE": 2},
+                     "ocsp_staple_policy")
+        if pol not in (None, "LENIENT_STAPLING"):
+            c.err(m.p("ocsp_staple_policy"), f"{pol}: {NOT_YET}")
+    cm = c.message(c.need(m, "common_tls_context"), m.p("common_tls_context"), _COMMON_FIELDS) \
+        if "common_tls_context" in m else None
+    if cm is None:
+        if "common_tls_context" not in m:
+            c.err(m.p("common_tls_context"), "missing: a server needs a certificate "
+                                             "(common_tls_context.tls_certificates)")
+        return None
+    _params(c, cm, kw)
+    certs = c.seq(c.need(cm, "tls_certificates"), cm.p("tls_certificates"), nonempty=True) \
+        if "tls_certificates" in cm else []
+    if "tls_certificates" not in cm:
+        pass                                        # need() reported it
+    elif len(certs) > 1:
+        c.err(cm.p("tls_certificates"), f"{len(certs)} certificates: {NOT_YET} (one per filter "
+              f"chain: choose certificates by SNI with a chain per name)")
+    if certs:
+        cp = f"{cm.p('tls_certificates')}[0]"
+        cert = c.message(certs[0], cp, _CERT_FIELDS)
+        if cert is not None:
+            kw["cert_chain_file"] = _data_source(c, c.need(cert, "certificate_chain"),
+                                                 cert.p("certificate_chain"))
+            kw["private_key_file"] = _data_source(c, c.need(cert, "private_key"),
+                                                  cert.p("private_key"))
+    if "alpn_protocols" in cm:
+        ap = cm.p("alpn_protocols")
+        alpn = tuple(t for j, x in enumerate(c.seq(cm.get("alpn_protocols"), ap))
+                     if (t := c.text(x, f"{ap}[{j}]")) is not None)
+        served = tuple(a for a in alpn if a not in ("h2", "h3"))
+        if served != alpn:
+            # Istio and most Envoy configs offer "h2,http/1.1": the chain still serves its
+            # HTTP/1 clients, and an h2-capable client negotiates http/1.1 instead of h2
+            c.note(ap, f"{[a for a in alpn if a not in served]} not offered: HTTP/2 and HTTP/3 "
+                       f"are not served yet (offered: {list(served) or 'no ALPN'})")
+        kw["alpn"] = served
+    if "validation_context" in cm:
+        _validation(c, cm.get("validation_context"), cm.p("validation_context"), kw)
+    if kw.get("require_client_certificate") and not kw.get("trusted_ca_file"):
+        c.err(m.p("require_client_certificate"), "true without validation_context.trusted_ca: "
+              + NOT_YET + " (fastmesh verifies client certificates against a trusted CA)")
+    if not kw.get("cert_chain_file") or not kw.get("private_key_file"):
+        return None
+    t = TlsContext(**kw)
+    check_tls(c, t, p)
+    return t
+
+
+def _bool(c: EnvoyChecker, m, name: str) -> Optional[bool]:
+    """A bool or google.protobuf.BoolValue (true / {value: true})."""
+    if name not in m:
+        return None
+    v = m.get(name)
+    if isinstance(v, dict):
+        w = c.message(v, m.p(name), {"value": None})
+        v = w.get("value", False) if w is not None else False
+    return c.boolean(v, m.p(name))
+
+
+def _params(c: EnvoyChecker, cm, kw: dict) -> None:
+    if "tls_params" not in cm:
+        return
+    pm = c.message(cm.get("tls_params"), cm.p("tls_params"), _PARAMS_FIELDS)
+    if pm is None:
+        return
+    for field, key, auto in (("tls_minimum_protocol_version", "min_version", "1.2"),
+                             ("tls_maximum_protocol_version", "max_version", "1.3")):
+        if field in pm:
+            v = c.enum(pm.get(field), pm.p(field), _VERSIONS, "TLS version")
+            if v in ("TLSv1_0", "TLSv1_1"):
+                c.err(pm.p(field), f"{v}: {NOT_YET} (TLS 1.2 and 1.3 are served)")
+            elif v is not None:
+                kw[key] = {"TLS_AUTO": auto, "TLSv1_2": "1.2", "TLSv1_3": "1.3"}[v]
+    if kw.get("min_version") == "1.3" and kw.get("max_version") == "1.2":
+        c.err(pm.p("tls_minimum_protocol_version"), "above the maximum version")
+    if "cipher_suites" in pm:
+        cp = pm.p("cipher_suites")
+        names: list = []
+        for j, x in enumerate(c.seq(pm.get("cipher_suites"), cp)):
+            t = c.text(x, f"{cp}[{j}]")
+            if t is None:
+                continue
+            # BoringSSL's equal-preference groups "[A|B]": kept in their order
+            names += [n for n in t.strip("[]").split("|") if n]
+        kw["ciphers"] = tuple(names) or DEFAULT_TLS12_CIPHERS
+    if "ecdh_curves" in pm:
+        ep = pm.p("ecdh_curves")
+        curves = [t for j, x in enumerate(c.seq(pm.get("ecdh_curves"), ep))
+                  if (t := c.text(x, f"{ep}[{j}]")) is not None]
+        if tuple(curves) == ENVOY_DEFAULT_CURVES or not curves:
+            pass
+        elif len(curves) == 1 and curves[0] in _CURVES:
+            kw["ecdh_curve"] = _CURVES[curves[0]]
+        else:
+            c.err(ep, f"{curves}: {NOT_YET} (one curve of {', '.join(_CURVES)}, or Envoy's "
+                      f"default X25519, P-256)")
+
+
+def _data_source(c: EnvoyChecker, raw, p: str) -> Optional[str]:
+    if raw is _MISSING:
+        return None
+    m = c.message(raw, p, {
+        "filename": None,
+        "inline_string": "inline certificates and keys: " + NOT_YET + " (use filename)",
+        "inline_bytes": "inline certificates and keys: " + NOT_YET + " (use filename)",
+        "environment_variable": "certificates from environment variables: " + NOT_YET,
+        "watched_directory": "watched directories (rotation): a later issue: " + NOT_YET})
+    if m is None or "filename" not in m:
+        if m is not None and not any(k in m for k in ("inline_string", "inline_bytes",
+                                                      "environment_variable")):
+            c.err(p, "missing: filename")
+        return None
+    return c.text(m.get("filename"), m.p("filename"))
+
+
+def _validation(c: EnvoyChecker, raw, p: str, kw: dict) -> None:
+    v = c.message(raw, p, _VALIDATION_FIELDS)
+    if v is None:
+        return
+    if "trusted_ca" in v:
+        kw["trusted_ca_file"] = _data_source(c, v.get("trusted_ca"), v.p("trusted_ca"))
+    if "crl" in v:
+        kw["crl_file"] = _data_source(c, v.get("crl"), v.p("crl"))
+    if _bool(c, v, "only_verify_leaf_cert_crl"):
+        kw["crl_leaf_only"] = True
+    if _bool(c, v, "allow_expired_certificate"):
+        c.err(v.p("allow_expired_certificate"), "true: " + NOT_YET)
+    if "trust_chain_verification" in v:
+        tcv = c.enum(v.get("trust_chain_verification"), v.p("trust_chain_verification"),
+                     {"VERIFY_TRUST_CHAIN": 0, "ACCEPT_UNTRUSTED": 1},
+                     "trust_chain_verification")
+        if tcv == "ACCEPT_UNTRUSTED":
+            c.err(v.p("trust_chain_verification"), "ACCEPT_UNTRUSTED: " + NOT_YET)
+    sans: list = []
+    if "match_typed_subject_alt_names" in v:
+        sp = v.p("match_typed_subject_alt_names")
+        for j, item in enumerate(c.seq(v.get("match_typed_subject_alt_names"), sp)):
+            ip = f"{sp}[{j}]"
+            s = c.message(item, ip, {"san_type": None, "matcher": None,
+                                     "oid": "OTHER_NAME matchers: " + NOT_YET})
+            if s is None:
+                continue
+            typ = c.enum(c.need(s, "san_type"), s.p("san_type"), _SAN_TYPES, "san_type") \
+                if "san_type" in s else None
+            if "san_type" not in s:
+                pass
+            elif typ in ("SAN_TYPE_UNSPECIFIED", "OTHER_NAME"):
+                c.err(s.p("san_type"), f"{typ}: {NOT_YET if typ == 'OTHER_NAME' else 'invalid'}"
+                      " (DNS, URI, EMAIL or IP_ADDRESS)")
+                typ = None
+            mt = _string_matcher(c, c.need(s, "matcher"), s.p("matcher")) \
+                if "matcher" in s else None
+            if typ and mt:
+                sans.append(SanMatch(_SAN_NATIVE[typ], *mt))
+    if "match_subject_alt_names" in v:
+        # deprecated: each matcher against SANs of every type
+        sp = v.p("match_subject_alt_names")
+        for j, item in enumerate(c.seq(v.get("match_subject_alt_names"), sp)):
+            mt = _string_matcher(c, item, f"{sp}[{j}]")
+            if mt:
+                sans += [SanMatch(t, *mt) for t in ("dns", "uri", "email", "ip")]
+    if sans:
+        kw["match_subject_alt_names"] = tuple(sans)
+        if not kw.get("trusted_ca_file"):
+            c.err(p, "subject alt name matchers without trusted_ca: " + NOT_YET)
+
+
+def _string_matcher(c: EnvoyChecker, raw, p: str) -> Optional[tuple]:
+    """A type.matcher.v3.StringMatcher -> (kind, value, ignore_case)."""
+    if raw is _MISSING:
+        return None
+    m = c.message(raw, p, {"exact": None, "prefix": None, "suffix": None, "contains": None,
+                           "safe_regex": None, "ignore_case": None,
+                           "custom": "custom string matchers: " + NOT_YET})
+    if m is None:
+        return None
+    kinds = [k for k in ("exact", "prefix", "suffix", "contains", "safe_regex") if k in m]
+    if len(kinds) != 1:
+        c.err(p, "expected exactly one of exact, prefix, suffix, contains, safe_regex")
+        return None
+    k = kinds[0]
+    ic = bool(_bool(c, m, "ignore_case")) if "ignore_case" in m else False
+    if k == "safe_regex":
+        if ic:
+            c.err(m.p("ignore_case"), "with safe_regex: Envoy refuses it")
+        rx = _regex(c, m.get("safe_regex"), m.p("safe_regex"))
+        return None if rx is None else ("regex", rx, False)
+    val = c.text(m.get(k), m.p(k), nonempty=False)
+    return None if val is None else (k, val, ic)
+
+
+def translate_xfcc(c: EnvoyChecker, m, kw: dict) -> None:
+    """HCM forward_client_cert_details / set_current_client_cert_details -> kw["xfcc"]:
+    (mode, details), applied to the chain's TlsContext."""
+    mode, details = "sanitize", ()
+    if "forward_client_cert_details" in m:
+        e = c.enum(m.get("forward_client_cert_details"), m.p("forward_client_cert_details"),
+                   XFCC_ENUM, "forward_client_cert_details")
+        if e is not None:
+            mode = e.lower()
+    if "set_current_client_cert_details" in m:
+        d = c.message(m.get("set_current_client_cert_details"),
+                      m.p("set_current_client_cert_details"),
+                      {"subject": None, "cert": None, "chain": None, "dns": None, "uri": None})
+        if d is not None:
+            details = tuple(k for k in ("subject", "uri", "dns", "cert", "chain") if _bool(c, d, k))
+    if mode != "sanitize" or details:
+        kw["xfcc"] = (mode, details)

@@ -1,0 +1,112 @@
+"""Downstream TLS, control world: a chain's ``model.TlsContext`` -> an ``ssl.SSLContext``
+and the data world's ``TlsServerConfig`` (fastmesh/_core/tls.pyx), built once per chain.
+
+Envoy semantics kept here:
+- TLS 1.2 .. 1.3 by default; TLS 1.2 cipher suites by OpenSSL name (Envoy's default list);
+  TLS 1.3 suites are not configurable (as in Envoy).
+- ALPN: exactly the configured list, server preference; a client offering none of them gets
+  no ALPN (not a failure), as BoringSSL does.
+- trusted_ca without require_client_certificate: a client certificate is asked for and
+  verified when given, and its absence is fine; with it: a handshake without one fails.
+- match_subject_alt_names: a verified peer is accepted when any matcher matches any SAN of
+  its type; a peer with no certificate (allowed when not required) is not checked.
+"""
+from __future__ import annotations
+
+import ssl
+
+from fastmesh.config import model
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_SAN_TYPES = {"uri": "URI", "dns": "DNS", "email": "email", "ip": "IP Address"}
+_XFCC_MODES = {m: i for i, m in enumerate(model.XFCC_MODES)}
+_XFCC_BITS = {"subject": 1, "uri": 2, "dns": 4, "cert": 8, "chain": 16}
+
+
+class TlsConfigError(ValueError):
+    """A TLS context that cannot be built (the message says which file and why)."""
+
+
+def build_context(t: model.TlsContext) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _VERSIONS[t.min_version]
+    ctx.maximum_version = _VERSIONS[t.max_version]
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # as Envoy: every name must be a cipher suite (OpenSSL alone skips unknown ones)
+    for name in t.ciphers:
+        try:
+            ctx.set_ciphers(name)
+        except ssl.SSLError:
+            raise TlsConfigError(f"cipher suite {name!r}: unknown (OpenSSL names, such as "
+                                 f"ECDHE-ECDSA-AES128-GCM-SHA256)")
+    ctx.set_ciphers(":".join(t.ciphers))
+    if t.ecdh_curve:
+        try:
+            ctx.set_ecdh_curve(t.ecdh_curve)
+        except (ValueError, ssl.SSLError) as exc:
+            raise TlsConfigError(f"ecdh curve {t.ecdh_curve!r}: {exc}")
+    try:
+        ctx.load_cert_chain(t.cert_chain_file, t.private_key_file)
+    except FileNotFoundError as exc:
+        raise TlsConfigError(f"{exc.filename}: no such file")
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError(f"certificate {t.cert_chain_file} / key {t.private_key_file}: "
+                             f"{getattr(exc, 'reason', None) or exc}")
+    if t.alpn:
+        ctx.set_alpn_protocols(list(t.alpn))
+    if t.trusted_ca_file:
+        try:
+            ctx.load_verify_locations(cafile=t.trusted_ca_file)
+        except FileNotFoundError:
+            raise TlsConfigError(f"{t.trusted_ca_file}: no such file")
+        except ssl.SSLError as exc:
+            raise TlsConfigError(f"trusted CA {t.trusted_ca_file}: {getattr(exc, 'reason', None) or exc}")
+        ctx.verify_mode = ssl.CERT_REQUIRED if t.require_client_certificate \
+            else ssl.CERT_OPTIONAL
+        if t.crl_file:
+            try:
+                ctx.load_verify_locations(cafile=t.crl_file)
+            except FileNotFoundError:
+                raise TlsConfigError(f"{t.crl_file}: no such file")
+            except ssl.SSLError as exc:
+                raise TlsConfigError(f"CRL {t.crl_file}: {getattr(exc, 'reason', None) or exc}")
+            ctx.verify_flags |= (ssl.VERIFY_CRL_CHECK_LEAF if t.crl_leaf_only
+                                 else ssl.VERIFY_CRL_CHECK_CHAIN)
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def local_uri_sans(cert_file: str) -> tuple:
+    """The URI SANs of our own certificate (Envoy's XFCC By= element)."""
+    from cryptography import x509
+    try:
+        with open(cert_file, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except Exception:
+        return ()
+    return tuple(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def server_config(t: model.TlsContext, name: str, counters: dict):
+    """The data world's per-chain TLS config."""
+    from fastmesh._core.tls import TlsServerConfig
+    details = 0
+    for d in t.forward_client_cert_details:
+        details |= _XFCC_BITS[d]
+    by = local_uri_sans(t.cert_chain_file) if t.forward_client_cert in (
+        "append_forward", "sanitize_set") else ()
+    return TlsServerConfig(
+        name, build_context(t),
+        san_matchers=tuple((_SAN_TYPES[m.san_type], "safe_regex" if m.kind == "regex"
+                            else m.kind, m.value, m.ignore_case)
+                           for m in t.match_subject_alt_names),
+        handshake_timeout_ms=t.handshake_timeout_ms, counters=counters,
+        xfcc_mode=_XFCC_MODES[t.forward_client_cert], xfcc_details=details,
+        local_uri_sans=by)
+
+
+def http_hook(t: model.TlsContext):
+    from fastmesh._core.tls import TlsHttpHook
+    return TlsHttpHook(_XFCC_MODES[t.forward_client_cert], True)
