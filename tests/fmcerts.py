@@ -1,16 +1,14 @@
-"""Certificates made by the tests: a CA, leaf certificates it signs (with DNS and SPIFFE URI
-SANs), and an unrelated CA. ECDSA P-256 unless RSA is asked for. Uses `cryptography` (the
-`test` extra); fastmesh itself never does."""
+"""In-memory certificates for tests that rotate them (test_secrets): a CA object that issues
+leaves as PEM bytes, over tlscerts' builders."""
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+
+from tlscerts import make_ca, make_leaf
 
 
 @dataclass
@@ -26,52 +24,16 @@ class Issued:
         return c, k
 
 
-def _key(kind: str):
-    if kind == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(k) -> bytes:
-    return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                           serialization.NoEncryption())
-
-
 class CA:
-    def __init__(self, name: str = "fastmesh test CA", kind: str = "ec"):
-        self.key = _key(kind)
-        now = datetime.datetime.now(datetime.timezone.utc)
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.cert = (x509.CertificateBuilder()
-                     .subject_name(subject).issuer_name(subject)
-                     .public_key(self.key.public_key())
-                     .serial_number(x509.random_serial_number())
-                     .not_valid_before(now - datetime.timedelta(hours=1))
-                     .not_valid_after(now + datetime.timedelta(days=2))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-                     .add_extension(x509.KeyUsage(True, False, False, False, False, True, True,
-                                                  False, False), True)
-                     .sign(self.key, hashes.SHA256()))
+    def __init__(self, name: str = "fastmesh test CA"):
+        self.cert, self.key = make_ca(name)
         self.cert_pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(self, cn: str, dns=(), uris=(), kind: str = "ec", client=True,
               server=True) -> Issued:
-        key = _key(kind)
-        now = datetime.datetime.now(datetime.timezone.utc)
-        sans = [x509.DNSName(d) for d in dns] + \
-            [x509.UniformResourceIdentifier(u) for u in uris]
-        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + \
-            ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(self.cert.subject)
-             .public_key(key.public_key())
-             .serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(hours=1))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-             .add_extension(x509.ExtendedKeyUsage(usages), False))
-        if sans:
-            b = b.add_extension(x509.SubjectAlternativeName(sans), False)
-        cert = b.sign(self.key, hashes.SHA256())
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), cert)
+        cert, key = make_leaf((self.cert, self.key), cn, dns=dns, uris=uris, server=server,
+                              client=client, kind=kind)
+        return Issued(cert.public_bytes(serialization.Encoding.PEM),
+                      key.private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()), cert)
