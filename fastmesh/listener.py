@@ -148,6 +148,7 @@ class Chain:
             from fastmesh._core import bolt_proxy
             self.plain_factory = lambda: bolt_proxy.BoltDownstreamProtocol(ctx)
         self.tls = None
+        self.sds = None
         self.factory = self.plain_factory
         self.set_tls(cfg.tls)
 
@@ -157,9 +158,20 @@ class Chain:
         if t is None:
             self.tls, self.factory = None, self.plain_factory
             self.ctx.tls_http = None
+            self.sds = None
             return
         from fastmesh import tls as tls_mod
-        self.tls = tls_mod.server_config(t, self.cfg.name, self.tls_counters)
+        secret = None
+        self.sds = None
+        if t.sds_path:
+            self.sds, secret = tls_mod.sds_certificate(t)
+            self.sds_in_use = secret
+            self.sds_next_poll_ms = 0
+        self.tls = tls_mod.server_config(t, self.cfg.name, self.tls_counters, secret)
+        if "h2" in t.alpn and self.cfg.protocol in ("http1", "http2"):
+            from fastmesh._core import h2_proxy
+            ctx = self.ctx
+            self.tls.h2_factory = lambda: h2_proxy.H2DownstreamProtocol(ctx)
         self.factory = self.tls.factory(self.plain_factory)
         self.ctx.tls_http = tls_mod.http_hook(t) if self.cfg.protocol == "http1" else None
 
@@ -167,7 +179,32 @@ class Chain:
     def protocol(self) -> str:
         return self.cfg.protocol
 
+    def poll_secrets(self, now: int) -> None:
+        """File-based SDS: a rotated certificate (files renamed into place, or a swapped
+        ..data symlink) serves new handshakes from the next poll (every 250 ms);
+        connections already up keep theirs. A pair that does not match is refused (one
+        log line) and the one in use stays."""
+        from fastmesh.secrets import POLL_INTERVAL_MS, apply_certificate, TlsCertificate
+        if now < self.sds_next_poll_ms:
+            return
+        self.sds_next_poll_ms = now + POLL_INTERVAL_MS
+        if not self.sds.poll():
+            return
+        secret = self.sds.secrets.get(self.cfg.tls.sds_secret)
+        if not isinstance(secret, TlsCertificate):
+            log.error("chain %s: secret %r is gone from %s; the certificate in use stays",
+                      self.cfg.name, self.cfg.tls.sds_secret, self.sds.path)
+            return
+        if secret is not self.sds_in_use and secret != self.sds_in_use:
+            apply_certificate(self.tls.context, secret)
+            self.sds_in_use = secret
+            self.tls_counters["ssl.certificate_rotations"] += 1
+            log.info("chain %s: new certificate from %s (%s)", self.cfg.name, self.sds.path,
+                     secret.source)
+
     def sweep(self, now: int) -> None:
+        if self.sds is not None:
+            self.poll_secrets(now)
         fn = _SWEEPS.get(self.cfg.protocol)
         if fn is None:
             if self.cfg.protocol == "http2":

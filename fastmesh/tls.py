@@ -27,7 +27,26 @@ class TlsConfigError(ValueError):
     """A TLS context that cannot be built (the message says which file and why)."""
 
 
-def build_context(t: model.TlsContext) -> ssl.SSLContext:
+def sds_certificate(t: model.TlsContext):
+    """(the SdsFile, the chain's TlsCertificate) of a context whose pair comes from a
+    file-based SDS source; TlsConfigError names what is missing."""
+    from fastmesh.secrets import SdsFile, SecretError, TlsCertificate
+    try:
+        sds = SdsFile(t.sds_path, t.sds_watched_directory)
+    except SecretError as exc:
+        raise TlsConfigError(str(exc)) from None
+    secret = sds.secrets.get(t.sds_secret)
+    if not isinstance(secret, TlsCertificate):
+        have = ", ".join(sorted(n for n, v in sds.secrets.items()
+                                if isinstance(v, TlsCertificate))) or "none"
+        raise TlsConfigError(f"{t.sds_path}: no tls_certificate secret named "
+                             f"{t.sds_secret!r} (there: {have})")
+    return sds, secret
+
+
+def build_context(t: model.TlsContext, secret=None) -> ssl.SSLContext:
+    """The chain's SSLContext; its certificate and key from the files, or from `secret`
+    (a fastmesh.secrets.TlsCertificate: SDS)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[t.min_version]
     ctx.maximum_version = _VERSIONS[t.max_version]
@@ -46,7 +65,11 @@ def build_context(t: model.TlsContext) -> ssl.SSLContext:
         except (ValueError, ssl.SSLError) as exc:
             raise TlsConfigError(f"ecdh curve {t.ecdh_curve!r}: {exc}")
     try:
-        ctx.load_cert_chain(t.cert_chain_file, t.private_key_file)
+        if secret is not None:
+            from fastmesh.secrets import load_pair
+            load_pair(ctx, secret.cert_chain_pem, secret.private_key_pem)
+        else:
+            ctx.load_cert_chain(t.cert_chain_file, t.private_key_file)
     except FileNotFoundError as exc:
         raise TlsConfigError(f"{exc.filename}: no such file")
     except (ssl.SSLError, OSError) as exc:
@@ -77,28 +100,31 @@ def build_context(t: model.TlsContext) -> ssl.SSLContext:
     return ctx
 
 
-def local_uri_sans(cert_file: str) -> tuple:
-    """The URI SANs of our own certificate (Envoy's XFCC By= element)."""
+def local_uri_sans(cert_file: str, pem: bytes = None) -> tuple:
+    """The URI SANs of our own certificate (Envoy's XFCC By= element), from its file or
+    its PEM."""
     from cryptography import x509
     try:
-        with open(cert_file, "rb") as f:
-            cert = x509.load_pem_x509_certificate(f.read())
+        if pem is None:
+            with open(cert_file, "rb") as f:
+                pem = f.read()
+        cert = x509.load_pem_x509_certificate(pem)
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except Exception:
         return ()
     return tuple(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
 
 
-def server_config(t: model.TlsContext, name: str, counters: dict):
-    """The data world's per-chain TLS config."""
+def server_config(t: model.TlsContext, name: str, counters: dict, secret=None):
+    """The data world's per-chain TLS config (`secret`: the pair, when it comes from SDS)."""
     from fastmesh._core.tls import TlsServerConfig
     details = 0
     for d in t.forward_client_cert_details:
         details |= _XFCC_BITS[d]
-    by = local_uri_sans(t.cert_chain_file) if t.forward_client_cert in (
-        "append_forward", "sanitize_set") else ()
+    by = local_uri_sans(t.cert_chain_file, secret.cert_chain_pem if secret else None) \
+        if t.forward_client_cert in ("append_forward", "sanitize_set") else ()
     return TlsServerConfig(
-        name, build_context(t),
+        name, build_context(t, secret),
         san_matchers=tuple((_SAN_TYPES[m.san_type], "safe_regex" if m.kind == "regex"
                             else m.kind, m.value, m.ignore_case)
                            for m in t.match_subject_alt_names),

@@ -45,6 +45,8 @@ cdef class TlsServerConfig:
         readonly int xfcc_mode          # XfccMode (HTTP chains)
         readonly int xfcc_details       # XfccDetail bits
         readonly bytes xfcc_by          # b"By=<local URI SAN>;" for each local URI SAN
+        public object h2_factory        # the HTTP/2 session's factory, when ALPN may
+                                        # choose h2 (None: the chain's protocol only)
 
     cdef bint san_ok(self, dict cert)
 

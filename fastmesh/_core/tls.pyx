@@ -25,7 +25,8 @@ log = logging.getLogger("fastmesh.tls")
 # Envoy's names (listener stats "ssl.*"), plus the handshake timeout
 TLS_COUNTERS = ("ssl.handshake", "ssl.connection_error", "ssl.fail_verify_no_cert",
                 "ssl.fail_verify_error", "ssl.fail_verify_san", "ssl.no_certificate",
-                "downstream_cx_transport_socket_connect_timeout")
+                "downstream_cx_transport_socket_connect_timeout",
+                "ssl.certificate_rotations")     # new pairs from file-based SDS
 
 cdef Py_ssize_t RECV_BYTES = 65536          # ciphertext read per read event, at most
 # One receive buffer for every connection of this process: the loop reads into it and calls
@@ -245,7 +246,10 @@ cdef class TlsTransport:
             self.timer.cancel()
             self.timer = None
         self.state = TLS_OPEN
-        inner = self.inner_factory()
+        if self.cfg.h2_factory is not None and self.sslobj.selected_alpn_protocol() == "h2":
+            inner = self.cfg.h2_factory()   # ALPN chose HTTP/2
+        else:
+            inner = self.inner_factory()
         self.inner = inner
         if self.original_dst is not None:
             inner.set_original_dst(*self.original_dst)

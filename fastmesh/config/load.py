@@ -287,6 +287,15 @@ def _plain(obj: Any) -> Any:
         else:
             d["access_log"]["format"] = obj.access_log_format
         return d
+    if isinstance(obj, TlsContext) and obj.sds_path:
+        d = _plain_fields(obj)
+        for k in ("sds_path", "sds_secret", "sds_watched_directory", "cert_chain_file",
+                  "private_key_file"):
+            d.pop(k, None)
+        d["sds"] = {"path": obj.sds_path, "secret": obj.sds_secret}
+        if obj.sds_watched_directory:
+            d["sds"]["watched_directory"] = obj.sds_watched_directory
+        return d
     if isinstance(obj, SanMatch):
         m = {obj.kind: obj.value}
         if obj.ignore_case:
@@ -662,8 +671,9 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
             kw["accept_http_10"] = c.boolean(m["accept_http_10"], f"{p}.accept_http_10")
         if "codec" in m:
             kw["codec"] = c.choice(m["codec"], f"{p}.codec", "codec", ("http1", "auto"))
-            if kw["codec"] == "auto" and protocol != "http1":
-                c.err(f"{p}.codec", "only http1 listeners have a codec choice")
+            if kw["codec"] == "auto" and protocol not in ("http1", "auto"):
+                c.err(f"{p}.codec", "only http1 listeners (and the http1 chains of others) "
+                                    "have a codec choice")
         for name, parse in (("fault", _fault), ("local_rate_limit", _local_rate_limit)):
             if m.get(name) is not None:
                 if "http1" not in protocols:
@@ -824,7 +834,8 @@ def _chain_match(c: _Checker, raw: Any, p: str) -> ChainMatch:
     return ChainMatch(**{k: v for k, v in kw.items() if v is not None})
 
 
-_TLS_KEYS = tuple(f.name for f in dataclasses.fields(TlsContext))
+_TLS_KEYS = tuple(f.name for f in dataclasses.fields(TlsContext)
+                  if not f.name.startswith("sds_")) + ("sds",)
 
 
 def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[TlsContext]:
@@ -834,8 +845,22 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
     if m is None:
         return None
     kw: dict = {}
-    for key in ("cert_chain_file", "private_key_file"):
-        kw[key] = c.text(c.required(m, p, key), f"{p}.{key}")
+    if "sds" in m:
+        sp = f"{p}.sds"
+        sm = c.mapping(m["sds"], sp, ("path", "secret", "watched_directory"))
+        if sm is not None:
+            kw["sds_path"] = c.text(c.required(sm, sp, "path"), f"{sp}.path")
+            kw["sds_secret"] = c.text(c.required(sm, sp, "secret"), f"{sp}.secret")
+            if sm.get("watched_directory") is not None:
+                kw["sds_watched_directory"] = c.text(sm["watched_directory"],
+                                                     f"{sp}.watched_directory")
+        for key in ("cert_chain_file", "private_key_file"):
+            if key in m:
+                c.err(f"{p}.{key}", "not with sds (the secret holds the certificate)")
+        kw["cert_chain_file"] = kw["private_key_file"] = ""
+    else:
+        for key in ("cert_chain_file", "private_key_file"):
+            kw[key] = c.text(c.required(m, p, key), f"{p}.{key}")
     for key in ("trusted_ca_file", "crl_file", "ecdh_curve"):
         if m.get(key) is not None:
             kw[key] = c.text(m[key], f"{p}.{key}")
@@ -859,12 +884,13 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
     if "alpn" in m:
         alpn = tuple(t for j, x in enumerate(c.seq(m["alpn"], f"{p}.alpn"))
                      if (t := c.text(x, f"{p}.alpn[{j}]")) is not None)
-        allowed = {"http1": ("http/1.1", "http/1.0"), "bolt": ("bolt",), "tcp": None}
+        allowed = {"http1": ("h2", "http/1.1", "http/1.0"), "http2": ("h2",),
+                   "bolt": ("bolt",), "tcp": None}
         ok = allowed.get(protocol or "http1")
         for j, a in enumerate(alpn):
-            if a in ("h2", "h2c", "h3"):
-                c.err(f"{p}.alpn[{j}]", f"{a!r}: HTTP/2 is not served yet (its clients would "
-                                        "then speak it): offer http/1.1")
+            if a in ("h2c", "h3"):
+                c.err(f"{p}.alpn[{j}]", f"{a!r}: not a protocol TLS negotiates here (h2, "
+                                        "http/1.1)")
             elif ok is not None and a not in ok:
                 c.err(f"{p}.alpn[{j}]", f"{a!r}: a {protocol} chain speaks "
                                         f"{' or '.join(ok)}")
@@ -902,6 +928,8 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
             if (d := c.choice(x, f"{dp}[{j}]", "detail", XFCC_DETAILS)) is not None)
     if any(v is None for v in kw.values()):
         return None
+    if "sds_path" in kw:
+        kw["cert_chain_file"] = kw["private_key_file"] = None
     t = TlsContext(**kw)
     check_tls(c, t, p)
     return t
@@ -936,11 +964,11 @@ def _san_match(c: _Checker, raw: Any, p: str) -> Optional[SanMatch]:
 def check_tls(c: _Checker, t: TlsContext, p: str) -> None:
     """Build the context once now, so that a bad file or setting is an error at its path
     rather than at the first connection."""
-    from fastmesh.tls import TlsConfigError, build_context
+    from fastmesh.tls import TlsConfigError, build_context, sds_certificate
     try:
-        build_context(t)
+        build_context(t, sds_certificate(t)[1] if t.sds_path else None)
     except TlsConfigError as exc:
-        c.err(p, str(exc))
+        c.err(f"{p}.sds" if t.sds_path else p, str(exc))
 
 
 def _interception(c: _Checker, m: dict, p: str, kw: dict) -> None:

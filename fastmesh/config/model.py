@@ -220,8 +220,8 @@ class SanMatch:
 @dataclass(frozen=True)
 class TlsContext:
     """Downstream TLS of a listener or filter chain (Envoy's DownstreamTlsContext)."""
-    cert_chain_file: str               # PEM: the certificate, then its intermediates
-    private_key_file: str              # PEM
+    cert_chain_file: Optional[str]     # PEM: the certificate, then its intermediates
+    private_key_file: Optional[str]    # PEM (both None when the pair comes from SDS)
     min_version: str = "1.2"           # TLS_VERSIONS
     max_version: str = "1.3"
     ciphers: tuple[str, ...] = DEFAULT_TLS12_CIPHERS   # TLS 1.2 suites, OpenSSL names
@@ -235,6 +235,12 @@ class TlsContext:
     handshake_timeout_ms: int = 10000         # 0: none (Envoy: transport_socket_connect_timeout)
     forward_client_cert: str = "sanitize"     # HTTP: XFCC_MODES (Envoy's default)
     forward_client_cert_details: tuple[str, ...] = ()   # XFCC_DETAILS in the element
+    # the certificate and key from a file-based SDS source instead (Envoy's
+    # tls_certificate_sds_secret_configs with path_config_source): the file holding the
+    # Secret resources, the secret's name, the directory whose moves are watched
+    sds_path: Optional[str] = None
+    sds_secret: Optional[str] = None
+    sds_watched_directory: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,12 @@ def translate_composed(data: Any, source: str = "<string>",
                                               f"{addrs[key]}")
                     addrs.setdefault(key, p)
                 listeners.append(lst)
+    node = top.get("node") if "node" in top else None
+    if any(t is not None and t.sds_path for lst in listeners
+           for t in [lst.tls] + [ch.tls for ch in lst.filter_chains]) and not (
+            isinstance(node, dict) and node.get("id") and node.get("cluster")):
+        c.err("node", "id and cluster are required when secrets come from SDS (Envoy's "
+                      "TlsCertificateSdsApi refuses the bootstrap without them)")
     xds = None
     if "dynamic_resources" in top:
         sr_raw = top.get("static_resources") if "static_resources" in top else {}

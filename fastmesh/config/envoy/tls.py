@@ -30,7 +30,7 @@ _DOWNSTREAM_FIELDS = {
 _COMMON_FIELDS = {
     "tls_params": None, "tls_certificates": None, "validation_context": None,
     "alpn_protocols": None,
-    "tls_certificate_sds_secret_configs": SDS,
+    "tls_certificate_sds_secret_configs": None,
     "validation_context_sds_secret_config": SDS,
     "combined_validation_context": "combined_validation_context (SDS): " + NOT_YET,
     "tls_certificate_provider_instance": "certificate provider instances: " + NOT_YET,
@@ -133,10 +133,18 @@ def _downstream(c: EnvoyChecker, raw, p: str, protocol) -> Optional[TlsContext]:
                                              "(common_tls_context.tls_certificates)")
         return None
     _params(c, cm, kw)
-    certs = c.seq(c.need(cm, "tls_certificates"), cm.p("tls_certificates"), nonempty=True) \
-        if "tls_certificates" in cm else []
+    if "tls_certificate_sds_secret_configs" in cm:
+        if "tls_certificates" in cm:
+            c.err(cm.p("tls_certificate_sds_secret_configs"), "with tls_certificates too: "
+                  "one certificate per chain, from a file or from SDS")
+        _sds_configs(c, cm.get("tls_certificate_sds_secret_configs"),
+                     cm.p("tls_certificate_sds_secret_configs"), kw)
+        certs = []
+    else:
+        certs = c.seq(c.need(cm, "tls_certificates"), cm.p("tls_certificates"),
+                      nonempty=True) if "tls_certificates" in cm else []
     if "tls_certificates" not in cm:
-        pass                                        # need() reported it
+        pass                                        # need() (or the SDS source) said it
     elif len(certs) > 1:
         c.err(cm.p("tls_certificates"), f"{len(certs)} certificates: {NOT_YET} (one per filter "
               f"chain: choose certificates by SNI with a chain per name)")
@@ -152,23 +160,72 @@ def _downstream(c: EnvoyChecker, raw, p: str, protocol) -> Optional[TlsContext]:
         ap = cm.p("alpn_protocols")
         alpn = tuple(t for j, x in enumerate(c.seq(cm.get("alpn_protocols"), ap))
                      if (t := c.text(x, f"{ap}[{j}]")) is not None)
-        served = tuple(a for a in alpn if a not in ("h2", "h3"))
+        served = tuple(a for a in alpn if a != "h3" and (a != "h2" or protocol in
+                                                          ("http1", "http2")))
         if served != alpn:
-            # Istio and most Envoy configs offer "h2,http/1.1": the chain still serves its
-            # HTTP/1 clients, and an h2-capable client negotiates http/1.1 instead of h2
-            c.note(ap, f"{[a for a in alpn if a not in served]} not offered: HTTP/2 and HTTP/3 "
-                       f"are not served yet (offered: {list(served) or 'no ALPN'})")
+            c.note(ap, f"{[a for a in alpn if a not in served]} not offered: not served by a "
+                       f"{protocol} chain (offered: {list(served) or 'no ALPN'})")
         kw["alpn"] = served
     if "validation_context" in cm:
         _validation(c, cm.get("validation_context"), cm.p("validation_context"), kw)
     if kw.get("require_client_certificate") and not kw.get("trusted_ca_file"):
         c.err(m.p("require_client_certificate"), "true without validation_context.trusted_ca: "
               + NOT_YET + " (fastmesh verifies client certificates against a trusted CA)")
-    if not kw.get("cert_chain_file") or not kw.get("private_key_file"):
+    if kw.get("sds_path"):
+        kw["cert_chain_file"] = kw["private_key_file"] = None
+    elif not kw.get("cert_chain_file") or not kw.get("private_key_file"):
         return None
     t = TlsContext(**kw)
     check_tls(c, t, p)
     return t
+
+
+def _sds_configs(c: EnvoyChecker, raw, p: str, kw: dict) -> None:
+    """tls_certificate_sds_secret_configs: one SdsSecretConfig whose sds_config is a file
+    (path_config_source, or the older `path`), with an optional watched_directory. SDS from
+    a control plane (ads, api_config_source) is refused for now."""
+    items = c.seq(raw, p, nonempty=True) or []
+    if len(items) > 1:
+        c.err(p, f"{len(items)} secrets: one certificate per chain ({NOT_YET})")
+        return
+    for i, item in enumerate(items):
+        ip = f"{p}[{i}]"
+        sc = c.message(item, ip, {"name": None, "sds_config": None})
+        if sc is None:
+            return
+        name = c.text(c.need(sc, "name"), sc.p("name"))
+        if "sds_config" not in sc:
+            c.err(sc.p("sds_config"), "missing: static secrets (bootstrap `secrets`) are "
+                                      + NOT_YET + "; give a path_config_source")
+            return
+        src = c.message(sc.get("sds_config"), sc.p("sds_config"), {
+            "path_config_source": None, "path": None, "resource_api_version": None,
+            "initial_fetch_timeout": None,
+            "ads": "SDS over ADS: " + NOT_YET + " (use a path_config_source)",
+            "api_config_source": "SDS from an API config source: " + NOT_YET,
+            "self": "SDS from self: " + NOT_YET})
+        if src is None:
+            return
+        if "resource_api_version" in src and src.get("resource_api_version") not in ("V3", 2):
+            c.err(src.p("resource_api_version"), "only V3")
+        if "path_config_source" in src:
+            pc = c.message(src.get("path_config_source"), src.p("path_config_source"),
+                           {"path": None, "watched_directory": None})
+            if pc is None:
+                return
+            path = c.text(c.need(pc, "path"), pc.p("path"))
+            if "watched_directory" in pc:
+                wd = c.message(pc.get("watched_directory"), pc.p("watched_directory"),
+                               {"path": None})
+                if wd is not None:
+                    kw["sds_watched_directory"] = c.text(c.need(wd, "path"), wd.p("path"))
+        elif "path" in src:
+            path = c.text(src.get("path"), src.p("path"))
+        else:
+            c.err(sc.p("sds_config"), "expected path_config_source (SDS from a file)")
+            return
+        if path is not None and name is not None:
+            kw["sds_path"], kw["sds_secret"] = path, name
 
 
 def _bool(c: EnvoyChecker, m, name: str) -> Optional[bool]:
