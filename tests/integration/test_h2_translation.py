@@ -190,3 +190,24 @@ def test_retries_outliers_and_circuit_breaker(start_upstream, start_fastmesh):
     assert cl["upstream_rq_retry"] >= 1
     assert cl["outlier_ejections_enforced_consecutive_5xx"] >= 1, {k: v for k, v in cl.items() if v}
     assert fm.cluster_stats("withdead")["upstream_cx_connect_fail"] >= 1
+
+
+def test_h2_over_tls_by_alpn(start_upstream, start_fastmesh, tmp_path):
+    """A TLS chain offering h2 and http/1.1: curl negotiates h2 and is served HTTP/2;
+    a client offering only http/1.1 gets HTTP/1.1 on the same port."""
+    pytest.importorskip("cryptography")
+    from tlscerts import make_pki
+    pki = make_pki(tmp_path / "pki")
+    up = start_upstream("web")
+    cfg = _cfg(up)
+    cfg["listeners"][0].update(protocol="http1", tls={
+        "cert_chain_file": pki["server"], "private_key_file": pki["server_key"],
+        "alpn": ["h2", "http/1.1"]})
+    fm = start_fastmesh(cfg)
+    for flag, version in (("--http2", "2"), ("--http1.1", "1.1")):
+        out = subprocess.run([CURL, "-s", flag, "--cacert", pki["ca"], "-o", "/dev/null",
+                              "-w", "%{http_code} %{http_version}", "--resolve",
+                              f"localhost:{fm.port}:127.0.0.1",
+                              f"https://localhost:{fm.port}/bytes/5000"],
+                             capture_output=True, text=True, timeout=30).stdout
+        assert out == f"200 {version}", (flag, out)
