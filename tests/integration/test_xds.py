@@ -329,21 +329,30 @@ def test_bolt_listener_from_the_control_plane(plane, tmp_path):
         echo.stop()
 
 
-def test_cluster_with_http2_options_is_refused_by_name(plane):
-    """Istio sends clusters with HTTP/2 protocol options: the resource is read, and the NACK
-    says which field fastmesh does not support yet (not that it could not be decoded)."""
+def test_cluster_with_http2_options(plane):
+    """Istio sends clusters with HTTP/2 protocol options: such a cluster is taken (its
+    endpoints spoken to over HTTP/2), and one with an HTTP/2 feature fastmesh does not have
+    is NACKed naming that field (not "could not be decoded")."""
     from xds_server import msg
     srv = plane["srv"]
-    h2 = msg(cluster_pb2.Cluster, {
-        "name": "grpc-backend", "type": "STATIC", "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                         "HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}}})
+
+    def h2_cluster(**options):
+        return msg(cluster_pb2.Cluster, {
+            "name": "grpc-backend", "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                             "HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": options}}}})
+    # the listeners pushed so far name these clusters: keep them
+    with srv.lock:
+        current = list(srv.state[CLUSTER][1])
     mark = len(srv.requests)
-    srv.set(CLUSTER, "c6", [eds_cluster("web"), h2])
+    srv.set(CLUSTER, "c6", current + [h2_cluster()])
+    srv.wait_ack(CLUSTER, "c6", after=mark)
+    mark = len(srv.requests)
+    srv.set(CLUSTER, "c7", current + [h2_cluster(allow_connect=True)])
     nack = srv.wait_nack(CLUSTER, after=mark)
-    assert nack.version_info == "c5"
-    assert "cluster 'grpc-backend': typed_extension_protocol_options" in \
-        nack.error_detail.message, nack.error_detail.message
+    assert nack.version_info == "c6"
+    assert "cluster 'grpc-backend'" in nack.error_detail.message and \
+        "allow_connect" in nack.error_detail.message, nack.error_detail.message
