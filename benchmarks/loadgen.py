@@ -136,7 +136,8 @@ class LoadGen:
         codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
         errors = {k: v for k, v in (("failed", failed), ("errored", errored),
                                     ("timeout", timeout),
-                                    ("non_2xx", ok - int(codes.group(1)) if codes else 0))
+                                    ("non_2xx", max(0, ok - int(codes.group(1)))
+                                     if codes else 0))
                   if v}
 
         def pct(q):
