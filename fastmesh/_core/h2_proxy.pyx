@@ -260,11 +260,7 @@ cdef class H2Downstream(H2Consumer):
         self.rbuf.advance(nbytes)
         self.ctx.counters.v[LS_RX_BYTES] += nbytes
         try:
-            self.codec.receive(self.rbuf)
-            if self.codec.callback_error is not None:
-                log.error("listener %s: HTTP/2 session failed: %r", self.ctx.name,
-                          self.codec.callback_error)
-                self.codec.callback_error = None
+            receive(self.codec, self.rbuf, "listener " + self.ctx.name)
             self.flush()
             flush_dirty()
         except BaseException:
@@ -643,13 +639,7 @@ cdef class H1Upstream:
         self.chunker = ChunkedFramer()
 
     def connect(self):
-        self.cluster.counters.v[CS_CX_TOTAL] += 1
-        task = self.loop.create_task(self.loop.create_connection(lambda: self, self.ep.host,
-                                                                 self.ep.port))
-        task.add_done_callback(self._connected)
-        timeout_s = self.cluster.connect_timeout_ms / 1000.0
-        if timeout_s > 0:
-            self.loop.call_later(timeout_s, _cancel_if_pending, task)
+        connect(self, self.cluster, self.ep, self.loop)
 
     def _connected(self, task):
         cdef ProxyStream ps
@@ -962,13 +952,7 @@ cdef class H2Upstream(H2Consumer):
         self.codec = H2Connection(self, True)
 
     def connect(self):
-        self.cluster.counters.v[CS_CX_TOTAL] += 1
-        task = self.loop.create_task(self.loop.create_connection(lambda: self, self.ep.host,
-                                                                 self.ep.port))
-        task.add_done_callback(self._connected)
-        timeout_s = self.cluster.connect_timeout_ms / 1000.0
-        if timeout_s > 0:
-            self.loop.call_later(timeout_s, _cancel_if_pending, task)
+        connect(self, self.cluster, self.ep, self.loop)
 
     def _connected(self, task):
         if task.cancelled() or task.exception() is not None:
@@ -997,11 +981,7 @@ cdef class H2Upstream(H2Consumer):
     def buffer_updated(self, Py_ssize_t nbytes):
         self.rbuf.advance(nbytes)
         try:
-            self.codec.receive(self.rbuf)
-            if self.codec.callback_error is not None:
-                log.error("cluster %s: HTTP/2 upstream session failed: %r", self.cluster.name,
-                          self.codec.callback_error)
-                self.codec.callback_error = None
+            receive(self.codec, self.rbuf, "cluster " + self.cluster.name)
             self.flush()
             flush_dirty()
         except BaseException:
@@ -1178,6 +1158,25 @@ cdef class H2Upstream(H2Consumer):
         pass
 
 
+cdef void receive(H2Connection codec, RecvBuffer rbuf, str who) except *:
+    # one read's frames through the codec; a consumer callback's failure ends the
+    # connection (the codec sends GOAWAY INTERNAL_ERROR) and is logged here
+    codec.receive(rbuf)
+    if codec.callback_error is not None:
+        log.error("%s: HTTP/2 session failed: %r", who, codec.callback_error)
+        codec.callback_error = None
+
+
+def connect(proto, Cluster cluster, Endpoint ep, loop):
+    """Open a connection to ep for proto (an upstream protocol object, its own factory):
+    counted, bounded by the cluster's connect timeout; proto._connected hears the outcome."""
+    cluster.counters.v[CS_CX_TOTAL] += 1
+    task = loop.create_task(loop.create_connection(lambda: proto, ep.host, ep.port))
+    task.add_done_callback(proto._connected)
+    if cluster.connect_timeout_ms > 0:
+        loop.call_later(cluster.connect_timeout_ms / 1000.0, _cancel_if_pending, task)
+
+
 def _cancel_if_pending(task):
     if not task.done():
         task.cancel()
@@ -1217,7 +1216,7 @@ def take_over(ListenerCtx ctx, transport, bytes data):
     ds.connection_made(transport)
     ds.rbuf.py_feed(data)
     try:
-        ds.codec.receive(ds.rbuf)
+        receive(ds.codec, ds.rbuf, "listener " + ctx.name)
         ds.flush()
         flush_dirty()
     except BaseException:

@@ -353,6 +353,19 @@ def _start_bolt_echo(procs, delay_ms=0) -> int:
     return echo_port
 
 
+def _bolt_cfg(echo_port: int, drain_timeout_ms: int) -> dict:
+    """A Bolt listener routing every call to the echo upstream."""
+    return {
+        "admin": {"address": f"127.0.0.1:{free_port()}"},
+        "drain_timeout_ms": drain_timeout_ms,
+        "listeners": [{"name": "rpc", "address": f"127.0.0.1:{free_port()}",
+                       "protocol": "bolt", "route_table": "rpc"}],
+        "route_tables": {"rpc": {"routes": [
+            {"match": {"headers": [{"name": "service", "present": True}]}, "cluster": "echo"}]}},
+        "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{echo_port}"]}],
+    }
+
+
 @pytest.mark.parametrize("peer", ["sofa-rpc-node", "boltload-echo"])
 def test_bolt_connection_migrates_across_restarts(deployment, procs, peer, loop_kind):
     """A raw Bolt client on one TCP connection sends real SOFARPC requests (the captured
@@ -371,15 +384,7 @@ def test_bolt_connection_migrates_across_restarts(deployment, procs, peer, loop_
         echo_port = server.port
     else:
         echo_port = _start_bolt_echo(procs)
-    cfg = {
-        "admin": {"address": f"127.0.0.1:{free_port()}"},
-        "drain_timeout_ms": 5000,
-        "listeners": [{"name": "rpc", "address": f"127.0.0.1:{free_port()}",
-                       "protocol": "bolt", "route_table": "rpc"}],
-        "route_tables": {"rpc": {"routes": [
-            {"match": {"headers": [{"name": "service", "present": True}]}, "cluster": "echo"}]}},
-        "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{echo_port}"]}],
-    }
+    cfg = _bolt_cfg(echo_port, drain_timeout_ms=5000)
     d = deployment(cfg, loop=loop_kind)
     d.start()
     req = bytearray(_frame("bolt_request.hex"))
@@ -421,15 +426,7 @@ def test_busy_bolt_connection_migrates(deployment, procs, loop_kind):
     timeout."""
     from fastmesh._core import bolt
     echo_port = _start_bolt_echo(procs, delay_ms=40)    # a slow service: 40 ms a call
-    cfg = {
-        "admin": {"address": f"127.0.0.1:{free_port()}"},
-        "drain_timeout_ms": 30000,
-        "listeners": [{"name": "rpc", "address": f"127.0.0.1:{free_port()}",
-                       "protocol": "bolt", "route_table": "rpc"}],
-        "route_tables": {"rpc": {"routes": [
-            {"match": {"headers": [{"name": "service", "present": True}]}, "cluster": "echo"}]}},
-        "clusters": [{"name": "echo", "endpoints": [f"127.0.0.1:{echo_port}"]}],
-    }
+    cfg = _bolt_cfg(echo_port, drain_timeout_ms=30000)
     d = deployment(cfg, loop=loop_kind)
     d.start()
     req = bytearray(_frame("bolt_request.hex"))
