@@ -512,9 +512,7 @@ cdef class H2Downstream(H2Consumer):
             up.streams.pop(sid, None)
         if h1 is not None:
             h1.ps = None
-        if not self.try_again(ps, status, False, False):
-            return False        # (not reached: the same checks passed) pragma: no cover
-        return True
+        return self.try_again(ps, status, False, False)    # (its checks passed above)
 
     cdef void local_reply(self, ProxyStream ps, int status, bytes reason) except *:
         self.respond_local(ps, status, reason + b"\n", reason)
