@@ -182,6 +182,22 @@ def wait_envoy_ready(admin_port, proc, timeout=30.0):
     wait_ready(admin_port, proc, timeout)
 
 
+def start_side(who: str, config_path, admin_port: int, procs: list, base_id: int,
+               log_level: str = "warning") -> Proc:
+    """Run one side of a parity test on a bootstrap: real Envoy (one worker, its own
+    shared-memory base id) or fastmesh; appended to procs, returned once ready."""
+    if who == "envoy":
+        p = Proc([find_envoy(), "-c", str(config_path), "--base-id",
+                  str(base_id + os.getpid() % 20000), "--concurrency", "1", "-l", "warning"],
+                 name="envoy")
+    else:
+        p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(config_path),
+                  "--log-level", log_level], name="fastmesh")
+    procs.append(p)
+    wait_envoy_ready(admin_port, p) if who == "envoy" else wait_ready(admin_port, p)
+    return p
+
+
 # --------------------------------------------------------------- deployments, restarts
 
 def get_json(port: int, path: str) -> dict:

@@ -56,6 +56,7 @@ cdef class H2Downstream(H2Consumer):
         object transport
         RecvBuffer rbuf
         H2Connection codec
+        HeadParser parser           # the routing heads of its streams (one per connection)
         dict streams                # downstream stream id -> ProxyStream
         bint closed
         bint goaway_sent

@@ -356,8 +356,10 @@ cdef class H2Downstream(H2Consumer):
     cdef void route_stream(self, ProxyStream ps, HeaderList headers) except *:
         cdef RouteTable table = self.ctx.route_table
         cdef Route route
-        cdef Head h = routing_head(headers, HeadParser(True, max(self.ctx.max_head_bytes,
-                                                                 65536), 1000))
+        cdef Head h
+        if self.parser is None:
+            self.parser = HeadParser(True, max(self.ctx.max_head_bytes, 65536), 1000)
+        h = routing_head(headers, self.parser)
         if h is None:
             self.ctx.counters.v[LS_ERR_BAD_REQUEST] += 1
             self.local_reply(ps, 400, b"bad_request")

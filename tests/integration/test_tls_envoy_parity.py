@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import ssl
 import sys
@@ -22,8 +21,7 @@ import sys
 import pytest
 import yaml
 
-from fmtest import (START_TIMEOUT_S, Proc, _wait_line, find_envoy, free_port, wait_envoy_ready,
-                    wait_ready)
+from fmtest import START_TIMEOUT_S, Proc, _wait_line, find_envoy, free_port, start_side
 from tlscerts import SPIFFE, make_pki
 
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -132,16 +130,7 @@ def sides(tmp_path_factory, pki):
             port, admin_port = free_port(), free_port()
             path = tmp / f"{who}.yaml"
             path.write_text(yaml.safe_dump(bootstrap(pki, port, admin_port, up)))
-            if who == "envoy":
-                p = Proc([ENVOY, "-c", str(path), "--base-id", str(41000 + os.getpid() % 20000),
-                          "--concurrency", "1", "-l", "warning"], name="envoy")
-                procs.append(p)
-                wait_envoy_ready(admin_port, p)
-            else:
-                p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(path),
-                          "--log-level", "warning"], name="fastmesh")
-                procs.append(p)
-                wait_ready(admin_port, p)
+            start_side(who, path, admin_port, procs, base_id=41000)
             out[who] = (port, admin_port)
         yield out
     finally:

@@ -18,8 +18,8 @@ import yaml
 pytest.importorskip("cryptography")
 from cryptography import x509  # noqa: E402
 from fmcerts import CA  # noqa: E402
-from fmtest import (Proc, find_envoy, free_port, wait_envoy_ready,  # noqa: E402
-                    wait_ready, START_TIMEOUT_S, _wait_line)
+from fmtest import (Proc, find_envoy, free_port, start_side,  # noqa: E402
+                    START_TIMEOUT_S, _wait_line)
 
 ENVOY = find_envoy()
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -148,16 +148,7 @@ def test_rotation_through_file_sds(who, web, procs, tmp_path):
     port, admin = free_port(), free_port()
     cfg = tmp_path / "boot.yaml"
     cfg.write_text(yaml.safe_dump(bootstrap(port, admin, web, str(pki.sds), str(pki.dir))))
-    if who == "envoy":
-        p = Proc([ENVOY, "-c", str(cfg), "--base-id", str(44000 + os.getpid() % 20000),
-                  "--concurrency", "1", "-l", "warning"], name="envoy")
-        procs.append(p)
-        wait_envoy_ready(admin, p)
-    else:
-        p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(cfg), "--log-level",
-                  "info"], name="fastmesh")
-        procs.append(p)
-        wait_ready(admin, p)
+    p = start_side(who, cfg, admin, procs, base_id=44000, log_level="info")
     ca = pki.ca.cert_pem
     assert served_cn(port, ca) == "one"
     held = KeepAlive(port, ca)

