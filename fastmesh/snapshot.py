@@ -121,7 +121,7 @@ def _cluster_settings(c: model.Cluster) -> tuple:
     return (c.lb_policy, c.http_protocol, c.connect_timeout_ms, c.max_idle_per_endpoint,
             c.idle_timeout_ms,
             c.connections_per_endpoint, c.heartbeat_interval_ms, c.heartbeat_max_missed,
-            c.min_ring_size, c.max_ring_size, c.maglev_table_size, c.original_dst)
+            c.min_ring_size, c.max_ring_size, c.maglev_table_size, c.original_dst, c.tls)
 
 
 def new_cluster(c: model.Cluster) -> Cluster:
@@ -134,6 +134,9 @@ def new_cluster(c: model.Cluster) -> Cluster:
                  min_ring_size=c.min_ring_size, max_ring_size=c.max_ring_size,
                  maglev_table_size=c.maglev_table_size)
     cl.http2 = c.http_protocol == "http2"
+    if c.tls is not None:
+        from fastmesh.tls import client_config
+        cl.tls = client_config(c.tls, c.name, cl.http2)
     od = c.original_dst
     if od is not None:
         cl.configure_original_dst(od.http_header_name if od.use_http_header else None,

@@ -51,14 +51,7 @@ def build_context(t: model.TlsContext, secret=None) -> ssl.SSLContext:
     ctx.minimum_version = _VERSIONS[t.min_version]
     ctx.maximum_version = _VERSIONS[t.max_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    # as Envoy: every name must be a cipher suite (OpenSSL alone skips unknown ones)
-    for name in t.ciphers:
-        try:
-            ctx.set_ciphers(name)
-        except ssl.SSLError:
-            raise TlsConfigError(f"cipher suite {name!r}: unknown (OpenSSL names, such as "
-                                 f"ECDHE-ECDSA-AES128-GCM-SHA256)")
-    ctx.set_ciphers(":".join(t.ciphers))
+    _set_ciphers(ctx, t.ciphers)
     if t.ecdh_curve:
         try:
             ctx.set_ecdh_curve(t.ecdh_curve)
@@ -78,26 +71,47 @@ def build_context(t: model.TlsContext, secret=None) -> ssl.SSLContext:
     if t.alpn:
         ctx.set_alpn_protocols(list(t.alpn))
     if t.trusted_ca_file:
-        try:
-            ctx.load_verify_locations(cafile=t.trusted_ca_file)
-        except FileNotFoundError:
-            raise TlsConfigError(f"{t.trusted_ca_file}: no such file")
-        except ssl.SSLError as exc:
-            raise TlsConfigError(f"trusted CA {t.trusted_ca_file}: {getattr(exc, 'reason', None) or exc}")
+        _load_cas(ctx, t.trusted_ca_file, t.crl_file, t.crl_leaf_only)
         ctx.verify_mode = ssl.CERT_REQUIRED if t.require_client_certificate \
             else ssl.CERT_OPTIONAL
-        if t.crl_file:
-            try:
-                ctx.load_verify_locations(cafile=t.crl_file)
-            except FileNotFoundError:
-                raise TlsConfigError(f"{t.crl_file}: no such file")
-            except ssl.SSLError as exc:
-                raise TlsConfigError(f"CRL {t.crl_file}: {getattr(exc, 'reason', None) or exc}")
-            ctx.verify_flags |= (ssl.VERIFY_CRL_CHECK_LEAF if t.crl_leaf_only
-                                 else ssl.VERIFY_CRL_CHECK_CHAIN)
     else:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def _set_ciphers(ctx: ssl.SSLContext, ciphers) -> None:
+    # as Envoy: every name must be a cipher suite (OpenSSL alone skips unknown ones)
+    for name in ciphers:
+        try:
+            ctx.set_ciphers(name)
+        except ssl.SSLError:
+            raise TlsConfigError(f"cipher suite {name!r}: unknown (OpenSSL names, such as "
+                                 f"ECDHE-ECDSA-AES128-GCM-SHA256)")
+    ctx.set_ciphers(":".join(ciphers))
+
+
+def _load_cas(ctx: ssl.SSLContext, ca_file: str, crl_file, crl_leaf_only: bool) -> None:
+    """The CAs a peer's certificate must chain to, and the CRLs checked with them."""
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except FileNotFoundError:
+        raise TlsConfigError(f"{ca_file}: no such file")
+    except ssl.SSLError as exc:
+        raise TlsConfigError(f"trusted CA {ca_file}: {getattr(exc, 'reason', None) or exc}")
+    if crl_file:
+        try:
+            ctx.load_verify_locations(cafile=crl_file)
+        except FileNotFoundError:
+            raise TlsConfigError(f"{crl_file}: no such file")
+        except ssl.SSLError as exc:
+            raise TlsConfigError(f"CRL {crl_file}: {getattr(exc, 'reason', None) or exc}")
+        ctx.verify_flags |= (ssl.VERIFY_CRL_CHECK_LEAF if crl_leaf_only
+                             else ssl.VERIFY_CRL_CHECK_CHAIN)
+
+
+def _san_matchers(sans) -> tuple:
+    return tuple((_SAN_TYPES[m.san_type], "safe_regex" if m.kind == "regex" else m.kind,
+                  m.value, m.ignore_case) for m in sans)
 
 
 def local_uri_sans(cert_file: str, pem: bytes = None) -> tuple:
@@ -125,9 +139,7 @@ def server_config(t: model.TlsContext, name: str, counters: dict, secret=None):
         if t.forward_client_cert in ("append_forward", "sanitize_set") else ()
     return TlsServerConfig(
         name, build_context(t, secret),
-        san_matchers=tuple((_SAN_TYPES[m.san_type], "safe_regex" if m.kind == "regex"
-                            else m.kind, m.value, m.ignore_case)
-                           for m in t.match_subject_alt_names),
+        san_matchers=_san_matchers(t.match_subject_alt_names),
         handshake_timeout_ms=t.handshake_timeout_ms, counters=counters,
         xfcc_mode=_XFCC_MODES[t.forward_client_cert], xfcc_details=details,
         local_uri_sans=by)
@@ -136,3 +148,49 @@ def server_config(t: model.TlsContext, name: str, counters: dict, secret=None):
 def http_hook(t: model.TlsContext):
     from fastmesh._core.tls import TlsHttpHook
     return TlsHttpHook(_XFCC_MODES[t.forward_client_cert], True)
+
+
+# ------------------------------------------------------------------------ upstream side
+
+def build_client_context(t: model.UpstreamTls, http2: bool) -> ssl.SSLContext:
+    """A cluster's client SSLContext (Envoy's UpstreamTlsContext semantics): the upstream's
+    certificate verified against trusted_ca_file when set (never its host name: names are
+    checked by the SAN matchers), our certificate when set, versions, TLS 1.2 suites, ALPN
+    (h2 offered by an http2 cluster unless set)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.minimum_version = _VERSIONS[t.min_version]
+    ctx.maximum_version = _VERSIONS[t.max_version]
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    _set_ciphers(ctx, t.ciphers)
+    if t.ecdh_curve:
+        try:
+            ctx.set_ecdh_curve(t.ecdh_curve)
+        except (ValueError, ssl.SSLError) as exc:
+            raise TlsConfigError(f"ecdh curve {t.ecdh_curve!r}: {exc}")
+    if t.cert_chain_file:
+        try:
+            ctx.load_cert_chain(t.cert_chain_file, t.private_key_file)
+        except FileNotFoundError as exc:
+            raise TlsConfigError(f"{exc.filename}: no such file")
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsConfigError(f"client certificate {t.cert_chain_file} / key "
+                                 f"{t.private_key_file}: {getattr(exc, 'reason', None) or exc}")
+    alpn = list(t.alpn) or (["h2"] if http2 else [])
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    if t.trusted_ca_file:
+        _load_cas(ctx, t.trusted_ca_file, t.crl_file, t.crl_leaf_only)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE     # Envoy: no validation_context, no verification
+    return ctx
+
+
+def client_config(t: model.UpstreamTls, cluster: str, http2: bool):
+    """The data world's TLS of a cluster (fastmesh._core.tls.TlsClientConfig)."""
+    from fastmesh._core.tls import TlsClientConfig
+    return TlsClientConfig(
+        cluster, build_client_context(t, http2), sni=t.sni,
+        san_matchers=_san_matchers(t.match_subject_alt_names),
+        resume=t.max_session_keys > 0)

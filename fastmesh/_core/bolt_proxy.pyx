@@ -52,6 +52,7 @@ from fastmesh._core.stats cimport (
     CS_HEARTBEAT_MISSED,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint, endpoint_latency_us
+from fastmesh._core.upstream import open_connection
 
 from fastmesh._core.stats import Counters as PyCounters
 from fastmesh._core.accesslog import sofa_method_name
@@ -569,7 +570,7 @@ cdef class BoltUpstream:
         _live_upstreams.add(self)
         self.cluster.counters.v[CS_CX_TOTAL] += 1
         task = asyncio.ensure_future(
-            self.loop.create_connection(lambda: self, self.ep.host, self.ep.port),
+            open_connection(self.loop, lambda: self, self.cluster, self.ep),
             loop=self.loop)
         self.connect_task = task
         self.connect_started_ms = now_ms()

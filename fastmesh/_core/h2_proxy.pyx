@@ -47,6 +47,7 @@ from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TO
                                    LS_ERR_OVERFLOW,
                                    status_class_slot)
 from fastmesh._core.upstream cimport Cluster, Endpoint
+from fastmesh._core.upstream import open_connection
 
 log = logging.getLogger("fastmesh.h2")
 
@@ -785,7 +786,8 @@ cdef class H1Upstream:
             if not ps.done and not self.response_done and \
                     not ps.ds.try_again(ps, 502, True, False):
                 ps.ds.ctx.counters.v[LS_ERR_UPSTREAM_RESET] += 1
-                ps.ds.local_reply(ps, 502, b"upstream_reset")   # (a reset once it started)
+                # (a reset once it started); 503 as Envoy answers a reset before headers
+                ps.ds.local_reply(ps, 503, b"upstream_reset")
             flush_dirty()
 
     def pause_writing(self):
@@ -1043,7 +1045,8 @@ cdef class H2Upstream(H2Consumer):
 
     cdef void fail_all(self, int status, bytes reason) except *:
         # the connection is gone: streams without a response get a local answer, the others
-        # are reset (their response was cut short)
+        # are reset (their response was cut short). `status` is the failure as the retry
+        # policy sees it: 503 a failed connect, 502 a reset
         cdef ProxyStream ps
         cdef bint connect_failure = status == 503
         cdef int slot = LS_ERR_CONNECT_FAILED if connect_failure else LS_ERR_UPSTREAM_RESET
@@ -1062,7 +1065,7 @@ cdef class H2Upstream(H2Consumer):
             if ps.ds.try_again(ps, status, True, connect_failure):
                 continue
             ps.ds.ctx.counters.v[slot] += 1
-            ps.ds.local_reply(ps, status, reason)
+            ps.ds.local_reply(ps, 503, reason)     # either way, as Envoy answers it
 
     # -- the codec's callbacks --
 
@@ -1171,7 +1174,7 @@ def connect(proto, Cluster cluster, Endpoint ep, loop):
     """Open a connection to ep for proto (an upstream protocol object, its own factory):
     counted, bounded by the cluster's connect timeout; proto._connected hears the outcome."""
     cluster.counters.v[CS_CX_TOTAL] += 1
-    task = loop.create_task(loop.create_connection(lambda: proto, ep.host, ep.port))
+    task = loop.create_task(open_connection(loop, lambda: proto, cluster, ep))
     task.add_done_callback(proto._connected)
     if cluster.connect_timeout_ms > 0:
         loop.call_later(cluster.connect_timeout_ms / 1000.0, _cancel_if_pending, task)

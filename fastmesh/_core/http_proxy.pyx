@@ -37,6 +37,7 @@ from fastmesh._core.stats cimport (
     LS_RL_ENFORCED, LS_RL_LIMITED, LS_RL_OK,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH, endpoint_latency_us
+from fastmesh._core.upstream import open_connection
 from fastmesh._core.xxhash64 cimport xxh64
 from fastmesh._core.fastrand cimport fast_random
 from fastmesh._core.filters cimport FaultPolicy, TokenBucket, F_FAULT
@@ -917,7 +918,8 @@ cdef class HttpDownstream:
                 self._local_response(502, b"upstream_protocol",
                                      b"upstream sent a malformed response\n", reason_slot)
             else:
-                self._local_response(502, b"upstream_reset", b"upstream connection reset\n",
+                # 503, as Envoy answers a reset before the response headers
+                self._local_response(503, b"upstream_reset", b"upstream connection reset\n",
                                      reason_slot)
         else:
             # never pass off a truncated response as complete: the client sees a reset
@@ -1395,8 +1397,8 @@ cdef void _wake_pending(Cluster cl, Endpoint ep):
 
 async def _connect(loop, Cluster cluster, Endpoint ep):
     cluster.counters.v[CS_CX_TOTAL] += 1
-    _, proto = await loop.create_connection(
-        lambda: HttpUpstreamProtocol(cluster, ep), ep.host, ep.port)
+    _, proto = await open_connection(loop, lambda: HttpUpstreamProtocol(cluster, ep),
+                                     cluster, ep)
     return proto
 
 

@@ -19,6 +19,7 @@ from fastmesh._core.stats cimport (
     CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_RQ_TOTAL, CS_RQ_ACTIVE,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint
+from fastmesh._core.upstream import open_connection
 from fastmesh._core.sockio cimport redirected_dst
 
 log = logging.getLogger("fastmesh.tcp")
@@ -95,8 +96,8 @@ cdef class TcpPipe:
     async def _connect(self):
         self.cluster.counters.v[CS_CX_TOTAL] += 1
         ctx = self.ctx
-        _, up = await ctx.loop.create_connection(
-            lambda: TcpUpstreamProtocol(ctx, False), self.ep.host, self.ep.port)
+        _, up = await open_connection(ctx.loop, lambda: TcpUpstreamProtocol(ctx, False),
+                                      self.cluster, self.ep)
         return up
 
     def _on_connected(self, task):

@@ -1,4 +1,10 @@
-# Downstream TLS: a memory-BIO engine between the loop's raw transport and a chain's protocol.
+# TLS both ways: a memory-BIO engine between the loop's raw transport and a protocol.
+#
+# Downstream (server side): a chain's protocol (HTTP/1, HTTP/2, Bolt, TCP proxy) over a client
+# connection. Upstream (client side, a cluster's UpstreamTlsContext): an upstream protocol
+# (HttpUpstream, H2Upstream, Bolt's, the TCP proxy's) over a connection to an endpoint; the
+# handshake is done before that protocol is made, so a connect "succeeds" only once the
+# upstream's certificate has been verified (as Envoy counts it).
 #
 # `TlsTransport` is the protocol of the raw (TCP) transport and, once the handshake is done,
 # the transport of the chain's protocol (HTTP/1, Bolt, TCP proxy), which does not know it is
@@ -12,6 +18,8 @@
 # `TlsServerConfig` is one filter chain's TLS, built once by the control world
 # (fastmesh.tls): the SSLContext, the subject-alt-name matchers applied after the handshake,
 # the handshake timeout, the client-cert header policy and the listener's TLS counters.
+# `TlsClientConfig` is one cluster's: the SSLContext, SNI, the SAN matchers the upstream's
+# certificate must pass, and the session kept for resumption.
 
 cdef enum TlsState:
     TLS_HANDSHAKE = 0           # ClientHello .. Finished; the inner protocol not made yet
@@ -34,26 +42,42 @@ cdef enum XfccDetail:           # set_current_client_cert_details bits
     XFCC_CHAIN = 16
 
 
-cdef class TlsServerConfig:
+cdef class TlsConfig:
     cdef:
-        readonly str name               # the chain's name (logs)
-        readonly object context         # ssl.SSLContext (server side), made once
+        readonly str name               # the chain's or the cluster's name (logs)
+        readonly object context         # ssl.SSLContext, made once
         readonly tuple san_matchers     # ((san_type, kind, value, ignore_case), ...); any
                                         # matching any SAN of its type accepts the peer
         readonly int handshake_timeout_ms   # 0: none
-        public dict counters            # the listener's TLS counters (shared by its chains)
+        public dict counters            # "ssl.*": the listener's (shared by its chains) or
+                                        # the cluster's
+
+    cdef bint san_ok(self, dict cert)
+
+
+cdef class TlsServerConfig(TlsConfig):
+    cdef:
         readonly int xfcc_mode          # XfccMode (HTTP chains)
         readonly int xfcc_details       # XfccDetail bits
         readonly bytes xfcc_by          # b"By=<local URI SAN>;" for each local URI SAN
         public object h2_factory        # the HTTP/2 session's factory, when ALPN may
                                         # choose h2 (None: the chain's protocol only)
 
-    cdef bint san_ok(self, dict cert)
+
+cdef class TlsClientConfig(TlsConfig):
+    cdef:
+        readonly str sni                # server name sent (None: no SNI, Envoy's default)
+        readonly bint resume            # keep a session to resume (max_session_keys > 0)
+        public object session           # ssl.SSLSession of the latest handshake, or None
 
 
 cdef class TlsTransport:
     cdef:
-        TlsServerConfig cfg
+        TlsConfig cfg
+        bint client                     # the upstream side (cfg is a TlsClientConfig)
+        object waiter                   # client: the connect's future, (self, inner) when
+                                        # the handshake is done
+        int session_tries               # client: reads left to look for a resumable session
         object inner_factory            # makes the chain's protocol once the handshake is done
         object inner                    # that protocol (BufferedProtocol), or None
         object raw                      # the loop's TCP transport
@@ -75,6 +99,7 @@ cdef class TlsTransport:
     cdef void _refuse(self, str reason, str detail) except *
     cdef void _close_quietly(self) except *
     cdef void _established(self) except *
+    cdef void _save_session(self) except *
     # data
     cdef void _decrypt(self) except *
     cdef void _flush(self) except *

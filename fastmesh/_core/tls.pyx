@@ -67,26 +67,25 @@ cdef bint _string_match(tuple m, str value):
     return False
 
 
-cdef class TlsServerConfig:
-    def __init__(self, str name, context, san_matchers=(), int handshake_timeout_ms=10000,
-                 counters=None, int xfcc_mode=XFCC_SANITIZE, int xfcc_details=0,
-                 local_uri_sans=()):
+cdef tuple _compile_san_matchers(san_matchers):
+    out = []
+    for san_type, kind, value, ignore_case in san_matchers:
+        if kind == "safe_regex":
+            value = re.compile(value)
+        elif ignore_case:
+            value = value.lower()
+        out.append((san_type, kind, value, bool(ignore_case)))
+    return tuple(out)
+
+
+cdef class TlsConfig:
+    def __init__(self, str name, context, san_matchers=(), int handshake_timeout_ms=0,
+                 counters=None):
         self.name = name
         self.context = context
-        out = []
-        for san_type, kind, value, ignore_case in san_matchers:
-            if kind == "safe_regex":
-                value = re.compile(value)
-            elif ignore_case:
-                value = value.lower()
-            out.append((san_type, kind, value, bool(ignore_case)))
-        self.san_matchers = tuple(out)
+        self.san_matchers = _compile_san_matchers(san_matchers)
         self.handshake_timeout_ms = handshake_timeout_ms
         self.counters = counters if counters is not None else new_counters()
-        self.xfcc_mode = xfcc_mode
-        self.xfcc_details = xfcc_details
-        self.xfcc_by = b"".join(b"By=" + _xfcc_escape(u).encode() + b";"
-                                for u in local_uri_sans)
 
     cdef bint san_ok(self, dict cert):
         """Envoy's match_typed_subject_alt_names: accepted when any matcher matches any
@@ -98,6 +97,17 @@ cdef class TlsServerConfig:
                     return True
         return False
 
+
+cdef class TlsServerConfig(TlsConfig):
+    def __init__(self, str name, context, san_matchers=(), int handshake_timeout_ms=10000,
+                 counters=None, int xfcc_mode=XFCC_SANITIZE, int xfcc_details=0,
+                 local_uri_sans=()):
+        TlsConfig.__init__(self, name, context, san_matchers, handshake_timeout_ms, counters)
+        self.xfcc_mode = xfcc_mode
+        self.xfcc_details = xfcc_details
+        self.xfcc_by = b"".join(b"By=" + _xfcc_escape(u).encode() + b";"
+                                for u in local_uri_sans)
+
     def factory(self, inner_factory):
         """The protocol factory of a TLS chain: each connection gets a TlsTransport that
         makes the chain's protocol once the handshake has succeeded."""
@@ -105,15 +115,48 @@ cdef class TlsServerConfig:
         return lambda: TlsProtocol(cfg, inner_factory)
 
 
+# Envoy's cluster stats "ssl.*" (the upstream side)
+TLS_CLIENT_COUNTERS = ("ssl.handshake", "ssl.connection_error", "ssl.fail_verify_error",
+                       "ssl.fail_verify_san", "ssl.session_reused")
+
+cdef int SESSION_TRIES = 4     # reads of a new connection that may bring a TLS 1.3 ticket
+
+
+cdef class TlsClientConfig(TlsConfig):
+    def __init__(self, str name, context, str sni=None, san_matchers=(), bint resume=True):
+        TlsConfig.__init__(self, name, context, san_matchers, 0,
+                           {k: 0 for k in TLS_CLIENT_COUNTERS})
+        self.sni = sni
+        self.resume = resume
+
+
+async def open_tls(loop, factory, TlsClientConfig cfg, str host, int port):
+    """Connect to host:port and do the TLS handshake; then make the protocol `factory`
+    makes, with the TLS transport as its transport. Returns (transport, protocol), as
+    loop.create_connection does; fails (ConnectionError, ssl.SSLError) when the upstream
+    refuses us or its certificate does not pass. Cancelling it (the connect timeout)
+    aborts the connection."""
+    waiter = loop.create_future()
+    proto = TlsProtocol(cfg, factory, waiter)
+    try:
+        await loop.create_connection(lambda: proto, host, port)
+        return await waiter
+    except BaseException:
+        proto.abort()
+        raise
+
+
 # ------------------------------------------------------------------------ the engine
 
 cdef class TlsTransport:
     """Protocol of the raw transport, transport of the chain's protocol."""
 
-    def __init__(self, TlsServerConfig cfg, inner_factory):
+    def __init__(self, TlsConfig cfg, inner_factory, waiter=None):
         self.cfg = cfg
         self.inner_factory = inner_factory
         self.state = TLS_HANDSHAKE
+        self.client = isinstance(cfg, TlsClientConfig)
+        self.waiter = waiter
 
     # -- as the raw transport's protocol ------------------------------------------------
 
@@ -121,6 +164,18 @@ cdef class TlsTransport:
         self.raw = transport
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
+        cdef TlsClientConfig ccfg
+        if self.client:
+            ccfg = <TlsClientConfig>self.cfg
+            self.sslobj = ccfg.context.wrap_bio(
+                self.incoming, self.outgoing, server_side=False, server_hostname=ccfg.sni,
+                session=ccfg.session if ccfg.resume else None)
+            self.session_tries = SESSION_TRIES if ccfg.resume else 0
+            try:
+                self._handshake()           # the ClientHello
+            except BaseException as exc:
+                self._fatal(exc)
+            return
         self.sslobj = self.cfg.context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         if self.cfg.handshake_timeout_ms > 0:
             self.timer = _asyncio.get_running_loop().call_later(self.cfg.handshake_timeout_ms / 1000.0,
@@ -170,6 +225,7 @@ cdef class TlsTransport:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._fail_waiter(exc or ConnectionResetError("connection closed in the TLS handshake"))
         if self.inner is not None and was != TLS_HANDSHAKE:
             inner, self.inner = self.inner, None
             inner.connection_lost(exc)
@@ -221,8 +277,10 @@ cdef class TlsTransport:
         self.cfg.counters["ssl.handshake"] += 1
         if cert:
             self.peer_cert = cert
-        else:
+        elif not self.client:
             self.cfg.counters["ssl.no_certificate"] += 1
+        if self.client and self.sslobj.session_reused:
+            self.cfg.counters["ssl.session_reused"] += 1
         self._established()
 
     cdef void _refuse(self, str reason, str detail) except *:
@@ -232,7 +290,16 @@ cdef class TlsTransport:
             self.timer.cancel()
             self.timer = None
         self.state = TLS_CLOSED
+        self._fail_waiter(ConnectionRefusedError(f"TLS handshake with the upstream failed: "
+                                                 f"{reason[4:]}: {detail}"))
         self.raw.close()                # what is queued (an alert) goes out, then FIN
+
+    def _fail_waiter(self, exc):
+        # client: the connect fails with exc (once; after the handshake it is done)
+        if self.waiter is not None:
+            waiter, self.waiter = self.waiter, None
+            if not waiter.done():
+                waiter.set_exception(exc)
 
     cdef void _close_quietly(self) except *:
         if self.timer is not None:
@@ -246,19 +313,45 @@ cdef class TlsTransport:
             self.timer.cancel()
             self.timer = None
         self.state = TLS_OPEN
-        if self.cfg.h2_factory is not None and self.sslobj.selected_alpn_protocol() == "h2":
-            inner = self.cfg.h2_factory()   # ALPN chose HTTP/2
-        else:
+        if self.client:
+            self._save_session()
             inner = self.inner_factory()
-        self.inner = inner
-        if self.original_dst is not None:
-            inner.set_original_dst(*self.original_dst)
-        inner.connection_made(self)
+            self.inner = inner
+            inner.connection_made(self)
+            if self.waiter is not None:
+                waiter, self.waiter = self.waiter, None
+                if not waiter.done():
+                    waiter.set_result((self, inner))
+        else:
+            if (<TlsServerConfig>self.cfg).h2_factory is not None and \
+                    self.sslobj.selected_alpn_protocol() == "h2":
+                inner = (<TlsServerConfig>self.cfg).h2_factory()   # ALPN chose HTTP/2
+            else:
+                inner = self.inner_factory()
+            self.inner = inner
+            if self.original_dst is not None:
+                inner.set_original_dst(*self.original_dst)
+            inner.connection_made(self)
         if self.state == TLS_OPEN:
             self._decrypt()             # application data that came with the Finished
             if self.eof and self.inner is not None and not self.inner_paused:
                 if not self.inner.eof_received():
                     self.close()
+
+    cdef void _save_session(self) except *:
+        # client: keep the session for the next connection to resume (Envoy's
+        # max_session_keys: 1). A TLS 1.3 session is resumable only once the server's
+        # ticket has come, after the handshake: so looked for again on the first reads.
+        cdef TlsClientConfig c = <TlsClientConfig>self.cfg
+        if self.session_tries <= 0:
+            return
+        self.session_tries -= 1
+        sess = self.sslobj.session
+        if sess is None:
+            return
+        if sess.has_ticket or self.sslobj.version() != "TLSv1.3":
+            c.session = sess
+            self.session_tries = 0
 
     # -- data ------------------------------------------------------------------------
 
@@ -285,6 +378,8 @@ cdef class TlsTransport:
                 return
             if n == 0:
                 return
+            if self.session_tries > 0:
+                self._save_session()
             self.inner.buffer_updated(n)
 
     cdef void _flush(self) except *:
@@ -292,14 +387,16 @@ cdef class TlsTransport:
             self.raw.write(self.outgoing.read())
 
     cdef void _fatal(self, exc) except *:
+        self._fail_waiter(exc)
         if isinstance(exc, _SSLError):
             self.cfg.counters["ssl.connection_error"] += 1
             log.debug("tls %s: %s", self.cfg.name, exc)
         else:
-            log.error("tls %s: internal error on a client connection", self.cfg.name,
-                      exc_info=exc)
+            log.error("tls %s: internal error on a %s connection", self.cfg.name,
+                      "server" if self.client else "client", exc_info=exc)
         self.state = TLS_CLOSED
-        self.raw.abort()
+        if self.raw is not None:
+            self.raw.abort()
 
     # -- as the inner protocol's transport --------------------------------------------
 
@@ -344,7 +441,8 @@ cdef class TlsTransport:
     def abort(self):
         if self.state == TLS_OPEN:
             self.state = TLS_CLOSING
-        self.raw.abort()
+        if self.raw is not None:
+            self.raw.abort()
 
     def is_closing(self):
         return self.state != TLS_OPEN or self.raw.is_closing()
@@ -410,11 +508,12 @@ cdef class TlsTransport:
     cpdef bytes xfcc(self):
         """This hop's x-forwarded-client-cert element (Envoy's format), or None when the
         peer presented no certificate."""
-        cdef int d = self.cfg.xfcc_details
-        if self.xfcc_element is not None or self.peer_cert is None:
+        cdef TlsServerConfig cfg = <TlsServerConfig>self.cfg
+        cdef int d = cfg.xfcc_details
+        if self.xfcc_element is not None or self.peer_cert is None or self.client:
             return self.xfcc_element
         der = self.sslobj.getpeercert(True)
-        parts = [self.cfg.xfcc_by, b"Hash=", hashlib.sha256(der).hexdigest().encode()]
+        parts = [cfg.xfcc_by, b"Hash=", hashlib.sha256(der).hexdigest().encode()]
         if d & XFCC_CERT:
             parts += [b";Cert=", quote(ssl.DER_cert_to_PEM_cert(der), safe="").encode()]
         if d & XFCC_CHAIN:

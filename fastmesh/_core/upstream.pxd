@@ -69,6 +69,7 @@ cdef class Cluster:
         readonly int idle_timeout_ms
         readonly int connections_per_endpoint
         public bint http2           # HTTP/2 (h2c, prior knowledge) to the endpoints
+        public object tls           # TlsClientConfig: TLS to the endpoints (None: plain TCP)
         readonly int heartbeat_interval_ms
         readonly int heartbeat_max_missed
         # health

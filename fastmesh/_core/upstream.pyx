@@ -548,3 +548,14 @@ cdef class Cluster:
 def py_xxh64(bytes data, uint64_t seed=0):
     """XXH64 of data (tests compare it with the `xxhash` package)."""
     return xxh64(data, len(data), seed)
+
+
+def open_connection(loop, factory, Cluster cluster, Endpoint ep):
+    """The awaitable connecting to `ep` for the protocol `factory` makes, as
+    loop.create_connection: plain TCP, or TLS when the cluster originates it (then the
+    handshake, and the upstream certificate's checks, are done before the protocol is
+    made, so a failed handshake is a failed connect)."""
+    if cluster.tls is None:
+        return loop.create_connection(factory, ep.host, ep.port)
+    from fastmesh._core.tls import open_tls
+    return open_tls(loop, factory, cluster.tls, ep.host, ep.port)

@@ -35,6 +35,7 @@ from .model import (
     XFCC_MODES,
     SanMatch,
     TlsContext,
+    UpstreamTls,
     DEFAULT_ADMIN_ADDRESS,
     LB_POLICIES,
     INSPECTORS,
@@ -861,26 +862,7 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
     else:
         for key in ("cert_chain_file", "private_key_file"):
             kw[key] = c.text(c.required(m, p, key), f"{p}.{key}")
-    for key in ("trusted_ca_file", "crl_file", "ecdh_curve"):
-        if m.get(key) is not None:
-            kw[key] = c.text(m[key], f"{p}.{key}")
-    for key in ("min_version", "max_version"):
-        if key in m:
-            v = m[key]
-            v = str(v) if isinstance(v, float) else v      # min_version: 1.2 unquoted
-            kw[key] = c.choice(v, f"{p}.{key}", "TLS version", TLS_VERSIONS)
-    if kw.get("min_version") and kw.get("max_version") and \
-            TLS_VERSIONS.index(kw["min_version"]) > TLS_VERSIONS.index(kw["max_version"]):
-        c.err(f"{p}.min_version", f"above max_version ({kw['min_version']} > "
-                                  f"{kw['max_version']})")
-    if "ciphers" in m:
-        v = m["ciphers"]
-        names = v.split(":") if isinstance(v, str) else [
-            c.text(x, f"{p}.ciphers[{j}]") for j, x in enumerate(c.seq(v, f"{p}.ciphers"))]
-        names = [n for n in names if n]
-        if not names:
-            c.err(f"{p}.ciphers", "expected at least one cipher suite")
-        kw["ciphers"] = tuple(names)
+    _tls_shared(c, m, p, kw)
     if "alpn" in m:
         alpn = tuple(t for j, x in enumerate(c.seq(m["alpn"], f"{p}.alpn"))
                      if (t := c.text(x, f"{p}.alpn[{j}]")) is not None)
@@ -895,24 +877,12 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
                 c.err(f"{p}.alpn[{j}]", f"{a!r}: a {protocol} chain speaks "
                                         f"{' or '.join(ok)}")
         kw["alpn"] = alpn
-    for key in ("require_client_certificate", "crl_leaf_only"):
-        if key in m:
-            kw[key] = c.boolean(m[key], f"{p}.{key}")
+    if "require_client_certificate" in m:
+        kw["require_client_certificate"] = c.boolean(m["require_client_certificate"],
+                                                     f"{p}.require_client_certificate")
     if kw.get("require_client_certificate") and not kw.get("trusted_ca_file"):
         c.err(f"{p}.require_client_certificate", "needs trusted_ca_file (the CAs a client "
                                                  "certificate must chain to)")
-    if kw.get("crl_file") and not kw.get("trusted_ca_file"):
-        c.err(f"{p}.crl_file", "needs trusted_ca_file")
-    if "match_subject_alt_names" in m:
-        mp = f"{p}.match_subject_alt_names"
-        out = []
-        for j, item in enumerate(c.seq(m["match_subject_alt_names"], mp)):
-            sm = _san_match(c, item, f"{mp}[{j}]")
-            if sm is not None:
-                out.append(sm)
-        if out and not kw.get("trusted_ca_file"):
-            c.err(mp, "needs trusted_ca_file (names are checked on verified certificates)")
-        kw["match_subject_alt_names"] = tuple(out)
     if "handshake_timeout_ms" in m:
         kw["handshake_timeout_ms"] = c.integer(m["handshake_timeout_ms"],
                                                f"{p}.handshake_timeout_ms", lo=0)
@@ -933,6 +903,91 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
     t = TlsContext(**kw)
     check_tls(c, t, p)
     return t
+
+
+def _tls_shared(c: _Checker, m: dict, p: str, kw: dict) -> None:
+    """What both sides' `tls:` have: the trusted CA (and CRL, SAN matchers) the peer's
+    certificate is checked against, versions, TLS 1.2 cipher suites, the ECDH curve."""
+    for key in ("trusted_ca_file", "crl_file", "ecdh_curve"):
+        if m.get(key) is not None:
+            kw[key] = c.text(m[key], f"{p}.{key}")
+    for key in ("min_version", "max_version"):
+        if key in m:
+            v = m[key]
+            v = str(v) if isinstance(v, float) else v      # min_version: 1.2 unquoted
+            kw[key] = c.choice(v, f"{p}.{key}", "TLS version", TLS_VERSIONS)
+    if kw.get("min_version") and kw.get("max_version") and \
+            TLS_VERSIONS.index(kw["min_version"]) > TLS_VERSIONS.index(kw["max_version"]):
+        c.err(f"{p}.min_version", f"above max_version ({kw['min_version']} > "
+                                  f"{kw['max_version']})")
+    if "ciphers" in m:
+        v = m["ciphers"]
+        names = v.split(":") if isinstance(v, str) else [
+            c.text(x, f"{p}.ciphers[{j}]") for j, x in enumerate(c.seq(v, f"{p}.ciphers"))]
+        names = [n for n in names if n]
+        if not names:
+            c.err(f"{p}.ciphers", "expected at least one cipher suite")
+        kw["ciphers"] = tuple(names)
+    if "crl_leaf_only" in m:
+        kw["crl_leaf_only"] = c.boolean(m["crl_leaf_only"], f"{p}.crl_leaf_only")
+    if kw.get("crl_file") and not kw.get("trusted_ca_file"):
+        c.err(f"{p}.crl_file", "needs trusted_ca_file")
+    if "match_subject_alt_names" in m:
+        mp = f"{p}.match_subject_alt_names"
+        out = []
+        for j, item in enumerate(c.seq(m["match_subject_alt_names"], mp)):
+            sm = _san_match(c, item, f"{mp}[{j}]")
+            if sm is not None:
+                out.append(sm)
+        if out and not kw.get("trusted_ca_file"):
+            c.err(mp, "needs trusted_ca_file (names are checked on verified certificates)")
+        kw["match_subject_alt_names"] = tuple(out)
+
+
+_UPSTREAM_TLS_KEYS = tuple(f.name for f in dataclasses.fields(UpstreamTls))
+
+
+def _upstream_tls(c: _Checker, raw: Any, p: str, http2: bool) -> Optional[UpstreamTls]:
+    """A cluster's ``tls:``: TLS to its endpoints (SNI, the upstream certificate's checks,
+    our client certificate, versions, ALPN, session resumption)."""
+    m = c.mapping(raw, p, _UPSTREAM_TLS_KEYS)
+    if m is None:
+        return None
+    kw: dict = {}
+    _tls_shared(c, m, p, kw)
+    if kw.get("min_version") == "1.3" and "max_version" not in m:
+        kw["max_version"] = "1.3"       # the client default (1.2) would be below it
+    if m.get("sni") is not None:
+        kw["sni"] = c.text(m["sni"], f"{p}.sni")
+    have = [k for k in ("cert_chain_file", "private_key_file") if m.get(k) is not None]
+    if len(have) == 1:
+        c.err(f"{p}.{have[0]}", "a client certificate needs both cert_chain_file and "
+                                "private_key_file")
+    for key in have:
+        kw[key] = c.text(m[key], f"{p}.{key}")
+    if "alpn" in m:
+        kw["alpn"] = tuple(t for j, x in enumerate(c.seq(m["alpn"], f"{p}.alpn"))
+                           if (t := c.text(x, f"{p}.alpn[{j}]")) is not None)
+        want = "h2" if http2 else "http/1.1"
+        if kw["alpn"] and want not in kw["alpn"]:
+            c.err(f"{p}.alpn", f"{list(kw['alpn'])}: the cluster speaks {want}")
+    if "max_session_keys" in m:
+        kw["max_session_keys"] = c.integer(m["max_session_keys"], f"{p}.max_session_keys",
+                                           lo=0)
+    if any(v is None for v in kw.values()):
+        return None
+    t = UpstreamTls(**kw)
+    check_upstream_tls(c, t, p)
+    return t
+
+
+def check_upstream_tls(c: _Checker, t: UpstreamTls, p: str) -> None:
+    """Build the client context once now: a bad file or setting is an error at its path."""
+    from fastmesh.tls import TlsConfigError, build_client_context
+    try:
+        build_client_context(t, False)
+    except TlsConfigError as exc:
+        c.err(p, str(exc))
 
 
 def _san_match(c: _Checker, raw: Any, p: str) -> Optional[SanMatch]:
@@ -1729,6 +1784,9 @@ def _clusters(c: _Checker, raw: Any) -> dict:
         if m.get("outlier_detection") is not None:
             kw["outlier_detection"] = _outlier_detection(c, m["outlier_detection"],
                                                          f"{p}.outlier_detection")
+        if m.get("tls") is not None:
+            kw["tls"] = _upstream_tls(c, m["tls"], f"{p}.tls",
+                                      kw.get("http_protocol") == "http2")
         cl = Cluster(**kw)
         if name is not None and name not in out:
             out[name] = cl

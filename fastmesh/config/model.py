@@ -244,6 +244,28 @@ class TlsContext:
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """TLS to a cluster's endpoints (Envoy's UpstreamTlsContext), with Envoy's client
+    defaults: TLS 1.2 only (set max_version: "1.3" for TLS 1.3), no SNI, and the upstream's
+    certificate not verified unless trusted_ca_file is set."""
+    sni: Optional[str] = None                  # server name sent in the ClientHello
+    trusted_ca_file: Optional[str] = None      # PEM CAs the upstream's certificate must
+                                               # chain to (None: not verified)
+    crl_file: Optional[str] = None
+    crl_leaf_only: bool = False
+    match_subject_alt_names: tuple[SanMatch, ...] = ()   # any matching: accepted
+    cert_chain_file: Optional[str] = None      # our client certificate (mTLS upstream)
+    private_key_file: Optional[str] = None
+    min_version: str = "1.2"                   # TLS_VERSIONS
+    max_version: str = "1.2"                   # Envoy's client default
+    ciphers: tuple[str, ...] = DEFAULT_TLS12_CIPHERS
+    ecdh_curve: Optional[str] = None
+    alpn: tuple[str, ...] = ()                 # offered in this order (() : none, or "h2"
+                                               # for an http2 cluster)
+    max_session_keys: int = 1                  # sessions kept to resume (0: never resume)
+
+
+@dataclass(frozen=True)
 class ChainMatch:
     """Which connections a filter chain takes (Envoy's filter_chain_match): every field set
     must match; at each field in this order the most specific match wins, and chains that do
@@ -428,6 +450,7 @@ class Cluster:
     # endpoints from a registry (endpoints then holds the providers last known)
     discovery: Optional[Discovery] = None
     original_dst: Optional[OriginalDst] = None    # type original_dst: no endpoints listed
+    tls: Optional[UpstreamTls] = None             # TLS to the endpoints (None: plain TCP)
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,9 @@ class DataPlane:
             listeners.setdefault(lst.name, lst.counters())
         clusters = {n: c.counters.to_dict() for n, c in self.snapshot.clusters.items()} \
             if self.snapshot else {}
+        for n, c in (self.snapshot.clusters.items() if self.snapshot else ()):
+            if c.tls is not None:           # "ssl.*" of a cluster originating TLS
+                clusters[n].update(c.tls.counters)
         # latency histograms (fastmesh._core.stats LAT_BOUNDS_US): bucket counts + [sum µs]
         # (only those with a request recorded: a thousand idle clusters send nothing)
         hl = {n: h for n, lst in self.listeners.items()

@@ -462,9 +462,10 @@ def test_upstream_timeout_504(mesh):
     assert delta(before, mesh.listener_stats(), "error_upstream_timeout") == 1
 
 
-def test_upstream_reset_before_response_502(mesh):
+def test_upstream_reset_before_response_503(mesh):
+    # Envoy's answer to a reset before the response headers: 503
     r = curl("-i", mesh.url("/reset"))
-    assert _err(r.stdout) == (502, b"upstream_reset")
+    assert _err(r.stdout) == (503, b"upstream_reset")
     # the proxy keeps serving
     assert curl(mesh.url("/health")).stdout == b"ok"
 

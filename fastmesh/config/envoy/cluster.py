@@ -6,6 +6,7 @@ from typing import Optional
 from ..model import Address, CircuitBreakers, Cluster, OriginalDst, OutlierDetection
 from ._common import _MISSING, NOT_YET, EnvoyChecker, is_ip, is_ipv4
 from .health import translate_health_checks
+from .tls import translate_upstream_transport_socket
 
 _TYPES = {"STATIC": 0, "STRICT_DNS": 1, "LOGICAL_DNS": 2, "EDS": 3, "ORIGINAL_DST": 4}
 _LB = {"ROUND_ROBIN": 0, "LEAST_REQUEST": 1, "RING_HASH": 2, "RANDOM": 3, "MAGLEV": 5,
@@ -29,8 +30,9 @@ _CLUSTER_FIELDS = {
     "health_checks": None, "outlier_detection": None,
     "circuit_breakers": None, "ring_hash_lb_config": None, "maglev_lb_config": None,
     "least_request_lb_config": None, "round_robin_lb_config": None,
-    "transport_socket": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
-    "transport_socket_matches": "upstream TLS / transport sockets: " + _OTHER_ISSUE,
+    "transport_socket": None,
+    "transport_socket_matches": "transport_socket_matches: " + NOT_YET + " (one "
+                                "transport_socket per cluster)",
     "eds_cluster_config": "EDS needs ADS: " + NOT_YET,
     "cluster_type": "custom cluster types: " + NOT_YET,
     "typed_extension_protocol_options": None,
@@ -143,6 +145,10 @@ def _shared_options(c: EnvoyChecker, m, kw: dict) -> None:
     if "http2_protocol_options" in m:           # the deprecated cluster field: HTTP/2 too
         _http2_options(c, m.get("http2_protocol_options"), m.p("http2_protocol_options"))
         kw["http_protocol"] = "http2"
+    if "transport_socket" in m:                 # TLS to the endpoints
+        kw["tls"] = translate_upstream_transport_socket(
+            c, m.get("transport_socket"), m.p("transport_socket"),
+            kw.get("http_protocol") == "http2")
 
 
 # HTTP/2 protocol options fastmesh reads; the settings it does not apply yet are noted

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..load import check_tls
-from ..model import DEFAULT_TLS12_CIPHERS, SanMatch, TlsContext
+from ..load import check_tls, check_upstream_tls
+from ..model import DEFAULT_TLS12_CIPHERS, SanMatch, TlsContext, UpstreamTls
 from ._common import _MISSING, NOT_YET, EnvoyChecker
 from .route import _regex
 
 DOWNSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UPSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 RAW_BUFFER = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
 SDS = "SDS (secrets from a control plane or files it watches): a later issue: " + NOT_YET
 
@@ -104,6 +105,89 @@ def translate_transport_socket(c: EnvoyChecker, raw, p: str,
               f"envoy.transport_sockets.tls with a {DOWNSTREAM_TLS}, and raw_buffer)")
         return None
     return _downstream(c, tc, m.p("typed_config"), protocol)
+
+
+_UPSTREAM_FIELDS = {
+    "common_tls_context": None, "sni": None, "max_session_keys": None,
+    "allow_renegotiation": None, "enforce_rsa_key_usage": None,
+    "auto_host_sni": "auto_host_sni: " + NOT_YET + " (set sni)",
+    "auto_sni_san_validation": "auto_sni_san_validation: " + NOT_YET + " (use "
+                               "match_typed_subject_alt_names)",
+}
+
+
+def translate_upstream_transport_socket(c: EnvoyChecker, raw, p: str,
+                                        http2: bool) -> Optional[UpstreamTls]:
+    """A cluster's transport_socket -> its UpstreamTls, or None (plain, or an error
+    reported)."""
+    m = c.message(raw, p, {"name": None, "typed_config": None})
+    if m is None:
+        return None
+    name = c.text(m.get("name", ""), m.p("name"), nonempty=False) if "name" in m else ""
+    tc = m.get("typed_config", _MISSING)
+    t = tc.get("@type") if isinstance(tc, dict) else None
+    if t == "type.googleapis.com/" + RAW_BUFFER or (tc is _MISSING and name in (
+            "envoy.transport_sockets.raw_buffer", "raw_buffer")):
+        return None
+    if tc is _MISSING:
+        c.err(p, f"typed_config missing: Envoy finds a transport socket by its @type (for "
+                 f"TLS: type.googleapis.com/{UPSTREAM_TLS})")
+        return None
+    if t != "type.googleapis.com/" + UPSTREAM_TLS:
+        c.err(m.p("typed_config"),
+              f"transport socket {name!r}{f' ({t})' if t else ''}: {NOT_YET} (supported on "
+              f"clusters: envoy.transport_sockets.tls with an {UPSTREAM_TLS}, and raw_buffer)")
+        return None
+    return _upstream(c, tc, m.p("typed_config"), http2)
+
+
+def _upstream(c: EnvoyChecker, raw, p: str, http2: bool) -> Optional[UpstreamTls]:
+    m = c.typed_config(raw, p, UPSTREAM_TLS, _UPSTREAM_FIELDS)
+    if m is None:
+        return None
+    kw: dict = {}
+    if "sni" in m:
+        sni = c.text(m.get("sni"), m.p("sni"), nonempty=False)
+        if sni:
+            kw["sni"] = sni
+    if _bool(c, m, "allow_renegotiation"):
+        c.err(m.p("allow_renegotiation"), "true: " + NOT_YET)
+    if "max_session_keys" in m:
+        # a google.protobuf.UInt32Value: a plain number in YAML/JSON
+        n = c.integer(m.get("max_session_keys"), m.p("max_session_keys"), lo=0)
+        if n is not None:
+            kw["max_session_keys"] = min(n, 1)      # fastmesh keeps one (the latest)
+    if "common_tls_context" in m:
+        cm = c.message(m.get("common_tls_context"), m.p("common_tls_context"), _COMMON_FIELDS)
+        if cm is None:
+            return None
+        _params(c, cm, kw, client=True)
+        if "tls_certificate_sds_secret_configs" in cm:
+            c.err(cm.p("tls_certificate_sds_secret_configs"),
+                  "client certificates from SDS: " + NOT_YET + " (use tls_certificates)")
+        certs = c.seq(cm.get("tls_certificates"), cm.p("tls_certificates")) \
+            if "tls_certificates" in cm else []
+        if len(certs) > 1:
+            c.err(cm.p("tls_certificates"), f"{len(certs)} certificates: a client presents one")
+        elif certs:
+            cp = f"{cm.p('tls_certificates')}[0]"
+            cert = c.message(certs[0], cp, _CERT_FIELDS)
+            if cert is not None:
+                kw["cert_chain_file"] = _data_source(c, c.need(cert, "certificate_chain"),
+                                                     cert.p("certificate_chain"))
+                kw["private_key_file"] = _data_source(c, c.need(cert, "private_key"),
+                                                      cert.p("private_key"))
+        if "alpn_protocols" in cm:
+            ap = cm.p("alpn_protocols")
+            kw["alpn"] = tuple(t for j, x in enumerate(c.seq(cm.get("alpn_protocols"), ap))
+                               if (t := c.text(x, f"{ap}[{j}]")) is not None)
+        if "validation_context" in cm:
+            _validation(c, cm.get("validation_context"), cm.p("validation_context"), kw)
+    if any(v is None for v in kw.values()):
+        return None
+    t = UpstreamTls(**kw)
+    check_upstream_tls(c, t, p)
+    return t
 
 
 def _downstream(c: EnvoyChecker, raw, p: str, protocol) -> Optional[TlsContext]:
@@ -239,22 +323,27 @@ def _bool(c: EnvoyChecker, m, name: str) -> Optional[bool]:
     return c.boolean(v, m.p(name))
 
 
-def _params(c: EnvoyChecker, cm, kw: dict) -> None:
+def _params(c: EnvoyChecker, cm, kw: dict, client: bool = False) -> None:
     if "tls_params" not in cm:
         return
     pm = c.message(cm.get("tls_params"), cm.p("tls_params"), _PARAMS_FIELDS)
     if pm is None:
         return
     for field, key, auto in (("tls_minimum_protocol_version", "min_version", "1.2"),
-                             ("tls_maximum_protocol_version", "max_version", "1.3")):
+                             ("tls_maximum_protocol_version", "max_version",
+                              "1.2" if client else "1.3")):
         if field in pm:
             v = c.enum(pm.get(field), pm.p(field), _VERSIONS, "TLS version")
             if v in ("TLSv1_0", "TLSv1_1"):
                 c.err(pm.p(field), f"{v}: {NOT_YET} (TLS 1.2 and 1.3 are served)")
             elif v is not None:
                 kw[key] = {"TLS_AUTO": auto, "TLSv1_2": "1.2", "TLSv1_3": "1.3"}[v]
-    if kw.get("min_version") == "1.3" and kw.get("max_version") == "1.2":
-        c.err(pm.p("tls_minimum_protocol_version"), "above the maximum version")
+    if kw.get("min_version") == "1.3" and kw.get("max_version", "1.2" if client else
+                                                   "1.3") == "1.2":
+        c.err(pm.p("tls_minimum_protocol_version"), "above the maximum version" + (
+            " (a client's default maximum is TLSv1_2: Envoy would fail every handshake; set "
+            "tls_maximum_protocol_version: TLSv1_3)" if client and "max_version" not in kw
+            else ""))
     if "cipher_suites" in pm:
         cp = pm.p("cipher_suites")
         names: list = []
