@@ -251,3 +251,129 @@ def test_xds_listener_with_tls_decodes_and_translates(pki):
     t = load_dict(again).listeners[0].tls
     assert t == load_dict(doc).listeners[0].tls
     assert t.require_client_certificate and t.match_subject_alt_names[0].value == SPIFFE + "client"
+
+
+# ------------------------------------------------------------------ upstream TLS (clusters)
+
+UP_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def up_boot(common=None, h2=False, **up):
+    """A tcp_proxy listener and cluster c originating TLS (an UpstreamTlsContext)."""
+    doc = {
+        "static_resources": {"listeners": [{
+            "name": "l", "address": {"socket_address": {"address": "127.0.0.1",
+                                                        "port_value": 15444}},
+            "filter_chains": [{"filters": [copy.deepcopy(TCP)]}]}],
+            "clusters": [copy.deepcopy(CLUSTER)]}}
+    cl = doc["static_resources"]["clusters"][0]
+    cl["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": dict(
+        {"@type": UP_TLS, "common_tls_context": common or {}}, **up)}
+    if h2:
+        cl["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                         "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}
+    return doc
+
+
+def up_cases(pki):
+    """(id, bootstrap, Envoy accepts it, fastmesh accepts it)"""
+    client = {"tls_certificates": [{"certificate_chain": {"filename": pki["client"]},
+                                    "private_key": {"filename": pki["client_key"]}}]}
+    san = [{"san_type": "URI", "matcher": {"exact": SPIFFE + "server"}}]
+    return [
+        ("unverified", up_boot(), True, True),
+        ("sni-ca-san-client", up_boot(dict(client, **validation(
+            pki, match_typed_subject_alt_names=san)), sni="www.example.com"), True, True),
+        ("tls13-no-resume", up_boot({"tls_params": {
+            "tls_maximum_protocol_version": "TLSv1_3"}}, max_session_keys=0), True, True),
+        ("h2-alpn", up_boot({"alpn_protocols": ["h2"]}, h2=True), True, True),
+        ("raw-buffer", dict(up_boot(), static_resources=dict(
+            up_boot()["static_resources"], clusters=[dict(CLUSTER, transport_socket={
+                "name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets."
+                             "raw_buffer.v3.RawBuffer"}})])), True, True),
+        # both refuse
+        ("missing-ca-file", up_boot({"validation_context": {
+            "trusted_ca": {"filename": "/nonexistent/ca.pem"}}}), False, False),
+        ("unknown-field", up_boot(nope=1), False, False),
+        ("two-client-certs", up_boot({"tls_certificates": client["tls_certificates"] * 2}),
+         False, False),
+        # Envoy accepts; fastmesh refuses clearly
+        ("min-1.3-max-default", up_boot({"tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3"}}), True, False),
+        ("renegotiation", up_boot(allow_renegotiation=True), True, False),
+        ("auto-host-sni", up_boot(auto_host_sni=True), True, False),
+    ]
+
+
+def test_upstream_tls_envoy_and_fastmesh(pki, envoy, tmp_path):
+    for cid, doc, envoy_ok, fm_ok in up_cases(pki):
+        path = tmp_path / f"up-{cid}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        r = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "-l", "critical"],
+                           capture_output=True, text=True, timeout=60)
+        assert (r.returncode == 0) == envoy_ok, (cid, (r.stdout + r.stderr)[-800:])
+        if fm_ok:
+            cfg = load_dict(doc)
+            assert (cfg.clusters["c"].tls is None) == (cid == "raw-buffer"), cid
+            assert load_dict(to_dict(cfg)) == cfg, cid
+        else:
+            with pytest.raises(ConfigError) as ei:
+                load_dict(doc)
+            assert "clusters[0].transport_socket" in str(ei.value), (cid, str(ei.value))
+
+
+def test_upstream_tls_translation_and_defaults(pki):
+    client = {"tls_certificates": [{"certificate_chain": {"filename": pki["client"]},
+                                    "private_key": {"filename": pki["client_key"]}}]}
+    t = load_dict(up_boot(dict(client, **validation(pki, match_typed_subject_alt_names=[
+        {"san_type": "DNS", "matcher": {"suffix": ".example.com"}}])),
+        sni="www.example.com", max_session_keys=4)).clusters["c"].tls
+    assert (t.sni, t.trusted_ca_file) == ("www.example.com", pki["ca"])
+    assert (t.cert_chain_file, t.private_key_file) == (pki["client"], pki["client_key"])
+    assert [(m.san_type, m.kind, m.value) for m in t.match_subject_alt_names] == [
+        ("dns", "suffix", ".example.com")]
+    # Envoy's client defaults: TLS 1.2 only, no SNI, nothing verified, one session kept
+    d = load_dict(up_boot()).clusters["c"].tls
+    assert (d.min_version, d.max_version, d.sni, d.trusted_ca_file, t.max_session_keys) == \
+        ("1.2", "1.2", None, None, 1)
+    from fastmesh.tls import build_client_context
+    import ssl
+    ctx = build_client_context(d, http2=True)
+    assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
+    assert ctx.maximum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_native_cluster_tls_block(pki):
+    def cfg(tls, **cl):
+        return {"listeners": [{"name": "l", "address": "127.0.0.1:0", "protocol": "tcp",
+                               "cluster": "c"}],
+                "clusters": [dict({"name": "c", "endpoints": ["127.0.0.1:1"], "tls": tls},
+                                  **cl)]}
+
+    ok = load_dict(cfg({"sni": "www.example.com", "trusted_ca_file": pki["ca"],
+                        "match_subject_alt_names": [{"uri": {"exact": SPIFFE + "server"}}],
+                        "cert_chain_file": pki["client"], "private_key_file": pki["client_key"],
+                        "min_version": "1.3", "alpn": ["h2"], "max_session_keys": 0},
+                       http_protocol="http2"))
+    t = ok.clusters["c"].tls
+    assert (t.min_version, t.max_version, t.max_session_keys) == ("1.3", "1.3", 0)
+    assert load_dict(to_dict(ok)) == ok
+
+    def err(tls, **kw):
+        with pytest.raises(ConfigError) as ei:
+            load_dict(cfg(tls, **kw))
+        return str(ei.value)
+
+    assert "needs both cert_chain_file and private_key_file" in err(
+        {"cert_chain_file": pki["client"]})
+    assert "no such file" in err({"trusted_ca_file": "/nope/ca.pem"})
+    assert "needs trusted_ca_file" in err(
+        {"match_subject_alt_names": [{"dns": {"exact": "x"}}]})
+    assert "the cluster speaks h2" in err({"alpn": ["http/1.1"]}, http_protocol="http2")
+    assert "clusters[0].tls.nope: unknown" in err({"nope": 1}) or "nope" in err({"nope": 1})
+    assert "clusters[0].tls" in err({"cert_chain_file": pki["client"],
+                                     "private_key_file": pki["api_key"]})
