@@ -498,7 +498,9 @@ class Nginx(Peer):
                 *nginx_http_common(workdir),
                 "    upstream up {",
                 f"        server 127.0.0.1:{upstream_port};",
-                "        keepalive 64;",
+                # grpc_pass does not multiplex: one upstream connection per call in
+                # flight, so the pool must hold the load's 100 streams or it churns
+                f"        keepalive {256 if kw.get('grpc') else 64};",
                 "        keepalive_requests 1000000000;",
                 "        keepalive_timeout 300s;",
                 "    }",
