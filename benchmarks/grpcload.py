@@ -32,11 +32,27 @@ def frame(msg: bytes) -> bytes:
     return b"\0" + struct.pack(">I", len(msg)) + msg
 
 
+def _varint(v: int, width: int = 0) -> bytes:
+    """v as a protobuf varint, padded to width bytes with continuation bits (decoders take
+    non-minimal varints) when width is more than it needs."""
+    out = bytearray()
+    while True:
+        out.append(v & 0x7F)
+        v >>= 7
+        if not v and len(out) >= width:
+            return bytes(out)
+        out[-1] |= 0x80
+
+
 def message(n: int) -> bytes:
-    """n bytes that look like a small protobuf message (field 1, bytes), padded."""
+    """An n-byte protobuf message: field 1 (bytes) holding "pingping..." (the servers here
+    echo it without decoding; the shape is only to be realistic). n < 2: n filler bytes."""
     if n < 2:
         return b"p" * n
-    return bytes([0x0A, min(n - 2, 127)]) + (b"ping" * n)[:n - 2]
+    size = n - 2
+    while 1 + len(_varint(size)) + size > n:
+        size -= 1
+    return b"\x0a" + _varint(size, n - 1 - size) + (b"ping" * (size // 4 + 1))[:size]
 
 
 def upstream_stats(port: int, timeout_s: float = 5.0) -> dict:
@@ -49,7 +65,8 @@ def upstream_stats(port: int, timeout_s: float = 5.0) -> dict:
     try:
         return json.loads(out.stdout)
     except ValueError:
-        raise RuntimeError(f"gRPC upstream stats: {out.stdout[:200]!r} {out.stderr[:200]}")
+        raise RuntimeError(f"gRPC upstream stats: {out.stdout[:200]!r} "
+                           f"{out.stderr[:200]}") from None
 
 
 def call(target: str, payload_bytes: int, timeout_s: float = 5.0) -> dict:

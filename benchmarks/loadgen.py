@@ -171,7 +171,7 @@ class LoadGen:
         except RuntimeError as exc:
             if isinstance(exc, LoadError):
                 raise
-            raise LoadError(str(exc))
+            raise LoadError(str(exc)) from exc
         delta = {k: after[k] - before[k] for k in after if k in before}
         res["raw"]["upstream"] = delta
         errors = res["errors"]

@@ -104,7 +104,7 @@ def start_grpc_echo(procs: ProcSet, cpu, log_dir: Path) -> Upstream:
     try:
         exe, digest = build_c("grpc-echo", GRPC_ECHO_SOURCE, ("nghttp2",))
     except RuntimeError as exc:
-        raise ProcError(f"{exc} (apt-get install libnghttp2-dev)")
+        raise ProcError(f"{exc} (apt-get install libnghttp2-dev)") from exc
     argv = [exe, "0"]
     proc = procs.start("upstream-grpcecho", argv, cpu, log_dir)
     port = int(proc.wait_line("READY", 20).split()[1])

@@ -102,6 +102,8 @@ static int respond(nghttp2_session *s, int32_t id, struct stream *st) {
                          calls_ok, calls_bad, unimplemented, connections, streams);
         free(st->body);
         st->body = (uint8_t *)strdup(st->stats);
+        if (st->body == NULL)
+            return -1;
         st->len = (size_t)n;
         st->off = 0;
         return nghttp2_submit_response(s, id, H_STATS, 2, &prd);

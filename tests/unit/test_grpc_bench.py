@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import grpcload, upstreams                          # noqa: E402
-from benchmarks.peers import Fastmesh, build_c                      # noqa: E402
-from benchmarks.procs import ProcError, ProcSet, h2_probe, wait_port  # noqa: E402
+from benchmarks.peers import PEERS, build_c                          # noqa: E402
+from benchmarks.procs import ProcError, ProcSet, free_port           # noqa: E402
 
 grpc = pytest.importorskip("grpc")
 pytestmark = pytest.mark.timeout(120)
@@ -68,18 +68,23 @@ def test_echo_server_unknown_method_is_unimplemented(echo):
 
 
 @needs_build
-def test_grpc_through_fastmesh(echo, tmp_path):
+@pytest.mark.parametrize("name", ["fastmesh", "envoy", "haproxy", "nginx"])
+def test_grpc_through_proxy(echo, tmp_path, name):
+    """fastmesh (required) and each peer that is installed, configured by the harness for
+    the grpc scenarios (h2c on both sides), pass real gRPC calls and their trailers."""
     up, procs, logs = echo
-    from benchmarks.procs import free_port
     port = free_port()
-    peer = Fastmesh()
-    assert peer.find(), peer.missing_reason
+    peer = PEERS[name]()
+    if not peer.find():
+        if name == "fastmesh":
+            raise AssertionError(peer.missing_reason)
+        pytest.skip(peer.missing_reason)
     cfg = peer.write_config("http", port, up.port, tmp_path, h2=True, grpc=True)
-    assert "http_protocol: http2" in cfg.read_text()
-    proc = procs.start("fastmesh-grpc", peer.argv(cfg, tmp_path), None, logs, cwd=str(REPO))
+    if name == "fastmesh":
+        assert "http_protocol: http2" in cfg.read_text()
+    proc = procs.start(f"{name}-grpc", peer.argv(cfg, tmp_path), None, logs, cwd=str(REPO))
     try:
-        wait_port(port, 20, proc)
-        h2_probe(port, "/stats", 20, proc)
+        peer.wait_ready(proc, port, "http", "/stats", h2=True)
         before = grpcload.upstream_stats(up.port)["calls_ok"]
         for size in (0, 64, 100_000):
             payload = grpcload.message(size)
@@ -96,8 +101,8 @@ def test_grpc_through_fastmesh(echo, tmp_path):
                              text=True, timeout=60)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         assert res["ok"] is True and res["code"] == "OK" and res["echoed"] is True, res
-    except ProcError:
-        raise AssertionError(proc.stderr_tail())
+    except ProcError as exc:
+        raise AssertionError(proc.stderr_tail()) from exc
     finally:
         procs.stop(proc)
 
