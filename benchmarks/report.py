@@ -130,7 +130,10 @@ def goal_check(scn: dict) -> dict | None:
            "cpu_ratio_max": goal.get("cpu_ratio_max"), "p99_ratio_max": goal.get("p99_ratio_max")}
     if r is None:
         out["met"] = None
-        out["why"] = f"no ratio: fastmesh or {peer} has no clean result in this run"
+        ran = scn.get("proxies", {})
+        out["why"] = (f"{peer} was not in this run" if peer not in ran else
+                      "fastmesh was not in this run" if "fastmesh" not in ran else
+                      f"no ratio: fastmesh or {peer} has no result in this run")
         return out
     out["cpu_ratio"], out["p99_ratio"] = r.get("cpu_us_per_unit"), r.get("p99")
     checks = [(out["cpu_ratio"], goal.get("cpu_ratio_max")), (out["p99_ratio"],
