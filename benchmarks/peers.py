@@ -5,7 +5,10 @@ Every proxy gets the same job from one scenario definition: listen on 127.0.0.1:
 send everything to the one upstream at 127.0.0.1:UP, with one worker thread, no access log,
 and keep-alive to the upstream. `mode` is "http" (an HTTP/1.1 proxy: one route, prefix "/"),
 "tcp" (a byte pipe) or "bolt" (fastmesh's Bolt listener; the others have no Bolt support and
-are configured as a TCP pipe for it).
+are configured as a TCP pipe for it). For the grpc scenarios (`grpc=True`) the HTTP proxies
+speak h2c to the upstream too (fastmesh `http_protocol: http2`, Envoy's
+`http2_protocol_options`, HAProxy `server ... proto h2`, nginx `grpc_pass`), and the byte
+relays pass the h2c bytes as they are.
 
     fastmesh  python -m fastmesh run -c fastmesh.yaml --log-level warning   (workers: 1)
     envoy     envoy -c envoy.yaml --concurrency 1 --disable-hot-restart -l warning
