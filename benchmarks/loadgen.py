@@ -112,10 +112,11 @@ class LoadGen:
 
     # -- HTTP/2 --------------------------------------------------------------------------
 
-    def h2load(self, port: int, path: str, scn, duration_s: float) -> dict:
+    def h2load(self, port: int, path: str, scn, duration_s: float, extra: tuple = (),
+               tag: str = "h2load") -> dict:
         """h2load (nghttp2-client) with prior knowledge: scn.connections connections with
         scn.inflight streams each, for duration_s; latency percentiles from its per-request
-        log."""
+        log. extra: more h2load arguments (a body with -d, headers with -H)."""
         import tempfile
         h2load = shutil.which("h2load")
         if h2load is None:
@@ -123,9 +124,9 @@ class LoadGen:
         secs = max(1, int(round(duration_s)))
         with tempfile.NamedTemporaryFile(prefix="fm-h2load-", suffix=".tsv") as logf:
             argv = [h2load, "-D", str(secs), "-c", str(scn.connections), "-m",
-                    str(scn.inflight), "-t", "1", "--log-file", logf.name,
+                    str(scn.inflight), "-t", "1", "--log-file", logf.name, *extra,
                     f"http://127.0.0.1:{port}{path}"]
-            rc, out, err = self._run("h2load", argv, secs + 60)
+            rc, out, err = self._run(tag, argv, secs + 60)
             lat = sorted(int(line.split("\t")[2]) for line in open(logf.name)
                          if line.count("\t") >= 2 and line.split("\t")[1] == "200")
         m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
@@ -148,6 +149,46 @@ class LoadGen:
                                "p99.9": pct(0.999), "max": lat[-1] if lat else None},
                 "errors": errors, "errors_total": sum(errors.values()),
                 "raw": {"summary": out[-1500:]}}
+
+    # -- gRPC ----------------------------------------------------------------------------
+
+    def grpc_unary(self, port: int, up, scn, duration_s: float) -> dict:
+        """Unary gRPC calls by h2load: POST /bench.Echo/Ping with one length-prefixed
+        scn.payload_bytes message (-d), `content-type: application/grpc` and `te: trailers`.
+        h2load counts 2xx answers; the upstream's counters, read before and after, say how
+        many calls it answered with grpc-status 0, and fewer than h2load's successes is an
+        error (`not_from_upstream`: answered by the proxy, not by the server)."""
+        from . import grpcload
+        body = self.log_dir / f"grpc-request-{scn.payload_bytes}.bin"
+        if not body.exists():
+            body.write_bytes(grpcload.frame(grpcload.message(scn.payload_bytes)))
+        extra = ("-d", str(body), "-H", "content-type: application/grpc",
+                 "-H", "te: trailers")
+        try:
+            before = grpcload.upstream_stats(up.port)
+            res = self.h2load(port, grpcload.METHOD, scn, duration_s, extra, tag="h2load-grpc")
+            after = grpcload.upstream_stats(up.port)
+        except RuntimeError as exc:
+            if isinstance(exc, LoadError):
+                raise
+            raise LoadError(str(exc)) from exc
+        delta = {k: after[k] - before[k] for k in after if k in before}
+        res["raw"]["upstream"] = delta
+        errors = res["errors"]
+        if delta.get("calls_ok", 0) < res["units"]:
+            errors["not_from_upstream"] = res["units"] - delta.get("calls_ok", 0)
+        for k in ("calls_bad", "unimplemented"):
+            if delta.get(k):
+                errors[f"upstream_{k}"] = delta[k]
+        res["errors_total"] = sum(errors.values())
+        return res
+
+    def grpc_check(self, port: int, scn) -> dict:
+        """One unary call with grpcio through the proxy (after the measured run, so outside
+        its CPU figures): code OK, grpc-status 0 in the trailers, the message echoed."""
+        argv = [sys.executable, "-m", "benchmarks.grpcload", "call", "--target",
+                f"127.0.0.1:{port}", "--payload-bytes", str(scn.payload_bytes), "--json"]
+        return self._json(self._run("grpcio-call", argv, 60), "grpcload call")
 
     # -- TLS handshakes ------------------------------------------------------------------
 

@@ -5,7 +5,10 @@ Every proxy gets the same job from one scenario definition: listen on 127.0.0.1:
 send everything to the one upstream at 127.0.0.1:UP, with one worker thread, no access log,
 and keep-alive to the upstream. `mode` is "http" (an HTTP/1.1 proxy: one route, prefix "/"),
 "tcp" (a byte pipe) or "bolt" (fastmesh's Bolt listener; the others have no Bolt support and
-are configured as a TCP pipe for it).
+are configured as a TCP pipe for it). For the grpc scenarios (`grpc=True`) the HTTP proxies
+speak h2c to the upstream too (fastmesh `http_protocol: http2`, Envoy's
+`http2_protocol_options`, HAProxy `server ... proto h2`, nginx `grpc_pass`), and the byte
+relays pass the h2c bytes as they are.
 
     fastmesh  python -m fastmesh run -c fastmesh.yaml --log-level warning   (workers: 1)
     envoy     envoy -c envoy.yaml --concurrency 1 --disable-hot-restart -l warning
@@ -51,6 +54,7 @@ class Peer:
     config_name = "config"
     tls_capable = False             # can terminate TLS on its listener (the https scenarios)
     h2_capable = False              # can serve HTTP/2 with prior knowledge (the h2 scenarios)
+    grpc_capable = False            # can proxy gRPC: h2c on both sides (the grpc scenarios)
 
     def __init__(self):
         self.path: str | None = None
@@ -93,6 +97,7 @@ class Fastmesh(Peer):
     config_name = "fastmesh.yaml"
     tls_capable = True
     h2_capable = True
+    grpc_capable = True
 
     def find(self) -> bool:
         try:
@@ -121,6 +126,8 @@ class Fastmesh(Peer):
                 listener["tls"] = {"cert_chain_file": cert, "private_key_file": key}
             if kw.get("h2"):
                 listener["protocol"] = "http2"
+            if kw.get("grpc"):                  # h2c to the upstream too
+                cfg["clusters"][0]["http_protocol"] = "http2"
         elif mode == "tcp":
             listener.update(protocol="tcp", cluster="up")
             cfg["clusters"] = [{"name": "up", "endpoints": up}]
@@ -144,7 +151,8 @@ class FastmeshTcp(Fastmesh):
     on this event loop. Not in the default set (`--peers ...,fastmesh-tcp`)."""
     name = "fastmesh-tcp"
     tls_capable = False
-    h2_capable = False
+    h2_capable = False              # h2-small's upstream speaks HTTP/1.1: a relay cannot
+    grpc_capable = True             # the gRPC upstream speaks h2c: relayed as it is
 
     def supports(self, mode, kind=""):
         return "idle connections of a byte relay are not an HTTP figure" if kind == "idle" \
@@ -160,6 +168,7 @@ class FastmeshResilient(Fastmesh):
     policy, and ring hash on the client's IP (so every request is hashed). Compared with
     plain fastmesh in the same run, it prices them (`--peers fastmesh,fastmesh-resilient`)."""
     name = "fastmesh-resilient"
+    grpc_capable = False            # its HTTP/1 health check cannot probe an h2c-only upstream
 
     def config(self, mode, port, upstream_port, workdir, **kw) -> str:
         cfg = yaml.safe_load(super().config(mode, port, upstream_port, workdir, **kw))
@@ -197,6 +206,7 @@ class Envoy(Peer):
     config_name = "envoy.yaml"
     tls_capable = True
     h2_capable = True
+    grpc_capable = True
 
     def find(self) -> bool:
         candidates = []
@@ -271,6 +281,12 @@ class Envoy(Peer):
                 }],
             },
         }
+        if kw.get("grpc"):                      # h2c to the upstream too
+            cfg["static_resources"]["clusters"][0]["typed_extension_protocol_options"] = {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                             "HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}}}
         return yaml.safe_dump(cfg, sort_keys=False)
 
     def argv(self, config_path, workdir):
@@ -285,6 +301,7 @@ class Haproxy(Peer):
     config_name = "haproxy.cfg"
     tls_capable = True
     h2_capable = True
+    grpc_capable = True
 
     def find(self) -> bool:
         for path in (os.environ.get("FASTMESH_BENCH_HAPROXY"), "/usr/sbin/haproxy",
@@ -328,7 +345,8 @@ class Haproxy(Peer):
         ]
         if http:
             lines.append("    http-reuse always")
-        lines.append(f"    server up 127.0.0.1:{upstream_port}")
+        lines.append(f"    server up 127.0.0.1:{upstream_port}"
+                     + (" proto h2" if kw.get("grpc") else ""))
         return "\n".join(lines) + "\n"
 
     def argv(self, config_path, workdir):
@@ -337,36 +355,45 @@ class Haproxy(Peer):
 
 # -- relay-floor ------------------------------------------------------------------------------
 
+def build_c(name: str, source: Path, libraries: tuple = ()) -> tuple[str, str]:
+    """Build source with the system C compiler (cc -O2) into ~/.cache/fastmesh-bench/,
+    once per content: (executable, digest). RuntimeError with the compiler's words."""
+    import hashlib
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError(f"no C compiler to build {source}")
+    digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    exe = cache / "fastmesh-bench" / f"{name}-{digest}"
+    if not os.access(exe, os.X_OK):
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(f".{os.getpid()}.tmp")
+        out = subprocess.run([cc, "-O2", "-o", str(tmp), str(source),
+                              *(f"-l{lib}" for lib in libraries)],
+                             capture_output=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"cannot build {source.name}: "
+                               + out.stderr.decode(errors="replace")[-300:])
+        os.replace(tmp, exe)
+    return str(exe), digest
+
+
 class RelayFloor(Peer):
     """benchmarks/floor/relay.c, built with the system C compiler on first use: a bare epoll
     byte relay (one read and one write per event, no parsing) that shows what the kernel alone
     charges for a scenario on this machine. In HTTP mode it does less than any HTTP proxy."""
     name = "relay-floor"
     config_name = "relay-floor.args"
+    grpc_capable = True             # the gRPC upstream speaks h2c: the bytes go as they are
     source = Path(__file__).parent / "floor" / "relay.c"
     libraries: tuple = ()
 
     def find(self) -> bool:
-        import hashlib
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if not cc:
-            self.missing_reason = "no C compiler to build benchmarks/floor/relay.c"
+        try:
+            self.path, self.version = build_c(self.name, self.source, self.libraries)
+        except RuntimeError as exc:
+            self.missing_reason = str(exc)
             return False
-        digest = hashlib.sha1(self.source.read_bytes()).hexdigest()[:12]
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        exe = cache / "fastmesh-bench" / f"{self.name}-{digest}"
-        if not os.access(exe, os.X_OK):
-            exe.parent.mkdir(parents=True, exist_ok=True)
-            tmp = exe.with_suffix(f".{os.getpid()}.tmp")
-            out = subprocess.run([cc, "-O2", "-o", str(tmp), str(self.source),
-                                  *(f"-l{lib}" for lib in self.libraries)],
-                                 capture_output=True, timeout=120)
-            if out.returncode != 0:
-                self.missing_reason = (f"cannot build {self.source.name}: "
-                                       + out.stderr.decode(errors="replace")[-300:])
-                return False
-            os.replace(tmp, exe)
-        self.path, self.version = str(exe), digest
         return True
 
     def supports(self, mode, kind=""):
@@ -440,6 +467,7 @@ class Nginx(Peer):
     config_name = "nginx.conf"
     tls_capable = True
     h2_capable = True
+    grpc_capable = True
 
     def find(self) -> bool:
         self.path, self.version = find_nginx()
@@ -473,7 +501,9 @@ class Nginx(Peer):
                 *nginx_http_common(workdir),
                 "    upstream up {",
                 f"        server 127.0.0.1:{upstream_port};",
-                "        keepalive 64;",
+                # grpc_pass does not multiplex: one upstream connection per call in
+                # flight, so the pool must hold the load's 100 streams or it churns
+                f"        keepalive {256 if kw.get('grpc') else 64};",
                 "        keepalive_requests 1000000000;",
                 "        keepalive_timeout 300s;",
                 "    }",
@@ -482,11 +512,14 @@ class Nginx(Peer):
                 + (" ssl" if kw.get("tls") else "") + (" http2" if kw.get("h2") else "") + ";",
                 *((f"        ssl_certificate {kw['tls'][0]};",
                    f"        ssl_certificate_key {kw['tls'][1]};") if kw.get("tls") else ()),
-                "        location / {",
-                "            proxy_pass http://up;",
-                "            proxy_http_version 1.1;",
-                '            proxy_set_header Connection "";',
-                "        }",
+                *(("        location / {",
+                   "            grpc_pass grpc://up;",
+                   "        }") if kw.get("grpc") else
+                  ("        location / {",
+                   "            proxy_pass http://up;",
+                   "            proxy_http_version 1.1;",
+                   '            proxy_set_header Connection "";',
+                   "        }")),
                 "    }",
                 "}",
             ]

@@ -118,6 +118,49 @@ def scenario_table(scn: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def goal_check(scn: dict) -> dict | None:
+    """The scenario's goal against a peer (info.goal: peer, cpu_ratio_max, p99_ratio_max),
+    checked on the fastmesh / peer ratios of the medians. None when it has no goal."""
+    goal = scn["info"].get("goal")
+    if not goal:
+        return None
+    peer = goal["peer"]
+    r = scn.get("ratios_vs_fastmesh", {}).get(peer)
+    out = {"peer": peer, "source": goal.get("source"),
+           "cpu_ratio_max": goal.get("cpu_ratio_max"), "p99_ratio_max": goal.get("p99_ratio_max")}
+    if r is None:
+        out["met"] = None
+        ran = scn.get("proxies", {})
+        out["why"] = (f"{peer} was not in this run" if peer not in ran else
+                      "fastmesh was not in this run" if "fastmesh" not in ran else
+                      f"no ratio: fastmesh or {peer} has no result in this run")
+        return out
+    out["cpu_ratio"], out["p99_ratio"] = r.get("cpu_us_per_unit"), r.get("p99")
+    checks = [(out["cpu_ratio"], goal.get("cpu_ratio_max")), (out["p99_ratio"],
+                                                              goal.get("p99_ratio_max"))]
+    checks = [(v, lim) for v, lim in checks if lim is not None]
+    out["met"] = None if any(v is None for v, _ in checks) else \
+        all(v <= lim for v, lim in checks)
+    return out
+
+
+def goal_line(scn: dict) -> str | None:
+    g = goal_check(scn)
+    if g is None:
+        return None
+    want = []
+    if g["cpu_ratio_max"] is not None:
+        want.append(f"CPU/{scn['info']['cost_unit']} <= {g['cpu_ratio_max']:g}x {g['peer']}'s")
+    if g["p99_ratio_max"] is not None:
+        want.append(f"p99 <= {g['p99_ratio_max']:g}x {g['peer']}'s")
+    head = f"goal ({g['source']}): fastmesh " + " and ".join(want)
+    if g["met"] is None and "why" in g:
+        return f"{head}: not checked ({g['why']})"
+    verdict = {True: "MET", False: "NOT MET", None: "not checked (a figure is missing)"}
+    return (f"{head}: CPU {ratio(g.get('cpu_ratio'))}, p99 {ratio(g.get('p99_ratio'))}: "
+            f"{verdict[g['met']]}")
+
+
 def _problems(scn: dict) -> list[str]:
     out = []
     for peer, fig in scn["proxies"].items():
@@ -167,6 +210,8 @@ def console(results: dict) -> str:
         head, rows = scenario_table(scn)
         parts.append(f"\n== {name}: {scn['info']['description']}\n   {headline(scn)}")
         parts.append(text_table(head, rows))
+        if goal_line(scn):
+            parts.append(f"   {goal_line(scn)}")
         parts += [f"   ! {p}" for p in _problems(scn)]
     return "\n".join(parts) + "\n"
 
@@ -198,6 +243,8 @@ def markdown(results: dict) -> str:
         head, rows = scenario_table(scn)
         out += [f"## {name}", "", scn["info"]["description"] + ".", "",
                 f"**{headline(scn)}**", "", markdown_table(head, rows), ""]
+        if goal_line(scn):
+            out += [goal_line(scn), ""]
         probs = _problems(scn)
         if probs:
             out += [f"- {p}" for p in probs] + [""]

@@ -159,6 +159,8 @@ def idle_count(st: Settings, scn: Scenario) -> int:
 
 
 def probe_path(scn: Scenario, up) -> str:
+    if scn.kind == "grpc":
+        return up.paths["probe"]            # GET /stats: the gRPC server's counters
     return up.paths.get(scn.resource, "/") if up.paths else "/"
 
 
@@ -176,6 +178,8 @@ def run_load(ctx: Context, scn: Scenario, port: int, up, duration_s: float) -> d
         return ctx.load.tls_handshakes(port, duration_s, scn.connections)
     if scn.kind == "h2":
         return ctx.load.h2load(port, probe_path(scn, up), scn, duration_s)
+    if scn.kind == "grpc":
+        return ctx.load.grpc_unary(port, up, scn, duration_s)
     raise ValueError(scn.kind)
 
 
@@ -185,7 +189,8 @@ def run_round(ctx: Context, scn: Scenario, peer: Peer, up, rnd: int) -> dict:
     workdir = st.out_dir / "configs" / scn.name / peer.name
     cfg = peer.write_config(scn.mode, port, up.port, workdir,
                             maxconn=max(4096, idle_count(st, scn) + 1000),
-                            tls=tls_files(st, scn.tls) if scn.tls else None, h2=scn.h2)
+                            tls=tls_files(st, scn.tls) if scn.tls else None, h2=scn.h2,
+                            grpc=scn.grpc)
     argv = peer.argv(cfg, workdir)
     ctx.commands.setdefault(peer.name, argv)
     proc = ctx.procs.start(f"{scn.name}-{peer.name}-r{rnd}", argv, ctx.cpus["proxy"],
@@ -208,6 +213,8 @@ def run_round(ctx: Context, scn: Scenario, peer: Peer, up, rnd: int) -> dict:
                 c1 = measure.cpu_sample(proc.pid)
                 cpu = measure.cpu_delta(c0, c1)
                 out.update(figures(load, cpu, measure.memory(proc.pid)))
+                if scn.kind == "grpc":
+                    grpc_verify(ctx, scn, port, out)
                 if st.syscalls:
                     # a separate pass: strace slows the proxy, so its CPU is not this one's
                     calls, traced = measure.count_syscalls(
@@ -224,6 +231,16 @@ def run_round(ctx: Context, scn: Scenario, peer: Peer, up, rnd: int) -> dict:
         return out
     finally:
         ctx.procs.stop(proc)
+
+
+def grpc_verify(ctx: Context, scn: Scenario, port: int, out: dict) -> None:
+    """One grpcio call through the proxy after the measured run: a failed call (not OK, no
+    echo) counts as an error of the round; without grpcio it is only noted."""
+    check = ctx.load.grpc_check(port, scn)
+    out["grpc_check"] = check
+    if check.get("ok") is False:
+        out["errors"] = dict(out["errors"], grpc_check_failed=1)
+        out["errors_total"] = out.get("errors_total", 0) + 1
 
 
 def figures(load: dict, cpu: dict, mem: dict) -> dict:
@@ -474,6 +491,12 @@ def run_scenario(st, scn, peers, order, cpus, log_dir, load, progress, results) 
             "connections": idle_count(st, scn) or scn.connections}
     if scn.kind == "http-open":
         info["rate"] = st.rate or scn.rate
+    if scn.kind in ("h2", "grpc"):
+        info["streams_per_connection"] = scn.inflight
+    if scn.kind == "grpc":
+        info["payload_bytes"] = scn.payload_bytes
+    if scn.goal:
+        info["goal"] = dict(scn.goal)
     load.commands.clear()
     rounds: dict[str, list] = {p: [] for p in order}
     skip: dict[str, str] = {}
@@ -481,7 +504,9 @@ def run_scenario(st, scn, peers, order, cpus, log_dir, load, progress, results) 
         why = peers[p].supports(scn.mode, scn.kind)
         if not why and scn.tls and not peers[p].tls_capable:
             why = "does not terminate TLS"
-        if not why and scn.h2 and not peers[p].h2_capable:
+        if not why and scn.grpc and not peers[p].grpc_capable:
+            why = "does not proxy gRPC (h2c on both sides)"
+        elif not why and scn.h2 and not scn.grpc and not peers[p].h2_capable:
             why = "does not serve HTTP/2"
         if why:
             skip[p] = why
@@ -521,4 +546,7 @@ def run_scenario(st, scn, peers, order, cpus, log_dir, load, progress, results) 
         if fig["status"] == "skipped":
             fig["error"] = skip.get(p, fig.get("error"))
     ratios, winner = ratios_and_winner(scn, proxies)
-    return {"info": info, "proxies": proxies, "ratios_vs_fastmesh": ratios, "winner": winner}
+    out = {"info": info, "proxies": proxies, "ratios_vs_fastmesh": ratios, "winner": winner}
+    if scn.goal:
+        out["goal"] = report.goal_check(out)
+    return out

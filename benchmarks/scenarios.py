@@ -9,6 +9,8 @@ tcp         tcpbulk source, one stream         tcpbulk sink        MB/s
 bolt        boltload client                    boltload echo       calls/s
 tls-handshake  openssl s_time -new (x4)         HTTP (unused)       handshakes/s
 h2          h2load (h2c), N conns x M streams  HTTP                requests/s
+grpc        h2load (h2c) POSTing a gRPC call,   gRPC echo (C,       requests/s, CPU/request
+            N conns x M streams                 libnghttp2, h2c)
 
 `mode` is what the proxy is configured as: "http" (an HTTP/1 proxy with one route to the
 upstream), "tcp" (a byte pipe), or "bolt" (fastmesh's Bolt listener; the peers have no Bolt
@@ -37,8 +39,16 @@ class Scenario:
     h2: bool = False                # the proxy serves HTTP/2 (h2c) to the load generator
     tls: str = ""                   # http: the proxy terminates TLS with an "ec" (P-256)
                                     # or "rsa" (2048) certificate; "" = plain
+    grpc: bool = False              # the proxy speaks h2c to the upstream too (gRPC)
+    goal: dict = field(default_factory=dict)   # a target against a peer, checked in the
+                                    # report: {"peer", "cpu_ratio_max", "p99_ratio_max",
+                                    # "source"}
     extra: dict = field(default_factory=dict)
 
+
+# issue 15: a gRPC unary call through fastmesh costs at most half of Envoy's CPU, and its p99
+# is no worse than Envoy's
+GRPC_GOAL = {"peer": "envoy", "cpu_ratio_max": 0.5, "p99_ratio_max": 1.0, "source": "issue 15"}
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("http1-small", "http", "http",
@@ -60,6 +70,16 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "GET with a ~20-byte body; the proxies speak HTTP/1.1 to the upstream",
              "req/s", "request", "throughput", resource="small", connections=10,
              inflight=10, h2=True),
+    Scenario("grpc-unary", "grpc", "http",
+             "unary gRPC calls (POST /bench.Echo/Ping, a 64-byte message, echoed with "
+             "grpc-status 0 trailers) by h2load over h2c, 10 connections x 10 streams; the "
+             "proxies speak h2c to a C (libnghttp2) gRPC echo server",
+             "req/s", "request", "throughput", connections=10, inflight=10,
+             payload_bytes=64, h2=True, grpc=True, goal=GRPC_GOAL),
+    Scenario("grpc-unary-pingpong", "grpc", "http",
+             "as grpc-unary with one call in flight per connection (ping-pong: h2load -m 1), "
+             "10 connections", "req/s", "request", "throughput", connections=10, inflight=1,
+             payload_bytes=64, h2=True, grpc=True, goal=GRPC_GOAL),
     Scenario("https-small", "http", "http",
              "keep-alive GET over TLS (the proxy terminates it, ECDSA P-256 certificate), "
              "~20-byte response body, 50 connections", "req/s", "request", "throughput",

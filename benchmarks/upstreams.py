@@ -6,6 +6,9 @@ http  nginx when installed (one process, one worker; `/` answers a 20-byte body,
       `/bytes/65536` for 64 KiB).
 tcp   `benchmarks.tcpbulk sink`: counts what arrives.
 bolt  `benchmarks.boltload echo-server`: answers every Bolt request with its content.
+grpc  `benchmarks/floor/grpc_echo.c` (cc -O2 ... -lnghttp2, built on first use): a one-thread
+      h2c gRPC server answering POST /bench.Echo/Ping with the message it got and
+      grpc-status 0 trailers; GET /stats gives its counters.
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .peers import find_nginx, nginx_common, nginx_http_common
-from .procs import Proc, ProcSet, free_port, http_probe
+from .peers import build_c, find_nginx, nginx_common, nginx_http_common
+from .procs import Proc, ProcError, ProcSet, free_port, http_probe
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_BODY = "hello from nginx!!!\n"          # 20 bytes, like the bundled upstream's answer
@@ -94,10 +97,26 @@ def start_bolt_echo(procs: ProcSet, cpu, log_dir: Path) -> Upstream:
     return Upstream("bolt-echo", int(proc.wait_line("READY", 20).split()[1]), proc, argv)
 
 
+GRPC_ECHO_SOURCE = Path(__file__).resolve().parent / "floor" / "grpc_echo.c"
+
+
+def start_grpc_echo(procs: ProcSet, cpu, log_dir: Path) -> Upstream:
+    try:
+        exe, digest = build_c("grpc-echo", GRPC_ECHO_SOURCE, ("nghttp2",))
+    except RuntimeError as exc:
+        raise ProcError(f"{exc} (apt-get install libnghttp2-dev)") from exc
+    argv = [exe, "0"]
+    proc = procs.start("upstream-grpcecho", argv, cpu, log_dir)
+    port = int(proc.wait_line("READY", 20).split()[1])
+    return Upstream("grpc-echo", port, proc, argv, {"probe": "/stats"}, digest)
+
+
 def start_for(kind: str, procs: ProcSet, cpu, workdir: Path, log_dir: Path,
               prefer_http: str) -> Upstream:
     if kind == "tcp":
         return start_tcp_sink(procs, cpu, log_dir)
     if kind == "bolt":
         return start_bolt_echo(procs, cpu, log_dir)
+    if kind == "grpc":
+        return start_grpc_echo(procs, cpu, log_dir)
     return start_http(procs, cpu, workdir, log_dir, prefer_http)
