@@ -860,8 +860,16 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
                 c.err(f"{p}.{key}", "not with sds (the secret holds the certificate)")
         kw["cert_chain_file"] = kw["private_key_file"] = ""
     else:
-        for key in ("cert_chain_file", "private_key_file"):
-            kw[key] = c.text(c.required(m, p, key), f"{p}.{key}")
+        # each of the two from a file or inline PEM
+        for what in ("cert_chain", "private_key"):
+            f, t = f"{what}_file", f"{what}_pem"
+            if t in m:
+                kw[t] = _pem(c, m[t], f"{p}.{t}")
+                if f in m:
+                    c.err(f"{p}.{f}", f"not with {t} (one or the other)")
+                kw[f] = ""
+            else:
+                kw[f] = c.text(c.required(m, p, f), f"{p}.{f}")
     _tls_shared(c, m, p, kw)
     if "alpn" in m:
         alpn = tuple(t for j, x in enumerate(c.seq(m["alpn"], f"{p}.alpn"))
@@ -880,7 +888,7 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
     if "require_client_certificate" in m:
         kw["require_client_certificate"] = c.boolean(m["require_client_certificate"],
                                                      f"{p}.require_client_certificate")
-    if kw.get("require_client_certificate") and not kw.get("trusted_ca_file"):
+    if kw.get("require_client_certificate") and kw.get("trusted_ca_file") is None:
         c.err(f"{p}.require_client_certificate", "needs trusted_ca_file (the CAs a client "
                                                  "certificate must chain to)")
     if "handshake_timeout_ms" in m:
@@ -900,6 +908,11 @@ def _tls(c: _Checker, raw: Any, p: str, protocol: Optional[str]) -> Optional[Tls
         return None
     if "sds_path" in kw:
         kw["cert_chain_file"] = kw["private_key_file"] = None
+    for key in ("cert_chain_file", "private_key_file"):
+        if kw.get(key) == "":
+            kw[key] = None                      # given as PEM
+    if kw.get("trusted_ca_file") == "":
+        kw["trusted_ca_file"] = None            # the CAs are trusted_ca_pem
     t = TlsContext(**kw)
     check_tls(c, t, p)
     return t
@@ -911,6 +924,12 @@ def _tls_shared(c: _Checker, m: dict, p: str, kw: dict) -> None:
     for key in ("trusted_ca_file", "crl_file", "ecdh_curve"):
         if m.get(key) is not None:
             kw[key] = c.text(m[key], f"{p}.{key}")
+    if m.get("trusted_ca_pem") is not None:
+        kw["trusted_ca_pem"] = _pem(c, m["trusted_ca_pem"], f"{p}.trusted_ca_pem")
+        if "trusted_ca_file" in kw:
+            c.err(f"{p}.trusted_ca_pem", "not with trusted_ca_file (one or the other)")
+        else:
+            kw["trusted_ca_file"] = ""          # "a CA is set" for the checks below
     for key in ("min_version", "max_version"):
         if key in m:
             v = m[key]
@@ -930,7 +949,7 @@ def _tls_shared(c: _Checker, m: dict, p: str, kw: dict) -> None:
         kw["ciphers"] = tuple(names)
     if "crl_leaf_only" in m:
         kw["crl_leaf_only"] = c.boolean(m["crl_leaf_only"], f"{p}.crl_leaf_only")
-    if kw.get("crl_file") and not kw.get("trusted_ca_file"):
+    if kw.get("crl_file") and kw.get("trusted_ca_file") is None:
         c.err(f"{p}.crl_file", "needs trusted_ca_file")
     if "match_subject_alt_names" in m:
         mp = f"{p}.match_subject_alt_names"
@@ -939,7 +958,7 @@ def _tls_shared(c: _Checker, m: dict, p: str, kw: dict) -> None:
             sm = _san_match(c, item, f"{mp}[{j}]")
             if sm is not None:
                 out.append(sm)
-        if out and not kw.get("trusted_ca_file"):
+        if out and kw.get("trusted_ca_file") is None:
             c.err(mp, "needs trusted_ca_file (names are checked on verified certificates)")
         kw["match_subject_alt_names"] = tuple(out)
 
@@ -959,12 +978,15 @@ def _upstream_tls(c: _Checker, raw: Any, p: str, http2: bool) -> Optional[Upstre
         kw["max_version"] = "1.3"       # the client default (1.2) would be below it
     if m.get("sni") is not None:
         kw["sni"] = c.text(m["sni"], f"{p}.sni")
-    have = [k for k in ("cert_chain_file", "private_key_file") if m.get(k) is not None]
-    if len(have) == 1:
-        c.err(f"{p}.{have[0]}", "a client certificate needs both cert_chain_file and "
-                                "private_key_file")
-    for key in have:
-        kw[key] = c.text(m[key], f"{p}.{key}")
+    for form, conv in (("file", c.text), ("pem", lambda v, path: _pem(c, v, path))):
+        keys = (f"cert_chain_{form}", f"private_key_{form}")
+        have = [k for k in keys if m.get(k) is not None]
+        if len(have) == 1:
+            c.err(f"{p}.{have[0]}", f"a client certificate needs both {keys[0]} and {keys[1]}")
+        for key in have:
+            kw[key] = conv(m[key], f"{p}.{key}")
+    if kw.get("cert_chain_file") and kw.get("cert_chain_pem"):
+        c.err(f"{p}.cert_chain_pem", "not with cert_chain_file (one or the other)")
     if "alpn" in m:
         kw["alpn"] = tuple(t for j, x in enumerate(c.seq(m["alpn"], f"{p}.alpn"))
                            if (t := c.text(x, f"{p}.alpn[{j}]")) is not None)
@@ -976,6 +998,8 @@ def _upstream_tls(c: _Checker, raw: Any, p: str, http2: bool) -> Optional[Upstre
                                            lo=0)
     if any(v is None for v in kw.values()):
         return None
+    if kw.get("trusted_ca_file") == "":
+        kw["trusted_ca_file"] = None            # the CAs are trusted_ca_pem
     t = UpstreamTls(**kw)
     check_upstream_tls(c, t, p)
     return t
@@ -988,6 +1012,15 @@ def check_upstream_tls(c: _Checker, t: UpstreamTls, p: str) -> None:
         build_client_context(t, False)
     except TlsConfigError as exc:
         c.err(p, str(exc))
+
+
+def _pem(c: _Checker, raw: Any, p: str) -> Optional[str]:
+    """PEM text (certificates or a key) given inline."""
+    v = c.text(raw, p)
+    if v is not None and "-----BEGIN " not in v:
+        c.err(p, "expected PEM text (-----BEGIN ...)")
+        return None
+    return v
 
 
 def _san_match(c: _Checker, raw: Any, p: str) -> Optional[SanMatch]:

@@ -241,6 +241,11 @@ class TlsContext:
     sds_path: Optional[str] = None
     sds_secret: Optional[str] = None
     sds_watched_directory: Optional[str] = None
+    # PEM text instead of files (inline in the config, or a secret a control plane sent
+    # over ADS): the certificate chain, its key, the trusted CAs
+    cert_chain_pem: Optional[str] = field(default=None, repr=False)
+    private_key_pem: Optional[str] = field(default=None, repr=False)
+    trusted_ca_pem: Optional[str] = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,10 @@ class UpstreamTls:
     alpn: tuple[str, ...] = ()                 # offered in this order (() : none, or "h2"
                                                # for an http2 cluster)
     max_session_keys: int = 1                  # sessions kept to resume (0: never resume)
+    # PEM text instead of files (inline, or an SDS secret from the control plane)
+    cert_chain_pem: Optional[str] = field(default=None, repr=False)
+    private_key_pem: Optional[str] = field(default=None, repr=False)
+    trusted_ca_pem: Optional[str] = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

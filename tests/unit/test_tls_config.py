@@ -112,10 +112,10 @@ def cases(pki):
         ("san-type-unspecified", boot(ts(pki, validation(pki, match_typed_subject_alt_names=[
             {"san_type": "SAN_TYPE_UNSPECIFIED", "matcher": {"exact": "x"}}]))), False, False),
         ("unknown-field", boot(ts(pki, nope=True)), False, False),
-        # Envoy accepts, fastmesh refuses clearly (not implemented)
         ("inline-cert", boot(ts(pki, {"tls_certificates": [{
             "certificate_chain": {"inline_string": open(pki["server"]).read()},
-            "private_key": {"filename": pki["server_key"]}}]})), True, False),
+            "private_key": {"filename": pki["server_key"]}}]})), True, True),
+        # Envoy accepts, fastmesh refuses clearly (not implemented)
         ("two-certs", boot(ts(pki, {"tls_certificates": [
             {"certificate_chain": {"filename": pki["server"]},
              "private_key": {"filename": pki["server_key"]}},

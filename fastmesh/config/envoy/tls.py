@@ -173,10 +173,10 @@ def _upstream(c: EnvoyChecker, raw, p: str, http2: bool) -> Optional[UpstreamTls
             cp = f"{cm.p('tls_certificates')}[0]"
             cert = c.message(certs[0], cp, _CERT_FIELDS)
             if cert is not None:
-                kw["cert_chain_file"] = _data_source(c, c.need(cert, "certificate_chain"),
-                                                     cert.p("certificate_chain"))
-                kw["private_key_file"] = _data_source(c, c.need(cert, "private_key"),
-                                                      cert.p("private_key"))
+                _pem_source(c, c.need(cert, "certificate_chain"), cert.p("certificate_chain"),
+                            kw, "cert_chain_file", "cert_chain_pem")
+                _pem_source(c, c.need(cert, "private_key"), cert.p("private_key"), kw,
+                            "private_key_file", "private_key_pem")
         if "alpn_protocols" in cm:
             ap = cm.p("alpn_protocols")
             kw["alpn"] = tuple(t for j, x in enumerate(c.seq(cm.get("alpn_protocols"), ap))
@@ -236,10 +236,10 @@ def _downstream(c: EnvoyChecker, raw, p: str, protocol) -> Optional[TlsContext]:
         cp = f"{cm.p('tls_certificates')}[0]"
         cert = c.message(certs[0], cp, _CERT_FIELDS)
         if cert is not None:
-            kw["cert_chain_file"] = _data_source(c, c.need(cert, "certificate_chain"),
-                                                 cert.p("certificate_chain"))
-            kw["private_key_file"] = _data_source(c, c.need(cert, "private_key"),
-                                                  cert.p("private_key"))
+            _pem_source(c, c.need(cert, "certificate_chain"), cert.p("certificate_chain"), kw,
+                        "cert_chain_file", "cert_chain_pem")
+            _pem_source(c, c.need(cert, "private_key"), cert.p("private_key"), kw,
+                        "private_key_file", "private_key_pem")
     if "alpn_protocols" in cm:
         ap = cm.p("alpn_protocols")
         alpn = tuple(t for j, x in enumerate(c.seq(cm.get("alpn_protocols"), ap))
@@ -252,13 +252,18 @@ def _downstream(c: EnvoyChecker, raw, p: str, protocol) -> Optional[TlsContext]:
         kw["alpn"] = served
     if "validation_context" in cm:
         _validation(c, cm.get("validation_context"), cm.p("validation_context"), kw)
-    if kw.get("require_client_certificate") and not kw.get("trusted_ca_file"):
+    if kw.get("require_client_certificate") and not (kw.get("trusted_ca_file")
+                                                     or kw.get("trusted_ca_pem")):
         c.err(m.p("require_client_certificate"), "true without validation_context.trusted_ca: "
               + NOT_YET + " (fastmesh verifies client certificates against a trusted CA)")
     if kw.get("sds_path"):
         kw["cert_chain_file"] = kw["private_key_file"] = None
-    elif not kw.get("cert_chain_file") or not kw.get("private_key_file"):
+    elif not (kw.get("cert_chain_file") or kw.get("cert_chain_pem")) or \
+            not (kw.get("private_key_file") or kw.get("private_key_pem")):
         return None
+    else:
+        kw.setdefault("cert_chain_file", None)
+        kw.setdefault("private_key_file", None)
     t = TlsContext(**kw)
     check_tls(c, t, p)
     return t
@@ -367,6 +372,43 @@ def _params(c: EnvoyChecker, cm, kw: dict, client: bool = False) -> None:
                       f"default X25519, P-256)")
 
 
+def _pem_source(c: EnvoyChecker, raw, p: str, kw: dict, file_key: str, pem_key: str) -> None:
+    """A DataSource holding PEM: a filename -> kw[file_key]; inline_string or inline_bytes
+    (base64 in YAML/JSON, as an xDS secret's arrive) -> kw[pem_key]."""
+    if raw is _MISSING:
+        return
+    m = c.message(raw, p, {
+        "filename": None, "inline_string": None, "inline_bytes": None,
+        "environment_variable": "certificates from environment variables: " + NOT_YET,
+        "watched_directory": "watched directories (rotation): a later issue: " + NOT_YET})
+    if m is None:
+        return
+    kinds = [k for k in ("filename", "inline_string", "inline_bytes") if k in m]
+    if len(kinds) != 1:
+        if "environment_variable" not in m:
+            c.err(p, "expected one of filename, inline_string, inline_bytes")
+        return
+    k = kinds[0]
+    if k == "filename":
+        kw[file_key] = c.text(m.get(k), m.p(k))
+        return
+    v = c.text(m.get(k), m.p(k))
+    if v is None:
+        return
+    if k == "inline_bytes":
+        import base64
+        import binascii
+        try:
+            v = base64.b64decode(v, validate=True).decode("ascii")
+        except (binascii.Error, ValueError):
+            c.err(m.p(k), "not base64 of PEM text")
+            return
+    if "-----BEGIN " not in v:
+        c.err(m.p(k), "not PEM (-----BEGIN ...)")
+        return
+    kw[pem_key] = v
+
+
 def _data_source(c: EnvoyChecker, raw, p: str) -> Optional[str]:
     if raw is _MISSING:
         return None
@@ -389,7 +431,8 @@ def _validation(c: EnvoyChecker, raw, p: str, kw: dict) -> None:
     if v is None:
         return
     if "trusted_ca" in v:
-        kw["trusted_ca_file"] = _data_source(c, v.get("trusted_ca"), v.p("trusted_ca"))
+        _pem_source(c, v.get("trusted_ca"), v.p("trusted_ca"), kw, "trusted_ca_file",
+                    "trusted_ca_pem")
     if "crl" in v:
         kw["crl_file"] = _data_source(c, v.get("crl"), v.p("crl"))
     if _bool(c, v, "only_verify_leaf_cert_crl"):
@@ -432,7 +475,7 @@ def _validation(c: EnvoyChecker, raw, p: str, kw: dict) -> None:
                 sans += [SanMatch(t, *mt) for t in ("dns", "uri", "email", "ip")]
     if sans:
         kw["match_subject_alt_names"] = tuple(sans)
-        if not kw.get("trusted_ca_file"):
+        if not kw.get("trusted_ca_file") and not kw.get("trusted_ca_pem"):
             c.err(p, "subject alt name matchers without trusted_ca: " + NOT_YET)
 
 
