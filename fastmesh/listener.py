@@ -321,7 +321,12 @@ class Listener:
             return self.chains[chain].factory
         if self.dispatched:
             return self.dispatcher.protocol
-        return next(iter(self.chains.values())).factory
+        return self._one_chain_protocol
+
+    def _one_chain_protocol(self):
+        # the chain's factory as it is at each connection: an update may have replaced it
+        # (new TLS settings, a certificate from SDS over ADS) while the server keeps this
+        return next(iter(self.chains.values())).factory()
 
     def _set_access_log(self, path: str | None, fmt=None, json_fields=()) -> None:
         old = self.ctx.access_log

@@ -910,8 +910,9 @@ class Supervisor:
 
     def config_dump(self) -> dict:
         from fastmesh.registry.report import endpoint_sources
-        return {"version": self.version, "source": self.cfg.source, "config": to_dict(self.cfg),
-                "endpoint_sources": endpoint_sources(self)}
+        from fastmesh.config.envoy.dump import redact
+        return {"version": self.version, "source": self.cfg.source,
+                "config": redact(to_dict(self.cfg)), "endpoint_sources": endpoint_sources(self)}
 
     def envoy_config_dump(self) -> dict | None:
         """Envoy's ConfigDump shape, for a proxy configured by an Envoy bootstrap."""

@@ -47,7 +47,7 @@ log = logging.getLogger("fastmesh.xds")
 INVALID_ARGUMENT = 3
 APPLY_TIMEOUT_S = 60.0
 # the order subscriptions are (re)sent in: clusters before listeners, as Envoy does
-ORDER = (R.CLUSTER, R.ENDPOINT, R.LISTENER, R.ROUTE)
+ORDER = (R.CLUSTER, R.ENDPOINT, R.SECRET, R.LISTENER, R.ROUTE)
 
 
 class TypeState:

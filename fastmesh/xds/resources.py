@@ -28,6 +28,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 # downstream TLS on a filter chain's transport_socket (and plain raw_buffer)
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 # a cluster's HTTP/2 protocol options (Istio sends them): readable, so the translator can say
 # what it refuses, rather than the resource being undecodable
@@ -36,7 +37,7 @@ from udpa.type.v1 import typed_struct_pb2 as _udpa_typed_struct  # noqa: F401
 from xds.type.v3 import typed_struct_pb2 as _xds_typed_struct  # noqa: F401
 
 from fastmesh.config.envoy.compose import (  # noqa: F401  (one place for these names)
-    CLUSTER, ENDPOINT, LISTENER, ROUTE, WHOLE_SET, Composed, State, compose, eds_view,
+    CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, WHOLE_SET, Composed, State, compose, eds_view,
     name_origin)
 
 # what each type is called in logs and errors, its message class, and the field naming it
@@ -45,6 +46,7 @@ KINDS = {
     CLUSTER: ("cluster", cluster_pb2.Cluster, "name"),
     ROUTE: ("route configuration", route_pb2.RouteConfiguration, "name"),
     ENDPOINT: ("cluster load assignment", endpoint_pb2.ClusterLoadAssignment, "cluster_name"),
+    SECRET: ("secret", secret_pb2.Secret, "name"),     # SDS over the same stream (Istio's)
 }
 
 

@@ -18,7 +18,8 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-TYPES = (LISTENER, CLUSTER, ROUTE, ENDPOINT)
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+TYPES = (LISTENER, CLUSTER, ROUTE, ENDPOINT, SECRET)
 # LDS and CDS answers are the whole set (a resource left out is removed); RDS and EDS answers
 # carry the resources asked for
 WHOLE_SET = (LISTENER, CLUSTER)
@@ -30,6 +31,10 @@ TCP_PROXY = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 class State:
     """The dynamic resources accepted so far, by type, then by name."""
     resources: dict = field(default_factory=lambda: {t: {} for t in TYPES})
+
+    def __post_init__(self):
+        for t in TYPES:                 # (a previous generation's may lack newer types)
+            self.resources.setdefault(t, {})
 
     def with_update(self, type_url: str, update: dict) -> "State":
         new = State({t: dict(v) for t, v in self.resources.items()})
@@ -108,6 +113,84 @@ def _tcp_clusters(listener: dict):
                 yield tc["cluster"]
 
 
+def _tls_contexts(transport_socket):
+    """The common_tls_context of a TLS transport socket (Downstream or UpstreamTlsContext)."""
+    tc = _get(transport_socket, "typed_config")
+    cm = _get(tc, "common_tls_context")
+    return cm if isinstance(cm, dict) else None
+
+
+def _transport_sockets(resource: dict):
+    """A listener's filter chains' transport sockets, or a cluster's own."""
+    ts = _get(resource, "transport_socket")
+    if isinstance(ts, dict):
+        yield ts
+    for fc in _items(resource, "filter_chains"):
+        ts = _get(fc, "transport_socket")
+        if isinstance(ts, dict):
+            yield ts
+
+
+def _over_ads(sc) -> bool:
+    return isinstance(_get(sc, "sds_config"), dict) and "ads" in _get(sc, "sds_config")
+
+
+def _sds_refs(cm: dict):
+    """(where, config) of each SDS-over-ADS secret a common_tls_context names: its
+    certificates, its validation context (alone or combined with a default one)."""
+    for sc in _items(cm, "tls_certificate_sds_secret_configs"):
+        if _over_ads(sc):
+            yield "certificate", sc
+    sc = _get(cm, "validation_context_sds_secret_config")
+    if _over_ads(sc):
+        yield "validation", sc
+    sc = _get(_get(cm, "combined_validation_context"), "validation_context_sds_secret_config")
+    if _over_ads(sc):
+        yield "combined", sc
+
+
+def _secret_names(resource: dict) -> set:
+    return {_get(sc, "name") for ts in _transport_sockets(resource)
+            if (cm := _tls_contexts(ts)) is not None for _, sc in _sds_refs(cm)
+            if isinstance(_get(sc, "name"), str)}
+
+
+def _with_secrets(resource: dict, secrets: dict) -> dict:
+    """A copy of the listener or cluster with each SDS-over-ADS reference replaced by the
+    secret the control plane sent: a certificate becomes `tls_certificates` (inline PEM), a
+    validation context `validation_context` (a combined one: the default merged with the
+    secret's, lists joined, as Envoy merges them)."""
+    resource = copy.deepcopy(resource)
+    for ts in _transport_sockets(resource):
+        cm = _tls_contexts(ts)
+        if cm is None:
+            continue
+        refs = list(_sds_refs(cm))
+        certs = [secrets[_get(sc, "name")].get("tls_certificate") or {}
+                 for kind, sc in refs if kind == "certificate"]
+        if certs:
+            key = _key(cm, "tls_certificate_sds_secret_configs")
+            left = [sc for sc in cm[key] if not _over_ads(sc)]
+            if left:
+                cm[key] = left
+            else:
+                del cm[key]
+            cm[_key(cm, "tls_certificates")] = list(_items(cm, "tls_certificates")) + certs
+        for kind, sc in refs:
+            vc = secrets[_get(sc, "name")].get("validation_context") or {}
+            if kind == "validation":
+                del cm[_key(cm, "validation_context_sds_secret_config")]
+                cm[_key(cm, "validation_context")] = vc
+            elif kind == "combined":
+                ck = _key(cm, "combined_validation_context")
+                merged = dict(_get(cm[ck], "default_validation_context") or {})
+                for k, v in vc.items():
+                    merged[k] = list(merged.get(k) or []) + v if isinstance(v, list) else v
+                del cm[ck]
+                cm[_key(cm, "validation_context")] = merged
+    return resource
+
+
 def _is_eds(cluster: dict) -> bool:
     return _get(cluster, "type") == "EDS"
 
@@ -123,22 +206,40 @@ def compose(static: dict, state: State) -> "Composed":
     doc = dict(static)          # dynamic_resources kept: it names the control plane's cluster
     sr = copy.deepcopy(_get(static, "static_resources") or {})
     if not isinstance(sr, dict):
-        return Composed(doc, {}, [], {ROUTE: set(), ENDPOINT: set()})  # the translator says
+        return Composed(doc, {}, [], {ROUTE: set(), ENDPOINT: set(), SECRET: set()})
     listeners = list(_items(sr, "listeners"))
     clusters = list(_items(sr, "clusters"))
     origins: dict = {}
     routes, assignments = state.resources[ROUTE], state.resources[ENDPOINT]
     wanted_eds: set = set()
     eds_users: dict = {}
+    secrets = state.resources[SECRET]
+    wanted_secrets: set = set()
     for i, c in enumerate(clusters):
+        needs = _secret_names(c) if isinstance(c, dict) and _get(
+            static, "dynamic_resources") else ()
+        if needs:
+            # a static cluster's secrets over the same stream: in place once they are all
+            # here (until then the translator says what it lacks)
+            wanted_secrets |= needs
+            if all(n in secrets for n in needs):
+                c = clusters[i] = _with_secrets(c, secrets)
         if isinstance(c, dict) and _is_eds(c) and _get(static, "dynamic_resources"):
             # a static EDS cluster, fed by the same ADS stream
             wanted_eds.add(_eds_name(c))
             eds_users.setdefault(_eds_name(c), []).append(c)
             clusters[i] = _with_assignment(c, assignments)
+    warming = []
     for name, c in sorted(state.resources[CLUSTER].items()):
         # resources are never changed in place: a cluster the control plane resent unchanged
         # is the very object translated last time, so its translation is reused
+        needs = _secret_names(c) if isinstance(c, dict) else ()
+        if needs:
+            wanted_secrets |= needs
+            if any(n not in secrets for n in needs):
+                warming.append(f"cluster {name}")       # (its secrets first, as Envoy)
+                continue
+            c = _with_secrets(c, secrets)
         if _is_eds(c):
             wanted_eds.add(_eds_name(c))
             eds_users.setdefault(_eds_name(c), []).append(c)
@@ -147,7 +248,6 @@ def compose(static: dict, state: State) -> "Composed":
             c = _with_assignment(c, assignments)
         origins[f"static_resources.clusters[{len(clusters)}]"] = f"cluster {name!r}"
         clusters.append(c)
-    warming = []
     unchecked_refs: set = set()
     wanted_routes: set = set()
     static_listeners, listeners = listeners, []
@@ -157,10 +257,14 @@ def compose(static: dict, state: State) -> "Composed":
         if not isinstance(lst, dict):
             listeners.append(lst)           # the translator says what is wrong with it
             continue
-        lst = copy.deepcopy(lst)
+        needs = _secret_names(lst) if name is not None or _get(static,
+                                                                "dynamic_resources") else ()
+        wanted_secrets |= set(needs)
+        lst = _with_secrets(lst, secrets) if needs and all(n in secrets for n in needs) \
+            else copy.deepcopy(lst)
         refs = list(_rds_refs(lst))
         wanted_routes.update(rc for rc, _ in refs)
-        if any(rc not in routes for rc, _ in refs):
+        if any(rc not in routes for rc, _ in refs) or any(n not in secrets for n in needs):
             warming.append(name or lst.get("name"))
             continue
         for rc, tc in refs:
@@ -184,16 +288,17 @@ def compose(static: dict, state: State) -> "Composed":
     _VIEWS.clear()
     _VIEWS.update(_VIEWS_NEXT)
     _VIEWS_NEXT.clear()
-    return Composed(doc, origins, warming, {ROUTE: wanted_routes, ENDPOINT: wanted_eds},
-                    eds_users)
+    return Composed(doc, origins, warming, {ROUTE: wanted_routes, ENDPOINT: wanted_eds,
+                                            SECRET: wanted_secrets}, eds_users)
 
 
 @dataclass
 class Composed:
     document: dict          # bootstrap-shaped: what the translator reads
     origins: dict           # composed path prefix -> "kind 'name'" of the resource sent
-    warming: list           # listeners waiting for their route configuration
-    wanted: dict            # ROUTE / ENDPOINT -> the names to subscribe to
+    warming: list           # listeners (and clusters) waiting for their route
+                            # configuration or their secrets
+    wanted: dict            # ROUTE / ENDPOINT / SECRET -> the names to subscribe to
     eds_users: dict = field(default_factory=dict)   # EDS name -> the clusters it feeds
 
 

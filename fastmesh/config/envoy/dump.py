@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, Optional
 
-from .compose import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from .compose import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 _ADMIN = "type.googleapis.com/envoy.admin.v3."
 
@@ -37,6 +37,8 @@ def config_dump(bootstrap: dict, started_at: float, resources: Optional[dict] = 
     """bootstrap: the file as read; resources/versions/updated_at: per xDS type, what the
     control plane sent and fastmesh serves (absent without a control plane)."""
     resources, versions, updated_at = resources or {}, versions or {}, updated_at or {}
+    bootstrap = redact(bootstrap)
+    resources = {t: {n: redact(r) for n, r in (rs or {}).items()} for t, rs in resources.items()}
     start = _ts(started_at)
     sr = bootstrap.get("static_resources") or {}
     static_listeners = [_entry("listener", lst, LISTENER, None, start)
@@ -61,7 +63,33 @@ def config_dump(bootstrap: dict, started_at: float, resources: Optional[dict] = 
          "dynamic_route_configs": dynamic(ROUTE, "route_config")},
         {"@type": _ADMIN + "EndpointsConfigDump",
          "dynamic_endpoint_configs": dynamic(ENDPOINT, "endpoint_config")},
+        {"@type": _ADMIN + "SecretsConfigDump",
+         "dynamic_active_secrets": [dict(e, name=e["secret"].get("name"))
+                                    for e in dynamic(SECRET, "secret")]},
     ]}
+
+
+REDACTED = "[redacted]"
+_REDACTED_B64 = "W3JlZGFjdGVkXQ=="          # base64 of it, for bytes fields
+
+
+def redact(data: Any) -> Any:
+    """A copy with every private key's content replaced by "[redacted]" (as Envoy's dumps
+    show them): keys never leave the process through the admin API."""
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for k, v in data.items():
+        if k in ("private_key", "privateKey") and isinstance(v, dict):
+            out[k] = {kk: (_REDACTED_B64 if kk in ("inline_bytes", "inlineBytes") else REDACTED)
+                      if isinstance(vv, str) else vv for kk, vv in v.items()}
+        elif k == "private_key_pem" and isinstance(v, str):
+            out[k] = REDACTED
+        else:
+            out[k] = redact(v)
+    return out
 
 
 def read_bootstrap(path: str) -> Optional[Any]:

@@ -290,7 +290,8 @@ def _sds_configs(c: EnvoyChecker, raw, p: str, kw: dict) -> None:
         src = c.message(sc.get("sds_config"), sc.p("sds_config"), {
             "path_config_source": None, "path": None, "resource_api_version": None,
             "initial_fetch_timeout": None,
-            "ads": "SDS over ADS: " + NOT_YET + " (use a path_config_source)",
+            "ads": "SDS over ADS needs dynamic_resources.ads_config (the secret comes over "
+                   "that stream)",
             "api_config_source": "SDS from an API config source: " + NOT_YET,
             "self": "SDS from self: " + NOT_YET})
         if src is None:
