@@ -254,7 +254,7 @@ def test_config_dump_in_envoy_shape(plane):
         dump = json.loads(r.read())
     by_type = {c["@type"].rsplit(".", 1)[-1]: c for c in dump["configs"]}
     assert set(by_type) == {"BootstrapConfigDump", "ClustersConfigDump", "ListenersConfigDump",
-                            "RoutesConfigDump", "EndpointsConfigDump"}
+                            "RoutesConfigDump", "EndpointsConfigDump", "SecretsConfigDump"}
     assert by_type["BootstrapConfigDump"]["bootstrap"]["node"]["cluster"] == "test"
     cl = by_type["ClustersConfigDump"]
     assert [c["cluster"]["name"] for c in cl["static_clusters"]] == ["xds_cluster"]

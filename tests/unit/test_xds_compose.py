@@ -17,7 +17,7 @@ from fmtest import camel  # noqa: E402
 from xds_server import assignment, bootstrap, route_config, to_cluster  # noqa: E402
 
 from fastmesh.config.envoy import translate_composed  # noqa: E402
-from fastmesh.config.envoy.compose import (ENDPOINT, ROUTE, State, compose)  # noqa: E402
+from fastmesh.config.envoy.compose import (ENDPOINT, ROUTE, SECRET, State, compose)  # noqa: E402
 from fastmesh.config.model import Address  # noqa: E402
 
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -61,7 +61,7 @@ def test_static_rds_listener_and_eds_cluster(spelling):
         assert "staticResources" in b and "filterChains" in str(b)
     before = compose(b, State())
     assert before.warming == ["in"]                     # its route configuration: not yet
-    assert before.wanted == {ROUTE: {"r"}, ENDPOINT: {"svc"}}
+    assert before.wanted == {ROUTE: {"r"}, ENDPOINT: {"svc"}, SECRET: set()}
     assert translate_composed(before.document, "x").listeners == ()
     after = compose(b, state_with_route_and_assignment())
     assert after.warming == []
