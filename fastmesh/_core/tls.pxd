@@ -51,6 +51,8 @@ cdef class TlsConfig:
         readonly int handshake_timeout_ms   # 0: none
         public dict counters            # "ssl.*": the listener's (shared by its chains) or
                                         # the cluster's
+        object loop                     # the worker's event loop (handshake timers), once
+                                        # known
 
     cdef bint san_ok(self, dict cert)
 
@@ -81,7 +83,7 @@ cdef class TlsTransport:
         object inner_factory            # makes the chain's protocol once the handshake is done
         object inner                    # that protocol (BufferedProtocol), or None
         object raw                      # the loop's TCP transport
-        object sslobj                   # ssl.SSLObject
+        object sslobj                   # the C-level SSL object an ssl.SSLObject holds
         object incoming                 # ssl.MemoryBIO: ciphertext from the peer
         object outgoing                 # ssl.MemoryBIO: ciphertext to the peer
         int state                       # TlsState
