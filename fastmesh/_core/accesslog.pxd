@@ -30,7 +30,7 @@ cdef class AccessLog:
 
     cdef int add(self, int64_t duration_us, bytes client, bytes request_line, int status,
                  bytes flag, object cluster_name, object endpoint, bytes request_id,
-                 bytes head=*, Exchange ex=*) except -1
+                 bytes head=*, Exchange ex=*, bytes protocol=*) except -1
     cdef int add_bolt(self, int64_t duration_us, bytes client, bytes service, bytes method,
                       int status, object cluster_name, object endpoint,
                       long long request_id, Exchange ex=*) except -1

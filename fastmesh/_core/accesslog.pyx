@@ -240,13 +240,14 @@ cdef class AccessLog:
 
     cdef int add(self, int64_t duration_us, bytes client, bytes request_line, int status,
                  bytes flag, object cluster_name, object endpoint,
-                 bytes request_id, bytes head=None, Exchange ex=None) except -1:
+                 bytes request_id, bytes head=None, Exchange ex=None,
+                 bytes protocol=b"HTTP/1.1") except -1:
         cdef Writer *w = &self.pending
         cdef char num[48]
         cdef int n
         if self.ops is not None:
             return self._add_formatted(duration_us, client, request_line, head, status, flag,
-                                       cluster_name, endpoint, request_id, b"HTTP/1.1",
+                                       cluster_name, endpoint, request_id, protocol,
                                        None, None, ex)
         self._put_start(w, wall_us() - duration_us, client)
         put_bytes(w, request_line)

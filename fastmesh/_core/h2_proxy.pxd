@@ -43,17 +43,27 @@ cdef class ProxyStream:
         list body_copy
         Py_ssize_t body_copy_bytes
         list tried                  # endpoints tried
+        # the access log's (kept only when the listener has one)
+        int64_t start_us
+        bytes head_raw              # the routing head (%REQ(X)%), its first line rewritten
+        bytes flag                  # why the proxy answered itself (local replies)
+        int64_t bytes_in            # request DATA bytes from the client
+        int64_t bytes_out           # response DATA bytes to the client
+        bytes request_id
 
     cdef void start_upstream(self) except *
     cdef void pump_up(self) except *
     cdef void pump_down(self) except *
     cdef void finish(self) except *
+    cdef void log_access(self) except *
 
 
 cdef class H2Downstream(H2Consumer):
     cdef:
         ListenerCtx ctx
         object transport
+        bytes client_ip             # the access log's (when the listener has one)
+        int client_port
         RecvBuffer rbuf
         H2Connection codec
         HeadParser parser           # the routing heads of its streams (one per connection)

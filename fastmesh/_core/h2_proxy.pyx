@@ -24,7 +24,8 @@ import logging
 from libc.stdint cimport int64_t, uint32_t
 
 from fastmesh._core.buffer cimport RecvBuffer
-from fastmesh._core.clock cimport now_ms
+from fastmesh._core.clock cimport now_ms, now_us
+from fastmesh._core.accesslog cimport AccessLog, Exchange
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.h2 cimport (H2Connection, H2Consumer, H2Stream, H2_NO_ERROR, H2_CANCEL,
                                  H2_REFUSED_STREAM, H2_INTERNAL_ERROR, H2S_HALF_CLOSED_LOCAL)
@@ -185,6 +186,7 @@ cdef class ProxyStream:
             if sent < 0:
                 self.to_down.clear()
                 return
+            self.bytes_out += sent
             if sent and self.up is not None and self.us_id >= 0:
                 self.up.codec.consumed(<uint32_t>self.us_id, sent)
                 _dirty_up.add(self.up)
@@ -208,6 +210,8 @@ cdef class ProxyStream:
         if self.done:
             return
         self.done = True
+        if self.ds.ctx.access_log is not None:
+            self.log_access()
         self.ds.ctx.counters.v[LS_RQ_ACTIVE] -= 1
         self.ds.streams.pop(self.ds_id, None)
         if not self.ds.streams:
@@ -233,6 +237,29 @@ cdef class ProxyStream:
                     self.h1up.transport.abort()
 
 
+    cdef void log_access(self) except *:
+        # one line for the stream, as for an HTTP/1 request (fastmesh/_core/accesslog.pyx);
+        # %PROTOCOL% is HTTP/2, as Envoy logs it
+        cdef AccessLog alog = <AccessLog>self.ds.ctx.access_log
+        cdef Exchange ex = None
+        cdef bytes line = None
+        cdef Py_ssize_t eol
+        if self.head_raw is not None:
+            eol = self.head_raw.find(b"\r\n")
+            line = self.head_raw[:eol] if eol >= 0 else None
+        if alog.wants_exchange:
+            ex = Exchange.__new__(Exchange)
+            ex.client_port = self.ds.client_port
+            ex.bytes_received = self.bytes_in
+            ex.bytes_sent = self.bytes_out
+        try:
+            alog.add(now_us() - self.start_us, self.ds.client_ip, line, self.status,
+                     self.flag, self.cluster.name if self.cluster is not None else None,
+                     self.ep, self.request_id, self.head_raw, ex, b"HTTP/2")
+        except Exception:
+            log.exception("listener %s: access log failed", self.ds.ctx.name)
+
+
 cdef class H2Downstream(H2Consumer):
     def __init__(self, ListenerCtx ctx):
         self.ctx = ctx
@@ -245,6 +272,10 @@ cdef class H2Downstream(H2Consumer):
         self.transport = transport
         self.codec = H2Connection(self, False, max_concurrent_streams=MAX_CONCURRENT_STREAMS,
                                   max_header_list_bytes=max(self.ctx.max_head_bytes, 16384))
+        if self.ctx.access_log is not None:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = (peer[0] if peer else "unknown").encode()
+            self.client_port = peer[1] if peer else 0
         transport.set_write_buffer_limits(self.ctx.high_water_bytes, self.ctx.low_water_bytes)
         self.ctx.conns.add(self)
         self.ctx.counters.v[LS_CX_TOTAL] += 1
@@ -349,6 +380,8 @@ cdef class H2Downstream(H2Consumer):
         ps.start_ms = now_ms()
         ctype = headers.get(b"content-type")
         ps.grpc = ctype is not None and ctype[:16] == b"application/grpc"
+        if self.ctx.access_log is not None:
+            ps.start_us = now_us()
         self.streams[stream_id] = ps
         self.ctx.counters.v[LS_RQ_TOTAL] += 1
         self.ctx.counters.v[LS_RQ_ACTIVE] += 1
@@ -361,6 +394,11 @@ cdef class H2Downstream(H2Consumer):
         if self.parser is None:
             self.parser = HeadParser(True, max(self.ctx.max_head_bytes, 65536), 1000)
         h = routing_head(headers, self.parser)
+        if self.ctx.access_log is not None and h is not None:
+            eol = h.raw.find(b" HTTP/1.1\r\n")
+            ps.head_raw = h.raw[:eol] + b" HTTP/2" + h.raw[eol + 9:] if eol > 0 else h.raw
+            rid = headers.get(b"x-request-id")
+            ps.request_id = rid
         if h is None:
             self.ctx.counters.v[LS_ERR_BAD_REQUEST] += 1
             self.local_reply(ps, 400, b"bad_request")
@@ -381,7 +419,10 @@ cdef class H2Downstream(H2Consumer):
         if route.headers_to_add:
             pairs.extend(route.headers_to_add)
         if headers.find(b"x-request-id", 12) < 0:
-            pairs.append((b"x-request-id", make_request_id()))     # as Envoy generates one
+            rid = make_request_id()
+            pairs.append((b"x-request-id", rid))     # as Envoy generates one
+            if self.ctx.access_log is not None:
+                ps.request_id = rid
         ps.request_headers = pairs
         ps.attempts = 1
         if route.retry is not None:
@@ -518,6 +559,7 @@ cdef class H2Downstream(H2Consumer):
         return self.try_again(ps, status, False, False)    # (its checks passed above)
 
     cdef void local_reply(self, ProxyStream ps, int status, bytes reason) except *:
+        ps.flag = reason
         self.respond_local(ps, status, reason + b"\n", reason)
 
     cdef void respond_local(self, ProxyStream ps, int status, bytes body,
@@ -581,6 +623,7 @@ cdef class H2Downstream(H2Consumer):
             return
         if end_stream:
             ps.request_ended = True
+        ps.bytes_in += len(data)
         if len(data) or end_stream:
             ps.to_up.append((data, end_stream))
         if ps.us_id >= 0:

@@ -89,7 +89,8 @@ def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port, access_log
                 {"name": "http", "address": sock(http_port), "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
-                        "@type": HCM_TYPE, "stat_prefix": "http", "codec_type": "HTTP1",
+                        # AUTO: HTTP/1.1, and h2c with prior knowledge (the HTTP/2 log test)
+                        "@type": HCM_TYPE, "stat_prefix": "http", "codec_type": "AUTO",
                         # no log_format: each writes Envoy's default line
                         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
                             "@type": FILE_LOG_TYPE, "path": access_log_path}}],
@@ -331,6 +332,46 @@ def test_default_access_log_line_matches_envoys(sides):
     assert recs["fastmesh"]["rid-chunked"]["tx"] == "20000"
     assert recs["fastmesh"]["rid-get"]["upstream"] == beta
     assert recs["fastmesh"]["rid-noroute"]["flags"] == "NR"
+
+
+def test_http2_access_log_line_matches_envoys(sides):
+    """h2c streams (curl --http2-prior-knowledge) logged as Envoy logs them: protocol HTTP/2,
+    DATA bytes both ways, the upstream, local replies' flags."""
+    import shutil
+    import subprocess
+    if shutil.which("curl") is None:
+        pytest.skip("curl missing")
+    cases = [("h2-get", "/only/_/bytes/1234", "www.local", []),
+             ("h2-post", "/only/_/bytes/10", "www.local", ["--data-binary", "x" * 300]),
+             ("h2-status", "/only/_/status/503", "www.local", []),
+             ("h2-noroute", "/nothing", "api.local", [])]
+    codes = {}
+    for who, side in sides.items():
+        for rid, path, host, extra in cases:
+            r = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{http_version}",
+                 "--http2-prior-knowledge", "-H", f"host: {host}", "-H", f"x-request-id: {rid}",
+                 "-H", "user-agent: parity/2.0", *extra,
+                 f"http://127.0.0.1:{side.http_port}{path}"],
+                capture_output=True, timeout=20)
+            codes[(who, rid)] = r.stdout.decode()
+    assert all(codes[("envoy", rid)] == codes[("fastmesh", rid)] for rid, *_ in cases), codes
+    assert codes[("fastmesh", "h2-get")] == "200 2"
+    rids = [c[0] for c in cases]
+    recs = {who: _log_records(side, rids) for who, side in sides.items()}
+    for rid in rids:
+        e, f = recs["envoy"].get(rid), recs["fastmesh"].get(rid)
+        assert e is not None and f is not None, (rid, {w: sorted(r) for w, r in recs.items()})
+        fields = ["method", "path", "protocol", "code", "flags", "rx", "ua", "rid",
+                  "authority", "upstream"]
+        if f["upstream"] != "-":
+            fields.append("tx")
+        for field in fields:
+            assert e[field] == f[field], (rid, field, e[field], f[field])
+    assert recs["fastmesh"]["h2-get"]["protocol"] == "HTTP/2"
+    assert recs["fastmesh"]["h2-get"]["tx"] == "1234"
+    assert recs["fastmesh"]["h2-post"]["rx"] == "300"
+    assert recs["fastmesh"]["h2-noroute"]["flags"] == "NR"
 
 
 # -- the unit tests' accepted bootstraps are valid for Envoy too ---------------------------------
