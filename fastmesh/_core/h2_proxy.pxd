@@ -4,7 +4,7 @@
 # they come (DATA frames are slices of the receive buffers), flow control is end to end:
 # bytes are given back to the sender's window only once the other side took them.
 
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.context cimport ListenerCtx
@@ -50,6 +50,8 @@ cdef class ProxyStream:
         int64_t bytes_in            # request DATA bytes from the client
         int64_t bytes_out           # response DATA bytes to the client
         bytes request_id
+        bint hashed                 # the route's hash policies gave the request a hash:
+        uint64_t hash               # ring_hash / maglev clusters pick by it
 
     cdef void start_upstream(self) except *
     cdef void pump_up(self) except *

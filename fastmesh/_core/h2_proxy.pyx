@@ -47,7 +47,8 @@ from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TO
                                    CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY, CS_RQ_RETRY_OVERFLOW,
                                    LS_ERR_OVERFLOW,
                                    status_class_slot)
-from fastmesh._core.upstream cimport Cluster, Endpoint
+from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH
+from fastmesh._core.http_proxy cimport request_hash
 from fastmesh._core.upstream import open_connection
 
 log = logging.getLogger("fastmesh.h2")
@@ -272,10 +273,9 @@ cdef class H2Downstream(H2Consumer):
         self.transport = transport
         self.codec = H2Connection(self, False, max_concurrent_streams=MAX_CONCURRENT_STREAMS,
                                   max_header_list_bytes=max(self.ctx.max_head_bytes, 16384))
-        if self.ctx.access_log is not None:
-            peer = transport.get_extra_info("peername")
-            self.client_ip = (peer[0] if peer else "unknown").encode()
-            self.client_port = peer[1] if peer else 0
+        peer = transport.get_extra_info("peername")      # (hash policies, access log)
+        self.client_ip = (peer[0] if peer else "unknown").encode()
+        self.client_port = peer[1] if peer else 0
         transport.set_write_buffer_limits(self.ctx.high_water_bytes, self.ctx.low_water_bytes)
         self.ctx.conns.add(self)
         self.ctx.counters.v[LS_CX_TOTAL] += 1
@@ -413,6 +413,8 @@ cdef class H2Downstream(H2Consumer):
             self.respond_local(ps, route.direct_status, route.direct_body or b"", None)
             return
         ps.cluster = route.pick_cluster()
+        if route.hash_policy is not None and ps.cluster.lb_policy >= LB_RING_HASH:
+            ps.hashed = request_hash(route.hash_policy, h, self.client_ip, &ps.hash)
         pairs = header_pairs(headers)
         if route.headers_to_remove:
             pairs = [p for p in pairs if p[0] not in route.headers_to_remove]
@@ -444,7 +446,7 @@ cdef class H2Downstream(H2Consumer):
             self.local_reply(ps, 503, b"overflow")
             return
         if cluster is not None:
-            ep = cluster.pick()
+            ep = cluster.pick_hash(ps.hash) if ps.hashed else cluster.pick()
             if ps.tried and ep is not None and ep in ps.tried and ps.route.retry is not None:
                 for n in range(ps.route.retry.host_selection_attempts):
                     ep = cluster.pick()     # another try: prefer an endpoint not tried yet

@@ -192,3 +192,7 @@ cdef class HttpUpstream:
     cdef void _close(self)
     cdef void pause_reading(self)
     cdef void resume_reading(self)
+
+
+# the request's hash under a route's hash policies (HTTP/2 streams use it too)
+cdef bint request_hash(tuple policies, Head h, bytes client_ip, uint64_t *out) except -1

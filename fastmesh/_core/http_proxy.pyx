@@ -1236,9 +1236,17 @@ cdef int _header_share(Head h, bytes name, int default_ppm, int per_unit):
 
 
 cdef Endpoint _pick_by_hash(Cluster cluster, tuple policies, Head h, bytes client_ip):
+    # No policy yields a value: a random endpoint.
+    cdef uint64_t acc = 0
+    if not request_hash(policies, h, client_ip, &acc):
+        return cluster.pick()
+    return cluster.pick_hash(acc)
+
+
+cdef bint request_hash(tuple policies, Head h, bytes client_ip, uint64_t *out) except -1:
     # The request's hash under the route's hash policies (Envoy's: xxh64 of each value,
     # combined as rotl(hash, 1) ^ next; a terminal policy that yields a value ends the
-    # list). No policy yields one: a random endpoint.
+    # list) into *out; False when no policy yields a value.
     cdef uint64_t acc = 0, one
     cdef bint have = False
     cdef int kind
@@ -1260,9 +1268,8 @@ cdef Endpoint _pick_by_hash(Cluster cluster, tuple policies, Head h, bytes clien
         have = True
         if terminal:
             break
-    if not have:
-        return cluster.pick()
-    return cluster.pick_hash(acc)
+    out[0] = acc
+    return have
 
 
 cdef tuple _parse_ip_port(bytes v):

@@ -298,6 +298,28 @@ def test_consistent_hashing_on_a_header_sticks_as_envoys_does(side, cluster_name
         assert mapping == envoys, side.who
 
 
+@pytest.mark.parametrize("cluster_name", ["sticky", "maglev"])
+def test_consistent_hashing_of_http2_streams(side, cluster_name):
+    """h2c streams hash as HTTP/1 requests do: each key lands where its HTTP/1 request did
+    (so, for fastmesh, where Envoy's did)."""
+    import shutil
+    import subprocess
+    if shutil.which("curl") is None or (cluster_name, side.who) not in MAPPINGS:
+        pytest.skip("curl, or the HTTP/1 mapping, missing")
+    bodies = []
+    for i in range(30):
+        r = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "-H", f"x-user: user-{i}",
+                            "-w", "|%{http_version}",
+                            f"http://127.0.0.1:{side.port}/{cluster_name}/"],
+                           capture_output=True, timeout=10)
+        body, _, version = r.stdout.decode().rpartition("|")
+        assert version == "2", (side.who, r.stdout)
+        bodies.append(body.rstrip("\n"))
+    http1 = MAPPINGS[(cluster_name, side.who)]
+    assert {i: bodies[i] for i in range(30)} == {
+        i: http1[i].decode().rstrip("\n") for i in range(30)}, side.who
+
+
 def test_endpoint_weights_share_the_requests(side):
     with RawClient(side.port, timeout=10) as c:
         bodies = []
