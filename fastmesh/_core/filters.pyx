@@ -1,6 +1,23 @@
 """Fault injection and local rate limiting (HTTP). See filters.pxd."""
 from libc.stdint cimport int64_t
 
+from fastmesh._core.stats cimport (LS_RL_ENABLED, LS_RL_ENFORCED, LS_RL_LIMITED, LS_RL_OK)
+
+
+cdef int64_t _header_int(Head h, bytes name, int64_t default):
+    cdef bytes v = h.header_value(name, len(name))
+    if v is None or not v.isdigit() or len(v) > 9:
+        return default
+    return int(v)
+
+
+cdef int _header_share(Head h, bytes name, int default_ppm, int per_unit):
+    # a percentage header: its number counts in the configured percentage's denominator
+    cdef bytes v = h.header_value(name, len(name))
+    if v is None or not v.isdigit() or len(v) > 9:
+        return default_ppm
+    return <int>min(1000000, int(v) * per_unit)
+
 FAULT = F_FAULT
 RATELIMIT = F_RATELIMIT
 
@@ -21,6 +38,26 @@ cdef class FaultPolicy:
         self.delay_denominator = delay_denominator
         self.max_active = max_active
         self.active = 0
+
+    cdef int64_t delay_for(self, Head h):
+        cdef int64_t delay_ms = self.delay_ms
+        cdef int ppm = self.delay_ppm
+        if self.delay_from_header:
+            delay_ms = _header_int(h, b"x-envoy-fault-delay-request", delay_ms)
+            ppm = _header_share(h, b"x-envoy-fault-delay-request-percentage", ppm,
+                                self.delay_denominator)
+        return delay_ms if delay_ms > 0 and drawn(ppm) else 0
+
+    cdef int abort_for(self, Head h):
+        cdef int status = self.abort_status
+        cdef int ppm = self.abort_ppm
+        if self.abort_from_header:
+            status = <int>_header_int(h, b"x-envoy-fault-abort-request", status)
+            if not 200 <= status < 600:
+                status = self.abort_status
+            ppm = _header_share(h, b"x-envoy-fault-abort-request-percentage", ppm,
+                                self.abort_denominator)
+        return status if status and drawn(ppm) else 0
 
 
 cdef class TokenBucket:
@@ -60,6 +97,26 @@ cdef class TokenBucket:
             reset_s = (self.last_fill_ms + self.fill_interval_ms - now + 999) // 1000
         return (b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: %d\r\nx-ratelimit-reset: %d\r\n"
                 % (self.max_tokens, self.tokens, reset_s))
+
+    cdef bint limits(self, Counters c, int64_t now) except -1:
+        cdef bint ok
+        self.extra = None
+        if not drawn(self.enabled_ppm):
+            return False
+        c.v[LS_RL_ENABLED] += 1
+        ok = self.take(now)
+        if self.x_ratelimit_headers:
+            self.extra = self.headers(now)
+        if ok:
+            c.v[LS_RL_OK] += 1
+            return False
+        if not drawn(self.enforced_ppm):
+            return False
+        c.v[LS_RL_ENFORCED] += 1
+        c.v[LS_RL_LIMITED] += 1
+        if self.limited_headers:
+            self.extra = self.limited_headers + (self.extra or b"")
+        return True
 
     def py_take(self, int64_t now):
         return self.take(now)

@@ -10,7 +10,8 @@ from fastmesh._core.buffer cimport RecvBuffer
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.h2 cimport H2Connection, H2Consumer
 from fastmesh._core.hpack cimport HeaderList
-from fastmesh._core.http1 cimport HeadParser, ChunkedFramer
+from fastmesh._core.http1 cimport Head, HeadParser, ChunkedFramer
+from fastmesh._core.filters cimport FaultPolicy
 from fastmesh._core.router cimport Route
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
@@ -52,6 +53,11 @@ cdef class ProxyStream:
         bytes request_id
         bint hashed                 # the route's hash policies gave the request a hash:
         uint64_t hash               # ring_hash / maglev clusters pick by it
+        # the HTTP filters'
+        FaultPolicy fault           # a fault delay holding the stream (None: none)
+        int fault_abort             # the abort drawn with it (0: none)
+        object delay_timer
+        list extra_headers          # on a local answer (x-ratelimit-*, configured ones)
 
     cdef void start_upstream(self) except *
     cdef void pump_up(self) except *
@@ -79,6 +85,10 @@ cdef class H2Downstream(H2Consumer):
     cdef void forward(self, ProxyStream ps) except *      # to an endpoint of ps.cluster
     cdef void route_again(self, ProxyStream ps) except *  # its upstream did not process it
     cdef void local_reply(self, ProxyStream ps, int status, bytes reason) except *
+    cdef void route_on(self, ProxyStream ps) except *
+    cdef void prepare(self, ProxyStream ps, Route route, Head h, HeaderList headers) except *
+    cdef bint run_filters(self, ProxyStream ps, Route route, Head h) except -1
+    cdef void fault_abort(self, ProxyStream ps, int status) except *
     cdef void respond_local(self, ProxyStream ps, int status, bytes body,
                             bytes reason) except *
     cdef void maybe_done(self, ProxyStream ps) except *

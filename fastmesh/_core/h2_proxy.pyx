@@ -45,9 +45,10 @@ from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TO
                                    CS_RSP_1XX, CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL,
                                    CS_NO_HEALTHY, CS_RQ_TIMEOUT, CS_CX_IDLE_CLOSED,
                                    CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY, CS_RQ_RETRY_OVERFLOW,
-                                   LS_ERR_OVERFLOW,
+                                   LS_ERR_OVERFLOW, LS_FAULT_ABORTS, LS_FAULT_DELAYS,
                                    status_class_slot)
 from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH
+from fastmesh._core.filters cimport FaultPolicy, TokenBucket, F_FAULT
 from fastmesh._core.http_proxy cimport request_hash
 from fastmesh._core.upstream import open_connection
 
@@ -211,6 +212,11 @@ cdef class ProxyStream:
         if self.done:
             return
         self.done = True
+        if self.delay_timer is not None:            # reset in a fault delay
+            self.delay_timer.cancel()
+            self.delay_timer = None
+            self.fault.active -= 1
+            self.fault = None
         if self.ds.ctx.access_log is not None:
             self.log_access()
         self.ds.ctx.counters.v[LS_RQ_ACTIVE] -= 1
@@ -409,9 +415,25 @@ cdef class H2Downstream(H2Consumer):
             self.local_reply(ps, 404, b"no_route")
             return
         ps.route = route
+        if route.action != A_DIRECT:
+            self.prepare(ps, route, h, headers)
+        if self.ctx.http_filters is not None and self.run_filters(ps, route, h):
+            return                          # answered (abort, rate limited), or delayed
+        self.route_on(ps)
+
+    cdef void route_on(self, ProxyStream ps) except *:
+        # the stream, past the HTTP filters: a direct response, or to its cluster
+        cdef Route route = ps.route
         if route.action == A_DIRECT:
             self.respond_local(ps, route.direct_status, route.direct_body or b"", None)
             return
+        if route.timeout_ms > 0:
+            ps.deadline_ms = now_ms() + route.timeout_ms
+        self.forward(ps)
+
+    cdef void prepare(self, ProxyStream ps, Route route, Head h, HeaderList headers) except *:
+        # what the routing head decides for the upstream request, while it is at hand (the
+        # head is the connection's parser's: the next stream reuses it)
         ps.cluster = route.pick_cluster()
         if route.hash_policy is not None and ps.cluster.lb_policy >= LB_RING_HASH:
             ps.hashed = request_hash(route.hash_policy, h, self.client_ip, &ps.hash)
@@ -430,9 +452,70 @@ cdef class H2Downstream(H2Consumer):
         if route.retry is not None:
             ps.body_copy = []
             ps.tried = []
-        if route.timeout_ms > 0:
-            ps.deadline_ms = ps.start_ms + route.timeout_ms
-        self.forward(ps)
+
+    cdef bint run_filters(self, ProxyStream ps, Route route, Head h) except -1:
+        # The listener's HTTP filters in their order, as for HTTP/1 requests (the
+        # decisions are fastmesh._core.filters'): True when one answered the stream or holds
+        # it. A delay's abort, if any, is drawn now and applied after it.
+        cdef FaultPolicy fp
+        cdef TokenBucket tb
+        cdef int64_t delay_ms
+        cdef int status
+        for kind in self.ctx.http_filters:
+            if kind == F_FAULT:
+                fp = route.fault if route.fault is not None else self.ctx.fault
+                if fp is None or (fp.max_active and fp.active >= fp.max_active):
+                    continue
+                delay_ms = fp.delay_for(h)
+                status = fp.abort_for(h)
+                if delay_ms > 0:
+                    self.ctx.counters.v[LS_FAULT_DELAYS] += 1
+                    fp.active += 1
+                    ps.fault = fp
+                    ps.fault_abort = status
+                    ps.delay_timer = self.ctx.loop.call_later(delay_ms / 1000.0,
+                                                              self.on_delay_done, ps)
+                    return True
+                if status:
+                    self.fault_abort(ps, status)
+                    return True
+            else:
+                tb = route.ratelimit if route.ratelimit is not None else self.ctx.ratelimit
+                if tb is not None and tb.limits(self.ctx.counters, now_ms()):
+                    if tb.extra:
+                        ps.extra_headers = [tuple(line.split(b": ", 1)) for line in
+                                            tb.extra.split(b"\r\n") if b": " in line]
+                    ps.flag = b"local_rate_limited"
+                    self.respond_local(ps, tb.status, b"local_rate_limited",
+                                       b"local_rate_limited")
+                    return True
+        return False
+
+    cdef void fault_abort(self, ProxyStream ps, int status) except *:
+        self.ctx.counters.v[LS_FAULT_ABORTS] += 1
+        ps.flag = b"fault_abort"
+        self.respond_local(ps, status, b"fault filter abort", b"fault_abort")
+
+    def on_delay_done(self, ProxyStream ps):
+        # a fault delay has passed: its abort, or on to the router (after the filters that
+        # follow in the chain: not re-run, as the head is gone; fault first is Envoy's order)
+        cdef FaultPolicy fp = ps.fault
+        ps.delay_timer = None
+        if fp is not None:
+            fp.active -= 1
+            ps.fault = None
+        if ps.done:
+            return
+        try:
+            if ps.fault_abort:
+                self.fault_abort(ps, ps.fault_abort)
+            else:
+                self.route_on(ps)
+            self.flush()
+            flush_dirty()
+        except BaseException:
+            log.exception("listener %s: internal error after a fault delay", self.ctx.name)
+            self.transport.abort()
 
     cdef void forward(self, ProxyStream ps) except *:
         cdef Cluster cluster = ps.cluster
@@ -586,6 +669,8 @@ cdef class H2Downstream(H2Consumer):
                     (b"content-length", str(len(body)).encode())]
             if reason is not None:
                 hdrs.append((b"x-fastmesh-error", reason))
+            if ps.extra_headers:
+                hdrs.extend(ps.extra_headers)
             ps.status = status
             self.codec.send_headers(ps.ds_id, hdrs, not body)
             if body:

@@ -422,18 +422,13 @@ cdef class HttpDownstream:
     cdef bint _inject_fault(self, Head h, FaultPolicy fp, int pos, bint delayed):
         # Envoy's order: the delay, then (after it) the abort. Headers may choose the delay,
         # the status and their shares when the policy says so.
-        cdef int64_t delay_ms = fp.delay_ms
-        cdef int ppm
-        cdef int status = fp.abort_status
+        cdef int64_t delay_ms
+        cdef int status
         if fp.max_active and fp.active >= fp.max_active and not delayed:
             return False
         if not delayed:
-            ppm = fp.delay_ppm
-            if fp.delay_from_header:
-                delay_ms = _header_int(h, b"x-envoy-fault-delay-request", delay_ms)
-                ppm = _header_share(h, b"x-envoy-fault-delay-request-percentage", ppm,
-                                    fp.delay_denominator)
-            if delay_ms > 0 and _drawn(ppm):
+            delay_ms = fp.delay_for(h)
+            if delay_ms > 0:
                 self.ctx.counters.v[LS_FAULT_DELAYS] += 1
                 fp.active += 1
                 self.fault_active = fp
@@ -444,14 +439,8 @@ cdef class HttpDownstream:
                 self.delay_timer = self.ctx.loop.call_later(delay_ms / 1000.0,
                                                             self._on_delay_done)
                 return True
-        ppm = fp.abort_ppm
-        if fp.abort_from_header:
-            status = _header_int(h, b"x-envoy-fault-abort-request", status)
-            if not 200 <= status < 600:
-                status = fp.abort_status
-            ppm = _header_share(h, b"x-envoy-fault-abort-request-percentage", ppm,
-                                fp.abort_denominator)
-        if status and _drawn(ppm):
+        status = fp.abort_for(h)
+        if status:
             self.ctx.counters.v[LS_FAULT_ABORTS] += 1
             self._local_response(status, b"fault_abort", b"fault filter abort", -1)
             return True
@@ -475,26 +464,12 @@ cdef class HttpDownstream:
             self._abort()
 
     cdef bint _rate_limited(self, TokenBucket tb):
-        cdef int64_t now
-        cdef bint ok
-        if not _drawn(tb.enabled_ppm):
-            return False
-        self.ctx.counters.v[LS_RL_ENABLED] += 1
-        now = now_ms()
-        ok = tb.take(now)
-        if tb.x_ratelimit_headers:
-            self.extra_rsp_headers = tb.headers(now)
-        if ok:
-            self.ctx.counters.v[LS_RL_OK] += 1
-            return False
-        if not _drawn(tb.enforced_ppm):
-            return False
-        self.ctx.counters.v[LS_RL_ENFORCED] += 1
-        self.ctx.counters.v[LS_RL_LIMITED] += 1
-        if tb.limited_headers:
-            self.extra_rsp_headers = tb.limited_headers + (self.extra_rsp_headers or b"")
-        self._local_response(tb.status, b"local_rate_limited", b"local_rate_limited", -1)
-        return True
+        cdef bint limited = tb.limits(self.ctx.counters, now_ms())
+        if tb.extra is not None:
+            self.extra_rsp_headers = tb.extra
+        if limited:
+            self._local_response(tb.status, b"local_rate_limited", b"local_rate_limited", -1)
+        return limited
 
     cdef void _mirror(self, Head h, Route route):
         # Fire-and-forget copies for the route's mirror clusters, sent now, beside the
@@ -1214,26 +1189,6 @@ cdef class HttpDownstream:
 
 
 # ======================================================================= upstream
-
-cdef inline bint _drawn(int ppm):
-    # True for ppm in a million requests
-    return ppm >= 1000000 or (ppm > 0 and <int>(fast_random() % 1000000) < ppm)
-
-
-cdef int64_t _header_int(Head h, bytes name, int64_t default):
-    cdef bytes v = h.header_value(name, len(name))
-    if v is None or not v.isdigit() or len(v) > 9:
-        return default
-    return int(v)
-
-
-cdef int _header_share(Head h, bytes name, int default_ppm, int per_unit):
-    # a percentage header: its number counts in the configured percentage's denominator
-    cdef bytes v = h.header_value(name, len(name))
-    if v is None or not v.isdigit() or len(v) > 9:
-        return default_ppm
-    return <int>min(1000000, int(v) * per_unit)
-
 
 cdef Endpoint _pick_by_hash(Cluster cluster, tuple policies, Head h, bytes client_ip):
     # No policy yields a value: a random endpoint.

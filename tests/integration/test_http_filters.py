@@ -173,3 +173,41 @@ def test_token_bucket_answers_429_with_the_ratelimit_headers(side):
     assert all(g[4] is None for g in got[:5]), (who, got)
     # the other routes have no bucket
     assert all(get(port, "/other")[0] == 200 for _ in range(8)), who
+
+
+def h2(port, path, *headers):
+    """(status, body, headers dict, ms) of one h2c request (curl, prior knowledge)."""
+    import subprocess
+    argv = ["curl", "-s", "-i", "--http2-prior-knowledge", "--max-time", "10"]
+    for h in headers:
+        argv += ["-H", h]
+    t = time.monotonic()
+    out = subprocess.run(argv + [f"http://127.0.0.1:{port}{path}"], capture_output=True,
+                         timeout=20).stdout
+    ms = (time.monotonic() - t) * 1000
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith("HTTP/2 "), out
+    hdrs = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), body, hdrs, ms
+
+
+def test_filters_on_http2_streams(side):
+    """The same filters for h2c streams: aborts, header-chosen aborts and delays, a fixed
+    delay, the route's token bucket (429 with its headers once the bucket is empty)."""
+    who, port, _ = side
+    assert h2(port, "/abort/x")[:2] == (503, b"fault filter abort"), who
+    assert h2(port, "/x", "x-envoy-fault-abort-request: 418")[:2] == \
+        (418, b"fault filter abort"), who
+    status, _, _, ms = h2(port, "/x", "x-envoy-fault-delay-request: 300")
+    assert status == 200 and ms >= 290, (who, ms)
+    status, _, _, ms = h2(port, "/delay/x")
+    assert status == 200 and ms >= 290, (who, ms)
+    assert h2(port, "/x")[0] == 200
+    for _ in range(7):                      # 5 tokens a minute (some spent by other tests)
+        status, body, hdrs, _ = h2(port, "/limited/x")
+        if status == 429:
+            break
+    assert status == 429, who
+    assert hdrs.get("x-limited") == "yes" and hdrs.get("x-ratelimit-limit") == "5", (who, hdrs)
+    assert hdrs.get("x-ratelimit-remaining") == "0", (who, hdrs)
