@@ -58,12 +58,17 @@ cdef class ProxyStream:
         int fault_abort             # the abort drawn with it (0: none)
         object delay_timer
         list extra_headers          # on a local answer (x-ratelimit-*, configured ones)
+        # the route's mirrors, while the request body comes (None: sent, or none)
+        bytes mirror_head
+        list mirror_body
+        Py_ssize_t mirror_bytes
 
     cdef void start_upstream(self) except *
     cdef void pump_up(self) except *
     cdef void pump_down(self) except *
     cdef void finish(self) except *
     cdef void log_access(self) except *
+    cdef void mirror_data(self, data, bint end) except *
 
 
 cdef class H2Downstream(H2Consumer):

@@ -35,7 +35,7 @@ from fastmesh._core.http1 cimport (Head, HeadParser, ChunkedFramer, BODY_NONE, B
                                    CH_ERROR)
 from fastmesh._core.router cimport Route, RouteTable, A_DIRECT
 from fastmesh._core.retry cimport RetryPolicy
-from fastmesh._core.http1 cimport make_request_id
+from fastmesh._core.http1 cimport make_request_id, build_request_head
 from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL,
                                    LS_RQ_ACTIVE, LS_RSP_1XX, LS_ERR_NO_ROUTE,
                                    LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_CONNECT_FAILED,
@@ -46,10 +46,11 @@ from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TO
                                    CS_NO_HEALTHY, CS_RQ_TIMEOUT, CS_CX_IDLE_CLOSED,
                                    CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY, CS_RQ_RETRY_OVERFLOW,
                                    LS_ERR_OVERFLOW, LS_FAULT_ABORTS, LS_FAULT_DELAYS,
+                                   CS_RQ_SHADOW_SKIPPED,
                                    status_class_slot)
 from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH
 from fastmesh._core.filters cimport FaultPolicy, TokenBucket, F_FAULT
-from fastmesh._core.http_proxy cimport request_hash
+from fastmesh._core.http_proxy cimport request_hash, send_mirrors
 from fastmesh._core.upstream import open_connection
 
 log = logging.getLogger("fastmesh.h2")
@@ -58,6 +59,7 @@ cdef int RECV_BUFFER_BYTES = 65536
 cdef int RECV_BUFFER_CAP_BYTES = 1 << 20
 cdef int MAX_CONCURRENT_STREAMS = 100
 cdef Py_ssize_t RETRY_BODY_BYTES = 65536  # a request body kept for retries up to this size
+cdef Py_ssize_t MIRROR_BODY_BYTES = 1 << 20     # ... for mirrors (as HTTP/1 requests')
 cdef bytes TE_TRAILERS = b"trailers"
 
 # HTTP status of a local answer -> gRPC status (Envoy's mapping)
@@ -243,6 +245,27 @@ cdef class ProxyStream:
                     self.ep.active_requests -= 1
                     self.h1up.transport.abort()
 
+
+    cdef void mirror_data(self, data, bint end) except *:
+        # request DATA for the mirrors: kept until the end (then sent), or dropped (counted)
+        # once it outgrows MIRROR_BODY_BYTES
+        cdef Cluster cl
+        cdef bytes head
+        self.mirror_bytes += len(data)
+        if self.mirror_bytes > MIRROR_BODY_BYTES:
+            for cl, _, _ in self.route.mirrors:
+                cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
+            self.mirror_head = self.mirror_body = None
+            return
+        if len(data):
+            self.mirror_body.append(bytes(data))
+        if not end:
+            return
+        head = self.mirror_head
+        if b"\r\ncontent-length:" not in head.lower():
+            head = head[:len(head) - 2] + b"content-length: %d\r\n\r\n" % self.mirror_bytes
+        send_mirrors(self.ds.ctx.loop, self.route, head, b"".join(self.mirror_body))
+        self.mirror_head = self.mirror_body = None
 
     cdef void log_access(self) except *:
         # one line for the stream, as for an HTTP/1 request (fastmesh/_core/accesslog.pyx);
@@ -452,6 +475,16 @@ cdef class H2Downstream(H2Consumer):
         if route.retry is not None:
             ps.body_copy = []
             ps.tried = []
+        if route.mirrors is not None:
+            # copies for the mirror clusters, as HTTP/1.1 requests: now, or once the body
+            # (up to MIRROR_BODY_BYTES) has all come
+            head = build_request_head(h, self.client_ip, None, route.headers_to_add,
+                                      route.headers_to_remove, True)
+            if ps.request_ended:
+                send_mirrors(self.ctx.loop, route, head, b"")
+            else:
+                ps.mirror_head = head
+                ps.mirror_body = []
 
     cdef bint run_filters(self, ProxyStream ps, Route route, Head h) except -1:
         # The listener's HTTP filters in their order, as for HTTP/1 requests (the
@@ -711,6 +744,8 @@ cdef class H2Downstream(H2Consumer):
         if end_stream:
             ps.request_ended = True
         ps.bytes_in += len(data)
+        if ps.mirror_head is not None:
+            ps.mirror_data(data, end_stream)
         if len(data) or end_stream:
             ps.to_up.append((data, end_stream))
         if ps.us_id >= 0:
@@ -725,6 +760,8 @@ cdef class H2Downstream(H2Consumer):
         if ps is None or ps.done:
             return
         ps.request_ended = True
+        if ps.mirror_head is not None:
+            ps.mirror_data(b"", True)               # (trailers are not mirrored)
         ps.to_up.append(header_pairs(trailers))
         if ps.us_id >= 0:
             ps.pump_up()

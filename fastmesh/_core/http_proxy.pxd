@@ -196,3 +196,5 @@ cdef class HttpUpstream:
 
 # the request's hash under a route's hash policies (HTTP/2 streams use it too)
 cdef bint request_hash(tuple policies, Head h, bytes client_ip, uint64_t *out) except -1
+# copies of a request for a route's mirror clusters (HTTP/2 streams use it too)
+cdef void send_mirrors(loop, Route route, bytes head, bytes body) except *

@@ -509,12 +509,7 @@ cdef class HttpDownstream:
                 self.body_copy_bytes = 0
 
     cdef void _send_mirrors(self, Route route, bytes head, bytes body):
-        cdef Cluster cl
-        for cl, per_million, host_suffix in route.mirrors:
-            if per_million < 1000000 and <int>(fast_random() % 1000000) >= per_million:
-                continue
-            send_shadow(self.ctx.loop, cl, shadow_head(head, host_suffix) + body,
-                        route.timeout_ms)
+        send_mirrors(self.ctx.loop, route, head, body)
 
     cdef void _keep_body_copy(self, list pieces, Py_ssize_t first):
         # A copy of the body bytes going upstream, for mirrors and retries, up to the limit
@@ -1265,6 +1260,15 @@ cdef bytes _query_value(Head h, bytes name):
     return None
 
 
+cdef void send_mirrors(loop, Route route, bytes head, bytes body) except *:
+    # the route's mirror clusters get a copy each (drawn by their share), HTTP/1.1
+    cdef Cluster cl
+    for cl, per_million, host_suffix in route.mirrors:
+        if per_million < 1000000 and <int>(fast_random() % 1000000) >= per_million:
+            continue
+        send_shadow(loop, cl, shadow_head(head, host_suffix) + body, route.timeout_ms)
+
+
 def shadow_head(bytes head, bint host_suffix):
     """A request head for a mirror: Host "name[:port]" becomes "name-shadow[:port]" (as
     Envoy's), and the connection closes after the answer (which is dropped)."""
@@ -1293,8 +1297,8 @@ def send_shadow(loop, Cluster cl, bytes data, int timeout_ms):
         return
     cl.counters.v[CS_RQ_SHADOW] += 1
     cl.counters.v[CS_CX_TOTAL] += 1
-    task = asyncio.ensure_future(loop.create_connection(
-        lambda: _ShadowProtocol(cl, data, timeout_ms), ep.host, ep.port), loop=loop)
+    task = asyncio.ensure_future(open_connection(
+        loop, lambda: _ShadowProtocol(cl, data, timeout_ms), cl, ep), loop=loop)
     task.add_done_callback(_shadow_connected)
 
 

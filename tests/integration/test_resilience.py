@@ -394,6 +394,25 @@ def test_a_streamed_body_is_mirrored_once_it_has_all_gone(side, ups):
     assert _shadow_stats(ups)["requests"] == before + 2, side.who
 
 
+def test_http2_streams_are_mirrored(side, ups):
+    """h2c streams get their copies too (as HTTP/1.1 requests here): without a body, and
+    with one that comes after the headers (curl --data-binary)."""
+    import subprocess
+    before = _shadow_stats(ups)["requests"]
+    for extra in ([], ["--data-binary", "x" * 5000]):
+        r = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "-H", "host: api.local",
+                            *extra, "-w", "|%{http_version}",
+                            f"http://127.0.0.1:{side.port}/mirror/x"],
+                           capture_output=True, timeout=10)
+        assert r.stdout == b"hello from good\n|2", (side.who, r.stdout)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _shadow_stats(ups)["requests"] < before + 2:
+        time.sleep(0.05)
+    st = _shadow_stats(ups)
+    assert st["requests"] == before + 2, side.who
+    assert st["hosts"][-1] == "api.local-shadow", (side.who, st["hosts"][-2:])
+
+
 def test_a_failing_mirror_never_fails_the_primary(side):
     assert statuses(side, "/mirror-dead/", 10) == [200] * 10, side.who
 
