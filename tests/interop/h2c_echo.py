@@ -7,9 +7,19 @@ prints "READY <port>" once listening. Every request gets 200 with the request bo
 (or, without a body, "<method> <path>\\n"); a request with `te: trailers` also gets
 trailers `grpc-status: 0` (as a gRPC server would). Flow control is honoured both ways: the
 request body is given back to the window as it is queued, the response waits for windows.
+
+Paths under /t/ answer differently (for the proxy's translation tests):
+  /t/bytes/N[?cl]      N bytes of body, with a content-length only when `cl` is given
+  /t/trailers[?cl]     body "ok", then trailers `x-trailer: yes` (content-length with `cl`)
+  /t/headers           the request's header fields as JSON (after the body, if any)
+  /t/reset             RST_STREAM(INTERNAL_ERROR) before any response
+  /t/reset-mid         response headers and 1000 bytes of body, then RST_STREAM
+  /t/slow/MS           the echo answer after MS milliseconds
+  /t/stats             {"connections": accepted so far, "open": open now} as JSON
 """
 import argparse
 import asyncio
+import json
 import sys
 
 from fastmesh._core.buffer import RecvBuffer
@@ -60,6 +70,9 @@ class EchoConsumer(H2Consumer):
     def respond(self, sid):
         st = self.streams[sid]
         conn = self.proto.conn
+        path = st.headers.get(b":path", b"")
+        if path.startswith(b"/t/") and self.special(sid, st, path.decode()):
+            return
         body = st.body or [("%s %s\n" % (st.headers.get(b":method", b"").decode(),
                                         st.headers.get(b":path", b"").decode())).encode()]
         ctype = st.headers.get(b"content-type") or b"text/plain"
@@ -68,6 +81,54 @@ class EchoConsumer(H2Consumer):
         st.pending = list(body)
         st.responded = True
         self.pump(sid)
+
+    def special(self, sid, st, path):
+        conn = self.proto.conn
+        path, _, query = path.partition("?")
+        hdrs = [(b":status", b"200"), (b"server", b"fastmesh-h2c-echo")]
+        if path == "/t/reset":
+            conn.py_reset_stream(sid, 2)
+            self.streams.pop(sid, None)
+            return True
+        if path.startswith("/t/slow/"):
+            asyncio.get_running_loop().call_later(int(path[8:]) / 1000.0, self.late, sid)
+            return True
+        if path.startswith("/t/bytes/"):
+            n = int(path[9:])
+            body = [bytes(range(256)) * 64] * (n // 16384)
+            if n % 16384:
+                body.append(b"x" * (n % 16384))
+        elif path == "/t/trailers":
+            body = [b"ok"]
+            st.trailers = [(b"x-trailer", b"yes")]
+        elif path == "/t/headers":
+            body = [json.dumps([[k.decode(), v.decode()] for k, v in st.headers.items()]
+                               + [["body-bytes", str(sum(len(b) for b in st.body))]]).encode()]
+        elif path == "/t/reset-mid":
+            conn.py_send_headers(sid, hdrs, False)
+            conn.py_send_data(sid, b"y" * 1000, False)
+            conn.py_reset_stream(sid, 2)
+            self.streams.pop(sid, None)
+            return True
+        elif path == "/t/stats":
+            body = [json.dumps({"connections": EchoProtocol.accepted,
+                                "open": EchoProtocol.open}).encode()]
+        else:
+            return False
+        if "cl" in query.split("&"):
+            hdrs.append((b"content-length", str(sum(len(b) for b in body)).encode()))
+        conn.py_send_headers(sid, hdrs, False)
+        st.pending = list(body)
+        st.responded = True
+        self.pump(sid)
+        return True
+
+    def late(self, sid):
+        st = self.streams.get(sid)
+        if st is not None:
+            st.headers = {b":path": b"/slow", b":method": st.headers.get(b":method", b"")}
+            self.respond(sid)
+            self.proto.flush()
 
     def pump(self, sid):
         st = self.streams.get(sid)
@@ -86,11 +147,15 @@ class EchoConsumer(H2Consumer):
                 return                              # on_window_open resumes
             st.pending.pop(0)
         if st.trailers:
-            conn.py_send_headers(sid, [(b"grpc-status", b"0")], True)
+            conn.py_send_headers(sid, st.trailers if isinstance(st.trailers, list)
+                                 else [(b"grpc-status", b"0")], True)
         self.streams.pop(sid, None)
 
 
 class EchoProtocol(asyncio.BufferedProtocol):
+    accepted = 0                    # connections accepted so far (for /t/stats)
+    open = 0
+
     def __init__(self):
         self.rbuf = RecvBuffer(16384, 1 << 20)
         self.consumer = EchoConsumer(self)
@@ -99,6 +164,8 @@ class EchoProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        EchoProtocol.accepted += 1
+        EchoProtocol.open += 1
         self.flush()
 
     def get_buffer(self, sizehint):
@@ -117,6 +184,7 @@ class EchoProtocol(asyncio.BufferedProtocol):
             self.transport.writelines(chunks)
 
     def connection_lost(self, exc):
+        EchoProtocol.open -= 1
         self.consumer.streams.clear()
 
 
