@@ -15,7 +15,8 @@ Paths under /t/ answer differently (for the proxy's translation tests):
   /t/reset             RST_STREAM(INTERNAL_ERROR) before any response
   /t/reset-mid         response headers and 1000 bytes of body, then RST_STREAM
   /t/slow/MS           the echo answer after MS milliseconds
-  /t/stats             {"connections": accepted so far, "open": open now} as JSON
+  /t/stats             {"connections": those that carried other requests, "open": open now,
+                       "resets": {error code: RST_STREAMs received}} as JSON
 """
 import argparse
 import asyncio
@@ -44,6 +45,9 @@ class EchoConsumer(H2Consumer):
 
     def on_headers(self, sid, headers, end_stream):
         st = self.streams[sid] = _Stream(headers)
+        if not self.proto.counted and headers.get(b":path") != b"/t/stats":
+            self.proto.counted = True
+            EchoProtocol.accepted += 1
         st.trailers = headers.get(b"te") == b"trailers"
         if end_stream:
             self.respond(sid)
@@ -62,6 +66,8 @@ class EchoConsumer(H2Consumer):
         self.respond(sid)
 
     def on_reset(self, sid, code, remote):
+        if remote:
+            EchoProtocol.resets[str(code)] = EchoProtocol.resets.get(str(code), 0) + 1
         self.streams.pop(sid, None)
 
     def on_window_open(self, sid):
@@ -111,8 +117,8 @@ class EchoConsumer(H2Consumer):
             self.streams.pop(sid, None)
             return True
         elif path == "/t/stats":
-            body = [json.dumps({"connections": EchoProtocol.accepted,
-                                "open": EchoProtocol.open}).encode()]
+            body = [json.dumps({"connections": EchoProtocol.accepted, "open": EchoProtocol.open,
+                                "resets": EchoProtocol.resets}).encode()]
         else:
             return False
         if "cl" in query.split("&"):
@@ -153,18 +159,19 @@ class EchoConsumer(H2Consumer):
 
 
 class EchoProtocol(asyncio.BufferedProtocol):
-    accepted = 0                    # connections accepted so far (for /t/stats)
+    accepted = 0                    # connections that carried requests other than /t/stats
     open = 0
+    resets = {}                     # RST_STREAMs received, by error code
 
     def __init__(self):
         self.rbuf = RecvBuffer(16384, 1 << 20)
         self.consumer = EchoConsumer(self)
         self.conn = H2Connection(self.consumer, max_concurrent_streams=1000)
         self.transport = None
+        self.counted = False        # carried a request other than /t/stats
 
     def connection_made(self, transport):
         self.transport = transport
-        EchoProtocol.accepted += 1
         EchoProtocol.open += 1
         self.flush()
 
