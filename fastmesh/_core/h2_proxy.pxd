@@ -37,6 +37,8 @@ cdef class ProxyStream:
         int status                  # the response status sent to the client (0: none)
         int64_t start_ms
         int64_t deadline_ms         # until the response headers: the route timeout (0: none)
+        int64_t max_duration_ms     # the whole stream: from a gRPC request's grpc-timeout
+                                    # (routes with grpc_timeout_header_max_ms; 0: none)
         bint done
         # retries (only when the route has a retry policy): the request body so far, kept
         # while it is small enough to send again (None: too large, no more tries)
@@ -68,6 +70,8 @@ cdef class H2Downstream(H2Consumer):
     cdef void forward(self, ProxyStream ps) except *      # to an endpoint of ps.cluster
     cdef void route_again(self, ProxyStream ps) except *  # its upstream did not process it
     cdef void local_reply(self, ProxyStream ps, int status, bytes reason) except *
+    cdef void max_duration_reached(self, ProxyStream ps) except *
+    cdef void reset_stalled(self, int64_t now) except *
     cdef void respond_local(self, ProxyStream ps, int status, bytes body,
                             bytes reason) except *
     cdef void maybe_done(self, ProxyStream ps) except *

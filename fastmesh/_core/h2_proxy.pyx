@@ -49,7 +49,7 @@ from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TO
                                    CS_RSP_1XX, CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL,
                                    CS_NO_HEALTHY, CS_RQ_TIMEOUT, CS_CX_IDLE_CLOSED,
                                    CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY, CS_RQ_RETRY_OVERFLOW,
-                                   LS_ERR_OVERFLOW,
+                                   LS_ERR_OVERFLOW, LS_RQ_MAX_DURATION, LS_ERR_STREAM_IDLE,
                                    status_class_slot)
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
@@ -72,6 +72,41 @@ cdef dict _h1_idle = {}
 # connections with output waiting, flushed once per read event of any of them
 cdef set _dirty_up = set()
 cdef set _dirty_ds = set()
+
+
+cdef int64_t grpc_timeout_ms(bytes v):
+    """A grpc-timeout value (1-8 digits and a unit: H M S m u n) in ms, rounded up; -1 if
+    absent or malformed (then ignored, as Envoy does)."""
+    cdef int64_t n = 0
+    cdef Py_ssize_t i, k
+    cdef int unit
+    if v is None:
+        return -1
+    k = len(v)
+    if k < 2 or k > 9:
+        return -1
+    for i in range(k - 1):
+        if not 48 <= v[i] <= 57:
+            return -1
+        n = n * 10 + (v[i] - 48)
+    unit = v[k - 1]
+    if unit == 72:          # H
+        return n * 3600000
+    if unit == 77:          # M
+        return n * 60000
+    if unit == 83:          # S
+        return n * 1000
+    if unit == 109:         # m
+        return n
+    if unit == 117:         # u
+        return (n + 999) // 1000
+    if unit == 110:         # n
+        return (n + 999999) // 1000000
+    return -1
+
+
+def py_grpc_timeout_ms(v):
+    return grpc_timeout_ms(v)
 
 
 cdef list header_pairs(HeaderList h):
@@ -328,6 +363,11 @@ cdef class H2Downstream(H2Consumer):
             self.ctx.counters.v[LS_CX_IDLE_CLOSED] += 1
             self.begin_drain()              # GOAWAY; no stream open: closed at once
         for ps in list(self.streams.values()):
+            if ps.max_duration_ms and now >= ps.max_duration_ms and not ps.done:
+                ps.max_duration_ms = 0
+                self.ctx.counters.v[LS_RQ_MAX_DURATION] += 1
+                self.max_duration_reached(ps)
+                continue
             if ps.deadline_ms and now >= ps.deadline_ms and not ps.response_started:
                 ps.deadline_ms = 0
                 if ps.cluster is not None:
@@ -337,8 +377,55 @@ cdef class H2Downstream(H2Consumer):
                     _dirty_up.add(ps.up)
                 self.ctx.counters.v[LS_ERR_UPSTREAM_TIMEOUT] += 1
                 self.local_reply(ps, 504, b"upstream_timeout")
+        if self.codec.blocked and self.ctx.stream_idle_timeout_ms > 0:
+            self.reset_stalled(now)
         self.flush()
         flush_dirty()
+
+    cdef void reset_stalled(self, int64_t now) except *:
+        # Streams whose response has waited for the client's flow-control window for the
+        # listener's stream idle timeout (a client that advertises a zero window and never
+        # opens it would pin the stream, its upstream stream and their buffers for ever):
+        # reset both ways, counted as stream idle timeouts (Envoy: stream_idle_timeout).
+        cdef ProxyStream ps
+        cdef uint32_t sid
+        for sid in self.codec.stalled_streams(now - self.ctx.stream_idle_timeout_ms):
+            ps = self.streams.get(sid)
+            self.ctx.counters.v[LS_ERR_STREAM_IDLE] += 1
+            self.codec.reset_stream(sid, H2_CANCEL)
+            if ps is None:
+                continue
+            ps.to_down.clear()
+            if ps.up is not None and ps.us_id >= 0:
+                ps.up.codec.reset_stream(<uint32_t>ps.us_id, H2_CANCEL)
+                _dirty_up.add(ps.up)
+            ps.finish()
+
+    cdef void max_duration_reached(self, ProxyStream ps) except *:
+        # a gRPC request's grpc-timeout passed: before the response, a trailers-only gRPC
+        # answer DEADLINE_EXCEEDED (4) as Envoy sends ("downstream duration timeout"); after
+        # it started, the stream is reset. The upstream stream is cancelled either way.
+        cdef list hdrs
+        _dirty_ds.add(self)
+        if ps.up is not None and ps.us_id >= 0:
+            ps.up.codec.reset_stream(<uint32_t>ps.us_id, H2_CANCEL)
+            _dirty_up.add(ps.up)
+        if ps.response_started:
+            ps.to_down.clear()
+            self.codec.reset_stream(ps.ds_id, H2_CANCEL)
+            ps.finish()
+            return
+        ps.response_started = True
+        ps.status = 200
+        hdrs = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"4"), (b"grpc-message", b"downstream duration timeout"),
+                (b"x-fastmesh-error", b"max_duration")]
+        self.codec.send_headers(ps.ds_id, hdrs, True)
+        self.ctx.counters.v[status_class_slot(200, LS_RSP_1XX)] += 1
+        ps.to_up.clear()
+        if not ps.request_ended:
+            self.codec.reset_stream(ps.ds_id, H2_NO_ERROR)
+        ps.finish()
 
     # -- the codec's callbacks --
 
@@ -393,6 +480,20 @@ cdef class H2Downstream(H2Consumer):
             ps.tried = []
         if route.timeout_ms > 0:
             ps.deadline_ms = ps.start_ms + route.timeout_ms
+        if route.grpc_timeout_max_ms >= 0 and ps.grpc:
+            # Envoy's max_stream_duration.grpc_timeout_header_max: for a gRPC request the
+            # grpc-timeout header (none: no limit) replaces the route timeout
+            ps.deadline_ms = 0
+            t = grpc_timeout_ms(headers.get(b"grpc-timeout"))
+            if t >= 0:
+                if 0 < route.grpc_timeout_max_ms < t:
+                    t = route.grpc_timeout_max_ms
+                t -= route.grpc_timeout_offset_ms
+                if t <= 0:                  # already over (as Envoy answers at once)
+                    self.ctx.counters.v[LS_RQ_MAX_DURATION] += 1
+                    self.max_duration_reached(ps)
+                    return
+                ps.max_duration_ms = ps.start_ms + t
         self.forward(ps)
 
     cdef void forward(self, ProxyStream ps) except *:
