@@ -1387,10 +1387,10 @@ def sweep_downstreams(ListenerCtx ctx, int64_t now):
     tick for all listeners, upstream connections with no stream for the cluster's idle
     timeout, or to an endpoint no longer in its cluster, are closed (GOAWAY first)."""
     global _last_upstream_sweep_ms
-    cdef H2Downstream ds
     cdef H2Upstream up
-    for ds in list(ctx.conns):
-        ds.on_idle_check(now)
+    for c in list(ctx.conns):
+        if isinstance(c, H2Downstream):     # (an http1 listener's HTTP/1 sessions: not here)
+            (<H2Downstream>c).on_idle_check(now)
     if now == _last_upstream_sweep_ms:
         return
     _last_upstream_sweep_ms = now

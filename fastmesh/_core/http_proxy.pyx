@@ -1731,10 +1731,20 @@ class HttpUpstreamProtocol(HttpUpstream, asyncio.BufferedProtocol):
 def sweep_downstreams(ListenerCtx ctx, int64_t now):
     """Fire passed deadlines of a listener's connections (called every ~100 ms)."""
     cdef HttpDownstream ds
-    for ds in ctx.conns:
+    cdef list due = []
+    cdef bint h2 = False
+    for c in ctx.conns:
+        if not isinstance(c, HttpDownstream):
+            h2 = True                       # an HTTP/2 session (codec: auto took it over)
+            continue
+        ds = c
         if ds.state == DS_HEAD:
             ds.rbuf.release_if_empty()      # between requests: no receive memory held
-    due = [ds for ds in ctx.conns if ds.deadline_ms and ds.deadline_ms <= now]
+        if ds.deadline_ms and ds.deadline_ms <= now:
+            due.append(ds)
+    if h2:                                  # their timeouts, drains and stalls
+        from fastmesh._core import h2_proxy
+        h2_proxy.sweep_downstreams(ctx, now)
     for ds in due:
         try:
             ds.on_deadline(now)

@@ -1153,7 +1153,7 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
     for key in ("grpc_timeout_header_max_ms", "grpc_timeout_header_offset_ms"):
         if key in m:
             kw[key] = c.integer(m[key], f"{p}.{key}", lo=0)
-    if "grpc_timeout_header_offset_ms" in kw and "grpc_timeout_header_max_ms" not in kw:
+    if kw.get("grpc_timeout_header_offset_ms") and "grpc_timeout_header_max_ms" not in kw:
         c.err(f"{p}.grpc_timeout_header_offset_ms", "without grpc_timeout_header_max_ms the "
               "grpc-timeout header is not used, so an offset has nothing to apply to (set "
               "grpc_timeout_header_max_ms: 0 for no cap)")
