@@ -32,8 +32,9 @@ def _cfg(echo_port: int, **route) -> dict:
 
 @pytest.fixture
 def start_echo(procs):
-    def start(loop="uvloop") -> int:
-        p = Proc([sys.executable, str(ECHO), "--port", "0", "--loop", loop], name="h2c echo")
+    def start(loop="uvloop", max_streams=1000) -> int:
+        p = Proc([sys.executable, str(ECHO), "--port", "0", "--loop", loop, "--max-streams",
+                  str(max_streams)], name="h2c echo")
         procs.append(p)
         return int(_wait_line(p, b"READY", START_TIMEOUT_S).split()[1])
     return start
@@ -243,3 +244,22 @@ def test_unreachable_endpoint_is_503(start_fastmesh):
     assert code == 503 and b"connect" in body
     assert fm.listener_stats("web")["error_connect_failed"] == 1
     assert fm.cluster_stats("h2")["upstream_cx_connect_fail"] == 1
+
+
+def test_concurrent_streams_limit_of_the_upstream_is_respected(start_echo, start_fastmesh,
+                                                               loop_kind):
+    """The endpoint allows 4 streams at once: 24 HTTP/1 clients' requests wait for a free
+    stream on the one connection (none refused, none failed)."""
+    import concurrent.futures
+    echo = start_echo(loop_kind, max_streams=4)
+    fm = start_fastmesh(_cfg(echo), loop=loop_kind)
+
+    def one(i):
+        return curl(fm, f"/t/slow/200?i={i}")[0]
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(one, range(24)))
+    assert codes == [200] * 24
+    assert time.monotonic() - t0 >= 1.0          # 6 rounds of 4 streams of 200 ms
+    assert echo_stats(echo)["connections"] == 1
+    assert fm.cluster_stats("h2")["upstream_cx_total"] == 1

@@ -1,7 +1,7 @@
 """A tiny h2c (prior knowledge) echo server on fastmesh's HTTP/2 codec, for interop tests
 with independent clients (curl, h2load, the `h2` package). Test-only: not the proxy.
 
-    python tests/interop/h2c_echo.py [--port 0] [--loop uvloop|asyncio]
+    python tests/interop/h2c_echo.py [--port 0] [--loop uvloop|asyncio] [--max-streams N]
 
 prints "READY <port>" once listening. Every request gets 200 with the request body echoed
 (or, without a body, "<method> <path>\\n"); a request with `te: trailers` also gets
@@ -162,11 +162,12 @@ class EchoProtocol(asyncio.BufferedProtocol):
     accepted = 0                    # connections that carried requests other than /t/stats
     open = 0
     resets = {}                     # RST_STREAMs received, by error code
+    max_streams = 1000              # SETTINGS_MAX_CONCURRENT_STREAMS (--max-streams)
 
     def __init__(self):
         self.rbuf = RecvBuffer(16384, 1 << 20)
         self.consumer = EchoConsumer(self)
-        self.conn = H2Connection(self.consumer, max_concurrent_streams=1000)
+        self.conn = H2Connection(self.consumer, max_concurrent_streams=EchoProtocol.max_streams)
         self.transport = None
         self.counted = False        # carried a request other than /t/stats
 
@@ -207,7 +208,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    ap.add_argument("--max-streams", type=int, default=1000)
     a = ap.parse_args()
+    EchoProtocol.max_streams = a.max_streams
     if a.loop == "uvloop":
         import uvloop
         uvloop.run(serve(a.port))
