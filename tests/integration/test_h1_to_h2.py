@@ -263,3 +263,27 @@ def test_concurrent_streams_limit_of_the_upstream_is_respected(start_echo, start
     assert time.monotonic() - t0 >= 1.0          # 6 rounds of 4 streams of 200 ms
     assert echo_stats(echo)["connections"] == 1
     assert fm.cluster_stats("h2")["upstream_cx_total"] == 1
+
+
+def test_retries_and_access_log_as_for_http1(start_echo, start_fastmesh, tmp_path, loop_kind):
+    """The HTTP/1 path's machinery applies unchanged: a reset stream is retried by the
+    route's policy (then 503), and every request is one access-log line."""
+    echo = start_echo(loop_kind)
+    log_path = tmp_path / "access.log"
+    cfg = _cfg(echo, retry_policy={"retry_on": ["reset"], "num_retries": 2})
+    cfg["listeners"][0]["access_log"] = str(log_path)
+    fm = start_fastmesh(cfg, loop=loop_kind)
+    code, rc, body = curl(fm, "/t/reset")
+    assert code == 503
+    assert fm.cluster_stats("h2")["upstream_rq_retry"] == 2
+    assert echo_stats(echo)["connections"] == 1
+    code, rc, body = curl(fm, "/t/bytes/5000?cl")
+    assert (code, len(body)) == (200, 5000)
+    deadline = time.monotonic() + 3
+    lines = []
+    while time.monotonic() < deadline and len(lines) < 2:
+        time.sleep(0.2)
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+    assert len(lines) == 2, lines
+    assert '"GET /t/reset HTTP/1.1" 503 upstream_reset' in lines[0] and " h2 " in lines[0]
+    assert '"GET /t/bytes/5000?cl HTTP/1.1" 200 -' in lines[1] and f":{echo} " in lines[1]
