@@ -17,6 +17,15 @@ UNIMPLEMENTED (12), 429/502/503/504 -> UNAVAILABLE (14), 400 -> INTERNAL (13), e
 
 A drain sends GOAWAY (graceful: streams already open finish) and closes the connection once
 its streams are done.
+
+Timeouts, from the listener's sweep: the route timeout until the response headers; on routes
+with grpc_timeout_header_max_ms, a gRPC request's grpc-timeout for the whole stream instead
+(DEADLINE_EXCEEDED, as Envoy's max_stream_duration); and a response stream stalled on the
+client's flow-control window for the listener's stream idle timeout is reset both ways.
+
+HTTP/1.1 clients reach HTTP/2 clusters through H2Bridge (see h2_proxy.pxd): the transport of
+an http_proxy.HttpUpstream, so the HTTP/1 session's machinery stays as it is, each request a
+stream on the same per-endpoint H2Upstream connections HTTP/2 clients use.
 """
 import asyncio
 import logging
