@@ -152,7 +152,7 @@ class Route:
     # None = ignored; else it replaces timeout_ms for gRPC requests, capped by this (0: no
     # cap), minus the offset
     grpc_timeout_header_max_ms: Optional[int] = None
-    grpc_timeout_header_offset_ms: int = 0
+    grpc_timeout_header_offset_ms: Optional[int] = None  # None: 0
     request_headers_to_add: tuple[tuple[str, str], ...] = ()   # (name, value), appended
     request_headers_to_remove: tuple[str, ...] = ()            # lower-cased names
     retry_policy: Optional[RetryPolicy] = None
