@@ -79,6 +79,9 @@ def _route(r: model.Route, name: str, clusters: dict) -> Route:
             host_selection_attempts=rp.host_selection_retry_max_attempts,
             status_codes=rp.retriable_status_codes, bolt_statuses=rp.bolt_statuses)
     route.attempt_count_header = r.attempt_count_header
+    if r.grpc_timeout_header_max_ms is not None:
+        route.grpc_timeout_max_ms = r.grpc_timeout_header_max_ms
+        route.grpc_timeout_offset_ms = r.grpc_timeout_header_offset_ms or 0
     if r.fault is not None:
         route.fault = fault_policy(r.fault)
     if r.local_rate_limit is not None:

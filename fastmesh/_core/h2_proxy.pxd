@@ -12,6 +12,7 @@ from fastmesh._core.h2 cimport H2Connection, H2Consumer
 from fastmesh._core.hpack cimport HeaderList
 from fastmesh._core.http1 cimport Head, HeadParser, ChunkedFramer
 from fastmesh._core.filters cimport FaultPolicy
+from fastmesh._core.http_proxy cimport HttpUpstream
 from fastmesh._core.router cimport Route
 from fastmesh._core.upstream cimport Cluster, Endpoint
 
@@ -37,6 +38,10 @@ cdef class ProxyStream:
         int status                  # the response status sent to the client (0: none)
         int64_t start_ms
         int64_t deadline_ms         # until the response headers: the route timeout (0: none)
+        int64_t grpc_timeout_ms     # a gRPC request's grpc-timeout, as the route takes it
+                                    # (-1: none given or not taken)
+        int64_t max_duration_ms     # the whole stream: from a gRPC request's grpc-timeout
+                                    # (routes with grpc_timeout_header_max_ms; 0: none)
         bint done
         # retries (only when the route has a retry policy): the request body so far, kept
         # while it is small enough to send again (None: too large, no more tries)
@@ -94,6 +99,8 @@ cdef class H2Downstream(H2Consumer):
     cdef void prepare(self, ProxyStream ps, Route route, Head h, HeaderList headers) except *
     cdef bint run_filters(self, ProxyStream ps, Route route, Head h) except -1
     cdef void fault_abort(self, ProxyStream ps, int status) except *
+    cdef void max_duration_reached(self, ProxyStream ps) except *
+    cdef void reset_stalled(self, int64_t now) except *
     cdef void respond_local(self, ProxyStream ps, int status, bytes body,
                             bytes reason) except *
     cdef void maybe_done(self, ProxyStream ps) except *
@@ -149,7 +156,9 @@ cdef class H2Upstream(H2Consumer):
         RecvBuffer rbuf
         H2Connection codec
         dict streams                # upstream stream id -> ProxyStream
-        list waiting                # ProxyStreams waiting for the connection or a free stream
+        list waiting                # ProxyStreams (and H2Bridges) waiting for the connection
+                                    # or a free stream
+        list bridge_waiters         # futures of HTTP/1 sessions waiting for it to connect
         bint connected
         bint closed
         int64_t idle_since_ms
@@ -157,3 +166,61 @@ cdef class H2Upstream(H2Consumer):
     cdef void flush(self) except *
     cdef void open_waiting(self) except *
     cdef void fail_all(self, int status, bytes reason) except *
+
+
+cdef class H2Bridge:
+    # HTTP/1.1 clients to HTTP/2 clusters. The HTTP/1 session (http_proxy.HttpDownstream)
+    # talks to an HttpUpstream as to any upstream connection (pooled, keep-alive, retries,
+    # timeouts, access log all unchanged); this object is that HttpUpstream's transport.
+    # Each request written to it becomes a stream on the endpoint's shared HTTP/2
+    # connection (H2Upstream): its head becomes :method/:scheme/:authority/:path and the
+    # fields that are not connection-specific, its body DATA (de-chunked; chunked trailers
+    # become HTTP/2 trailers). The stream's response is given back to the HttpUpstream as
+    # HTTP/1.1 bytes: a status line and fields, the body with the upstream's content-length
+    # or chunked (upstream trailers in the last chunk). Flow control is end to end: request
+    # DATA waiting for a window pauses the client's reads (pause_writing), and the stream's
+    # window is given back only for response bytes the HttpUpstream has taken (its
+    # pause_reading holds them).
+    cdef:
+        Cluster cluster
+        Endpoint ep
+        object loop
+        HttpUpstream proto
+        H2Upstream up               # the connection of the current stream (None: none)
+        int64_t sid                 # its stream id (-1: not open)
+        HeadParser parser           # the request heads the HTTP/1 session writes
+        ChunkedFramer chunker       # a chunked request body
+        bytes head_part             # a request head not yet complete
+        bytes chunk_tail            # chunked framing since the last data span (trailers)
+        list request_headers
+        bint head_request           # the request is HEAD (its response has no body)
+        int body_kind               # BodyKind of the request
+        int64_t body_left
+        bint in_request             # a request head was taken; its body may follow
+        bint request_ended          # the request's end is queued (or sent)
+        bint body_sent              # request DATA went up (it cannot be sent again)
+        list to_up                  # request DATA (data, end) and trailers (list) waiting
+        Py_ssize_t to_up_bytes
+        bint writing_paused         # we told the HttpUpstream to stop writing
+        bint chunked_response       # the response goes chunked (no content-length)
+        bint head_delivered         # the response head went to the HttpUpstream
+        bint response_ended
+        list to_proto               # response (data, end) held while reading is paused
+        bint reading_paused
+        bint closed
+
+    cdef void open_stream(self) except *
+    cdef void start_upstream(self) except *
+    cdef void feed(self, object data) except *
+    cdef void begin_request(self, Head h) except *
+    cdef void feed_body(self, object data) except *
+    cdef void pump_up(self) except *
+    cdef void deliver(self, list pieces) except *
+    cdef void on_head(self, HeaderList headers, bint end_stream) except *
+    cdef void on_body(self, object data, bint end_stream) except *
+    cdef void on_trailers(self, HeaderList trailers) except *
+    cdef void response_done(self) except *
+    cdef void on_reset(self, uint32_t code) except *
+    cdef void not_processed(self) except *
+    cdef void lost(self, bint connection) except *
+    cdef void detach(self) except *

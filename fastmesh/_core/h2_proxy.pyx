@@ -17,9 +17,22 @@ UNIMPLEMENTED (12), 429/502/503/504 -> UNAVAILABLE (14), 400 -> INTERNAL (13), e
 
 A drain sends GOAWAY (graceful: streams already open finish) and closes the connection once
 its streams are done.
+
+Timeouts, from the listener's sweep: the route timeout until the response headers; on routes
+with grpc_timeout_header_max_ms, a gRPC request's grpc-timeout for the whole stream instead
+(DEADLINE_EXCEEDED, as Envoy's max_stream_duration); and a response stream stalled on the
+client's flow-control window for the listener's stream idle timeout is reset both ways.
+
+HTTP/1.1 clients reach HTTP/2 clusters through H2Bridge (see h2_proxy.pxd): the transport of
+an http_proxy.HttpUpstream, so the HTTP/1 session's machinery stays as it is, each request a
+stream on the same per-endpoint H2Upstream connections HTTP/2 clients use.
 """
 import asyncio
 import logging
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.string cimport memcpy
 
 from libc.stdint cimport int64_t, uint32_t
 
@@ -34,6 +47,7 @@ from fastmesh._core.http1 cimport (Head, HeadParser, ChunkedFramer, BODY_NONE, B
                                    BODY_CHUNKED, BODY_CLOSE, PARSE_INCOMPLETE, CH_DONE,
                                    CH_ERROR)
 from fastmesh._core.router cimport Route, RouteTable, A_DIRECT
+from fastmesh._core.http_proxy cimport HttpUpstream, HttpDownstream
 from fastmesh._core.retry cimport RetryPolicy
 from fastmesh._core.http1 cimport make_request_id, build_request_head
 from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL,
@@ -46,7 +60,7 @@ from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TO
                                    CS_NO_HEALTHY, CS_RQ_TIMEOUT, CS_CX_IDLE_CLOSED,
                                    CS_RQ_ACTIVE_OVERFLOW, CS_RQ_RETRY, CS_RQ_RETRY_OVERFLOW,
                                    LS_ERR_OVERFLOW, LS_FAULT_ABORTS, LS_FAULT_DELAYS,
-                                   CS_RQ_SHADOW_SKIPPED,
+                                   CS_RQ_SHADOW_SKIPPED, LS_RQ_MAX_DURATION, LS_ERR_STREAM_IDLE,
                                    status_class_slot)
 from fastmesh._core.upstream cimport Cluster, Endpoint, LB_RING_HASH
 from fastmesh._core.filters cimport FaultPolicy, TokenBucket, F_FAULT
@@ -73,6 +87,41 @@ cdef dict _h1_idle = {}
 # connections with output waiting, flushed once per read event of any of them
 cdef set _dirty_up = set()
 cdef set _dirty_ds = set()
+
+
+cdef int64_t grpc_timeout_ms(bytes v):
+    """A grpc-timeout value (1-8 digits and a unit: H M S m u n) in ms, rounded up; -1 if
+    absent or malformed (then ignored, as Envoy does)."""
+    cdef int64_t n = 0
+    cdef Py_ssize_t i, k
+    cdef int unit
+    if v is None:
+        return -1
+    k = len(v)
+    if k < 2 or k > 9:
+        return -1
+    for i in range(k - 1):
+        if not 48 <= v[i] <= 57:
+            return -1
+        n = n * 10 + (v[i] - 48)
+    unit = v[k - 1]
+    if unit == 72:          # H
+        return n * 3600000
+    if unit == 77:          # M
+        return n * 60000
+    if unit == 83:          # S
+        return n * 1000
+    if unit == 109:         # m
+        return n
+    if unit == 117:         # u
+        return (n + 999) // 1000
+    if unit == 110:         # n
+        return (n + 999999) // 1000000
+    return -1
+
+
+def py_grpc_timeout_ms(v):
+    return grpc_timeout_ms(v)
 
 
 cdef list header_pairs(HeaderList h):
@@ -112,6 +161,7 @@ cdef Head routing_head(HeaderList h, HeadParser parser):
 cdef class ProxyStream:
     def __cinit__(self):
         self.us_id = -1
+        self.grpc_timeout_ms = -1
         self.to_up = []
         self.to_down = []
 
@@ -384,6 +434,11 @@ cdef class H2Downstream(H2Consumer):
             self.ctx.counters.v[LS_CX_IDLE_CLOSED] += 1
             self.begin_drain()              # GOAWAY; no stream open: closed at once
         for ps in list(self.streams.values()):
+            if ps.max_duration_ms and now >= ps.max_duration_ms and not ps.done:
+                ps.max_duration_ms = 0
+                self.ctx.counters.v[LS_RQ_MAX_DURATION] += 1
+                self.max_duration_reached(ps)
+                continue
             if ps.deadline_ms and now >= ps.deadline_ms and not ps.response_started:
                 ps.deadline_ms = 0
                 if ps.cluster is not None:
@@ -393,8 +448,55 @@ cdef class H2Downstream(H2Consumer):
                     _dirty_up.add(ps.up)
                 self.ctx.counters.v[LS_ERR_UPSTREAM_TIMEOUT] += 1
                 self.local_reply(ps, 504, b"upstream_timeout")
+        if self.codec.blocked and self.ctx.stream_idle_timeout_ms > 0:
+            self.reset_stalled(now)
         self.flush()
         flush_dirty()
+
+    cdef void reset_stalled(self, int64_t now) except *:
+        # Streams whose response has waited for the client's flow-control window for the
+        # listener's stream idle timeout (a client that advertises a zero window and never
+        # opens it would pin the stream, its upstream stream and their buffers for ever):
+        # reset both ways, counted as stream idle timeouts (Envoy: stream_idle_timeout).
+        cdef ProxyStream ps
+        cdef uint32_t sid
+        for sid in self.codec.stalled_streams(now - self.ctx.stream_idle_timeout_ms):
+            ps = self.streams.get(sid)
+            self.ctx.counters.v[LS_ERR_STREAM_IDLE] += 1
+            self.codec.reset_stream(sid, H2_CANCEL)
+            if ps is None:
+                continue
+            ps.to_down.clear()
+            if ps.up is not None and ps.us_id >= 0:
+                ps.up.codec.reset_stream(<uint32_t>ps.us_id, H2_CANCEL)
+                _dirty_up.add(ps.up)
+            ps.finish()
+
+    cdef void max_duration_reached(self, ProxyStream ps) except *:
+        # a gRPC request's grpc-timeout passed: before the response, a trailers-only gRPC
+        # answer DEADLINE_EXCEEDED (4) as Envoy sends ("downstream duration timeout"); after
+        # it started, the stream is reset. The upstream stream is cancelled either way.
+        cdef list hdrs
+        _dirty_ds.add(self)
+        if ps.up is not None and ps.us_id >= 0:
+            ps.up.codec.reset_stream(<uint32_t>ps.us_id, H2_CANCEL)
+            _dirty_up.add(ps.up)
+        if ps.response_started:
+            ps.to_down.clear()
+            self.codec.reset_stream(ps.ds_id, H2_CANCEL)
+            ps.finish()
+            return
+        ps.response_started = True
+        ps.status = 200
+        hdrs = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"4"), (b"grpc-message", b"downstream duration timeout"),
+                (b"x-fastmesh-error", b"max_duration")]
+        self.codec.send_headers(ps.ds_id, hdrs, True)
+        self.ctx.counters.v[status_class_slot(200, LS_RSP_1XX)] += 1
+        ps.to_up.clear()
+        if not ps.request_ended:
+            self.codec.reset_stream(ps.ds_id, H2_NO_ERROR)
+        ps.finish()
 
     # -- the codec's callbacks --
 
@@ -452,6 +554,14 @@ cdef class H2Downstream(H2Consumer):
             return
         if route.timeout_ms > 0:
             ps.deadline_ms = now_ms() + route.timeout_ms
+        if route.grpc_timeout_max_ms >= 0 and ps.grpc:
+            ps.deadline_ms = 0                  # the grpc-timeout's (none: no limit)
+            if ps.grpc_timeout_ms == 0:         # already over (as Envoy answers at once)
+                self.ctx.counters.v[LS_RQ_MAX_DURATION] += 1
+                self.max_duration_reached(ps)
+                return
+            if ps.grpc_timeout_ms > 0:
+                ps.max_duration_ms = ps.start_ms + ps.grpc_timeout_ms
         self.forward(ps)
 
     cdef void prepare(self, ProxyStream ps, Route route, Head h, HeaderList headers) except *:
@@ -475,6 +585,15 @@ cdef class H2Downstream(H2Consumer):
         if route.retry is not None:
             ps.body_copy = []
             ps.tried = []
+        if route.grpc_timeout_max_ms >= 0 and ps.grpc:
+            # Envoy's max_stream_duration.grpc_timeout_header_max: for a gRPC request the
+            # grpc-timeout header (none: no limit) replaces the route timeout (route_on)
+            t = grpc_timeout_ms(headers.get(b"grpc-timeout"))
+            if t >= 0:
+                if 0 < route.grpc_timeout_max_ms < t:
+                    t = route.grpc_timeout_max_ms
+                t -= route.grpc_timeout_offset_ms
+                ps.grpc_timeout_ms = t if t > 0 else 0
         if route.mirrors is not None:
             # copies for the mirror clusters, as HTTP/1.1 requests: now, or once the body
             # (up to MIRROR_BODY_BYTES) has all come
@@ -1118,6 +1237,7 @@ cdef class H2Upstream(H2Consumer):
         self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, RECV_BUFFER_CAP_BYTES)
         self.streams = {}
         self.waiting = []
+        self.bridge_waiters = []
         self.codec = H2Connection(self, True)
 
     def connect(self):
@@ -1131,6 +1251,7 @@ cdef class H2Upstream(H2Consumer):
             self.closed = True
             if _pool.get(self.ep) is self:
                 del _pool[self.ep]
+            resolve_bridge_waiters(self, False)
             self.fail_all(503, b"connect_failed")
             flush_dirty()
 
@@ -1141,6 +1262,7 @@ cdef class H2Upstream(H2Consumer):
         self.cluster.counters.v[CS_CX_ACTIVE] += 1
         self.idle_since_ms = now_ms()
         self.open_waiting()
+        resolve_bridge_waiters(self, True)
         self.flush()
         flush_dirty()
 
@@ -1168,6 +1290,7 @@ cdef class H2Upstream(H2Consumer):
             del _pool[self.ep]
         if was_connected:
             self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        resolve_bridge_waiters(self, False)
         self.fail_all(502, b"upstream_reset")
         flush_dirty()
 
@@ -1202,11 +1325,17 @@ cdef class H2Upstream(H2Consumer):
         if not self.connected:
             return
         while self.waiting:
-            ps = self.waiting.pop(0)
-            if ps.done:
-                continue
+            item = self.waiting.pop(0)
             n = len(self.waiting)
-            ps.start_upstream()
+            if type(item) is H2Bridge:
+                if (<H2Bridge>item).closed:
+                    continue
+                (<H2Bridge>item).start_upstream()
+            else:
+                ps = item
+                if ps.done:
+                    continue
+                ps.start_upstream()
             if len(self.waiting) > n:        # no free stream: it went back to the queue
                 break
 
@@ -1222,7 +1351,12 @@ cdef class H2Upstream(H2Consumer):
         self.waiting = []
         if connect_failure and self.cluster.od_enabled:
             self.cluster.observe_local(self.ep, 503)
-        for ps in streams:
+        for item in streams:
+            if type(item) is H2Bridge:      # an HTTP/1 session's: its "connection" is lost
+                (<H2Bridge>item).sid = -1
+                (<H2Bridge>item).lost(True)
+                continue
+            ps = item
             if ps.done:
                 continue
             if ps.us_id >= 0:               # it was counted in flight here
@@ -1237,8 +1371,13 @@ cdef class H2Upstream(H2Consumer):
     # -- the codec's callbacks --
 
     cpdef on_headers(self, uint32_t stream_id, HeaderList headers, bint end_stream):
-        cdef ProxyStream ps = self.streams.get(stream_id)
+        cdef ProxyStream ps
         cdef int status
+        item = self.streams.get(stream_id)
+        if type(item) is H2Bridge:
+            (<H2Bridge>item).on_head(headers, end_stream)
+            return
+        ps = item
         if ps is None or ps.done:
             return
         st = headers.get(b":status")
@@ -1264,7 +1403,12 @@ cdef class H2Upstream(H2Consumer):
             ps.ds.maybe_done(ps)
 
     cpdef on_data(self, uint32_t stream_id, object data, bint end_stream):
-        cdef ProxyStream ps = self.streams.get(stream_id)
+        cdef ProxyStream ps
+        item = self.streams.get(stream_id)
+        if type(item) is H2Bridge:
+            (<H2Bridge>item).on_body(data, end_stream)
+            return
+        ps = item
         if ps is None or ps.done:
             self.codec.consumed(stream_id, len(data))
             return
@@ -1275,7 +1419,12 @@ cdef class H2Upstream(H2Consumer):
             ps.ds.maybe_done(ps)
 
     cpdef on_trailers(self, uint32_t stream_id, HeaderList trailers):
-        cdef ProxyStream ps = self.streams.get(stream_id)
+        cdef ProxyStream ps
+        item = self.streams.get(stream_id)
+        if type(item) is H2Bridge:
+            (<H2Bridge>item).on_trailers(trailers)
+            return
+        ps = item
         if ps is None or ps.done:
             return
         ps.to_down.append(trailers)
@@ -1283,7 +1432,13 @@ cdef class H2Upstream(H2Consumer):
         ps.ds.maybe_done(ps)
 
     cpdef on_reset(self, uint32_t stream_id, uint32_t error_code, bint remote):
-        cdef ProxyStream ps = self.streams.pop(stream_id, None)
+        cdef ProxyStream ps
+        item = self.streams.pop(stream_id, None)
+        if type(item) is H2Bridge:
+            (<H2Bridge>item).on_reset(error_code)
+            self.open_waiting()
+            return
+        ps = item
         if ps is None or ps.done:
             return
         self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
@@ -1308,18 +1463,31 @@ cdef class H2Upstream(H2Consumer):
         if _pool.get(self.ep) is self:
             del _pool[self.ep]
         for sid in [s for s in self.streams if s > last_stream_id]:
-            ps = self.streams.pop(sid)
+            item = self.streams.pop(sid)
+            if type(item) is H2Bridge:
+                (<H2Bridge>item).not_processed()
+                continue
+            ps = item
             self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
             self.ep.active_requests -= 1
             if not ps.done:
                 ps.ds.route_again(ps)
         waiting, self.waiting = self.waiting, []
-        for ps in waiting:
+        for item in waiting:
+            if type(item) is H2Bridge:
+                (<H2Bridge>item).not_processed()
+                continue
+            ps = item
             if not ps.done:
                 ps.ds.route_again(ps)
 
     cpdef on_window_open(self, uint32_t stream_id):
-        cdef ProxyStream ps = self.streams.get(stream_id)
+        cdef ProxyStream ps
+        item = self.streams.get(stream_id)
+        if type(item) is H2Bridge:
+            (<H2Bridge>item).pump_up()
+            return
+        ps = item
         if ps is not None:
             ps.pump_up()
             ps.ds.maybe_done(ps)
@@ -1402,10 +1570,10 @@ def sweep_downstreams(ListenerCtx ctx, int64_t now):
     tick for all listeners, upstream connections with no stream for the cluster's idle
     timeout, or to an endpoint no longer in its cluster, are closed (GOAWAY first)."""
     global _last_upstream_sweep_ms
-    cdef H2Downstream ds
     cdef H2Upstream up
-    for ds in list(ctx.conns):
-        ds.on_idle_check(now)
+    for c in list(ctx.conns):
+        if isinstance(c, H2Downstream):     # (an http1 listener's HTTP/1 sessions: not here)
+            (<H2Downstream>c).on_idle_check(now)
     if now == _last_upstream_sweep_ms:
         return
     _last_upstream_sweep_ms = now
@@ -1415,3 +1583,535 @@ def sweep_downstreams(ListenerCtx ctx, int64_t now):
         if up.ep.removed or (up.cluster.idle_timeout_ms > 0 and
                              now - up.idle_since_ms >= up.cluster.idle_timeout_ms):
             up.retire()
+
+
+# ======================================================= HTTP/1.1 clients, HTTP/2 clusters
+
+cdef Py_ssize_t BRIDGE_HIGH_WATER_BYTES = 262144   # request bytes waiting for a window:
+cdef Py_ssize_t BRIDGE_LOW_WATER_BYTES = 65536     # the client's reads pause above this
+cdef frozenset REQUEST_DROPPED = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                            b"transfer-encoding", b"upgrade", b"host",
+                                            b"te", b"trailer"))
+cdef bytes CRLF = b"\r\n"
+cdef bytes LAST_CHUNK = b"0\r\n\r\n"
+cdef dict REASONS = {}
+
+
+cdef bytes reason_of(int status):
+    cdef bytes r = REASONS.get(status)
+    if r is None:
+        try:
+            import http
+            r = http.HTTPStatus(status).phrase.encode()
+        except ValueError:
+            r = b"Unknown"
+        REASONS[status] = r
+    return r
+
+
+cdef list trailer_fields(bytes tail):
+    # the trailer section of a chunked body: what follows the last-chunk line (the framer
+    # has checked its syntax) -> HTTP/2 trailer pairs
+    cdef list out = []
+    cdef bint after_last = False
+    cdef bytes line, name
+    cdef Py_ssize_t colon
+    for line in tail.split(CRLF):
+        if not after_last:
+            after_last = line[:1] == b"0"
+            continue
+        if not line:
+            break
+        colon = line.find(b":")
+        if colon <= 0:
+            continue
+        name = line[:colon].strip().lower()
+        if name in REQUEST_DROPPED or name == b"content-length":
+            continue
+        out.append((name, line[colon + 1:].strip()))
+    return out
+
+
+def open_bridge(Cluster cluster, Endpoint ep, loop):
+    """For an HTTP/1 session's request to an HTTP/2 cluster: a future of an HttpUpstream
+    whose transport is an H2Bridge, done once the endpoint's HTTP/2 connection is up
+    (shared by every stream to it from this worker), failed if it cannot be made."""
+    cdef H2Upstream up = _pool.get(ep)
+    fut = loop.create_future()
+    if up is None or up.closed:
+        up = H2UpstreamProtocol(cluster, ep, loop)
+        _pool[ep] = up
+        up.connect()
+    if up.connected:
+        fut.set_result(new_bridge(cluster, ep, loop))
+    else:
+        up.bridge_waiters.append(fut)
+    return fut
+
+
+cdef object new_bridge(Cluster cluster, Endpoint ep, loop):
+    from fastmesh._core.http_proxy import HttpUpstreamProtocol
+    cdef HttpUpstream proto = HttpUpstreamProtocol(cluster, ep)
+    cdef H2Bridge br = H2Bridge(cluster, ep, loop)
+    br.proto = proto
+    proto.bridged = True
+    proto.connection_made(br)
+    return proto
+
+
+cdef void resolve_bridge_waiters(H2Upstream up, bint ok) except *:
+    waiters, up.bridge_waiters = up.bridge_waiters, []
+    for fut in waiters:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(new_bridge(up.cluster, up.ep, up.loop))
+        else:
+            fut.set_exception(ConnectionError(
+                "HTTP/2 connection to %s:%s failed" % (up.ep.host, up.ep.port)))
+
+
+cdef class H2Bridge:
+    def __init__(self, Cluster cluster, Endpoint ep, loop):
+        self.cluster = cluster
+        self.ep = ep
+        self.loop = loop
+        self.sid = -1
+        self.parser = HeadParser(True, 262144, 2000)
+        self.to_up = []
+        self.to_proto = []
+
+    # -- the transport the HttpUpstream writes to --
+
+    def write(self, data):
+        try:
+            self.feed(data)
+        except BaseException:
+            log.exception("cluster %s: internal error translating a request to HTTP/2",
+                          self.cluster.name)
+            self.lost(False)
+        flush_dirty()
+
+    def writelines(self, pieces):
+        try:
+            for data in pieces:
+                self.feed(data)
+        except BaseException:
+            log.exception("cluster %s: internal error translating a request to HTTP/2",
+                          self.cluster.name)
+            self.lost(False)
+        flush_dirty()
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        # the HTTP/1 session is done with this "connection" (or gave up on its request:
+        # timeout, client gone): a stream still open is cancelled
+        if self.closed:
+            return
+        self.detach()
+        self.closed = True
+        self.loop.call_soon(self.proto.connection_lost, None)
+        flush_dirty()
+
+    def abort(self):
+        self.close()
+
+    def pause_reading(self):
+        self.reading_paused = True
+
+    def resume_reading(self):
+        if self.reading_paused:
+            self.reading_paused = False
+            if self.to_proto:
+                self.loop.call_soon(self._deliver_held)
+
+    def _deliver_held(self):
+        held, self.to_proto = self.to_proto, []
+        try:
+            for item in held:
+                if self.closed:
+                    break
+                if self.reading_paused or self.to_proto:
+                    self.to_proto.append(item)
+                elif isinstance(item, HeaderList):
+                    self.on_trailers(<HeaderList>item)
+                else:
+                    self.on_body(item[0], item[1])
+        except BaseException:
+            log.exception("cluster %s: internal error relaying an HTTP/2 response",
+                          self.cluster.name)
+            self.lost(False)
+        flush_dirty()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_write_buffer_size(self):
+        return self.to_up_bytes
+
+    def can_write_eof(self):
+        return False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    # -- request: HTTP/1 bytes in, a stream out --
+
+    cdef void feed(self, object data) except *:
+        cdef Py_ssize_t r
+        cdef const unsigned char[:] mv
+        cdef bytes raw
+        if self.closed:
+            return
+        if not self.in_request:
+            raw = bytes(data) if self.head_part is None else self.head_part + bytes(data)
+            self.head_part = None
+            r = self.parser.feed(<const unsigned char *><char *>raw, len(raw))
+            if r == PARSE_INCOMPLETE:
+                self.head_part = raw
+                return
+            if r < 0:
+                log.error("cluster %s: a request head the HTTP/1 session built did not "
+                          "parse: %s", self.cluster.name, self.parser.error_reason.decode())
+                self.lost(False)
+                return
+            self.begin_request(self.parser.head)
+            self.parser.reset()
+            if r < len(raw):
+                self.feed_body(memoryview(raw)[r:])
+            return
+        self.feed_body(data)
+
+    cdef void begin_request(self, Head h) except *:
+        # the head of the next request: its HTTP/2 fields, then a stream
+        cdef list pairs
+        cdef int i
+        cdef bytes name, value, authority = None
+        cdef HttpUpstream proto = self.proto
+        if self.sid >= 0:                   # the last response ended early (by its length)
+            self.detach()
+        raw = h.raw
+        pairs = [(b":method", h.method()), (b":scheme", b"http"), (b":authority", b""),
+                 (b":path", raw[h.target_off:h.target_off + h.target_len])]
+        for i in range(h.nfields):
+            if h.fields[i].drop:
+                continue
+            name = raw[h.fields[i].name_off:h.fields[i].name_off + h.fields[i].name_len].lower()
+            value = raw[h.fields[i].value_off:h.fields[i].value_off + h.fields[i].value_len]
+            if name == b"host":
+                if authority is None:
+                    authority = value
+                continue
+            if name in REQUEST_DROPPED:
+                continue
+            pairs.append((name, value))
+        # te: trailers is the one te value HTTP/2 allows; the HTTP/1 head written here no
+        # longer has it (hop-by-hop), the client's request says whether it was there
+        if proto.ds is not None and proto.ds.req is not None:
+            te = proto.ds.req.header_value(b"te", 2)
+            if te is not None and b"trailers" in te.lower():
+                pairs.append((b"te", TE_TRAILERS))
+        if authority is None:
+            authority = ("%s:%d" % (self.ep.host, self.ep.port)).encode()
+        pairs[2] = (b":authority", authority)
+        self.request_headers = pairs
+        self.head_request = h.is_head_method
+        self.body_kind = h.body_kind
+        self.body_left = h.content_length if h.body_kind == BODY_LENGTH else 0
+        if h.body_kind == BODY_CHUNKED:
+            if self.chunker is None:
+                self.chunker = ChunkedFramer()
+            else:
+                self.chunker.reset()
+            self.chunk_tail = b""
+        self.in_request = h.body_kind != BODY_NONE
+        self.request_ended = not self.in_request
+        self.body_sent = False
+        self.head_delivered = False
+        self.response_ended = False
+        self.chunked_response = False
+        self.to_up = []
+        self.to_up_bytes = 0
+        self.to_proto = []
+        self.open_stream()
+
+    cdef void open_stream(self) except *:
+        # on the endpoint's HTTP/2 connection (made again if it went away meanwhile)
+        cdef H2Upstream up = _pool.get(self.ep)
+        if up is None or up.closed:
+            up = H2UpstreamProtocol(self.cluster, self.ep, self.loop)
+            _pool[self.ep] = up
+            up.connect()
+        self.up = up
+        if up.connected:
+            self.start_upstream()
+        else:
+            up.waiting.append(self)
+
+    cdef void start_upstream(self) except *:
+        cdef H2Upstream up = self.up
+        cdef int64_t sid
+        sid = up.codec.start_request(self.request_headers,
+                                     self.request_ended and not self.to_up)
+        if sid < 0:
+            up.waiting.append(self)         # no free stream: when one ends
+            return
+        self.sid = sid
+        up.streams[sid] = self
+        _dirty_up.add(up)
+        self.pump_up()
+
+    cdef void feed_body(self, object data) except *:
+        cdef Py_ssize_t n, pos, used, off, ln
+        cdef Py_buffer view
+        cdef const unsigned char *p
+        n = len(data)
+        if not self.in_request or n == 0:
+            return
+        if self.body_kind == BODY_LENGTH:
+            if n > self.body_left:
+                n = <Py_ssize_t>self.body_left
+                data = memoryview(data)[:n]
+            self.body_left -= n
+            self.to_up.append((data, self.body_left == 0))
+            self.to_up_bytes += n
+            if self.body_left == 0:
+                self.in_request = False
+                self.request_ended = True
+        elif self.body_kind == BODY_CHUNKED:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                p = <const unsigned char *>view.buf
+                pos = 0
+                while pos < n and self.chunker.state != CH_DONE:
+                    used = self.chunker.feed(p + pos, n - pos, &off, &ln)
+                    if self.chunker.state == CH_ERROR:
+                        raise ValueError("bad chunked request body")   # checked before
+                    if ln:
+                        self.to_up.append((memoryview(data)[pos + off:pos + off + ln], False))
+                        self.to_up_bytes += ln
+                        self.chunk_tail = b""
+                    else:
+                        self.chunk_tail += PyBytes_FromStringAndSize(<char *>p + pos, used)
+                    pos += used
+            finally:
+                PyBuffer_Release(&view)
+            if self.chunker.state == CH_DONE:
+                self.in_request = False
+                self.request_ended = True
+                trailers = trailer_fields(self.chunk_tail)
+                self.chunk_tail = None
+                self.to_up.append(trailers if trailers else (b"", True))
+        if self.to_up_bytes > BRIDGE_HIGH_WATER_BYTES and not self.writing_paused:
+            self.writing_paused = True
+            self.proto.pause_writing()      # the client's reads pause
+        if self.sid >= 0:
+            self.pump_up()
+
+    cdef void pump_up(self) except *:
+        cdef H2Upstream up = self.up
+        cdef int64_t sent
+        cdef Py_ssize_t n
+        while self.to_up and self.sid >= 0:
+            item = self.to_up[0]
+            if isinstance(item, list):                      # trailers
+                up.codec.send_headers(<uint32_t>self.sid, item, True)
+                self.to_up.pop(0)
+                continue
+            data, end = item
+            n = len(data)
+            sent = up.codec.send_data(<uint32_t>self.sid, data, end and len(self.to_up) == 1)
+            if sent < 0:
+                self.to_up.clear()
+                self.to_up_bytes = 0
+                break
+            if sent:
+                self.body_sent = True
+                self.to_up_bytes -= sent
+            if sent < n:
+                self.to_up[0] = (memoryview(data)[sent:], end)
+                break                                       # on_window_open resumes
+            self.to_up.pop(0)
+        _dirty_up.add(up)
+        if self.writing_paused and self.to_up_bytes <= BRIDGE_LOW_WATER_BYTES:
+            self.writing_paused = False
+            self.proto.resume_writing()
+
+    # -- response: stream events in, HTTP/1 bytes to the HttpUpstream --
+
+    cdef void deliver(self, list pieces) except *:
+        # as if the connection had read these bytes
+        cdef HttpUpstream proto = self.proto
+        cdef RecvBuffer rb = proto.rbuf
+        cdef Py_buffer view
+        cdef Py_ssize_t n, off, room
+        for piece in pieces:
+            PyObject_GetBuffer(piece, &view, PyBUF_SIMPLE)
+            try:
+                n = view.len
+                off = 0
+                while off < n:
+                    rb.reserve(n - off)
+                    room = rb.block.capacity - rb.end
+                    if room <= 0:
+                        raise ValueError("HTTP/1 upstream receive buffer full")
+                    if room > n - off:
+                        room = n - off
+                    memcpy(rb.block.data + rb.end, <char *>view.buf + off, room)
+                    rb.end += room
+                    off += room
+                    if off < n:
+                        proto.buffer_updated(0)     # let it take what is there
+                        if self.closed:
+                            return
+            finally:
+                PyBuffer_Release(&view)
+        proto.buffer_updated(0)
+
+    cdef void on_head(self, HeaderList headers, bint end_stream) except *:
+        cdef int status, i
+        cdef bytes name, st
+        cdef list lines
+        cdef bint has_length = False
+        st = headers.get(b":status")
+        status = int(st) if st is not None and st.isdigit() else 0
+        if 100 <= status < 200:
+            return                          # informational: not relayed (as HTTP/2 clients)
+        if status < 200 or status > 999:
+            self.lost(False)
+            return
+        lines = [b"HTTP/1.1 %d %s" % (status, reason_of(status))]
+        for i in range(headers.count):
+            name = headers.name(i)
+            if name[:1] == b":" or name in REQUEST_DROPPED:
+                continue
+            if name == b"content-length":
+                has_length = True
+            lines.append(name + b": " + headers.value(i))
+        if status != 204 and status != 304 and not has_length and \
+                not self.head_request:
+            if end_stream:
+                lines.append(b"content-length: 0")
+            else:
+                lines.append(b"transfer-encoding: chunked")
+                self.chunked_response = True
+        lines.append(CRLF)
+        self.head_delivered = True
+        if end_stream:
+            self.response_ended = True
+        self.deliver([CRLF.join(lines)])
+        if end_stream:
+            self.response_done()
+
+    cdef void on_body(self, object data, bint end_stream) except *:
+        cdef Py_ssize_t n = len(data)
+        cdef int64_t sid = self.sid
+        cdef H2Upstream up = self.up
+        if self.reading_paused or self.to_proto:
+            self.to_proto.append((data, end_stream))    # the window stays closed meanwhile
+            return
+        if end_stream:
+            self.response_ended = True
+        if self.chunked_response:
+            if n:
+                pieces = [b"%x\r\n" % n, data, CRLF]
+                if end_stream:
+                    pieces.append(LAST_CHUNK)
+            else:
+                pieces = [LAST_CHUNK] if end_stream else []
+        else:
+            pieces = [data] if n else []
+        if pieces:
+            self.deliver(pieces)
+        if n and sid >= 0 and up is not None:
+            up.codec.consumed(<uint32_t>sid, n)  # the HttpUpstream took them
+            _dirty_up.add(up)
+        if end_stream and self.sid == sid:
+            self.response_done()
+
+    cdef void on_trailers(self, HeaderList trailers) except *:
+        cdef list lines
+        cdef int i
+        if self.reading_paused or self.to_proto:
+            self.to_proto.append(trailers)
+            return
+        self.response_ended = True
+        if self.chunked_response:
+            lines = [b"0"]
+            for i in range(trailers.count):
+                lines.append(trailers.name(i) + b": " + trailers.value(i))
+            lines.append(CRLF)
+            self.deliver([CRLF.join(lines)])
+        # (length-delimited: the body is complete already; trailers have no place in it)
+        self.response_done()
+
+    cdef void response_done(self) except *:
+        # the response's END_STREAM came: a request still going up is not wanted any more
+        cdef H2Upstream up = self.up
+        if self.sid < 0 or up is None:
+            return
+        if up.streams.get(self.sid) is self:
+            del up.streams[self.sid]
+        if not self.request_ended or self.to_up:
+            up.codec.reset_stream(<uint32_t>self.sid, H2_NO_ERROR)
+            _dirty_up.add(up)
+            self.to_up.clear()
+            self.to_up_bytes = 0
+            self.in_request = False
+        self.sid = -1
+        up.open_waiting()
+
+    cdef void on_reset(self, uint32_t code) except *:
+        # the upstream reset the stream (or the codec did)
+        self.sid = -1
+        if self.proto.ds is None:
+            return                          # its response was complete already (by length)
+        if code == H2_REFUSED_STREAM and not self.head_delivered:
+            self.not_processed()
+        else:
+            self.lost(False)
+
+    cdef void not_processed(self) except *:
+        # REFUSED_STREAM, or above a GOAWAY's last stream: the upstream did not process it;
+        # it goes again on a (new) connection unless part of its body is gone
+        self.sid = -1
+        if self.closed:
+            return
+        if self.body_sent:
+            self.lost(False)
+            return
+        self.open_stream()
+
+    cdef void lost(self, bint connection) except *:
+        # the stream failed: to the HttpUpstream (and so the HTTP/1 session) it is its
+        # connection closing; before the response head that is a 503 (and retries, outlier
+        # detection as for HTTP/1), after it the client connection is closed (never a
+        # truncated response that looks complete)
+        cdef HttpUpstream proto = self.proto
+        if self.closed:
+            return
+        self.detach()
+        self.closed = True
+        if not connection:
+            proto.got_bytes = True          # a stream's own failure: no "stale connection" retry
+        proto.connection_lost(ConnectionResetError("HTTP/2 stream reset"))
+
+    cdef void detach(self) except *:
+        # stop carrying the current stream (cancelled if still open)
+        cdef H2Upstream up = self.up
+        if up is not None:
+            if self.sid >= 0 and up.streams.get(self.sid) is self:
+                del up.streams[self.sid]
+                if self.sid in up.codec.streams:
+                    up.codec.reset_stream(<uint32_t>self.sid, H2_CANCEL)
+                _dirty_up.add(up)
+                up.open_waiting()
+            elif self in up.waiting:
+                up.waiting.remove(self)
+        self.sid = -1
+        self.to_up = []
+        self.to_up_bytes = 0
+        self.to_proto = []
+        self.in_request = False

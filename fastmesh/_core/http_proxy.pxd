@@ -181,6 +181,8 @@ cdef class HttpUpstream:
         bint reusable               # keep-alive allowed after this response
         bint reused                 # taken from the pool for this request
         bint reading_paused
+        bint bridged                # its transport is an h2_proxy.H2Bridge (an HTTP/2
+                                    # cluster): not a connection of its own (not counted)
         int64_t idle_since_ms
 
     cdef void _begin(self, HttpDownstream ds, bint reused)

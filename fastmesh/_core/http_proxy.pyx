@@ -368,8 +368,14 @@ cdef class HttpDownstream:
     cdef void _open_connection(self):
         self.cluster.cx_connecting += 1
         self._set_deadline(DL_CONNECT, self.cluster.connect_timeout_ms)
-        task = asyncio.ensure_future(
-            _connect(self.ctx.loop, self.cluster, self.ep), loop=self.ctx.loop)
+        if self.cluster.http2:
+            # an HTTP/2 cluster: a "connection" that carries each request as a stream on
+            # the endpoint's shared HTTP/2 connection (h2_proxy.H2Bridge)
+            from fastmesh._core import h2_proxy
+            task = h2_proxy.open_bridge(self.cluster, self.ep, self.ctx.loop)
+        else:
+            task = asyncio.ensure_future(
+                _connect(self.ctx.loop, self.cluster, self.ep), loop=self.ctx.loop)
         self.connect_task = task
         task.add_done_callback(_ConnectDone(self, self.cluster, self.ep))
 
@@ -621,15 +627,17 @@ cdef class HttpDownstream:
         cdef HttpUpstream up
         cl.cx_connecting -= 1
         if task.cancelled():                # the connect timed out (DL_CONNECT)
-            cl.counters.v[CS_CX_CONNECT_FAIL] += 1
-            ep.cx_connect_fail += 1
+            if not cl.http2:                # (HTTP/2: the shared connection counts itself)
+                cl.counters.v[CS_CX_CONNECT_FAIL] += 1
+                ep.cx_connect_fail += 1
             ep.connect_failing = True
             _wake_pending(cl, ep)           # the room of the connection it would have been
             return
         exc = task.exception()
         if exc is not None:
-            cl.counters.v[CS_CX_CONNECT_FAIL] += 1
-            ep.cx_connect_fail += 1
+            if not cl.http2:
+                cl.counters.v[CS_CX_CONNECT_FAIL] += 1
+                ep.cx_connect_fail += 1
             ep.connect_failing = True
             _wake_pending(cl, ep)
             if self.connect_task is task and self.state == DS_CONNECTING:
@@ -862,7 +870,9 @@ cdef class HttpDownstream:
         self._update_reading()
 
     cdef void _on_upstream_lost(self, bint before_head, bint retriable, int reason_slot):
-        # The upstream connection died while carrying our request.
+        # The upstream connection died while carrying our request. (An HTTP/2 cluster's
+        # stream reset or connection lost before the response: 503, as Envoy answers.)
+        cdef int status = 503 if self.cluster.http2 else 502
         self.up = None
         self.cluster.counters.v[CS_RQ_ACTIVE] -= 1
         self.ep.active_requests -= 1
@@ -879,8 +889,8 @@ cdef class HttpDownstream:
                     self._acquire_upstream()
                     return
             if self.cluster.od_enabled:
-                self.cluster.observe(self.ep, 502)
-            if self.retry is not None and self._try_retry(502, True, False):
+                self.cluster.observe(self.ep, status)
+            if self.retry is not None and self._try_retry(status, True, False):
                 return
             if not self.req_done:
                 self.close_after = True
@@ -1387,7 +1397,8 @@ cdef class HttpUpstream:
         self.transport = transport
         transport.set_write_buffer_limits(262144, 65536)
         self.state = US_IDLE
-        self.cluster.counters.v[CS_CX_ACTIVE] += 1
+        if not self.bridged:
+            self.cluster.counters.v[CS_CX_ACTIVE] += 1
 
     def get_buffer(self, Py_ssize_t sizehint):
         return self.rbuf.get_buffer(sizehint)
@@ -1419,7 +1430,8 @@ cdef class HttpUpstream:
         cdef HttpDownstream ds = self.ds
         cdef int prev = self.state
         self.state = US_CLOSED
-        self.cluster.counters.v[CS_CX_ACTIVE] -= 1
+        if not self.bridged:
+            self.cluster.counters.v[CS_CX_ACTIVE] -= 1
         if self.ep.http_pending:
             _wake_pending(self.cluster, self.ep)    # a connection's room came free
         if prev == US_IDLE:
@@ -1687,10 +1699,20 @@ class HttpUpstreamProtocol(HttpUpstream, asyncio.BufferedProtocol):
 def sweep_downstreams(ListenerCtx ctx, int64_t now):
     """Fire passed deadlines of a listener's connections (called every ~100 ms)."""
     cdef HttpDownstream ds
-    for ds in ctx.conns:
+    cdef list due = []
+    cdef bint h2 = False
+    for c in ctx.conns:
+        if not isinstance(c, HttpDownstream):
+            h2 = True                       # an HTTP/2 session (codec: auto took it over)
+            continue
+        ds = c
         if ds.state == DS_HEAD:
             ds.rbuf.release_if_empty()      # between requests: no receive memory held
-    due = [ds for ds in ctx.conns if ds.deadline_ms and ds.deadline_ms <= now]
+        if ds.deadline_ms and ds.deadline_ms <= now:
+            due.append(ds)
+    if h2:                                  # their timeouts, drains and stalls
+        from fastmesh._core import h2_proxy
+        h2_proxy.sweep_downstreams(ctx, now)
     for ds in due:
         try:
             ds.on_deadline(now)

@@ -1,6 +1,8 @@
 # Compiled routing: what a request matches, and where it goes. Built once per config
 # snapshot by the control world (fastmesh/snapshot.py) from the typed model; immutable after.
 
+from libc.stdint cimport int64_t
+
 from fastmesh._core.http1 cimport Head
 from fastmesh._core.upstream cimport Cluster
 from fastmesh._core.retry cimport RetryPolicy
@@ -44,6 +46,9 @@ cdef class Route:
         readonly int direct_status  # A_DIRECT
         readonly bytes direct_body
         readonly int timeout_ms     # upstream response timeout; 0 = none
+        public int64_t grpc_timeout_max_ms      # -1: grpc-timeout ignored; else it is the
+                                                # stream's timeout, capped (0: no cap) ...
+        public int64_t grpc_timeout_offset_ms   # ... minus this
         readonly tuple headers_to_add     # ((name, value) bytes pairs)
         readonly tuple headers_to_remove  # (lower-cased name bytes)
         public RetryPolicy retry    # None: a failed try is the answer

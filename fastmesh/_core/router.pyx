@@ -68,6 +68,7 @@ cdef class Route:
         self.direct_status = direct_status
         self.direct_body = direct_body
         self.timeout_ms = timeout_ms
+        self.grpc_timeout_max_ms = -1
         self.headers_to_add = headers_to_add
         self.headers_to_remove = headers_to_remove
         if weighted:

@@ -40,6 +40,7 @@ cdef enum:  # ListenerSlot
     LS_RL_ENFORCED          # ... limited and refused (filter_enforced)
     LS_RL_LIMITED           # ... found no token
     LS_RL_OK                # ... took a token
+    LS_RQ_MAX_DURATION      # HTTP/2: a gRPC request's grpc-timeout passed (Envoy's name)
     LS_SLOTS                # number of slots (keep last)
 
 cdef enum:  # ClusterSlot

@@ -1173,6 +1173,7 @@ def _domain(c: _Checker, v: Any, path: str) -> Optional[str]:
 
 
 _ROUTE_KEYS = ("match", "cluster", "weighted_clusters", "direct_response", "timeout_ms",
+               "grpc_timeout_header_max_ms", "grpc_timeout_header_offset_ms",
                "request_headers_to_add", "request_headers_to_remove", "retry_policy",
                "hash_policy", "mirrors", "attempt_count_header", "fault",
                "local_rate_limit")
@@ -1237,6 +1238,13 @@ def _route(c: _Checker, item: Any, p: str, known_clusters: Optional[set]) -> Opt
             kw["direct_response"] = DirectResponse(status=status, **dkw)
     if "timeout_ms" in m:
         kw["timeout_ms"] = c.integer(m["timeout_ms"], f"{p}.timeout_ms", lo=0)
+    for key in ("grpc_timeout_header_max_ms", "grpc_timeout_header_offset_ms"):
+        if key in m:
+            kw[key] = c.integer(m[key], f"{p}.{key}", lo=0)
+    if kw.get("grpc_timeout_header_offset_ms") and "grpc_timeout_header_max_ms" not in kw:
+        c.err(f"{p}.grpc_timeout_header_offset_ms", "without grpc_timeout_header_max_ms the "
+              "grpc-timeout header is not used, so an offset has nothing to apply to (set "
+              "grpc_timeout_header_max_ms: 0 for no cap)")
     if "request_headers_to_add" in m:
         kw["request_headers_to_add"] = _headers_to_add(c, m["request_headers_to_add"],
                                                        f"{p}.request_headers_to_add")

@@ -148,6 +148,11 @@ class Route:
     weighted_clusters: tuple[WeightedCluster, ...] = ()
     direct_response: Optional[DirectResponse] = None
     timeout_ms: int = DEFAULT_ROUTE_TIMEOUT_MS     # upstream response timeout; 0 = none
+    # gRPC requests' grpc-timeout header (Envoy: max_stream_duration.grpc_timeout_header_*):
+    # None = ignored; else it replaces timeout_ms for gRPC requests, capped by this (0: no
+    # cap), minus the offset
+    grpc_timeout_header_max_ms: Optional[int] = None
+    grpc_timeout_header_offset_ms: Optional[int] = None  # None: 0
     request_headers_to_add: tuple[tuple[str, str], ...] = ()   # (name, value), appended
     request_headers_to_remove: tuple[str, ...] = ()            # lower-cased names
     retry_policy: Optional[RetryPolicy] = None

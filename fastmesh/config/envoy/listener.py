@@ -482,9 +482,15 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
                                        lo=1)
     if "http_protocol_options" in m:
         o = c.message(m.get("http_protocol_options"), m.p("http_protocol_options"),
-                      {"accept_http_10": None})
+                      {"accept_http_10": None, "enable_trailers": None})
         if o is not None and "accept_http_10" in o:
             kw["accept_http_10"] = c.boolean(o.get("accept_http_10"), o.p("accept_http_10"))
+        if o is not None and "enable_trailers" in o and \
+                not c.boolean(o.get("enable_trailers"), o.p("enable_trailers")):
+            # fastmesh always passes an HTTP/2 upstream's trailers to HTTP/1.1 clients in
+            # the last chunk of a chunked response (what enable_trailers: true does)
+            c.note(o.p("enable_trailers"), "false: fastmesh still passes trailers in chunked "
+                   "responses to HTTP/1.1 clients (as Envoy with enable_trailers: true)")
     if "stream_idle_timeout" in m:
         kw["stream_idle_timeout_ms"] = c.duration_ms(m.get("stream_idle_timeout"),
                                                      m.p("stream_idle_timeout"))

@@ -55,6 +55,9 @@ _MATCH_FIELDS = {
     "tls_context": "TLS matches: " + NOT_YET,
     "dynamic_metadata": "metadata matches: " + NOT_YET,
 }
+_DEPRECATED_GRPC = ("deprecated in Envoy's v3 API (Envoy 1.40 still takes it, with a "
+                    "warning): write max_stream_duration: {grpc_timeout_header_max, "
+                    "grpc_timeout_header_offset} instead, which fastmesh translates")
 _ACTION_FIELDS = {
     "cluster": None, "weighted_clusters": None, "timeout": None,
     "cluster_header": "cluster_header: " + NOT_YET,
@@ -70,7 +73,13 @@ _ACTION_FIELDS = {
     "hash_policy": None,
     "rate_limits": "rate limits: " + NOT_YET,
     "upgrade_configs": "upgrades (WebSocket): " + NOT_YET,
-    "max_stream_duration": "max_stream_duration: " + NOT_YET,
+    "max_stream_duration": None,
+    "max_grpc_timeout": _DEPRECATED_GRPC,
+    "grpc_timeout_offset": _DEPRECATED_GRPC,
+}
+_STREAM_DURATION_FIELDS = {
+    "grpc_timeout_header_max": None, "grpc_timeout_header_offset": None,
+    "max_stream_duration": "a route's max_stream_duration (whole-stream limit): " + NOT_YET,
 }
 _HEADER_MATCHER_FIELDS = {
     "name": None, "string_match": None, "present_match": None, "invert_match": None,
@@ -315,6 +324,15 @@ def _action(c: EnvoyChecker, raw, p: str, known_clusters: Optional[set]) -> dict
                                             m.p("weighted_clusters"), known_clusters)
     if "timeout" in m:
         kw["timeout_ms"] = c.duration_ms(m.get("timeout"), m.p("timeout"))
+    if "max_stream_duration" in m:
+        sd = c.message(m.get("max_stream_duration"), m.p("max_stream_duration"),
+                       _STREAM_DURATION_FIELDS)
+        if sd is not None and "grpc_timeout_header_max" in sd:
+            kw["grpc_timeout_header_max_ms"] = c.duration_ms(
+                sd.get("grpc_timeout_header_max"), sd.p("grpc_timeout_header_max"))
+        if sd is not None and "grpc_timeout_header_offset" in sd:
+            kw["grpc_timeout_header_offset_ms"] = c.duration_ms(
+                sd.get("grpc_timeout_header_offset"), sd.p("grpc_timeout_header_offset"))
     if "retry_policy" in m:
         kw["retry_policy"] = translate_retry_policy(c, m.get("retry_policy"),
                                                     m.p("retry_policy"))
