@@ -83,9 +83,10 @@ XFCC_ENUM = {"SANITIZE": 0, "FORWARD_ONLY": 1, "APPEND_FORWARD": 2, "SANITIZE_SE
              "ALWAYS_FORWARD_ONLY": 4}
 
 
-def translate_transport_socket(c: EnvoyChecker, raw, p: str,
-                               protocol: Optional[str]) -> Optional[TlsContext]:
-    """-> the chain's TlsContext, or None (plain: raw_buffer, or an error reported)."""
+def _tls_socket(c: EnvoyChecker, raw, p: str, tls_type: str, where: str):
+    """A transport_socket: (its TLS context's typed_config, path) when it is
+    envoy.transport_sockets.tls with a `tls_type`; None when it is plain (raw_buffer) or
+    wrong (then reported)."""
     m = c.message(raw, p, {"name": None, "typed_config": None})
     if m is None:
         return None
@@ -97,14 +98,21 @@ def translate_transport_socket(c: EnvoyChecker, raw, p: str,
         return None
     if tc is _MISSING:
         c.err(p, f"typed_config missing: Envoy finds a transport socket by its @type (for "
-                 f"TLS: type.googleapis.com/{DOWNSTREAM_TLS})")
+                 f"TLS: type.googleapis.com/{tls_type})")
         return None
-    if t != "type.googleapis.com/" + DOWNSTREAM_TLS:
+    if t != "type.googleapis.com/" + tls_type:
         c.err(m.p("typed_config"),
-              f"transport socket {name!r}{f' ({t})' if t else ''}: {NOT_YET} (supported: "
-              f"envoy.transport_sockets.tls with a {DOWNSTREAM_TLS}, and raw_buffer)")
+              f"transport socket {name!r}{f' ({t})' if t else ''}: {NOT_YET} (supported"
+              f"{where}: envoy.transport_sockets.tls with a {tls_type}, and raw_buffer)")
         return None
-    return _downstream(c, tc, m.p("typed_config"), protocol)
+    return tc, m.p("typed_config")
+
+
+def translate_transport_socket(c: EnvoyChecker, raw, p: str,
+                               protocol: Optional[str]) -> Optional[TlsContext]:
+    """-> the chain's TlsContext, or None (plain: raw_buffer, or an error reported)."""
+    found = _tls_socket(c, raw, p, DOWNSTREAM_TLS, "")
+    return _downstream(c, found[0], found[1], protocol) if found else None
 
 
 _UPSTREAM_FIELDS = {
@@ -120,25 +128,8 @@ def translate_upstream_transport_socket(c: EnvoyChecker, raw, p: str,
                                         http2: bool) -> Optional[UpstreamTls]:
     """A cluster's transport_socket -> its UpstreamTls, or None (plain, or an error
     reported)."""
-    m = c.message(raw, p, {"name": None, "typed_config": None})
-    if m is None:
-        return None
-    name = c.text(m.get("name", ""), m.p("name"), nonempty=False) if "name" in m else ""
-    tc = m.get("typed_config", _MISSING)
-    t = tc.get("@type") if isinstance(tc, dict) else None
-    if t == "type.googleapis.com/" + RAW_BUFFER or (tc is _MISSING and name in (
-            "envoy.transport_sockets.raw_buffer", "raw_buffer")):
-        return None
-    if tc is _MISSING:
-        c.err(p, f"typed_config missing: Envoy finds a transport socket by its @type (for "
-                 f"TLS: type.googleapis.com/{UPSTREAM_TLS})")
-        return None
-    if t != "type.googleapis.com/" + UPSTREAM_TLS:
-        c.err(m.p("typed_config"),
-              f"transport socket {name!r}{f' ({t})' if t else ''}: {NOT_YET} (supported on "
-              f"clusters: envoy.transport_sockets.tls with an {UPSTREAM_TLS}, and raw_buffer)")
-        return None
-    return _upstream(c, tc, m.p("typed_config"), http2)
+    found = _tls_socket(c, raw, p, UPSTREAM_TLS, " on clusters")
+    return _upstream(c, found[0], found[1], http2) if found else None
 
 
 def _upstream(c: EnvoyChecker, raw, p: str, http2: bool) -> Optional[UpstreamTls]:
