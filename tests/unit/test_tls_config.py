@@ -144,13 +144,17 @@ def envoy():
     return path
 
 
+def envoy_accepts(envoy, path, cid, doc, envoy_ok):
+    """`envoy --mode validate` on the bootstrap says what the case says it does."""
+    path.write_text(yaml.safe_dump(doc))
+    r = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "-l", "critical"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode == 0) == envoy_ok, (cid, (r.stdout + r.stderr)[-800:])
+
+
 def test_envoy_and_fastmesh(pki, envoy, tmp_path):
     for cid, doc, envoy_ok, fm_ok in cases(pki):
-        path = tmp_path / f"{cid}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        r = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "-l", "critical"],
-                           capture_output=True, text=True, timeout=60)
-        assert (r.returncode == 0) == envoy_ok, (cid, (r.stdout + r.stderr)[-800:])
+        envoy_accepts(envoy, tmp_path / f"{cid}.yaml", cid, doc, envoy_ok)
         if fm_ok:
             cfg = load_dict(doc)
             assert cfg.listeners[0].tls is not None or cid == "raw-buffer", cid
@@ -311,11 +315,7 @@ def up_cases(pki):
 
 def test_upstream_tls_envoy_and_fastmesh(pki, envoy, tmp_path):
     for cid, doc, envoy_ok, fm_ok in up_cases(pki):
-        path = tmp_path / f"up-{cid}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        r = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "-l", "critical"],
-                           capture_output=True, text=True, timeout=60)
-        assert (r.returncode == 0) == envoy_ok, (cid, (r.stdout + r.stderr)[-800:])
+        envoy_accepts(envoy, tmp_path / f"up-{cid}.yaml", cid, doc, envoy_ok)
         if fm_ok:
             cfg = load_dict(doc)
             assert (cfg.clusters["c"].tls is None) == (cid == "raw-buffer"), cid
