@@ -395,6 +395,7 @@ cdef class Transport:
             else:
                 self.wq_off += n
                 n = 0
+        self.check_low_water()          # (as asyncio: resume_writing, then the close)
         if self.wq_bytes == 0:
             if self.state == TS_CLOSING:
                 self.finish(None, False)
@@ -457,7 +458,7 @@ cdef class Transport:
 
     cdef int check_low_water(self) except -1:
         if self.write_paused and self.wq_bytes <= self.low_water_bytes \
-                and self.state == TS_OPEN:
+                and self.state != TS_DEAD:      # (closing too, as asyncio)
             self.write_paused = False
             try:
                 self.protocol.resume_writing()
