@@ -327,6 +327,8 @@ cdef class Transport:
         if self.stash is None:
             self.stash = bytearray()
         if len(self.stash) + n > self.engine.stash_max_bytes:
+            log.warning("engine: fd %d: over %d bytes received while paused; cut",
+                        self.fd, self.engine.stash_max_bytes)
             self.fatal(OSError("receive stash over its limit"))
             return 0
         self.stash += (<char *>data)[:n]

@@ -705,19 +705,17 @@ cdef class UringEngine(Engine):
         cdef unsigned long long uds[URING_BATCH]
         cdef int res[URING_BATCH]
         cdef unsigned int flags[URING_BATCH]
-        cdef unsigned int n, i, total = 0
-        while True:
-            n = fm_take(self.r, uds, res, flags, URING_BATCH)
-            if n == 0:
-                break
-            total += n
-            for i in range(n):
-                try:
-                    self.handle(uds[i], res[i], flags[i])
-                except BaseException:
-                    log.exception("engine: internal error on a completion")
-        self.events += total
-        return total
+        cdef unsigned int n, i
+        # One bounded batch: a receive refills the buffers given back while we work, so
+        # "until the queue is empty" might never end, and a pause's cancel would wait
+        n = fm_take(self.r, uds, res, flags, URING_BATCH)
+        for i in range(n):
+            try:
+                self.handle(uds[i], res[i], flags[i])
+            except BaseException:
+                log.exception("engine: internal error on a completion")
+        self.events += n
+        return n
 
     def _on_wake(self):
         cdef char tmp[8]

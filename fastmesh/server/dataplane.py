@@ -267,9 +267,12 @@ class DataPlane:
                 hl[lst.name] = h
         hc = {n: h for n, c in self.snapshot.clusters.items()
               if (h := c.counters.histogram()) is not None} if self.snapshot else {}
+        eng = ioengine.current()
         return {"pid": os.getpid(), "listeners": listeners, "clusters": clusters,
                 "histograms": {"listeners": hl, "clusters": hc},
-                "config_version": self.snapshot.version if self.snapshot else 0}
+                "config_version": self.snapshot.version if self.snapshot else 0,
+                "engine": dict(eng.counters(), name=eng.name) if eng is not None
+                else {"name": "uvloop"}}
 
     def clusters_info(self, figures: bool = False) -> dict:
         """figures: also each endpoint's request, error and connect-failure counts (the
