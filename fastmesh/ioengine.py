@@ -92,7 +92,7 @@ def make(loop, setting: str):
                 from fastmesh._core.engine_uring import UringEngine
                 eng = UringEngine(loop, **_uring_kw())
                 log.info("engine auto: io_uring (a ring with a provided buffer ring could be "
-                         "made; kernel %s)", platform.release())
+                         "made; kernel %s; completions: %s)", platform.release(), eng.mode)
                 return eng
             except OSError as exc:
                 why = str(exc)
@@ -118,7 +118,8 @@ def start(loop, configured: str):
     _current, _setting, _loop = eng, setting, loop
     engine_core.install(eng)
     if eng is not None and setting != "auto":
-        log.info("engine: %s", eng.name)
+        log.info("engine: %s%s", eng.name,
+                 f" (completions: {eng.mode})" if eng.name == "io_uring" else "")
     return eng
 
 

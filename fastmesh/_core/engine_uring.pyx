@@ -3,7 +3,7 @@
 import logging
 import os
 
-from libc.errno cimport errno, ENOBUFS, EMFILE, ENFILE, EINTR, EAGAIN
+from libc.errno cimport errno, ENOBUFS, EMFILE, ENFILE, EINTR, EAGAIN, EBUSY
 
 cdef extern from "<errno.h>":
     enum:
@@ -53,6 +53,7 @@ cdef extern from *:
         char *bufs;
         unsigned nbufs, buf_bytes;
         int efd;
+        unsigned mode;                  /* 0 deferred task work, 1 cooperative, 2 plain */
     };
 
     typedef struct {                    /* a sendmsg's header and pieces, per transport */
@@ -88,15 +89,26 @@ cdef extern from *:
         r->efd = -1;
         r->nbufs = nbufs;
         r->buf_bytes = buf_bytes;
-        memset(&p, 0, sizeof(p));
-        p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER;
-        p.cq_entries = cq_entries;
-        rc = io_uring_queue_init_params(entries, &r->ring, &p);
-        if (rc == -EINVAL) {            /* an older kernel: without the single-issuer hint */
+        /* Completions wait for us (DEFER_TASKRUN: run when we ask, in one batch, never
+           by interrupting the worker from the CPU the packets arrived on: the IPIs and the
+           lock contention cost more kernel time than the system calls saved); else the
+           cooperative mode (no IPI); else the plain one (older kernels). */
+        static const unsigned modes[] = {
+            IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
+                IORING_SETUP_TASKRUN_FLAG,
+            IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+            IORING_SETUP_CQSIZE,
+        };
+        const char *env = getenv("FASTMESH_URING_MODE");     /* tests: force a mode */
+        unsigned m = env && env[0] >= '0' && env[0] <= '2' ? (unsigned)(env[0] - '0') : 0;
+        rc = -EINVAL;
+        for (; m < 3 && rc == -EINVAL; m++) {
             memset(&p, 0, sizeof(p));
-            p.flags = IORING_SETUP_CQSIZE;
+            p.flags = modes[m];
             p.cq_entries = cq_entries;
             rc = io_uring_queue_init_params(entries, &r->ring, &p);
+            if (rc == 0)
+                r->mode = m;
         }
         if (rc < 0) {
             r->ring.ring_fd = -1;
@@ -231,6 +243,24 @@ cdef extern from *:
         return io_uring_submit(&r->ring);
     }
 
+    /* submit what is queued and post the completions waiting as task work (one
+       io_uring_enter; none when there is nothing to submit and no work is pending) */
+    static inline int fm_enter(struct fm_ring *r)
+    {
+        if (r->mode == 2 || !(IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN))
+            return io_uring_sq_ready(&r->ring) ? io_uring_submit(&r->ring) : 0;
+        return io_uring_submit_and_get_events(&r->ring);
+    }
+
+    /* completions ready, or work the kernel holds for us to run */
+    static inline int fm_work_pending(struct fm_ring *r)
+    {
+        return io_uring_cq_ready(&r->ring) ||
+            (r->mode != 2 && (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN));
+    }
+
+    static inline unsigned fm_mode(struct fm_ring *r) { return r->mode; }
+
     /* copy out up to n completions (user_data, res, flags) and mark them seen */
     static unsigned fm_take(struct fm_ring *r, unsigned long long *ud, int *res,
                             unsigned *flags, unsigned n)
@@ -277,6 +307,9 @@ cdef extern from *:
     void fm_give_back(fm_ring *r, unsigned bid)
     int fm_pending_sqes(fm_ring *r)
     int fm_submit(fm_ring *r)
+    int fm_enter(fm_ring *r)
+    int fm_work_pending(fm_ring *r)
+    unsigned fm_mode(fm_ring *r)
     unsigned fm_take(fm_ring *r, unsigned long long *ud, int *res, unsigned *flags, unsigned n)
     unsigned fm_ready(fm_ring *r)
     void fm_eventfd_on(fm_ring *r, int on)
@@ -383,6 +416,12 @@ cdef class UringEngine(Engine):
         fm_ring_free(self.r)            # cancels what is in flight
         self.r = NULL
         self.slots = []
+
+    @property
+    def mode(self) -> str:
+        """How completions reach us: "defer_taskrun", "coop_taskrun" or "plain"."""
+        return ("defer_taskrun", "coop_taskrun", "plain")[fm_mode(self.r)] \
+            if self.r != NULL else "closed"
 
     def counters(self) -> dict:
         d = Engine.counters(self)
@@ -731,29 +770,33 @@ cdef class UringEngine(Engine):
             self.run()
 
     def run(self):
-        # One batch: completions handled, then what they asked for submitted at once;
-        # again while that produced completions (sends often complete during the submit).
-        cdef int rounds, n
+        # One batch: the completions the kernel holds posted and handled, then what they
+        # asked for submitted with the next look for completions (one io_uring_enter per
+        # round); again while rounds find completions (sends often complete at submit).
+        cdef int rounds, n, rc
         cdef uint64_t handled = 0
         self.in_wake = True
         fm_eventfd_on(self.r, 0)        # our own submissions' completions: no extra wake
         try:
             for rounds in range(URING_ROUNDS):
+                if fm_work_pending(self.r) or fm_pending_sqes(self.r):
+                    rc = fm_enter(self.r)
+                    self.submits += 1
+                    if rc < 0 and rc != -EINTR and rc != -EAGAIN and rc != -EBUSY:
+                        log.error("engine: io_uring_enter: %s", os.strerror(-rc))
                 n = self.drain()
                 handled += n
                 self.prep_rearms()
                 self.prep_sends()
-                if not fm_pending_sqes(self.r):
-                    if n == 0:
-                        break
-                    continue
-                self.submit()
+                if n == 0 and not fm_pending_sqes(self.r) and not fm_work_pending(self.r):
+                    break
         finally:
             fm_eventfd_on(self.r, 1)
             self.in_wake = False
-        if fm_ready(self.r) or self.send_list or self.rearm_list or self.accept_rearm \
-                or fm_pending_sqes(self.r):
-            if not self.flush_scheduled:    # completions that came meanwhile: next turn
+        # work that came while the eventfd was off (its signal suppressed): next turn
+        if fm_work_pending(self.r) or self.send_list or self.rearm_list or \
+                self.accept_rearm or fm_pending_sqes(self.r):
+            if not self.flush_scheduled:
                 self.flush_scheduled = True
                 self.loop.call_soon(self._again)
         if handled > self.batched_max:
