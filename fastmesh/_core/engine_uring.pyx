@@ -466,9 +466,8 @@ cdef class UringEngine(Engine):
                 self.accept_rearm.append(s)
         if res < 0:
             return 0
-        if not s.active:
-            c_close(res)                # raced with stop_server: the queue is the next's
-            return 0
+        # (taken before a stop_server's cancel landed: served like any other, as uvloop
+        # serves what it accepted before its server closed)
         setsockopt(res, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         s.accepted += 1
         self.adopt(s.factory, res, s)

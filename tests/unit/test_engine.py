@@ -501,3 +501,32 @@ def test_engine_setting_and_auto_choice(monkeypatch, caplog):
         assert ioengine.make(loop, "uvloop") is None
     finally:
         loop.close()
+
+
+@pytest.mark.skipif(not engine_core.leaks()["debug_build"],
+                    reason="release build: leak counters are compiled out")
+@pytest.mark.parametrize("kind", KINDS)
+def test_debug_build_nothing_left_behind(kind):
+    """Debug builds: after traffic, resets and the engine's close, no transport object and
+    no io_uring operation is left (fastmesh._core.debug counters)."""
+    import gc
+
+    async def body(eng, loop):
+        made = []
+        srv = eng.serve(listening_socket(), echo_factory(made))
+        port = made_port(srv)
+        for i in range(50):
+            c = await connect(loop, port)
+            await loop.sock_sendall(c, b"x" * 1000)
+            assert await recv_all(loop, c, 1000) == b"x" * 1000
+            if i % 2:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+        await asyncio.gather(*(p.lost for p in made))
+        srv.close()
+        made.clear()
+    run(body, kind)
+    gc.collect()
+    assert engine_core.leaks()["transports"] == 0
+    if kind == "io_uring":
+        assert engine_uring.leaks()["uring_ops"] == 0
