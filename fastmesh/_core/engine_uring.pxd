@@ -53,10 +53,13 @@ cdef class UringEngine(Engine):
         list send_list                  # transports with bytes to send, no send in flight
         list rearm_list                 # transports whose receive must be (re-)armed
         list accept_rearm               # servers whose multishot accept ended
+        object tick_handle              # deferred task work: the 100 ms backstop look
         # counters
         readonly uint64_t enobufs       # receives ended for want of buffers
         readonly uint64_t submits       # io_uring_enter calls that submitted
         readonly uint64_t partial_sends # sends the kernel took only part of
+        readonly uint64_t ticks         # backstop looks (deferred task work)
+        readonly uint64_t tick_finds    # ... that found completions nobody announced
 
     cdef int ensure_slot(self, Transport t) except -1
     cdef int op_done(self, Transport t) except -1

@@ -245,8 +245,22 @@ cdef extern from *:
 
     /* submit what is queued and post the completions waiting as task work (one
        io_uring_enter; none when there is nothing to submit and no work is pending) */
+    #define FM_TW_BUDGET 4096
     static inline int fm_enter(struct fm_ring *r)
     {
+        struct io_uring_cqe *cqe;
+        struct __kernel_timespec zero = {0, 0};
+        if (r->mode == 0) {
+            /* Deferred task work: ask for many completions with a zero timeout. A plain
+               GETEVENTS enter runs at most 20 items of task work (IO_LOCAL_TW_DEFAULT_MAX)
+               and may leave the rest pending with no flag and no eventfd signal (work added
+               to a non-empty list signals nothing): the worker would never wake again.
+               Asking for FM_TW_BUDGET completions runs the pending work until that many
+               completions exist or none is left; the zero timeout returns at once. */
+            int rc = io_uring_submit_and_wait_timeout(&r->ring, &cqe, FM_TW_BUDGET, &zero,
+                                                      NULL);
+            return rc == -ETIME ? 0 : rc;
+        }
         if (r->mode == 2 || !(IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN))
             return io_uring_sq_ready(&r->ring) ? io_uring_submit(&r->ring) : 0;
         return io_uring_submit_and_get_events(&r->ring);
@@ -389,6 +403,10 @@ cdef class UringEngine(Engine):
         self.rearm_list = []
         self.accept_rearm = []
         loop.add_reader(self.efd, self._on_wake)
+        if fm_mode(self.r) == 0:
+            # a backstop for deferred task work: should work ever wait in the kernel with no
+            # eventfd signal, a look every 100 ms finds it (the worker stalls 100 ms at most)
+            self.tick_handle = loop.call_later(0.1, self._tick)
 
     def __dealloc__(self):
         if self.r != NULL:
@@ -405,6 +423,9 @@ cdef class UringEngine(Engine):
             elif isinstance(owner, Server):
                 owner.close()
         self.closed = True
+        if self.tick_handle is not None:
+            self.tick_handle.cancel()
+            self.tick_handle = None
         try:
             self.loop.remove_reader(self.efd)
         except Exception:
@@ -426,6 +447,7 @@ cdef class UringEngine(Engine):
     def counters(self) -> dict:
         d = Engine.counters(self)
         d.update({"engine.enobufs": self.enobufs, "engine.submits": self.submits,
+                  "engine.ticks": self.ticks, "engine.tick_finds": self.tick_finds,
                   "engine.partial_sends": self.partial_sends})
         return d
 
@@ -763,6 +785,17 @@ cdef class UringEngine(Engine):
         self.wakes += 1
         self.run()
 
+    def _tick(self):
+        if self.closed:
+            return
+        cdef uint64_t before = self.events
+        if not self.in_wake:
+            self.ticks += 1
+            self.run()
+            if self.events != before:
+                self.tick_finds += 1        # work the eventfd did not announce
+        self.tick_handle = self.loop.call_later(0.1, self._tick)
+
     def _again(self):
         self.flush_scheduled = False
         if not self.closed:
@@ -777,8 +810,12 @@ cdef class UringEngine(Engine):
         self.in_wake = True
         fm_eventfd_on(self.r, 0)        # our own submissions' completions: no extra wake
         try:
+            n = 1
             for rounds in range(URING_ROUNDS):
-                if fm_work_pending(self.r) or fm_pending_sqes(self.r):
+                # deferred task work: enter again while rounds find completions (work may
+                # wait in the kernel without a flag saying so)
+                if fm_work_pending(self.r) or fm_pending_sqes(self.r) or \
+                        (n > 0 and fm_mode(self.r) == 0):
                     rc = fm_enter(self.r)
                     self.submits += 1
                     if rc < 0 and rc != -EINTR and rc != -EAGAIN and rc != -EBUSY:
