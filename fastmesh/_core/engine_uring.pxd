@@ -11,6 +11,9 @@
 #   send     one send (or sendmsg of up to WQ_MAX_IOV queued pieces) in flight per
 #            connection; a short send is resumed from where it stopped.
 #   connect  a non-blocking connect, its completion seen by a POLLOUT poll on the ring.
+#   completions  cooperative task work (IORING_SETUP_COOP_TASKRUN + TASKRUN_FLAG): no IPI
+#            interrupts the worker; deferred (DEFER_TASKRUN) and plain on request
+#            (FASTMESH_URING_MODE=0 / 2) and as fallbacks; a 100 ms backstop look.
 # Every submission made while a batch is handled (and by callbacks between wakes, through
 # one call_soon) goes to the kernel in one io_uring_enter.
 #
@@ -53,12 +56,12 @@ cdef class UringEngine(Engine):
         list send_list                  # transports with bytes to send, no send in flight
         list rearm_list                 # transports whose receive must be (re-)armed
         list accept_rearm               # servers whose multishot accept ended
-        object tick_handle              # deferred task work: the 100 ms backstop look
+        object tick_handle              # the 100 ms backstop look
         # counters
         readonly uint64_t enobufs       # receives ended for want of buffers
         readonly uint64_t submits       # io_uring_enter calls that submitted
         readonly uint64_t partial_sends # sends the kernel took only part of
-        readonly uint64_t ticks         # backstop looks (deferred task work)
+        readonly uint64_t ticks         # backstop looks
         readonly uint64_t tick_finds    # ... that found completions nobody announced
 
     cdef int ensure_slot(self, Transport t) except -1
