@@ -32,15 +32,28 @@ if DEBUG:
 else:
     macros = [("FASTMESH_DEBUG", "0")]
 
+# The io_uring engine links liburing statically (the wheel stays self-contained: auditwheel
+# finds no liburing.so to bundle or to miss). Without liburing-dev the module is left out and
+# `engine: auto` falls back to epoll, saying why.
+LIBURING_A = os.environ.get("FASTMESH_LIBURING_A", "")
+if not LIBURING_A:
+    for cand in ("/usr/lib/x86_64-linux-gnu/liburing.a", "/usr/lib/aarch64-linux-gnu/liburing.a",
+                 "/usr/lib64/liburing.a", "/usr/lib/liburing.a", "/usr/local/lib/liburing.a"):
+        if os.path.exists(cand):
+            LIBURING_A = cand
+            break
+
+
+def _extension(path):
+    name = os.path.splitext(os.path.basename(path))[0]
+    objects = [LIBURING_A] if name == "engine_uring" else []
+    return Extension("fastmesh._core." + name, [path], extra_compile_args=compile_args,
+                     extra_link_args=link_args, extra_objects=objects, define_macros=macros)
+
+
 extensions = [
-    Extension(
-        "fastmesh._core." + os.path.splitext(os.path.basename(path))[0],
-        [path],
-        extra_compile_args=compile_args,
-        extra_link_args=link_args,
-        define_macros=macros,
-    )
-    for path in sorted(glob("fastmesh/_core/*.pyx"))
+    _extension(path) for path in sorted(glob("fastmesh/_core/*.pyx"))
+    if LIBURING_A or not path.endswith("engine_uring.pyx")
 ]
 
 setup(

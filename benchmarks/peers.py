@@ -199,6 +199,34 @@ class FastmeshSidecar(Fastmesh):
         return yaml.safe_dump(cfg, sort_keys=False)
 
 
+class FastmeshUring(Fastmesh):
+    """fastmesh with `engine: io_uring`: its data sockets on the io_uring engine
+    (fastmesh._core.engine_uring). Not in the default set (`--peers fastmesh,fastmesh-io_uring`)."""
+    name = "fastmesh-io_uring"
+    engine = "io_uring"
+
+    def find(self) -> bool:
+        if not super().find():
+            return False
+        from fastmesh import ioengine
+        why = ioengine.uring_unavailable() if self.engine == "io_uring" else None
+        if why is not None:
+            self.missing_reason = f"io_uring unavailable: {why}"
+            return False
+        return True
+
+    def config(self, mode, port, upstream_port, workdir, **kw) -> str:
+        cfg = yaml.safe_load(super().config(mode, port, upstream_port, workdir, **kw))
+        cfg["engine"] = self.engine
+        return yaml.safe_dump(cfg, sort_keys=False)
+
+
+class FastmeshEpoll(FastmeshUring):
+    """fastmesh with `engine: epoll` (fastmesh._core.engine_epoll)."""
+    name = "fastmesh-epoll"
+    engine = "epoll"
+
+
 # -- Envoy ------------------------------------------------------------------------------------
 
 class Envoy(Peer):
@@ -541,9 +569,11 @@ class Nginx(Peer):
 
 
 PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, RelayUringFloor,
-                             FastmeshTcp, FastmeshResilient, FastmeshSidecar)}
+                             FastmeshTcp, FastmeshResilient, FastmeshSidecar, FastmeshUring,
+                             FastmeshEpoll)}
 DEFAULT_PEERS = [name for name in PEERS if name not in ("fastmesh-tcp", "fastmesh-resilient",
-                                                        "fastmesh-sidecar")]
+                                                        "fastmesh-sidecar", "fastmesh-io_uring",
+                                                        "fastmesh-epoll")]
 
 
 def install_missing(names: list[str]) -> list[str]:

@@ -31,6 +31,7 @@ from fastmesh._core.dispatch import ChainMatch, Dispatcher
 from fastmesh._core.tls import new_counters as new_tls_counters
 from fastmesh._core.http_proxy import py_now_ms as now_ms
 from fastmesh.config import model
+from fastmesh import ioengine
 
 log = logging.getLogger("fastmesh.listener")
 
@@ -386,12 +387,16 @@ class Listener:
             return
         if not self.socks:
             self.bind()
+        eng = self.engine()
         try:
             for sock in self.socks:
                 dup = sock.dup()
                 try:
-                    self.servers.append(await self.loop.create_server(
-                        self.protocol_factory(), sock=dup, backlog=BACKLOG))
+                    if eng is not None:
+                        self.servers.append(eng.serve(dup, self.protocol_factory()))
+                    else:
+                        self.servers.append(await self.loop.create_server(
+                            self.protocol_factory(), sock=dup, backlog=BACKLOG))
                 except BaseException:
                     dup.close()
                     raise
@@ -401,8 +406,9 @@ class Listener:
             self.servers = []
             raise
         self.state = ListenerState.RUNNING
-        log.info("listener %s: accepting on %s (%s)", self.name,
-                 _fmt(self.bound_address), self.cfg.protocol)
+        log.info("listener %s: accepting on %s (%s%s)", self.name,
+                 _fmt(self.bound_address), self.cfg.protocol,
+                 f", engine {eng.name}" if eng is not None else "")
 
     def stop_accepting(self) -> None:
         """Stop taking new connections; the socket stays open; connections go on."""
@@ -441,8 +447,17 @@ class Listener:
         log.info("listener %s: closed (new connections are refused)", self.name)
         return taken
 
+    def engine(self):
+        """The process's I/O engine if it serves this listener's connections, else None."""
+        eng = ioengine.current()
+        return eng if eng is not None and ioengine.serves(self.cfg) else None
+
     async def _serve_accepted(self, factory, conn) -> None:
         try:
+            eng = self.engine()
+            if eng is not None:
+                eng.connect_accepted_socket(factory, conn)
+                return
             await self.loop.connect_accepted_socket(factory, conn)
         except OSError:
             conn.close()

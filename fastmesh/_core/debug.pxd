@@ -26,3 +26,5 @@ cdef enum LeakKind:
     LEAK_DOWNSTREAM = 1     # downstream sessions (all protocols)
     LEAK_UPSTREAM = 2       # upstream connections (all protocols)
     LEAK_INFLIGHT = 3       # Bolt in-flight entries
+    LEAK_TRANSPORT = 4      # engine transports (fastmesh._core.engine)
+    LEAK_URING_OP = 5       # io_uring operations in flight (fastmesh._core.engine_uring)

@@ -4,6 +4,7 @@ import ipaddress
 import logging
 
 from fastmesh.ratelog import RateLimitedLog
+from fastmesh._core import engine as engine_mod
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint64_t
@@ -1373,6 +1374,11 @@ cdef void _wake_pending(Cluster cl, Endpoint ep):
 
 async def _connect(loop, Cluster cluster, Endpoint ep):
     cluster.counters.v[CS_CX_TOTAL] += 1
+    eng = engine_mod.installed()
+    if eng is not None and cluster.tls is None:    # the process's I/O engine (ioengine)
+        _, proto = await eng.create_connection(
+            lambda: HttpUpstreamProtocol(cluster, ep), ep.host, ep.port)
+        return proto
     _, proto = await open_connection(loop, lambda: HttpUpstreamProtocol(cluster, ep),
                                      cluster, ep)
     return proto

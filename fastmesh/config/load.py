@@ -221,6 +221,12 @@ def load_dict(data: Any, source: str = "<string>", clusters: Optional[dict] = No
             kw["workers"] = w
     if "drain_timeout_ms" in data:
         kw["drain_timeout_ms"] = c.integer(data["drain_timeout_ms"], "drain_timeout_ms", lo=0)
+    if "engine" in data:
+        e = data["engine"]
+        if e not in ("auto", "io_uring", "epoll", "uvloop"):
+            c.err("engine", f"expected one of auto, io_uring, epoll, uvloop, got {_show(e)}")
+        else:
+            kw["engine"] = e
 
     if c.errors:
         raise ConfigError(c.errors, source)
@@ -246,6 +252,7 @@ def to_dict(cfg: Config, except_clusters: frozenset | set = frozenset()) -> dict
                      if name not in except_clusters],
         "workers": cfg.workers,
         "drain_timeout_ms": cfg.drain_timeout_ms,
+        "engine": cfg.engine,
     }
 
 
@@ -376,7 +383,8 @@ def _yaml_error(e: yaml.MarkedYAMLError, source: str) -> str:
 
 _MISSING: Any = object()
 
-_TOP_KEYS = ("admin", "listeners", "route_tables", "clusters", "workers", "drain_timeout_ms")
+_TOP_KEYS = ("admin", "listeners", "route_tables", "clusters", "workers", "drain_timeout_ms",
+             "engine")
 
 
 def _show(v: Any) -> str:

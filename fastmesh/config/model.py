@@ -495,5 +495,9 @@ class Config:
     workers: int = 1                              # worker processes; "auto" = CPU count; 0:
                                                   # the supervisor serves (one process)
     drain_timeout_ms: int = 30000                 # graceful drain limit (SIGTERM, upgrade)
+    engine: str = "uvloop"                        # data-socket I/O engine of each worker
+                                                  # process: auto | io_uring | epoll | uvloop
+                                                  # (env FASTMESH_ENGINE overrides; see
+                                                  # fastmesh/ioengine.py)
     source: str = "<string>"                      # the file it came from, for messages
     xds: Optional[Xds] = None                     # a control plane (bootstrap files only)

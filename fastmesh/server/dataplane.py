@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from fastmesh import snapshot as snapshot_mod
+from fastmesh import ioengine, snapshot as snapshot_mod
 from fastmesh._core import buffer, http_proxy
 from fastmesh.cluster import ClusterResolver
 from fastmesh.config import model
@@ -49,6 +49,7 @@ class DataPlane:
         health check verdicts to serve this config with (all of them: clusters not named
         have none). Raises on failure before changing anything it can't undo."""
         snap = snapshot_mod.build(cfg, self.snapshot)
+        ioengine.start(self.loop, cfg.engine)       # once per process (a reload only warns)
         # verdicts first: listeners that start below must not pick a failed endpoint
         self._apply_health(snap, self.health if health is None else health)
         # clusters: resolvers follow the snapshot's Cluster objects
@@ -243,6 +244,7 @@ class DataPlane:
         for lst in list(self.listeners.values()) + self.draining_listeners:
             lst.abort_connections()
             lst.close()
+        ioengine.stop()
 
     # -- reports -------------------------------------------------------------------------
 
@@ -268,9 +270,12 @@ class DataPlane:
                 hl[lst.name] = h
         hc = {n: h for n, c in self.snapshot.clusters.items()
               if (h := c.counters.histogram()) is not None} if self.snapshot else {}
+        eng = ioengine.current()
         return {"pid": os.getpid(), "listeners": listeners, "clusters": clusters,
                 "histograms": {"listeners": hl, "clusters": hc},
-                "config_version": self.snapshot.version if self.snapshot else 0}
+                "config_version": self.snapshot.version if self.snapshot else 0,
+                "engine": dict(eng.counters(), name=eng.name) if eng is not None
+                else {"name": "uvloop"}}
 
     def clusters_info(self, figures: bool = False) -> dict:
         """figures: also each endpoint's request, error and connect-failure counts (the

@@ -874,7 +874,8 @@ class Supervisor:
             spread.append({"pid": st.get("pid"), "index": st.get("index"),
                            "downstream_cx_total": sum(c.get("downstream_cx_total", 0) for c in ls),
                            "downstream_cx_active": sum(c.get("downstream_cx_active", 0)
-                                                       for c in ls)})
+                                                       for c in ls),
+                           "engine": st.get("engine")})     # its I/O engine and counters
         out = {
             "server": {"version": __version__, "pid": mainproc.main_pid(),
                        "supervisor_pid": os.getpid(), "generation": self.generation,

@@ -1,0 +1,191 @@
+"""HTTP/1 through a real `fastmesh run` whose worker serves its data sockets with each
+I/O engine (`engine: io_uring` / `epoll` in the config), with real clients (curl, wrk, raw
+sockets) and real upstreams (fastmesh.demo.upstream; a threaded server of random bytes).
+
+The whole HTTP/1 behaviour suite also runs on an engine by environment:
+    FASTMESH_ENGINE=io_uring pytest integration/test_http_proxy.py
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from fmtest import RawClient, simple_config, wrk_result, wrk_start
+
+try:
+    from fastmesh._core import engine_uring
+    URING_WHY = engine_uring.probe()
+except ImportError as exc:
+    URING_WHY = str(exc)
+
+BLOB = os.urandom(1024 * 1024) * 19 + os.urandom(1024 * 1024)     # 20 MiB
+BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
+
+
+class _BlobHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", str(len(BLOB)))
+        self.end_headers()
+        self.wfile.write(BLOB)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def blob_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BlobHandler)
+    srv.daemon_threads = True
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(params=["io_uring", "epoll"])
+def engine(request):
+    if request.param == "io_uring" and URING_WHY is not None:
+        pytest.skip(f"io_uring unavailable: {URING_WHY}")
+    return request.param
+
+
+@pytest.fixture
+def mesh(engine, start_upstream, start_fastmesh, blob_server):
+    up = start_upstream("web")
+    cfg = simple_config({"web": [up.address], "blob": [f"127.0.0.1:{blob_server}"]},
+                        routes=[{"match": {"prefix": "/blob"}, "cluster": "blob"},
+                                {"match": {"prefix": "/"}, "cluster": "web"}],
+                        listener_extra={"max_request_body_bytes": 16 * 1024 * 1024})
+    cfg["engine"] = engine
+    fm = start_fastmesh(cfg, env={"FASTMESH_ENGINE": ""})
+    fm.engine = engine
+    return fm
+
+
+def test_the_worker_runs_the_engine(mesh):
+    spread = mesh.stats()["server"]["worker_connections"]
+    assert spread and all(w["engine"]["name"] == mesh.engine for w in spread), spread
+    with RawClient(mesh.port) as c:
+        for i in range(20):
+            c.request(path="/")
+            assert c.read_response().status == 200
+    eng = mesh.stats()["server"]["worker_connections"][0]["engine"]
+    assert eng["engine.wakes"] > 0 and eng["engine.events"] >= 20
+
+
+def test_curl_and_keep_alive_reuse(mesh):
+    r = subprocess.run(["curl", "-s", "--max-time", "10", mesh.url("/")], capture_output=True)
+    assert r.stdout == b"hello from web\n"
+    before_l = mesh.listener_stats()
+    before_c = mesh.cluster_stats("web")
+    with RawClient(mesh.port) as c:
+        for i in range(50):
+            c.request(path=f"/{i}")
+            assert c.read_response().body == b"hello from web\n"
+    after_l = mesh.listener_stats()
+    after_c = mesh.cluster_stats("web")
+    assert after_l["downstream_cx_total"] - before_l["downstream_cx_total"] == 1
+    assert after_c["upstream_rq_total"] - before_c["upstream_rq_total"] == 50
+    assert after_c["upstream_cx_total"] - before_c["upstream_cx_total"] <= 1
+
+
+def test_pipelined_requests_in_order(mesh):
+    with RawClient(mesh.port) as c:
+        c.send(b"".join(b"GET /echo HTTP/1.1\r\nHost: a\r\nx-n: %d\r\n\r\n" % i
+                        for i in range(30)))
+        for i in range(30):
+            r = c.read_response()
+            assert r.status == 200 and dict(r.json()["headers"])["x-n"] == str(i)
+
+
+def test_20mb_download_to_a_slow_reader(mesh):
+    """Back-pressure both ways: the client's tiny receive buffer backs the proxy's writes up,
+    the proxy pauses reading its upstream; every byte arrives, in order."""
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", mesh.port))
+    c.sendall(b"GET /blob HTTP/1.1\r\nHost: a\r\n\r\n")
+    c.settimeout(20)
+    got = bytearray()
+    head = None
+    while True:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+        if head is None and b"\r\n\r\n" in got:
+            head, _, rest = bytes(got).partition(b"\r\n\r\n")
+            got = bytearray(rest)
+        if len(got) < 3 * 1024 * 1024:
+            time.sleep(0.001)
+        if head is not None and len(got) >= len(BLOB):
+            break
+    c.close()
+    assert head is not None and head.startswith(b"HTTP/1.1 200")
+    assert len(got) == len(BLOB)
+    assert hashlib.sha256(got).hexdigest() == BLOB_SHA
+
+
+def test_8mb_upload(mesh):
+    body = os.urandom(8 * 1024 * 1024)
+    with RawClient(mesh.port, timeout=20) as c:
+        c.request("POST", "/echo", body=body)
+        r = c.read_response()
+    assert r.status == 200
+    assert r.json()["body_bytes"] == len(body)
+    assert r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_upstream_reset_mid_response_then_serving(mesh):
+    before = mesh.listener_stats()
+    with RawClient(mesh.port) as c:
+        c.request(path="/reset-mid")
+        raw = c.read_raw_until_close()
+    assert raw.startswith(b"HTTP/1.1 200") and len(raw.partition(b"\r\n\r\n")[2]) < 100
+    after = mesh.listener_stats()
+    assert after["error_reset_mid_response"] - before["error_reset_mid_response"] == 1
+    with RawClient(mesh.port) as c:
+        c.request(path="/")
+        assert c.read_response().body == b"hello from web\n"
+
+
+def test_client_resets_mid_request(mesh):
+    """Clients that reset with a request half sent, many at once: nothing wedges."""
+    socks = []
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", mesh.port))
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\ncontent-length: 100000\r\n\r\nabc")
+        socks.append(s)
+    time.sleep(0.2)
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        if mesh.listener_stats()["downstream_cx_active"] == 0:
+            break
+        time.sleep(0.05)
+    assert mesh.listener_stats()["downstream_cx_active"] == 0
+    with RawClient(mesh.port) as c:
+        c.request(path="/")
+        assert c.read_response().body == b"hello from web\n"
+
+
+def test_wrk_200_keep_alive_connections(mesh):
+    p = wrk_start(mesh.port, 2, conns=200)
+    n, out = wrk_result(p)
+    assert n > 100, out
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    assert mesh.proc.popen.poll() is None
