@@ -498,9 +498,12 @@ cdef class H2Downstream(H2Consumer):
                 if 0 < route.grpc_timeout_max_ms < t:
                     t = route.grpc_timeout_max_ms
                 t -= route.grpc_timeout_offset_ms
-                if t <= 0:                  # already over (as Envoy answers at once)
-                    self.ctx.counters.v[LS_RQ_MAX_DURATION] += 1
-                    self.max_duration_reached(ps)
+                if t <= 0:
+                    # already over: not forwarded, answered by the next sweep (Envoy answers
+                    # at once; a tick later the client has usually sent its whole request,
+                    # so the answer needs no RST_STREAM after it, which curl takes badly
+                    # while it is still uploading)
+                    ps.max_duration_ms = ps.start_ms
                     return
                 ps.max_duration_ms = ps.start_ms + t
         self.forward(ps)
