@@ -556,9 +556,12 @@ cdef class H2Downstream(H2Consumer):
             ps.deadline_ms = now_ms() + route.timeout_ms
         if route.grpc_timeout_max_ms >= 0 and ps.grpc:
             ps.deadline_ms = 0                  # the grpc-timeout's (none: no limit)
-            if ps.grpc_timeout_ms == 0:         # already over (as Envoy answers at once)
-                self.ctx.counters.v[LS_RQ_MAX_DURATION] += 1
-                self.max_duration_reached(ps)
+            if ps.grpc_timeout_ms == 0:
+                # already over: not forwarded, answered by the next sweep (Envoy answers
+                # at once; a tick later the client has usually sent its whole request, so
+                # the answer needs no RST_STREAM after it, which curl takes badly while it
+                # is still uploading)
+                ps.max_duration_ms = ps.start_ms
                 return
             if ps.grpc_timeout_ms > 0:
                 ps.max_duration_ms = ps.start_ms + ps.grpc_timeout_ms
@@ -1569,20 +1572,57 @@ def sweep_downstreams(ListenerCtx ctx, int64_t now):
     """Per-tick work of an http2 listener: drains (GOAWAY) and response timeouts; once per
     tick for all listeners, upstream connections with no stream for the cluster's idle
     timeout, or to an endpoint no longer in its cluster, are closed (GOAWAY first)."""
-    global _last_upstream_sweep_ms
-    cdef H2Upstream up
     for c in list(ctx.conns):
         if isinstance(c, H2Downstream):     # (an http1 listener's HTTP/1 sessions: not here)
             (<H2Downstream>c).on_idle_check(now)
+    sweep_upstreams(now)
+
+
+def sweep_upstreams(int64_t now):
+    """Once per tick (any listener's sweep may call it: HTTP/1 sessions use these connections
+    too): upstream HTTP/2 connections idle for the cluster's idle timeout, or to an endpoint
+    no longer in its cluster, are closed (GOAWAY first); request streams an HTTP/2 client
+    sent that the upstream has kept at a zero window for that client listener's stream idle
+    timeout are reset (504 before a response, else the client's stream is reset)."""
+    global _last_upstream_sweep_ms
+    cdef H2Upstream up
     if now == _last_upstream_sweep_ms:
         return
     _last_upstream_sweep_ms = now
     for up in list(_pool.values()):
+        if up.codec.blocked:
+            reset_stalled_upstream(up, now)
         if up.streams or up.waiting or not up.connected:
             continue
         if up.ep.removed or (up.cluster.idle_timeout_ms > 0 and
                              now - up.idle_since_ms >= up.cluster.idle_timeout_ms):
             up.retire()
+    flush_dirty()
+
+
+cdef void reset_stalled_upstream(H2Upstream up, int64_t now) except *:
+    cdef ProxyStream ps
+    cdef H2Stream s
+    cdef int64_t limit
+    for sid in up.codec.stalled_streams(now):
+        item = up.streams.get(sid)
+        if type(item) is not ProxyStream:   # HTTP/1 sessions' streams: their own stream
+            continue                        # idle timeout ends them (the client stalls too)
+        ps = item
+        s = up.codec.streams.get(sid)
+        limit = ps.ds.ctx.stream_idle_timeout_ms
+        if ps.done or s is None or limit <= 0 or now - s.blocked_since_ms < limit:
+            continue
+        ps.ds.ctx.counters.v[LS_ERR_STREAM_IDLE] += 1
+        ps.to_up.clear()
+        up.codec.reset_stream(<uint32_t>sid, H2_CANCEL)
+        _dirty_up.add(up)
+        if ps.response_started:
+            ps.ds.codec.reset_stream(ps.ds_id, H2_CANCEL)
+            _dirty_ds.add(ps.ds)
+            ps.finish()
+        else:
+            ps.ds.local_reply(ps, 504, b"stream_idle_timeout")
 
 
 # ======================================================= HTTP/1.1 clients, HTTP/2 clusters

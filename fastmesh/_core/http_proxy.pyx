@@ -56,6 +56,8 @@ cdef int64_t LINGER_MS = 2000
 cdef Py_ssize_t UPSTREAM_MAX_HEAD_BYTES = 65536
 
 
+cdef object _h2_proxy = None    # fastmesh._core.h2_proxy once an HTTP/2 cluster was used
+
 cdef Py_ssize_t SMALL_BODY_BYTES = 8192    # bodies up to this go out in one piece with the head
 
 
@@ -372,8 +374,11 @@ cdef class HttpDownstream:
         if self.cluster.http2:
             # an HTTP/2 cluster: a "connection" that carries each request as a stream on
             # the endpoint's shared HTTP/2 connection (h2_proxy.H2Bridge)
-            from fastmesh._core import h2_proxy
-            task = h2_proxy.open_bridge(self.cluster, self.ep, self.ctx.loop)
+            global _h2_proxy
+            if _h2_proxy is None:
+                from fastmesh._core import h2_proxy
+                _h2_proxy = h2_proxy
+            task = _h2_proxy.open_bridge(self.cluster, self.ep, self.ctx.loop)
         else:
             task = asyncio.ensure_future(
                 _connect(self.ctx.loop, self.cluster, self.ep), loop=self.ctx.loop)
@@ -1719,6 +1724,8 @@ def sweep_downstreams(ListenerCtx ctx, int64_t now):
     if h2:                                  # their timeouts, drains and stalls
         from fastmesh._core import h2_proxy
         h2_proxy.sweep_downstreams(ctx, now)
+    elif _h2_proxy is not None:             # the HTTP/2 connections this worker's HTTP/1
+        _h2_proxy.sweep_upstreams(now)      # sessions use (idle ones closed)
     for ds in due:
         try:
             ds.on_deadline(now)

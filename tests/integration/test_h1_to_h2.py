@@ -287,3 +287,21 @@ def test_retries_and_access_log_as_for_http1(start_echo, start_fastmesh, tmp_pat
     assert len(lines) == 2, lines
     assert '"GET /t/reset HTTP/1.1" 503 upstream_reset' in lines[0] and " h2 " in lines[0]
     assert '"GET /t/bytes/5000?cl HTTP/1.1" 200 -' in lines[1] and f":{echo} " in lines[1]
+
+
+def test_idle_upstream_connection_closes(start_echo, start_fastmesh):
+    """The shared HTTP/2 connection is closed (GOAWAY) after the cluster's idle timeout,
+    on a listener that has only HTTP/1 clients."""
+    echo = start_echo()
+    cfg = _cfg(echo)
+    cfg["clusters"][0]["idle_timeout_ms"] = 400
+    fm = start_fastmesh(cfg)
+    assert curl(fm, "/x")[0] == 200
+    assert echo_stats(echo)["open"] == 2             # the proxy's, and this query's own
+    deadline = time.monotonic() + 3
+    while echo_stats(echo)["open"] > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert echo_stats(echo)["open"] == 1
+    assert fm.cluster_stats("h2")["upstream_cx_idle_closed"] == 1
+    assert curl(fm, "/y")[0] == 200                  # a new one when needed
+    assert echo_stats(echo)["connections"] == 2

@@ -11,7 +11,8 @@ fastmesh, the same requests through both.
 What real Envoy 1.40 answered, and fastmesh now answers the same way:
 - grpc-timeout 500m, offset 100 ms, a server taking 2 s: after ~400 ms HTTP 200 with
   grpc-status 4 (DEADLINE_EXCEEDED), grpc-message "downstream duration timeout".
-- A grpc-timeout at or below the offset: that answer at once.
+- A grpc-timeout at or below the offset: that answer at once (fastmesh: on its next sweep,
+  within 100 ms, without forwarding the request).
 - grpc-timeout 5S on a route with `timeout: 1s`: the call succeeds after 2 s (the header
   replaces the route timeout); no grpc-timeout at all: it succeeds too (no limit).
 - The deprecated RouteAction `max_grpc_timeout` is still accepted by Envoy 1.40 (with a
