@@ -112,7 +112,13 @@ def _ctx_for(cfg: model.Listener, loop, counters=None) -> ListenerCtx:
         high_water_bytes=cfg.high_water_bytes, low_water_bytes=cfg.low_water_bytes,
         max_in_flight=cfg.max_in_flight, accept_http_10=cfg.accept_http_10)
     ctx.accept_h2c = cfg.codec == "auto"
+    ctx.h2_settings = h2_settings(cfg.http2)
     return ctx
+
+
+def h2_settings(s: model.Http2Settings) -> tuple:
+    return (s.max_concurrent_streams, s.initial_stream_window_bytes,
+            s.initial_connection_window_bytes, s.hpack_table_bytes)
 
 
 def _set_limits(c: ListenerCtx, cfg: model.Listener) -> None:
@@ -125,6 +131,7 @@ def _set_limits(c: ListenerCtx, cfg: model.Listener) -> None:
     c.max_in_flight = cfg.max_in_flight
     c.accept_http_10 = cfg.accept_http_10
     c.accept_h2c = cfg.codec == "auto"
+    c.h2_settings = h2_settings(cfg.http2)
 
 
 _SWEEPS = {"http1": http_proxy.sweep_downstreams, "tcp": tcp_proxy.sweep_downstreams}

@@ -124,7 +124,8 @@ def _cluster_settings(c: model.Cluster) -> tuple:
     return (c.lb_policy, c.http_protocol, c.connect_timeout_ms, c.max_idle_per_endpoint,
             c.idle_timeout_ms,
             c.connections_per_endpoint, c.heartbeat_interval_ms, c.heartbeat_max_missed,
-            c.min_ring_size, c.max_ring_size, c.maglev_table_size, c.original_dst, c.tls)
+            c.min_ring_size, c.max_ring_size, c.maglev_table_size, c.original_dst, c.tls,
+            c.http2)
 
 
 def new_cluster(c: model.Cluster) -> Cluster:
@@ -137,6 +138,9 @@ def new_cluster(c: model.Cluster) -> Cluster:
                  min_ring_size=c.min_ring_size, max_ring_size=c.max_ring_size,
                  maglev_table_size=c.maglev_table_size)
     cl.http2 = c.http_protocol == "http2"
+    s = c.http2
+    cl.h2_settings = (s.max_concurrent_streams, s.initial_stream_window_bytes,
+                      s.initial_connection_window_bytes, s.hpack_table_bytes)
     if c.tls is not None:
         from fastmesh.tls import client_config
         cl.tls = client_config(c.tls, c.name, cl.http2)

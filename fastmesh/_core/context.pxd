@@ -13,6 +13,8 @@ cdef class ListenerCtx:
         readonly Counters counters
         public RouteTable route_table     # http1 / bolt
         public Cluster tcp_cluster        # tcp
+        public tuple h2_settings          # HTTP/2: (max streams, stream window, connection
+                                          # window, HPACK table bytes) it announces
         public object loop
         public set conns                  # live downstream sessions (for sweeps and drain)
         public object access_log          # fastmesh.accesslog.AccessLog, or None (HTTP/1)

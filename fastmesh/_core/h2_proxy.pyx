@@ -71,7 +71,15 @@ log = logging.getLogger("fastmesh.h2")
 
 cdef int RECV_BUFFER_BYTES = 65536
 cdef int RECV_BUFFER_CAP_BYTES = 1 << 20
-cdef int MAX_CONCURRENT_STREAMS = 100
+# (max streams, stream window, connection window, HPACK table bytes): model.Http2Settings'
+cdef tuple DEFAULT_SETTINGS = (100, 262144, 1048576, 4096)
+
+
+cdef Py_ssize_t recv_cap_bytes(tuple settings):
+    # DATA not yet taken by the other side stays in the receive buffer, and the connection
+    # window we announce bounds it: room for all of it, and the frames around it
+    cdef int64_t window = settings[2] if settings is not None else 1048576
+    return max(RECV_BUFFER_CAP_BYTES, window + 65536)
 cdef Py_ssize_t RETRY_BODY_BYTES = 65536  # a request body kept for retries up to this size
 cdef Py_ssize_t MIRROR_BODY_BYTES = 1 << 20     # ... for mirrors (as HTTP/1 requests')
 cdef bytes TE_TRAILERS = b"trailers"
@@ -343,14 +351,17 @@ cdef class ProxyStream:
 cdef class H2Downstream(H2Consumer):
     def __init__(self, ListenerCtx ctx):
         self.ctx = ctx
-        self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, RECV_BUFFER_CAP_BYTES)
+        self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, recv_cap_bytes(ctx.h2_settings))
         self.streams = {}
 
     # -- loop callbacks --
 
     def connection_made(self, transport):
         self.transport = transport
-        self.codec = H2Connection(self, False, max_concurrent_streams=MAX_CONCURRENT_STREAMS,
+        s = self.ctx.h2_settings or DEFAULT_SETTINGS
+        self.codec = H2Connection(self, False, max_concurrent_streams=s[0],
+                                  initial_window_bytes=s[1], connection_window_bytes=s[2],
+                                  header_table_bytes=s[3],
                                   max_header_list_bytes=max(self.ctx.max_head_bytes, 16384))
         peer = transport.get_extra_info("peername")      # (hash policies, access log)
         self.client_ip = (peer[0] if peer else "unknown").encode()
@@ -1237,11 +1248,14 @@ cdef class H2Upstream(H2Consumer):
         self.cluster = cluster
         self.ep = ep
         self.loop = loop
-        self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, RECV_BUFFER_CAP_BYTES)
+        self.rbuf = RecvBuffer(RECV_BUFFER_BYTES, recv_cap_bytes(cluster.h2_settings))
         self.streams = {}
         self.waiting = []
         self.bridge_waiters = []
-        self.codec = H2Connection(self, True)
+        s = self.cluster.h2_settings or DEFAULT_SETTINGS
+        self.codec = H2Connection(self, True, max_concurrent_streams=s[0],
+                                  initial_window_bytes=s[1], connection_window_bytes=s[2],
+                                  header_table_bytes=s[3])
 
     def connect(self):
         connect(self, self.cluster, self.ep, self.loop)

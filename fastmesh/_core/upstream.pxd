@@ -70,6 +70,8 @@ cdef class Cluster:
         readonly int connections_per_endpoint
         public bint http2           # HTTP/2 (h2c, prior knowledge) to the endpoints
         public object tls           # TlsClientConfig: TLS to the endpoints (None: plain TCP)
+        public tuple h2_settings    # http2: (max streams, stream window, connection window,
+                                    # HPACK table bytes) its connections announce
         readonly int heartbeat_interval_ms
         readonly int heartbeat_max_missed
         # health

@@ -36,6 +36,8 @@ from .model import (
     SanMatch,
     TlsContext,
     UpstreamTls,
+    Http2Settings,
+    HTTP2_LIMITS,
     DEFAULT_ADMIN_ADDRESS,
     LB_POLICIES,
     INSPECTORS,
@@ -703,6 +705,8 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
             if f.type == "int" and f.name in m:
                 lo = _LISTENER_INT_MIN.get(f.name, 1)
                 kw[f.name] = c.integer(m[f.name], f"{p}.{f.name}", lo=lo)
+        if m.get("http2") is not None:
+            kw["http2"] = http2_settings(c, m["http2"], f"{p}.http2")
         low = kw.get("low_water_bytes", _LISTENER_FIELDS["low_water_bytes"].default)
         high = kw.get("high_water_bytes", _LISTENER_FIELDS["high_water_bytes"].default)
         if isinstance(low, int) and isinstance(high, int) and low >= high:
@@ -1020,6 +1024,19 @@ def check_upstream_tls(c: _Checker, t: UpstreamTls, p: str) -> None:
         build_client_context(t, False)
     except TlsConfigError as exc:
         c.err(p, str(exc))
+
+
+def http2_settings(c: _Checker, raw: Any, p: str) -> Optional[Http2Settings]:
+    """`http2: {max_concurrent_streams, initial_stream_window_bytes,
+    initial_connection_window_bytes, hpack_table_bytes}`"""
+    m = c.mapping(raw, p, tuple(HTTP2_LIMITS))
+    if m is None:
+        return None
+    kw = {k: c.integer(v, f"{p}.{k}", lo=HTTP2_LIMITS[k][0], hi=HTTP2_LIMITS[k][1])
+          for k, v in m.items() if k in HTTP2_LIMITS}
+    if any(v is None for v in kw.values()):
+        return None
+    return Http2Settings(**kw)
 
 
 def _pem(c: _Checker, raw: Any, p: str) -> Optional[str]:
@@ -1836,6 +1853,8 @@ def _clusters(c: _Checker, raw: Any) -> dict:
         if m.get("tls") is not None:
             kw["tls"] = _upstream_tls(c, m["tls"], f"{p}.tls",
                                       kw.get("http_protocol") == "http2")
+        if m.get("http2") is not None:
+            kw["http2"] = http2_settings(c, m["http2"], f"{p}.http2")
         cl = Cluster(**kw)
         if name is not None and name not in out:
             out[name] = cl

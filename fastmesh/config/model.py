@@ -254,6 +254,23 @@ class TlsContext:
 
 
 @dataclass(frozen=True)
+class Http2Settings:
+    """What fastmesh announces and allows on an HTTP/2 connection (a listener's to its
+    clients, a cluster's to its endpoints); Envoy: http2_protocol_options. The defaults are
+    fastmesh's (bounded: Envoy's are 2^31-1 streams and 256 MiB windows)."""
+    max_concurrent_streams: int = 100             # streams the peer may open at once
+    initial_stream_window_bytes: int = 262144     # each stream's receive window
+    initial_connection_window_bytes: int = 1048576    # the connection's receive window
+    hpack_table_bytes: int = 4096                 # the peer's encoder's table, at most
+
+
+HTTP2_LIMITS = {"max_concurrent_streams": (1, 2**31 - 1),
+                "initial_stream_window_bytes": (65535, 2**31 - 1),
+                "initial_connection_window_bytes": (65535, 2**31 - 1),
+                "hpack_table_bytes": (0, 65536)}    # (a decoder's memory per connection)
+
+
+@dataclass(frozen=True)
 class UpstreamTls:
     """TLS to a cluster's endpoints (Envoy's UpstreamTlsContext), with Envoy's client
     defaults: TLS 1.2 only (set max_version: "1.3" for TLS 1.3), no SNI, and the upstream's
@@ -312,6 +329,7 @@ class Listener:
     protocol: str = "http1"                       # http1 | http2 | bolt | tcp
     route_table: Optional[str] = None             # http1, http2 and bolt: required
     cluster: Optional[str] = None                 # tcp: required (where bytes go)
+    http2: Http2Settings = Http2Settings()        # HTTP/2 connections' SETTINGS
     max_head_bytes: int = 65536                   # HTTP/1 request head limit (431 above)
     max_headers: int = 100                        # HTTP/1 header count limit (431 above)
     max_request_body_bytes: int = 0               # 413 above; 0 = unlimited (streamed)
@@ -464,6 +482,7 @@ class Cluster:
     # endpoints from a registry (endpoints then holds the providers last known)
     discovery: Optional[Discovery] = None
     original_dst: Optional[OriginalDst] = None    # type original_dst: no endpoints listed
+    http2: Http2Settings = Http2Settings()        # http2 clusters' connections
     tls: Optional[UpstreamTls] = None             # TLS to the endpoints (None: plain TCP)
 
 

@@ -1154,3 +1154,29 @@ def test_http_filters_native_refused(change, msg):
     with pytest.raises(ConfigError) as e:
         load_dict(d)
     assert msg in " ".join(e.value.errors), e.value.errors
+
+
+def test_http2_settings_native_and_refused():
+    from fastmesh.config.model import Http2Settings
+    base = {"listeners": [{"name": "l", "address": "127.0.0.1:0", "protocol": "http2",
+                           "route_table": "rt",
+                           "http2": {"max_concurrent_streams": 5,
+                                     "initial_stream_window_bytes": 100000}}],
+            "route_tables": {"rt": {"routes": [{"match": {"prefix": "/"}, "cluster": "c"}]}},
+            "clusters": [{"name": "c", "endpoints": ["127.0.0.1:1"], "http_protocol": "http2",
+                          "http2": {"initial_connection_window_bytes": 4194304,
+                                    "hpack_table_bytes": 0}}]}
+    cfg = load_dict(base)
+    assert cfg.listeners[0].http2 == Http2Settings(max_concurrent_streams=5,
+                                                   initial_stream_window_bytes=100000)
+    assert cfg.clusters["c"].http2.initial_connection_window_bytes == 4194304
+    assert load_dict(to_dict(cfg)) == cfg
+    for bad, where in (({"max_concurrent_streams": 0}, "max_concurrent_streams"),
+                       ({"initial_stream_window_bytes": 1000}, "initial_stream_window_bytes"),
+                       ({"hpack_table_bytes": 1 << 20}, "hpack_table_bytes"),
+                       ({"nope": 1}, "nope")):
+        doc = json.loads(json.dumps(base))
+        doc["listeners"][0]["http2"] = bad
+        with pytest.raises(ConfigError) as ei:
+            load_dict(doc)
+        assert f"listeners[0].http2" in str(ei.value) and where in str(ei.value), str(ei.value)

@@ -143,7 +143,8 @@ def _shared_options(c: EnvoyChecker, m, kw: dict) -> None:
         _common_lb_config(c, m.get("common_lb_config"), m.p("common_lb_config"), kw)
     _protocol_options(c, m, kw)
     if "http2_protocol_options" in m:           # the deprecated cluster field: HTTP/2 too
-        _http2_options(c, m.get("http2_protocol_options"), m.p("http2_protocol_options"))
+        _set_http2(kw, _http2_options(c, m.get("http2_protocol_options"),
+                                      m.p("http2_protocol_options")))
         kw["http_protocol"] = "http2"
     if "transport_socket" in m:                 # TLS to the endpoints
         kw["tls"] = translate_upstream_transport_socket(
@@ -171,16 +172,41 @@ _HTTP2_FIELDS = {
 }
 
 
-def _http2_options(c: EnvoyChecker, raw, p: str) -> None:
+# Envoy's Http2ProtocolOptions fields -> model.Http2Settings'
+_HTTP2_SETTINGS = {"max_concurrent_streams": "max_concurrent_streams",
+                   "initial_stream_window_size": "initial_stream_window_bytes",
+                   "initial_connection_window_size": "initial_connection_window_bytes",
+                   "hpack_table_size": "hpack_table_bytes"}
+
+
+def _http2_options(c: EnvoyChecker, raw, p: str):
+    """-> the Http2Settings they set (fastmesh's defaults for what they leave out: Envoy's
+    own are unbounded), or None when they set none of them."""
+    from ..model import HTTP2_LIMITS, Http2Settings
     o = c.message(raw if raw is not None else {}, p, _HTTP2_FIELDS)
     if o is None:
-        return
-    tuned = [k for k in ("hpack_table_size", "max_concurrent_streams",
-                         "initial_stream_window_size", "initial_connection_window_size")
-             if k in o]
-    if tuned:
-        c.note(p, f"{', '.join(tuned)}: fastmesh's HTTP/2 defaults apply for now (100 "
-                  "streams, 256 KiB stream and 1 MiB connection windows, 4096-byte HPACK table)")
+        return None
+    kw = {}
+    for envoy_name, ours in _HTTP2_SETTINGS.items():
+        if envoy_name not in o:
+            continue
+        lo, hi = HTTP2_LIMITS[ours]
+        v = c.integer(o.get(envoy_name), o.p(envoy_name), lo=lo)
+        if v is None:
+            continue
+        if v > hi:
+            if ours == "hpack_table_bytes":
+                c.err(o.p(envoy_name), f"{v}: above {hi}, {NOT_YET} (fastmesh bounds the "
+                                       f"HPACK table each connection's decoder keeps)")
+                continue
+            v = hi
+        kw[ours] = v
+    return Http2Settings(**kw) if kw else None
+
+
+def _set_http2(kw: dict, settings) -> None:
+    if settings is not None:
+        kw["http2"] = settings
 
 
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -242,8 +268,8 @@ def _protocol_options(c: EnvoyChecker, m, kw: dict) -> None:
             if ec is not None and "http_protocol_options" in ec:
                 _http1_options(c, ec.get("http_protocol_options"), ec.p("http_protocol_options"))
             if ec is not None and "http2_protocol_options" in ec:
-                _http2_options(c, ec.get("http2_protocol_options"),
-                               ec.p("http2_protocol_options"))
+                _set_http2(kw, _http2_options(c, ec.get("http2_protocol_options"),
+                                              ec.p("http2_protocol_options")))
                 kw["http_protocol"] = "http2"
         if "use_downstream_protocol_config" in o:
             # fastmesh's listeners speak HTTP/1, so "the downstream's protocol" is HTTP/1

@@ -459,7 +459,10 @@ def _hcm(c: EnvoyChecker, raw, p: str, kw: dict, listener_name: str,
         kw["codec"] = "auto"                # HTTP/1, and HTTP/2 with prior knowledge
     if "http2_protocol_options" in m:
         from fastmesh.config.envoy.cluster import _http2_options
-        _http2_options(c, m.get("http2_protocol_options"), m.p("http2_protocol_options"))
+        settings = _http2_options(c, m.get("http2_protocol_options"),
+                                  m.p("http2_protocol_options"))
+        if settings is not None:
+            kw["http2"] = settings
     for flag in ("normalize_path", "merge_slashes"):
         if flag in m and c.boolean(m.get(flag), m.p(flag)) is True:
             c.err(m.p(flag), f"{flag}: true: {NOT_YET}")
