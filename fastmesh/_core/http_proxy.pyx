@@ -1308,7 +1308,11 @@ def shadow_head(bytes head, bint host_suffix):
 
 
 def send_shadow(loop, Cluster cl, bytes data, int timeout_ms):
-    cdef Endpoint ep = cl.pick()
+    cdef Endpoint ep
+    if cl.http2:            # mirrors are HTTP/1.1 bytes: not sent to an HTTP/2 cluster
+        cl.counters.v[CS_RQ_SHADOW_SKIPPED] += 1
+        return
+    ep = cl.pick()
     if ep is None:
         return
     cl.counters.v[CS_RQ_SHADOW] += 1

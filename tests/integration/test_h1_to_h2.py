@@ -305,3 +305,15 @@ def test_idle_upstream_connection_closes(start_echo, start_fastmesh):
     assert fm.cluster_stats("h2")["upstream_cx_idle_closed"] == 1
     assert curl(fm, "/y")[0] == 200                  # a new one when needed
     assert echo_stats(echo)["connections"] == 2
+
+
+def test_mirror_to_an_http2_cluster_is_skipped_and_counted(start_echo, start_fastmesh):
+    primary, shadow = start_echo(), start_echo()
+    cfg = _cfg(primary, mirrors=[{"cluster": "shadow"}])
+    cfg["clusters"].append({"name": "shadow", "endpoints": [f"127.0.0.1:{shadow}"],
+                            "http_protocol": "http2"})
+    fm = start_fastmesh(cfg)
+    assert curl(fm, "/m")[:3:2] == (200, b"GET /m\n")
+    time.sleep(0.3)
+    assert fm.cluster_stats("shadow")["upstream_rq_shadow_skipped"] == 1
+    assert echo_stats(shadow)["connections"] == 0     # no HTTP/1.1 bytes at an h2c server
