@@ -13,6 +13,7 @@ cdef class Exchange:
     cdef public int64_t bytes_sent
     cdef public bytes rsp_head
     cdef public int client_port
+    cdef public object transport    # the client connection's transport (TLS operators)
 
 
 cdef class AccessLog:

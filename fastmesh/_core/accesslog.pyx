@@ -64,10 +64,36 @@ OPERATORS = {
     "DOWNSTREAM_REMOTE_ADDRESS": False, "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": False,
     "PROTOCOL": False, "REQUEST_ID": False, "RPC_SERVICE": False, "RPC_METHOD": False,
     "HOSTNAME": False,
+    # the client connection's TLS (Envoy's; `-` on plain connections)
+    "DOWNSTREAM_TLS_VERSION": False, "DOWNSTREAM_TLS_CIPHER": False,
+    "DOWNSTREAM_PEER_URI_SAN": False, "DOWNSTREAM_PEER_DNS_SAN": False,
+    "DOWNSTREAM_PEER_SUBJECT": False,
 }
 # the operators that read an Exchange: the proxy gathers one only for formats using them
 EXCHANGE_OPERATORS = frozenset(("RESP", "BYTES_RECEIVED", "BYTES_SENT",
-                                "DOWNSTREAM_REMOTE_ADDRESS"))
+                                "DOWNSTREAM_REMOTE_ADDRESS", "DOWNSTREAM_TLS_VERSION",
+                                "DOWNSTREAM_TLS_CIPHER", "DOWNSTREAM_PEER_URI_SAN",
+                                "DOWNSTREAM_PEER_DNS_SAN", "DOWNSTREAM_PEER_SUBJECT"))
+
+def _tls_value(str op, transport):
+    # Envoy's TLS operators, from the client connection's TLS transport (None: plain)
+    sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if sslobj is None:
+        return None
+    if op == "DOWNSTREAM_TLS_VERSION":
+        return sslobj.version()
+    if op == "DOWNSTREAM_TLS_CIPHER":
+        c = sslobj.cipher()
+        return c[0] if c else None
+    cert = transport.get_extra_info("peercert")
+    if not cert:
+        return None
+    if op == "DOWNSTREAM_PEER_SUBJECT":
+        from fastmesh._core.tls import _rfc2253
+        return _rfc2253(sslobj.getpeercert(True))
+    kind = "URI" if op == "DOWNSTREAM_PEER_URI_SAN" else "DNS"
+    return ",".join(v for t, v in cert.get("subjectAltName", ()) if t == kind) or None
+
 
 # Envoy's default access-log line, written for an Envoy bootstrap's file access log that
 # names no format (RESP(X-ENVOY-UPSTREAM-SERVICE-TIME) is `-`: fastmesh does not add it)
@@ -366,6 +392,8 @@ cdef class AccessLog:
             if op == "HOSTNAME":
                 import socket
                 return socket.gethostname()
+            if op.startswith("DOWNSTREAM_TLS_") or op.startswith("DOWNSTREAM_PEER_"):
+                return _tls_value(op, ex.transport if ex is not None else None)
             if op == "UPSTREAM_HOST":
                 return self._label(endpoint).decode() if endpoint is not None else None
             if op == "UPSTREAM_CLUSTER":

@@ -400,6 +400,7 @@ cdef class BoltDownstream:
             if alog.wants_exchange:
                 ex = Exchange.__new__(Exchange)
                 ex.client_port = self.client_port
+                ex.transport = self.transport
                 ex.bytes_received = e.rq_bytes
                 ex.bytes_sent = len(frame) if frame is not None else e.rsp_bytes
             try:

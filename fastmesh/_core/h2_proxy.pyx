@@ -338,6 +338,7 @@ cdef class ProxyStream:
         if alog.wants_exchange:
             ex = Exchange.__new__(Exchange)
             ex.client_port = self.ds.client_port
+            ex.transport = self.ds.transport
             ex.bytes_received = self.bytes_in
             ex.bytes_sent = self.bytes_out
         try:

@@ -1101,6 +1101,7 @@ cdef class HttpDownstream:
         if alog.wants_exchange:
             ex = Exchange.__new__(Exchange)
             ex.client_port = self.client_port
+            ex.transport = self.transport
             ex.rsp_head = self.rsp_head
             ex.bytes_sent = self.rsp_body_bytes
             if h is not None:

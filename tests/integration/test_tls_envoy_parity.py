@@ -39,7 +39,13 @@ def sock(port):
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def hcm(name, routes, xfcc=False):
+FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+TLS_LOG_FORMAT = ("%REQ(X-LOG-ID)% %DOWNSTREAM_TLS_VERSION% %DOWNSTREAM_PEER_URI_SAN% "
+                  "%DOWNSTREAM_PEER_DNS_SAN% %DOWNSTREAM_PEER_SUBJECT%\n")
+LOGS: dict = {}         # who -> the www chain's access log
+
+
+def hcm(name, routes, xfcc=False, log=None):
     tc = {"@type": HCM_TYPE, "stat_prefix": name, "codec_type": "HTTP1",
           "route_config": {"name": name, "virtual_hosts": [
               {"name": name, "domains": ["*"], "routes": routes}]},
@@ -48,6 +54,10 @@ def hcm(name, routes, xfcc=False):
     if xfcc:
         tc["forward_client_cert_details"] = "SANITIZE_SET"
         tc["set_current_client_cert_details"] = {"uri": True}
+    if log:
+        tc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": FILE_LOG, "path": log,
+            "log_format": {"text_format_source": {"inline_string": TLS_LOG_FORMAT}}}}]
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": tc}
 
 
@@ -73,7 +83,7 @@ def tls_socket(pki, cert, mtls=False, alpn=None, params=None):
     return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
 
 
-def bootstrap(pki, port, admin_port, up_port):
+def bootstrap(pki, port, admin_port, up_port, log=None):
     xfcc_re = ".*URI=spiffe://cluster\\.local/ns/default/sa/client.*"
     www_routes = [
         {"match": {"prefix": "/echo"}, "route": {"cluster": "up", "timeout": "5s"}},
@@ -93,7 +103,7 @@ def bootstrap(pki, port, admin_port, up_port):
                 "filter_chains": [
                     {"name": "www", "filter_chain_match": {"server_names": ["www.example.com"]},
                      "transport_socket": tls_socket(pki, "server", mtls=True),
-                     "filters": [hcm("www", www_routes, xfcc=True)]},
+                     "filters": [hcm("www", www_routes, xfcc=True, log=log)]},
                     {"name": "api", "filter_chain_match": {"server_names": ["api.example.com"]},
                      "transport_socket": tls_socket(pki, "api", alpn=["http/1.1"]),
                      "filters": [hcm("api", api_routes)]},
@@ -129,7 +139,9 @@ def sides(tmp_path_factory, pki):
         for who in ("envoy", "fastmesh"):
             port, admin_port = free_port(), free_port()
             path = tmp / f"{who}.yaml"
-            path.write_text(yaml.safe_dump(bootstrap(pki, port, admin_port, up)))
+            LOGS[who] = tmp / f"{who}-www.log"
+            path.write_text(yaml.safe_dump(bootstrap(pki, port, admin_port, up,
+                                                     str(LOGS[who]))))
             start_side(who, path, admin_port, procs, base_id=41000)
             out[who] = (port, admin_port)
         yield out
@@ -280,3 +292,39 @@ def test_refusals_counted_by_reason(sides, pki):
         line = [ln for ln in text.splitlines() if ln.startswith("listener.127.0.0.1_")
                 and ln.split(":")[0].endswith("ssl." + reason)]
         assert line and int(line[0].split(":")[1]) >= 1, (reason, text[-2000:])
+
+
+def test_access_log_tls_operators_as_envoys(sides, pki):
+    """%DOWNSTREAM_TLS_VERSION%, %DOWNSTREAM_PEER_URI_SAN% / _DNS_SAN%, %DOWNSTREAM_PEER_
+    SUBJECT%: the verified client's identity in the access log, as Envoy writes it."""
+    import time
+    import urllib.request
+    for who, (port, _) in sides.items():
+        for v in ("1.2", "1.3"):
+            ctx = client_ctx(pki, "client", v)
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s = ctx.wrap_socket(raw, server_hostname="www.example.com")
+            try:
+                s.sendall(f"GET / HTTP/1.1\r\nHost: www.example.com\r\nx-log-id: tls-{v}"
+                          f"\r\nConnection: close\r\n\r\n".encode())
+                while s.recv(65536):
+                    pass
+            finally:
+                s.close()
+    # Envoy writes its log when asked to reopen it; fastmesh every 100 ms
+    req = urllib.request.Request(f"http://127.0.0.1:{sides['envoy'][1]}/reopen_logs",
+                                 method="POST")
+    urllib.request.urlopen(req, timeout=5).read()
+    lines = {}
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        lines = {who: [ln for ln in (LOGS[who].read_text().splitlines()
+                                     if LOGS[who].exists() else []) if ln.startswith("tls-")]
+                 for who in sides}
+        if all(len(v) >= 2 for v in lines.values()):
+            break
+        time.sleep(0.1)
+    assert sorted(lines["envoy"]) == sorted(lines["fastmesh"]), lines
+    assert sorted(lines["fastmesh"]) == [
+        f"tls-{v} TLSv{v} {SPIFFE}client client.default.svc CN=client,O=fastmesh tests"
+        for v in ("1.2", "1.3")], lines
