@@ -1,6 +1,6 @@
 """The data-plane I/O engines (fastmesh._core.engine_uring, engine_epoll) with real sockets
-on loopback: every test runs on each engine this kernel can run, on uvloop (the clients use
-uvloop's own socket calls, so the two never share a code path).
+on loopback: every test runs on each engine this kernel can run, on uvloop and on asyncio
+(the clients use the loop's own socket calls, so they never share the engine's code path).
 
 What is checked: bytes arrive whole and in order (sha256 of both directions), flow control
 (pause_writing / resume_writing; pause_reading / resume_reading), short sends against a slow
@@ -39,10 +39,22 @@ def make_engine(kind, loop, **kw):
     return EpollEngine(loop)
 
 
+@pytest.fixture(params=["uvloop", "asyncio"], autouse=True)
+def loop_kind(request):
+    """Every engine test runs on uvloop and on plain asyncio (the engine needs only
+    add_reader and call_soon of its loop)."""
+    global LOOP_KIND
+    LOOP_KIND = request.param
+    return request.param
+
+
+LOOP_KIND = "uvloop"
+
+
 def run(coro_fn, kind, timeout=60, **engine_kw):
-    """Run coro_fn(engine, loop) on a fresh uvloop loop with a fresh engine; afterwards every
-    transport must have been released."""
-    loop = uvloop.new_event_loop()
+    """Run coro_fn(engine, loop) on a fresh loop (uvloop or asyncio, see loop_kind) with a
+    fresh engine; afterwards every transport must have been released."""
+    loop = uvloop.new_event_loop() if LOOP_KIND == "uvloop" else asyncio.new_event_loop()
     try:
         eng = make_engine(kind, loop, **engine_kw)
 
