@@ -574,3 +574,38 @@ def test_a_pile_of_completions_is_handled_in_one_wake(kind):
         await asyncio.gather(*(p.lost for p in made))
         srv.close()
     run(body, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peername_and_sockname_ipv4_and_ipv6(kind):
+    """get_extra_info gives the addresses as asyncio does: (host, port) for IPv4,
+    (host, port, flowinfo, scope_id) for IPv6."""
+    async def body(eng, loop):
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            ls = socket.socket(family)
+            try:
+                ls.bind((host, 0))
+            except OSError:
+                ls.close()
+                continue                      # no IPv6 here
+            ls.listen(16)
+            ls.setblocking(False)
+            made = []
+            srv = eng.serve(ls, echo_factory(made))
+            port = ls.getsockname()[1]
+            c = socket.socket(family)
+            c.setblocking(False)
+            await loop.sock_connect(c, (host, port))
+            while not made:
+                await asyncio.sleep(0.01)
+            t = made[0].transport
+            assert t.get_extra_info("peername") == c.getsockname()
+            assert t.get_extra_info("sockname") == c.getpeername()
+            assert t.get_extra_info("no-such-thing", "dflt") == "dflt"
+            peer = c.getsockname()
+            c.close()
+            await made[0].lost
+            assert t.get_extra_info("peername") == peer      # known after the close
+            assert t.get_extra_info("socket") is None
+            srv.close()
+    run(body, kind)
