@@ -11,8 +11,9 @@
 #               integer, what a kernel event names), the operations a transport asks of it.
 #   Server      what Listener keeps for a listening socket the engine accepts on.
 # The engines themselves: engine_epoll (a nested epoll set watched by uvloop) and
-# engine_uring (io_uring: multishot accept and receive, batched sends). engine_select
-# picks one per process (`engine: auto | io_uring | epoll | uvloop`).
+# engine_uring (io_uring: multishot accept and receive, batched sends). The control world's
+# fastmesh/ioengine.py picks one per process (`engine: auto | io_uring | epoll | uvloop`) and
+# install()s it here for the protocols that open connections (http_proxy's upstreams).
 
 from libc.stdint cimport int64_t, uint64_t
 

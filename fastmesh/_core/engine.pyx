@@ -157,6 +157,11 @@ cdef class Transport:
     # ------------------------------------------------------------ asyncio Transport
 
     def get_extra_info(self, name, default=None):
+        # addresses asked for before the close stay known after it, as asyncio's do
+        if name == "peername" and self.peername_cache:
+            return self.peername_cache
+        if name == "sockname" and self.sockname_cache:
+            return self.sockname_cache
         if self.fd < 0:
             return default
         if name == "socket":
@@ -484,18 +489,60 @@ cdef class Transport:
         return f"<engine.Transport {self.engine.name} fd={self.fd} state={self.state}>"
 
 
+cdef extern from *:
+    """
+    #include <arpa/inet.h>
+    #include <netinet/in.h>
+    #include <sys/socket.h>
+    /* one end of a socket: its family (AF_INET / AF_INET6, 0 if neither or unknown), host
+       text, port, and for IPv6 its flow info and scope id; one system call */
+    static int fm_sock_addr(int fd, int peer, char *host, size_t host_len, int *port,
+                            unsigned *flow, unsigned *scope)
+    {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int rc = peer ? getpeername(fd, (struct sockaddr *)&ss, &len)
+                      : getsockname(fd, (struct sockaddr *)&ss, &len);
+        if (rc < 0)
+            return 0;
+        if (ss.ss_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+            if (!inet_ntop(AF_INET, &a->sin_addr, host, (socklen_t)host_len))
+                return 0;
+            *port = ntohs(a->sin_port);
+            return AF_INET;
+        }
+        if (ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+            if (!inet_ntop(AF_INET6, &a->sin6_addr, host, (socklen_t)host_len))
+                return 0;
+            *port = ntohs(a->sin6_port);
+            *flow = ntohl(a->sin6_flowinfo);
+            *scope = a->sin6_scope_id;
+            return AF_INET6;
+        }
+        return 0;
+    }
+    """
+    int fm_sock_addr(int fd, int peer, char *host, size_t host_len, int *port,
+                     unsigned *flow, unsigned *scope)
+    enum:
+        AF_INET
+        AF_INET6
+
+
 cdef object _addr(int fd, bint peer):
-    # (host, port) of a socket's either end, as asyncio gives it; () if unknown
-    try:
-        s = socket.socket(fileno=fd)
-    except OSError:
-        return ()
-    try:
-        return s.getpeername() if peer else s.getsockname()
-    except OSError:
-        return ()
-    finally:
-        s.detach()          # the descriptor is the transport's
+    # (host, port) of a socket's either end, as asyncio gives it (IPv6: (host, port,
+    # flowinfo, scope_id)); () if unknown. One getpeername/getsockname, no socket object.
+    cdef char host[64]
+    cdef int port = 0
+    cdef unsigned flow = 0, scope = 0
+    cdef int fam = fm_sock_addr(fd, peer, host, sizeof(host), &port, &flow, &scope)
+    if fam == AF_INET:
+        return (host.decode("ascii"), port)
+    if fam == AF_INET6:
+        return (host.decode("ascii"), port, flow, scope)
+    return ()
 
 
 cdef class Server:

@@ -5,6 +5,8 @@
 # reads, for EPOLLOUT while its write queue is not empty (after a send came up short).
 # The fallback when io_uring is unavailable (seccomp, kernel.io_uring_disabled, old kernels).
 
+from libc.stdint cimport uint64_t
+
 from fastmesh._core.engine cimport Engine, Transport, Server
 
 cdef enum:
@@ -15,6 +17,9 @@ cdef enum:
 cdef class EpollEngine(Engine):
     cdef:
         readonly int epfd           # the nested epoll set
+        bint in_wake                # handling a batch of events
+        list pending_free           # slots released during a batch: freed at its end (a
+                                    # later event of the batch may still name the slot)
 
     # -- registration
     cdef int update_events(self, Transport t) except -1     # EPOLLIN/EPOLLOUT as needed
@@ -24,3 +29,4 @@ cdef class EpollEngine(Engine):
     cdef int on_connected(self, Transport t) except -1
     cdef int on_accept(self, Server s) except -1
     cdef int flush(self, Transport t) except -1             # send what the queue holds
+    cdef void _batch(self, uint64_t *handled_out)           # one wake's epoll_wait rounds

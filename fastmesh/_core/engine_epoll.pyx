@@ -84,6 +84,7 @@ cdef enum:
 cdef class EpollEngine(Engine):
     def __init__(self, loop):
         Engine.__init__(self, loop, "epoll")
+        self.pending_free = []
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, os.strerror(errno))
@@ -124,7 +125,11 @@ cdef class EpollEngine(Engine):
 
     def stop_server(self, Server s):
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, s.fd, NULL)
-        self.free_slot(s.slot)
+        if self.in_wake:
+            self.slots[s.slot] = None
+            self.pending_free.append(s.slot)
+        else:
+            self.free_slot(s.slot)
         s.slot = -1
         s.close_socket()
 
@@ -212,7 +217,11 @@ cdef class EpollEngine(Engine):
             c_close(t.fd)
             t.fd = -1
         if t.slot >= 0:
-            self.free_slot(t.slot)
+            if self.in_wake:
+                self.slots[t.slot] = None           # events of this batch find nobody
+                self.pending_free.append(t.slot)
+            else:
+                self.free_slot(t.slot)
             t.slot = -1
         return 0
 
@@ -290,13 +299,28 @@ cdef class EpollEngine(Engine):
     # -------------------------------------------------------------- the wake
 
     def _on_wake(self):
+        cdef uint64_t handled = 0
+        self.wakes += 1
+        self.in_wake = True
+        try:
+            self._batch(&handled)
+        finally:
+            self.in_wake = False
+            if self.pending_free:
+                for slot in self.pending_free:
+                    self.free_slots.append(slot)
+                self.pending_free = []
+        self.events += handled
+        if handled > self.batched_max:
+            self.batched_max = handled
+
+    cdef void _batch(self, uint64_t *handled_out):
         cdef epoll_event evs[EPOLL_BATCH]
         cdef int n, i, rounds, slot
         cdef uint32_t e
         cdef object owner
         cdef Transport t
         cdef uint64_t handled = 0
-        self.wakes += 1
         for rounds in range(EPOLL_ROUNDS):
             n = epoll_wait(self.epfd, evs, EPOLL_BATCH, 0)
             if n <= 0:
@@ -335,6 +359,4 @@ cdef class EpollEngine(Engine):
                     log.exception("engine: internal error on a socket event")
             if n < EPOLL_BATCH:
                 break
-        self.events += handled
-        if handled > self.batched_max:
-            self.batched_max = handled
+        handled_out[0] = handled

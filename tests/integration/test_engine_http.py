@@ -67,7 +67,9 @@ def mesh(engine, start_upstream, start_fastmesh, blob_server):
     cfg = simple_config({"web": [up.address], "blob": [f"127.0.0.1:{blob_server}"]},
                         routes=[{"match": {"prefix": "/blob"}, "cluster": "blob"},
                                 {"match": {"prefix": "/"}, "cluster": "web"}],
-                        listener_extra={"max_request_body_bytes": 16 * 1024 * 1024})
+                        listener_extra={"max_request_body_bytes": 16 * 1024 * 1024,
+                                        "request_head_timeout_ms": 2000,
+                                        "stream_idle_timeout_ms": 3000})
     cfg["engine"] = engine
     fm = start_fastmesh(cfg, env={"FASTMESH_ENGINE": ""})
     fm.engine = engine
@@ -189,3 +191,61 @@ def test_wrk_200_keep_alive_connections(mesh):
     assert n > 100, out
     assert "Non-2xx" not in out and "Socket errors" not in out, out
     assert mesh.proc.popen.poll() is None
+
+
+def _chaos(port: int, seconds: float, seed: int) -> None:
+    """Clients that misbehave: resets, half-closes, slow readers with tiny buffers, junk,
+    pipelines, bodies cut short, a broken chunked body, 20 MiB downloads left unread."""
+    import random
+    r = random.Random(seed)
+    stop = time.time() + seconds
+    reqs = [b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /blob HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"b" * 50000,
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 20,
+            bytes(r.getrandbits(8) for _ in range(3000)),
+            b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"]
+    while time.time() < stop:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            if r.random() < 0.3:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(r.choice(reqs))
+            act = r.random()
+            if act < 0.3:
+                s.recv(r.randint(1, 100000))
+            elif act < 0.5:
+                s.shutdown(socket.SHUT_WR)
+                s.recv(1000)
+            elif act < 0.7:
+                time.sleep(r.random() * 0.05)
+                s.recv(10)
+            if r.random() < 0.5:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            s.close()
+        except OSError:
+            pass
+
+
+def test_misbehaving_clients_under_load(mesh):
+    """wrk with 100 connections while 8 threads of misbehaving clients hammer the listener:
+    the worker survives, logs no internal error, serves afterwards, and every client
+    connection is closed once the clients are gone."""
+    p = wrk_start(mesh.port, 4, conns=100)
+    threads = [threading.Thread(target=_chaos, args=(mesh.port, 4, i)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    n, out = wrk_result(p)
+    assert n > 100, out
+    assert mesh.proc.popen.poll() is None
+    with RawClient(mesh.port) as c:
+        c.request(path="/")
+        assert c.read_response().body == b"hello from web\n"
+    deadline = time.time() + 15
+    while time.time() < deadline and mesh.listener_stats()["downstream_cx_active"] > 0:
+        time.sleep(0.2)
+    assert mesh.listener_stats()["downstream_cx_active"] == 0
+    log = mesh.proc.stderr_text()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]

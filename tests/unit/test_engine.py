@@ -1,6 +1,6 @@
 """The data-plane I/O engines (fastmesh._core.engine_uring, engine_epoll) with real sockets
-on loopback: every test runs on each engine this kernel can run, on uvloop (the clients use
-uvloop's own socket calls, so the two never share a code path).
+on loopback: every test runs on each engine this kernel can run, on uvloop and on asyncio
+(the clients use the loop's own socket calls, so they never share the engine's code path).
 
 What is checked: bytes arrive whole and in order (sha256 of both directions), flow control
 (pause_writing / resume_writing; pause_reading / resume_reading), short sends against a slow
@@ -39,10 +39,22 @@ def make_engine(kind, loop, **kw):
     return EpollEngine(loop)
 
 
+@pytest.fixture(params=["uvloop", "asyncio"], autouse=True)
+def loop_kind(request):
+    """Every engine test runs on uvloop and on plain asyncio (the engine needs only
+    add_reader and call_soon of its loop)."""
+    global LOOP_KIND
+    LOOP_KIND = request.param
+    return request.param
+
+
+LOOP_KIND = "uvloop"
+
+
 def run(coro_fn, kind, timeout=60, **engine_kw):
-    """Run coro_fn(engine, loop) on a fresh uvloop loop with a fresh engine; afterwards every
-    transport must have been released."""
-    loop = uvloop.new_event_loop()
+    """Run coro_fn(engine, loop) on a fresh loop (uvloop or asyncio, see loop_kind) with a
+    fresh engine; afterwards every transport must have been released."""
+    loop = uvloop.new_event_loop() if LOOP_KIND == "uvloop" else asyncio.new_event_loop()
     try:
         eng = make_engine(kind, loop, **engine_kw)
 
@@ -561,4 +573,39 @@ def test_a_pile_of_completions_is_handled_in_one_wake(kind):
             c.close()
         await asyncio.gather(*(p.lost for p in made))
         srv.close()
+    run(body, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peername_and_sockname_ipv4_and_ipv6(kind):
+    """get_extra_info gives the addresses as asyncio does: (host, port) for IPv4,
+    (host, port, flowinfo, scope_id) for IPv6."""
+    async def body(eng, loop):
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            ls = socket.socket(family)
+            try:
+                ls.bind((host, 0))
+            except OSError:
+                ls.close()
+                continue                      # no IPv6 here
+            ls.listen(16)
+            ls.setblocking(False)
+            made = []
+            srv = eng.serve(ls, echo_factory(made))
+            port = ls.getsockname()[1]
+            c = socket.socket(family)
+            c.setblocking(False)
+            await loop.sock_connect(c, (host, port))
+            while not made:
+                await asyncio.sleep(0.01)
+            t = made[0].transport
+            assert t.get_extra_info("peername") == c.getsockname()
+            assert t.get_extra_info("sockname") == c.getpeername()
+            assert t.get_extra_info("no-such-thing", "dflt") == "dflt"
+            peer = c.getsockname()
+            c.close()
+            await made[0].lost
+            assert t.get_extra_info("peername") == peer      # known after the close
+            assert t.get_extra_info("socket") is None
+            srv.close()
     run(body, kind)
