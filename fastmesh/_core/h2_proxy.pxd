@@ -95,7 +95,8 @@ cdef class H2Downstream(H2Consumer):
     cdef void forward(self, ProxyStream ps) except *      # to an endpoint of ps.cluster
     cdef void route_again(self, ProxyStream ps) except *  # its upstream did not process it
     cdef void local_reply(self, ProxyStream ps, int status, bytes reason) except *
-    cdef void route_on(self, ProxyStream ps) except *
+    cdef void route_on(self, ProxyStream ps, int64_t now) except *
+    cdef void forward_h1(self, ProxyStream ps) except *
     cdef void prepare(self, ProxyStream ps, Route route, Head h, HeaderList headers) except *
     cdef bint run_filters(self, ProxyStream ps, Route route, Head h) except -1
     cdef void fault_abort(self, ProxyStream ps, int status) except *

@@ -32,7 +32,7 @@ import logging
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from libc.stdint cimport int64_t, uint32_t
 
@@ -42,14 +42,15 @@ from fastmesh._core.accesslog cimport AccessLog, Exchange
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.h2 cimport (H2Connection, H2Consumer, H2Stream, H2_NO_ERROR, H2_CANCEL,
                                  H2_REFUSED_STREAM, H2_INTERNAL_ERROR, H2S_HALF_CLOSED_LOCAL)
-from fastmesh._core.hpack cimport HeaderList
+from fastmesh._core.hpack cimport HeaderList, HField, HF_PSEUDO
 from fastmesh._core.http1 cimport (Head, HeadParser, ChunkedFramer, BODY_NONE, BODY_LENGTH,
                                    BODY_CHUNKED, BODY_CLOSE, PARSE_INCOMPLETE, CH_DONE,
                                    CH_ERROR)
 from fastmesh._core.router cimport Route, RouteTable, A_DIRECT
 from fastmesh._core.http_proxy cimport HttpUpstream, HttpDownstream
 from fastmesh._core.retry cimport RetryPolicy
-from fastmesh._core.http1 cimport make_request_id, build_request_head
+from fastmesh._core.http1 cimport (make_request_id, build_request_head, Writer, w_init, w_put,
+                                   w_free)
 from fastmesh._core.stats cimport (Counters, LS_CX_TOTAL, LS_CX_ACTIVE, LS_RQ_TOTAL,
                                    LS_RQ_ACTIVE, LS_RSP_1XX, LS_ERR_NO_ROUTE,
                                    LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_CONNECT_FAILED,
@@ -137,29 +138,55 @@ cdef list header_pairs(HeaderList h):
     return [(h.name(i), h.value(i)) for i in range(h.count)]
 
 
+cdef inline bint _named(HeaderList h, int i, const char *name, Py_ssize_t n) noexcept:
+    return h.fields[i].name_len == n and memcmp(h.buf + h.fields[i].name_off, name, n) == 0
+
+
+cdef inline int _put_field(Writer *w, HeaderList h, int i, bint value) except -1:
+    cdef HField *f = &h.fields[i]
+    if value:
+        return w_put(w, h.buf + f.value_off, f.value_len)
+    return w_put(w, h.buf + f.name_off, f.name_len)
+
+
 cdef Head routing_head(HeaderList h, HeadParser parser):
     """The request as an HTTP/1 head, so that the listener's routes (compiled for Head) match
-    it exactly as they match HTTP/1 requests; None if the pseudo-headers are unusable."""
-    cdef int i
-    cdef bytes name
-    cdef bytes method = None, path = None, authority = None
-    cdef list lines = []
+    it exactly as they match HTTP/1 requests; None if the pseudo-headers are unusable.
+    Written straight from the decoded header block (no object per field)."""
+    cdef int i, method = -1, path = -1, authority = -1
+    cdef Writer w
+    cdef bytes raw
     for i in range(h.count):
-        name = h.name(i)
-        if name[:1] == b":":
-            if name == b":method":
-                method = h.value(i)
-            elif name == b":path":
-                path = h.value(i)
-            elif name == b":authority":
-                authority = h.value(i)
-        elif name != b"host" or authority is None:
-            lines.append(name + b": " + h.value(i))
-    if method is None or path is None:
+        if h.fields[i].flags & HF_PSEUDO:
+            if _named(h, i, b":method", 7):
+                method = i
+            elif _named(h, i, b":path", 5):
+                path = i
+            elif _named(h, i, b":authority", 10):
+                authority = i
+    if method < 0 or path < 0:
         return None
-    if authority is not None:
-        lines.insert(0, b"host: " + authority)
-    raw = method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
+    w_init(&w, h.buf_len + 4 * h.count + 32)
+    try:
+        _put_field(&w, h, method, True)
+        w_put(&w, b" ", 1)
+        _put_field(&w, h, path, True)
+        w_put(&w, b" HTTP/1.1\r\n", 11)
+        if authority >= 0:
+            w_put(&w, b"host: ", 6)
+            _put_field(&w, h, authority, True)
+            w_put(&w, b"\r\n", 2)
+        for i in range(h.count):
+            if h.fields[i].flags & HF_PSEUDO or (authority >= 0 and _named(h, i, b"host", 4)):
+                continue
+            _put_field(&w, h, i, False)
+            w_put(&w, b": ", 2)
+            _put_field(&w, h, i, True)
+            w_put(&w, b"\r\n", 2)
+        w_put(&w, b"\r\n", 2)
+        raw = PyBytes_FromStringAndSize(w.buf, w.len)
+    finally:
+        w_free(&w)
     parser.reset()
     if parser.feed(raw, len(raw)) <= 0:
         return None
@@ -556,16 +583,17 @@ cdef class H2Downstream(H2Consumer):
             self.prepare(ps, route, h, headers)
         if self.ctx.http_filters is not None and self.run_filters(ps, route, h):
             return                          # answered (abort, rate limited), or delayed
-        self.route_on(ps)
+        self.route_on(ps, ps.start_ms)
 
-    cdef void route_on(self, ProxyStream ps) except *:
-        # the stream, past the HTTP filters: a direct response, or to its cluster
+    cdef void route_on(self, ProxyStream ps, int64_t now) except *:
+        # the stream, past the HTTP filters (now: when it got past them): a direct response,
+        # or to its cluster
         cdef Route route = ps.route
         if route.action == A_DIRECT:
             self.respond_local(ps, route.direct_status, route.direct_body or b"", None)
             return
         if route.timeout_ms > 0:
-            ps.deadline_ms = now_ms() + route.timeout_ms
+            ps.deadline_ms = now + route.timeout_ms
         if route.grpc_timeout_max_ms >= 0 and ps.grpc:
             ps.deadline_ms = 0                  # the grpc-timeout's (none: no limit)
             if ps.grpc_timeout_ms == 0:
@@ -677,7 +705,7 @@ cdef class H2Downstream(H2Consumer):
             if ps.fault_abort:
                 self.fault_abort(ps, ps.fault_abort)
             else:
-                self.route_on(ps)
+                self.route_on(ps, now_ms())
             self.flush()
             flush_dirty()
         except BaseException:
@@ -726,7 +754,7 @@ cdef class H2Downstream(H2Consumer):
         else:
             up.waiting.append(ps)
 
-    def forward_h1(self, ProxyStream ps):
+    cdef void forward_h1(self, ProxyStream ps) except *:
         # an HTTP/1 connection of the endpoint: an idle pooled one, else a new one
         cdef H1Upstream h1
         cdef list idle = _h1_idle.get(ps.ep)
