@@ -91,6 +91,9 @@ cdef dict GRPC_STATUS = {400: b"13", 401: b"16", 403: b"7", 404: b"12", 429: b"1
 
 # the endpoints' HTTP/2 connections in this worker: Endpoint -> H2Upstream
 cdef dict _pool = {}
+# connections that were an endpoint's newest until all the streams their peer allows were in
+# use and another was made: they finish their streams, then close (the upstream sweep)
+cdef set _full = set()
 # idle HTTP/1 connections (translated streams), per endpoint: Endpoint -> [H1Upstream]
 cdef dict _h1_idle = {}
 # connections with output waiting, flushed once per read event of any of them
@@ -474,6 +477,12 @@ cdef class H2Downstream(H2Consumer):
             self.begin_drain()              # GOAWAY; no stream open: closed at once
         for ps in list(self.streams.values()):
             if ps.max_duration_ms and now >= ps.max_duration_ms and not ps.done:
+                if (ps.us_id < 0 and ps.h1up is None and not ps.request_ended
+                        and now - ps.max_duration_ms < 1000):
+                    # never forwarded (over before it began): answered once the client has
+                    # sent all of its request (up to a second), so that no RST_STREAM
+                    # follows the answer while it still uploads (curl fails the stream then)
+                    continue
                 ps.max_duration_ms = 0
                 self.ctx.counters.v[LS_RQ_MAX_DURATION] += 1
                 self.max_duration_reached(ps)
@@ -742,11 +751,7 @@ cdef class H2Downstream(H2Consumer):
         if not cluster.http2:
             self.forward_h1(ps)
             return
-        up = _pool.get(ep)
-        if up is None or up.closed:
-            up = H2UpstreamProtocol(cluster, ep, self.ctx.loop)
-            _pool[ep] = up
-            up.connect()
+        up = pool_connection(cluster, ep, self.ctx.loop)
         ps.up = up
         if up.connected:
             ps.start_upstream()
@@ -1621,6 +1626,24 @@ def sweep_downstreams(ListenerCtx ctx, int64_t now):
     sweep_upstreams(now)
 
 
+cdef H2Upstream pool_connection(Cluster cluster, Endpoint ep, loop):
+    """The endpoint's HTTP/2 connection for one more stream: its newest one (made if there is
+    none, or it closed); when that one is up and every stream its peer allows
+    (SETTINGS_MAX_CONCURRENT_STREAMS) is in use, another, as Envoy's pool makes one (within
+    the cluster's max_connections); the full one finishes its streams, then closes."""
+    cdef H2Upstream up = _pool.get(ep)
+    if up is not None and not up.closed and up.connected and \
+            up.codec.own_streams >= up.codec.remote.max_concurrent_streams and \
+            cluster.counters.v[CS_CX_ACTIVE] < cluster.max_connections:
+        _full.add(up)
+        up = None
+    if up is None or up.closed:
+        up = H2UpstreamProtocol(cluster, ep, loop)
+        _pool[ep] = up
+        up.connect()
+    return up
+
+
 def sweep_upstreams(int64_t now):
     """Once per tick (any listener's sweep may call it: HTTP/1 sessions use these connections
     too): upstream HTTP/2 connections idle for the cluster's idle timeout, or to an endpoint
@@ -1632,6 +1655,12 @@ def sweep_upstreams(int64_t now):
     if now == _last_upstream_sweep_ms:
         return
     _last_upstream_sweep_ms = now
+    for up in list(_full):
+        if up.codec.blocked:
+            reset_stalled_upstream(up, now)
+        if up.closed or not (up.streams or up.waiting):
+            _full.discard(up)
+            up.retire()                     # (nothing left on it: GOAWAY, closed)
     for up in list(_pool.values()):
         if up.codec.blocked:
             reset_stalled_upstream(up, now)
@@ -1719,12 +1748,8 @@ def open_bridge(Cluster cluster, Endpoint ep, loop):
     """For an HTTP/1 session's request to an HTTP/2 cluster: a future of an HttpUpstream
     whose transport is an H2Bridge, done once the endpoint's HTTP/2 connection is up
     (shared by every stream to it from this worker), failed if it cannot be made."""
-    cdef H2Upstream up = _pool.get(ep)
+    cdef H2Upstream up = pool_connection(cluster, ep, loop)
     fut = loop.create_future()
-    if up is None or up.closed:
-        up = H2UpstreamProtocol(cluster, ep, loop)
-        _pool[ep] = up
-        up.connect()
     if up.connected:
         fut.set_result(new_bridge(cluster, ep, loop))
     else:
@@ -1922,11 +1947,7 @@ cdef class H2Bridge:
 
     cdef void open_stream(self) except *:
         # on the endpoint's HTTP/2 connection (made again if it went away meanwhile)
-        cdef H2Upstream up = _pool.get(self.ep)
-        if up is None or up.closed:
-            up = H2UpstreamProtocol(self.cluster, self.ep, self.loop)
-            _pool[self.ep] = up
-            up.connect()
+        cdef H2Upstream up = pool_connection(self.cluster, self.ep, self.loop)
         self.up = up
         if up.connected:
             self.start_upstream()

@@ -248,8 +248,10 @@ def test_unreachable_endpoint_is_503(start_fastmesh):
 
 def test_concurrent_streams_limit_of_the_upstream_is_respected(start_echo, start_fastmesh,
                                                                loop_kind):
-    """The endpoint allows 4 streams at once: 24 HTTP/1 clients' requests wait for a free
-    stream on the one connection (none refused, none failed)."""
+    """The endpoint allows 4 streams at once: 24 HTTP/1 clients' requests at once get more
+    connections, as Envoy's pool makes them, none carrying more than 4 streams (the codec
+    would refuse a fifth: none refused, none failed); the full ones close once their streams
+    are done, the newest stays for the next requests."""
     import concurrent.futures
     echo = start_echo(loop_kind, max_streams=4)
     fm = start_fastmesh(_cfg(echo), loop=loop_kind)
@@ -260,9 +262,14 @@ def test_concurrent_streams_limit_of_the_upstream_is_respected(start_echo, start
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
         codes = list(pool.map(one, range(24)))
     assert codes == [200] * 24
-    assert time.monotonic() - t0 >= 1.0          # 6 rounds of 4 streams of 200 ms
-    assert echo_stats(echo)["connections"] == 1
-    assert fm.cluster_stats("h2")["upstream_cx_total"] == 1
+    assert time.monotonic() - t0 >= 0.2
+    made = fm.cluster_stats("h2")["upstream_cx_total"]
+    assert 2 <= made <= 24 // 4 + 2, made
+    assert echo_stats(echo)["connections"] == made
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and fm.cluster_stats("h2")["upstream_cx_active"] > 1:
+        time.sleep(0.1)
+    assert fm.cluster_stats("h2")["upstream_cx_active"] == 1
 
 
 def test_retries_and_access_log_as_for_http1(start_echo, start_fastmesh, tmp_path, loop_kind):
