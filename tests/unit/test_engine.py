@@ -568,10 +568,10 @@ def test_a_pile_of_completions_is_handled_in_one_wake(kind):
         for i, c in enumerate(clients):
             c.send(b"%06d" % i)
         time.sleep(0.3)                      # the loop is busy: completions pile up
-        t0 = loop.time()
         got = await asyncio.gather(*(recv_all(loop, c, 6) for c in clients))
         assert got == [b"%06d" % i for i in range(n)]
-        assert loop.time() - t0 < 0.09, "some waited for the backstop"
+        # none was found by the 100 ms backstop (it counts what it finds): a count, not a
+        # clock, so a busy CI machine cannot fail it
         assert eng.counters().get("engine.tick_finds", 0) == 0
         for c in clients:
             c.close()
