@@ -41,6 +41,7 @@ cdef enum:  # ListenerSlot
     LS_RL_LIMITED           # ... found no token
     LS_RL_OK                # ... took a token
     LS_RQ_MAX_DURATION      # HTTP/2: a gRPC request's grpc-timeout passed (Envoy's name)
+    LS_CX_SPLICED           # TCP: connections whose bulk bytes went through splice(2)
     LS_SLOTS                # number of slots (keep last)
 
 cdef enum:  # ClusterSlot

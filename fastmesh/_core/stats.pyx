@@ -15,7 +15,7 @@ LISTENER_SLOTS = (
     "heartbeats", "downstream_rx_bytes", "downstream_tx_bytes", "downstream_cx_idle_closed",
     "error_overflow", "fault_aborts_injected", "fault_delays_injected",
     "local_rate_limit_enabled", "local_rate_limit_enforced", "local_rate_limit_rate_limited",
-    "local_rate_limit_ok", "downstream_rq_max_duration_reached",
+    "local_rate_limit_ok", "downstream_rq_max_duration_reached", "downstream_cx_spliced",
 )
 CLUSTER_SLOTS = (
     "upstream_rq_total", "upstream_rq_active", "upstream_rq_timeout", "upstream_rq_retry",

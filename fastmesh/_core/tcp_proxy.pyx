@@ -1,7 +1,12 @@
 """Raw TCP proxying: each client connection gets its own upstream connection to an endpoint
 of the listener's cluster; bytes are relayed both ways as Slices of the receive buffers, with
 backpressure (a side whose peer's write buffer is over high water stops reading).
-Half-close is passed through: EOF from one side shuts the write side of the other."""
+Half-close is passed through: EOF from one side shuts the write side of the other.
+
+A bulk stream (a read that filled SPLICE_AFTER_READ_BYTES or more) is handed over to a
+SpliceRelay (splice.pyx) once nothing is queued on either side: its bytes then go from
+socket to socket through kernel pipes, without coming up to user space. FASTMESH_TCP_SPLICE=0
+in the environment turns that off (comparisons, kernels without splice)."""
 import asyncio
 import logging
 import os
@@ -16,11 +21,12 @@ from fastmesh._core.clock cimport now_ms
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.stats cimport (
     LS_CX_TOTAL, LS_CX_ACTIVE, LS_RX_BYTES, LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_CONNECT_FAILED,
-    CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_RQ_TOTAL, CS_RQ_ACTIVE,
+    LS_CX_SPLICED, CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_RQ_TOTAL, CS_RQ_ACTIVE,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint
 from fastmesh._core.upstream import open_connection
 from fastmesh._core.sockio cimport redirected_dst
+from fastmesh._core.splice cimport SpliceRelay
 
 log = logging.getLogger("fastmesh.tcp")
 rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rate
@@ -29,6 +35,31 @@ rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rat
 # (tcp-bulk: 64 KiB buffers ~740 CPU µs/MB, 256 KiB ~390). Blocks are pooled (buffer.pyx).
 cdef Py_ssize_t BUF_INITIAL = 262144
 cdef Py_ssize_t BUF_CAP = 1048576
+
+# a read at least this big says the stream is bulk: worth six descriptors and two pipes
+cdef Py_ssize_t SPLICE_AFTER_READ_BYTES = 65536
+cdef bint SPLICE_ON = os.environ.get("FASTMESH_TCP_SPLICE", "1") != "0"
+
+
+def _spliceable_types():
+    # transports whose socket is a plain TCP socket the loop reads itself, and whose
+    # abort() stops watching it and closes only its own descriptor (synchronously:
+    # EPOLL_CTL_DEL before close), so a dup of it can be handed to a SpliceRelay
+    types = []
+    try:
+        from asyncio.selector_events import _SelectorSocketTransport
+        types.append(_SelectorSocketTransport)
+    except ImportError:
+        pass
+    try:
+        from uvloop.loop import TCPTransport
+        types.append(TCPTransport)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+cdef tuple SPLICEABLE = _spliceable_types()
 
 
 cdef class TcpPipe:
@@ -48,6 +79,7 @@ cdef class TcpPipe:
         tuple dst                   # (host, port) the client addressed (ORIGINAL_DST)
         public int64_t deadline_ms
         int64_t last_io_ms          # last byte read on this side
+        SpliceRelay relay           # the bulk path, once handed over (both sides share it)
 
     def __init__(self, ListenerCtx ctx, bint is_downstream):
         self.ctx = ctx
@@ -142,6 +174,8 @@ cdef class TcpPipe:
             self.ctx.counters.v[LS_RX_BYTES] += nbytes
         if self.peer is not None and not self.peer.closed:
             self._flush()
+            if nbytes >= SPLICE_AFTER_READ_BYTES and SPLICE_ON:
+                self._try_splice()
         elif self.peer is not None or self.closed:
             self.rbuf.consume(self.rbuf.size())     # the other side is gone: nowhere to go
         elif self.rbuf.is_full():
@@ -154,6 +188,57 @@ cdef class TcpPipe:
         if self.eof and self.peer is not None and not self.peer.closed:
             if self.peer.transport.can_write_eof():
                 self.peer.transport.write_eof()
+
+    cdef int _try_splice(self) except -1:
+        # hand both sockets to a SpliceRelay, if nothing is queued anywhere (a byte left in a
+        # buffer here or in a transport would be lost or reordered) and both are plain TCP
+        cdef TcpPipe d = self if self.is_downstream else self.peer
+        cdef TcpPipe u = self.peer if self.is_downstream else self
+        cdef SpliceRelay relay
+        cdef int fd_d, fd_u
+        if (d is None or u is None or d.closed or u.closed or d.eof or u.eof
+                or d.relay is not None or d.rbuf.size() or u.rbuf.size()
+                or not isinstance(d.transport, SPLICEABLE)
+                or not isinstance(u.transport, SPLICEABLE)
+                or d.transport.get_write_buffer_size() or u.transport.get_write_buffer_size()):
+            return 0
+        sd = d.transport.get_extra_info("socket")
+        su = u.transport.get_extra_info("socket")
+        if sd is None or su is None:
+            return 0
+        fd_d = os.dup(sd.fileno())
+        try:
+            fd_u = os.dup(su.fileno())
+        except OSError:
+            os.close(fd_d)
+            return 0
+        try:
+            relay = SpliceRelay(self.ctx.loop, fd_d, fd_u, d.ctx.counters, d._relay_ended)
+        except OSError as exc:                  # out of descriptors: stay on this path
+            os.close(fd_d)
+            os.close(fd_u)
+            rlog.warning((self.ctx.name, "splice"), "listener %s: no pipe for a bulk "
+                         "stream (%s): relayed through user space", self.ctx.name, exc)
+            return 0
+        d.relay = u.relay = relay
+        d.ctx.counters.v[LS_CX_SPLICED] += 1
+        d.last_io_ms = u.last_io_ms = now_ms()
+        # the transports' own descriptors go; connection_lost then finds the relay and
+        # leaves the connection alone (it ends through _relay_ended)
+        d.transport.abort()
+        u.transport.abort()
+        relay.start()
+        return 0
+
+    def _relay_ended(self, exc):
+        # the relay of this (downstream) side is over: end both sides as connection_lost
+        # would have
+        cdef TcpPipe up = self.peer
+        self.peer = None
+        if up is not None:
+            up.peer = None
+            up._lost(exc)
+        self._lost(exc)
 
     cdef void _set_reading(self, bint on):
         if self.closed or self.transport is None:
@@ -174,7 +259,14 @@ cdef class TcpPipe:
         return True                         # keep our write side for the peer's bytes
 
     def connection_lost(self, exc):
+        if self.relay is not None:
+            return                          # handed over: the relay ends it
+        self._lost(exc)
+
+    cdef int _lost(self, exc) except -1:
         cdef TcpPipe peer = self.peer
+        if self.closed:
+            return 0
         self.closed = True
         if self.is_downstream:
             self.ctx.conns.discard(self)
@@ -193,6 +285,7 @@ cdef class TcpPipe:
                 peer.transport.close()      # flushes what is queued, then closes
             else:
                 peer.transport.abort()
+        return 0
 
     def pause_writing(self):
         if self.peer is not None:
@@ -211,6 +304,9 @@ cdef class TcpPipe:
         it: returns (dup'd fd, b"") for the new generation (which connects a new upstream)."""
         cdef TcpPipe up = self.peer
         cdef int64_t now = now_ms()
+        if self.relay is not None:
+            fd = self.relay.detach_client(quiet_ms)     # ends both sides when it gives it
+            return None if fd is None else (fd, b"")
         if (self.closed or up is None or up.closed or self.rbuf.size() or up.rbuf.size()
                 or self.transport.get_write_buffer_size() or up.transport.get_write_buffer_size()
                 or now - self.last_io_ms < quiet_ms or now - up.last_io_ms < quiet_ms):
@@ -234,6 +330,9 @@ cdef class TcpPipe:
             self.rbuf.py_feed(data)
 
     def abort(self):
+        if self.relay is not None:
+            self.relay.abort()
+            return
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
