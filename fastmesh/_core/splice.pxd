@@ -54,6 +54,7 @@ cdef class SpliceRelay:
         bint writing_client
         bint writing_upstream
 
+    cpdef int64_t last_io_ms(self)
     cdef int _step(self, Leg leg) except -1
     cdef int _watch(self) except -1
     cdef int _finish(self, object exc, bint keep_client) except -1

@@ -250,6 +250,10 @@ cdef class SpliceRelay:
         """Close both connections now (drain's end, listener removal)."""
         self._finish(ConnectionAbortedError("closed by the proxy"), False)
 
+    def close_idle(self):
+        """The idle timeout: close both connections (nothing is in flight)."""
+        self._finish(None, False)
+
     def detach_client(self, int64_t quiet_ms):
         """Hot restart: when neither direction has moved a byte for quiet_ms and both pipes
         are empty, close the upstream side and give up the client's descriptor without
@@ -265,7 +269,7 @@ cdef class SpliceRelay:
         self.client_fd = -1
         return fd
 
-    def last_io_ms(self):
+    cpdef int64_t last_io_ms(self):
         return max(self.up.last_io_ms, self.down.last_io_ms)
 
     def moved(self):

@@ -21,7 +21,7 @@ from fastmesh._core.clock cimport now_ms
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.stats cimport (
     LS_CX_TOTAL, LS_CX_ACTIVE, LS_RX_BYTES, LS_ERR_NO_HEALTHY_UPSTREAM, LS_ERR_CONNECT_FAILED,
-    LS_CX_SPLICED, CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_RQ_TOTAL, CS_RQ_ACTIVE,
+    LS_CX_SPLICED, LS_CX_IDLE_CLOSED, CS_CX_TOTAL, CS_CX_ACTIVE, CS_CX_CONNECT_FAIL, CS_RQ_TOTAL, CS_RQ_ACTIVE,
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint
 from fastmesh._core.upstream import open_connection
@@ -325,6 +325,23 @@ cdef class TcpPipe:
     def set_original_dst(self, str host, int port):
         self.dst = (host, port)
 
+    cdef bint connected(self):
+        return not self.closed and (self.relay is not None or self.peer is not None)
+
+    cdef int64_t last_moved_ms(self):
+        # the last byte read on either side (what one side reads the other is sent)
+        if self.relay is not None:
+            return self.relay.last_io_ms()
+        if self.peer is not None and self.peer.last_io_ms > self.last_io_ms:
+            return self.peer.last_io_ms
+        return self.last_io_ms
+
+    cdef void close_idle(self):
+        if self.relay is not None:
+            self.relay.close_idle()
+        elif not self.closed:
+            self.transport.close()          # connection_lost closes the upstream side
+
     def adopt_bytes(self, data):
         if data:
             self.rbuf.py_feed(data)
@@ -354,15 +371,24 @@ class TcpUpstreamProtocol(TcpPipe, asyncio.BufferedProtocol):
 
 
 def sweep_downstreams(ListenerCtx ctx, int64_t now):
-    """Fire passed connect deadlines of a tcp listener's connections."""
+    """Fire passed connect deadlines of a tcp listener's connections, and close those that
+    moved no byte either way for the listener's idle_timeout_ms (Envoy's tcp_proxy
+    idle_timeout: counted in downstream_cx_idle_closed)."""
     cdef TcpPipe p
+    cdef int64_t idle_ms = ctx.idle_timeout_ms
+    cdef list idle = []
     for p in ctx.conns:                     # quiet connections hold no receive memory
         p.rbuf.release_if_empty()
         if p.peer is not None:
             p.peer.rbuf.release_if_empty()
+        if idle_ms > 0 and p.connected() and now - p.last_moved_ms() >= idle_ms:
+            idle.append(p)
     due = [p for p in ctx.conns if p.deadline_ms and p.deadline_ms <= now]
     for p in due:
         p.on_deadline(now)
+    for p in idle:
+        ctx.counters.v[LS_CX_IDLE_CLOSED] += 1
+        p.close_idle()
 
 
 def debug_leak_counts():

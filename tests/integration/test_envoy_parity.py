@@ -44,7 +44,8 @@ def sock(port):
 FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 
-def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port, access_log_path):
+def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port, access_log_path,
+              tcp_idle_port=None):
     def cl(name, port):
         return {"name": name, "type": "STATIC", "connect_timeout": "1s",
                 "lb_policy": "ROUND_ROBIN",
@@ -103,7 +104,12 @@ def bootstrap(http_port, tcp_port, admin_port, alpha_port, beta_port, access_log
                     "name": "envoy.filters.network.tcp_proxy",
                     "typed_config": {"@type": TCP_TYPE, "stat_prefix": "tcp",
                                      "cluster": "beta"}}]}]},
-            ],
+            ] + ([
+                {"name": "tcp_idle", "address": sock(tcp_idle_port), "filter_chains": [{
+                    "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                        "@type": TCP_TYPE, "stat_prefix": "tcp_idle", "cluster": "beta",
+                        "idle_timeout": "1s"}}]}]},
+            ] if tcp_idle_port else []),
             "clusters": [cl("alpha", alpha_port), cl("beta", beta_port)],
         },
     }
@@ -145,11 +151,12 @@ def sides(tmp_path_factory):
         out = {}
         for who in ("envoy", "fastmesh"):
             http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
+            idle_port = free_port()
             path = tmp / f"{who}.yaml"
             log_path = tmp / f"{who}-access.log"
             path.write_text(yaml.safe_dump(bootstrap(http_port, tcp_port, admin_port,
                                                      ups["alpha"], ups["beta"],
-                                                     str(log_path))))
+                                                     str(log_path), idle_port)))
             if who == "envoy":
                 p = Proc([ENVOY, "-c", str(path), "--base-id", str(40000 + os.getpid() % 20000),
                           "--concurrency", "1", "-l", "warning"], name="envoy")
@@ -161,6 +168,7 @@ def sides(tmp_path_factory):
                 procs.append(p)
                 wait_ready(admin_port, p)
             out[who] = Side(who, http_port, tcp_port, log_path, ups, admin_port)
+            out[who].tcp_idle_port = idle_port
         yield out
     finally:
         for p in reversed(procs):
@@ -247,6 +255,36 @@ def test_tcp_proxy_reaches_the_same_cluster(sides):
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), (who, head)
         assert json.loads(body)["server"] == "beta", who
+
+
+def test_tcp_proxy_idle_timeout_closes_as_envoys(sides):
+    """tcp_proxy idle_timeout 1s: a connection that keeps moving bytes (a request every
+    0.4 s for 2 s) stays open past it; once quiet, both proxies close it about 1 s later."""
+    def run(side):
+        with socket.create_connection(("127.0.0.1", side.tcp_idle_port), timeout=10) as s:
+            s.settimeout(5)
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                s.sendall(b"GET /echo HTTP/1.1\r\nHost: raw\r\n\r\n")
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(65536)
+                    assert chunk, f"{side.name} closed an active connection"
+                    head += chunk
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                body = head.partition(b"\r\n\r\n")[2]
+                while len(body) < length:
+                    body += s.recv(65536)
+                time.sleep(0.4)
+            quiet = time.monotonic()
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            return time.monotonic() - quiet
+    took = both(sides, run)
+    for who, s in took.items():
+        assert 0.5 <= s <= 2.5, (who, took)
 
 
 # Envoy's default access-log line (a file access log with no log_format), both sides

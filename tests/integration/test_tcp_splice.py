@@ -1,7 +1,8 @@
 """TCP listeners' bulk streams go through splice(2) (fastmesh/_core/splice.pyx): bytes intact
 both ways, back-pressure without loss or user-space memory, resets on either side, no
 descriptor left behind, and a quiet spliced connection still migrates in a hot restart.
-Real sockets and processes; on uvloop and plain asyncio."""
+Also the tcp listener's idle timeout, on both paths. Real sockets and processes; on uvloop
+and plain asyncio."""
 from __future__ import annotations
 
 import hashlib
@@ -163,11 +164,13 @@ def test_slow_reader_holds_the_upstream_without_loss_or_memory(start_fastmesh, l
     total = 96 * MB
 
     def push(conn):
+        conn.settimeout(30)
+        assert conn.recv(2) == b"go"
         for b in _blocks(total):
             conn.sendall(b)
         conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(30)
-        conn.recv(1)
+        while conn.recv(65536):             # until the client's close comes through (closing
+            pass                            # with unread bytes would send RST: data lost)
     srv = Server(push)
     fm = start_fastmesh(_cfg(srv.port), loop=loop_kind)
     wpid = fm.worker_pids()[0]
@@ -289,4 +292,35 @@ def test_quiet_spliced_connection_migrates(deployment, loop_kind):
     s.close()
     st = get_json(d.admin_port, "/stats")["listeners"]["raw"]
     assert st["downstream_cx_total"] == 1      # adopted, not reconnected
+    srv.close()
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["plain", "spliced"])
+def test_idle_timeout_closes_both_sides(start_fastmesh, bulk):
+    """idle_timeout_ms on a tcp listener (Envoy's tcp_proxy idle_timeout): no byte either
+    way for that long closes the client and the upstream connection, on either path."""
+    srv = Server(echo)
+    cfg = _cfg(srv.port)
+    cfg["listeners"][0]["idle_timeout_ms"] = 800
+    fm = start_fastmesh(cfg)
+    fds_before = _fds(fm)
+    s = socket.create_connection(("127.0.0.1", fm.port), timeout=10)
+    s.settimeout(10)
+    data = b"x" * (2 * MB if bulk else 100)
+    threading.Thread(target=s.sendall, args=(data,), daemon=True).start()
+    n = 0
+    while n < len(data):
+        chunk = s.recv(1 << 20)
+        assert chunk
+        n += len(chunk)
+    quiet = time.monotonic()
+    assert s.recv(1) == b""                     # closed by the proxy
+    took = time.monotonic() - quiet
+    s.close()
+    assert 0.6 <= took <= 2.0, took
+    st = fm.listener_stats("raw")
+    assert st["downstream_cx_idle_closed"] == 1
+    assert st["downstream_cx_spliced"] == (1 if bulk else 0)
+    _wait(lambda: len(srv.done) == 1, what="the upstream connection closed")
+    _settled(fm, fds_before)
     srv.close()
