@@ -134,6 +134,37 @@ cdef bint _retry_call(InFlight e, int status):
     return True
 
 
+# Upstream writes wait for the end of the loop's current batch of events: the requests of
+# every client read in one batch that go to one upstream connection leave in one write
+# (many callers, one service: one send instead of one per caller). call_soon runs after the
+# batch's I/O callbacks and before the loop polls again, so nothing waits for a timer.
+cdef list _flush_queue = []
+cdef bint _flush_scheduled = False
+cdef object _flush_loop = None         # the loop the flush is scheduled on
+
+
+cdef void _flush_later(object loop, list dirty) except *:
+    global _flush_queue, _flush_scheduled, _flush_loop
+    if loop is not _flush_loop:         # a new loop in this process (tests): what was queued
+        _flush_queue = []               # for the old one can never be sent
+        _flush_scheduled = False
+        _flush_loop = loop
+    _flush_queue.extend(dirty)
+    if not _flush_scheduled:
+        _flush_scheduled = True
+        loop.call_soon(_flush_queued)
+
+
+def _flush_queued():
+    global _flush_queue, _flush_scheduled
+    cdef BoltUpstream up
+    cdef list q = _flush_queue
+    _flush_queue = []
+    _flush_scheduled = False
+    for up in q:
+        up.flush()
+
+
 cdef inline void flush(object transport, list out):
     if len(out) == 1:
         transport.write(out[0])
@@ -199,8 +230,8 @@ cdef class BoltDownstream:
         except BaseException:
             log.exception("listener %s: internal error on a Bolt connection", self.ctx.name)
             self.transport.abort()
-        for up in dirty:
-            up.flush()
+        if dirty:
+            _flush_later(self.ctx.loop, dirty)
         if self.out and not self.closed:
             flush(self.transport, self.out)
         if self.rbuf.is_full() and not self.reading_paused:
