@@ -238,6 +238,7 @@ class Listener:
         self.old_chains: list[Chain] = []    # removed by a reload, connections still open
         self.dispatcher = Dispatcher(cfg.name, loop)
         self.tls_counters = new_tls_counters()   # "ssl.*": the listener's TLS chains share
+        self.access_log = None               # the listener's, given to the chains that log
         self._set_chains(cfg)
         self._set_access_log(cfg.access_log, cfg.access_log_format, cfg.access_log_json)
         self._filter_cfgs: tuple = (None, None)     # what ctx.fault / ctx.ratelimit were made of
@@ -272,6 +273,7 @@ class Listener:
             if old is not None and old.cfg.protocol == fc.protocol:
                 tls_changed = old.cfg.tls != fc.tls
                 old.cfg = fc
+                old.ctx.access_log = self.access_log if fc.access_log else None
                 if tls_changed:
                     old.set_tls(fc.tls)
                 new[fc.name] = old
@@ -282,7 +284,7 @@ class Listener:
             in_use = any(ch.ctx is self.ctx for ch in
                          list(new.values()) + list(self.chains.values()) + self.old_chains)
             ctx = _ctx_for(cfg, self.loop, self.ctx.counters) if in_use else self.ctx
-            ctx.access_log = self.ctx.access_log
+            ctx.access_log = self.access_log if fc.access_log else None
             ctx.draining = self.ctx.draining
             new[fc.name] = Chain(fc, ctx, self.tls_counters)
         self.old_chains.extend(self.chains.values())
@@ -337,24 +339,26 @@ class Listener:
         return next(iter(self.chains.values())).factory()
 
     def _set_access_log(self, path: str | None, fmt=None, json_fields=()) -> None:
-        old = self.ctx.access_log
+        old = self.access_log
         if old is not None and (path is None or path != old.path
                                 or (fmt, json_fields) != getattr(self, "_access_log_format", (None, ()))):
             old.close()
-            self.ctx.access_log = None
+            self.access_log = None
         self._access_log_format = (fmt, json_fields)
-        if path is not None and self.ctx.access_log is None:
+        if path is not None and self.access_log is None:
             try:
-                self.ctx.access_log = AccessLog(path, fmt, json_fields or None)
+                self.access_log = AccessLog(path, fmt, json_fields or None)
             except OSError as exc:
                 raise RuntimeError(f"listener {self.cfg.name}: access log {path}: "
                                    f"{exc.strerror or exc}") from exc
-        for c in self._ctxs():
-            c.access_log = self.ctx.access_log
+        # every chain's connections log to it, but a chain that says it does not (Envoy:
+        # an HCM without access_log beside one with it)
+        for ch in list(self.chains.values()) + self.old_chains:
+            ch.ctx.access_log = self.access_log if ch.cfg.access_log else None
 
     def sweep(self, now_ms: int) -> None:
-        if self.ctx.access_log is not None:
-            self.ctx.access_log.flush()
+        if self.access_log is not None:
+            self.access_log.flush()
         for ch in list(self.chains.values()) + self.old_chains:
             ch.sweep(now_ms)
         if self.old_chains:

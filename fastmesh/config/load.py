@@ -769,7 +769,8 @@ def _sniffed_chains(c: _Checker, m: dict, p: str, name: Optional[str],
 
 
 HTTP1_PROTOCOLS = ("http/1.0", "http/1.1")
-_CHAIN_KEYS = ("name", "match", "protocol", "route_table", "cluster", "default", "tls")
+_CHAIN_KEYS = ("name", "match", "protocol", "route_table", "cluster", "default", "tls",
+               "access_log")
 _MATCH_FIELDS = {f.name: f for f in dataclasses.fields(ChainMatch)}
 
 
@@ -803,8 +804,10 @@ def _filter_chains(c: _Checker, raw: Any, p: str, known_tables: Optional[set],
         else:
             seen[match] = i
         tls = _tls(c, m["tls"], f"{ip}.tls", protocol) if m.get("tls") is not None else None
+        logs = c.boolean(m["access_log"], f"{ip}.access_log") if "access_log" in m else True
         out.append(FilterChain(name=name, protocol=protocol or "http1", match=match,
-                               route_table=rt, cluster=cl, default=default, tls=tls))
+                               route_table=rt, cluster=cl, default=default, tls=tls,
+                               access_log=logs is not False))
     return tuple(out)
 
 

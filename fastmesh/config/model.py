@@ -320,6 +320,8 @@ class FilterChain:
     cluster: Optional[str] = None                 # tcp
     default: bool = False                         # takes what no chain matches
     tls: Optional[TlsContext] = None              # terminate TLS on this chain
+    access_log: bool = True                       # false: the listener's access log leaves
+                                                  # this chain's requests out
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,12 @@ def translate_listener(c: EnvoyChecker, raw, path: str, index: int, names: dict,
                     default=True, chain_set=chain_set)
         if ch is not None:
             chains.append(ch)
+    # an HCM with an access log beside one without: the listener's log (the one the
+    # chains that have one agree on) leaves the others' requests out, as Envoy does;
+    # when no chain has one, there is nothing to leave out
+    if not any(ch.access_log and ch.protocol != "tcp" for ch in chains):
+        chains = [ch if ch.access_log else dataclasses.replace(ch, access_log=True)
+                  for ch in chains]
     if not chains:
         return None, tables
     plain = (len(chains) == 1 and chains[0].match == ChainMatch() and not chains[0].default
@@ -286,7 +292,8 @@ def _chain(c: EnvoyChecker, raw, chp: str, i: int, kw: dict, listener_name: str,
         kw[key] = value
         chain_set.setdefault(key, chp)
     return FilterChain(name=cname, protocol=protocol, match=match, route_table=rt,
-                       cluster=cl, default=default, tls=tls)
+                       cluster=cl, default=default, tls=tls,
+                       access_log="access_log" in ckw or protocol == "tcp")
 
 
 def _filter_chain_match(c: EnvoyChecker, raw, p: str) -> ChainMatch:
