@@ -324,3 +324,85 @@ def test_idle_timeout_closes_both_sides(start_fastmesh, bulk):
     _wait(lambda: len(srv.done) == 1, what="the upstream connection closed")
     _settled(fm, fds_before)
     srv.close()
+
+
+def test_slow_upstream_holds_the_client_without_loss(start_fastmesh, loop_kind):
+    """The other direction: the client uploads 64 MiB to an upstream that reads nothing for
+    1.5 s. The client is held back (its sends block), nothing piles up in the worker, and
+    the upstream receives every byte in order."""
+    total = 64 * MB
+    got = hashlib.sha256()
+
+    def slow_sink(conn):
+        time.sleep(1.5)
+        n = 0
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            n += len(data)
+            got.update(data)
+        return n
+    srv = Server(slow_sink)
+    fm = start_fastmesh(_cfg(srv.port), loop=loop_kind)
+    wpid = fm.worker_pids()[0]
+    rss_before = _rss_kib(wpid)
+    s = socket.create_connection(("127.0.0.1", fm.port), timeout=30)
+    for b in _blocks(total):
+        s.sendall(b)
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(30)
+    assert s.recv(1) == b""                     # the upstream's close comes back
+    s.close()
+    _wait(lambda: len(srv.done) == 1, 30, "the upstream to finish")
+    assert srv.done == [total]
+    assert got.digest() == _expected_digest(total)
+    assert fm.listener_stats("raw")["downstream_cx_spliced"] == 1
+    assert _rss_kib(wpid) - rss_before < 16 * 1024
+    srv.close()
+
+
+def test_busy_spliced_connection_is_closed_at_the_drain_deadline(deployment):
+    """A hot restart with a stream still moving: it cannot migrate (never quiet), so the
+    old generation closes it when its drain time is up, and exits."""
+    def push_forever(conn):
+        conn.settimeout(30)
+        block = b"y" * MB
+        try:
+            while True:
+                conn.sendall(block)
+        except OSError:
+            pass
+    srv = Server(push_forever)
+    cfg = {
+        "admin": {"address": f"127.0.0.1:{free_port()}"},
+        "drain_timeout_ms": 1500,
+        "listeners": [{"name": "raw", "address": f"127.0.0.1:{free_port()}",
+                       "protocol": "tcp", "cluster": "up"}],
+        "clusters": [{"name": "up", "endpoints": [f"127.0.0.1:{srv.port}"]}],
+    }
+    d = deployment(cfg)
+    d.start()
+    port = int(cfg["listeners"][0]["address"].rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.settimeout(10)
+    n = 0
+    while n < 8 * MB:
+        n += len(s.recv(1 << 20))
+    assert get_json(d.admin_port, "/stats")["listeners"]["raw"]["downstream_cx_spliced"] == 1
+    old = supervisor_pid(d.admin_port)
+    d.hup()
+    wait_new_generation(d.admin_port, old)
+    started = time.monotonic()
+    try:
+        while True:                             # keeps reading: the stream stays busy
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+    except ConnectionResetError:
+        pass
+    took = time.monotonic() - started
+    s.close()
+    assert took < 10, took
+    wait_gone(old)
+    srv.close()
