@@ -206,7 +206,10 @@ cdef class TcpPipe:
         su = u.transport.get_extra_info("socket")
         if sd is None or su is None:
             return 0
-        fd_d = os.dup(sd.fileno())
+        try:
+            fd_d = os.dup(sd.fileno())
+        except OSError:                         # out of descriptors: stay on this path
+            return 0
         try:
             fd_u = os.dup(su.fileno())
         except OSError:
