@@ -406,3 +406,37 @@ def test_busy_spliced_connection_is_closed_at_the_drain_deadline(deployment):
     assert took < 10, took
     wait_gone(old)
     srv.close()
+
+
+def test_out_of_descriptors_stays_on_the_ordinary_path(start_fastmesh):
+    """The worker has descriptors for the two sockets and the relay's dups but not for its
+    pipes (its RLIMIT_NOFILE lowered under it): the bulk stream is relayed through user
+    space, intact."""
+    import resource
+    srv = Server(echo)
+    fm = start_fastmesh(_cfg(srv.port))
+    wpid = fm.worker_pids()[0]
+    soft, hard = resource.prlimit(wpid, resource.RLIMIT_NOFILE)
+    fds = [int(x) for x in os.listdir(f"/proc/{wpid}/fd")]
+    # new descriptors take the lowest free numbers: room for the client's socket, the
+    # upstream socket and the relay's two dups, not for its pipes (one end of one at most)
+    free_below = max(fds) + 1 - len(fds)
+    assert free_below <= 5, sorted(fds)
+    resource.prlimit(wpid, resource.RLIMIT_NOFILE, (max(fds) + 1 + 5 - free_below, hard))
+    try:
+        total = 8 * MB
+        s = socket.create_connection(("127.0.0.1", fm.port), timeout=10)
+        got = hashlib.sha256()
+        t = threading.Thread(target=_read_all, args=(s, got))
+        t.start()
+        for b in _blocks(total):
+            s.sendall(b)
+        s.shutdown(socket.SHUT_WR)
+        t.join(30)
+        s.close()
+        assert got.digest() == _expected_digest(total)
+        st = fm.listener_stats("raw")
+        assert st["downstream_cx_spliced"] == 0 and st["downstream_rx_bytes"] == total
+    finally:
+        resource.prlimit(wpid, resource.RLIMIT_NOFILE, (soft, hard))
+    srv.close()
