@@ -112,8 +112,8 @@ cdef class Leg:
 
 
 cdef class SpliceRelay:
-    """Owns client_fd and upstream_fd (descriptors of its own: dups of the transports') from
-    construction; start() begins relaying. on_end(exc) is called once, from a loop callback,
+    """Owns client_fd and upstream_fd (descriptors of its own: dups of the transports') once
+    made (if making it fails, they are still the caller's); start() begins relaying. on_end(exc) is called once, from a loop callback,
     when it is over (exc None: both directions ended with EOF)."""
 
     def __init__(self, loop, int client_fd, int upstream_fd, Counters rx_counters, on_end):
@@ -136,6 +136,7 @@ cdef class SpliceRelay:
         except OSError:
             self.up.close_pipe()
             self.down.close_pipe()
+            self.client_fd = self.upstream_fd = -1      # not taken: the caller keeps them
             raise
 
     def start(self):
