@@ -615,6 +615,7 @@ def _default_admin_address() -> Address:
 
 _LISTENER_FIELDS = {f.name: f for f in dataclasses.fields(Listener)
                     if f.name not in ("access_log_format", "access_log_json")}  # in access_log
+TCP_IDLE_TIMEOUT_MS = 3600000      # a tcp listener's default idle timeout: Envoy's tcp_proxy's
 _LISTENER_INT_MIN = {"max_request_body_bytes": 0,    # every other int field: >= 1
                      "stream_idle_timeout_ms": 0, "sniff_timeout_ms": 0}
 _LISTENER_KEYS = set(_LISTENER_FIELDS) | {"bolt_route_table"}
@@ -705,6 +706,8 @@ def _listeners(c: _Checker, raw: Any, known_tables: Optional[set],
             if f.type == "int" and f.name in m:
                 lo = _LISTENER_INT_MIN.get(f.name, 1)
                 kw[f.name] = c.integer(m[f.name], f"{p}.{f.name}", lo=lo)
+        if protocol == "tcp" and "idle_timeout_ms" not in kw:
+            kw["idle_timeout_ms"] = TCP_IDLE_TIMEOUT_MS     # as Envoy's tcp_proxy
         if m.get("http2") is not None:
             kw["http2"] = http2_settings(c, m["http2"], f"{p}.http2")
         low = kw.get("low_water_bytes", _LISTENER_FIELDS["low_water_bytes"].default)

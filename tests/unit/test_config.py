@@ -415,6 +415,12 @@ def test_tcp_listener():
                          "cluster": "web"}
     lst = load_dict(d).listeners[0]
     assert (lst.protocol, lst.cluster, lst.route_table) == ("tcp", "web", None)
+    # idle: Envoy's tcp_proxy default (1 h), not the HTTP listeners' minute; a set one stays
+    assert lst.idle_timeout_ms == 3600000
+    assert load_dict(base()).listeners[0].idle_timeout_ms == 60000
+    d["listeners"][0]["idle_timeout_ms"] = 5000
+    assert load_dict(d).listeners[0].idle_timeout_ms == 5000
+    assert load_dict(to_dict(load_dict(d))).listeners[0].idle_timeout_ms == 5000
 
 
 def test_tcp_listener_requires_cluster():
