@@ -135,10 +135,15 @@ def stop() -> None:
     engine_core.install(None)
 
 
+SERVED_PROTOCOLS = ("http1", "bolt", "tcp")
+
+
 def serves(cfg) -> bool:
-    """Whether the engine can serve this listener's client connections: plain HTTP/1 chains
-    only, nothing that needs uvloop's transports (TLS, the dispatcher's sniffing)."""
+    """Whether the engine can serve this listener's client connections: plain HTTP/1, Bolt
+    and TCP chains only, nothing that needs uvloop's transports (TLS; the dispatcher's
+    sniffing, chain matching and hand-offs; HTTP/2's codec has not been tried on it)."""
     if cfg.filter_chains or cfg.original_dst or cfg.use_original_dst or cfg.inspectors:
         return False
     chains = cfg.chains()
-    return bool(chains) and all(ch.protocol == "http1" and ch.tls is None for ch in chains)
+    return bool(chains) and all(ch.protocol in SERVED_PROTOCOLS and ch.tls is None
+                                for ch in chains)

@@ -302,7 +302,14 @@ async def adopt(plane, listener: str, fd: int, data: bytes, chain: str | None = 
     # its socket, so an original destination is read again from it when needed
     factory = lst.protocol_factory(chain) if chain in lst.chains else \
         next(iter(lst.chains.values())).factory
-    _, proto = await loop.connect_accepted_socket(factory, sock)
+    eng = lst.engine()
+    if eng is not None:
+        # the listener's connections are this process's I/O engine's: so is this one
+        _, proto = eng.connect_accepted_socket(factory, sock)
+        if proto is None:
+            raise RuntimeError(f"listener {listener!r}: the protocol factory failed")
+    else:
+        _, proto = await loop.connect_accepted_socket(factory, sock)
     # accepted, and counted, by an earlier generation whose counters carry over
     lst.ctx.counters.add("downstream_cx_total", -1)
     if data:
