@@ -573,6 +573,15 @@ def open_connection(loop, factory, Cluster cluster, Endpoint ep, bint engine=Tru
 
 
 async def _engine_connect(eng, factory, str host, int port):
-    # a coroutine (as loop.create_connection's), so callers may create_task() it;
-    # cancelling it cancels the engine's future, which aborts the attempt
-    return await eng.create_connection(factory, host, port)
+    # A coroutine (as loop.create_connection's), so callers may create_task() it.
+    # Cancelled while connecting: the engine's future is cancelled, which aborts the
+    # attempt. Cancelled after the engine resolved it but before this task resumed (a
+    # client gone in between; loop.create_connection has no such gap): the connection
+    # was made for nobody, so it is closed here, not left open for good.
+    fut = eng.create_connection(factory, host, port)
+    try:
+        return await fut
+    except BaseException:
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            fut.result()[0].close()
+        raise
