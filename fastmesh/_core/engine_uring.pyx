@@ -736,6 +736,8 @@ cdef class UringEngine(Engine):
                 # paused (or bytes before it still stashed): as a paused asyncio transport
                 # reads nothing, the EOF waits behind them until reading resumes
                 t.eof_pending = True
+                if t.reading:
+                    self.want_read(t, True)     # (the stash's delivery: then the EOF)
         elif res == -ENOBUFS:
             self.enobufs += 1           # out of buffers: again once this batch gave them back
             if t.reading:
