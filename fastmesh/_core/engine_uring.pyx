@@ -548,10 +548,8 @@ cdef class UringEngine(Engine):
         return 0
 
     cdef int release(self, Transport t, bint abort) except -1:
-        cdef linger lg
-        if abort and t.fd >= 0:
-            lg.l_onoff, lg.l_linger = 1, 0      # RST once the last reference goes
-            setsockopt(t.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+        # abort(): what is queued here is dropped and the socket closed, as asyncio's
+        # transports do (no forced RST; see engine_epoll)
         if t.inflight == 0:
             self.close_now(t)
             return 0
