@@ -415,3 +415,41 @@ def test_migrated_tcp_connection_continues_on_the_new_engine(engine, deployment,
     s.shutdown(socket.SHUT_WR)
     assert s.recv(10) == b""
     s.close()
+
+
+def test_bolt_connection_migrates_between_engines(deployment, procs):
+    """The config's `engine` changes between hot restarts (it is read once per process):
+    one Bolt connection moves uvloop -> epoll -> io_uring -> uvloop, each generation adopting
+    the descriptor (and any unread bytes) into its own transports; every call is answered
+    and the client never reconnects."""
+    order = ["uvloop", "epoll"] + (["io_uring"] if URING_WHY is None else []) + ["uvloop"]
+    port = _start_bolt_echo(procs)
+    cfg = _bolt_cfg(port, order[0])
+    d = deployment(cfg)
+    d.start(env=NO_ENV)
+    c = BoltClient(int(cfg["listeners"][0]["address"].rsplit(":", 1)[1]), timeout=20)
+    n = 0
+
+    def calls(k):
+        nonlocal n
+        for _ in range(k):
+            n += 1
+            c.send(_request(n))
+            f = c.read_frame()
+            assert f["request_id"] == n and f["status"] == 0
+
+    for eng in order[1:]:
+        calls(10)
+        cfg["engine"] = eng
+        d.write(cfg)
+        old = supervisor_pid(d.admin_port)
+        d.hup()
+        wait_new_generation(d.admin_port, old)
+        calls(10)                               # during the hand-over
+        wait_gone(old, 20)
+        calls(10)
+        engines = _engines(d.admin_port)
+        assert all((e or {"name": "uvloop"})["name"] == eng for e in engines), (eng, engines)
+    st = get_json(d.admin_port, "/stats")
+    assert st["listeners"]["rpc"]["downstream_cx_total"] == 1      # adopted, not reconnected
+    c.close()
