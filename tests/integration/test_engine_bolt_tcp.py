@@ -453,3 +453,35 @@ def test_bolt_connection_migrates_between_engines(deployment, procs):
     st = get_json(d.admin_port, "/stats")
     assert st["listeners"]["rpc"]["downstream_cx_total"] == 1      # adopted, not reconnected
     c.close()
+
+
+@pytest.mark.parametrize("kind", ["uvloop", "epoll", "io_uring"])
+def test_partial_bolt_frame_migrates_with_the_connection(kind, deployment, procs):
+    """Half a request is read by the old generation when the hot restart comes: it goes to
+    the new generation with the descriptor and is fed to the new protocol before anything
+    the new transport reads, so the rest completes it and the call is answered."""
+    if kind == "io_uring" and URING_WHY is not None:
+        pytest.skip(f"io_uring unavailable: {URING_WHY}")
+    port = _start_bolt_echo(procs)
+    cfg = _bolt_cfg(port, kind)
+    d = deployment(cfg)
+    d.start(env=NO_ENV)
+    c = BoltClient(int(cfg["listeners"][0]["address"].rsplit(":", 1)[1]), timeout=20)
+    c.send(_request(1))
+    assert c.read_frame()["request_id"] == 1
+    req = _request(2)
+    c.send(req[:20])                            # half a frame: the old generation holds it
+    time.sleep(0.3)
+    old = supervisor_pid(d.admin_port)
+    d.hup()
+    wait_new_generation(d.admin_port, old)
+    wait_gone(old, 20)
+    c.send(req[20:])                            # the rest, to the new generation
+    f = c.read_frame()
+    assert f["request_id"] == 2 and f["status"] == 0
+    c.send(_request(3))
+    assert c.read_frame()["request_id"] == 3
+    st = get_json(d.admin_port, "/stats")
+    assert st["listeners"]["rpc"]["downstream_cx_total"] == 1
+    assert st["listeners"]["rpc"]["error_bad_frame"] == 0
+    c.close()
