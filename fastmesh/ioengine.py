@@ -10,11 +10,17 @@ environment variable FASTMESH_ENGINE overrides it, for tests and trials):
   kernels, EPERM under seccomp or kernel.io_uring_disabled=2), else epoll; the choice and the
   reason are logged.
 
-The engine serves the client connections of listeners it can serve (plain HTTP/1 chains:
-no TLS, no listener filters or chain matching) and the HTTP/1 proxy's upstream connections.
-Everything else (TLS, HTTP/2, Bolt, TCP, dispatched listeners, mirrors) stays on uvloop.
-Connection migration (Bolt/TCP) is therefore untouched; HTTP/1 connections are drained on a
-hot restart, not migrated, as on uvloop.
+The engine serves the client connections of listeners it can serve (serves(): plain HTTP/1,
+Bolt and TCP chains: no TLS, no listener filters, chain matching or original-destination
+hand-offs) and the upstream connections those protocols open to plain clusters
+(fastmesh._core.upstream.open_connection). Everything else (TLS on either side, HTTP/2,
+dispatched listeners, mirrors) stays on uvloop.
+
+Hot restart: HTTP/1 connections are drained, not migrated, as on uvloop. Bolt and TCP
+connections migrate as on uvloop: engine.detach_transport() hands over a duplicate of the
+descriptor and the bytes received but never delivered (io_uring's stash), only once no kernel
+operation names the socket (Transport.detach); the new generation adopts the descriptor into
+its own engine when the listener is served by one (fastmesh.server.upgrade.adopt).
 
 The process's engine is made once, by the first config a worker applies; a reload that
 changes ``engine`` takes effect at the next restart (logged).
@@ -135,10 +141,15 @@ def stop() -> None:
     engine_core.install(None)
 
 
+SERVED_PROTOCOLS = ("http1", "bolt", "tcp")
+
+
 def serves(cfg) -> bool:
-    """Whether the engine can serve this listener's client connections: plain HTTP/1 chains
-    only, nothing that needs uvloop's transports (TLS, the dispatcher's sniffing)."""
+    """Whether the engine can serve this listener's client connections: plain HTTP/1, Bolt
+    and TCP chains only, nothing that needs uvloop's transports (TLS; the dispatcher's
+    sniffing, chain matching and hand-offs; HTTP/2's codec has not been tried on it)."""
     if cfg.filter_chains or cfg.original_dst or cfg.use_original_dst or cfg.inspectors:
         return False
     chains = cfg.chains()
-    return bool(chains) and all(ch.protocol == "http1" and ch.tls is None for ch in chains)
+    return bool(chains) and all(ch.protocol in SERVED_PROTOCOLS and ch.tls is None
+                                for ch in chains)

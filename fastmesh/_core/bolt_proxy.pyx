@@ -53,6 +53,7 @@ from fastmesh._core.stats cimport (
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint, endpoint_latency_us
 from fastmesh._core.upstream import open_connection
+from fastmesh._core.engine import detach_transport
 
 from fastmesh._core.stats import Counters as PyCounters
 from fastmesh._core.accesslog import sofa_method_name
@@ -499,20 +500,26 @@ cdef class BoltDownstream:
         if self.closed:
             return None
         if self.inflight or self.out or self.transport.get_write_buffer_size():
-            if not self.reading_paused:
-                self.reading_paused = True      # (never resumed: this connection leaves)
-                if not self.held:
-                    self.transport.pause_reading()
+            self._stop_reading_to_leave()
             return None
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
+        # (an I/O engine's transport may need a moment: its kernel operations cancelled;
+        # it has stopped reading then, and we are asked again)
+        detached = detach_transport(self.transport)
+        if detached is None:
+            self._stop_reading_to_leave()
             return None
-        fd = os.dup(sock.fileno())
-        data = self.rbuf.py_peek()
+        fd, unread = detached
+        data = self.rbuf.py_peek()          # read but not used: a partial frame
+        if unread:
+            data += unread                  # received after it, never delivered
         self.closed = True
-        self.transport.pause_reading()
-        self.transport.abort()              # closes our descriptor only: no FIN, no RST
         return fd, data
+
+    cdef void _stop_reading_to_leave(self):
+        if not self.reading_paused:
+            self.reading_paused = True      # (never resumed: this connection leaves)
+            if not self.held:
+                self.transport.pause_reading()
 
     def cancel_migration(self):
         """The new generation cannot take connections: read again (the connection drains
@@ -526,8 +533,18 @@ cdef class BoltDownstream:
         """Continue a migrated connection: bytes the old generation had read but not used."""
         cdef list dirty = []
         cdef BoltUpstream up
-        self.rbuf.py_feed(data)
-        self._process(dirty)
+        cdef Py_ssize_t n
+        data = memoryview(data)
+        while len(data) and not self.closed:
+            n = self.rbuf.py_feed(data)     # (what fits: frames are used, then the rest)
+            data = data[n:]
+            self._process(dirty)
+            if n == 0:
+                # a frame larger than the buffer can hold: as a read would find it
+                self.ctx.counters.v[LS_ERR_BAD_FRAME] += 1
+                self.closed = True
+                self.transport.abort()
+                return
         for up in dirty:
             up.flush()
         if self.out and not self.closed:

@@ -78,6 +78,8 @@ cdef class Transport:
         Py_ssize_t wq_bytes         # unsent bytes in the queue
         # io_uring: received while reading was paused (delivered on resume), bounded
         bytearray stash
+        bint eof_pending            # io_uring: the peer's EOF came while paused or behind the
+                                    # stash: reported once the stash is delivered
         int inflight                # kernel operations naming this transport (io_uring)
         bint recv_armed             # a multishot receive is armed (io_uring)
         bint cancel_sent            # its cancel was asked (io_uring)

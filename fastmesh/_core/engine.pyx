@@ -287,6 +287,40 @@ cdef class Transport:
     def abort(self):
         self.finish(None, True)
 
+    def detach(self):
+        """Hot restart (connection migration): give the connection up without ending it.
+
+        Returns (fd, unread): a new descriptor of the socket (the caller's, to hand over and
+        close) and the bytes received but not yet delivered to the protocol (io_uring's
+        stash); or None while that cannot be done yet: reading is paused at once (io_uring:
+        the multishot receive is cancelled; what arrives before the cancel lands is
+        stashed), and None is returned until no kernel operation names the socket and
+        nothing is queued to send. Ask again later (the caller keeps the protocol's side of
+        the connection unchanged meanwhile).
+
+        On success the transport is done as after close() with nothing queued:
+        connection_lost(None) follows; its own descriptor is taken out of the engine (epoll:
+        out of the nested set, whose registration would otherwise outlive it with the
+        socket) and closed with no linger change, so nothing (no FIN, no RST) reaches the
+        peer: the other descriptor keeps the connection."""
+        if self.state != TS_OPEN or self.fd < 0:
+            return None
+        if self.reading:
+            self.reading = False
+            self.engine.want_read(self, False)
+        if self.inflight or self.wq_bytes or self.recv_armed or self.send_in_flight:
+            return None
+        fd = os.dup(self.fd)
+        unread = bytes(self.stash) if self.stash is not None else b""
+        self.stash = None
+        self.finish(None, False)
+        return fd, unread
+
+    def unread_bytes(self):
+        """Bytes received and not yet given to the protocol: in the kernel (FIONREAD) and
+        in the io_uring stash."""
+        return _unread_of(self)
+
     # ------------------------------------------------------------ for the engines
 
     cdef Py_ssize_t deliver(self, const char *data, Py_ssize_t n):
@@ -529,6 +563,38 @@ cdef extern from *:
     enum:
         AF_INET
         AF_INET6
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    unsigned long FIONREAD
+
+
+cdef int _unread_of(Transport t):
+    # 1 (something, as far as anyone can tell) when the socket is gone or cannot be asked
+    cdef int n = 0
+    if t.fd < 0 or ioctl(t.fd, FIONREAD, &n) != 0:
+        return 1
+    if t.stash is not None:
+        n += len(t.stash)
+    return n
+
+
+def detach_transport(transport):
+    """Hot restart: (fd, unread bytes) of a connection handed to the next generation, or
+    None while not possible yet (ask again later); whatever serves it: an engine Transport
+    (Transport.detach) or one of the loop's (uvloop reads straight into the protocol's
+    buffer: nothing is left unread outside the kernel; its descriptor is closed by abort(),
+    which on uvloop sends nothing)."""
+    if isinstance(transport, Transport):
+        return (<Transport>transport).detach()
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    fd = os.dup(sock.fileno())
+    transport.pause_reading()
+    transport.abort()                   # our descriptor only: the connection lives on
+    return fd, b""
 
 
 cdef object _addr(int fd, bint peer):

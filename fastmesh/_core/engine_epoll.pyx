@@ -204,16 +204,15 @@ cdef class EpollEngine(Engine):
         return 0
 
     cdef int release(self, Transport t, bint abort) except -1:
-        cdef linger lg
+        # abort(): what is queued here is dropped and the socket closed, as asyncio's
+        # transports do (the kernel sends what it already has, then FIN; no forced RST:
+        # clients see the same close on every engine and on uvloop)
         t.wq = []
         t.wq_off = 0
         if t.fd >= 0:
             if t.in_epoll:
                 epoll_ctl(self.epfd, EPOLL_CTL_DEL, t.fd, NULL)
                 t.in_epoll = False
-            if abort:
-                lg.l_onoff, lg.l_linger = 1, 0      # RST: what is unsent is dropped
-                setsockopt(t.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
             c_close(t.fd)
             t.fd = -1
         if t.slot >= 0:

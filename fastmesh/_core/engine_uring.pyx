@@ -548,10 +548,8 @@ cdef class UringEngine(Engine):
         return 0
 
     cdef int release(self, Transport t, bint abort) except -1:
-        cdef linger lg
-        if abort and t.fd >= 0:
-            lg.l_onoff, lg.l_linger = 1, 0      # RST once the last reference goes
-            setsockopt(t.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+        # abort(): what is queued here is dropped and the socket closed, as asyncio's
+        # transports do (no forced RST; see engine_epoll)
         if t.inflight == 0:
             self.close_now(t)
             return 0
@@ -656,6 +654,11 @@ cdef class UringEngine(Engine):
                     t.deliver_stash()       # what came while paused goes first
                     if t.state != TS_OPEN or not t.reading:
                         continue
+                if t.eof_pending:
+                    if t.stash is None:     # (every byte before it delivered: now the EOF)
+                        t.eof_pending = False
+                        t.on_eof()
+                    continue
                 if t.recv_armed or t.eof_in:
                     continue            # (a cancel in flight: its completion re-arms)
                 rc = fm_arm_recv(self.r, t.fd, ud_of(t.slot, OP_RECV))
@@ -725,7 +728,14 @@ cdef class UringEngine(Engine):
             return 0
         self.op_done(t)
         if res == 0:
-            t.on_eof()
+            if t.reading and t.stash is None:
+                t.on_eof()
+            else:
+                # paused (or bytes before it still stashed): as a paused asyncio transport
+                # reads nothing, the EOF waits behind them until reading resumes
+                t.eof_pending = True
+                if t.reading:
+                    self.want_read(t, True)     # (the stash's delivery: then the EOF)
         elif res == -ENOBUFS:
             self.enobufs += 1           # out of buffers: again once this batch gave them back
             if t.reading:

@@ -1560,7 +1560,8 @@ def connect(proto, Cluster cluster, Endpoint ep, loop):
     """Open a connection to ep for proto (an upstream protocol object, its own factory):
     counted, bounded by the cluster's connect timeout; proto._connected hears the outcome."""
     cluster.counters.v[CS_CX_TOTAL] += 1
-    task = loop.create_task(open_connection(loop, lambda: proto, cluster, ep))
+    # HTTP/2 upstreams stay on the loop's transports (not tried on the I/O engine yet)
+    task = loop.create_task(open_connection(loop, lambda: proto, cluster, ep, engine=False))
     task.add_done_callback(proto._connected)
     if cluster.connect_timeout_ms > 0:
         loop.call_later(cluster.connect_timeout_ms / 1000.0, _cancel_if_pending, task)

@@ -4,7 +4,6 @@ import ipaddress
 import logging
 
 from fastmesh.ratelog import RateLimitedLog
-from fastmesh._core import engine as engine_mod
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint64_t
@@ -1318,8 +1317,9 @@ def send_shadow(loop, Cluster cl, bytes data, int timeout_ms):
         return
     cl.counters.v[CS_RQ_SHADOW] += 1
     cl.counters.v[CS_CX_TOTAL] += 1
+    # (an asyncio.Protocol, not a BufferedProtocol: on the loop, never the engine)
     task = asyncio.ensure_future(open_connection(
-        loop, lambda: _ShadowProtocol(cl, data, timeout_ms), cl, ep), loop=loop)
+        loop, lambda: _ShadowProtocol(cl, data, timeout_ms), cl, ep, engine=False), loop=loop)
     task.add_done_callback(_shadow_connected)
 
 
@@ -1384,11 +1384,7 @@ cdef void _wake_pending(Cluster cl, Endpoint ep):
 
 async def _connect(loop, Cluster cluster, Endpoint ep):
     cluster.counters.v[CS_CX_TOTAL] += 1
-    eng = engine_mod.installed()
-    if eng is not None and cluster.tls is None:    # the process's I/O engine (ioengine)
-        _, proto = await eng.create_connection(
-            lambda: HttpUpstreamProtocol(cluster, ep), ep.host, ep.port)
-        return proto
+    # (through the process's I/O engine when one is installed and the cluster is plain)
     _, proto = await open_connection(loop, lambda: HttpUpstreamProtocol(cluster, ep),
                                      cluster, ep)
     return proto

@@ -2,6 +2,7 @@
 # destinations).
 
 from fastmesh._core.sniff cimport original_dst_of
+from fastmesh._core.engine cimport Transport as EngineTransport
 
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
@@ -13,6 +14,9 @@ cdef inline int unread_bytes(object transport) except -1:
     # 0 (and its own receive buffer is empty). -1 never escapes: an unknown socket reads
     # as "something pending", so nothing is closed on a guess.
     cdef int n = 0
+    if isinstance(transport, EngineTransport):
+        # the engine's socket asked directly (no dup'd socket object), its stash counted
+        return transport.unread_bytes()
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
         return 1

@@ -25,6 +25,7 @@ from fastmesh._core.stats cimport (
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint
 from fastmesh._core.upstream import open_connection
+from fastmesh._core.engine import detach_transport
 from fastmesh._core.sockio cimport redirected_dst
 from fastmesh._core.splice cimport SpliceRelay
 
@@ -80,6 +81,8 @@ cdef class TcpPipe:
         public int64_t deadline_ms
         int64_t last_io_ms          # last byte read on this side
         SpliceRelay relay           # the bulk path, once handed over (both sides share it)
+        bint leaving                # reading stopped by a migration not done yet
+        bytes adopted               # migrated bytes the buffer could not take yet
 
     def __init__(self, ListenerCtx ctx, bint is_downstream):
         self.ctx = ctx
@@ -158,6 +161,9 @@ cdef class TcpPipe:
         up.peer = self
         self.peer = up
         self._flush()
+        if self.adopted is not None:
+            up.transport.write(self.adopted)    # (after the buffer's part of them)
+            self.adopted = None
         # a server-first upstream (SMTP, MySQL) may have spoken before this callback ran
         # (asyncio reads the new socket before the connect task's callbacks): its greeting
         # waits in its buffer and must go now, not with whatever it says next
@@ -313,17 +319,23 @@ cdef class TcpPipe:
         if (self.closed or up is None or up.closed or self.rbuf.size() or up.rbuf.size()
                 or self.transport.get_write_buffer_size() or up.transport.get_write_buffer_size()
                 or now - self.last_io_ms < quiet_ms or now - up.last_io_ms < quiet_ms):
+            if self.leaving:
+                # bytes moved since an engine's transport stopped reading to leave: it
+                # stays here (for now) and reads again, unless backpressure holds it
+                self.leaving = False
+                if not self.closed and not self.reading_paused:
+                    self.transport.resume_reading()
             return None
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
+        # (an I/O engine's transport may need a moment: its kernel operations cancelled;
+        # it has stopped reading then, and we are asked again)
+        detached = detach_transport(self.transport)
+        if detached is None:
+            self.leaving = True
             return None
-        fd = os.dup(sock.fileno())
         self.peer = None
         up.peer = None
         up.transport.close()
-        self.transport.pause_reading()
-        self.transport.abort()              # our descriptor only: the connection lives on
-        return fd, b""
+        return detached                     # (fd, bytes received here and never relayed)
 
     def set_original_dst(self, str host, int port):
         self.dst = (host, port)
@@ -346,8 +358,16 @@ cdef class TcpPipe:
             self.transport.close()          # connection_lost closes the upstream side
 
     def adopt_bytes(self, data):
-        if data:
-            self.rbuf.py_feed(data)
+        """Continue a migrated connection: bytes the old generation received and never
+        relayed go first, once the upstream is connected. What does not fit the buffer
+        waits aside, and the client is not read until it is sent (order kept)."""
+        cdef Py_ssize_t n
+        if not data:
+            return
+        n = self.rbuf.py_feed(data)
+        if n < len(data):
+            self.adopted = bytes(data[n:])
+            self._set_reading(False)
 
     def abort(self):
         if self.relay is not None:

@@ -4,6 +4,7 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 
 from fastmesh._core.clock cimport now_ms
+from fastmesh._core import engine as engine_mod
 from fastmesh._core.stats cimport (
     Counters, CS_NO_HEALTHY, CS_LB_HEALTHY_PANIC, CS_OD_EJECTIONS, CS_OD_EJECTIONS_5XX,
     CS_OD_EJECTIONS_GATEWAY, CS_OD_EJECTIONS_OVERFLOW, CS_OD_EJECTIONS_ACTIVE,
@@ -550,12 +551,37 @@ def py_xxh64(bytes data, uint64_t seed=0):
     return xxh64(data, len(data), seed)
 
 
-def open_connection(loop, factory, Cluster cluster, Endpoint ep):
-    """The awaitable connecting to `ep` for the protocol `factory` makes, as
+def open_connection(loop, factory, Cluster cluster, Endpoint ep, bint engine=True):
+    """The awaitable (a coroutine) connecting to `ep` for the protocol `factory` makes, as
     loop.create_connection: plain TCP, or TLS when the cluster originates it (then the
     handshake, and the upstream certificate's checks, are done before the protocol is
-    made, so a failed handshake is a failed connect)."""
+    made, so a failed handshake is a failed connect).
+
+    Plain TCP goes through the process's I/O engine when one is installed (fastmesh.ioengine)
+    and `engine` is true: the factory must then make an asyncio.BufferedProtocol (the
+    engine's Transport feeds get_buffer / buffer_updated only). Callers whose protocol is
+    not one, or was never tried on the engine (HTTP/2's upstreams, mirrors), pass
+    engine=False. TLS clusters stay on the loop (the TLS layer is uvloop's transport's)."""
+    cdef object eng
     if cluster.tls is None:
+        eng = engine_mod.installed() if engine else None
+        if eng is not None:
+            return _engine_connect(eng, factory, ep.host, ep.port)
         return loop.create_connection(factory, ep.host, ep.port)
     from fastmesh._core.tls import open_tls
     return open_tls(loop, factory, cluster.tls, ep.host, ep.port)
+
+
+async def _engine_connect(eng, factory, str host, int port):
+    # A coroutine (as loop.create_connection's), so callers may create_task() it.
+    # Cancelled while connecting: the engine's future is cancelled, which aborts the
+    # attempt. Cancelled after the engine resolved it but before this task resumed (a
+    # client gone in between; loop.create_connection has no such gap): the connection
+    # was made for nobody, so it is closed here, not left open for good.
+    fut = eng.create_connection(factory, host, port)
+    try:
+        return await fut
+    except BaseException:
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            fut.result()[0].close()
+        raise

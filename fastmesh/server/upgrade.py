@@ -302,8 +302,41 @@ async def adopt(plane, listener: str, fd: int, data: bytes, chain: str | None = 
     # its socket, so an original destination is read again from it when needed
     factory = lst.protocol_factory(chain) if chain in lst.chains else \
         next(iter(lst.chains.values())).factory
-    _, proto = await loop.connect_accepted_socket(factory, sock)
+    fed = []
+    if data:
+        factory = _bytes_first(factory, data, fed)
+    eng = lst.engine()
+    if eng is not None:
+        # the listener's connections are this process's I/O engine's: so is this one
+        _, proto = eng.connect_accepted_socket(factory, sock)
+        if proto is None:
+            raise RuntimeError(f"listener {listener!r}: the protocol factory failed")
+    else:
+        _, proto = await loop.connect_accepted_socket(factory, sock)
     # accepted, and counted, by an earlier generation whose counters carry over
     lst.ctx.counters.add("downstream_cx_total", -1)
-    if data:
+    if data and not fed:
         proto.adopt_bytes(data)
+
+
+def _bytes_first(factory, data: bytes, fed: list):
+    """`factory`, its protocol handed `data` (what the old generation received and never
+    used: a partial Bolt frame, an engine's undelivered bytes) as connection_made returns,
+    before its transport reads anything: uvloop's and asyncio's transports start reading
+    only then, while bytes fed after `await connect_accepted_socket` could land behind
+    newer ones. `fed` gets an entry once done."""
+    def make():
+        proto = factory()
+        cls_made = type(proto).connection_made
+
+        def connection_made(transport):
+            del proto.connection_made           # (the class's again)
+            cls_made(proto, transport)
+            fed.append(True)
+            proto.adopt_bytes(data)
+        try:
+            proto.connection_made = connection_made
+        except AttributeError:
+            pass                                # (no instance dict: fed afterwards)
+        return proto
+    return make
