@@ -25,7 +25,8 @@ from fastmesh._core.stats cimport (
 )
 from fastmesh._core.upstream cimport Cluster, Endpoint
 from fastmesh._core.upstream import open_connection
-from fastmesh._core.engine import detach_transport
+from fastmesh._core.engine import detach_transport, installed as installed_engine
+from fastmesh._core.engine import Transport as EngineTransport
 from fastmesh._core.sockio cimport redirected_dst
 from fastmesh._core.splice cimport SpliceRelay
 
@@ -61,6 +62,21 @@ def _spliceable_types():
 
 
 cdef tuple SPLICEABLE = _spliceable_types()
+
+
+cdef int _socket_fd(object transport) except -2:
+    # the socket under a transport a SpliceRelay can take over, or -1: the loop's own TCP
+    # transports, and the epoll engine's (whose abort() takes the descriptor out of its set
+    # and closes it, nothing in flight). Not io_uring's: a receive may be armed on the
+    # socket until its cancel lands, and what it takes would miss the relay.
+    if isinstance(transport, SPLICEABLE):
+        sock = transport.get_extra_info("socket")
+        return sock.fileno() if sock is not None else -1
+    if isinstance(transport, EngineTransport):
+        eng = installed_engine()
+        if eng is not None and eng.name == "epoll":
+            return transport.fd
+    return -1
 
 
 cdef class TcpPipe:
@@ -204,20 +220,18 @@ cdef class TcpPipe:
         cdef int fd_d, fd_u
         if (d is None or u is None or d.closed or u.closed or d.eof or u.eof
                 or d.relay is not None or d.rbuf.size() or u.rbuf.size()
-                or not isinstance(d.transport, SPLICEABLE)
-                or not isinstance(u.transport, SPLICEABLE)
                 or d.transport.get_write_buffer_size() or u.transport.get_write_buffer_size()):
             return 0
-        sd = d.transport.get_extra_info("socket")
-        su = u.transport.get_extra_info("socket")
-        if sd is None or su is None:
+        fd_d = _socket_fd(d.transport)
+        fd_u = _socket_fd(u.transport)
+        if fd_d < 0 or fd_u < 0:
             return 0
         try:
-            fd_d = os.dup(sd.fileno())
+            fd_d = os.dup(fd_d)
         except OSError:                         # out of descriptors: stay on this path
             return 0
         try:
-            fd_u = os.dup(su.fileno())
+            fd_u = os.dup(fd_u)
         except OSError:
             os.close(fd_d)
             return 0
