@@ -89,6 +89,7 @@ cdef class TcpPipe:
         bint eof
         bint closed
         bint reading_paused
+        bint write_blocked          # our transport is over its high water (pause_writing)
         ListenerCtx ctx
         Cluster cluster
         Endpoint ep
@@ -184,7 +185,10 @@ cdef class TcpPipe:
         # (asyncio reads the new socket before the connect task's callbacks): its greeting
         # waits in its buffer and must go now, not with whatever it says next
         up._flush()
-        self._set_reading(True)
+        # the client is read again, unless what went to the upstream just now filled its
+        # transport: then its resume_writing does it (reading now would never stop)
+        if not up.write_blocked:
+            self._set_reading(True)
 
     def get_buffer(self, Py_ssize_t sizehint):
         return self.rbuf.get_buffer(sizehint)
@@ -311,10 +315,12 @@ cdef class TcpPipe:
         return 0
 
     def pause_writing(self):
+        self.write_blocked = True
         if self.peer is not None:
             self.peer._set_reading(False)
 
     def resume_writing(self):
+        self.write_blocked = False
         if self.peer is not None:
             self.peer._set_reading(True)
 

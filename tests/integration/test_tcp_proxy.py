@@ -148,3 +148,68 @@ def test_server_first_greeting_arrives_at_once(start_fastmesh, loop_kind):
     finally:
         stop.set()
         srv.close()
+
+
+def test_backpressure_holds_after_a_slow_connect(start_fastmesh, loop_kind):
+    """The upstream's accept queue is full, so fastmesh's connect waits for a SYN retry
+    (~1 s) while the client keeps sending: the receive buffer fills and reading stops. Once
+    connected, what was buffered fills the upstream side past its high water at once; the
+    client must stay paused until that drains (it was read again regardless, and a slow
+    upstream let the proxy's memory grow by everything the client sent: seen on the
+    io_uring engine, whose connects complete later). Every byte arrives; the worker's memory
+    stays within its bounds (io_uring: the buffer ring's pages and a paused connection's
+    stash, ~30 MiB; uvloop: a few MiB), far below the 96 MiB sent."""
+    import time
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    blocker = socket.create_connection(srv.getsockname(), timeout=5)    # fills the queue
+    total = 96 * 1024 * 1024
+    h = hashlib.sha256()
+    n = [0]
+
+    def slow_sink():
+        time.sleep(0.3)
+        first, _ = srv.accept()                 # the blocker: the retried SYN gets in
+        first.close()
+        conn, _ = srv.accept()
+        with conn:
+            while True:
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    break
+                n[0] += len(chunk)
+                h.update(chunk)
+                time.sleep(0.002)               # ~30 MB/s at most: slower than the client
+    t = threading.Thread(target=slow_sink)
+    t.start()
+    fm = start_fastmesh(_cfg(srv.getsockname()[1]), loop=loop_kind)
+    wpid = fm.worker_pids()[0]
+
+    def rss_kib():
+        with open(f"/proc/{wpid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+    before = rss_kib()
+    peak = [before]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_kib())
+            time.sleep(0.05)
+    w = threading.Thread(target=watch)
+    w.start()
+    data = os.urandom(1 << 20)
+    s = socket.create_connection(("127.0.0.1", fm.port), timeout=30)
+    for _ in range(total >> 20):
+        s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    t.join(60)
+    done.set()
+    w.join(5)
+    s.close()
+    srv.close()
+    blocker.close()
+    assert n[0] == total
+    assert h.digest() == hashlib.sha256(data * (total >> 20)).digest()
+    assert peak[0] - before < 40 * 1024, (before, peak[0])
