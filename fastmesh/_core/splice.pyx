@@ -26,11 +26,18 @@ cdef extern from "<fcntl.h>" nogil:
                    unsigned int flags)
     unsigned int SPLICE_F_MOVE
     unsigned int SPLICE_F_NONBLOCK
-    int fcntl(int fd, int cmd, ...)
     int F_SETPIPE_SZ
     int F_GETPIPE_SZ
     int O_NONBLOCK
     int O_CLOEXEC
+
+# fcntl() itself is fcntl64@GLIBC_2.28 in new glibc headers, too recent for the manylinux2014
+# wheel (glibc 2.17): the system call, as old glibc made it
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_fcntl
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
 
 cdef extern from "<unistd.h>" nogil:
     int pipe2(int *fds, int flags)
@@ -51,8 +58,8 @@ cdef int MAX_ROUNDS = 4             # pipe fills and drains per loop callback, a
 cdef int _pipe(int *fds, Py_ssize_t *capacity) except -1:
     if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
         raise OSError(errno, os.strerror(errno))
-    fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_BYTES)     # best effort
-    cdef int got = fcntl(fds[1], F_GETPIPE_SZ)
+    syscall(SYS_fcntl, fds[1], F_SETPIPE_SZ, <int>PIPE_BYTES)     # best effort
+    cdef int got = <int>syscall(SYS_fcntl, fds[1], F_GETPIPE_SZ)
     capacity[0] = got if got > 0 else 65536
     return 0
 
