@@ -9,6 +9,9 @@
 - stranger (+ _key): URI spiffe://cluster.local/ns/default/sa/client, from other_ca
 - revoked (+ _key): same CA, listed in crl
 - crl: the CA's CRL revoking `revoked`
+- inter (+ _key): an intermediate CA under the mesh CA; ca_and_inter: both CAs in one file
+- chained (+ _key): DNS "full.example.com", "leaf.example.com", issued by `inter`;
+  chained_full: the same certificate followed by `inter` (a chain file)
 """
 from __future__ import annotations
 
@@ -37,10 +40,12 @@ def _now():
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def make_ca(cn):
+def make_ca(cn, issuer=None):
+    """A CA: self-signed, or an intermediate signed by issuer (a (cert, key) CA)."""
     key = _key()
     name = _name(cn)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+    issuer_name, issuer_key = (issuer[0].subject, issuer[1]) if issuer else (name, key)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(_now() - datetime.timedelta(days=1))
             .not_valid_after(_now() + datetime.timedelta(days=30))
@@ -52,7 +57,7 @@ def make_ca(cn):
                                          decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
-            .sign(key, hashes.SHA256()))
+            .sign(issuer_key, hashes.SHA256()))
     return cert, key
 
 
@@ -116,4 +121,14 @@ def make_pki(d) -> dict:
            .sign(ca[1], hashes.SHA256()))
     (d / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     out["crl"] = str(d / "crl.pem")
+    inter = make_ca("mesh intermediate", issuer=ca)
+    out.update(_write(d, "inter", *inter))
+    chained = make_leaf(inter, "chained", dns=("full.example.com", "leaf.example.com"))
+    out.update(_write(d, "chained", *chained))
+    pem = serialization.Encoding.PEM
+    (d / "chained_full.pem").write_bytes(chained[0].public_bytes(pem) +
+                                         inter[0].public_bytes(pem))
+    out["chained_full"] = str(d / "chained_full.pem")
+    (d / "ca_and_inter.pem").write_bytes(ca[0].public_bytes(pem) + inter[0].public_bytes(pem))
+    out["ca_and_inter"] = str(d / "ca_and_inter.pem")
     return out

@@ -65,9 +65,11 @@ def direct(status, body):
     return {"direct_response": {"status": status, "body": {"inline_string": body}}}
 
 
-def tls_socket(pki, cert, mtls=False, alpn=None, params=None):
+def tls_socket(pki, cert, mtls=False, alpn=None, params=None, key=None, trusted_ca=None):
     common = {"tls_certificates": [{"certificate_chain": {"filename": pki[cert]},
-                                    "private_key": {"filename": pki[f"{cert}_key"]}}]}
+                                    "private_key": {"filename": pki[key or f"{cert}_key"]}}]}
+    if trusted_ca:          # client certificates asked for, not required
+        common["validation_context"] = {"trusted_ca": {"filename": pki[trusted_ca]}}
     if alpn:
         common["alpn_protocols"] = alpn
     if params:
@@ -113,6 +115,14 @@ def bootstrap(pki, port, admin_port, up_port, log=None):
                          "tls_maximum_protocol_version": "TLSv1_2",
                          "cipher_suites": ["ECDHE-ECDSA-AES256-GCM-SHA384"]}),
                      "filters": [hcm("old", [{"match": {"prefix": "/"}, **direct(200, "old")}])]},
+                    # a certificate issued by an intermediate CA: the chain file holds both;
+                    # or the leaf alone, the intermediate being in the trust store only
+                    {"name": "full", "filter_chain_match": {"server_names": ["full.example.com"]},
+                     "transport_socket": tls_socket(pki, "chained_full", key="chained_key"),
+                     "filters": [hcm("full", [{"match": {"prefix": "/"}, **direct(200, "full")}])]},
+                    {"name": "leaf", "filter_chain_match": {"server_names": ["leaf.example.com"]},
+                     "transport_socket": tls_socket(pki, "chained", trusted_ca="ca_and_inter"),
+                     "filters": [hcm("leaf", [{"match": {"prefix": "/"}, **direct(200, "leaf")}])]},
                 ]}],
             "clusters": [{"name": "up", "type": "STATIC", "connect_timeout": "1s",
                           "load_assignment": {"cluster_name": "up", "endpoints": [
@@ -223,6 +233,14 @@ CASES = [
     ("www-wrong-spiffe-1.3", dict(sni="www.example.com", cert="intruder", version="1.3"),
      AFTER),
     ("www-wrong-spiffe-1.2", dict(sni="www.example.com", cert="intruder", version="1.2"),
+     ("refused", "handshake")),
+    # the chain is sent as the certificate file gives it: with the intermediate, a client
+    # that trusts the root verifies it; without, it cannot, even though the listener's own
+    # trust store (for client certificates) holds the intermediate: Envoy never completes a
+    # chain from there (OpenSSL by default would, in every handshake)
+    ("chain-from-the-file", dict(sni="full.example.com"),
+     ("ok", "TLSv1.3", None, "chained", 200, b"full")),
+    ("chain-not-completed-from-the-trust-store", dict(sni="leaf.example.com"),
      ("refused", "handshake")),
 ]
 

@@ -377,3 +377,33 @@ def test_native_cluster_tls_block(pki):
     assert "clusters[0].tls.nope: unknown" in err({"nope": 1}) or "nope" in err({"nope": 1})
     assert "clusters[0].tls" in err({"cert_chain_file": pki["client"],
                                      "private_key_file": pki["api_key"]})
+
+
+def _openssl_mode(ctx):
+    import _ssl
+    import ctypes
+    ctrl = ctypes.CDLL(_ssl.__file__).SSL_CTX_ctrl
+    ctrl.restype = ctypes.c_long
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    return ctrl(ptr, 33, 0, None)          # SSL_CTX_get_mode
+
+
+def test_certificate_chain_sent_as_the_file_gives_it(pki):
+    """Both sides' contexts (a listener's, a cluster's with a client certificate) carry
+    OpenSSL's SSL_MODE_NO_AUTO_CHAIN: no chain is built from the trust store in each
+    handshake (Envoy's behaviour; the listener side is checked against Envoy in
+    test_tls_envoy_parity)."""
+    from fastmesh.tls import build_client_context, build_context
+    server = load_dict({
+        "listeners": [{"name": "l", "address": "127.0.0.1:0", "protocol": "tcp", "cluster": "c",
+                       "tls": {"cert_chain_file": pki["chained"],
+                               "private_key_file": pki["chained_key"],
+                               "trusted_ca_file": pki["ca_and_inter"]}}],
+        "clusters": [{"name": "c", "endpoints": ["127.0.0.1:1"],
+                      "tls": {"cert_chain_file": pki["chained"],
+                              "private_key_file": pki["chained_key"],
+                              "trusted_ca_file": pki["ca_and_inter"]}}]})
+    for ctx in (build_context(server.listeners[0].tls),
+                build_client_context(server.clusters["c"].tls, http2=False)):
+        assert _openssl_mode(ctx) & 0x8, hex(_openssl_mode(ctx))
