@@ -10,11 +10,12 @@ environment variable FASTMESH_ENGINE overrides it, for tests and trials):
   kernels, EPERM under seccomp or kernel.io_uring_disabled=2), else epoll; the choice and the
   reason are logged.
 
-The engine serves the client connections of listeners it can serve (serves(): plain HTTP/1,
-Bolt and TCP chains: no TLS, no listener filters, chain matching or original-destination
+The engine serves the client connections of listeners it can serve (serves(): HTTP/1,
+Bolt and TCP chains, plain or TLS: no listener filters, chain matching or original-destination
 hand-offs) and the upstream connections those protocols open to plain clusters
-(fastmesh._core.upstream.open_connection). Everything else (TLS on either side, HTTP/2,
-dispatched listeners, mirrors) stays on uvloop.
+(fastmesh._core.upstream.open_connection). A TLS chain's engine (fastmesh._core.tls) is the
+protocol of the engine's transport as it is of uvloop's. Everything else (upstream TLS,
+HTTP/2 listeners, dispatched listeners, mirrors) stays on uvloop.
 
 Hot restart: HTTP/1 connections are drained, not migrated, as on uvloop. Bolt and TCP
 connections migrate as on uvloop: engine.detach_transport() hands over a duplicate of the
@@ -145,11 +146,10 @@ SERVED_PROTOCOLS = ("http1", "bolt", "tcp")
 
 
 def serves(cfg) -> bool:
-    """Whether the engine can serve this listener's client connections: plain HTTP/1, Bolt
-    and TCP chains only, nothing that needs uvloop's transports (TLS; the dispatcher's
-    sniffing, chain matching and hand-offs; HTTP/2's codec has not been tried on it)."""
+    """Whether the engine can serve this listener's client connections: HTTP/1, Bolt and TCP
+    chains (TLS or not), nothing that needs uvloop's transports (the dispatcher's sniffing,
+    chain matching and hand-offs; HTTP/2's codec has not been tried on it)."""
     if cfg.filter_chains or cfg.original_dst or cfg.use_original_dst or cfg.inspectors:
         return False
     chains = cfg.chains()
-    return bool(chains) and all(ch.protocol in SERVED_PROTOCOLS and ch.tls is None
-                                for ch in chains)
+    return bool(chains) and all(ch.protocol in SERVED_PROTOCOLS for ch in chains)

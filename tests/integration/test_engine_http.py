@@ -249,3 +249,138 @@ def test_misbehaving_clients_under_load(mesh):
     assert mesh.listener_stats()["downstream_cx_active"] == 0
     log = mesh.proc.stderr_text()
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+# ---------------------------------------------------------------- TLS chains on the engine
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from tlscerts import make_pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_mesh(engine, start_upstream, start_fastmesh, blob_server, pki):
+    up = start_upstream("web")
+    cfg = simple_config({"web": [up.address], "blob": [f"127.0.0.1:{blob_server}"]},
+                        routes=[{"match": {"prefix": "/blob"}, "cluster": "blob"},
+                                {"match": {"prefix": "/"}, "cluster": "web"}],
+                        listener_extra={"max_request_body_bytes": 16 * 1024 * 1024,
+                                        "tls": {"cert_chain_file": pki["server"],
+                                                "private_key_file": pki["server_key"],
+                                                "handshake_timeout_ms": 1000}})
+    cfg["engine"] = engine
+    fm = start_fastmesh(cfg, env={"FASTMESH_ENGINE": ""})
+    fm.engine = engine
+    return fm
+
+
+def _tls_client(pki, port, rcvbuf=None):
+    import ssl
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    raw = socket.socket()
+    if rcvbuf:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.settimeout(20)
+    raw.connect(("127.0.0.1", port))
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def _read_response(s, want_body: int):
+    got = bytearray()
+    head = None
+    while head is None or len(got) < want_body:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+        if head is None and b"\r\n\r\n" in got:
+            head, _, rest = bytes(got).partition(b"\r\n\r\n")
+            got = bytearray(rest)
+    return head, bytes(got)
+
+
+def test_tls_chain_served_by_the_engine(tls_mesh, pki):
+    """A TLS listener's connections are the engine's (its events grow with TLS requests),
+    keep-alive requests reuse the one connection, curl verifies the certificate."""
+    eng0 = tls_mesh.stats()["server"]["worker_connections"][0]["engine"]
+    assert eng0["name"] == tls_mesh.engine
+    url = f"https://localhost:{tls_mesh.port}/"
+    r = subprocess.run(["curl", "-s", "--max-time", "10", "--cacert", pki["ca"],
+                        "--resolve", f"localhost:{tls_mesh.port}:127.0.0.1", url, url],
+                       capture_output=True)
+    assert r.stdout == b"hello from web\n" * 2, r
+    with _tls_client(pki, tls_mesh.port) as s:
+        for i in range(30):
+            s.sendall(b"GET /echo HTTP/1.1\r\nHost: a\r\nx-n: %d\r\n\r\n" % i)
+            head, body = _read_response(s, 1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            n = int([ln for ln in head.split(b"\r\n") if ln.lower().startswith(
+                b"content-length")][0].split(b":")[1])
+            while len(body) < n:
+                body += s.recv(65536)
+            seen = dict(json.loads(body)["headers"])
+            assert seen["x-n"] == str(i) and seen["x-forwarded-proto"] == "https"
+    st = tls_mesh.listener_stats()
+    # (curl's two requests share one connection)
+    assert st["ssl.handshake"] == 2 and st["downstream_cx_total"] == 2, st
+    eng1 = tls_mesh.stats()["server"]["worker_connections"][0]["engine"]
+    assert eng1["engine.events"] - eng0["engine.events"] >= 30, (eng0, eng1)
+
+
+def test_tls_20mb_download_to_a_slow_reader(tls_mesh, pki):
+    """Back-pressure through the TLS engine on the I/O engine: every byte arrives, in
+    order, to a client with a 4 KiB receive buffer."""
+    with _tls_client(pki, tls_mesh.port, rcvbuf=4096) as s:
+        s.sendall(b"GET /blob HTTP/1.1\r\nHost: a\r\n\r\n")
+        got = bytearray()
+        head = None
+        while head is None or len(got) < len(BLOB):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+            if head is None and b"\r\n\r\n" in got:
+                head, _, rest = bytes(got).partition(b"\r\n\r\n")
+                got = bytearray(rest)
+            if len(got) < 3 * 1024 * 1024:
+                time.sleep(0.001)
+    assert head is not None and head.startswith(b"HTTP/1.1 200")
+    assert len(got) == len(BLOB) and hashlib.sha256(got).hexdigest() == BLOB_SHA
+
+
+def test_tls_resets_stalls_and_handshake_timeouts(tls_mesh, pki):
+    """Clients that reset mid-handshake, stall in it (the handshake timeout closes them), or
+    reset mid-request: nothing wedges, every connection is closed, and the listener serves."""
+    socks = []
+    for i in range(40):
+        s = socket.create_connection(("127.0.0.1", tls_mesh.port))
+        if i % 2:
+            s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+        socks.append(s)
+    for s in socks[:20]:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+    for _ in range(10):
+        t = _tls_client(pki, tls_mesh.port)
+        t.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\ncontent-length: 100000\r\n\r\nabc")
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        t.close()
+    deadline = time.time() + 5           # the 20 left stall past the 1 s handshake timeout
+    key = "downstream_cx_transport_socket_connect_timeout"
+    while time.time() < deadline and tls_mesh.listener_stats()[key] < 20:
+        time.sleep(0.05)
+    while time.time() < deadline and tls_mesh.listener_stats()["downstream_cx_active"] > 0:
+        time.sleep(0.05)
+    st = tls_mesh.listener_stats()
+    assert st[key] == 20 and st["downstream_cx_active"] == 0, st
+    for s in socks[20:]:
+        s.settimeout(2)
+        assert s.recv(100) == b""       # closed by the proxy
+        s.close()
+    with _tls_client(pki, tls_mesh.port) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        head, body = _read_response(s, 15)
+    assert head.startswith(b"HTTP/1.1 200") and body == b"hello from web\n"
+    log = tls_mesh.proc.stderr_text()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
