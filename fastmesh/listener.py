@@ -176,6 +176,7 @@ class Chain:
             self.sds_in_use = secret
             self.sds_next_poll_ms = 0
         self.tls = tls_mod.server_config(t, self.cfg.name, self.tls_counters, secret)
+        self.tls.cx_counters = self.ctx.counters
         if "h2" in t.alpn and self.cfg.protocol in ("http1", "http2"):
             from fastmesh._core import h2_proxy
             ctx = self.ctx

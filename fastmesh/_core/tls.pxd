@@ -21,6 +21,8 @@
 # `TlsClientConfig` is one cluster's: the SSLContext, SNI, the SAN matchers the upstream's
 # certificate must pass, and the session kept for resumption.
 
+from fastmesh._core.stats cimport Counters
+
 cdef enum TlsState:
     TLS_HANDSHAKE = 0           # ClientHello .. Finished; the inner protocol not made yet
     TLS_OPEN = 1                # application data both ways
@@ -64,6 +66,9 @@ cdef class TlsServerConfig(TlsConfig):
         readonly bytes xfcc_by          # b"By=<local URI SAN>;" for each local URI SAN
         public object h2_factory        # the HTTP/2 session's factory, when ALPN may
                                         # choose h2 (None: the chain's protocol only)
+        public Counters cx_counters     # the listener's: a connection counts from its
+                                        # accept (downstream_cx_total / _active, as Envoy),
+                                        # not from the end of its handshake (None: uncounted)
 
 
 cdef class TlsClientConfig(TlsConfig):
@@ -95,6 +100,8 @@ cdef class TlsTransport:
         readonly object peer_cert       # the verified peer's certificate (dict), or None
         readonly bytes peer_der         # ... and its DER, or None
         bytes xfcc_element              # this hop's XFCC element, made on first use
+        bint counted                    # server: counted in cx_counters until the inner
+                                        # protocol (which counts itself) is made, or lost
 
     # handshake
     cdef void _handshake(self) except *
@@ -102,6 +109,7 @@ cdef class TlsTransport:
     cdef void _close_quietly(self) except *
     cdef void _established(self) except *
     cdef void _save_session(self) except *
+    cdef void _uncount(self)
     # data
     cdef void _decrypt(self) except *
     cdef void _flush(self) except *

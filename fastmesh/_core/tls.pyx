@@ -19,6 +19,7 @@ import ssl
 from urllib.parse import quote
 
 from fastmesh._core.http1 cimport Head, head_hide_header, head_append_header
+from fastmesh._core.stats cimport Counters, LS_CX_TOTAL, LS_CX_ACTIVE
 
 log = logging.getLogger("fastmesh.tls")
 
@@ -191,6 +192,11 @@ cdef class TlsTransport:
                 self._fatal(exc)
             return
         self.sslobj = _wrap(self.cfg.context, self.incoming, self.outgoing, True, None, None)
+        cdef Counters cx = (<TlsServerConfig>self.cfg).cx_counters
+        if cx is not None:
+            cx.v[LS_CX_TOTAL] += 1
+            cx.v[LS_CX_ACTIVE] += 1
+            self.counted = True
         if self.cfg.handshake_timeout_ms > 0:
             if self.cfg.loop is None:       # (Python 3.11's get_running_loop is a getpid())
                 self.cfg.loop = _asyncio.get_running_loop()
@@ -238,6 +244,7 @@ cdef class TlsTransport:
     def connection_lost(self, exc):
         cdef int was = self.state
         self.state = TLS_CLOSED
+        self._uncount()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -347,12 +354,20 @@ cdef class TlsTransport:
             self.inner = inner
             if self.original_dst is not None:
                 inner.set_original_dst(*self.original_dst)
+            if self.counted:                    # the inner protocol counts it from here
+                self._uncount()
+                (<TlsServerConfig>self.cfg).cx_counters.v[LS_CX_TOTAL] -= 1
             inner.connection_made(self)
         if self.state == TLS_OPEN:
             self._decrypt()             # application data that came with the Finished
             if self.eof and self.inner is not None and not self.inner_paused:
                 if not self.inner.eof_received():
                     self.close()
+
+    cdef void _uncount(self):
+        if self.counted:
+            self.counted = False
+            (<TlsServerConfig>self.cfg).cx_counters.v[LS_CX_ACTIVE] -= 1
 
     cdef void _save_session(self) except *:
         # client: keep the session for the next connection to resume (Envoy's

@@ -293,13 +293,23 @@ def test_xfcc_reaches_upstream(sides, pki):
 
 
 def test_refusals_counted_by_reason(sides, pki):
+    for port, _ in sides.values():
+        outcome(port, pki, sni="www.example.com", cert="intruder", version="1.2")
+        outcome(port, pki, sni="www.example.com", cert="stranger", version="1.2")
+        outcome(port, pki, sni="www.example.com", version="1.2")
+        assert outcome(port, pki, sni="www.example.com", cert="client")[0] == "ok"
     port, admin = sides["fastmesh"]
-    outcome(port, pki, sni="www.example.com", cert="intruder", version="1.2")
-    outcome(port, pki, sni="www.example.com", cert="stranger", version="1.2")
-    outcome(port, pki, sni="www.example.com", version="1.2")
+    import time
     import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5) as r:
-        st = json.loads(r.read())["listeners"]["tls"]
+    deadline = time.monotonic() + 5     # (the workers' counters reach /stats in a moment)
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5) as r:
+            st = json.loads(r.read())["listeners"]["tls"]
+        if min(st["ssl.fail_verify_san"], st["ssl.fail_verify_error"],
+               st["ssl.fail_verify_no_cert"], st["ssl.handshake"]) >= 1 \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert st["ssl.fail_verify_san"] >= 1 and st["ssl.fail_verify_error"] >= 1
     assert st["ssl.fail_verify_no_cert"] >= 1 and st["ssl.handshake"] >= 1
     # Envoy counts the same reasons under its listener's stats
@@ -356,3 +366,68 @@ def test_access_log_tls_operators_as_envoys(sides, pki):
     assert sorted(lines["fastmesh"]) == [
         f"tls-{v} TLSv{v} {SPIFFE}client client.default.svc CN=client,O=fastmesh tests"
         for v in ("1.2", "1.3")], lines
+
+
+def _cx_stats(sides, who):
+    import urllib.request
+    port, admin = sides[who]
+    if who == "fastmesh":
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5) as r:
+            st = json.loads(r.read())["listeners"]["tls"]
+        return st["downstream_cx_total"], st["downstream_cx_active"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=downstream_cx_",
+                                timeout=5) as r:
+        text = r.read().decode()
+    got = {}
+    for ln in text.splitlines():
+        name, _, value = ln.partition(": ")
+        if name in (f"listener.127.0.0.1_{port}.downstream_cx_total",
+                    f"listener.127.0.0.1_{port}.downstream_cx_active"):
+            got[name.rsplit(".", 1)[1]] = int(value)
+    return got["downstream_cx_total"], got["downstream_cx_active"]
+
+
+def _stalled_handshake(port, sni):
+    """A client that sends its ClientHello and never answers the server's flight."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(outgoing.read())
+    s.recv(1)                           # the server's flight has begun: past the inspector
+    return s
+
+
+def test_connections_count_from_accept_not_from_the_handshake(sides, pki):
+    """downstream_cx_total / _active count a TLS connection from its accept, as Envoy's
+    listener does: refused handshakes are in the total, connections still in their
+    handshake are active."""
+    import time
+    before = {who: _cx_stats(sides, who) for who in sides}
+    stalled = []
+    try:
+        for who, (port, _) in sides.items():
+            for _ in range(3):
+                assert outcome(port, pki, sni="www.example.com", cert="stranger",
+                               version="1.2") == ("refused", "handshake")
+            stalled += [_stalled_handshake(port, "api.example.com") for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while True:
+            got = {who: tuple(a - b for a, b in zip(_cx_stats(sides, who), before[who]))
+                   for who in sides}
+            if got["envoy"] == got["fastmesh"] == (5, 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert got["envoy"] == got["fastmesh"] == (5, 2), got
+    finally:
+        for s in stalled:
+            s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        got = {who: _cx_stats(sides, who)[1] - before[who][1] for who in sides}
+        if got == {"envoy": 0, "fastmesh": 0}:
+            break
+        time.sleep(0.1)
+    assert got == {"envoy": 0, "fastmesh": 0}, got
