@@ -112,17 +112,14 @@ def test_pipelined_requests_in_order(mesh):
             assert r.status == 200 and dict(r.json()["headers"])["x-n"] == str(i)
 
 
-def test_20mb_download_to_a_slow_reader(mesh):
-    """Back-pressure both ways: the client's tiny receive buffer backs the proxy's writes up,
-    the proxy pauses reading its upstream; every byte arrives, in order."""
-    c = socket.socket()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    c.connect(("127.0.0.1", mesh.port))
-    c.sendall(b"GET /blob HTTP/1.1\r\nHost: a\r\n\r\n")
+def _blob_to_a_slow_reader(c) -> None:
+    """GET /blob on c (plain or TLS, a small receive buffer), read slowly for the first
+    3 MiB: every byte arrives, in order."""
     c.settimeout(20)
+    c.sendall(b"GET /blob HTTP/1.1\r\nHost: a\r\n\r\n")
     got = bytearray()
     head = None
-    while True:
+    while head is None or len(got) < len(BLOB):
         chunk = c.recv(65536)
         if not chunk:
             break
@@ -132,12 +129,19 @@ def test_20mb_download_to_a_slow_reader(mesh):
             got = bytearray(rest)
         if len(got) < 3 * 1024 * 1024:
             time.sleep(0.001)
-        if head is not None and len(got) >= len(BLOB):
-            break
-    c.close()
     assert head is not None and head.startswith(b"HTTP/1.1 200")
     assert len(got) == len(BLOB)
     assert hashlib.sha256(got).hexdigest() == BLOB_SHA
+
+
+def test_20mb_download_to_a_slow_reader(mesh):
+    """Back-pressure both ways: the client's tiny receive buffer backs the proxy's writes up,
+    the proxy pauses reading its upstream; every byte arrives, in order."""
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", mesh.port))
+    with c:
+        _blob_to_a_slow_reader(c)
 
 
 def test_8mb_upload(mesh):
@@ -286,18 +290,13 @@ def _tls_client(pki, port, rcvbuf=None):
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
-def _read_response(s, want_body: int):
-    got = bytearray()
-    head = None
-    while head is None or len(got) < want_body:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-        if head is None and b"\r\n\r\n" in got:
-            head, _, rest = bytes(got).partition(b"\r\n\r\n")
-            got = bytearray(rest)
-    return head, bytes(got)
+def _tls_raw_client(pki, port) -> RawClient:
+    """fmtest's RawClient (responses parsed by httptools) over a verified TLS connection."""
+    import ssl
+    c = RawClient(port, timeout=20)
+    c.sock = ssl.create_default_context(cafile=pki["ca"]).wrap_socket(
+        c.sock, server_hostname="localhost")
+    return c
 
 
 def test_tls_chain_served_by_the_engine(tls_mesh, pki):
@@ -310,16 +309,12 @@ def test_tls_chain_served_by_the_engine(tls_mesh, pki):
                         "--resolve", f"localhost:{tls_mesh.port}:127.0.0.1", url, url],
                        capture_output=True)
     assert r.stdout == b"hello from web\n" * 2, r
-    with _tls_client(pki, tls_mesh.port) as s:
+    with _tls_raw_client(pki, tls_mesh.port) as c:
         for i in range(30):
-            s.sendall(b"GET /echo HTTP/1.1\r\nHost: a\r\nx-n: %d\r\n\r\n" % i)
-            head, body = _read_response(s, 1)
-            assert head.startswith(b"HTTP/1.1 200"), head
-            n = int([ln for ln in head.split(b"\r\n") if ln.lower().startswith(
-                b"content-length")][0].split(b":")[1])
-            while len(body) < n:
-                body += s.recv(65536)
-            seen = dict(json.loads(body)["headers"])
+            c.request(path="/echo", headers={"x-n": str(i)})
+            resp = c.read_response()
+            assert resp.status == 200
+            seen = dict(resp.json()["headers"])
             assert seen["x-n"] == str(i) and seen["x-forwarded-proto"] == "https"
     st = tls_mesh.listener_stats()
     # (curl's two requests share one connection)
@@ -332,21 +327,7 @@ def test_tls_20mb_download_to_a_slow_reader(tls_mesh, pki):
     """Back-pressure through the TLS engine on the I/O engine: every byte arrives, in
     order, to a client with a 4 KiB receive buffer."""
     with _tls_client(pki, tls_mesh.port, rcvbuf=4096) as s:
-        s.sendall(b"GET /blob HTTP/1.1\r\nHost: a\r\n\r\n")
-        got = bytearray()
-        head = None
-        while head is None or len(got) < len(BLOB):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-            if head is None and b"\r\n\r\n" in got:
-                head, _, rest = bytes(got).partition(b"\r\n\r\n")
-                got = bytearray(rest)
-            if len(got) < 3 * 1024 * 1024:
-                time.sleep(0.001)
-    assert head is not None and head.startswith(b"HTTP/1.1 200")
-    assert len(got) == len(BLOB) and hashlib.sha256(got).hexdigest() == BLOB_SHA
+        _blob_to_a_slow_reader(s)
 
 
 def test_tls_resets_stalls_and_handshake_timeouts(tls_mesh, pki):
@@ -378,9 +359,8 @@ def test_tls_resets_stalls_and_handshake_timeouts(tls_mesh, pki):
         s.settimeout(2)
         assert s.recv(100) == b""       # closed by the proxy
         s.close()
-    with _tls_client(pki, tls_mesh.port) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        head, body = _read_response(s, 15)
-    assert head.startswith(b"HTTP/1.1 200") and body == b"hello from web\n"
+    with _tls_raw_client(pki, tls_mesh.port) as c:
+        c.request(path="/")
+        assert c.read_response().body == b"hello from web\n"
     log = tls_mesh.proc.stderr_text()
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
