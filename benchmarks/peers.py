@@ -17,6 +17,8 @@ relays pass the h2c bytes as they are.
     relay-floor  benchmarks/floor/relay.c built with cc: a bare epoll byte relay, the floor
     relay-uring-floor  benchmarks/floor/relay_uring.c (cc -luring): the same relay on
                  io_uring, the floor for an io_uring engine
+    relay-splice-floor  benchmarks/floor/relay_splice.c: the same relay with splice(2), the
+                 floor for fastmesh's splice relay of TCP bulk streams (not by default)
     fastmesh-tcp fastmesh with a `protocol: tcp` listener: the uvloop floor (not by default)
     fastmesh-nosplice  fastmesh with FASTMESH_TCP_SPLICE=0 (not by default)
 
@@ -580,12 +582,22 @@ class Nginx(Peer):
         return [self.path, "-p", str(workdir), "-c", str(config_path), "-e", "stderr"]
 
 
+class RelaySpliceFloor(RelayFloor):
+    """benchmarks/floor/relay_splice.c: the same relay with splice(2) through a 1 MiB pipe per
+    direction (bytes never reach user memory): the floor for fastmesh's splice relay of TCP
+    bulk streams (tcp-bulk). Not in the default set."""
+    name = "relay-splice-floor"
+    config_name = "relay-splice-floor.args"
+    source = Path(__file__).parent / "floor" / "relay_splice.c"
+
+
 PEERS = {p.name: p for p in (Fastmesh, Envoy, Haproxy, Nginx, RelayFloor, RelayUringFloor,
-                             FastmeshTcp, FastmeshResilient, FastmeshSidecar, FastmeshUring,
+                             RelaySpliceFloor, FastmeshTcp, FastmeshResilient, FastmeshSidecar, FastmeshUring,
                              FastmeshEpoll, FastmeshNoSplice)}
 DEFAULT_PEERS = [name for name in PEERS if name not in ("fastmesh-tcp", "fastmesh-resilient",
                                                         "fastmesh-sidecar", "fastmesh-io_uring",
-                                                        "fastmesh-epoll", "fastmesh-nosplice")]
+                                                        "fastmesh-epoll", "fastmesh-nosplice",
+                                                        "relay-splice-floor")]
 
 
 def install_missing(names: list[str]) -> list[str]:

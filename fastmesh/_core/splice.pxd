@@ -8,9 +8,9 @@
 #   client fd --splice--> pipe (up) --splice--> upstream fd
 #   client fd <--splice-- pipe (down) <--splice-- upstream fd
 #
-# The loop watches the two descriptors (add_reader / add_writer): a side is read while its
-# direction's pipe has room, written while its pipe holds bytes the socket did not take
-# (back-pressure: a full pipe stops the reading). EOF on one side shuts the write side of
+# The loop watches the two descriptors (add_reader / add_writer): a side is read only once
+# its direction's pipe is empty, written while its pipe holds bytes the socket did not take
+# (back-pressure: a pipe not yet drained stops the reading). EOF on one side shuts the write side of
 # the other once its pipe is empty (half-close, as before); both directions shut, or an
 # error on either socket, ends the relay, which then tells its owner (the client's TcpPipe).
 
