@@ -13,9 +13,12 @@ Envoy semantics kept here:
 """
 from __future__ import annotations
 
+import logging
 import ssl
 
 from fastmesh.config import model
+
+log = logging.getLogger("fastmesh.tls")
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _SAN_TYPES = {"uri": "URI", "dns": "DNS", "email": "email", "ip": "IP Address"}
@@ -77,6 +80,7 @@ def build_context(t: model.TlsContext, secret=None) -> ssl.SSLContext:
 _SSL_CTRL_MODE = 33
 _SSL_MODE_NO_AUTO_CHAIN = 0x8
 _ssl_ctx_ctrl = None        # (SSL_CTX_ctrl, SSL_CTX_get_options) once looked up; False: none
+_no_auto_chain_warned = False
 
 
 def send_chain_as_given(ctx: ssl.SSLContext) -> bool:
@@ -91,18 +95,23 @@ def send_chain_as_given(ctx: ssl.SSLContext) -> bool:
     OpenSSL 1.1/3), through the libssl the ssl module itself is linked to. The pointer is
     checked first (its options must read back as ctx.options); where anything does not
     match, OpenSSL's default stays and False is returned."""
-    global _ssl_ctx_ctrl
+    global _ssl_ctx_ctrl, _no_auto_chain_warned
     if _ssl_ctx_ctrl is None:
         _ssl_ctx_ctrl = _lookup_ssl_ctx_ctrl()
-    if not _ssl_ctx_ctrl:
-        return False
-    import ctypes
-    ctrl, get_options = _ssl_ctx_ctrl
-    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-    if not ptr or get_options(ptr) != ctx.options:
-        return False
-    mode = ctrl(ptr, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
-    return bool(mode & _SSL_MODE_NO_AUTO_CHAIN)
+    ok = False
+    if _ssl_ctx_ctrl:
+        import ctypes
+        ctrl, get_options = _ssl_ctx_ctrl
+        ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if ptr and get_options(ptr) == ctx.options:
+            mode = ctrl(ptr, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
+            ok = bool(mode & _SSL_MODE_NO_AUTO_CHAIN)
+    if not ok and not _no_auto_chain_warned:
+        _no_auto_chain_warned = True
+        log.warning("TLS: cannot set OpenSSL's SSL_MODE_NO_AUTO_CHAIN through this Python's "
+                    "ssl module: a certificate file holding the leaf alone is completed from "
+                    "the trust store in each handshake (Envoy sends it alone)")
+    return ok
 
 
 def _lookup_ssl_ctx_ctrl():
