@@ -158,7 +158,8 @@ def test_backpressure_holds_after_a_slow_connect(start_fastmesh, loop_kind):
     upstream let the proxy's memory grow by everything the client sent: seen on the
     io_uring engine, whose connects complete later). Every byte arrives; the worker's memory
     stays within its bounds (io_uring: the buffer ring's pages and a paused connection's
-    stash, ~30 MiB; uvloop: a few MiB), far below the 96 MiB sent."""
+    stash, 30-42 MiB seen, peaks included; uvloop: a few MiB), far below the 96 MiB sent
+    (the defect grew it by 128 MiB on io_uring): the bound is 64 MiB."""
     import time
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -212,4 +213,4 @@ def test_backpressure_holds_after_a_slow_connect(start_fastmesh, loop_kind):
     blocker.close()
     assert n[0] == total
     assert h.digest() == hashlib.sha256(data * (total >> 20)).digest()
-    assert peak[0] - before < 40 * 1024, (before, peak[0])
+    assert peak[0] - before < 64 * 1024, (before, peak[0])
