@@ -297,6 +297,12 @@ def cluster_addresses(fm, name="echo"):
     return sorted(e["address"] for e in admin_json(fm, "/clusters")[name])
 
 
+# a fastmesh started with a registry config first connects its ZooKeeper session, then reads
+# the providers: seconds on a loaded 2-core CI machine with the JVM beside the suite (5 s was
+# seen to run out); later changes reach it through watches, within the shorter waits below
+FIRST_DISCOVERY_S = 20
+
+
 def wait_until(pred, timeout_s, what):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -426,7 +432,7 @@ def test_weights_from_the_url(zk, peers, start_fastmesh):
     fm = start_fastmesh(registry_config(zk))
     peers.provider(zk, "w1", weight=100)
     peers.provider(zk, "w3", weight=300)
-    wait_until(lambda: len(cluster_addresses(fm)) == 2, 5, "both providers")
+    wait_until(lambda: len(cluster_addresses(fm)) == 2, FIRST_DISCOVERY_S, "both providers")
     caller = peers.caller(f"127.0.0.1:{fm.port}", concurrent=2, interval_ms=2)
     caller.wait_for(lambda: sum(caller.ok_by().values()) >= 800, 20, "800 calls")
     totals = caller.finish()
@@ -475,7 +481,8 @@ def test_reload_changes_the_discovered_service(zk, peers, start_fastmesh):
     fm = start_fastmesh(registry_config(zk))
     a = peers.provider(zk, "a1")
     b = peers.provider(zk, "b2", version="2.0")
-    wait_until(lambda: cluster_addresses(fm) == [a.address], 5, "the 1.0 provider")
+    wait_until(lambda: cluster_addresses(fm) == [a.address], FIRST_DISCOVERY_S,
+               "the 1.0 provider")
     cfg = registry_config(zk, discovery={"service": "com.example.EchoService:2.0"})
     cfg["route_tables"]["rpc"]["routes"][0]["match"]["headers"][0]["exact"] = \
         "com.example.EchoService:2.0"
@@ -501,7 +508,7 @@ def test_unregistered_provider_finishes_its_calls(zk, kz, peers, start_fastmesh)
     from bolt_peers import client_command
     fm = start_fastmesh(registry_config(zk))
     p = peers.provider(zk, "u1")
-    wait_until(lambda: cluster_addresses(fm) == [p.address], 5, "the provider")
+    wait_until(lambda: cluster_addresses(fm) == [p.address], FIRST_DISCOVERY_S, "the provider")
     slow = subprocess.Popen(client_command(f"127.0.0.1:{fm.port}",
                                            [{"method": "slow", "args": [1500]}], 5000),
                             cwd=NODE_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
