@@ -380,11 +380,9 @@ def test_native_cluster_tls_block(pki):
 
 
 def _openssl_mode(ctx):
-    import _ssl
     import ctypes
-    ctrl = ctypes.CDLL(_ssl.__file__).SSL_CTX_ctrl
-    ctrl.restype = ctypes.c_long
-    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    from fastmesh.tls import _lookup_ssl_ctx_ctrl
+    ctrl, _ = _lookup_ssl_ctx_ctrl()
     ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     return ctrl(ptr, 33, 0, None)          # SSL_CTX_get_mode
 
