@@ -36,7 +36,7 @@ from fastmesh._core.bolt cimport (
     BOLT_STATUS_CONNECTION_CLOSED,
 )
 from fastmesh._core.accesslog cimport AccessLog, Exchange
-from fastmesh._core.buffer cimport RecvBuffer
+from fastmesh._core.buffer cimport Receiver, RecvBuffer
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.sockio cimport unread_bytes, redirected_dst
@@ -176,11 +176,10 @@ cdef inline void flush(object transport, list out):
 
 # ===================================================================== downstream
 
-cdef class BoltDownstream:
+cdef class BoltDownstream(Receiver):
     cdef:
         ListenerCtx ctx
         object transport
-        RecvBuffer rbuf
         list out                    # frames for the client, written once per batch
         readonly int inflight       # requests forwarded, not yet answered
         bint closed
@@ -217,10 +216,7 @@ cdef class BoltDownstream:
     def set_original_dst(self, str host, int port):
         self.dst = (host, port)
 
-    def get_buffer(self, Py_ssize_t sizehint):
-        return self.rbuf.get_buffer(sizehint)
-
-    def buffer_updated(self, Py_ssize_t nbytes):
+    cdef int received(self, Py_ssize_t nbytes) except -1:
         cdef list dirty = []
         cdef BoltUpstream up
         self.rbuf.advance(nbytes)
@@ -238,6 +234,7 @@ cdef class BoltDownstream:
         if self.rbuf.is_full() and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
+        return 0
 
     cdef _process(self, list dirty):
         # Frames are handled where they lie. Consecutive requests bound for the same upstream
@@ -574,13 +571,12 @@ cdef BoltUpstream _mux_for(ListenerCtx ctx, Cluster cluster, Endpoint ep, unsign
     return mux[affinity % len(mux)]
 
 
-cdef class BoltUpstream:
+cdef class BoltUpstream(Receiver):
     cdef:
         object loop
         Cluster cluster
         Endpoint ep
         object transport
-        RecvBuffer rbuf
         int state                   # UpState
         uint32_t last_id            # last id given out; wraps at 2^32
         dict inflight               # upstream id -> InFlight
@@ -654,10 +650,7 @@ cdef class BoltUpstream:
         if self.out:
             flush(transport, self.out)
 
-    def get_buffer(self, Py_ssize_t sizehint):
-        return self.rbuf.get_buffer(sizehint)
-
-    def buffer_updated(self, Py_ssize_t nbytes):
+    cdef int received(self, Py_ssize_t nbytes) except -1:
         cdef list dirty = []
         cdef BoltDownstream ds
         self.rbuf.advance(nbytes)
@@ -669,6 +662,7 @@ cdef class BoltUpstream:
             self.transport.abort()
         for ds in dirty:
             ds.flush_out()
+        return 0
 
     cdef _process(self, list dirty):
         # Responses are matched to their requests where they lie; consecutive responses for

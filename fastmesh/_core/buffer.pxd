@@ -10,6 +10,10 @@
 #              into data[end:capacity] (get_buffer); grows by doubling up to cap_bytes,
 #              compacts with memmove, and reports "full" at the cap so the protocol pauses
 #              reading instead of failing.
+#   Receiver   the base of fastmesh's stream protocols that read into a RecvBuffer: it is
+#              an asyncio BufferedProtocol for uvloop (get_buffer / buffer_updated), and
+#              fastmesh's own engines copy received bytes straight into its rbuf and call
+#              received() in C, with no Python call per read.
 
 cdef class Block:
     cdef:
@@ -63,4 +67,15 @@ cdef class RecvBuffer:
     cdef int _move_to(self, Py_ssize_t new_capacity) except -1
     cpdef object get_buffer(self, Py_ssize_t sizehint)  # the free tail, for the transport
     cpdef void advance(self, Py_ssize_t nbytes)         # the kernel wrote nbytes at end
+    cdef Py_ssize_t free_tail(self) except -1   # get_buffer's room, for a copy in C: bytes
+                                                # writable at block.data + end (0: full)
     cdef bint release_if_empty(self)            # idle: give the Block back (to the pool)
+
+
+cdef class Receiver:
+    cdef:
+        RecvBuffer rbuf            # where received bytes land
+
+    # nbytes were written at rbuf's end (not yet advanced): take them. Subclasses handle
+    # their own failures (log, abort the connection) and return 0.
+    cdef int received(self, Py_ssize_t nbytes) except -1

@@ -220,6 +220,12 @@ cdef class RecvBuffer:
     cpdef void advance(self, Py_ssize_t nbytes):
         self.end += nbytes
 
+    cdef Py_ssize_t free_tail(self) except -1:
+        self.reserve(MIN_READ_BYTES)
+        if self.block is None:
+            return 0
+        return self.block.capacity - self.end
+
     cdef bint release_if_empty(self):
         # An idle connection holds no receive memory: with nothing unread and the loop not
         # reading into it, the Block goes (to the pool, or to the slices still holding it);
@@ -287,6 +293,19 @@ cdef class RecvBuffer:
     @property
     def full(self):
         return self.is_full()
+
+
+cdef class Receiver:
+    """A stream protocol reading into a RecvBuffer. See buffer.pxd."""
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.rbuf.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.received(nbytes)
+
+    cdef int received(self, Py_ssize_t nbytes) except -1:
+        raise NotImplementedError("Receiver.received")
 
 
 def debug_leak_counts():

@@ -17,6 +17,8 @@
 
 from libc.stdint cimport int64_t, uint64_t
 
+from fastmesh._core.buffer cimport Receiver, RecvBuffer
+
 cdef enum TransportState:
     TS_CONNECTING = 0       # an upstream connect in progress (no protocol callbacks yet)
     TS_OPEN                 # connected: reads and writes
@@ -61,6 +63,8 @@ cdef class Transport:
         Engine engine
         object loop
         object protocol
+        Receiver rx                 # the protocol, when it is one of fastmesh's Receivers:
+                                    # received bytes go to its rbuf with no Python call
         readonly int fd             # the socket; -1 once closed
         int slot                    # the engine's slot for it, -1 none
         readonly int state          # TransportState
@@ -99,6 +103,10 @@ cdef class Transport:
         uint64_t tx_bytes
 
     # -- used by the engines
+    cdef inline void use_protocol(self, object protocol):
+        self.protocol = protocol
+        self.rx = protocol if isinstance(protocol, Receiver) else None
+
     cdef init(self, Engine engine, int fd)
     cdef int start(self) except -1                          # connection_made, reading on
     cdef Py_ssize_t deliver(self, const char *data, Py_ssize_t n)   # copy into get_buffer

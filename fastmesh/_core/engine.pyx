@@ -97,7 +97,7 @@ cdef class Engine:
         cdef Transport t = Transport.__new__(Transport)
         t.init(self, fd)
         try:
-            t.protocol = factory()
+            t.use_protocol(factory())
         except BaseException:
             log.exception("engine: the protocol factory failed; connection closed")
             t.finish(None, True)
@@ -183,7 +183,7 @@ cdef class Transport:
         return self.protocol
 
     def set_protocol(self, protocol):
-        self.protocol = protocol
+        self.use_protocol(protocol)
 
     def is_reading(self):
         return self.state == TS_OPEN and self.reading
@@ -329,8 +329,24 @@ cdef class Transport:
         # connection with it (as asyncio's transports do).
         cdef Py_ssize_t off = 0, k
         cdef Py_buffer view
+        cdef Receiver rx
+        cdef RecvBuffer rb
         try:
             while off < n and self.reading and self.state == TS_OPEN:
+                rx = self.rx
+                if rx is not None and rx.rbuf is not None:
+                    # one of fastmesh's protocols: straight into its receive arena
+                    rb = rx.rbuf
+                    k = rb.free_tail()
+                    if k > n - off:
+                        k = n - off
+                    if k <= 0:
+                        raise RuntimeError("get_buffer() returned an empty buffer")
+                    memcpy(rb.block.data + rb.end, data + off, k)
+                    off += k
+                    self.rx_bytes += k
+                    rx.received(k)
+                    continue
                 buf = self.protocol.get_buffer(n - off)
                 PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE | PyBUF_SIMPLE)
                 k = view.len if view.len < n - off else n - off
@@ -405,7 +421,7 @@ cdef class Transport:
             return 0
         factory, self.factory = self.factory, None
         try:
-            self.protocol = factory()
+            self.use_protocol(factory())
         except BaseException as exc:
             self.finish(None, True)
             fut.set_exception(exc)
@@ -489,7 +505,8 @@ cdef class Transport:
         return 0
 
     def _call_lost(self, exc):
-        protocol, self.protocol = self.protocol, None
+        protocol = self.protocol
+        self.use_protocol(None)
         if protocol is None:
             return
         try:

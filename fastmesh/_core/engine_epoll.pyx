@@ -10,6 +10,7 @@ from posix.unistd cimport close as c_close
 cdef extern from "<sys/socket.h>":
     ctypedef unsigned int socklen_t
 
+from fastmesh._core.buffer cimport Receiver, RecvBuffer
 from fastmesh._core.engine cimport (
     Engine, Transport, Server, TS_CONNECTING, TS_OPEN, TS_CLOSING, TS_DEAD, WQ_MAX_IOV)
 
@@ -251,27 +252,47 @@ cdef class EpollEngine(Engine):
         return 0
 
     cdef int on_readable(self, Transport t) except -1:
+        # One recv into the protocol's memory: a Receiver's arena directly, else the buffer
+        # its get_buffer() gives (held only for the recv).
         cdef Py_buffer view
+        cdef bint viewed = False
+        cdef char *into
+        cdef Py_ssize_t room
         cdef ssize_t n
+        cdef Receiver rx = t.rx
+        cdef RecvBuffer rb
         if t.state != TS_OPEN or not t.reading:
             return 0
         try:
-            buf = t.protocol.get_buffer(-1)
-            PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE | PyBUF_SIMPLE)
+            if rx is not None and rx.rbuf is not None:
+                rb = rx.rbuf
+                room = rb.free_tail()
+                into = rb.block.data + rb.end if room > 0 else NULL
+            else:
+                buf = t.protocol.get_buffer(-1)
+                PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE | PyBUF_SIMPLE)
+                viewed = True
+                into = <char *>view.buf
+                room = view.len
         except BaseException as exc:
             log.exception("engine: get_buffer failed")
             t.fatal(exc)
             return 0
-        if view.len <= 0:
-            PyBuffer_Release(&view)
+        if room <= 0:
+            if viewed:
+                PyBuffer_Release(&view)
             t.fatal(RuntimeError("get_buffer() returned an empty buffer"))
             return 0
-        n = recv(t.fd, view.buf, <size_t>view.len, 0)
-        PyBuffer_Release(&view)
+        n = recv(t.fd, into, <size_t>room, 0)
+        if viewed:
+            PyBuffer_Release(&view)
         if n > 0:
             t.rx_bytes += n
             try:
-                t.protocol.buffer_updated(n)
+                if rx is not None:
+                    rx.received(n)
+                else:
+                    t.protocol.buffer_updated(n)
             except BaseException as exc:
                 log.exception("engine: buffer_updated failed")
                 t.fatal(exc)

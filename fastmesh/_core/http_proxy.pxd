@@ -8,7 +8,7 @@
 
 from libc.stdint cimport int64_t, uint64_t
 
-from fastmesh._core.buffer cimport RecvBuffer
+from fastmesh._core.buffer cimport Receiver, RecvBuffer
 from fastmesh._core.http1 cimport Head, HeadParser, ChunkedFramer
 from fastmesh._core.router cimport Route
 from fastmesh._core.retry cimport RetryPolicy
@@ -46,11 +46,10 @@ cdef enum UsState:
     US_CLOSED
 
 
-cdef class HttpDownstream:
+cdef class HttpDownstream(Receiver):
     cdef:
         ListenerCtx ctx
         object transport
-        RecvBuffer rbuf
         HeadParser parser
         ChunkedFramer chunker       # request body framing (chunked requests)
         bytes client_ip             # for x-forwarded-for
@@ -110,8 +109,9 @@ cdef class HttpDownstream:
         uint64_t reads              # read events on this exchange's two connections ...
         uint64_t reads_seen         # ... when the stream-idle deadline was last armed
 
-    # -- loop callbacks (def): connection_made, get_buffer, buffer_updated, eof_received,
-    #    connection_lost, pause_writing, resume_writing
+    # -- loop callbacks (def): connection_made, eof_received, connection_lost,
+    #    pause_writing, resume_writing (get_buffer / buffer_updated: Receiver's)
+    cdef int received(self, Py_ssize_t nbytes) except -1
     # -- request lifecycle
     cdef void _process(self)
     cdef void _to_http2(self)
@@ -163,12 +163,11 @@ cdef class HttpDownstream:
     cpdef void on_deadline(self, int64_t now)
 
 
-cdef class HttpUpstream:
+cdef class HttpUpstream(Receiver):
     cdef:
         Cluster cluster
         Endpoint ep
         object transport
-        RecvBuffer rbuf
         HeadParser parser
         ChunkedFramer chunker
         HttpDownstream ds           # bound session, None when idle
@@ -185,6 +184,7 @@ cdef class HttpUpstream:
                                     # cluster): not a connection of its own (not counted)
         int64_t idle_since_ms
 
+    cdef int received(self, Py_ssize_t nbytes) except -1
     cdef void _begin(self, HttpDownstream ds, bint reused)
     cdef void _process(self)
     cdef bint _response_head(self)

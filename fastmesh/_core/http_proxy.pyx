@@ -10,7 +10,7 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 from fastmesh._core cimport debug
-from fastmesh._core.buffer cimport RecvBuffer, Slice
+from fastmesh._core.buffer cimport Receiver, RecvBuffer, Slice
 from fastmesh._core.accesslog cimport AccessLog, Exchange
 from fastmesh._core.clock cimport now_ms, now_us
 from fastmesh._core.context cimport ListenerCtx
@@ -110,10 +110,7 @@ cdef class HttpDownstream:
         self.ctx.counters.v[LS_CX_ACTIVE] += 1
         self._set_deadline(DL_IDLE, self.ctx.idle_timeout_ms)
 
-    def get_buffer(self, Py_ssize_t sizehint):
-        return self.rbuf.get_buffer(sizehint)
-
-    def buffer_updated(self, Py_ssize_t nbytes):
+    cdef int received(self, Py_ssize_t nbytes) except -1:
         self.rbuf.advance(nbytes)
         self.reads += 1
         self.ctx.counters.v[LS_RX_BYTES] += nbytes
@@ -124,6 +121,7 @@ cdef class HttpDownstream:
         except BaseException as exc:
             log.exception("listener %s: internal error on a client connection", self.ctx.name)
             self._abort()
+        return 0
 
     def eof_received(self):
         # The client shut its write side. Between requests that is the end; after a whole
@@ -1412,17 +1410,14 @@ cdef class HttpUpstream:
         if not self.bridged:
             self.cluster.counters.v[CS_CX_ACTIVE] += 1
 
-    def get_buffer(self, Py_ssize_t sizehint):
-        return self.rbuf.get_buffer(sizehint)
-
-    def buffer_updated(self, Py_ssize_t nbytes):
+    cdef int received(self, Py_ssize_t nbytes) except -1:
         cdef HttpDownstream ds
         self.rbuf.advance(nbytes)
         try:
             if self.state != US_ACTIVE or self.ds is None:
                 # bytes nobody asked for: this connection is out of sync
                 self._close()
-                return
+                return 0
             self.got_bytes = True
             ds = self.ds
             ds.reads += 1
@@ -1434,6 +1429,7 @@ cdef class HttpUpstream:
             if self.ds is not None:
                 self.ds._abort()
             self._close()
+        return 0
 
     def eof_received(self):
         return False

@@ -16,7 +16,7 @@ from fastmesh.ratelog import RateLimitedLog
 from libc.stdint cimport int64_t
 
 from fastmesh._core cimport debug
-from fastmesh._core.buffer cimport RecvBuffer
+from fastmesh._core.buffer cimport Receiver, RecvBuffer
 from fastmesh._core.clock cimport now_ms
 from fastmesh._core.context cimport ListenerCtx
 from fastmesh._core.stats cimport (
@@ -79,11 +79,10 @@ cdef int _socket_fd(object transport) except -2:
     return -1
 
 
-cdef class TcpPipe:
+cdef class TcpPipe(Receiver):
     # One side of a relay: reads into its buffer and writes to the peer's transport.
     cdef:
         object transport
-        RecvBuffer rbuf
         TcpPipe peer
         bint is_downstream
         bint eof
@@ -190,10 +189,7 @@ cdef class TcpPipe:
         if not up.write_blocked:
             self._set_reading(True)
 
-    def get_buffer(self, Py_ssize_t sizehint):
-        return self.rbuf.get_buffer(sizehint)
-
-    def buffer_updated(self, Py_ssize_t nbytes):
+    cdef int received(self, Py_ssize_t nbytes) except -1:
         self.rbuf.advance(nbytes)
         self.last_io_ms = now_ms()
         if self.is_downstream:
@@ -206,6 +202,7 @@ cdef class TcpPipe:
             self.rbuf.consume(self.rbuf.size())     # the other side is gone: nowhere to go
         elif self.rbuf.is_full():
             self._set_reading(False)                # upstream not connected yet: hold
+        return 0
 
     cdef void _flush(self):
         cdef Py_ssize_t n = self.rbuf.size()
