@@ -107,6 +107,11 @@ cdef class Transport:
         self.protocol = protocol
         self.rx = protocol if isinstance(protocol, Receiver) else None
 
+    cdef inline bint quiet(self):
+        # nothing of the connection in flight: no kernel operation names the socket and
+        # nothing is queued to send (it may change hands)
+        return not (self.inflight or self.wq_bytes or self.recv_armed or self.send_in_flight)
+
     cdef init(self, Engine engine, int fd)
     cdef int start(self) except -1                          # connection_made, reading on
     cdef Py_ssize_t deliver(self, const char *data, Py_ssize_t n)   # copy into get_buffer

@@ -308,13 +308,24 @@ cdef class Transport:
         if self.reading:
             self.reading = False
             self.engine.want_read(self, False)
-        if self.inflight or self.wq_bytes or self.recv_armed or self.send_in_flight:
+        if not self.quiet():
             return None
         fd = os.dup(self.fd)
         unread = bytes(self.stash) if self.stash is not None else b""
         self.stash = None
         self.finish(None, False)
         return fd, unread
+
+    def handover_ready(self):
+        """Whether the socket alone holds this connection now, so that something else (a
+        SpliceRelay) may take it over: open, reading paused (by the protocol), no kernel
+        operation naming it and nothing queued to send. Bytes received while pausing stay
+        in the stash (stash()); resume_reading() delivers them if the hand-over is dropped."""
+        return self.state == TS_OPEN and self.fd >= 0 and not self.reading and self.quiet()
+
+    def stashed(self):
+        """The bytes received and not delivered (io_uring's stash)."""
+        return bytes(self.stash) if self.stash is not None else b""
 
     def unread_bytes(self):
         """Bytes received and not yet given to the protocol: in the kernel (FIONREAD) and

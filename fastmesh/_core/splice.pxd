@@ -28,6 +28,8 @@ cdef class Leg:
         int pipe_w
         Py_ssize_t pipe_bytes       # the pipe's capacity
         Py_ssize_t in_pipe          # bytes in the pipe, not yet taken by dst
+        bytes first                 # bytes src gave before the relay (a transport read and
+        Py_ssize_t first_off        # never passed on): sent to dst first, from here
         bint src_eof                # src said EOF (or failed)
         bint dst_shut               # dst's write side shut after the pipe emptied
         uint64_t moved_bytes        # bytes that came from src
@@ -35,6 +37,8 @@ cdef class Leg:
 
     cdef int read_in(self) except -2        # 1 moved, 0 EOF, -1 would block; raises on error
     cdef int pump_out(self) except -2       # 1 drained, -1 dst full; raises on error
+    cdef inline bint holding(self):     # bytes for dst not yet sent: src is not read
+        return self.in_pipe > 0 or self.first is not None
     cdef void close_pipe(self)
 
 

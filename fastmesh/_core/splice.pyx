@@ -52,6 +52,9 @@ cdef extern from "<unistd.h>" nogil:
 cdef extern from "<sys/socket.h>" nogil:
     int shutdown(int fd, int how)
     int SHUT_WR
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+    int MSG_DONTWAIT
 
 # the pipe of each direction: up to this many bytes in flight between the two sockets
 # (the kernel's limit for an unprivileged process is /proc/sys/fs/pipe-max-size, 1 MiB by
@@ -80,7 +83,7 @@ cdef class Leg:
         # -1: nothing to read, or the pipe not yet drained (see the module's docstring)
         cdef Py_ssize_t room = self.pipe_bytes - self.in_pipe
         cdef ssize_t n
-        if self.in_pipe > 0 or self.src_eof:
+        if self.holding() or self.src_eof:
             return -1
         while True:
             n = splice(self.src, NULL, self.pipe_w, NULL, <size_t>room, FLAGS)
@@ -100,6 +103,21 @@ cdef class Leg:
 
     cdef int pump_out(self) except -2:
         cdef ssize_t n
+        cdef Py_ssize_t left
+        while self.first is not None:       # (the pipe is empty meanwhile: src is not read)
+            left = len(self.first) - self.first_off
+            n = send(self.dst, <const char *>self.first + self.first_off, <size_t>left,
+                     MSG_NOSIGNAL | MSG_DONTWAIT)
+            if n == left:
+                self.first = None
+            elif n > 0:
+                self.first_off += n
+            elif n < 0 and errno == EINTR:
+                continue
+            elif n < 0 and errno == EAGAIN:
+                return -1
+            else:
+                raise BrokenPipeError(errno, os.strerror(errno) if n < 0 else "no progress")
         while self.in_pipe > 0:
             n = splice(self.pipe_r, NULL, self.dst, NULL, <size_t>self.in_pipe, FLAGS)
             if n > 0:
@@ -152,6 +170,17 @@ cdef class SpliceRelay:
             self.client_fd = self.upstream_fd = -1      # not taken: the caller keeps them
             raise
 
+    def prefill(self, bytes to_upstream, bytes to_client):
+        """Before start(): bytes each side's transport received and never relayed; they
+        are sent first (from user space), then the relay splices."""
+        if to_upstream:
+            self.up.first = to_upstream
+            self.up.moved_bytes += <uint64_t>len(to_upstream)
+            self.rx_counters.v[LS_RX_BYTES] += len(to_upstream)
+        if to_client:
+            self.down.first = to_client
+            self.down.moved_bytes += <uint64_t>len(to_client)
+
     def start(self):
         self._watch()
 
@@ -202,10 +231,10 @@ cdef class SpliceRelay:
         return 0
 
     cdef int _watch(self) except -1:
-        cdef bint rc = not self.up.src_eof and self.up.in_pipe == 0
-        cdef bint ru = not self.down.src_eof and self.down.in_pipe == 0
-        cdef bint wc = self.down.in_pipe > 0
-        cdef bint wu = self.up.in_pipe > 0
+        cdef bint rc = not self.up.src_eof and not self.up.holding()
+        cdef bint ru = not self.down.src_eof and not self.down.holding()
+        cdef bint wc = self.down.holding()
+        cdef bint wu = self.up.holding()
         if rc != self.reading_client:
             self.reading_client = rc
             if rc:
@@ -274,7 +303,7 @@ cdef class SpliceRelay:
         closing it (returned; None when the stream is not quiet)."""
         cdef int64_t now = now_ms()
         cdef int fd
-        if (self.finished or self.up.in_pipe or self.down.in_pipe
+        if (self.finished or self.up.holding() or self.down.holding()
                 or self.up.src_eof or self.down.src_eof
                 or now - self.up.last_io_ms < quiet_ms or now - self.down.last_io_ms < quiet_ms):
             return None

@@ -38,8 +38,11 @@ rlog = RateLimitedLog(log)          # for warnings a peer can repeat at line rat
 cdef Py_ssize_t BUF_INITIAL = 262144
 cdef Py_ssize_t BUF_CAP = 1048576
 
-# a read at least this big says the stream is bulk: worth six descriptors and two pipes
+# reads adding up to this much, each at least BULK_READ_BYTES, say the stream is bulk:
+# worth six descriptors and two pipes (uvloop and epoll read up to the buffer's free tail,
+# so one read does it; io_uring's reads are its ring buffers, 16 KiB each)
 cdef Py_ssize_t SPLICE_AFTER_READ_BYTES = 65536
+cdef Py_ssize_t BULK_READ_BYTES = 16384
 cdef bint SPLICE_ON = os.environ.get("FASTMESH_TCP_SPLICE", "1") != "0"
 
 
@@ -65,10 +68,10 @@ cdef tuple SPLICEABLE = _spliceable_types()
 
 
 cdef int _socket_fd(object transport) except -2:
-    # the socket under a transport a SpliceRelay can take over, or -1: the loop's own TCP
-    # transports, and the epoll engine's (whose abort() takes the descriptor out of its set
-    # and closes it, nothing in flight). Not io_uring's: a receive may be armed on the
-    # socket until its cancel lands, and what it takes would miss the relay.
+    # the socket under a transport a SpliceRelay can take over now, or -1: the loop's own
+    # TCP transports, and the epoll engine's (whose abort() takes the descriptor out of its
+    # set and closes it, nothing in flight). Not io_uring's at once: a receive may be armed
+    # on the socket until its cancel lands (see _hands_over).
     if isinstance(transport, SPLICEABLE):
         sock = transport.get_extra_info("socket")
         return sock.fileno() if sock is not None else -1
@@ -77,6 +80,21 @@ cdef int _socket_fd(object transport) except -2:
         if eng is not None and eng.name == "epoll":
             return transport.fd
     return -1
+
+
+cdef bint _hands_over(object transport):
+    # an io_uring transport: a SpliceRelay can take its socket once reading has paused and
+    # no kernel operation names it (handover_ready()); what the cancelled receive took
+    # meanwhile (stashed()) goes into the relay's pipe first
+    if not isinstance(transport, EngineTransport):
+        return False
+    eng = installed_engine()
+    return eng is not None and eng.name == "io_uring"
+
+
+# io_uring: how often, 1 ms apart, a hand-over waits for both sockets to be quiet before it
+# gives up (and the stream goes on through user space)
+cdef int HANDOVER_TRIES = 50
 
 
 cdef class TcpPipe(Receiver):
@@ -98,6 +116,10 @@ cdef class TcpPipe(Receiver):
         int64_t last_io_ms          # last byte read on this side
         SpliceRelay relay           # the bulk path, once handed over (both sides share it)
         bint leaving                # reading stopped by a migration not done yet
+        bint handing_over           # io_uring: reading paused until both sockets can go to
+                                    # a SpliceRelay (the downstream side's _handover_step)
+        int handover_tries
+        Py_ssize_t bulk_run_bytes   # bytes of the current run of big reads
         bytes adopted               # migrated bytes the buffer could not take yet
 
     def __init__(self, ListenerCtx ctx, bint is_downstream):
@@ -196,7 +218,8 @@ cdef class TcpPipe(Receiver):
             self.ctx.counters.v[LS_RX_BYTES] += nbytes
         if self.peer is not None and not self.peer.closed:
             self._flush()
-            if nbytes >= SPLICE_AFTER_READ_BYTES and SPLICE_ON:
+            self.bulk_run_bytes = self.bulk_run_bytes + nbytes if nbytes >= BULK_READ_BYTES else 0
+            if self.bulk_run_bytes >= SPLICE_AFTER_READ_BYTES and SPLICE_ON:
                 self._try_splice()
         elif self.peer is not None or self.closed:
             self.rbuf.consume(self.rbuf.size())     # the other side is gone: nowhere to go
@@ -217,42 +240,90 @@ cdef class TcpPipe(Receiver):
         # buffer here or in a transport would be lost or reordered) and both are plain TCP
         cdef TcpPipe d = self if self.is_downstream else self.peer
         cdef TcpPipe u = self.peer if self.is_downstream else self
-        cdef SpliceRelay relay
         cdef int fd_d, fd_u
         if (d is None or u is None or d.closed or u.closed or d.eof or u.eof
-                or d.relay is not None or d.rbuf.size() or u.rbuf.size()
-                or d.transport.get_write_buffer_size() or u.transport.get_write_buffer_size()):
+                or d.relay is not None or d.handing_over or d.rbuf.size() or u.rbuf.size()):
             return 0
         fd_d = _socket_fd(d.transport)
         fd_u = _socket_fd(u.transport)
-        if fd_d < 0 or fd_u < 0:
-            return 0
+        if fd_d >= 0 and fd_u >= 0:
+            if not (d.transport.get_write_buffer_size() or u.transport.get_write_buffer_size()):
+                d._start_relay(fd_d, fd_u, b"", b"")
+        elif _hands_over(d.transport) and _hands_over(u.transport):
+            # (io_uring's sends are always queued until they complete: the hand-over waits
+            # for them, with both sides' reading paused)
+            d.handing_over = u.handing_over = True
+            d.handover_tries = 0
+            d._set_reading(False)
+            u._set_reading(False)
+            self.ctx.loop.call_soon(d._handover_step)
+        return 0
+
+    def _handover_step(self):
+        # (the downstream side) io_uring: relay once both sockets are quiet, or give up
+        cdef TcpPipe u = self.peer
+        if not self.handing_over:
+            return
+        if self.closed or u is None or u.closed or self.relay is not None:
+            self._end_handover()
+        elif self.transport.handover_ready() and u.transport.handover_ready():
+            if not self._start_relay(self.transport.fd, u.transport.fd,
+                                     self.transport.stashed(), u.transport.stashed()):
+                self._end_handover()
+        else:
+            self.handover_tries += 1
+            if self.handover_tries > HANDOVER_TRIES:
+                self._end_handover()
+            else:
+                self.ctx.loop.call_later(0.001, self._handover_step)
+
+    cdef void _end_handover(self):
+        # (the downstream side) no relay after all: both sides read again, as they would
+        # have (a transport's stash is delivered first)
+        cdef TcpPipe u = self.peer
+        self.handing_over = False
+        if u is not None:
+            u.handing_over = False
+            if not self.write_blocked:
+                u._set_reading(True)
+            if not u.write_blocked:
+                self._set_reading(True)
+        else:
+            self._set_reading(True)
+
+    cdef bint _start_relay(self, int fd_d, int fd_u, bytes to_upstream,
+                           bytes to_client) except -1:
+        # (the downstream side) the relay gets dups of both sockets; the transports then
+        # close their own descriptors, and their connection_lost finds the relay and leaves
+        # the connection alone (it ends through _relay_ended). False: nothing changed.
+        cdef TcpPipe u = self.peer
+        cdef SpliceRelay relay
         try:
             fd_d = os.dup(fd_d)
         except OSError:                         # out of descriptors: stay on this path
-            return 0
+            return False
         try:
             fd_u = os.dup(fd_u)
         except OSError:
             os.close(fd_d)
-            return 0
+            return False
         try:
-            relay = SpliceRelay(self.ctx.loop, fd_d, fd_u, d.ctx.counters, d._relay_ended)
+            relay = SpliceRelay(self.ctx.loop, fd_d, fd_u, self.ctx.counters, self._relay_ended)
         except OSError as exc:                  # out of descriptors: stay on this path
             os.close(fd_d)
             os.close(fd_u)
             rlog.warning((self.ctx.name, "splice"), "listener %s: no pipe for a bulk "
                          "stream (%s): relayed through user space", self.ctx.name, exc)
-            return 0
-        d.relay = u.relay = relay
-        d.ctx.counters.v[LS_CX_SPLICED] += 1
-        d.last_io_ms = u.last_io_ms = now_ms()
-        # the transports' own descriptors go; connection_lost then finds the relay and
-        # leaves the connection alone (it ends through _relay_ended)
-        d.transport.abort()
+            return False
+        relay.prefill(to_upstream, to_client)
+        self.relay = u.relay = relay
+        self.handing_over = u.handing_over = False
+        self.ctx.counters.v[LS_CX_SPLICED] += 1
+        self.last_io_ms = u.last_io_ms = now_ms()
+        self.transport.abort()
         u.transport.abort()
         relay.start()
-        return 0
+        return True
 
     def _relay_ended(self, exc):
         # the relay of this (downstream) side is over: end both sides as connection_lost
@@ -265,7 +336,7 @@ cdef class TcpPipe(Receiver):
         self._lost(exc)
 
     cdef void _set_reading(self, bint on):
-        if self.closed or self.transport is None:
+        if self.closed or self.transport is None or (on and self.handing_over):
             return
         if on and self.reading_paused:
             self.reading_paused = False

@@ -411,11 +411,12 @@ def test_migrated_tcp_connection_continues_on_the_new_engine(engine, deployment,
     assert st["listeners"]["raw"]["downstream_cx_total"] == 1
     engines = _engines(d.admin_port)
     assert all(e["name"] == engine for e in engines)
-    # the 2 MiB stream is bulk: on epoll the splice relay takes its two sockets over from
-    # the engine (not on io_uring, whose armed receive would race it)
+    # the 2 MiB stream is bulk: the splice relay takes its two sockets over from the engine
+    # (epoll: at once; io_uring: once the armed receives are cancelled and the sends done),
+    # in each generation
     spliced = st["listeners"]["raw"]["downstream_cx_spliced"]
-    assert (spliced > 0) == (engine == "epoll")
-    assert sum(e["engine.open_transports"] for e in engines) == (0 if spliced else 2)
+    assert spliced >= 1
+    assert sum(e["engine.open_transports"] for e in engines) == 0
     s.shutdown(socket.SHUT_WR)
     assert s.recv(10) == b""
     s.close()
