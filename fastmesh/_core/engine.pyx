@@ -320,7 +320,7 @@ cdef class Transport:
         """Whether the socket alone holds this connection now, so that something else (a
         SpliceRelay) may take it over: open, reading paused (by the protocol), no kernel
         operation naming it and nothing queued to send. Bytes received while pausing stay
-        in the stash (stash()); resume_reading() delivers them if the hand-over is dropped."""
+        in the stash (stashed()); resume_reading() delivers them if the hand-over is dropped."""
         return self.state == TS_OPEN and self.fd >= 0 and not self.reading and self.quiet()
 
     def stashed(self):

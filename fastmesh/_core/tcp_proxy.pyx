@@ -279,11 +279,14 @@ cdef class TcpPipe(Receiver):
 
     cdef void _end_handover(self):
         # (the downstream side) no relay after all: both sides read again, as they would
-        # have (a transport's stash is delivered first)
+        # have (a transport's stash is delivered first); another try needs another run of
+        # big reads
         cdef TcpPipe u = self.peer
         self.handing_over = False
+        self.bulk_run_bytes = 0
         if u is not None:
             u.handing_over = False
+            u.bulk_run_bytes = 0
             if not self.write_blocked:
                 u._set_reading(True)
             if not u.write_blocked:
