@@ -311,7 +311,7 @@ cdef class Transport:
         if not self.quiet():
             return None
         fd = os.dup(self.fd)
-        unread = bytes(self.stash) if self.stash is not None else b""
+        unread = self.stashed()
         self.stash = None
         self.finish(None, False)
         return fd, unread

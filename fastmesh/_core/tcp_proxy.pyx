@@ -67,6 +67,14 @@ def _spliceable_types():
 cdef tuple SPLICEABLE = _spliceable_types()
 
 
+cdef str _engine_of(object transport):
+    # the name of the I/O engine serving this transport, or None (uvloop's, asyncio's, TLS)
+    if not isinstance(transport, EngineTransport):
+        return None
+    eng = installed_engine()
+    return eng.name if eng is not None else None
+
+
 cdef int _socket_fd(object transport) except -2:
     # the socket under a transport a SpliceRelay can take over now, or -1: the loop's own
     # TCP transports, and the epoll engine's (whose abort() takes the descriptor out of its
@@ -75,21 +83,14 @@ cdef int _socket_fd(object transport) except -2:
     if isinstance(transport, SPLICEABLE):
         sock = transport.get_extra_info("socket")
         return sock.fileno() if sock is not None else -1
-    if isinstance(transport, EngineTransport):
-        eng = installed_engine()
-        if eng is not None and eng.name == "epoll":
-            return transport.fd
-    return -1
+    return transport.fd if _engine_of(transport) == "epoll" else -1
 
 
-cdef bint _hands_over(object transport):
+cdef inline bint _hands_over(object transport):
     # an io_uring transport: a SpliceRelay can take its socket once reading has paused and
     # no kernel operation names it (handover_ready()); what the cancelled receive took
-    # meanwhile (stashed()) goes into the relay's pipe first
-    if not isinstance(transport, EngineTransport):
-        return False
-    eng = installed_engine()
-    return eng is not None and eng.name == "io_uring"
+    # meanwhile (stashed()) the relay sends first
+    return _engine_of(transport) == "io_uring"
 
 
 # io_uring: how often, 1 ms apart, a hand-over waits for both sockets to be quiet before it
